@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up NovaSandbox on Debian 12: system packages (as root), the Python package and its
+# development tools in .venv, and the default "python" template (guest kernel + root file
+# system, cached in ~/.cache/novasandbox; a no-op when nothing changed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-system-x86 qemu-utils            # the VMM and qemu-img (copy-on-write overlays)
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils  # guest kernel
+  mmdebstrap e2fsprogs                  # guest root file system
+  python3 python3-venv python3-pip      # the library
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/novasandbox template build python

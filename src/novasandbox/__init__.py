@@ -1,0 +1,90 @@
+"""NovaSandbox: secure microVM sandboxes for running untrusted code, from Python.
+
+    from novasandbox import Sandbox
+
+    with Sandbox.create("python") as sb:
+        print(sb.commands.run("uname -r").stdout)
+
+The architecture, in the order a sandbox comes to life:
+config (``MachineConfig``, ``Drive``) -> template (``TemplateManager``) -> provider
+(``providers.qemu``) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent
+(``guest.agent``, spoken to over ``guest.protocol``).
+"""
+
+import logging
+
+from .config import Drive, MachineConfig
+from .errors import (
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+    CommandError,
+    CommandFailed,
+    CommandNotFound,
+    CommandTimeout,
+    ConfigError,
+    HostToolMissing,
+    InvalidWorkingDirectory,
+    NoSpaceLeft,
+    NovaSandboxError,
+    ProviderError,
+    ReadOnlyFilesystem,
+    SandboxError,
+    SandboxFileError,
+    SandboxFileNotFound,
+    SandboxNotFound,
+    SandboxNotRunning,
+    SandboxPermissionError,
+    TemplateBuildError,
+    TemplateError,
+    TemplateNotBuilt,
+    TemplateNotFound,
+    VMStartError,
+)
+from .sandbox import AsyncSandbox, CommandResult, EntryInfo, Sandbox, SandboxState
+from .state import SandboxInfo
+from .templates import BuiltTemplate, Template, TemplateManager
+
+__version__ = "0.1.0"
+
+logging.getLogger("novasandbox").addHandler(logging.NullHandler())
+
+__all__ = [
+    "AgentError",
+    "AgentProtocolError",
+    "AgentTimeout",
+    "AsyncSandbox",
+    "BuiltTemplate",
+    "CommandError",
+    "CommandFailed",
+    "CommandNotFound",
+    "CommandResult",
+    "CommandTimeout",
+    "ConfigError",
+    "Drive",
+    "EntryInfo",
+    "HostToolMissing",
+    "InvalidWorkingDirectory",
+    "MachineConfig",
+    "NoSpaceLeft",
+    "NovaSandboxError",
+    "ProviderError",
+    "ReadOnlyFilesystem",
+    "Sandbox",
+    "SandboxError",
+    "SandboxFileError",
+    "SandboxFileNotFound",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "SandboxNotRunning",
+    "SandboxPermissionError",
+    "SandboxState",
+    "Template",
+    "TemplateBuildError",
+    "TemplateError",
+    "TemplateManager",
+    "TemplateNotBuilt",
+    "TemplateNotFound",
+    "VMStartError",
+    "__version__",
+]

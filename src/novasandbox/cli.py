@@ -1,0 +1,322 @@
+"""The ``novasandbox`` command: a thin layer over the sync API.
+
+Exit status of ``run`` is the command's own; errors of NovaSandbox itself exit 125,
+a command not found in the guest 127, a timeout 124 (as ``timeout(1)`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import validate_env
+from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
+from .paths import cache_dir, state_dir
+from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
+from .sandbox import Sandbox
+from .state import kill_sandbox, list_sandboxes
+from .templates import TemplateManager
+from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
+
+EXIT_ERROR = 125
+EXIT_NOT_FOUND = 127
+EXIT_TIMEOUT = 124
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(exc: NovaSandboxError, status: int = EXIT_ERROR) -> NoReturn:
+    err_console.print(
+        f"[bold red]error[/] [{exc.code}]: {exc.message}", markup=True, highlight=False
+    )
+    sys.exit(status)
+
+
+def handle_errors(fn: F) -> F:
+    """Print NovaSandbox errors as 'error [code]: message' and exit 125."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NovaSandboxError as exc:
+            _fail(exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Log what happens (-vv: debug timings).")
+@click.version_option(__version__, prog_name="novasandbox")
+def main(verbose: int) -> None:
+    """Secure microVM sandboxes for untrusted code."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if verbose < 3:
+        logging.getLogger("qemu").setLevel(logging.WARNING)
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    validate_env(env)
+    return env
+
+
+def _writer(stream: Any) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return write
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-t", "--template", default="python", show_default=True)
+@click.option(
+    "-e",
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="K=V",
+    help="Environment variable for the command (repeatable).",
+)
+@click.option("--cwd", default=None, help="Working directory in the guest.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after S seconds.")
+@click.option("--vcpus", type=int, default=None)
+@click.option("--memory", "memory_mib", type=int, default=None, help="Guest memory in MiB.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def run(
+    template: str,
+    env_pairs: tuple[str, ...],
+    cwd: str | None,
+    timeout: float | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a new sandbox, pass its output through, exit with its status.
+
+    Example: novasandbox run -- python3 -c 'print(6 * 7)'
+    """
+    env = _parse_env(env_pairs)
+    with Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib) as sb:
+        try:
+            result = sb.commands.run(
+                list(command),
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                on_stdout=_writer(sys.stdout),
+                on_stderr=_writer(sys.stderr),
+            )
+        except CommandNotFound as exc:
+            _fail(exc, EXIT_NOT_FOUND)
+        except CommandTimeout as exc:
+            _fail(exc, EXIT_TIMEOUT)
+    sys.exit(result.exit_code)
+
+
+@main.group()
+def template() -> None:
+    """List, build and remove templates."""
+
+
+@template.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def template_list(as_json: bool) -> None:
+    """Templates and whether their image is built."""
+    manager = TemplateManager()
+    rows: list[dict[str, Any]] = []
+    for tpl in manager.list():
+        built = manager.built(tpl)
+        rows.append(
+            {
+                "name": tpl.name,
+                "description": tpl.description,
+                "built": built is not None,
+                "digest": tpl.digest,
+                "source": str(tpl.source),
+                "rootfs": str(built.rootfs) if built else None,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "built", "digest", "description")
+    for row in rows:
+        table.add_row(
+            row["name"], "yes" if row["built"] else "no", row["digest"], row["description"]
+        )
+    Console().print(table)
+
+
+class RichReporter:
+    """Draws template build progress: one line per step with a spinner and elapsed time."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def _task(self, name: str) -> TaskID:
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(name, total=None)
+        return self._tasks[name]
+
+    def step(self, name: str, description: str) -> None:
+        self._progress.update(self._task(name), description=f"{name}: {description}")
+
+    def advance(self, name: str, detail: str) -> None:
+        self._progress.update(self._task(name), description=f"{name}: {detail}")
+
+    def done(self, name: str, detail: str) -> None:
+        self._progress.update(
+            self._task(name), description=f"{name}: {detail}", total=1, completed=1
+        )
+
+
+@template.command("build")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Rebuild even if the cache is up to date.")
+@handle_errors
+def template_build(name: str, force: bool) -> None:
+    """Build NAME's kernel, root file system and image (cached; a no-op when up to date)."""
+    manager = TemplateManager()
+    tpl = manager.get(name)
+    if not force and (built := manager.built(tpl)) is not None:
+        click.echo(f"{name}: up to date ({tpl.digest}) {built.rootfs}")
+        return
+    t0 = time.monotonic()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        built = manager.build(name, reporter=RichReporter(progress), force=force)
+    click.echo(f"{name}: built in {time.monotonic() - t0:.0f} s ({tpl.digest}) {built.rootfs}")
+
+
+@template.command("rm")
+@click.argument("name")
+@handle_errors
+def template_rm(name: str) -> None:
+    """Remove NAME's built images from the cache."""
+    removed = TemplateManager().remove(name)
+    click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include records of dead VMs.")
+def ls(as_json: bool, show_all: bool) -> None:
+    """Sandboxes on this host."""
+    infos = [i for i in list_sandboxes() if show_all or i.alive]
+    if as_json:
+        click.echo(json.dumps([i.to_json() for i in infos], indent=2))
+        return
+    table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "uptime")
+    for i in infos:
+        table.add_row(
+            i.id,
+            i.template,
+            i.state,
+            "yes" if i.alive else "no",
+            str(i.pid),
+            str(i.vcpus),
+            f"{i.memory_mib} MiB",
+            f"{i.uptime:.0f} s",
+        )
+    Console().print(table)
+
+
+@main.command("kill")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "kill_all", is_flag=True, help="Kill every sandbox on this host.")
+@handle_errors
+def kill(ids: tuple[str, ...], kill_all: bool) -> None:
+    """Kill sandboxes by id (or --all) and remove their state."""
+    if kill_all == bool(ids):
+        raise click.UsageError("give sandbox ids or --all (not both)")
+    targets = [i.id for i in list_sandboxes()] if kill_all else list(ids)
+    for sandbox_id in targets:
+        kill_sandbox(sandbox_id)
+        click.echo(f"killed {sandbox_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Check this host: QEMU, accelerator, templates, missing packages."""
+    report: dict[str, Any] = {}
+    try:
+        report["qemu"] = qemu_version()
+    except (NovaSandboxError, OSError) as exc:
+        report["qemu"] = f"missing: {exc}"
+    try:
+        accel = choose_accel()
+        report["accelerator"] = {"name": accel.name, "reason": accel.reason}
+    except ConfigError as exc:
+        report["accelerator"] = {"name": "invalid", "reason": exc.message}
+    runtime = missing_tools([(QEMU_BINARY, "qemu-system-x86"), (QEMU_IMG, "qemu-utils")])
+    build = missing_tools(
+        KERNEL_TOOLS + IMAGE_TOOLS + [("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1")]
+    )
+    report["missing_packages"] = {
+        "runtime": sorted({p for _, p in runtime}),
+        "template_build": sorted({p for _, p in build}),
+    }
+    manager = TemplateManager()
+    report["cache_dir"] = str(manager.cache)
+    report["state_dir"] = str(state_dir())
+    templates = []
+    for tpl in manager.list():
+        built = manager.built(tpl)
+        templates.append({"name": tpl.name, "built": built is not None, "digest": tpl.digest})
+    report["templates"] = templates
+    report["sandboxes_alive"] = sum(1 for i in list_sandboxes() if i.alive)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        c = Console()
+        c.print(f"QEMU:         {report['qemu']}")
+        c.print(
+            f"accelerator:  {report['accelerator']['name']} ({report['accelerator']['reason']})"
+        )
+        c.print(f"cache:        {cache_dir()}")
+        c.print(f"state:        {report['state_dir']}")
+        for t in templates:
+            c.print(
+                f"template:     {t['name']} {'built' if t['built'] else 'NOT BUILT'} "
+                f"({t['digest']})"
+            )
+        for what, pkgs in report["missing_packages"].items():
+            c.print(f"missing ({what}): {' '.join(pkgs) if pkgs else 'none'}")
+        c.print(f"sandboxes:    {report['sandboxes_alive']} alive")
+    ok = not report["missing_packages"]["runtime"] and all(t["built"] for t in templates[:1])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Machine configuration: frozen, validated values. Invalid input raises ``ConfigError``
+when the value is constructed, before anything is started or written."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from .errors import ConfigError
+
+MIN_MEMORY_MIB = 64
+"""Below this the guest kernel plus the Python agent does not come up reliably."""
+MAX_MEMORY_MIB = 64 * 1024
+MAX_VCPUS = 16
+"""The guest kernel is built with CONFIG_NR_CPUS=16."""
+DRIVE_FORMATS = ("raw", "qcow2")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate_env(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    """Check environment names and values; returns a read-only copy."""
+    if env is None:
+        return MappingProxyType({})
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"env must be a mapping of str to str, got {type(env).__name__}")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ConfigError(f"invalid environment variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"environment variable {key} must be a string without NUL bytes")
+        out[key] = value
+    return MappingProxyType(out)
+
+
+def validate_guest_path(path: str, what: str = "path") -> str:
+    """An absolute, normalized guest path without NUL bytes or '..' components."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{what} must be an absolute path, got {path!r}")
+    if "\0" in path:
+        raise ConfigError(f"{what} must not contain NUL bytes")
+    if ".." in path.split("/"):
+        raise ConfigError(f"{what} must not contain '..' components, got {path!r}")
+    return posixpath.normpath(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Drive:
+    """An extra block device from a host image file, mounted in the guest at ``mount``.
+
+    The file must exist. With ``read_only`` the VMM opens it read-only and the guest
+    mounts it read-only; otherwise guest writes go straight to the file.
+    """
+
+    path: str | os.PathLike[str]
+    mount: str
+    read_only: bool = False
+    format: str = "raw"
+    fstype: str = "ext4"
+
+    def __post_init__(self) -> None:
+        try:
+            resolved = Path(self.path).expanduser().resolve()
+        except (TypeError, OSError) as exc:
+            raise ConfigError(f"invalid drive path {self.path!r}: {exc}") from exc
+        if not resolved.is_file():
+            raise ConfigError(f"drive file {str(self.path)!r} does not exist or is not a file")
+        if not os.access(resolved, os.R_OK if self.read_only else os.R_OK | os.W_OK):
+            raise ConfigError(f"drive file {str(resolved)!r} is not accessible")
+        mount = validate_guest_path(self.mount, "drive mount point")
+        if mount == "/":
+            raise ConfigError("a drive cannot be mounted on /")
+        if self.format not in DRIVE_FORMATS:
+            raise ConfigError(f"drive format must be one of {DRIVE_FORMATS}, got {self.format!r}")
+        if not re.match(r"^[a-z0-9]+$", self.fstype):
+            raise ConfigError(f"invalid file system type {self.fstype!r}")
+        object.__setattr__(self, "path", str(resolved))
+        object.__setattr__(self, "mount", mount)
+        object.__setattr__(self, "read_only", bool(self.read_only))
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    """What the VM looks like: CPUs, memory, extra drives and the environment of commands."""
+
+    vcpus: int = 1
+    memory_mib: int = 256
+    drives: tuple[Drive, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    kernel_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int):
+            raise ConfigError(f"vcpus must be an integer, got {self.vcpus!r}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vcpus must be between 1 and {MAX_VCPUS}, got {self.vcpus}")
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int):
+            raise ConfigError(f"memory_mib must be an integer, got {self.memory_mib!r}")
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(
+                f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, "
+                f"got {self.memory_mib}"
+            )
+        drives = tuple(self.drives) if isinstance(self.drives, Sequence) else None
+        if drives is None or not all(isinstance(d, Drive) for d in drives):
+            raise ConfigError("drives must be a sequence of Drive")
+        mounts = [d.mount for d in drives]
+        if len(set(mounts)) != len(mounts):
+            raise ConfigError(f"two drives share a mount point: {mounts}")
+        for arg in self.kernel_args:
+            if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
+                raise ConfigError(f"invalid kernel argument {arg!r}")
+        object.__setattr__(self, "drives", drives)
+        object.__setattr__(self, "env", validate_env(self.env))
+        object.__setattr__(self, "kernel_args", tuple(self.kernel_args))

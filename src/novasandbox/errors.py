@@ -1,0 +1,240 @@
+"""Every error NovaSandbox raises, in one tree. Each class has a stable kebab-case ``code``
+that the CLI prints and that survives JSON, so callers can branch on it.
+
+::
+
+    NovaSandboxError                    error
+    ├── ConfigError                     invalid-config
+    ├── TemplateError                   template-error
+    │   ├── TemplateNotFound            template-not-found
+    │   ├── TemplateNotBuilt            template-not-built
+    │   └── TemplateBuildError          template-build-failed
+    ├── HostToolMissing                 host-tool-missing
+    ├── ProviderError                   provider-error
+    │   └── VMStartError                vm-start-failed
+    ├── SandboxError                    sandbox-error
+    │   ├── SandboxNotFound             sandbox-not-found
+    │   └── SandboxNotRunning           sandbox-not-running
+    ├── AgentError                      agent-error
+    │   ├── AgentProtocolError          agent-protocol-error
+    │   └── AgentTimeout                agent-timeout
+    ├── CommandError                    command-error
+    │   ├── CommandNotFound             command-not-found
+    │   ├── CommandTimeout              command-timeout
+    │   ├── CommandFailed               command-failed
+    │   └── InvalidWorkingDirectory     invalid-cwd
+    └── SandboxFileError                file-error
+        ├── SandboxFileNotFound         file-not-found
+        ├── SandboxPermissionError      permission-denied
+        ├── ReadOnlyFilesystem          read-only-filesystem
+        └── NoSpaceLeft                 no-space
+
+Lower-layer exceptions (OSError, the QMP client's errors, the wire codec's
+``ProtocolError``) are mapped to the most specific class here and chained with
+``raise ... from``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from .sandbox import CommandResult
+
+
+class NovaSandboxError(Exception):
+    """Root of every error NovaSandbox raises."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(NovaSandboxError, ValueError):
+    """A configuration value is invalid (raised when the config is constructed)."""
+
+    code = "invalid-config"
+
+
+class TemplateError(NovaSandboxError):
+    code = "template-error"
+
+
+class TemplateNotFound(TemplateError, LookupError):
+    code = "template-not-found"
+
+
+class TemplateNotBuilt(TemplateError):
+    """The template exists but its image has not been built yet."""
+
+    code = "template-not-built"
+
+
+class TemplateBuildError(TemplateError):
+    code = "template-build-failed"
+
+
+class HostToolMissing(NovaSandboxError):
+    """A program NovaSandbox needs on the host is not installed."""
+
+    code = "host-tool-missing"
+
+    def __init__(self, tool: str, package: str) -> None:
+        super().__init__(
+            f"{tool} is not installed on this host; install the Debian package: "
+            f"apt-get install {package}"
+        )
+        self.tool = tool
+        self.package = package
+
+
+class ProviderError(NovaSandboxError):
+    code = "provider-error"
+
+
+class VMStartError(ProviderError):
+    """The VMM could not start the VM, or the guest agent never answered."""
+
+    code = "vm-start-failed"
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        if console_tail:
+            message = f"{message}\n--- console (last lines) ---\n{console_tail}"
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class SandboxError(NovaSandboxError):
+    code = "sandbox-error"
+
+
+class SandboxNotFound(SandboxError, LookupError):
+    code = "sandbox-not-found"
+
+
+class SandboxNotRunning(SandboxError):
+    code = "sandbox-not-running"
+
+
+class AgentError(NovaSandboxError):
+    """The guest agent reported an error, or talking to it failed."""
+
+    code = "agent-error"
+
+
+class AgentProtocolError(AgentError):
+    """The agent sent bytes that break the protocol (or speaks another version)."""
+
+    code = "agent-protocol-error"
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    code = "agent-timeout"
+
+
+class CommandError(NovaSandboxError):
+    code = "command-error"
+
+
+class CommandNotFound(CommandError):
+    code = "command-not-found"
+
+
+class InvalidWorkingDirectory(CommandError):
+    code = "invalid-cwd"
+
+
+class CommandTimeout(CommandError, TimeoutError):
+    """The command ran past its timeout; its whole process group was killed."""
+
+    code = "command-timeout"
+
+    def __init__(self, message: str, result: CommandResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CommandFailed(CommandError):
+    """``check=True`` and the command exited non-zero."""
+
+    code = "command-failed"
+
+    def __init__(self, result: CommandResult) -> None:
+        tail = result.stderr[-2000:].rstrip()
+        msg = f"command {result.argv!r} exited with status {result.exit_code}"
+        super().__init__(f"{msg}\n{tail}" if tail else msg)
+        self.result = result
+
+    @property
+    def exit_code(self) -> int:
+        return self.result.exit_code
+
+
+class SandboxFileError(NovaSandboxError, OSError):
+    """A file operation inside the sandbox failed."""
+
+    code = "file-error"
+
+    def __init__(self, message: str, path: str = "") -> None:
+        NovaSandboxError.__init__(self, message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SandboxFileNotFound(SandboxFileError, FileNotFoundError):
+    code = "file-not-found"
+
+
+class SandboxPermissionError(SandboxFileError, PermissionError):
+    code = "permission-denied"
+
+
+class ReadOnlyFilesystem(SandboxFileError):
+    code = "read-only-filesystem"
+
+
+class NoSpaceLeft(SandboxFileError):
+    code = "no-space"
+
+
+_AGENT_CODES: dict[str, type[NovaSandboxError]] = {
+    cls.code: cls
+    for cls in (
+        CommandNotFound,
+        InvalidWorkingDirectory,
+        SandboxFileNotFound,
+        SandboxPermissionError,
+        ReadOnlyFilesystem,
+        NoSpaceLeft,
+        AgentProtocolError,
+    )
+}
+
+
+def from_agent(code: str, message: str, path: str = "") -> NovaSandboxError:
+    """Map an error the guest agent reported (by its code) to the public class."""
+    cls = _AGENT_CODES.get(code)
+    if cls is None:
+        if code in {
+            "not-a-directory",
+            "is-a-directory",
+            "file-exists",
+            "directory-not-empty",
+            "os-error",
+        }:
+            return SandboxFileError(f"{message} [{code}]", path)
+        return AgentError(f"{message} [{code}]")
+    if issubclass(cls, SandboxFileError):
+        return cls(message, path)
+    return cls(message)
+
+
+__all__ = [
+    name
+    for name, obj in globals().items()
+    if isinstance(obj, type) and issubclass(obj, NovaSandboxError)
+]

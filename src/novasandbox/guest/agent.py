@@ -1,0 +1,713 @@
+#!/usr/bin/python3
+"""NovaSandbox guest agent: runs inside the VM, as PID 1 or started by it. Standard library only.
+
+As PID 1 it first does init's work (mount proc/sys/dev/devpts/tmp, bring up loopback),
+then forks: the child serves the host over the virtio-serial port named
+``org.novasandbox.agent``; PID 1 reaps every orphan, restarts the agent if it dies, and
+powers the VM off cleanly once the agent asks to stop.
+
+The agent speaks the frame protocol in ``protocol.py`` (copied beside this file in the
+image). Requests are identified by id and handled concurrently: commands run in their
+own process groups with their output streamed back in chunks; files move in chunks.
+
+Outside a VM (``agent.py --stdio``) it serves one connection on stdin/stdout, which the
+unit tests use to exercise the real agent without booting a kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import glob
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+try:
+    from .protocol import (
+        AGENT_PORT_NAME,
+        CHUNK_SIZE,
+        PROTOCOL_VERSION,
+        Frame,
+        FrameDecoder,
+        Kind,
+        ProtocolError,
+        encode_frame,
+        encode_message,
+    )
+except ImportError:  # run as a script inside the guest, with protocol.py beside it
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from protocol import (  # type: ignore[no-redef,import-not-found]
+        AGENT_PORT_NAME,
+        CHUNK_SIZE,
+        PROTOCOL_VERSION,
+        Frame,
+        FrameDecoder,
+        Kind,
+        ProtocolError,
+        encode_frame,
+        encode_message,
+    )
+
+AGENT_VERSION = "0.1.0"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FEATURES = ["exec", "signal", "stdin", "files", "mount", "shutdown", "settime"]
+_OUTPUT_DRAIN_GRACE = 0.2
+"""Seconds to keep reading output after a command's leader exits (background children
+that inherited its pipes are not waited for)."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _log(msg: str) -> None:
+    try:
+        with open("/dev/kmsg", "w") as kmsg:
+            kmsg.write(f"novasandbox-agent: {msg}\n")
+    except OSError:
+        print(f"novasandbox-agent: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- init duties
+
+
+def _mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    if (
+        _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None)
+        != 0
+    ):
+        err = ctypes.get_errno()
+        if err != errno.EBUSY:
+            raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+
+
+def init_system() -> None:
+    """Mount the pseudo file systems and bring up loopback (PID 1 only)."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for link, target in (
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ):
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    try:
+        _interface_up("lo")
+    except OSError as exc:
+        _log(f"loopback not up: {exc}")
+
+
+def _interface_up(name: str) -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        req = struct.pack("16sh", name.encode(), 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, siocgifflags, req))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", name.encode(), flags | iff_up))
+
+
+def _set_clock(epoch_ns: int) -> None:
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    ts = Timespec(epoch_ns // 1_000_000_000, epoch_ns % 1_000_000_000)
+    if _libc.clock_settime(0, ctypes.byref(ts)) != 0:  # CLOCK_REALTIME
+        raise OSError(ctypes.get_errno(), "clock_settime failed")
+
+
+def power_off() -> None:
+    """End the VM. microvm runs without ACPI, so there is no power-off device: a reboot
+    (triple fault, ``reboot=t``) ends QEMU, which runs with ``-no-reboot``."""
+    os.sync()
+    _libc.reboot(0x01234567)  # LINUX_REBOOT_CMD_RESTART
+    time.sleep(5)
+    os._exit(1)
+
+
+def run_as_init() -> None:
+    """PID 1: set up the system, run the agent in a child, reap orphans, power off at the end."""
+    try:
+        init_system()
+    except OSError as exc:
+        _log(f"init failed: {exc}")
+    restarts = 0
+    while True:
+        child = os.fork()
+        if child == 0:
+            try:
+                code = serve_port()
+            except BaseException as exc:
+                _log(f"agent crashed: {exc!r}")
+                code = 1
+            os._exit(code)
+        while True:
+            pid, status = os.wait()
+            if pid == child:
+                break
+        if os.waitstatus_to_exitcode(status) == 0:
+            power_off()
+        restarts += 1
+        _log(f"agent exited with status {status}; restarting ({restarts})")
+        time.sleep(min(2.0, 0.1 * restarts))
+
+
+# ---------------------------------------------------------------------------- transport
+
+
+def find_agent_port(timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
+            try:
+                with open(name_file) as f:
+                    if f.read().strip() == AGENT_PORT_NAME:
+                        dev = "/dev/" + os.path.basename(os.path.dirname(name_file))
+                        if os.path.exists(dev):
+                            return dev
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio port {AGENT_PORT_NAME} not found")
+        time.sleep(0.01)
+
+
+def serve_port() -> int:
+    path = find_agent_port()
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    _log(f"serving on {path}")
+    return Agent(fd, fd, reconnecting=True).serve()
+
+
+class Agent:
+    """Serves requests from one byte stream (the virtio port, or stdio in tests)."""
+
+    def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False) -> None:
+        self._rfd = rfd
+        self._wfd = wfd
+        self._reconnecting = reconnecting
+        self._wlock = threading.Lock()
+        self._decoder = FrameDecoder()
+        self._execs: dict[int, _Exec] = {}
+        self._uploads: dict[int, _Upload] = {}
+        self._stdin_queues: dict[int, queue.Queue[bytes]] = {}
+        self._lock = threading.Lock()
+        self._stop = False
+
+    # --- output
+
+    def send(self, frame: bytes) -> None:
+        with self._wlock:
+            view = memoryview(frame)
+            while view:
+                try:
+                    n = os.write(self._wfd, view)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EAGAIN:
+                        time.sleep(0.001)
+                        continue
+                    raise
+                view = view[n:]
+
+    def reply(self, rid: int, op: str, **fields: Any) -> None:
+        self.send(encode_message(rid, op, **fields))
+
+    def reply_error(
+        self,
+        rid: int,
+        exc: BaseException | None = None,
+        *,
+        code: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        err = exc.errno if isinstance(exc, OSError) else None
+        self.reply(
+            rid,
+            "error",
+            code=code or _error_code(exc),
+            errno=err,
+            message=message or (_describe(exc) if exc else "error"),
+        )
+
+    # --- input
+
+    def serve(self) -> int:
+        while not self._stop:
+            try:
+                data = os.read(self._rfd, 1 << 16)
+            except InterruptedError:
+                continue
+            if not data:
+                if not self._reconnecting:
+                    return 0
+                # The host end is closed: wait for it to come back with a fresh stream.
+                self._decoder = FrameDecoder()
+                time.sleep(0.05)
+                continue
+            try:
+                frames = self._decoder.feed(data)
+            except ProtocolError as exc:
+                _log(f"protocol error, resetting stream: {exc}")
+                self._decoder = FrameDecoder()
+                continue
+            for frame in frames:
+                try:
+                    self.dispatch(frame)
+                except ProtocolError as exc:
+                    self.reply_error(frame.request_id, code="protocol-error", message=str(exc))
+        return 0
+
+    def dispatch(self, frame: Frame) -> None:
+        rid = frame.request_id
+        if frame.kind is Kind.STDIN:
+            stdin_queue = self._stdin_queues.get(rid)
+            if stdin_queue is not None:
+                stdin_queue.put(frame.payload)
+            return
+        if frame.kind is Kind.DATA:
+            up = self._uploads.get(rid)
+            if up is not None:
+                up.write(frame.payload)
+            return
+        if frame.kind is not Kind.MSG:
+            raise ProtocolError(f"unexpected {frame.kind.name} frame from host")
+        msg = frame.message()
+        op = msg["op"]
+        handler = self._HANDLERS.get(op)
+        if handler is None:
+            self.reply_error(rid, code="unknown-op", message=f"unknown operation {op!r}")
+            return
+        name, threaded = handler
+        if op == "exec":
+            # Registered before the thread starts: stdin frames may follow at once.
+            self._stdin_queues[rid] = queue.Queue()
+        fn: Callable[[int, dict[str, Any]], None] = getattr(self, name)
+        if threaded:
+            threading.Thread(target=self._guarded, args=(fn, rid, msg), daemon=True).start()
+        else:
+            self._guarded(fn, rid, msg)
+
+    def _guarded(
+        self, fn: Callable[[int, dict[str, Any]], None], rid: int, msg: dict[str, Any]
+    ) -> None:
+        try:
+            fn(rid, msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.reply_error(rid, code="bad-request", message=f"bad request: {exc!r}")
+        except OSError as exc:
+            self.reply_error(rid, exc)
+
+    # --- handlers (name, run in a thread?)
+
+    _HANDLERS: dict[str, tuple[str, bool]] = {
+        "hello": ("op_hello", False),
+        "ping": ("op_ping", False),
+        "exec": ("op_exec", True),
+        "signal": ("op_signal", False),
+        "write_file": ("op_write_file", False),
+        "end": ("op_end", False),
+        "read_file": ("op_read_file", True),
+        "list": ("op_list", True),
+        "stat": ("op_stat", False),
+        "mkdir": ("op_mkdir", False),
+        "remove": ("op_remove", True),
+        "mount": ("op_mount", True),
+        "shutdown": ("op_shutdown", False),
+    }
+
+    def op_hello(self, rid: int, msg: dict[str, Any]) -> None:
+        version = msg.get("version")
+        if version != PROTOCOL_VERSION:
+            self.reply_error(
+                rid,
+                code="version-mismatch",
+                message=f"agent speaks protocol {PROTOCOL_VERSION}, host {version}",
+            )
+            return
+        if os.getppid() == 1 or os.getpid() == 1:
+            if isinstance(msg.get("time_ns"), int):
+                try:
+                    _set_clock(msg["time_ns"])
+                except OSError as exc:
+                    _log(f"cannot set clock: {exc}")
+            if isinstance(msg.get("hostname"), str):
+                try:
+                    socket.sethostname(msg["hostname"])
+                except OSError as exc:
+                    _log(f"cannot set hostname: {exc}")
+        self.reply(
+            rid,
+            "hello",
+            version=PROTOCOL_VERSION,
+            agent=AGENT_VERSION,
+            features=FEATURES,
+            kernel=platform.release(),
+            pid=os.getpid(),
+        )
+
+    def op_ping(self, rid: int, msg: dict[str, Any]) -> None:
+        self.reply(rid, "pong")
+
+    def op_shutdown(self, rid: int, msg: dict[str, Any]) -> None:
+        self.reply(rid, "ok")
+        self._stop = True
+        with self._lock:
+            execs = list(self._execs.values())
+        for ex in execs:
+            ex.kill(signal.SIGKILL)
+
+    # commands
+
+    def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
+        try:
+            self._exec(rid, msg, self._stdin_queues[rid])
+        finally:
+            self._stdin_queues.pop(rid, None)
+
+    def _exec(self, rid: int, msg: dict[str, Any], stdin_queue: queue.Queue[bytes]) -> None:
+        argv = msg["argv"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root"}
+        env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
+        cwd = msg.get("cwd") or "/root"
+        if not os.path.isdir(cwd):
+            self.reply_error(
+                rid, code="invalid-cwd", message=f"working directory {cwd!r} does not exist"
+            )
+            return
+        timeout = msg.get("timeout")
+        with_stdin = bool(msg.get("stdin"))
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            self.reply_error(rid, code="command-not-found", message=f"command not found: {argv[0]}")
+            return
+        except PermissionError:
+            self.reply_error(rid, code="permission-denied", message=f"permission denied: {argv[0]}")
+            return
+        ex = _Exec(proc, stdin_queue)
+        with self._lock:
+            self._execs[rid] = ex
+        try:
+            self.reply(rid, "started", pid=proc.pid)
+            ex.run(self, rid, timeout if isinstance(timeout, (int, float)) else None)
+        finally:
+            with self._lock:
+                self._execs.pop(rid, None)
+
+    def op_signal(self, rid: int, msg: dict[str, Any]) -> None:
+        target = int(msg["target"])
+        with self._lock:
+            ex = self._execs.get(target)
+        if ex is None:
+            self.reply_error(rid, code="no-such-process", message=f"no running command {target}")
+            return
+        ex.kill(int(msg["signal"]))
+        self.reply(rid, "ok")
+
+    # files
+
+    def op_write_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        if msg.get("parents"):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError:
+                pass  # reported by the open below
+        up = _Upload(path, bool(msg.get("append")), msg.get("mode"))
+        self._uploads[rid] = up
+
+    def op_end(self, rid: int, msg: dict[str, Any]) -> None:
+        up = self._uploads.pop(rid, None)
+        if up is None:
+            self.reply_error(rid, code="bad-request", message="no upload in progress")
+            return
+        err = up.close()
+        if err is not None:
+            self.reply_error(rid, err)
+        else:
+            self.reply(rid, "ok", size=up.size)
+
+    def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        size = 0
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            while chunk := os.read(fd, CHUNK_SIZE):
+                size += len(chunk)
+                self.send(encode_frame(rid, Kind.DATA, chunk))
+        finally:
+            os.close(fd)
+        self.reply(rid, "ok", size=size)
+
+    def op_list(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        entries = []
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    entries.append(_stat_dict(entry.path, entry.stat(follow_symlinks=False)))
+                except OSError:
+                    continue
+        entries.sort(key=lambda e: e["name"])
+        self.reply(rid, "ok", entries=entries)
+
+    def op_stat(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        self.reply(rid, "ok", stat=_stat_dict(path, os.lstat(path)))
+
+    def op_mkdir(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        if msg.get("parents", True):
+            os.makedirs(path, exist_ok=bool(msg.get("exist_ok", True)))
+        else:
+            os.mkdir(path)
+        self.reply(rid, "ok")
+
+    def op_remove(self, rid: int, msg: dict[str, Any]) -> None:
+        path = _guest_path(msg["path"])
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            if msg.get("recursive", True):
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+        self.reply(rid, "ok")
+
+    def op_mount(self, rid: int, msg: dict[str, Any]) -> None:
+        serial = str(msg["serial"])
+        target = _guest_path(msg["path"])
+        read_only = bool(msg.get("read_only"))
+        device = None
+        deadline = time.monotonic() + 5
+        while device is None and time.monotonic() < deadline:
+            for serial_file in glob.glob("/sys/block/*/serial"):
+                with open(serial_file) as f:
+                    if f.read().strip() == serial:
+                        device = "/dev/" + serial_file.split("/")[3]
+            if device is None:
+                time.sleep(0.02)
+        if device is None:
+            self.reply_error(
+                rid, code="mount-failed", message=f"no block device with serial {serial}"
+            )
+            return
+        fstype = str(msg.get("fstype") or "ext4")
+        try:
+            _mount(device, target, fstype, MS_RDONLY if read_only else 0)
+        except OSError as exc:
+            self.reply_error(rid, code="mount-failed", message=f"mount {device} on {target}: {exc}")
+            return
+        self.reply(rid, "ok", device=device)
+
+
+class _Exec:
+    """One running command: its process, output pumps, stdin feeder and timeout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stdin_queue: queue.Queue[bytes]) -> None:
+        self.proc = proc
+        self.stdin_queue = stdin_queue
+
+    def kill(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def run(self, agent: Agent, rid: int, timeout: float | None) -> None:
+        pumps = [
+            threading.Thread(
+                target=self._pump, args=(agent, rid, self.proc.stdout, Kind.STDOUT), daemon=True
+            ),
+            threading.Thread(
+                target=self._pump, args=(agent, rid, self.proc.stderr, Kind.STDERR), daemon=True
+            ),
+        ]
+        if self.proc.stdin is not None:
+            threading.Thread(target=self._feed_stdin, daemon=True).start()
+        for t in pumps:
+            t.start()
+        timed_out = False
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.kill(signal.SIGKILL)
+            self.proc.wait()
+        if timed_out:
+            # Everything in the group is gone; the pipes close as soon as the kernel reaps them.
+            for t in pumps:
+                t.join(1.0)
+        else:
+            deadline = time.monotonic() + _OUTPUT_DRAIN_GRACE
+            for t in pumps:
+                t.join(max(0.0, deadline - time.monotonic()))
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.stdin_queue.put(b"")
+        rc = self.proc.returncode
+        sig = -rc if rc < 0 else None
+        agent.reply(
+            rid, "exit", exit_code=128 + sig if sig else rc, signal=sig, timed_out=timed_out
+        )
+
+    def _pump(self, agent: Agent, rid: int, pipe: Any, kind: Kind) -> None:
+        fd = pipe.fileno()
+        try:
+            while chunk := os.read(fd, CHUNK_SIZE):
+                agent.send(encode_frame(rid, kind, chunk))
+        except (OSError, ValueError):
+            pass
+
+    def _feed_stdin(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while data := self.stdin_queue.get():
+                stdin.write(data)
+                stdin.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+
+class _Upload:
+    """A file being written from DATA frames; the first error is kept and reported at the end."""
+
+    def __init__(self, path: str, append: bool, mode: int | None) -> None:
+        self.size = 0
+        self.error: OSError | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+        try:
+            self.fd: int | None = os.open(path, flags, mode if isinstance(mode, int) else 0o644)
+        except OSError as exc:
+            self.fd = None
+            self.error = exc
+
+    def write(self, data: bytes) -> None:
+        if self.fd is None or self.error is not None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            self.size += len(data)
+        except OSError as exc:
+            self.error = exc
+
+    def close(self) -> OSError | None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError as exc:
+                self.error = self.error or exc
+        return self.error
+
+
+def _guest_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError(f"path must be an absolute path without NUL bytes, got {value!r}")
+    return value
+
+
+def _stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
+    if stat.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return {
+        "name": os.path.basename(path.rstrip("/")) or "/",
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+_ERRNO_CODES = {
+    errno.ENOENT: "file-not-found",
+    errno.ENOTDIR: "not-a-directory",
+    errno.EISDIR: "is-a-directory",
+    errno.EEXIST: "file-exists",
+    errno.EACCES: "permission-denied",
+    errno.EPERM: "permission-denied",
+    errno.EROFS: "read-only-filesystem",
+    errno.ENOSPC: "no-space",
+    errno.ENOTEMPTY: "directory-not-empty",
+}
+
+
+def _error_code(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_CODES:
+        return _ERRNO_CODES[exc.errno]
+    return "os-error" if isinstance(exc, OSError) else "agent-error"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return str(exc)
+
+
+def main() -> int:
+    if "--stdio" in sys.argv:
+        return Agent(sys.stdin.fileno(), sys.stdout.fileno()).serve()
+    if os.getpid() == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        run_as_init()
+        return 0
+    return serve_port()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

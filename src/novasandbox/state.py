@@ -1,0 +1,113 @@
+"""Per-sandbox state on disk: ``<state dir>/sandboxes/<id>/record.json`` beside the VM's
+sockets, console log and overlay. Records let any process list live sandboxes of this
+host and kill one by id, checking the VMM process's identity before signalling it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SandboxNotFound
+from .paths import state_dir
+from .providers.qemu import process_start_time
+
+RECORD = "record.json"
+
+
+def sandboxes_dir(root: Path | None = None) -> Path:
+    return (root or state_dir()) / "sandboxes"
+
+
+def new_sandbox_id() -> str:
+    return "sb-" + secrets.token_hex(5)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """A lightweight description of a sandbox, as ``Sandbox.list()`` returns it."""
+
+    id: str
+    template: str
+    state: str
+    pid: int | None
+    pid_start_time: int | None
+    owner_pid: int
+    created_at: float
+    vcpus: int
+    memory_mib: int
+    accel: str
+    state_dir: str
+
+    @property
+    def alive(self) -> bool:
+        """Whether the VMM process recorded for this sandbox is still that process."""
+        return self.pid is not None and _same_process(self.pid, self.pid_start_time, self.id)
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, time.time() - self.created_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "alive": self.alive}
+
+
+def _same_process(pid: int, start_time: int | None, sandbox_id: str) -> bool:
+    if start_time is None or process_start_time(pid) != start_time:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"novasandbox-{sandbox_id}".encode() in cmdline
+
+
+def write_record(directory: Path, info: SandboxInfo) -> None:
+    tmp = directory / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    tmp.replace(directory / RECORD)
+
+
+def read_record(directory: Path) -> SandboxInfo | None:
+    try:
+        data = json.loads((directory / RECORD).read_text())
+        return SandboxInfo(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
+    base = sandboxes_dir(root)
+    if not base.is_dir():
+        return []
+    infos = [info for d in sorted(base.iterdir()) if (info := read_record(d)) is not None]
+    return sorted(infos, key=lambda i: i.created_at)
+
+
+def remove_state(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0) -> None:
+    """Kill a sandbox by id from any process: SIGKILL its VMM (after checking that the pid
+    is still that VMM), then remove its state directory."""
+    directory = sandboxes_dir(root) / sandbox_id
+    if not sandbox_id or "/" in sandbox_id or not directory.is_dir():
+        raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
+    info = read_record(directory)
+    if info is not None and info.pid is not None and info.alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while _same_process(info.pid, info.pid_start_time, info.id):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    remove_state(directory)

@@ -1,0 +1,242 @@
+"""Templates: what a sandbox boots from (a guest kernel, a root file system with our agent).
+
+A template is a TOML file. The ones shipped in this package sit beside this module;
+users add their own from directories named in ``NOVASANDBOX_TEMPLATE_PATH`` (separated
+by ``:``) or passed to ``TemplateManager(template_dirs=...)``; a user template with a
+shipped template's name replaces it.
+
+Built artifacts are cached under the cache directory, keyed by a digest of their inputs:
+
+    kernels/<kernel digest>/vmlinux            (shared by every template with that config)
+    bases/<base digest>.tar                    (mmdebstrap output)
+    templates/<name>/<image digest>/rootfs.ext4 + manifest.json
+
+so building again when nothing changed does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import TemplateError, TemplateNotBuilt, TemplateNotFound
+from ..paths import cache_dir
+
+BUILTIN_DIR = Path(__file__).resolve().parent
+GUEST_DIR = BUILTIN_DIR.parent / "guest"
+GUEST_FILES = ("agent.py", "protocol.py")
+KERNEL_RECIPE = "1"
+"""Bump when the kernel build steps change in a way that changes the result."""
+IMAGE_RECIPE = "1"
+"""Bump when the image build steps change."""
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _sha256(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A template definition (from its TOML file)."""
+
+    name: str
+    description: str
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    disk_size_mib: int
+    vcpus: int
+    memory_mib: int
+    kernel_source_package: str
+    kernel_config: str = field(repr=False)
+    source: Path
+
+    @classmethod
+    def from_file(cls, path: Path) -> Template:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise TemplateError(f"cannot read template {path}: {exc}") from exc
+        try:
+            return cls._from_dict(data, path)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TemplateError(f"invalid template {path}: {exc!r}") from exc
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], path: Path) -> Template:
+        name = data["name"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"invalid template name {name!r}")
+        image, machine, kernel = data["image"], data.get("machine", {}), data.get("kernel", {})
+        packages = image.get("packages", [])
+        if not all(isinstance(p, str) and re.match(r"^[a-z0-9][a-z0-9+.-]+$", p) for p in packages):
+            raise ValueError(f"invalid package list {packages!r}")
+        config_name = kernel.get("config", "kernel.config")
+        config_path = path.parent / config_name
+        if not config_path.is_file():
+            config_path = BUILTIN_DIR / config_name
+        tpl = cls(
+            name=name,
+            description=str(data.get("description", "")),
+            suite=str(image.get("suite", "bookworm")),
+            variant=str(image.get("variant", "minbase")),
+            packages=tuple(packages),
+            disk_size_mib=int(image.get("disk_size_mib", 1024)),
+            vcpus=int(machine.get("vcpus", 1)),
+            memory_mib=int(machine.get("memory_mib", 256)),
+            kernel_source_package=str(kernel.get("source_package", "linux-source-6.1")),
+            kernel_config=config_path.read_text(),
+            source=path,
+        )
+        if not re.match(r"^[a-z]+$", tpl.suite) or not re.match(r"^[a-z]+$", tpl.variant):
+            raise ValueError("suite and variant must be plain words")
+        if not 256 <= tpl.disk_size_mib <= 1 << 20:
+            raise ValueError(f"disk_size_mib out of range: {tpl.disk_size_mib}")
+        return tpl
+
+    # Digests: each artifact is keyed by exactly the inputs that shape it.
+
+    @property
+    def kernel_digest(self) -> str:
+        return _sha256("kernel", KERNEL_RECIPE, self.kernel_source_package, self.kernel_config)[:16]
+
+    @property
+    def base_digest(self) -> str:
+        return _sha256("base", self.suite, self.variant, *sorted(self.packages))[:16]
+
+    @property
+    def image_digest(self) -> str:
+        guest = [(GUEST_DIR / f).read_bytes() for f in GUEST_FILES]
+        return _sha256("image", IMAGE_RECIPE, self.base_digest, str(self.disk_size_mib), *guest)[
+            :16
+        ]
+
+    @property
+    def digest(self) -> str:
+        """The template's identity: the image and the kernel it boots."""
+        return _sha256(self.image_digest, self.kernel_digest)[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltTemplate:
+    """A template whose artifacts are in the cache and ready to boot."""
+
+    template: Template
+    kernel: Path
+    rootfs: Path
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+
+class TemplateManager:
+    """Finds template definitions and their built artifacts; builds and removes them."""
+
+    def __init__(
+        self, cache: Path | None = None, template_dirs: Sequence[str | os.PathLike[str]] = ()
+    ) -> None:
+        self.cache = Path(cache) if cache is not None else cache_dir()
+        env_dirs = [d for d in os.environ.get("NOVASANDBOX_TEMPLATE_PATH", "").split(":") if d]
+        self.template_dirs = [BUILTIN_DIR, *map(Path, env_dirs), *map(Path, template_dirs)]
+
+    # --- definitions
+
+    def _definitions(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for directory in self.template_dirs:
+            if directory.is_dir():
+                for path in sorted(directory.glob("*.toml")):
+                    found[path.stem] = path
+        return found
+
+    def list(self) -> list[Template]:
+        return [Template.from_file(p) for _, p in sorted(self._definitions().items())]
+
+    def get(self, name: str) -> Template:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise TemplateNotFound(f"invalid template name {name!r}")
+        path = self._definitions().get(name)
+        if path is None:
+            known = ", ".join(sorted(self._definitions())) or "none"
+            raise TemplateNotFound(f"unknown template {name!r} (known: {known})")
+        tpl = Template.from_file(path)
+        if tpl.name != name:
+            raise TemplateError(f"{path} declares name {tpl.name!r}, expected {name!r}")
+        return tpl
+
+    # --- artifacts
+
+    def kernel_path(self, tpl: Template) -> Path:
+        return self.cache / "kernels" / tpl.kernel_digest / "vmlinux"
+
+    def base_path(self, tpl: Template) -> Path:
+        return self.cache / "bases" / f"{tpl.base_digest}.tar"
+
+    def image_dir(self, tpl: Template) -> Path:
+        return self.cache / "templates" / tpl.name / tpl.image_digest
+
+    def built(self, name: str | Template) -> BuiltTemplate | None:
+        """The built artifacts of the template as it is defined now, or None."""
+        tpl = self.get(name) if isinstance(name, str) else name
+        manifest_file = self.image_dir(tpl) / "manifest.json"
+        kernel = self.kernel_path(tpl)
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, ValueError):
+            return None
+        rootfs = self.image_dir(tpl) / "rootfs.ext4"
+        if not (kernel.is_file() and rootfs.is_file()):
+            return None
+        return BuiltTemplate(tpl, kernel, rootfs, manifest)
+
+    def require_built(self, name: str) -> BuiltTemplate:
+        built = self.built(name)
+        if built is None:
+            raise TemplateNotBuilt(
+                f"template {name!r} is not built (or changed since it was); "
+                f"run: novasandbox template build {name}"
+            )
+        return built
+
+    def build(self, name: str, *, reporter: Any = None, force: bool = False) -> BuiltTemplate:
+        """Build whatever of the template is missing from the cache; a no-op when all is there."""
+        from .build import build_template
+
+        tpl = self.get(name)
+        if not force:
+            existing = self.built(tpl)
+            if existing is not None:
+                return existing
+        build_template(self, tpl, reporter=reporter, force=force)
+        return self.require_built(name)
+
+    def remove(self, name: str) -> bool:
+        """Remove every built image of a template (kernels and bases are shared; kept)."""
+        tpl = self.get(name)
+        target = self.cache / "templates" / tpl.name
+        if not target.exists():
+            return False
+        for image in target.glob("*/rootfs.ext4"):
+            image.chmod(0o644)
+        shutil.rmtree(target)
+        return True
+
+
+__all__ = ["BuiltTemplate", "Template", "TemplateManager"]
