@@ -183,13 +183,13 @@ class AgentClient:
                 raise AgentError(f"lost the connection to the guest agent: {exc}") from exc
 
     async def call(
-        self, op: str, *, timeout: float | None = 30.0, path: str = "", **fields: Any
+        self, op: str, /, *, timeout: float | None = 30.0, **fields: Any
     ) -> dict[str, Any]:
         """One request, one reply; agent errors become public exceptions."""
         req = self.open()
         try:
             await req.send_message(op, **fields)
-            return check_reply(await req.next_message(timeout), path)
+            return check_reply(await req.next_message(timeout), str(fields.get("path", "")))
         finally:
             req.close()
 

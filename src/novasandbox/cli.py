@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import validate_env
@@ -37,9 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(exc: NovaSandboxError, status: int = EXIT_ERROR) -> NoReturn:
-    err_console.print(
-        f"[bold red]error[/] [{exc.code}]: {exc.message}", markup=True, highlight=False
-    )
+    err_console.print(Text.assemble(("error", "bold red"), f" [{exc.code}]: {exc.message}"))
     sys.exit(status)
 
 

@@ -501,9 +501,21 @@ class AsyncSandbox:
         async with self._kill_lock:
             if self._state in (SandboxState.KILLED, SandboxState.ERROR):
                 return
+            await self._release_drives()
             await self._teardown()
             self._state = SandboxState.KILLED
             log.info("sandbox %s killed", self.id)
+
+    async def _release_drives(self) -> None:
+        """Unmount writable drives so that what the guest wrote is on the image file."""
+        writable = [d.mount for d in self.config.drives if not d.read_only]
+        if not writable or self._agent is None or not self.is_running():
+            return
+        try:
+            reply = await self._agent.call("release", paths=writable, timeout=5.0)
+            log.debug("%s: drives released: %s", self.id, reply.get("drives"))
+        except NovaSandboxError as exc:
+            log.warning("%s: could not release drives before kill: %s", self.id, exc)
 
     async def _teardown(self) -> None:
         if self._agent is not None:

@@ -94,6 +94,7 @@ def _mount(source: str, target: str, fstype: str, flags: int = 0, data: str = ""
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+FIFREEZE = 0xC0045877
 
 
 def init_system() -> None:
@@ -334,6 +335,7 @@ class Agent:
         "mkdir": ("op_mkdir", False),
         "remove": ("op_remove", True),
         "mount": ("op_mount", True),
+        "release": ("op_release", True),
         "shutdown": ("op_shutdown", False),
     }
 
@@ -535,6 +537,28 @@ class Agent:
             self.reply_error(rid, code="mount-failed", message=f"mount {device} on {target}: {exc}")
             return
         self.reply(rid, "ok", device=device)
+
+    def op_release(self, rid: int, msg: dict[str, Any]) -> None:
+        """Make mounted drives consistent on their image before the VM is killed: unmount,
+        or, if something still uses the drive, freeze it (flushes and checkpoints the
+        journal)."""
+        done = {}
+        for path in msg.get("paths", []):
+            target = _guest_path(path)
+            if _libc.umount2(target.encode(), 0) == 0:
+                done[target] = "unmounted"
+                continue
+            try:
+                fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, FIFREEZE, 0)
+                finally:
+                    os.close(fd)
+                done[target] = "frozen"
+            except OSError as exc:
+                os.sync()
+                done[target] = f"synced ({exc.strerror})"
+        self.reply(rid, "ok", drives=done)
 
 
 class _Exec:

@@ -1,0 +1,174 @@
+"""Commands in a real VM: output, exit codes, env, cwd, stdin, timeouts, concurrency."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+
+from novasandbox import (
+    CommandFailed,
+    CommandNotFound,
+    CommandTimeout,
+    InvalidWorkingDirectory,
+    Sandbox,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def guest_processes_matching(sb: Sandbox, marker: str) -> list[str]:
+    """Command lines of guest processes that mention ``marker`` (the probe excludes itself)."""
+    probe = (
+        "import os\n"
+        "me = str(os.getpid())\n"
+        "for p in os.listdir('/proc'):\n"
+        "    if p.isdigit() and p != me:\n"
+        "        try:\n"
+        "            c = open(f'/proc/{p}/cmdline','rb').read().replace(b'\\0', b' ')\n"
+        "        except OSError:\n"
+        "            continue\n"
+        f"        if {marker!r}.encode() in c:\n"
+        "            print(p, c.decode(errors='replace'))\n"
+    )
+    return sb.commands.run(["python3", "-c", probe]).stdout.splitlines()
+
+
+def test_guest_kernel_is_not_the_hosts(sb: Sandbox) -> None:
+    release = sb.commands.run(["uname", "-r"]).stdout.strip()
+    assert release.endswith("-novasandbox")
+    assert release != os.uname().release
+    assert sb.guest_kernel == release
+
+
+def test_stdout_stderr_and_exit_code_of_shell_string(sb: Sandbox) -> None:
+    r = sb.commands.run("echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
+    assert not r.ok
+
+
+def test_argv_form_and_python_exit_code(sb: Sandbox) -> None:
+    r = sb.commands.run(["python3", "-c", "import sys; print(6 * 7); sys.exit(3)"])
+    assert r.stdout == "42\n"
+    assert r.exit_code == 3
+
+
+def test_argv_is_not_split_by_a_shell(sb: Sandbox) -> None:
+    r = sb.commands.run(["printf", "%s|", "a b", "$HOME", "'q'"])
+    assert r.stdout == "a b|$HOME|'q'|"
+
+
+def test_env_from_sandbox_and_command(sb: Sandbox) -> None:
+    r = sb.commands.run('echo "$SANDBOX_LEVEL $ONE $PATH"', env={"ONE": "1"})
+    level, one, path = r.stdout.split()
+    assert (level, one) == ("yes", "1")
+    assert "/usr/bin" in path
+    assert sb.commands.run('echo "[$ONE]"').stdout == "[]\n"
+
+
+def test_cwd(sb: Sandbox) -> None:
+    assert sb.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+    assert sb.commands.run("pwd").stdout == "/root\n"
+    with pytest.raises(InvalidWorkingDirectory):
+        sb.commands.run("pwd", cwd="/does/not/exist")
+
+
+def test_stdin_text_and_binary(sb: Sandbox) -> None:
+    assert sb.commands.run("tr a-z A-Z", stdin="hello\n").stdout == "HELLO\n"
+    blob = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    r = sb.commands.run(["sha256sum"], stdin=blob)
+    import hashlib
+
+    assert r.stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+    # without stdin the command reads EOF at once instead of hanging
+    assert sb.commands.run("cat", timeout=20).stdout == ""
+
+
+def test_output_streams_to_callbacks(sb: Sandbox) -> None:
+    seen_out: list[str] = []
+    seen_err: list[str] = []
+    r = sb.commands.run(
+        "for i in 1 2 3; do echo o$i; echo e$i >&2; sleep 0.05; done",
+        on_stdout=seen_out.append,
+        on_stderr=seen_err.append,
+    )
+    assert "".join(seen_out) == r.stdout == "o1\no2\no3\n"
+    assert "".join(seen_err) == r.stderr == "e1\ne2\ne3\n"
+
+
+def test_unicode_output(sb: Sandbox) -> None:
+    r = sb.commands.run(["python3", "-c", "print('h\\u00e9llo \\u2603 \\U0001f600')"])
+    assert r.stdout == "héllo ☃ 😀\n"
+
+
+def test_check_raises_command_failed(sb: Sandbox) -> None:
+    with pytest.raises(CommandFailed) as info:
+        sb.commands.run("echo boom >&2; exit 5", check=True)
+    assert info.value.exit_code == 5
+    assert info.value.code == "command-failed"
+    assert "boom" in str(info.value)
+    assert sb.commands.run("true", check=True).exit_code == 0
+
+
+def test_command_not_found(sb: Sandbox) -> None:
+    with pytest.raises(CommandNotFound) as info:
+        sb.commands.run(["definitely-not-a-command"])
+    assert info.value.code == "command-not-found"
+    # the shell form reports it the shell's way
+    assert sb.commands.run("definitely-not-a-command").exit_code == 127
+    assert sb.commands.run("echo still fine").stdout == "still fine\n"
+
+
+def test_timeout_kills_the_whole_process_group(sb: Sandbox) -> None:
+    marker = f"mark-{uuid.uuid4().hex[:8]}"
+    # the leader and a forked child both ignore SIGTERM
+    script = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "os.fork()\n"
+        "print('up', flush=True)\n"
+        "time.sleep(300)\n"
+        f"# {marker}\n"
+    )
+    with pytest.raises(CommandTimeout) as info:
+        sb.commands.run(["python3", "-c", script], timeout=1.5)
+    assert info.value.code == "command-timeout"
+    assert "up" in info.value.result.stdout
+    assert guest_processes_matching(sb, marker) == []
+
+
+def test_signal_exit_is_reported(sb: Sandbox) -> None:
+    r = sb.commands.run("kill -9 $$")
+    assert r.signal == 9
+    assert r.exit_code == 128 + 9
+
+
+def test_commands_run_concurrently_in_one_sandbox(sb: Sandbox) -> None:
+    """The waiter can only finish if the writer runs while it is still running."""
+    flag = f"/tmp/flag-{uuid.uuid4().hex[:8]}"
+    results: dict[str, object] = {}
+
+    def waiter() -> None:
+        results["waiter"] = sb.commands.run(
+            f"while [ ! -f {flag} ]; do sleep 0.05; done; echo released", timeout=60
+        )
+
+    threads = [threading.Thread(target=waiter)]
+    threads[0].start()
+    others = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, sb.commands.run(f"echo {i}").stdout)
+        )
+        for i in range(4)
+    ]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join()
+    sb.commands.run(f"touch {flag}")
+    threads[0].join(90)
+    assert [results[i] for i in range(4)] == [f"{i}\n" for i in range(4)]
+    waited = results["waiter"]
+    assert getattr(waited, "stdout", None) == "released\n"

@@ -1,0 +1,81 @@
+"""Files in a real VM: binary-safe chunked transfers, listing, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from novasandbox import Sandbox, SandboxFileError, SandboxFileNotFound
+
+pytestmark = pytest.mark.integration
+
+
+def test_20_mb_binary_round_trip(sb: Sandbox) -> None:
+    blob = os.urandom(20 * 1024 * 1024)
+    digest = hashlib.sha256(blob).hexdigest()
+    assert sb.files.write("/root/big.bin", blob) == len(blob)
+    # the guest sees exactly these bytes ...
+    assert sb.commands.run("sha256sum /root/big.bin").stdout.split()[0] == digest
+    # ... and reading them back gives the same bytes
+    back = sb.files.read("/root/big.bin", format="bytes")
+    assert isinstance(back, bytes)
+    assert len(back) == len(blob)
+    assert hashlib.sha256(back).hexdigest() == digest
+    sb.files.remove("/root/big.bin")
+
+
+def test_text_write_read_and_parents_created(sb: Sandbox) -> None:
+    sb.files.write("/tmp/a/b/c.txt", "héllo\n")
+    assert sb.files.read("/tmp/a/b/c.txt") == "héllo\n"
+    assert sb.commands.run("cat /tmp/a/b/c.txt").stdout == "héllo\n"
+    sb.files.write("/tmp/a/b/c.txt", b"")
+    assert sb.files.read("/tmp/a/b/c.txt", format="bytes") == b""
+
+
+def test_mode_is_applied(sb: Sandbox) -> None:
+    sb.files.write("/tmp/script.sh", "#!/bin/sh\necho ran\n", mode=0o755)
+    assert sb.commands.run(["/tmp/script.sh"]).stdout == "ran\n"
+
+
+def test_list_stat_exists_make_dir_remove(sb: Sandbox) -> None:
+    sb.files.make_dir("/tmp/d/sub")
+    sb.files.write("/tmp/d/f.txt", "12345")
+    entries = {e.name: e for e in sb.files.list("/tmp/d")}
+    assert set(entries) == {"sub", "f.txt"}
+    assert entries["sub"].type == "dir"
+    assert (entries["f.txt"].type, entries["f.txt"].size) == ("file", 5)
+    assert entries["f.txt"].path == "/tmp/d/f.txt"
+    assert sb.files.stat("/tmp/d/f.txt").size == 5
+    assert sb.files.exists("/tmp/d/f.txt")
+    sb.files.make_dir("/tmp/d/sub")  # exists already: fine
+    sb.files.remove("/tmp/d")
+    assert not sb.files.exists("/tmp/d")
+    assert sb.commands.run("test -e /tmp/d").exit_code == 1
+
+
+def test_reading_a_missing_file_raises(sb: Sandbox) -> None:
+    with pytest.raises(SandboxFileNotFound) as info:
+        sb.files.read("/no/such/file")
+    assert info.value.code == "file-not-found"
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.list("/no/such/dir")
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.remove("/no/such/file")
+
+
+def test_reading_a_directory_raises(sb: Sandbox) -> None:
+    with pytest.raises(SandboxFileError) as info:
+        sb.files.read("/etc")
+    assert "is-a-directory" in str(info.value)
+
+
+def test_writing_over_a_directory_raises_and_changes_nothing(sb: Sandbox) -> None:
+    sb.files.make_dir("/tmp/keep")
+    with pytest.raises(SandboxFileError):
+        sb.files.write("/tmp/keep", b"data")
+    assert sb.files.stat("/tmp/keep").type == "dir"
+    # the channel is still in sync after a failed upload
+    assert sb.commands.run("echo ok").stdout == "ok\n"
