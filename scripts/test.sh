@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks examples
-.venv/bin/ruff format --check src tests benchmarks examples
+code=(src tests); for d in benchmarks examples; do [ -d "$d" ] && code+=("$d"); done
+.venv/bin/ruff check "${code[@]}"
+.venv/bin/ruff format --check "${code[@]}"
 .venv/bin/mypy
 .venv/bin/python -m pytest -ra "$@"
