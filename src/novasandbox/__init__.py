@@ -41,7 +41,15 @@ from .errors import (
     TemplateNotFound,
     VMStartError,
 )
-from .sandbox import AsyncSandbox, CommandResult, EntryInfo, Sandbox, SandboxState
+from .sandbox import (
+    AsyncCommandHandle,
+    AsyncSandbox,
+    CommandHandle,
+    CommandResult,
+    EntryInfo,
+    Sandbox,
+    SandboxState,
+)
 from .state import SandboxInfo
 from .templates import BuiltTemplate, Template, TemplateManager
 
@@ -53,10 +61,12 @@ __all__ = [
     "AgentError",
     "AgentProtocolError",
     "AgentTimeout",
+    "AsyncCommandHandle",
     "AsyncSandbox",
     "BuiltTemplate",
     "CommandError",
     "CommandFailed",
+    "CommandHandle",
     "CommandNotFound",
     "CommandResult",
     "CommandTimeout",

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
-from .agent_client import AgentClient, check_reply
+from .agent_client import AgentClient, AgentRequest, check_reply
 from .config import Drive, MachineConfig, validate_env, validate_guest_path
 from .errors import (
     AgentError,
@@ -39,6 +39,8 @@ from .errors import (
     CommandTimeout,
     ConfigError,
     NovaSandboxError,
+    SandboxFileError,
+    SandboxFileNotFound,
     SandboxNotRunning,
     VMStartError,
 )
@@ -153,11 +155,170 @@ async def _call_back(callback: OutputCallback | None, text: str) -> None:
         await result
 
 
+class AsyncCommandHandle:
+    """A command running in the guest (from ``commands.start``).
+
+    A task collects its output as it arrives (calling the callbacks); ``wait()`` returns
+    the result. Signals go to the command's whole process group.
+    """
+
+    def __init__(
+        self,
+        sandbox: AsyncSandbox,
+        req: AgentRequest,
+        argv: list[str],
+        timeout: float | None,
+        pid: int,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> None:
+        self._sb = sandbox
+        self._req = req
+        self.argv = tuple(argv)
+        self.pid = pid
+        self._timeout = timeout
+        self._t0 = time.monotonic()
+        self._callbacks = {Kind.STDOUT: on_stdout, Kind.STDERR: on_stderr}
+        self._buffers = {Kind.STDOUT: bytearray(), Kind.STDERR: bytearray()}
+        self._decoders = {
+            Kind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
+            Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
+        }
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def _collect(self) -> tuple[CommandResult, bool]:
+        host_timeout = None if self._timeout is None else self._timeout + _AGENT_GRACE
+        try:
+            while True:
+                remaining = (
+                    None if host_timeout is None else host_timeout - (time.monotonic() - self._t0)
+                )
+                frame = await self._req.next_frame(
+                    None if remaining is None else max(remaining, 0.01)
+                )
+                if frame.kind in self._buffers:
+                    self._buffers[frame.kind] += frame.payload
+                    text = self._decoders[frame.kind].decode(frame.payload)
+                    await _call_back(self._callbacks[frame.kind], text)
+                    continue
+                msg = check_reply(frame.message())
+                if msg["op"] == "exit":
+                    break
+        finally:
+            self._req.close()
+        for kind, decoder in self._decoders.items():
+            await _call_back(self._callbacks[kind], decoder.decode(b"", final=True))
+        result = CommandResult(
+            argv=self.argv,
+            exit_code=int(msg["exit_code"]),
+            stdout=self._buffers[Kind.STDOUT].decode("utf-8", "replace"),
+            stderr=self._buffers[Kind.STDERR].decode("utf-8", "replace"),
+            signal=msg.get("signal"),
+            duration=time.monotonic() - self._t0,
+        )
+        return result, bool(msg.get("timed_out"))
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def wait(self, *, check: bool = False) -> CommandResult:
+        """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
+        and, with ``check``, ``CommandFailed`` if it exited non-zero."""
+        result, timed_out = await asyncio.shield(self._task)
+        if timed_out:
+            raise CommandTimeout(
+                f"command {shlex.join(self.argv)} ran past its {self._timeout} s timeout; "
+                "its process group was killed",
+                result,
+            )
+        if check and result.exit_code != 0:
+            raise CommandFailed(result)
+        return result
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Feed the command's stdin (started with ``open_stdin=True``)."""
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        for i in range(0, len(blob), CHUNK_SIZE):
+            chunk = blob[i : i + CHUNK_SIZE]
+            if chunk:
+                await self._req.send(Kind.STDIN, chunk)
+
+    async def close_stdin(self) -> None:
+        """Signal end of input to the command."""
+        await self._req.send(Kind.STDIN, b"")
+
+    async def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the command's process group (no error if it already ended)."""
+        if self.done():
+            return
+        agent = self._sb._require_agent()
+        try:
+            await agent.call("signal", target=self._req.id, signal=int(sig))
+        except AgentError as exc:
+            if "no-such-process" not in str(exc):
+                raise
+
+    async def kill(self) -> None:
+        """SIGKILL the command's whole process group."""
+        await self.send_signal(signal.SIGKILL)
+
+
 class AsyncCommands:
     """``sandbox.commands``: run processes in the guest."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
+
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        open_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> AsyncCommandHandle:
+        """Start ``cmd`` and return at once with a handle (``wait``, ``send_signal``,
+        ``kill``, ``send_stdin``). ``stdin`` data is sent and then closed; with
+        ``open_stdin`` stdin stays open for ``send_stdin``; otherwise it is empty."""
+        argv = _normalize_argv(cmd)
+        merged = {**self._sb.config.env, **validate_env(env)}
+        if cwd is not None:
+            cwd = validate_guest_path(cwd, "cwd")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if stdin is not None and not isinstance(stdin, (str, bytes)):
+            raise ConfigError("stdin must be str or bytes")
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        agent = self._sb._require_agent()
+        req = agent.open()
+        try:
+            await req.send_message(
+                "exec",
+                argv=argv,
+                env=merged,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=data is not None or open_stdin,
+            )
+            if data is not None:
+                for i in range(0, len(data), CHUNK_SIZE):
+                    await req.send(Kind.STDIN, data[i : i + CHUNK_SIZE])
+                if not open_stdin:
+                    await req.send(Kind.STDIN, b"")
+            started = check_reply(await req.next_message(30.0))  # or the spawn error
+        except BaseException:
+            req.close()
+            raise
+        log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, started.get("pid"))
+        return AsyncCommandHandle(
+            self._sb, req, argv, timeout, int(started.get("pid", 0)), on_stdout, on_stderr
+        )
 
     async def run(
         self,
@@ -178,67 +339,16 @@ class AsyncCommands:
         group is killed when it runs over, and ``CommandTimeout`` is raised. With
         ``check`` a non-zero exit raises ``CommandFailed``.
         """
-        argv = _normalize_argv(cmd)
-        merged = {**self._sb.config.env, **validate_env(env)}
-        if cwd is not None:
-            cwd = validate_guest_path(cwd, "cwd")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        agent = self._sb._require_agent()
-        t0 = time.monotonic()
-        out, err = bytearray(), bytearray()
-        decoders = {
-            Kind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
-            Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
-        }
-        callbacks = {Kind.STDOUT: on_stdout, Kind.STDERR: on_stderr}
-        buffers = {Kind.STDOUT: out, Kind.STDERR: err}
-        host_timeout = None if timeout is None else timeout + _AGENT_GRACE
-        req = agent.open()
-        try:
-            await req.send_message(
-                "exec", argv=argv, env=merged, cwd=cwd, timeout=timeout, stdin=data is not None
-            )
-            if data is not None:
-                for i in range(0, len(data), CHUNK_SIZE):
-                    await req.send(Kind.STDIN, data[i : i + CHUNK_SIZE])
-                await req.send(Kind.STDIN, b"")
-            check_reply(await req.next_message(30.0))  # "started", or the spawn error
-            log.debug("%s: started %r", self._sb.id, argv)
-            while True:
-                remaining = None if host_timeout is None else host_timeout - (time.monotonic() - t0)
-                frame = await req.next_frame(None if remaining is None else max(remaining, 0.01))
-                if frame.kind in buffers:
-                    buffers[frame.kind] += frame.payload
-                    await _call_back(
-                        callbacks[frame.kind], decoders[frame.kind].decode(frame.payload)
-                    )
-                    continue
-                msg = check_reply(frame.message())
-                if msg["op"] == "exit":
-                    break
-        finally:
-            req.close()
-        for kind, decoder in decoders.items():
-            await _call_back(callbacks[kind], decoder.decode(b"", final=True))
-        result = CommandResult(
-            argv=tuple(argv),
-            exit_code=int(msg["exit_code"]),
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
-            signal=msg.get("signal"),
-            duration=time.monotonic() - t0,
+        handle = await self.start(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
         )
-        if msg.get("timed_out"):
-            raise CommandTimeout(
-                f"command {shlex.join(argv)} ran past its {timeout} s timeout; "
-                "its process group was killed",
-                result,
-            )
-        if check and result.exit_code != 0:
-            raise CommandFailed(result)
-        return result
+        return await handle.wait(check=check)
 
 
 class AsyncFiles:
@@ -305,12 +415,14 @@ class AsyncFiles:
         return EntryInfo.from_agent(reply["stat"])
 
     async def exists(self, path: str) -> bool:
-        from .errors import SandboxFileNotFound
-
         try:
             await self.stat(path)
         except SandboxFileNotFound:
             return False
+        except SandboxFileError as exc:
+            if "not-a-directory" in exc.message:
+                return False
+            raise
         return True
 
     async def make_dir(self, path: str) -> None:
@@ -586,11 +698,73 @@ class _Portal:
             raise
 
 
+class CommandHandle:
+    """Sync twin of ``AsyncCommandHandle``."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._inner = inner
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._inner.argv
+
+    @property
+    def pid(self) -> int:
+        return self._inner.pid
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def wait(self, *, check: bool = False) -> CommandResult:
+        return _Portal.call(self._inner.wait(check=check))
+
+    def send_stdin(self, data: str | bytes) -> None:
+        _Portal.call(self._inner.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        _Portal.call(self._inner.close_stdin())
+
+    def send_signal(self, sig: int) -> None:
+        _Portal.call(self._inner.send_signal(sig))
+
+    def kill(self) -> None:
+        _Portal.call(self._inner.kill())
+
+
 class Commands:
     """Sync twin of ``AsyncCommands``; callbacks run on the library's event-loop thread."""
 
     def __init__(self, inner: AsyncCommands) -> None:
         self._inner = inner
+
+    def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        open_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandHandle:
+        return CommandHandle(
+            _Portal.call(
+                self._inner.start(
+                    cmd,
+                    env=env,
+                    cwd=cwd,
+                    timeout=timeout,
+                    stdin=stdin,
+                    open_stdin=open_stdin,
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                )
+            )
+        )
+
+    start.__doc__ = AsyncCommands.start.__doc__
 
     def run(
         self,
@@ -754,9 +928,11 @@ class Sandbox:
 
 
 __all__ = [
+    "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
     "AsyncSandbox",
+    "CommandHandle",
     "CommandResult",
     "Commands",
     "EntryInfo",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import uuid
 
@@ -172,3 +173,40 @@ def test_commands_run_concurrently_in_one_sandbox(sb: Sandbox) -> None:
     assert [results[i] for i in range(4)] == [f"{i}\n" for i in range(4)]
     waited = results["waiter"]
     assert getattr(waited, "stdout", None) == "released\n"
+
+
+def test_started_command_can_be_signalled(sb: Sandbox) -> None:
+    ready = threading.Event()
+    handle = sb.commands.start(
+        "trap 'echo got-usr1; exit 42' USR1; echo ready; sleep 300 & wait",
+        on_stdout=lambda text: ready.set() if "ready" in text else None,
+    )
+    assert ready.wait(30), "the command never got ready"
+    handle.send_signal(signal.SIGUSR1)
+    result = handle.wait()
+    assert result.exit_code == 42
+    assert result.stdout == "ready\ngot-usr1\n"
+
+
+def test_started_command_kill_takes_the_group(sb: Sandbox) -> None:
+    marker = f"mark-{uuid.uuid4().hex[:8]}"
+    handle = sb.commands.start(f"sh -c 'sleep 300; : {marker}' & sh -c 'sleep 301; : {marker}'")
+    assert not handle.done()
+    handle.kill()
+    result = handle.wait()
+    assert result.signal == signal.SIGKILL
+    assert guest_processes_matching(sb, marker) == []
+
+
+def test_open_stdin_streams_both_ways(sb: Sandbox) -> None:
+    lines: list[str] = []
+    handle = sb.commands.start(
+        ["python3", "-u", "-c", "import sys\nfor l in sys.stdin: print(l.strip().upper())"],
+        open_stdin=True,
+        on_stdout=lines.append,
+    )
+    handle.send_stdin("one\n")
+    handle.send_stdin(b"two\n")
+    handle.close_stdin()
+    assert handle.wait(check=True).stdout == "ONE\nTWO\n"
+    assert "".join(lines) == "ONE\nTWO\n"

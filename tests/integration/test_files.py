@@ -49,6 +49,7 @@ def test_list_stat_exists_make_dir_remove(sb: Sandbox) -> None:
     assert entries["f.txt"].path == "/tmp/d/f.txt"
     assert sb.files.stat("/tmp/d/f.txt").size == 5
     assert sb.files.exists("/tmp/d/f.txt")
+    assert not sb.files.exists("/tmp/d/f.txt/below-a-file")
     sb.files.make_dir("/tmp/d/sub")  # exists already: fine
     sb.files.remove("/tmp/d")
     assert not sb.files.exists("/tmp/d")
