@@ -71,10 +71,12 @@ that inherited its pipes are not waited for)."""
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _log(msg: str) -> None:
+def _log(msg: str, level: int = 6) -> None:
+    """Log to the kernel ring buffer; levels 0-3 also reach the serial console (console.log)
+    despite ``quiet``."""
     try:
         with open("/dev/kmsg", "w") as kmsg:
-            kmsg.write(f"novasandbox-agent: {msg}\n")
+            kmsg.write(f"<{level}>novasandbox-agent: {msg}\n")
     except OSError:
         print(f"novasandbox-agent: {msg}", file=sys.stderr, flush=True)
 
@@ -151,7 +153,7 @@ def run_as_init() -> None:
     try:
         init_system()
     except OSError as exc:
-        _log(f"init failed: {exc}")
+        _log(f"init failed: {exc}", 3)
     restarts = 0
     while True:
         child = os.fork()
@@ -159,7 +161,7 @@ def run_as_init() -> None:
             try:
                 code = serve_port()
             except BaseException as exc:
-                _log(f"agent crashed: {exc!r}")
+                _log(f"agent crashed: {exc!r}", 3)
                 code = 1
             os._exit(code)
         while True:
@@ -169,7 +171,7 @@ def run_as_init() -> None:
         if os.waitstatus_to_exitcode(status) == 0:
             power_off()
         restarts += 1
-        _log(f"agent exited with status {status}; restarting ({restarts})")
+        _log(f"agent exited with status {status}; restarting ({restarts})", 3)
         time.sleep(min(2.0, 0.1 * restarts))
 
 
@@ -270,7 +272,7 @@ class Agent:
             try:
                 frames = self._decoder.feed(data)
             except ProtocolError as exc:
-                _log(f"protocol error, resetting stream: {exc}")
+                _log(f"protocol error, resetting stream: {exc}", 3)
                 self._decoder = FrameDecoder()
                 continue
             for frame in frames:
