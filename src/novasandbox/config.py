@@ -31,7 +31,7 @@ def validate_env(env: Mapping[str, str] | None) -> Mapping[str, str]:
         raise ConfigError(f"env must be a mapping of str to str, got {type(env).__name__}")
     out: dict[str, str] = {}
     for key, value in env.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
             raise ConfigError(f"invalid environment variable name {key!r}")
         if not isinstance(value, str) or "\0" in value:
             raise ConfigError(f"environment variable {key} must be a string without NUL bytes")
@@ -47,7 +47,8 @@ def validate_guest_path(path: str, what: str = "path") -> str:
         raise ConfigError(f"{what} must not contain NUL bytes")
     if ".." in path.split("/"):
         raise ConfigError(f"{what} must not contain '..' components, got {path!r}")
-    return posixpath.normpath(path)
+    norm = posixpath.normpath(path)
+    return "/" + norm.lstrip("/")  # POSIX keeps a leading "//"; we do not
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ class Drive:
             raise ConfigError("a drive cannot be mounted on /")
         if self.format not in DRIVE_FORMATS:
             raise ConfigError(f"drive format must be one of {DRIVE_FORMATS}, got {self.format!r}")
-        if not re.match(r"^[a-z0-9]+$", self.fstype):
+        if not isinstance(self.fstype, str) or not re.fullmatch(r"[a-z0-9]+", self.fstype):
             raise ConfigError(f"invalid file system type {self.fstype!r}")
         object.__setattr__(self, "path", str(resolved))
         object.__setattr__(self, "mount", mount)

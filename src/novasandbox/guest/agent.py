@@ -64,9 +64,11 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
 AGENT_VERSION = "0.1.0"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FEATURES = ["exec", "signal", "stdin", "files", "mount", "shutdown", "settime"]
-_OUTPUT_DRAIN_GRACE = 0.2
-"""Seconds to keep reading output after a command's leader exits (background children
-that inherited its pipes are not waited for)."""
+_OUTPUT_IDLE_GRACE = 0.2
+"""After a command's leader exits, its output is read for as long as it keeps coming;
+once both pipes have been quiet this long, the command is reported finished (background
+children that inherited its pipes are not waited for; what they print later is read and
+dropped, never sent under another request's id)."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -317,10 +319,12 @@ class Agent:
     ) -> None:
         try:
             fn(rid, msg)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.reply_error(rid, code="bad-request", message=f"bad request: {exc!r}")
         except OSError as exc:
             self.reply_error(rid, exc)
+        except Exception as exc:
+            self.reply_error(rid, code="agent-error", message=f"agent error: {exc!r}")
 
     # --- handlers (name, run in a thread?)
 
@@ -450,8 +454,10 @@ class Agent:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError:
                 pass  # reported by the open below
-        up = _Upload(path, bool(msg.get("append")), msg.get("mode"))
-        self._uploads[rid] = up
+        previous = self._uploads.pop(rid, None)
+        if previous is not None:
+            previous.close()
+        self._uploads[rid] = _Upload(path, bool(msg.get("append")), msg.get("mode"))
 
     def op_end(self, rid: int, msg: dict[str, Any]) -> None:
         up = self._uploads.pop(rid, None)
@@ -569,6 +575,9 @@ class _Exec:
     def __init__(self, proc: subprocess.Popen[bytes], stdin_queue: queue.Queue[bytes]) -> None:
         self.proc = proc
         self.stdin_queue = stdin_queue
+        self.send_lock = threading.Lock()
+        self.abandoned = False
+        self.last_output = time.monotonic()
 
     def kill(self, sig: int) -> None:
         try:
@@ -596,34 +605,41 @@ class _Exec:
             timed_out = True
             self.kill(signal.SIGKILL)
             self.proc.wait()
-        if timed_out:
-            # Everything in the group is gone; the pipes close as soon as the kernel reaps them.
+        self.last_output = time.monotonic()  # the grace period starts when the leader ends
+        while any(t.is_alive() for t in pumps):
+            idle = time.monotonic() - self.last_output
+            # a pump blocked sending to a slow host is busy, not idle
+            if idle >= _OUTPUT_IDLE_GRACE and not self.send_lock.locked():
+                break
             for t in pumps:
-                t.join(1.0)
-        else:
-            deadline = time.monotonic() + _OUTPUT_DRAIN_GRACE
-            for t in pumps:
-                t.join(max(0.0, deadline - time.monotonic()))
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        self.stdin_queue.put(b"")
-        rc = self.proc.returncode
-        sig = -rc if rc < 0 else None
-        agent.reply(
-            rid, "exit", exit_code=128 + sig if sig else rc, signal=sig, timed_out=timed_out
-        )
+                t.join(max(0.01, _OUTPUT_IDLE_GRACE - idle))
+        with self.send_lock:
+            self.abandoned = True  # from here on the pumps only drain
+            self.stdin_queue.put(b"")
+            rc = self.proc.returncode
+            sig = -rc if rc < 0 else None
+            agent.reply(
+                rid, "exit", exit_code=128 + sig if sig else rc, signal=sig, timed_out=timed_out
+            )
 
     def _pump(self, agent: Agent, rid: int, pipe: Any, kind: Kind) -> None:
+        """Forward one output pipe until EOF. Only this thread closes the pipe, so its fd
+        number cannot be reused under it."""
         fd = pipe.fileno()
         try:
             while chunk := os.read(fd, CHUNK_SIZE):
-                agent.send(encode_frame(rid, kind, chunk))
+                self.last_output = time.monotonic()
+                with self.send_lock:
+                    if not self.abandoned:
+                        agent.send(encode_frame(rid, kind, chunk))
+                self.last_output = time.monotonic()
         except (OSError, ValueError):
             pass
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
     def _feed_stdin(self) -> None:
         stdin = self.proc.stdin
@@ -674,6 +690,11 @@ class _Upload:
         return self.error
 
 
+def _wire_name(name: str) -> str:
+    """A file name as valid UTF-8 for the wire: undecodable bytes become ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _guest_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ValueError(f"path must be an absolute path without NUL bytes, got {value!r}")
@@ -690,8 +711,8 @@ def _stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
     else:
         kind = "other"
     return {
-        "name": os.path.basename(path.rstrip("/")) or "/",
-        "path": path,
+        "name": _wire_name(os.path.basename(path.rstrip("/")) or "/"),
+        "path": _wire_name(path),
         "type": kind,
         "size": st.st_size,
         "mode": stat.S_IMODE(st.st_mode),

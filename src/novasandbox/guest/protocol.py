@@ -90,8 +90,12 @@ def encode_frame(
 
 def encode_message(request_id: int, op: str, /, **fields: Any) -> bytes:
     """Serialize a ``MSG`` frame ``{"op": op, **fields}``."""
-    body = json.dumps({"op": op, **fields}, separators=(",", ":"), ensure_ascii=False)
-    return encode_frame(request_id, Kind.MSG, body.encode("utf-8"))
+    try:
+        body = json.dumps({"op": op, **fields}, separators=(",", ":"), ensure_ascii=False)
+        payload = body.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ProtocolError(f"message cannot be encoded: {exc}") from None
+    return encode_frame(request_id, Kind.MSG, payload)
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:

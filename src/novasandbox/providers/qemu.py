@@ -95,6 +95,12 @@ def kernel_cmdline(spec: VMSpec) -> str:
     return " ".join(args)
 
 
+def _opt(value: object) -> str:
+    """A value inside a QEMU option string: commas are doubled so that a path cannot end
+    the value and inject options of its own."""
+    return str(value).replace(",", ",,")
+
+
 def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
     """QEMU's argv for ``spec``. Pure: touches no file and starts nothing."""
     m = spec.machine
@@ -124,13 +130,13 @@ def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-append",
         kernel_cmdline(spec),
         "-serial",
-        f"file:{p.console_log}",
+        f"file:{_opt(p.console_log)}",
         "-qmp",
-        f"unix:{p.control_socket},server=on,wait=off",
+        f"unix:{_opt(p.control_socket)},server=on,wait=off",
         # the root disk: a per-sandbox copy-on-write overlay; the template image is its
         # read-only backing file and is never written
         "-drive",
-        f"id=root,file={p.overlay},format=qcow2,if=none,discard=unmap",
+        f"id=root,file={_opt(p.overlay)},format=qcow2,if=none,discard=unmap",
         "-device",
         f"virtio-blk-device,drive=root,serial={ROOT_SERIAL}",
     ]
@@ -138,7 +144,7 @@ def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         ro = ",readonly=on" if drive.read_only else ""
         argv += [
             "-drive",
-            f"id=drive{index},file={drive.path},format={drive.format},if=none{ro}",
+            f"id=drive{index},file={_opt(drive.path)},format={drive.format},if=none{ro}",
             "-device",
             f"virtio-blk-device,drive=drive{index},serial={drive_serial(index)}",
         ]
@@ -148,7 +154,7 @@ def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-device",
         "virtio-serial-device,max_ports=2",
         "-chardev",
-        f"socket,id=agent,path={p.agent_socket},server=on,wait=off",
+        f"socket,id=agent,path={_opt(p.agent_socket)},server=on,wait=off",
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import TemplateError, TemplateNotBuilt, TemplateNotFound
+from ..config import MachineConfig
+from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound
 from ..paths import cache_dir
 
 BUILTIN_DIR = Path(__file__).resolve().parent
@@ -74,17 +75,22 @@ class Template:
             raise TemplateError(f"cannot read template {path}: {exc}") from exc
         try:
             return cls._from_dict(data, path)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OSError) as exc:
             raise TemplateError(f"invalid template {path}: {exc!r}") from exc
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], path: Path) -> Template:
         name = data["name"]
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"invalid template name {name!r}")
         image, machine, kernel = data["image"], data.get("machine", {}), data.get("kernel", {})
+        for section, value in (("image", image), ("machine", machine), ("kernel", kernel)):
+            if not isinstance(value, dict):
+                raise ValueError(f"[{section}] must be a table")
         packages = image.get("packages", [])
-        if not all(isinstance(p, str) and re.match(r"^[a-z0-9][a-z0-9+.-]+$", p) for p in packages):
+        if not isinstance(packages, list) or not all(
+            isinstance(p, str) and re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", p) for p in packages
+        ):
             raise ValueError(f"invalid package list {packages!r}")
         config_name = kernel.get("config", "kernel.config")
         config_path = path.parent / config_name
@@ -103,10 +109,14 @@ class Template:
             kernel_config=config_path.read_text(),
             source=path,
         )
-        if not re.match(r"^[a-z]+$", tpl.suite) or not re.match(r"^[a-z]+$", tpl.variant):
+        if not re.fullmatch(r"[a-z]+", tpl.suite) or not re.fullmatch(r"[a-z]+", tpl.variant):
             raise ValueError("suite and variant must be plain words")
         if not 256 <= tpl.disk_size_mib <= 1 << 20:
             raise ValueError(f"disk_size_mib out of range: {tpl.disk_size_mib}")
+        try:
+            MachineConfig(vcpus=tpl.vcpus, memory_mib=tpl.memory_mib)
+        except ConfigError as exc:
+            raise ValueError(f"[machine]: {exc.message}") from None
         return tpl
 
     # Digests: each artifact is keyed by exactly the inputs that shape it.
@@ -170,7 +180,7 @@ class TemplateManager:
         return [Template.from_file(p) for _, p in sorted(self._definitions().items())]
 
     def get(self, name: str) -> Template:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise TemplateNotFound(f"invalid template name {name!r}")
         path = self._definitions().get(name)
         if path is None:

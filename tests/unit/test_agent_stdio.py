@@ -1,0 +1,625 @@
+"""The real guest agent, run on the host with ``agent.py --stdio``, spoken to over pipes.
+
+No VM is booted: the agent serves one connection on stdin/stdout, exactly the code that
+serves the virtio port inside the guest. Every agent process is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from novasandbox.guest.protocol import (
+    CHUNK_SIZE,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    Kind,
+    encode_frame,
+    encode_message,
+)
+
+AGENT = Path(__file__).resolve().parents[2] / "src" / "novasandbox" / "guest" / "agent.py"
+TIMEOUT = 15.0
+
+
+@dataclass
+class ExecResult:
+    started: dict[str, Any]
+    stdout: bytes
+    stderr: bytes
+    exit: dict[str, Any]
+    frames: list[Frame] = field(default_factory=list)
+
+
+class AgentConn:
+    """A host-side client for one ``agent.py --stdio`` process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc = proc
+        self._w = proc.stdin.fileno()
+        self._r = proc.stdout.fileno()
+        self._decoder = FrameDecoder()
+        self._queues: dict[int, deque[Frame]] = defaultdict(deque)
+        self._next_id = 100
+        self.eof = False
+        self.pids: list[int] = []
+        """Pids of started commands: each leads its own process group."""
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    # --- sending
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._w, view) :]
+
+    def send(self, rid: int, op: str, **fields: Any) -> None:
+        self.write(encode_message(rid, op, **fields))
+
+    def send_frame(self, rid: int, kind: Kind, payload: bytes = b"") -> None:
+        self.write(encode_frame(rid, kind, payload))
+
+    # --- receiving
+
+    def _pump(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the agent did not answer in time")
+        ready, _, _ = select.select([self._r], [], [], remaining)
+        if not ready:
+            raise TimeoutError("the agent did not answer in time")
+        data = os.read(self._r, 1 << 20)
+        if not data:
+            self.eof = True
+            raise EOFError("the agent closed its stdout")
+        for frame in self._decoder.feed(data):
+            self._queues[frame.request_id].append(frame)
+
+    def frame(self, rid: int, timeout: float = TIMEOUT) -> Frame:
+        """The next frame for request ``rid`` (frames of other requests are kept)."""
+        deadline = time.monotonic() + timeout
+        while not self._queues[rid]:
+            self._pump(deadline)
+        return self._queues[rid].popleft()
+
+    def message(self, rid: int, timeout: float = TIMEOUT) -> dict[str, Any]:
+        frame = self.frame(rid, timeout)
+        assert frame.kind is Kind.MSG, f"expected a message, got {frame}"
+        return frame.message()
+
+    def call(self, op: str, timeout: float = TIMEOUT, **fields: Any) -> dict[str, Any]:
+        rid = self.new_id()
+        self.send(rid, op, **fields)
+        return self.message(rid, timeout)
+
+    def start(self, argv: list[str], stdin: bytes | None = None, **fields: Any) -> int:
+        """Send an exec (and its whole stdin, then EOF, at once, as the host does)."""
+        rid = self.new_id()
+        self.send(rid, "exec", argv=argv, stdin=stdin is not None, **fields)
+        if stdin is not None:
+            for i in range(0, len(stdin), CHUNK_SIZE):
+                self.send_frame(rid, Kind.STDIN, stdin[i : i + CHUNK_SIZE])
+            self.send_frame(rid, Kind.STDIN, b"")
+        return rid
+
+    def started(self, rid: int, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The reply to an exec: ``started`` (its pid is remembered) or an error."""
+        msg = self.message(rid, timeout)
+        if msg["op"] == "started":
+            self.pids.append(msg["pid"])
+        return msg
+
+    def finish(
+        self, rid: int, timeout: float = TIMEOUT, started: dict[str, Any] | None = None
+    ) -> ExecResult:
+        started = started or self.started(rid, timeout)
+        if started["op"] == "error":
+            return ExecResult(started, b"", b"", started)
+        assert started["op"] == "started", started
+        out, err, frames = bytearray(), bytearray(), []
+        while True:
+            frame = self.frame(rid, timeout)
+            frames.append(frame)
+            if frame.kind is Kind.STDOUT:
+                out += frame.payload
+            elif frame.kind is Kind.STDERR:
+                err += frame.payload
+            else:
+                msg = frame.message()
+                assert msg["op"] == "exit", msg
+                return ExecResult(started, bytes(out), bytes(err), msg, frames)
+
+    def exec(self, argv: list[str], stdin: bytes | None = None, **fields: Any) -> ExecResult:
+        return self.finish(self.start(argv, stdin, **fields))
+
+    def write_file(self, path: str | Path, data: bytes, **fields: Any) -> dict[str, Any]:
+        rid = self.new_id()
+        self.send(rid, "write_file", path=str(path), **fields)
+        for i in range(0, len(data), CHUNK_SIZE):
+            self.send_frame(rid, Kind.DATA, data[i : i + CHUNK_SIZE])
+        self.send(rid, "end")
+        return self.message(rid)
+
+    def read_file(self, path: str | Path) -> tuple[bytes, dict[str, Any]]:
+        rid = self.new_id()
+        self.send(rid, "read_file", path=str(path))
+        chunks = []
+        while True:
+            frame = self.frame(rid)
+            if frame.kind is Kind.DATA:
+                assert len(frame.payload) <= CHUNK_SIZE
+                chunks.append(frame.payload)
+                continue
+            return b"".join(chunks), frame.message()
+
+
+def start_agent() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(AGENT), "--stdio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@pytest.fixture
+def agent() -> Iterator[AgentConn]:
+    proc = start_agent()
+    conn = AgentConn(proc)
+    try:
+        yield conn
+    finally:
+        stop_agent(proc)
+        # commands run in their own sessions: a failed test must not leave them behind
+        for pid in conn.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def error_code(msg: dict[str, Any]) -> str:
+    assert msg["op"] == "error", msg
+    assert isinstance(msg["message"], str) and msg["message"]
+    return str(msg["code"])
+
+
+def pid_gone(pid: int) -> bool:
+    """True once ``pid`` does not exist or is a zombie (dead, awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+def test_hello(agent: AgentConn) -> None:
+    reply = agent.call("hello", version=PROTOCOL_VERSION)
+    assert reply["op"] == "hello"
+    assert reply["version"] == PROTOCOL_VERSION
+    assert reply["pid"] == agent.proc.pid
+    assert {"exec", "files", "stdin", "signal"} <= set(reply["features"])
+    assert reply["kernel"] == os.uname().release
+
+
+@pytest.mark.parametrize("version", [PROTOCOL_VERSION + 1, 0, None, "1"])
+def test_hello_version_mismatch(agent: AgentConn, version: Any) -> None:
+    reply = agent.call("hello", version=version)
+    assert error_code(reply) == "version-mismatch"
+    # the agent keeps serving
+    assert agent.call("ping")["op"] == "pong"
+
+
+def test_unknown_op(agent: AgentConn) -> None:
+    assert error_code(agent.call("frobnicate")) == "unknown-op"
+    assert agent.call("ping")["op"] == "pong"
+
+
+def test_invalid_message_gets_a_protocol_error_reply(agent: AgentConn) -> None:
+    agent.send_frame(7, Kind.MSG, b"[not an object]")
+    assert error_code(agent.message(7)) == "protocol-error"
+    agent.send_frame(8, Kind.STDOUT, b"host cannot send this")
+    assert error_code(agent.message(8)) == "protocol-error"
+    assert agent.call("ping")["op"] == "pong"
+
+
+def test_bad_request_fields(agent: AgentConn) -> None:
+    assert error_code(agent.call("exec", argv=[])) == "bad-request"
+    assert error_code(agent.call("exec", argv="echo hi")) == "bad-request"
+    assert error_code(agent.call("exec")) == "bad-request"
+    assert error_code(agent.call("stat", path="relative/path")) == "bad-request"
+    assert error_code(agent.call("stat", path="/a\0b")) == "bad-request"
+    assert error_code(agent.call("signal", target="x", signal=9)) == "bad-request"
+
+
+def test_eof_on_stdin_ends_the_agent(agent: AgentConn) -> None:
+    assert agent.proc.stdin is not None
+    agent.proc.stdin.close()
+    assert agent.proc.wait(timeout=TIMEOUT) == 0
+
+
+def test_shutdown(agent: AgentConn) -> None:
+    assert agent.call("shutdown")["op"] == "ok"
+    assert agent.proc.wait(timeout=TIMEOUT) == 0
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def test_exec_stdout_and_exit_code(agent: AgentConn) -> None:
+    result = agent.exec(["echo", "hello", "world"])
+    assert isinstance(result.started["pid"], int)
+    assert result.stdout == b"hello world\n"
+    assert result.stderr == b""
+    assert result.exit == {
+        "op": "exit",
+        "exit_code": 0,
+        "signal": None,
+        "timed_out": False,
+    }
+
+
+def test_exec_stderr_and_nonzero_exit(agent: AgentConn) -> None:
+    result = agent.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert result.stdout == b"out\n"
+    assert result.stderr == b"err\n"
+    assert result.exit["exit_code"] == 3
+    assert result.exit["signal"] is None
+
+
+def test_exec_env_and_default_path(agent: AgentConn) -> None:
+    result = agent.exec(
+        ["sh", "-c", 'printf "%s|%s|%s" "$FOO" "$EMPTY" "$PATH"'],
+        env={"FOO": "bar baz", "EMPTY": ""},
+    )
+    foo, empty, path = result.stdout.decode().split("|")
+    assert (foo, empty) == ("bar baz", "")
+    assert "/usr/bin" in path.split(":")
+    # the host's environment does not leak into commands
+    leak = agent.exec(["sh", "-c", 'printf "%s" "${PYTEST_CURRENT_TEST-unset}"'])
+    assert leak.stdout == b"unset"
+
+
+def test_exec_cwd(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "marker").write_text("")
+    result = agent.exec(["sh", "-c", "pwd; ls"], cwd=str(tmp_path))
+    assert result.stdout.decode().splitlines() == [str(tmp_path), "marker"]
+
+
+def test_exec_invalid_cwd(agent: AgentConn, tmp_path: Path) -> None:
+    result = agent.exec(["true"], cwd=str(tmp_path / "missing"))
+    assert error_code(result.exit) == "invalid-cwd"
+
+
+@pytest.mark.parametrize("argv0", ["novasandbox-no-such-command", "/nonexistent/bin/tool"])
+def test_command_not_found(agent: AgentConn, argv0: str) -> None:
+    result = agent.exec([argv0, "arg"])
+    assert error_code(result.exit) == "command-not-found"
+    assert argv0 in result.exit["message"]
+
+
+def test_command_not_executable(agent: AgentConn, tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)  # no x bit: EACCES even for root
+    result = agent.exec([str(script)])
+    assert error_code(result.exit) == "permission-denied"
+
+
+def test_exec_stdin(agent: AgentConn) -> None:
+    data = b"line one\nline two\n" + bytes(range(256)) * 3000  # > 2 chunks
+    result = agent.exec(["cat"], stdin=data)
+    assert result.stdout == data
+    assert result.exit["exit_code"] == 0
+
+
+def test_exec_stdin_in_several_frames(agent: AgentConn) -> None:
+    rid = agent.new_id()
+    agent.send(rid, "exec", argv=["sh", "-c", "tr a-z A-Z; echo done"], stdin=True)
+    for part in (b"hello ", b"", b"world\n"):
+        if part:
+            agent.send_frame(rid, Kind.STDIN, part)
+    agent.send_frame(rid, Kind.STDIN, b"")  # EOF
+    result = agent.finish(rid)
+    assert result.stdout == b"HELLO WORLD\ndone\n"
+
+
+def test_exec_without_stdin_reads_dev_null(agent: AgentConn) -> None:
+    result = agent.exec(["cat"], timeout=5)
+    assert result.stdout == b""
+    assert result.exit["timed_out"] is False
+
+
+def test_large_output_is_chunked_and_complete(agent: AgentConn) -> None:
+    size = 3 * CHUNK_SIZE + 123
+    result = agent.exec(["head", "-c", str(size), "/dev/urandom"])
+    assert len(result.stdout) == size
+    assert all(len(f.payload) <= CHUNK_SIZE for f in result.frames)
+
+
+def test_killed_by_signal(agent: AgentConn) -> None:
+    result = agent.exec(["sh", "-c", "kill -KILL $$"])
+    assert result.exit["signal"] == signal.SIGKILL
+    assert result.exit["exit_code"] == 128 + signal.SIGKILL
+    assert result.exit["timed_out"] is False
+
+
+def test_timeout_kills_the_whole_process_group(agent: AgentConn, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    # a background child that ignores SIGTERM (the ignore survives its exec of sleep)
+    script = (
+        f'sh -c \'trap "" TERM; echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; '
+        "exec sleep 60' & "
+        f"while [ ! -e {pidfile} ]; do sleep 0.01; done; echo started; wait"
+    )
+    t0 = time.monotonic()
+    result = agent.exec(["sh", "-c", script], timeout=1.5)
+    elapsed = time.monotonic() - t0
+    assert result.stdout == b"started\n"
+    assert result.exit["timed_out"] is True
+    assert result.exit["signal"] == signal.SIGKILL
+    assert result.exit["exit_code"] == 128 + signal.SIGKILL
+    assert 1.4 <= elapsed < 30
+    child = int(pidfile.read_text())
+    assert wait_until(lambda: pid_gone(child)), f"child {child} survived the timeout"
+
+
+def test_signal_op(agent: AgentConn) -> None:
+    rid = agent.start(["sleep", "30"])
+    assert agent.started(rid)["op"] == "started"
+    reply = agent.call("signal", target=rid, signal=int(signal.SIGTERM))
+    assert reply["op"] == "ok"
+    exit_msg = agent.message(rid)
+    assert exit_msg["op"] == "exit"
+    assert exit_msg["signal"] == signal.SIGTERM
+    assert exit_msg["exit_code"] == 128 + signal.SIGTERM
+
+
+def test_signal_unknown_target(agent: AgentConn) -> None:
+    assert error_code(agent.call("signal", target=424242, signal=9)) == "no-such-process"
+
+
+def test_commands_run_concurrently(agent: AgentConn, tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    # the first command waits for a file that is only created once the second one is done:
+    # an agent that ran commands one at a time would never finish the second
+    slow = agent.start(["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.01; done; echo slow"])
+    fast = agent.start(["sh", "-c", "echo fast"])
+    assert agent.finish(fast).stdout == b"fast\n"
+    flag.touch()
+    assert agent.finish(slow).stdout == b"slow\n"
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def test_write_then_read_round_trip(agent: AgentConn, tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK_SIZE + 4321)
+    target = tmp_path / "blob.bin"
+    reply = agent.write_file(target, data)
+    assert reply == {"op": "ok", "size": len(data)}
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    back, done = agent.read_file(target)
+    assert done == {"op": "ok", "size": len(data)}
+    assert hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_write_empty_file(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "empty"
+    target.write_bytes(b"old contents")
+    assert agent.write_file(target, b"")["size"] == 0
+    assert target.read_bytes() == b""
+    assert agent.read_file(target) == (b"", {"op": "ok", "size": 0})
+
+
+def test_write_replaces_append_appends(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    agent.write_file(target, b"first version, long\n")
+    agent.write_file(target, b"second\n")
+    assert target.read_bytes() == b"second\n"
+    agent.write_file(target, b"third\n", append=True)
+    assert target.read_bytes() == b"second\nthird\n"
+
+
+def test_write_with_parents_and_mode(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "secret"
+    assert agent.write_file(target, b"x", parents=True, mode=0o600)["op"] == "ok"
+    assert target.read_bytes() == b"x"
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_write_into_missing_directory(agent: AgentConn, tmp_path: Path) -> None:
+    reply = agent.write_file(tmp_path / "missing" / "f", b"data")
+    assert error_code(reply) == "file-not-found"
+    assert reply["errno"] == 2
+
+
+def test_end_without_upload(agent: AgentConn) -> None:
+    assert error_code(agent.call("end")) == "bad-request"
+
+
+def test_read_errors(agent: AgentConn, tmp_path: Path) -> None:
+    _, reply = agent.read_file(tmp_path / "missing")
+    assert error_code(reply) == "file-not-found"
+    _, reply = agent.read_file(tmp_path)
+    assert error_code(reply) == "is-a-directory"
+
+
+def test_stat(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_bytes(b"12345")
+    target.chmod(0o640)
+    st = agent.call("stat", path=str(target))["stat"]
+    assert st["name"] == "f.txt"
+    assert st["path"] == str(target)
+    assert (st["type"], st["size"], st["mode"]) == ("file", 5, 0o640)
+    assert abs(st["mtime"] - target.stat().st_mtime) < 1e-3
+    assert agent.call("stat", path=str(tmp_path))["stat"]["type"] == "dir"
+    assert agent.call("stat", path="/")["stat"]["name"] == "/"
+    assert error_code(agent.call("stat", path=str(tmp_path / "nope"))) == "file-not-found"
+
+
+def test_list(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_bytes(b"bb")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").symlink_to(tmp_path / "b.txt")
+    entries = agent.call("list", path=str(tmp_path))["entries"]
+    assert [(e["name"], e["type"]) for e in entries] == [
+        ("a", "dir"),
+        ("b.txt", "file"),
+        ("c", "symlink"),
+    ]
+    assert entries[1]["size"] == 2
+    assert entries[1]["path"] == str(tmp_path / "b.txt")
+    assert agent.call("list", path=str(tmp_path / "a"))["entries"] == []
+    assert error_code(agent.call("list", path=str(tmp_path / "b.txt"))) == "not-a-directory"
+    assert error_code(agent.call("list", path=str(tmp_path / "nope"))) == "file-not-found"
+
+
+def test_mkdir(agent: AgentConn, tmp_path: Path) -> None:
+    deep = tmp_path / "x" / "y" / "z"
+    assert agent.call("mkdir", path=str(deep))["op"] == "ok"
+    assert deep.is_dir()
+    assert agent.call("mkdir", path=str(deep))["op"] == "ok"  # exist_ok by default
+    assert error_code(agent.call("mkdir", path=str(deep), exist_ok=False)) == "file-exists"
+    reply = agent.call("mkdir", path=str(tmp_path / "p" / "q"), parents=False)
+    assert error_code(reply) == "file-not-found"
+
+
+def test_remove(agent: AgentConn, tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("x")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "leaf").write_text("y")
+    assert agent.call("remove", path=str(f))["op"] == "ok"
+    assert not f.exists()
+    reply = agent.call("remove", path=str(tree), recursive=False)
+    assert error_code(reply) == "directory-not-empty"
+    assert tree.exists()
+    assert agent.call("remove", path=str(tree))["op"] == "ok"
+    assert not tree.exists()
+    assert error_code(agent.call("remove", path=str(f))) == "file-not-found"
+
+
+def test_remove_symlink_removes_only_the_link(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "dir"
+    target.mkdir()
+    (target / "keep").write_text("k")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert agent.call("remove", path=str(link))["op"] == "ok"
+    assert not link.exists() and not link.is_symlink()
+    assert (target / "keep").read_text() == "k"
+
+
+def test_file_ops_interleave_with_a_running_command(agent: AgentConn, tmp_path: Path) -> None:
+    rid = agent.start(["sh", "-c", "sleep 0.5; echo ok"])
+    assert agent.write_file(tmp_path / "f", b"during")["op"] == "ok"
+    assert agent.read_file(tmp_path / "f")[0] == b"during"
+    assert agent.finish(rid).stdout == b"ok\n"
+
+
+# ---------------------------------------------------------------------------- regressions
+# Each of these once failed against a real bug (found by these tests, since fixed).
+
+
+def test_output_is_complete_when_the_host_reads_slowly(agent: AgentConn, tmp_path: Path) -> None:
+    # The host reads nothing for a while. The first part is more than the agent's stdout
+    # pipe holds (64 KiB), so the agent ends up blocked sending it; the tail is written a
+    # second later, while it is blocked, and the command exits.
+    pidfile = tmp_path / "pid"
+    script = (
+        f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; "
+        "head -c 70000 /dev/zero; sleep 1; echo TAIL"
+    )
+    rid = agent.start(["sh", "-c", script])
+    assert wait_until(pidfile.exists, TIMEOUT)
+    pid = int(pidfile.read_text())
+    assert wait_until(lambda: pid_gone(pid), TIMEOUT)
+    time.sleep(0.5)  # the host is still busy for a while after the command exited
+    stdout = agent.finish(rid).stdout
+    assert len(stdout) == 70005
+    assert stdout.endswith(b"\0TAIL\n")
+
+
+def test_background_output_never_lands_in_a_later_command(agent: AgentConn, tmp_path: Path) -> None:
+    go1, go2 = tmp_path / "go1", tmp_path / "go2"
+    # a background child keeps the first command's pipes open past its exit
+    first = agent.start(
+        ["sh", "-c", f"(while [ ! -e {go1} ]; do sleep 0.01; done; echo late) & echo first"]
+    )
+    assert agent.finish(first).stdout == b"first\n"
+    second = agent.start(
+        [
+            "sh",
+            "-c",
+            f"while [ ! -e {go2} ]; do sleep 0.01; done; "
+            "echo one; sleep 0.1; echo two; sleep 0.1; echo three",
+        ]
+    )
+    started = agent.started(second)
+    # the background child writes now, after the second command's pipes exist
+    go1.touch()
+    with contextlib.suppress(TimeoutError):
+        agent.frame(first, timeout=2.0)  # (a fixed agent sends nothing after "exit")
+    time.sleep(0.2)
+    go2.touch()
+    assert agent.finish(second, started=started).stdout == b"one\ntwo\nthree\n"
+
+
+def test_malformed_exec_always_gets_a_reply(agent: AgentConn) -> None:
+    rid = agent.start(["true"], env=["NOT", "A", "MAPPING"])
+    assert error_code(agent.message(rid, timeout=3)) == "bad-request"
+
+
+def test_list_directory_with_non_utf8_name(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("")
+    open(os.fsencode(tmp_path) + b"/bad\xff", "w").close()
+    reply = agent.call("list", path=str(tmp_path))
+    assert reply["op"] == "ok", reply
+    assert len(reply["entries"]) == 2

@@ -1,0 +1,221 @@
+"""The public surface: exports, error codes, and sync/async API parity."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import pytest
+
+import novasandbox
+from novasandbox import errors
+from novasandbox.errors import NovaSandboxError, from_agent
+from novasandbox.sandbox import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    CommandHandle,
+    Commands,
+    Files,
+    Sandbox,
+)
+
+KEBAB = re.compile(r"^[a-z]+(-[a-z]+)*$")
+
+
+def all_error_classes() -> list[type[NovaSandboxError]]:
+    seen: list[type[NovaSandboxError]] = []
+    todo: list[type[NovaSandboxError]] = [NovaSandboxError]
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.append(cls)
+            todo.extend(cls.__subclasses__())
+    return seen
+
+
+def test_all_names_exist() -> None:
+    assert len(novasandbox.__all__) == len(set(novasandbox.__all__))
+    for name in novasandbox.__all__:
+        assert hasattr(novasandbox, name), name
+
+
+def test_every_public_error_is_exported() -> None:
+    for name in errors.__all__:
+        assert name in novasandbox.__all__, name
+        assert getattr(novasandbox, name) is getattr(errors, name)
+
+
+def test_error_codes_are_unique_and_kebab_case() -> None:
+    classes = [c for c in all_error_classes() if c.__module__ == errors.__name__]
+    assert len(classes) >= 20
+    codes: dict[str, type[NovaSandboxError]] = {}
+    for cls in classes:
+        code = cls.__dict__.get("code")
+        assert code is not None, f"{cls.__name__} inherits its code instead of defining one"
+        assert KEBAB.match(code), f"{cls.__name__}.code = {code!r}"
+        assert code not in codes, f"{cls.__name__} and {codes[code].__name__} share {code!r}"
+        codes[code] = cls
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("NovaSandboxError", "error"),
+        ("ConfigError", "invalid-config"),
+        ("TemplateNotFound", "template-not-found"),
+        ("TemplateNotBuilt", "template-not-built"),
+        ("HostToolMissing", "host-tool-missing"),
+        ("VMStartError", "vm-start-failed"),
+        ("SandboxNotRunning", "sandbox-not-running"),
+        ("AgentProtocolError", "agent-protocol-error"),
+        ("CommandNotFound", "command-not-found"),
+        ("CommandTimeout", "command-timeout"),
+        ("CommandFailed", "command-failed"),
+        ("InvalidWorkingDirectory", "invalid-cwd"),
+        ("SandboxFileNotFound", "file-not-found"),
+        ("SandboxPermissionError", "permission-denied"),
+        ("ReadOnlyFilesystem", "read-only-filesystem"),
+        ("NoSpaceLeft", "no-space"),
+    ],
+)
+def test_stable_codes(name: str, code: str) -> None:
+    """Codes are API: callers branch on them and the CLI prints them."""
+    assert getattr(novasandbox, name).code == code
+
+
+def test_errors_are_also_the_matching_builtin_exceptions() -> None:
+    assert issubclass(novasandbox.ConfigError, ValueError)
+    assert issubclass(novasandbox.CommandTimeout, TimeoutError)
+    assert issubclass(novasandbox.AgentTimeout, TimeoutError)
+    assert issubclass(novasandbox.SandboxFileNotFound, FileNotFoundError)
+    assert issubclass(novasandbox.SandboxPermissionError, PermissionError)
+    assert issubclass(novasandbox.TemplateNotFound, LookupError)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("command-not-found", novasandbox.CommandNotFound),
+        ("invalid-cwd", novasandbox.InvalidWorkingDirectory),
+        ("file-not-found", novasandbox.SandboxFileNotFound),
+        ("permission-denied", novasandbox.SandboxPermissionError),
+        ("read-only-filesystem", novasandbox.ReadOnlyFilesystem),
+        ("no-space", novasandbox.NoSpaceLeft),
+        ("is-a-directory", novasandbox.SandboxFileError),
+        ("unknown-op", novasandbox.AgentError),
+        ("something-new", novasandbox.AgentError),
+    ],
+)
+def test_agent_codes_map_to_public_classes(code: str, cls: type[NovaSandboxError]) -> None:
+    err = from_agent(code, "boom", "/some/path")
+    assert type(err) is cls
+    assert "boom" in str(err)
+    if isinstance(err, novasandbox.SandboxFileError):
+        assert err.path == "/some/path"
+
+
+# ---------------------------------------------------------------------------- sync/async parity
+
+PAIRS = [
+    (Sandbox, AsyncSandbox),
+    (Commands, AsyncCommands),
+    (Files, AsyncFiles),
+    (CommandHandle, AsyncCommandHandle),
+]
+
+
+def sync_name(annotation: Any) -> Any:
+    """``"AsyncSandbox"`` -> ``"Sandbox"`` in a (string) annotation."""
+    return (
+        re.sub(r"\bAsync(?=[A-Z])", "", annotation) if isinstance(annotation, str) else annotation
+    )
+
+
+def public_methods(cls: type) -> dict[str, Any]:
+    """Public callables of a class (static and class methods included, properties not)."""
+    out = {}
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        raw = inspect.getattr_static(cls, name)
+        if isinstance(raw, property):
+            continue
+        value = getattr(cls, name)
+        if callable(value):
+            out[name] = value
+    return out
+
+
+def public_properties(cls: type) -> set[str]:
+    return {
+        name
+        for name in dir(cls)
+        if not name.startswith("_") and isinstance(inspect.getattr_static(cls, name), property)
+    }
+
+
+@pytest.mark.parametrize(("sync_cls", "async_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_same_public_methods(sync_cls: type, async_cls: type) -> None:
+    assert sorted(public_methods(sync_cls)) == sorted(public_methods(async_cls))
+
+
+@pytest.mark.parametrize(("sync_cls", "async_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_same_signatures(sync_cls: type, async_cls: type) -> None:
+    sync_methods, async_methods = public_methods(sync_cls), public_methods(async_cls)
+    for name, async_fn in async_methods.items():
+        sync_fn = sync_methods[name]
+        sync_sig, async_sig = inspect.signature(sync_fn), inspect.signature(async_fn)
+        assert list(sync_sig.parameters.values()) == list(async_sig.parameters.values()), name
+        # the sync twin returns what the coroutine returns (its own class for ``create``)
+        assert sync_sig.return_annotation == sync_name(async_sig.return_annotation), name
+        assert isinstance(
+            inspect.getattr_static(sync_cls, name), classmethod | staticmethod
+        ) == isinstance(inspect.getattr_static(async_cls, name), classmethod | staticmethod), name
+
+
+@pytest.mark.parametrize(("sync_cls", "async_cls"), PAIRS, ids=lambda c: c.__name__)
+def test_async_methods_are_coroutines_and_sync_ones_are_not(
+    sync_cls: type, async_cls: type
+) -> None:
+    coroutines = 0
+    for name, fn in public_methods(sync_cls).items():
+        assert not inspect.iscoroutinefunction(fn), f"{sync_cls.__name__}.{name}"
+    for fn in public_methods(async_cls).values():
+        coroutines += inspect.iscoroutinefunction(fn)
+    assert coroutines >= 1
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (AsyncSandbox, "create"),
+        (AsyncSandbox, "kill"),
+        (AsyncSandbox, "list"),
+        (AsyncCommands, "run"),
+        (AsyncCommands, "start"),
+        *(
+            (AsyncFiles, n)
+            for n in ("write", "read", "list", "stat", "exists", "make_dir", "remove")
+        ),
+    ],
+)
+def test_io_methods_are_async(cls: type, name: str) -> None:
+    assert inspect.iscoroutinefunction(getattr(cls, name))
+
+
+def test_sandbox_properties_match() -> None:
+    async_props = public_properties(AsyncSandbox)
+    sync_props = public_properties(Sandbox)
+    assert async_props <= sync_props
+    # what AsyncSandbox sets as plain attributes in __init__, Sandbox exposes as properties
+    for attr in ("id", "template", "config", "paths", "accel"):
+        assert attr in sync_props
+
+
+def test_context_managers() -> None:
+    assert hasattr(Sandbox, "__enter__") and hasattr(Sandbox, "__exit__")
+    assert inspect.iscoroutinefunction(AsyncSandbox.__aenter__)
+    assert inspect.iscoroutinefunction(AsyncSandbox.__aexit__)

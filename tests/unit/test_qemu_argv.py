@@ -1,0 +1,305 @@
+"""The pure parts of the QEMU provider: the command line and the accelerator choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from novasandbox.config import Drive, MachineConfig
+from novasandbox.errors import ConfigError
+from novasandbox.guest.protocol import AGENT_PORT_NAME
+from novasandbox.providers.base import VMPaths, VMSpec
+from novasandbox.providers.qemu import (
+    GUEST_INIT,
+    ROOT_SERIAL,
+    build_argv,
+    choose_accel,
+    drive_serial,
+    kernel_cmdline,
+    overlay_argv,
+)
+
+
+def make_spec(
+    tmp_path: Path,
+    *,
+    accel: str = "tcg",
+    vcpus: int = 2,
+    memory_mib: int = 512,
+    drives: tuple[Drive, ...] = (),
+    kernel_args: tuple[str, ...] = (),
+) -> VMSpec:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    return VMSpec(
+        vm_id="sb-test",
+        machine=MachineConfig(
+            vcpus=vcpus, memory_mib=memory_mib, drives=drives, kernel_args=kernel_args
+        ),
+        kernel=tmp_path / "vmlinux",
+        rootfs=tmp_path / "rootfs.ext4",
+        paths=VMPaths(state),
+        accel=accel,
+    )
+
+
+def make_drive(tmp_path: Path, name: str, mount: str, **kwargs: object) -> Drive:
+    path = tmp_path / name
+    path.write_bytes(b"\0" * 512)
+    return Drive(path, mount, **kwargs)  # type: ignore[arg-type]
+
+
+def option(argv: list[str], flag: str) -> str:
+    """The value after the single occurrence of ``flag``."""
+    indexes = [i for i, a in enumerate(argv) if a == flag]
+    assert len(indexes) == 1, f"{flag} appears {len(indexes)} times in {argv}"
+    return argv[indexes[0] + 1]
+
+
+def options(argv: list[str], flag: str) -> list[str]:
+    """The values after every occurrence of ``flag``, in order."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def props(value: str) -> dict[str, str]:
+    """``a=1,b=2`` -> {"a": "1", "b": "2"} (a bare first word maps to "")."""
+    out = {}
+    for part in value.split(","):
+        key, _, val = part.partition("=")
+        out[key] = val
+    return out
+
+
+# ---------------------------------------------------------------------------- argv
+
+
+def test_microvm_machine_and_basics(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, vcpus=3, memory_mib=768)
+    argv = build_argv(spec, qemu="/opt/qemu/bin/qemu-system-x86_64")
+    assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
+    machine = props(option(argv, "-M"))
+    assert "microvm" in machine
+    assert machine["acpi"] == "off"
+    assert option(argv, "-smp") == "3"
+    assert option(argv, "-m") == "768M"
+    assert option(argv, "-kernel") == str(tmp_path / "vmlinux")
+    assert option(argv, "-append") == kernel_cmdline(spec)
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert option(argv, "-display") == "none"
+    assert "sb-test" in option(argv, "-name")
+
+
+def test_tcg_accel_and_cpu(tmp_path: Path) -> None:
+    argv = build_argv(make_spec(tmp_path, accel="tcg"))
+    assert option(argv, "-accel").split(",")[0] == "tcg"
+    assert option(argv, "-cpu") == "max"
+
+
+def test_kvm_accel_and_cpu(tmp_path: Path) -> None:
+    argv = build_argv(make_spec(tmp_path, accel="kvm"))
+    assert option(argv, "-accel") == "kvm"
+    assert option(argv, "-cpu") == "host"
+
+
+def test_tsc_reliable_only_under_tcg(tmp_path: Path) -> None:
+    assert "tsc=reliable" in kernel_cmdline(make_spec(tmp_path, accel="tcg")).split()
+    assert "tsc=reliable" not in kernel_cmdline(make_spec(tmp_path, accel="kvm")).split()
+
+
+def test_kernel_cmdline_boots_the_agent_and_appends_user_args(tmp_path: Path) -> None:
+    words = kernel_cmdline(make_spec(tmp_path, kernel_args=("loglevel=7", "foo"))).split()
+    assert f"init={GUEST_INIT}" in words
+    assert "root=/dev/vda" in words
+    assert "reboot=t" in words
+    assert words[-2:] == ["loglevel=7", "foo"]
+
+
+def test_root_overlay_drive(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = build_argv(spec)
+    drives = [props(d) for d in options(argv, "-drive")]
+    assert len(drives) == 1
+    root = drives[0]
+    assert root["id"] == "root"
+    assert root["file"] == str(spec.paths.overlay)
+    assert root["format"] == "qcow2"
+    assert root["if"] == "none"
+    assert "readonly" not in root
+    devices = options(argv, "-device")
+    assert f"virtio-blk-device,drive=root,serial={ROOT_SERIAL}" in devices
+    assert ROOT_SERIAL == "nsroot"
+    # the template image itself is never handed to QEMU: only the overlay is
+    assert str(spec.rootfs) not in " ".join(argv)
+
+
+def test_extra_drives_get_serials_and_read_only(tmp_path: Path) -> None:
+    rw = make_drive(tmp_path, "rw.img", "/data")
+    ro = make_drive(tmp_path, "ro.qcow2", "/ref", read_only=True, format="qcow2")
+    argv = build_argv(make_spec(tmp_path, drives=(rw, ro)))
+    drives = [props(d) for d in options(argv, "-drive")]
+    assert [d["id"] for d in drives] == ["root", "drive1", "drive2"]
+    assert drives[1]["file"] == rw.path
+    assert drives[1]["format"] == "raw"
+    assert "readonly" not in drives[1]
+    assert drives[2]["file"] == ro.path
+    assert drives[2]["format"] == "qcow2"
+    assert drives[2]["readonly"] == "on"
+    blk = [props(d) for d in options(argv, "-device") if d.startswith("virtio-blk-device")]
+    assert [(d["drive"], d["serial"]) for d in blk] == [
+        ("root", "nsroot"),
+        ("drive1", "nsdrive1"),
+        ("drive2", "nsdrive2"),
+    ]
+    assert drive_serial(1) == "nsdrive1"
+
+
+def test_agent_channel(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = build_argv(spec)
+    chardev = props(option(argv, "-chardev"))
+    assert "socket" in chardev
+    assert chardev["path"] == str(spec.paths.agent_socket)
+    assert chardev["server"] == "on"
+    assert chardev["wait"] == "off"
+    ports = [props(d) for d in options(argv, "-device") if d.startswith("virtserialport")]
+    assert ports == [{"virtserialport": "", "chardev": chardev["id"], "name": AGENT_PORT_NAME}]
+    assert AGENT_PORT_NAME == "org.novasandbox.agent"
+    assert any(d.startswith("virtio-serial-device") for d in options(argv, "-device"))
+
+
+def test_console_log_and_qmp_socket(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = build_argv(spec)
+    assert option(argv, "-serial") == f"file:{spec.paths.console_log}"
+    assert spec.paths.console_log == tmp_path / "state" / "console.log"
+    qmp = props(option(argv, "-qmp"))
+    assert f"unix:{spec.paths.control_socket}" in qmp
+    assert qmp["server"] == "on"
+    assert qmp["wait"] == "off"
+
+
+def test_build_argv_touches_no_file(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    build_argv(spec)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_overlay_argv(tmp_path: Path) -> None:
+    base, overlay = tmp_path / "rootfs.ext4", tmp_path / "state" / "rootfs.qcow2"
+    argv = overlay_argv(base, overlay, qemu_img="/usr/bin/qemu-img")
+    assert argv[:2] == ["/usr/bin/qemu-img", "create"]
+    assert option(argv, "-f") == "qcow2"
+    assert option(argv, "-F") == "raw"
+    assert option(argv, "-b") == str(base)
+    assert argv[-1] == str(overlay)
+
+
+# ---------------------------------------------------------------------------- accelerator
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake /sys/module directory and a fake /dev/kvm path (not created yet)."""
+    sys_module = tmp_path / "sys" / "module"
+    sys_module.mkdir(parents=True)
+    return sys_module, tmp_path / "dev" / "kvm"
+
+
+def make_kvm(dev_kvm: Path) -> None:
+    dev_kvm.parent.mkdir(parents=True, exist_ok=True)
+    dev_kvm.write_bytes(b"")
+    dev_kvm.chmod(0o666)
+
+
+@pytest.mark.parametrize("module", ["kvm_intel", "kvm_amd"])
+def test_hardware_kvm_is_used(host: tuple[Path, Path], module: str) -> None:
+    sys_module, dev_kvm = host
+    (sys_module / module).mkdir()
+    make_kvm(dev_kvm)
+    choice = choose_accel({}, sys_module, dev_kvm)
+    assert choice.name == "kvm"
+    assert module in choice.reason
+
+
+def test_hardware_module_without_dev_kvm_is_tcg(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    (sys_module / "kvm_intel").mkdir()
+    assert choose_accel({}, sys_module, dev_kvm).name == "tcg"
+
+
+def test_kvm_pvm_only_is_tcg(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    (sys_module / "kvm").mkdir()
+    (sys_module / "kvm_pvm").mkdir()
+    make_kvm(dev_kvm)
+    choice = choose_accel({}, sys_module, dev_kvm)
+    assert choice.name == "tcg"
+    assert "kvm_pvm" in choice.reason
+
+
+def test_dev_kvm_without_hardware_module_is_tcg(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    make_kvm(dev_kvm)
+    assert choose_accel({}, sys_module, dev_kvm).name == "tcg"
+
+
+def test_nothing_is_tcg(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    choice = choose_accel({}, sys_module, dev_kvm)
+    assert choice.name == "tcg"
+    assert "no /dev/kvm" in choice.reason
+
+
+@pytest.mark.parametrize(("value", "expected"), [("kvm", "kvm"), ("TCG", "tcg"), (" tcg ", "tcg")])
+def test_env_override(host: tuple[Path, Path], value: str, expected: str) -> None:
+    sys_module, dev_kvm = host
+    (sys_module / "kvm_intel").mkdir()
+    make_kvm(dev_kvm)
+    choice = choose_accel({"NOVASANDBOX_ACCEL": value}, sys_module, dev_kvm)
+    assert choice.name == expected
+    assert "NOVASANDBOX_ACCEL" in choice.reason
+
+
+def test_empty_override_is_ignored(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    assert choose_accel({"NOVASANDBOX_ACCEL": ""}, sys_module, dev_kvm).name == "tcg"
+
+
+@pytest.mark.parametrize("value", ["hvf", "kvm,tcg", "xen"])
+def test_invalid_override(host: tuple[Path, Path], value: str) -> None:
+    sys_module, dev_kvm = host
+    with pytest.raises(ConfigError) as info:
+        choose_accel({"NOVASANDBOX_ACCEL": value}, sys_module, dev_kvm)
+    assert info.value.code == "invalid-config"
+
+
+def test_override_comes_from_os_environ_by_default(
+    host: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys_module, dev_kvm = host
+    monkeypatch.setenv("NOVASANDBOX_ACCEL", "kvm")
+    assert choose_accel(sys_module=sys_module, dev_kvm=dev_kvm).name == "kvm"
+    monkeypatch.setenv("NOVASANDBOX_ACCEL", "bogus")
+    with pytest.raises(ConfigError):
+        choose_accel(sys_module=sys_module, dev_kvm=dev_kvm)
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root can open any file")
+def test_unusable_dev_kvm_is_tcg(host: tuple[Path, Path]) -> None:
+    sys_module, dev_kvm = host
+    (sys_module / "kvm_intel").mkdir()
+    make_kvm(dev_kvm)
+    dev_kvm.chmod(0o000)
+    choice = choose_accel({}, sys_module, dev_kvm)
+    assert choice.name == "tcg"
+    assert "not accessible" in choice.reason
+
+
+def test_drive_path_with_comma_is_escaped(tmp_path: Path) -> None:
+    drive = make_drive(tmp_path, "a,readonly=on.img", "/data")
+    argv = build_argv(make_spec(tmp_path, drives=(drive,)))
+    (value,) = [d for d in options(argv, "-drive") if d.startswith("id=drive1,")]
+    assert f"file={str(drive.path).replace(',', ',,')}," in value

@@ -1,0 +1,363 @@
+"""Template definitions, their digests and the artifact cache (nothing is built here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from novasandbox import templates
+from novasandbox.errors import (
+    HostToolMissing,
+    TemplateError,
+    TemplateNotBuilt,
+    TemplateNotFound,
+)
+from novasandbox.templates import BuiltTemplate, Template, TemplateManager
+from novasandbox.templates.build import missing_tools, require_tools
+
+CUSTOM_TOML = """\
+name = "custom"
+description = "a test template"
+
+[image]
+suite = "bookworm"
+variant = "minbase"
+packages = ["python3", "curl"]
+disk_size_mib = 512
+
+[machine]
+vcpus = 2
+memory_mib = 384
+
+[kernel]
+source_package = "linux-source-6.1"
+config = "custom.config"
+"""
+
+CUSTOM_CONFIG = "CONFIG_64BIT=y\nCONFIG_SMP=y\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_template_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOVASANDBOX_TEMPLATE_PATH", raising=False)
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "user-templates"
+    d.mkdir()
+    (d / "custom.toml").write_text(CUSTOM_TOML)
+    (d / "custom.config").write_text(CUSTOM_CONFIG)
+    return d
+
+
+@pytest.fixture
+def manager(tmp_path: Path, user_dir: Path) -> TemplateManager:
+    return TemplateManager(cache=tmp_path / "cache", template_dirs=[user_dir])
+
+
+def fake_build(manager: TemplateManager, tpl: Template) -> tuple[Path, Path]:
+    """Lay out the cache as a real build would; returns (kernel, rootfs)."""
+    kernel = manager.cache / "kernels" / tpl.kernel_digest / "vmlinux"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"kernel")
+    image_dir = manager.cache / "templates" / tpl.name / tpl.image_digest
+    image_dir.mkdir(parents=True)
+    rootfs = image_dir / "rootfs.ext4"
+    rootfs.write_bytes(b"rootfs")
+    rootfs.chmod(0o444)  # as build_image leaves it
+    (image_dir / "manifest.json").write_text(json.dumps({"template": tpl.name, "n": 1}))
+    return kernel, rootfs
+
+
+# ---------------------------------------------------------------------------- definitions
+
+
+def test_list_has_builtin_and_user_templates(manager: TemplateManager) -> None:
+    by_name = {t.name: t for t in manager.list()}
+    assert {"python", "custom"} <= set(by_name)
+    assert [t.name for t in manager.list()] == sorted(by_name)
+
+
+def test_get_parses_the_user_template(manager: TemplateManager, user_dir: Path) -> None:
+    tpl = manager.get("custom")
+    assert tpl.name == "custom"
+    assert tpl.description == "a test template"
+    assert tpl.packages == ("python3", "curl")
+    assert (tpl.vcpus, tpl.memory_mib, tpl.disk_size_mib) == (2, 384, 512)
+    assert tpl.kernel_config == CUSTOM_CONFIG
+    assert tpl.source == user_dir / "custom.toml"
+
+
+def test_builtin_python_template_loads(manager: TemplateManager) -> None:
+    tpl = manager.get("python")
+    assert "python3" in tpl.packages
+    assert "CONFIG_" in tpl.kernel_config
+    assert tpl.source.parent == templates.BUILTIN_DIR
+
+
+def test_user_template_replaces_builtin_of_the_same_name(tmp_path: Path, user_dir: Path) -> None:
+    (user_dir / "python.toml").write_text(
+        CUSTOM_TOML.replace('"custom"', '"python"', 1).replace("a test template", "mine")
+    )
+    tpl = TemplateManager(cache=tmp_path, template_dirs=[user_dir]).get("python")
+    assert tpl.description == "mine"
+
+
+def test_env_template_path_is_searched(
+    tmp_path: Path, user_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOVASANDBOX_TEMPLATE_PATH", f"/nonexistent:{user_dir}")
+    assert TemplateManager(cache=tmp_path).get("custom").name == "custom"
+
+
+@pytest.mark.parametrize("name", ["nope", "Custom", "../custom", "", "a" * 64])
+def test_unknown_template(manager: TemplateManager, name: str) -> None:
+    with pytest.raises(TemplateNotFound) as info:
+        manager.get(name)
+    assert info.value.code == "template-not-found"
+    assert isinstance(info.value, TemplateError)
+
+
+def test_invalid_toml(manager: TemplateManager, user_dir: Path) -> None:
+    (user_dir / "broken.toml").write_text('name = "broken"\n[image\n')
+    with pytest.raises(TemplateError, match="cannot read"):
+        manager.get("broken")
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("bad", 'name = "Bad Name"\n[image]\n'),
+        ("bad", "name = 3\n[image]\n"),
+        ("bad", 'name = "bad"\n'),  # no [image]
+        ("bad", 'name = "bad"\n[image]\npackages = ["ok", "no way"]\n'),
+        ("bad", 'name = "bad"\n[image]\nsuite = "bookworm; rm -rf /"\n'),
+        ("bad", 'name = "bad"\n[image]\ndisk_size_mib = 10\n'),
+        ("bad", 'name = "bad"\n[image]\ndisk_size_mib = "big"\n'),
+    ],
+)
+def test_invalid_definitions(
+    manager: TemplateManager, user_dir: Path, name: str, body: str
+) -> None:
+    (user_dir / f"{name}.toml").write_text(body)
+    with pytest.raises(TemplateError) as info:
+        manager.get(name)
+    assert not isinstance(info.value, TemplateNotFound)
+
+
+def test_file_name_must_match_declared_name(manager: TemplateManager, user_dir: Path) -> None:
+    (user_dir / "other.toml").write_text(CUSTOM_TOML)  # declares name = "custom"
+    with pytest.raises(TemplateError, match="declares name"):
+        manager.get("other")
+
+
+# ---------------------------------------------------------------------------- digests
+
+
+def test_digests_are_stable(manager: TemplateManager, tmp_path: Path, user_dir: Path) -> None:
+    a, b = manager.get("custom"), manager.get("custom")
+    assert a is not b
+    for attr in ("kernel_digest", "base_digest", "image_digest", "digest"):
+        value = getattr(a, attr)
+        assert value == getattr(b, attr)
+        assert len(value) == 16
+        int(value, 16)
+    # a copy in another directory is the same template
+    copy = tmp_path / "copy"
+    shutil.copytree(user_dir, copy)
+    assert TemplateManager(cache=tmp_path, template_dirs=[copy]).get("custom").digest == a.digest
+
+
+def test_kernel_config_text_changes_the_kernel_digest(
+    manager: TemplateManager, user_dir: Path
+) -> None:
+    before = manager.get("custom")
+    (user_dir / "custom.config").write_text(CUSTOM_CONFIG + "CONFIG_PRINTK=y\n")
+    after = manager.get("custom")
+    assert after.kernel_digest != before.kernel_digest
+    assert after.digest != before.digest
+    # the root file system does not depend on the kernel
+    assert after.base_digest == before.base_digest
+    assert after.image_digest == before.image_digest
+
+
+def test_package_list_changes_base_and_image_digests(
+    manager: TemplateManager, user_dir: Path
+) -> None:
+    before = manager.get("custom")
+    (user_dir / "custom.toml").write_text(CUSTOM_TOML.replace('"curl"', '"curl", "git"'))
+    after = manager.get("custom")
+    assert after.base_digest != before.base_digest
+    assert after.image_digest != before.image_digest
+    assert after.digest != before.digest
+    assert after.kernel_digest == before.kernel_digest
+
+
+def test_package_order_does_not_matter(manager: TemplateManager, user_dir: Path) -> None:
+    before = manager.get("custom")
+    (user_dir / "custom.toml").write_text(
+        CUSTOM_TOML.replace('["python3", "curl"]', '["curl", "python3"]')
+    )
+    assert manager.get("custom").base_digest == before.base_digest
+
+
+def test_agent_source_changes_the_image_digest(
+    manager: TemplateManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest = tmp_path / "guest"
+    shutil.copytree(templates.GUEST_DIR, guest)
+    monkeypatch.setattr(templates, "GUEST_DIR", guest)
+    tpl = manager.get("custom")
+    before = (tpl.image_digest, tpl.base_digest, tpl.kernel_digest, tpl.digest)
+    with (guest / "agent.py").open("a") as f:
+        f.write("\n# changed\n")
+    after = (tpl.image_digest, tpl.base_digest, tpl.kernel_digest, tpl.digest)
+    assert after[0] != before[0]
+    assert after[1:3] == before[1:3]
+    assert after[3] != before[3]
+    # protocol.py is part of the image too
+    with (guest / "protocol.py").open("a") as f:
+        f.write("\n# changed\n")
+    assert tpl.image_digest != after[0]
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def test_empty_cache_is_not_built(manager: TemplateManager) -> None:
+    assert manager.built("custom") is None
+    with pytest.raises(TemplateNotBuilt) as info:
+        manager.require_built("custom")
+    assert info.value.code == "template-not-built"
+    assert "novasandbox template build custom" in str(info.value)
+
+
+def test_unknown_template_is_not_found_not_unbuilt(manager: TemplateManager) -> None:
+    with pytest.raises(TemplateNotFound):
+        manager.require_built("nope")
+
+
+def test_manual_cache_layout_is_found(manager: TemplateManager) -> None:
+    tpl = manager.get("custom")
+    kernel, rootfs = fake_build(manager, tpl)
+    assert manager.kernel_path(tpl) == kernel
+    assert manager.image_dir(tpl) == rootfs.parent
+    built = manager.built("custom")
+    assert isinstance(built, BuiltTemplate)
+    assert built.name == "custom"
+    assert built.kernel == kernel
+    assert built.rootfs == rootfs
+    assert built.manifest == {"template": "custom", "n": 1}
+    assert manager.require_built("custom") == built
+    assert manager.built(tpl) == built
+    # another template is not affected
+    assert manager.built("python") is None
+
+
+def test_build_is_a_no_op_when_cached(manager: TemplateManager) -> None:
+    fake_build(manager, manager.get("custom"))
+    # would need root, mmdebstrap and a kernel tree if it tried to build anything
+    assert manager.build("custom").rootfs.read_bytes() == b"rootfs"
+
+
+@pytest.mark.parametrize("missing", ["kernel", "rootfs", "manifest", "bad-manifest"])
+def test_incomplete_cache_is_not_built(manager: TemplateManager, missing: str) -> None:
+    tpl = manager.get("custom")
+    kernel, rootfs = fake_build(manager, tpl)
+    manifest = rootfs.parent / "manifest.json"
+    if missing == "kernel":
+        kernel.unlink()
+    elif missing == "rootfs":
+        rootfs.unlink()
+    elif missing == "manifest":
+        manifest.unlink()
+    else:
+        manifest.write_text("{not json")
+    assert manager.built("custom") is None
+
+
+def test_changed_definition_invalidates_the_cache(manager: TemplateManager, user_dir: Path) -> None:
+    fake_build(manager, manager.get("custom"))
+    assert manager.built("custom") is not None
+    (user_dir / "custom.toml").write_text(CUSTOM_TOML.replace("512", "640"))
+    assert manager.built("custom") is None
+
+
+def test_remove(manager: TemplateManager) -> None:
+    tpl = manager.get("custom")
+    kernel, rootfs = fake_build(manager, tpl)
+    assert manager.remove("custom") is True
+    assert not rootfs.exists()
+    assert not (manager.cache / "templates" / "custom").exists()
+    assert kernel.exists()  # kernels are shared between templates and kept
+    assert manager.built("custom") is None
+    assert manager.remove("custom") is False
+
+
+def test_remove_unknown_template(manager: TemplateManager) -> None:
+    with pytest.raises(TemplateNotFound):
+        manager.remove("nope")
+
+
+# ---------------------------------------------------------------------------- host tools
+
+
+def test_missing_tools(tmp_path: Path) -> None:
+    present_file = tmp_path / "header.h"
+    present_file.write_text("")
+    tools = [
+        ("sh", "dash"),
+        ("novasandbox-no-such-tool-xyz", "fake-package"),
+        (str(present_file), "libfoo-dev"),
+        (str(tmp_path / "absent.h"), "libbar-dev"),
+    ]
+    assert missing_tools(tools) == [
+        ("novasandbox-no-such-tool-xyz", "fake-package"),
+        (str(tmp_path / "absent.h"), "libbar-dev"),
+    ]
+    assert missing_tools([("sh", "dash")]) == []
+
+
+def test_require_tools_names_the_debian_package() -> None:
+    require_tools([("sh", "dash")])  # present: no error
+    with pytest.raises(HostToolMissing) as info:
+        require_tools([("novasandbox-no-such-tool-xyz", "fake-package")])
+    err = info.value
+    assert err.code == "host-tool-missing"
+    assert (err.tool, err.package) == ("novasandbox-no-such-tool-xyz", "fake-package")
+    assert "apt-get install fake-package" in str(err)
+    assert "novasandbox-no-such-tool-xyz" in str(err)
+
+
+def test_require_tools_reports_every_missing_tool() -> None:
+    with pytest.raises(HostToolMissing) as info:
+        require_tools(
+            [("sh", "dash"), ("ns-missing-one", "pkg-one"), ("ns-missing-two", "pkg-two")]
+        )
+    message = str(info.value)
+    for word in ("ns-missing-one", "ns-missing-two", "pkg-one", "pkg-two"):
+        assert word in message
+    assert "dash" not in message
+
+
+# ---------------------------------------------------------------------------- regressions
+# Each of these once failed against a real bug (found by these tests, since fixed).
+
+
+def test_missing_kernel_config_is_a_template_error(
+    manager: TemplateManager, user_dir: Path
+) -> None:
+    (user_dir / "custom.config").unlink()
+    (user_dir / "custom.toml").write_text(CUSTOM_TOML.replace("custom.config", "nope.config"))
+    with pytest.raises(TemplateError):
+        manager.get("custom")
+
+
+def test_non_table_section_is_a_template_error(manager: TemplateManager, user_dir: Path) -> None:
+    (user_dir / "flat.toml").write_text('name = "flat"\nimage = "bookworm"\n')
+    with pytest.raises(TemplateError):
+        manager.get("flat")
