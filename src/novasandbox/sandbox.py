@@ -503,15 +503,14 @@ class AsyncSandbox:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
             await sb._teardown()
-            if isinstance(exc, NovaSandboxError) and not isinstance(exc, VMStartError):
-                if isinstance(exc, AgentError):
-                    raise VMStartError(
-                        f"sandbox {sandbox_id} failed to start: {exc}", tail
-                    ) from exc
+            # Our own typed errors (bad config, missing tool...) pass through as they are;
+            # an agent that never answered and any lower-layer failure become VMStartError.
+            # Cancellation and KeyboardInterrupt are not Exceptions and pass through.
+            if isinstance(exc, VMStartError) or not isinstance(exc, Exception):
                 raise
-            if isinstance(exc, (OSError, asyncio.TimeoutError)):
-                raise VMStartError(f"sandbox {sandbox_id} failed to start: {exc}", tail) from exc
-            raise
+            if isinstance(exc, NovaSandboxError) and not isinstance(exc, AgentError):
+                raise
+            raise VMStartError(f"sandbox {sandbox_id} failed to start: {exc}", tail) from exc
         return sb
 
     async def _boot(self, provider: QemuProvider, spec: VMSpec, boot_timeout: float) -> None:

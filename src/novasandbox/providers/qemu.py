@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from ..errors import ConfigError, HostToolMissing, VMStartError
 from ..guest.protocol import AGENT_PORT_NAME
@@ -217,16 +217,22 @@ class QemuVM:
         return self._proc.poll()
 
     async def connect_qmp(self, deadline: float) -> None:
-        sock = self.spec.paths.control_socket
-        while not sock.exists():
+        """Connect QMP. The socket file appears at bind(), a moment before QEMU listens,
+        so a refused connection is retried until the deadline."""
+        sock = str(self.spec.paths.control_socket)
+        while True:
             if not self.is_running():
                 raise VMStartError(f"QEMU exited with status {self.exit_code}: {self.vmm_error()}")
-            if time.monotonic() > deadline:
-                raise VMStartError("QEMU did not open its QMP socket in time")
-            await asyncio.sleep(0.002)
-        qmp = QMPClient(f"novasandbox-{self.spec.vm_id}")
-        await qmp.connect(str(sock))
-        self._qmp = qmp
+            qmp = QMPClient(f"novasandbox-{self.spec.vm_id}")
+            try:
+                await qmp.connect(sock)
+            except (ConnectError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise VMStartError(f"cannot connect to QEMU's QMP socket: {exc}") from exc
+                await asyncio.sleep(0.002)
+                continue
+            self._qmp = qmp
+            return
 
     async def query_status(self) -> str:
         if self._qmp is None:

@@ -311,6 +311,10 @@ def build_image(
         if dest_dir.exists():
             shutil.rmtree(dest_dir)
         out.rename(dest_dir)
+    # Older images of this template are superseded (running sandboxes keep theirs open).
+    for old in dest_dir.parent.iterdir():
+        if old != dest_dir and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
     reporter.done("image", f"rootfs.ext4 in {time.monotonic() - t0:.1f} s")
 
 
