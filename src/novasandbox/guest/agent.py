@@ -19,11 +19,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import glob
 import os
-import platform
 import queue
-import shutil
 import signal
 import socket
 import stat
@@ -32,8 +29,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+
+# Imports are kept to what start-up needs: each costs tens of ms under emulation, and
+# typing/dataclasses/glob/shutil are not needed at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 try:
     from .protocol import (
@@ -180,10 +182,19 @@ def run_as_init() -> None:
 # ---------------------------------------------------------------------------- transport
 
 
+def _sys_files(directory: str, name: str) -> list[str]:
+    """``directory/*/name`` without glob (which would pull in fnmatch and more)."""
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [p for e in entries if os.path.exists(p := f"{directory}/{e}/{name}")]
+
+
 def find_agent_port(timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
+        for name_file in _sys_files("/sys/class/virtio-ports", "name"):
             try:
                 with open(name_file) as f:
                     if f.read().strip() == AGENT_PORT_NAME:
@@ -371,7 +382,7 @@ class Agent:
             version=PROTOCOL_VERSION,
             agent=AGENT_VERSION,
             features=FEATURES,
-            kernel=platform.release(),
+            kernel=os.uname().release,
             pid=os.getpid(),
         )
 
@@ -513,6 +524,8 @@ class Agent:
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             if msg.get("recursive", True):
+                import shutil  # only here: keeps the agent's start-up imports small
+
                 shutil.rmtree(path)
             else:
                 os.rmdir(path)
@@ -527,7 +540,7 @@ class Agent:
         device = None
         deadline = time.monotonic() + 5
         while device is None and time.monotonic() < deadline:
-            for serial_file in glob.glob("/sys/block/*/serial"):
+            for serial_file in _sys_files("/sys/block", "serial"):
                 with open(serial_file) as f:
                     if f.read().strip() == serial:
                         device = "/dev/" + serial_file.split("/")[3]

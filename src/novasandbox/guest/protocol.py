@@ -26,8 +26,12 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import dataclass
-from typing import Any
+
+# Start-up time matters in the guest (every import costs tens of ms under emulation), so
+# typing and dataclasses are not imported at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; host and agent compare it in the handshake."""
@@ -62,13 +66,37 @@ class ProtocolError(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """One decoded frame."""
+    """One decoded frame (immutable)."""
+
+    __slots__ = ("kind", "payload", "request_id")
 
     request_id: int
     kind: Kind
     payload: bytes
+
+    def __init__(self, request_id: int, kind: Kind, payload: bytes) -> None:
+        object.__setattr__(self, "request_id", request_id)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "payload", payload)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Frame is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.request_id, self.kind, self.payload) == (
+            other.request_id,
+            other.kind,
+            other.payload,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.request_id, self.kind, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame(request_id={self.request_id}, kind={self.kind!r}, payload={self.payload!r})"
 
     def message(self) -> dict[str, Any]:
         """Decode a ``MSG`` frame's JSON payload (a dict with a string ``"op"``)."""

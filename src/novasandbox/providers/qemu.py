@@ -33,7 +33,7 @@ log = logging.getLogger("novasandbox.qemu")
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 ROOT_SERIAL = "nsroot"
-GUEST_INIT = "/opt/novasandbox/agent.py"
+GUEST_INIT = "/opt/novasandbox/init"
 
 
 def drive_serial(index: int) -> str:

@@ -33,7 +33,7 @@ from ..paths import cache_dir
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 GUEST_DIR = BUILTIN_DIR.parent / "guest"
-GUEST_FILES = ("agent.py", "protocol.py")
+GUEST_FILES = ("init", "agent.py", "protocol.py")
 KERNEL_RECIPE = "1"
 """Bump when the kernel build steps change in a way that changes the result."""
 IMAGE_RECIPE = "1"

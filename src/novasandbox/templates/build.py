@@ -230,6 +230,7 @@ def install_guest(root: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, target / name)
+    (target / "init").chmod(0o755)
     (target / "agent.py").chmod(0o755)
     (root / "etc" / "hostname").write_text("sandbox\n")
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost sandbox\n::1\tlocalhost\n")
