@@ -66,7 +66,8 @@ def main(verbose: int) -> None:
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     if verbose < 3:
-        logging.getLogger("qemu").setLevel(logging.WARNING)
+        # NovaSandbox reports QMP failures itself, as typed errors.
+        logging.getLogger("qemu").setLevel(logging.CRITICAL)
 
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:

@@ -217,22 +217,27 @@ class QemuVM:
         return self._proc.poll()
 
     async def connect_qmp(self, deadline: float) -> None:
-        """Connect QMP. The socket file appears at bind(), a moment before QEMU listens,
-        so a refused connection is retried until the deadline."""
+        """Connect QMP once QEMU listens. The socket file appears at bind(), a moment before
+        listen(), so a plain connection probes it first (the QMP client logs every failed
+        attempt as an error)."""
         sock = str(self.spec.paths.control_socket)
         while True:
             if not self.is_running():
                 raise VMStartError(f"QEMU exited with status {self.exit_code}: {self.vmm_error()}")
-            qmp = QMPClient(f"novasandbox-{self.spec.vm_id}")
             try:
-                await qmp.connect(sock)
-            except (ConnectError, OSError) as exc:
+                _, probe = await asyncio.open_unix_connection(sock)
+                probe.close()
+                break
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise VMStartError(f"cannot connect to QEMU's QMP socket: {exc}") from exc
+                    raise VMStartError(f"QEMU's QMP socket never opened: {exc}") from exc
                 await asyncio.sleep(0.002)
-                continue
-            self._qmp = qmp
-            return
+        qmp = QMPClient(f"novasandbox-{self.spec.vm_id}")
+        try:
+            await qmp.connect(sock)
+        except ConnectError as exc:
+            raise VMStartError(f"cannot connect to QEMU's QMP socket: {exc}") from exc
+        self._qmp = qmp
 
     async def query_status(self) -> str:
         if self._qmp is None:
