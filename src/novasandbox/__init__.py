@@ -13,6 +13,7 @@ config (``MachineConfig``, ``Drive``) -> template (``TemplateManager``) -> provi
 
 import logging
 
+from .commands import AsyncCommandHandle, CommandResult
 from .config import Drive, MachineConfig
 from .errors import (
     AgentError,
@@ -41,16 +42,10 @@ from .errors import (
     TemplateNotFound,
     VMStartError,
 )
-from .sandbox import (
-    AsyncCommandHandle,
-    AsyncSandbox,
-    CommandHandle,
-    CommandResult,
-    EntryInfo,
-    Sandbox,
-    SandboxState,
-)
+from .files import EntryInfo
+from .sandbox import AsyncSandbox, SandboxState
 from .state import SandboxInfo
+from .sync import CommandHandle, Sandbox
 from .templates import BuiltTemplate, Template, TemplateManager
 
 __version__ = "0.1.0"

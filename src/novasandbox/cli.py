@@ -24,8 +24,8 @@ from .config import validate_env
 from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
 from .paths import cache_dir, state_dir
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
-from .sandbox import Sandbox
 from .state import kill_sandbox, list_sandboxes
+from .sync import Sandbox
 from .templates import TemplateManager
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from .sandbox import CommandResult
+    from .commands import CommandResult
 
 
 class NovaSandboxError(Exception):

@@ -10,17 +10,11 @@ import pytest
 
 import novasandbox
 from novasandbox import errors
+from novasandbox.commands import AsyncCommandHandle, AsyncCommands
 from novasandbox.errors import NovaSandboxError, from_agent
-from novasandbox.sandbox import (
-    AsyncCommandHandle,
-    AsyncCommands,
-    AsyncFiles,
-    AsyncSandbox,
-    CommandHandle,
-    Commands,
-    Files,
-    Sandbox,
-)
+from novasandbox.files import AsyncFiles
+from novasandbox.sandbox import AsyncSandbox
+from novasandbox.sync import CommandHandle, Commands, Files, Sandbox
 
 KEBAB = re.compile(r"^[a-z]+(-[a-z]+)*$")
 

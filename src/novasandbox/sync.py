@@ -1,0 +1,295 @@
+"""The blocking API: thin twins of the async classes that run them on one private
+event-loop thread. No logic lives here (a parity test keeps the signatures equal)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+from .commands import (
+    DEFAULT_COMMAND_TIMEOUT,
+    AsyncCommandHandle,
+    AsyncCommands,
+    CommandResult,
+    OutputCallback,
+)
+from .config import Drive, MachineConfig
+from .errors import ConfigError
+from .files import AsyncFiles, EntryInfo
+from .providers.base import VMPaths
+from .sandbox import DEFAULT_BOOT_TIMEOUT, AsyncSandbox, SandboxState
+from .state import SandboxInfo
+from .templates import TemplateManager
+
+T = TypeVar("T")
+
+
+class _Portal:
+    """Runs coroutines on one private event-loop thread shared by every sync sandbox."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def loop(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="novasandbox-loop", daemon=True
+                )
+                thread.start()
+                cls._loop, cls._thread = loop, thread
+            return cls._loop
+
+    @classmethod
+    def call(cls, coro: Coroutine[Any, Any, T]) -> T:
+        loop = cls.loop()
+        if threading.current_thread() is cls._thread:
+            coro.close()
+            raise RuntimeError(
+                "sync NovaSandbox calls cannot be made from inside a callback; "
+                "use AsyncSandbox there"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+
+class CommandHandle:
+    """Sync twin of ``AsyncCommandHandle``."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._inner = inner
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._inner.argv
+
+    @property
+    def pid(self) -> int:
+        return self._inner.pid
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def wait(self, *, check: bool = False) -> CommandResult:
+        return _Portal.call(self._inner.wait(check=check))
+
+    def send_stdin(self, data: str | bytes) -> None:
+        _Portal.call(self._inner.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        _Portal.call(self._inner.close_stdin())
+
+    def send_signal(self, sig: int) -> None:
+        _Portal.call(self._inner.send_signal(sig))
+
+    def kill(self) -> None:
+        _Portal.call(self._inner.kill())
+
+
+class Commands:
+    """Sync twin of ``AsyncCommands``; callbacks run on the library's event-loop thread."""
+
+    def __init__(self, inner: AsyncCommands) -> None:
+        self._inner = inner
+
+    def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        open_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandHandle:
+        return CommandHandle(
+            _Portal.call(
+                self._inner.start(
+                    cmd,
+                    env=env,
+                    cwd=cwd,
+                    timeout=timeout,
+                    stdin=stdin,
+                    open_stdin=open_stdin,
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                )
+            )
+        )
+
+    start.__doc__ = AsyncCommands.start.__doc__
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        check: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
+        return _Portal.call(
+            self._inner.run(
+                cmd,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=stdin,
+                check=check,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        )
+
+    run.__doc__ = AsyncCommands.run.__doc__
+
+
+class Files:
+    """Sync twin of ``AsyncFiles``."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._inner = inner
+
+    def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
+        return _Portal.call(self._inner.write(path, data, mode=mode))
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+        if format == "bytes":
+            return _Portal.call(self._inner.read(path, format="bytes"))
+        if format == "text":
+            return _Portal.call(self._inner.read(path, format="text"))
+        raise ConfigError("format must be 'text' or 'bytes'")
+
+    def list(self, path: str) -> list[EntryInfo]:
+        return _Portal.call(self._inner.list(path))
+
+    def stat(self, path: str) -> EntryInfo:
+        return _Portal.call(self._inner.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return _Portal.call(self._inner.exists(path))
+
+    def make_dir(self, path: str) -> None:
+        return _Portal.call(self._inner.make_dir(path))
+
+    def remove(self, path: str) -> None:
+        return _Portal.call(self._inner.remove(path))
+
+
+class Sandbox:
+    """A running microVM sandbox (blocking API, thread-safe). Create with ``Sandbox.create``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._inner = inner
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+    ) -> Sandbox:
+        return cls(
+            _Portal.call(
+                AsyncSandbox.create(
+                    template,
+                    vcpus=vcpus,
+                    memory_mib=memory_mib,
+                    env=env,
+                    drives=drives,
+                    boot_timeout=boot_timeout,
+                    templates=templates,
+                )
+            )
+        )
+
+    create.__func__.__doc__ = AsyncSandbox.create.__doc__  # type: ignore[attr-defined]
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def template(self) -> str:
+        return self._inner.template
+
+    @property
+    def config(self) -> MachineConfig:
+        return self._inner.config
+
+    @property
+    def paths(self) -> VMPaths:
+        return self._inner.paths
+
+    @property
+    def accel(self) -> str:
+        return self._inner.accel
+
+    @property
+    def state(self) -> SandboxState:
+        return self._inner.state
+
+    def is_running(self) -> bool:
+        return self._inner.is_running()
+
+    @property
+    def uptime(self) -> float:
+        return self._inner.uptime
+
+    @property
+    def guest_kernel(self) -> str:
+        return self._inner.guest_kernel
+
+    def console_tail(self, lines: int = 40) -> str:
+        return self._inner.console_tail(lines)
+
+    def kill(self) -> None:
+        _Portal.call(self._inner.kill())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+    @staticmethod
+    def list() -> list[SandboxInfo]:
+        return _Portal.call(AsyncSandbox.list())
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} template={self.template} state={self.state.value}>"
+
+
+__all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
