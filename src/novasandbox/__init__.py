@@ -36,6 +36,9 @@ from .errors import (
     SandboxNotFound,
     SandboxNotRunning,
     SandboxPermissionError,
+    SnapshotError,
+    SnapshotIncompatible,
+    SnapshotNotFound,
     TemplateBuildError,
     TemplateError,
     TemplateNotBuilt,
@@ -44,6 +47,7 @@ from .errors import (
 )
 from .files import EntryInfo
 from .sandbox import AsyncSandbox, SandboxState
+from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
 from .state import SandboxInfo
 from .sync import CommandHandle, Sandbox
 from .templates import BuiltTemplate, Template, TemplateManager
@@ -84,6 +88,10 @@ __all__ = [
     "SandboxNotRunning",
     "SandboxPermissionError",
     "SandboxState",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotIncompatible",
+    "SnapshotNotFound",
     "Template",
     "TemplateBuildError",
     "TemplateError",
@@ -92,4 +100,7 @@ __all__ = [
     "TemplateNotFound",
     "VMStartError",
     "__version__",
+    "delete_snapshot",
+    "get_snapshot",
+    "list_snapshots",
 ]

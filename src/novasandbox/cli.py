@@ -24,6 +24,7 @@ from .config import validate_env
 from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
 from .paths import cache_dir, state_dir
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
+from .snapshots import delete_snapshot, list_snapshots
 from .state import kill_sandbox, list_sandboxes
 from .sync import Sandbox
 from .templates import TemplateManager
@@ -103,10 +104,12 @@ def _writer(stream: Any) -> Callable[[str], None]:
 @click.option("--timeout", type=float, default=None, help="Kill the command after S seconds.")
 @click.option("--vcpus", type=int, default=None)
 @click.option("--memory", "memory_mib", type=int, default=None, help="Guest memory in MiB.")
+@click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring the snapshot.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(
     template: str,
+    cold: bool,
     env_pairs: tuple[str, ...],
     cwd: str | None,
     timeout: float | None,
@@ -119,7 +122,7 @@ def run(
     Example: novasandbox run -- python3 -c 'print(6 * 7)'
     """
     env = _parse_env(env_pairs)
-    with Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib) as sb:
+    with Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, cold=cold) as sb:
         try:
             result = sb.commands.run(
                 list(command),
@@ -203,8 +206,8 @@ def template_build(name: str, force: bool) -> None:
     """Build NAME's kernel, root file system and image (cached; a no-op when up to date)."""
     manager = TemplateManager()
     tpl = manager.get(name)
-    if not force and (built := manager.built(tpl)) is not None:
-        click.echo(f"{name}: up to date ({tpl.digest}) {built.rootfs}")
+    if not force and manager.up_to_date(name):
+        click.echo(f"{name}: up to date ({tpl.digest}) {manager.require_built(name).rootfs}")
         return
     t0 = time.monotonic()
     with Progress(
@@ -225,6 +228,39 @@ def template_rm(name: str) -> None:
     """Remove NAME's built images from the cache."""
     removed = TemplateManager().remove(name)
     click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
+
+
+@main.group()
+def snapshot() -> None:
+    """List and delete snapshots made with sandbox.snapshot()."""
+
+
+@snapshot.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def snapshot_ls(as_json: bool) -> None:
+    """Snapshots on this host."""
+    snaps = list_snapshots()
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in snaps], indent=2))
+        return
+    table = Table("id", "template", "from sandbox", "size", "created")
+    for s in snaps:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
+        table.add_row(
+            s.id, s.template, s.source_sandbox or "", f"{s.size_bytes / 1e6:.0f} MB", created
+        )
+    Console().print(table)
+
+
+@snapshot.command("rm")
+@click.argument("ids", nargs=-1, required=True)
+@handle_errors
+def snapshot_rm(ids: tuple[str, ...]) -> None:
+    """Delete snapshots by id."""
+    for snapshot_id in ids:
+        delete_snapshot(snapshot_id)
+        click.echo(f"deleted {snapshot_id}")
 
 
 @main.command("ls")

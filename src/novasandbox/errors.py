@@ -23,6 +23,9 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── CommandTimeout              command-timeout
     │   ├── CommandFailed               command-failed
     │   └── InvalidWorkingDirectory     invalid-cwd
+    ├── SnapshotError                   snapshot-error
+    │   ├── SnapshotNotFound            snapshot-not-found
+    │   └── SnapshotIncompatible        snapshot-incompatible
     └── SandboxFileError                file-error
         ├── SandboxFileNotFound         file-not-found
         ├── SandboxPermissionError      permission-denied
@@ -170,6 +173,20 @@ class CommandFailed(CommandError):
     @property
     def exit_code(self) -> int:
         return self.result.exit_code
+
+
+class SnapshotError(NovaSandboxError):
+    code = "snapshot-error"
+
+
+class SnapshotNotFound(SnapshotError, LookupError):
+    code = "snapshot-not-found"
+
+
+class SnapshotIncompatible(SnapshotError):
+    """The snapshot cannot be restored here (other machine shape, QEMU or accelerator)."""
+
+    code = "snapshot-incompatible"
 
 
 class SandboxFileError(NovaSandboxError, OSError):

@@ -19,25 +19,31 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from .agent_client import AgentClient
 from .commands import AsyncCommands
-from .config import Drive, MachineConfig
+from .config import Drive, MachineConfig, validate_env
 from .errors import (
     AgentError,
+    ConfigError,
     NovaSandboxError,
     SandboxNotRunning,
+    SnapshotError,
     VMStartError,
 )
 from .files import AsyncFiles
 from .providers.base import VMPaths, VMSpec
-from .providers.qemu import QemuProvider, QemuVM, choose_accel, drive_serial
+from .providers.qemu import QemuProvider, QemuVM, choose_accel, drive_serial, qemu_version
+from .snapshots import Snapshot, capture, new_snapshot_id, snapshots_dir
 from .state import (
     SandboxInfo,
     list_sandboxes,
@@ -56,6 +62,7 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 class SandboxState(enum.StrEnum):
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     KILLED = "killed"
     CRASHED = "crashed"
     ERROR = "error"
@@ -80,6 +87,12 @@ def _kill_leftovers() -> None:
         remove_state(directory)
 
 
+def _drop_unused_fork_snapshot(snap: Snapshot) -> None:
+    """A fork's snapshot lives as long as some sandbox restored from it."""
+    if not any(i.source_snapshot == snap.id and i.alive for i in list_sandboxes()):
+        shutil.rmtree(snap.directory, ignore_errors=True)
+
+
 class AsyncSandbox:
     """A running microVM sandbox (asyncio). Create with ``await AsyncSandbox.create(...)``."""
 
@@ -99,6 +112,9 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self._kill_lock = asyncio.Lock()
+        self.source_snapshot: Snapshot | None = None
+        self._kernel: Path | None = None
+        self._op_lock = asyncio.Lock()
 
     # --- creation
 
@@ -111,19 +127,52 @@ class AsyncSandbox:
         memory_mib: int | None = None,
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
     ) -> AsyncSandbox:
-        """Boot a sandbox from ``template`` and wait until its agent answers."""
-        manager = templates or TemplateManager()
-        built = manager.require_built(template)
-        config = MachineConfig(
-            vcpus=built.template.vcpus if vcpus is None else vcpus,
-            memory_mib=built.template.memory_mib if memory_mib is None else memory_mib,
-            drives=tuple(drives),
-            env=env or {},
-        )
+        """Start a sandbox and wait until its agent answers.
+
+        By default the template's snapshot is restored (fast); ``cold=True`` boots the
+        kernel instead, and so does any machine shape the snapshot was not made for
+        (other vCPUs or memory, extra drives). ``from_snapshot`` restores a snapshot made
+        by ``sandbox.snapshot()``: files and running processes included.
+        """
         accel = choose_accel()
+        manager = templates or TemplateManager()
+        env_map = validate_env(env)
+        snap = from_snapshot
+        if snap is not None:
+            if not isinstance(snap, Snapshot):
+                raise ConfigError("from_snapshot must be a Snapshot")
+            if (vcpus not in (None, snap.vcpus)) or (memory_mib not in (None, snap.memory_mib)):
+                raise ConfigError("a snapshot restores with its own vcpus and memory_mib")
+            if drives:
+                raise ConfigError("drives cannot be attached to a restored snapshot")
+            snap.check_compatible(accel.name, qemu_version())
+            template = snap.template
+            config = MachineConfig(
+                vcpus=snap.vcpus, memory_mib=snap.memory_mib, env={**snap.env, **env_map}
+            )
+            kernel = snap.kernel
+        else:
+            built = manager.require_built(template)
+            config = MachineConfig(
+                vcpus=built.template.vcpus if vcpus is None else vcpus,
+                memory_mib=built.template.memory_mib if memory_mib is None else memory_mib,
+                drives=tuple(drives),
+                env=env_map,
+            )
+            kernel = built.kernel
+            if not cold and not config.drives:
+                snap = manager.template_snapshot(built, config.vcpus, config.memory_mib, accel.name)
+                if snap is None:
+                    log.info("no snapshot of %s for this machine shape: booting cold", template)
+        if snap is not None:
+            spec_disk, disk_format, incoming = snap.disk, "qcow2", snap.memory
+        else:
+            spec_disk, disk_format, incoming = built.rootfs, "raw", None
         sandbox_id = new_sandbox_id()
         directory = sandboxes_dir() / sandbox_id
         directory.mkdir(parents=True, mode=0o700)
@@ -134,15 +183,28 @@ class AsyncSandbox:
             paths=VMPaths(directory),
             accel=accel.name,
         )
+        sb.source_snapshot = snap
+        sb._kernel = kernel
         log.info(
-            "creating sandbox %s from %s (%s: %s)", sandbox_id, template, accel.name, accel.reason
+            "creating sandbox %s from %s by %s (%s: %s)",
+            sandbox_id,
+            snap.id if snap else template,
+            "restore" if snap else "cold boot",
+            accel.name,
+            accel.reason,
+        )
+        spec = VMSpec(
+            sandbox_id,
+            config,
+            kernel,
+            spec_disk,
+            sb.paths,
+            accel.name,
+            rootfs_format=disk_format,
+            incoming=incoming,
         )
         try:
-            await sb._boot(
-                QemuProvider(),
-                VMSpec(sandbox_id, config, built.kernel, built.rootfs, sb.paths, accel.name),
-                boot_timeout,
-            )
+            await sb._boot(QemuProvider(), spec, boot_timeout)
         except BaseException as exc:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
@@ -157,6 +219,11 @@ class AsyncSandbox:
             raise VMStartError(f"sandbox {sandbox_id} failed to start: {exc}", tail) from exc
         return sb
 
+    @property
+    def restored(self) -> bool:
+        """Whether this sandbox was restored from a snapshot (rather than booted cold)."""
+        return self.source_snapshot is not None
+
     async def _boot(self, provider: QemuProvider, spec: VMSpec, boot_timeout: float) -> None:
         t0 = time.monotonic()
         deadline = t0 + boot_timeout
@@ -166,11 +233,19 @@ class AsyncSandbox:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
         vm = self._vm
+        hello: dict[str, object] = {"time_ns": time.time_ns(), "hostname": self.id}
+        t_vmm = time.monotonic()
+        if spec.incoming is not None:
+            # The restored guest resumes where the snapshot left it: frozen root file
+            # system, stale clock, the RNG state every other clone has too.
+            snap = self.source_snapshot
+            if snap is None or not snap.autostart:
+                await vm.wait_incoming(deadline)
+                await vm.resume()
+            hello.update(thaw=True, entropy=secrets.token_hex(64), time_ns=time.time_ns())
+            log.debug("%s: VMM started in %.1f ms", self.id, (t_vmm - t0) * 1000)
         self._agent = await AgentClient.connect(
-            vm.agent_socket,
-            deadline=deadline,
-            alive=vm.is_running,
-            hello={"time_ns": time.time_ns(), "hostname": self.id},
+            vm.agent_socket, deadline=deadline, alive=vm.is_running, hello=hello
         )
         for index, drive in enumerate(self.config.drives, start=1):
             await self._agent.call(
@@ -184,9 +259,10 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._record()
         log.info(
-            "sandbox %s ready in %.0f ms (guest kernel %s)",
+            "sandbox %s ready in %.0f ms (%s, guest kernel %s)",
             self.id,
             (time.monotonic() - t0) * 1000,
+            "restored" if spec.incoming else "cold boot",
             self._agent.info.get("kernel"),
         )
 
@@ -206,6 +282,7 @@ class AsyncSandbox:
                 memory_mib=self.config.memory_mib,
                 accel=self.accel,
                 state_dir=str(self.paths.state_dir),
+                source_snapshot=self.source_snapshot.id if self.source_snapshot else None,
             ),
         )
 
@@ -214,7 +291,7 @@ class AsyncSandbox:
     @property
     def state(self) -> SandboxState:
         if (
-            self._state is SandboxState.RUNNING
+            self._state in (SandboxState.RUNNING, SandboxState.PAUSED)
             and self._vm is not None
             and not self._vm.is_running()
         ):
@@ -249,6 +326,87 @@ class AsyncSandbox:
             raise SandboxNotRunning(f"sandbox {self.id} is {state.value}")
         return self._agent
 
+    # --- pause, snapshot, fork
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs; it keeps its memory, processes and files."""
+        async with self._op_lock:
+            if self.state is not SandboxState.RUNNING or self._vm is None:
+                raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}")
+            await self._vm.pause()
+            self._state = SandboxState.PAUSED
+            self._record()
+
+    async def resume(self) -> None:
+        """Continue a paused sandbox where it stopped."""
+        async with self._op_lock:
+            if self.state is not SandboxState.PAUSED or self._vm is None:
+                raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}, not paused")
+            await self._vm.resume()
+            self._state = SandboxState.RUNNING
+            self._record()
+
+    async def snapshot(self) -> Snapshot:
+        """Save this sandbox (memory, processes, files) as a ``Snapshot`` that
+        ``create(from_snapshot=...)`` restores, as often as wanted. The sandbox goes on
+        running (its file system is frozen for the moment of the save)."""
+        return await self._snapshot("user")
+
+    async def _snapshot(self, kind: Literal["user", "fork"]) -> Snapshot:
+        if self.config.drives:
+            raise SnapshotError("sandboxes with extra drives cannot be snapshotted (yet)")
+        async with self._op_lock:
+            was_paused = self.state is SandboxState.PAUSED
+            if was_paused and self._vm is not None:
+                await self._vm.resume()
+                self._state = SandboxState.RUNNING
+            agent, vm = self._require_agent(), self._vm
+            assert vm is not None and self._kernel is not None
+            snap_id = new_snapshot_id()
+            directory = snapshots_dir() / snap_id
+            took = await capture(vm, agent, directory, resume=True)
+            snap = Snapshot(
+                id=snap_id,
+                kind=kind,
+                template=self.template,
+                directory=directory,
+                kernel=self._kernel,
+                vcpus=self.config.vcpus,
+                memory_mib=self.config.memory_mib,
+                accel=self.accel,
+                qemu_version=qemu_version(),
+                created_at=time.time(),
+                source_sandbox=self.id,
+                env=dict(self.config.env),
+                size_bytes=sum(
+                    p.stat().st_size for p in (directory / "memory.bin", directory / "disk.qcow2")
+                ),
+                save_seconds=round(took, 3),
+            )
+            snap.write_manifest()
+            if was_paused:
+                await vm.pause()
+                self._state = SandboxState.PAUSED
+            log.info("sandbox %s saved as %s in %.0f ms", self.id, snap_id, took * 1000)
+            return snap
+
+    async def fork(self, n: int = 1) -> list[AsyncSandbox]:
+        """``n`` new, independent sandboxes that continue from this one's current state
+        (memory, processes, files). They outlive this sandbox."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise ConfigError(f"fork count must be between 1 and 64, got {n!r}")
+        snap = await self._snapshot("fork")
+        results = await asyncio.gather(
+            *(AsyncSandbox.create(from_snapshot=snap) for _ in range(n)), return_exceptions=True
+        )
+        children = [r for r in results if isinstance(r, AsyncSandbox)]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await asyncio.gather(*(c.kill() for c in children), return_exceptions=True)
+            _drop_unused_fork_snapshot(snap)
+            raise failure
+        return children
+
     # --- teardown
 
     async def kill(self) -> None:
@@ -281,6 +439,8 @@ class AsyncSandbox:
         with _LIVE_LOCK:
             _LIVE.pop(self.id, None)
         remove_state(self.paths.state_dir)
+        if self.source_snapshot is not None and self.source_snapshot.ephemeral:
+            _drop_unused_fork_snapshot(self.source_snapshot)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

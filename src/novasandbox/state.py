@@ -45,6 +45,7 @@ class SandboxInfo:
     memory_mib: int
     accel: str
     state_dir: str
+    source_snapshot: str | None = None
 
     @property
     def alive(self) -> bool:

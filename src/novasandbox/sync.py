@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .files import AsyncFiles, EntryInfo
 from .providers.base import VMPaths
 from .sandbox import DEFAULT_BOOT_TIMEOUT, AsyncSandbox, SandboxState
+from .snapshots import Snapshot
 from .state import SandboxInfo
 from .templates import TemplateManager
 
@@ -213,6 +214,8 @@ class Sandbox:
         memory_mib: int | None = None,
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
     ) -> Sandbox:
@@ -224,6 +227,8 @@ class Sandbox:
                     memory_mib=memory_mib,
                     env=env,
                     drives=drives,
+                    cold=cold,
+                    from_snapshot=from_snapshot,
                     boot_timeout=boot_timeout,
                     templates=templates,
                 )
@@ -235,6 +240,26 @@ class Sandbox:
     @property
     def id(self) -> str:
         return self._inner.id
+
+    @property
+    def restored(self) -> bool:
+        return self._inner.restored
+
+    @property
+    def source_snapshot(self) -> Snapshot | None:
+        return self._inner.source_snapshot
+
+    def pause(self) -> None:
+        _Portal.call(self._inner.pause())
+
+    def resume(self) -> None:
+        _Portal.call(self._inner.resume())
+
+    def snapshot(self) -> Snapshot:
+        return _Portal.call(self._inner.snapshot())
+
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        return [Sandbox(child) for child in _Portal.call(self._inner.fork(n))]
 
     @property
     def template(self) -> str:

@@ -115,10 +115,13 @@ def module_factory() -> Iterator[SandboxFactory]:
     f.close()
 
 
-@pytest.fixture(scope="module")
-def sb(module_factory: SandboxFactory) -> Sandbox:
-    """One sandbox shared by the tests of a module (a cold boot costs seconds under TCG)."""
-    return module_factory.create(env={"SANDBOX_LEVEL": "yes"})
+@pytest.fixture(scope="module", params=["restored", "cold"])
+def sb(request: pytest.FixtureRequest, module_factory: SandboxFactory) -> Sandbox:
+    """One sandbox shared by the tests of a module, once restored from the template's
+    snapshot (the default) and once booted cold: both must behave the same."""
+    sandbox = module_factory.create(env={"SANDBOX_LEVEL": "yes"}, cold=request.param == "cold")
+    assert sandbox.restored is (request.param == "restored")
+    return sandbox
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -50,7 +50,7 @@ def test_missing_drive_file_is_refused_before_anything_starts(
 def test_failure_mid_create_cleans_up(state_root: Path) -> None:
     """A boot that cannot finish in time: the VM is killed and its state removed."""
     with pytest.raises(VMStartError) as info:
-        Sandbox.create(boot_timeout=0.3)
+        Sandbox.create(boot_timeout=0.3, cold=True)
     assert info.value.code == "vm-start-failed"
     assert_no_leftovers(state_root)
 

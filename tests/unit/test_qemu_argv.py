@@ -94,7 +94,7 @@ def test_microvm_machine_and_basics(tmp_path: Path) -> None:
 def test_tcg_accel_and_cpu(tmp_path: Path) -> None:
     argv = build_argv(make_spec(tmp_path, accel="tcg"))
     assert option(argv, "-accel").split(",")[0] == "tcg"
-    assert option(argv, "-cpu") == "max"
+    assert option(argv, "-cpu") == "qemu64"
 
 
 def test_kvm_accel_and_cpu(tmp_path: Path) -> None:

@@ -258,10 +258,56 @@ def test_manual_cache_layout_is_found(manager: TemplateManager) -> None:
     assert manager.built("python") is None
 
 
+def fake_snapshot(manager: TemplateManager, name: str) -> Path:
+    from novasandbox.providers.qemu import choose_accel, qemu_version
+    from novasandbox.snapshots import Snapshot
+
+    built = manager.require_built(name)
+    tpl = built.template
+    accel = choose_accel().name
+    directory = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel)
+    directory.mkdir(parents=True)
+    (directory / "memory.bin").write_bytes(b"memory")
+    (directory / "disk.qcow2").write_bytes(b"disk")
+    snap = Snapshot(
+        id="t",
+        kind="template",
+        template=name,
+        directory=directory,
+        kernel=built.kernel,
+        vcpus=tpl.vcpus,
+        memory_mib=tpl.memory_mib,
+        accel=accel,
+        qemu_version=qemu_version(),
+        created_at=0.0,
+    )
+    snap.write_manifest()
+    return directory
+
+
 def test_build_is_a_no_op_when_cached(manager: TemplateManager) -> None:
     fake_build(manager, manager.get("custom"))
-    # would need root, mmdebstrap and a kernel tree if it tried to build anything
+    fake_snapshot(manager, "custom")
+    assert manager.up_to_date("custom")
+    # would need root, mmdebstrap, a kernel tree and a VM if it tried to build anything
     assert manager.build("custom").rootfs.read_bytes() == b"rootfs"
+
+
+def test_snapshot_is_keyed_by_machine_shape(manager: TemplateManager) -> None:
+    fake_build(manager, manager.get("custom"))
+    assert not manager.up_to_date("custom")
+    directory = fake_snapshot(manager, "custom")
+    built = manager.require_built("custom")
+    tpl = built.template
+    from novasandbox.providers.qemu import choose_accel
+
+    accel = choose_accel().name
+    found = manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel)
+    assert found is not None and found.directory == directory
+    assert manager.template_snapshot(built, tpl.vcpus + 1, tpl.memory_mib, accel) is None
+    assert manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib * 2, accel) is None
+    other = "kvm" if accel == "tcg" else "tcg"
+    assert manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib, other) is None
 
 
 @pytest.mark.parametrize("missing", ["kernel", "rootfs", "manifest", "bad-manifest"])

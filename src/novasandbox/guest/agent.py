@@ -65,7 +65,7 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
 
 AGENT_VERSION = "0.1.0"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-FEATURES = ["exec", "signal", "stdin", "files", "mount", "shutdown", "settime"]
+FEATURES = ["exec", "signal", "stdin", "files", "mount", "shutdown", "settime", "snapshot"]
 _OUTPUT_IDLE_GRACE = 0.2
 """After a command's leader exits, its output is read for as long as it keeps coming;
 once both pipes have been quiet this long, the command is reported finished (background
@@ -101,6 +101,7 @@ def _mount(source: str, target: str, fstype: str, flags: int = 0, data: str = ""
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
 
 
 def init_system() -> None:
@@ -270,6 +271,7 @@ class Agent:
     # --- input
 
     def serve(self) -> int:
+        idle_polls = 0
         while not self._stop:
             try:
                 data = os.read(self._rfd, 1 << 16)
@@ -278,10 +280,13 @@ class Agent:
             if not data:
                 if not self._reconnecting:
                     return 0
-                # The host end is closed: wait for it to come back with a fresh stream.
+                # The host end is closed (or this VM was just restored from a snapshot):
+                # poll until it comes back with a fresh stream, quickly at first.
                 self._decoder = FrameDecoder()
-                time.sleep(0.05)
+                idle_polls += 1
+                time.sleep(0.002 if idle_polls < 500 else 0.05)
                 continue
+            idle_polls = 0
             try:
                 frames = self._decoder.feed(data)
             except ProtocolError as exc:
@@ -353,6 +358,8 @@ class Agent:
         "remove": ("op_remove", True),
         "mount": ("op_mount", True),
         "release": ("op_release", True),
+        "freeze": ("op_freeze", False),
+        "thaw": ("op_thaw", False),
         "shutdown": ("op_shutdown", False),
     }
 
@@ -376,6 +383,16 @@ class Agent:
                     socket.sethostname(msg["hostname"])
                 except OSError as exc:
                     _log(f"cannot set hostname: {exc}")
+            if isinstance(msg.get("entropy"), str):
+                try:
+                    _reseed_rng(bytes.fromhex(msg["entropy"]))
+                except (OSError, ValueError) as exc:
+                    _log(f"cannot reseed the RNG: {exc}", 3)
+            if msg.get("thaw"):
+                try:
+                    _thaw("/")
+                except OSError as exc:
+                    _log(f"cannot thaw /: {exc}", 3)
         self.reply(
             rid,
             "hello",
@@ -580,6 +597,56 @@ class Agent:
                 os.sync()
                 done[target] = f"synced ({exc.strerror})"
         self.reply(rid, "ok", drives=done)
+
+    def op_freeze(self, rid: int, msg: dict[str, Any]) -> None:
+        """Quiesce the root file system for a snapshot: flush, optionally drop clean caches
+        (a smaller memory image), freeze. Writers block until ``thaw``."""
+        os.sync()
+        if msg.get("drop_caches"):
+            try:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")
+            except OSError as exc:
+                _log(f"cannot drop caches: {exc}")
+        fd = os.open("/", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        finally:
+            os.close(fd)
+        self.reply(rid, "ok")
+
+    def op_thaw(self, rid: int, msg: dict[str, Any]) -> None:
+        self.reply(rid, "ok", thawed=_thaw("/"))
+
+
+def _reseed_rng(seed: bytes) -> None:
+    """After a restore every clone starts from the same RNG state: credit fresh bytes from
+    the host to the input pool and force the kernel's CRNG to reseed from it now."""
+    rndaddentropy, rndreseedcrng = 0x40085203, 0x5207
+    words = len(seed) // 4
+    info = struct.pack(
+        f"ii{words}I", words * 32, words * 4, *struct.unpack(f"{words}I", seed[: words * 4])
+    )
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, rndaddentropy, info)
+        fcntl.ioctl(fd, rndreseedcrng)
+    finally:
+        os.close(fd)
+
+
+def _thaw(path: str) -> bool:
+    """Thaw a frozen file system; False if it was not frozen."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        os.close(fd)
 
 
 class _Exec:

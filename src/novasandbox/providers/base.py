@@ -52,6 +52,11 @@ class VMSpec:
     paths: VMPaths
     accel: str
     """"kvm" or "tcg"."""
+    rootfs_format: str = "raw"
+    """Format of ``rootfs``, the read-only backing file of the sandbox's overlay: the
+    template image (raw) or a snapshot's disk (qcow2)."""
+    incoming: Path | None = None
+    """A memory snapshot to restore instead of booting (the VM starts paused)."""
 
 
 @runtime_checkable

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
-from ..errors import ConfigError, HostToolMissing, VMStartError
+from ..errors import ConfigError, HostToolMissing, ProviderError, VMStartError
 from ..guest.protocol import AGENT_PORT_NAME
 from .base import VMSpec
 
@@ -101,8 +103,15 @@ def _opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
-    """QEMU's argv for ``spec``. Pure: touches no file and starts nothing."""
+def build_argv(
+    spec: VMSpec, qemu: str = QEMU_BINARY, *, incoming_fd: int | None = None
+) -> list[str]:
+    """QEMU's argv for ``spec``. Pure: touches no file and starts nothing.
+
+    With ``incoming_fd`` QEMU restores the memory snapshot it reads from that (inherited)
+    file descriptor instead of booting; the device model must be the snapshot's, which
+    it is when ``spec.machine`` is the same.
+    """
     m = spec.machine
     p = spec.paths
     accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=32"
@@ -115,7 +124,7 @@ def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-accel",
         accel,
         "-cpu",
-        "host" if spec.accel == "kvm" else "max",
+        "host" if spec.accel == "kvm" else "qemu64",
         "-smp",
         str(m.vcpus),
         "-m",
@@ -158,11 +167,26 @@ def build_argv(spec: VMSpec, qemu: str = QEMU_BINARY) -> list[str]:
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]
+    if incoming_fd is not None:
+        argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
 
 
-def overlay_argv(base: Path, overlay: Path, qemu_img: str = QEMU_IMG) -> list[str]:
-    return [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)]
+def overlay_argv(
+    base: Path, overlay: Path, qemu_img: str = QEMU_IMG, base_format: str = "raw"
+) -> list[str]:
+    return [
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        base_format,
+        "-b",
+        str(base),
+        str(overlay),
+    ]
 
 
 def find_tool(name: str, package: str) -> str:
@@ -173,7 +197,13 @@ def find_tool(name: str, package: str) -> str:
 
 
 def qemu_version(qemu: str | None = None) -> str:
+    """QEMU's version line (cached per binary and modification time)."""
     binary = qemu or find_tool(QEMU_BINARY, "qemu-system-x86")
+    return _qemu_version(binary, os.stat(binary).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(binary: str, mtime_ns: int) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0].strip()
 
@@ -198,6 +228,7 @@ class QemuVM:
         self.spec = spec
         self._proc = proc
         self._qmp: QMPClient | None = None
+        self._qmp_lock = asyncio.Lock()
         self.start_time = process_start_time(proc.pid)
         self._stopped = False
 
@@ -239,10 +270,52 @@ class QemuVM:
             raise VMStartError(f"cannot connect to QEMU's QMP socket: {exc}") from exc
         self._qmp = qmp
 
+    async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> object:
+        async with self._qmp_lock:
+            if self._qmp is None:
+                await self.connect_qmp(time.monotonic() + 10.0)
+        assert self._qmp is not None
+        try:
+            return await self._qmp.execute(cmd, args)
+        except Exception as exc:  # qemu.qmp's ExecuteError, or the connection went away
+            raise ProviderError(f"QMP {cmd} failed: {exc}") from exc
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs (the VM keeps its memory and devices)."""
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def wait_incoming(self, deadline: float) -> None:
+        """Wait until a restore has loaded the memory snapshot (the VM is then paused)."""
+        while (status := await self.query_status()) in ("inmigrate", "prelaunch"):
+            if not self.is_running():
+                raise VMStartError(f"QEMU exited while restoring: {self.vmm_error()}")
+            if time.monotonic() > deadline:
+                raise VMStartError("QEMU did not finish loading the snapshot in time")
+            await asyncio.sleep(0.002)
+        if status not in ("paused", "postmigrate", "running"):
+            raise VMStartError(f"restore ended in state {status!r}: {self.vmm_error()}")
+
+    async def save_memory(self, dest: Path, timeout: float = 120.0) -> None:
+        """Write the VM's device and memory state to ``dest`` (QMP migrate). A running VM
+        is live-migrated and ends paused ("postmigrate"); ``resume`` continues it."""
+        await self._execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                detail = info.get("error-desc", "") if isinstance(info, dict) else ""
+                raise ProviderError(f"saving the VM state failed ({status}): {detail}")
+            await asyncio.sleep(0.005)
+
     async def query_status(self) -> str:
-        if self._qmp is None:
-            return "unknown"
-        reply = await self._qmp.execute("query-status")
+        reply = await self._execute("query-status")
         assert isinstance(reply, dict)
         return str(reply["status"])
 
@@ -253,23 +326,25 @@ class QemuVM:
             return ""
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Quit through QMP, then SIGKILL if QEMU is still there; idempotent."""
+        """End QEMU; idempotent. With writable drives it quits through QMP (so that QEMU
+        flushes them); otherwise, as nothing of the VM is kept, SIGKILL is enough."""
         if self._stopped:
             return
         self._stopped = True
-        if self._qmp is not None and self.is_running():
+        writable = any(not d.read_only for d in self.spec.machine.drives)
+        if writable and self.is_running():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+                await asyncio.wait_for(self._execute("quit"), timeout)
+            deadline = time.monotonic() + timeout
+            while self.is_running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        if self.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.disconnect(), timeout)
             self._qmp = None
-        deadline = time.monotonic() + timeout
-        while self.is_running() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        if self.is_running():
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(self._proc.wait)
 
 
@@ -290,39 +365,44 @@ class QemuProvider:
     def qemu_img(self) -> str:
         return self._qemu_img or find_tool(QEMU_IMG, "qemu-utils")
 
-    async def start(self, spec: VMSpec, *, qmp_timeout: float = 10.0) -> QemuVM:
-        """Create the overlay, start QEMU, connect QMP. Cleans up after itself on failure."""
-        paths = spec.paths
-        t0 = time.monotonic()
-        made = await asyncio.to_thread(
-            subprocess.run,
-            overlay_argv(spec.rootfs, paths.overlay, self.qemu_img),
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            raise VMStartError(f"qemu-img could not create the overlay: {made.stderr.strip()}")
-        argv = build_argv(spec, self.qemu)
-        log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
-        with open(paths.vmm_log, "wb") as vmm_log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=vmm_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
+    def _overlay_seed(self, backing: Path, backing_format: str) -> Path:
+        """An empty qcow2 overlay of ``backing``, made once with qemu-img and kept beside
+        it; each sandbox's overlay is a copy (cheaper than running qemu-img each time)."""
+        seed = backing.parent / f".{backing.name}.overlay-seed.qcow2"
+        if not seed.is_file():
+            partial = seed.with_name(f"{seed.name}.{os.getpid()}.{time.monotonic_ns()}")
+            made = subprocess.run(
+                overlay_argv(backing, partial, self.qemu_img, backing_format),
+                capture_output=True,
+                text=True,
             )
-        vm = QemuVM(spec, proc)
+            if made.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise VMStartError(f"qemu-img could not create an overlay: {made.stderr.strip()}")
+            partial.replace(seed)
+        return seed
+
+    async def start(self, spec: VMSpec) -> QemuVM:
+        """Create the overlay and start QEMU (QMP is connected when first needed)."""
+        paths = spec.paths
+        seed = self._overlay_seed(spec.rootfs, spec.rootfs_format)
+        shutil.copyfile(seed, paths.overlay)
+        incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming else None
         try:
-            await vm.connect_qmp(time.monotonic() + qmp_timeout)
-        except BaseException:
-            await vm.stop(timeout=0.5)
-            raise
-        log.debug(
-            "%s: QEMU pid %d up, QMP connected in %.1f ms",
-            spec.vm_id,
-            proc.pid,
-            (time.monotonic() - t0) * 1000,
-        )
-        return vm
+            argv = build_argv(spec, self.qemu, incoming_fd=incoming)
+            log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
+            with open(paths.vmm_log, "wb") as vmm_log:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=vmm_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(incoming,) if incoming is not None else (),
+                )
+        finally:
+            if incoming is not None:
+                os.close(incoming)
+        log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
+        return QemuVM(spec, proc)

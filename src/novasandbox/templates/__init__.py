@@ -25,7 +25,10 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..snapshots import Snapshot
 
 from ..config import MachineConfig
 from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound
@@ -216,6 +219,37 @@ class TemplateManager:
             return None
         return BuiltTemplate(tpl, kernel, rootfs, manifest)
 
+    def snapshot_dir(self, tpl: Template, vcpus: int, memory_mib: int, accel: str) -> Path:
+        from ..providers.qemu import qemu_version
+        from ..snapshots import template_snapshot_key
+
+        key = template_snapshot_key(
+            tpl.image_digest, tpl.kernel_digest, qemu_version(), accel, vcpus, memory_mib
+        )
+        return self.image_dir(tpl) / "snapshots" / key
+
+    def template_snapshot(
+        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str
+    ) -> Snapshot | None:
+        """The template's snapshot for this machine shape and host, if it was made."""
+        from ..errors import SnapshotNotFound
+        from ..snapshots import Snapshot
+
+        directory = self.snapshot_dir(built.template, vcpus, memory_mib, accel)
+        if not directory.is_dir():
+            return None
+        try:
+            return Snapshot.load(directory)
+        except SnapshotNotFound:
+            return None
+
+    def build_snapshot(self, name: str, *, accel: str | None = None) -> Snapshot:
+        """Boot the built template once with its default machine shape, wait for the
+        agent, quiesce and save it: what ``Sandbox.create`` restores by default."""
+        from ..snapshots import build_template_snapshot
+
+        return build_template_snapshot(self, self.require_built(name), accel=accel)
+
     def require_built(self, name: str) -> BuiltTemplate:
         built = self.built(name)
         if built is None:
@@ -225,17 +259,38 @@ class TemplateManager:
             )
         return built
 
-    def build(self, name: str, *, reporter: Any = None, force: bool = False) -> BuiltTemplate:
-        """Build whatever of the template is missing from the cache; a no-op when all is there."""
-        from .build import build_template
+    def up_to_date(self, name: str) -> bool:
+        """Built, and snapshotted for this host's accelerator and QEMU."""
+        from ..providers.qemu import choose_accel
 
         tpl = self.get(name)
-        if not force:
-            existing = self.built(tpl)
-            if existing is not None:
-                return existing
-        build_template(self, tpl, reporter=reporter, force=force)
-        return self.require_built(name)
+        built = self.built(tpl)
+        accel = choose_accel().name
+        return (
+            built is not None
+            and self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel) is not None
+        )
+
+    def build(self, name: str, *, reporter: Any = None, force: bool = False) -> BuiltTemplate:
+        """Build whatever of the template is missing from the cache (kernel, root file
+        system, image, snapshot); a no-op when all is there."""
+        from ..providers.qemu import choose_accel
+        from .build import LogReporter, build_template
+
+        tpl = self.get(name)
+        rep = reporter or LogReporter()
+        if force or self.built(tpl) is None:
+            build_template(self, tpl, reporter=rep, force=force)
+        built = self.require_built(name)
+        accel = choose_accel().name
+        if force or self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel) is None:
+            rep.step("snapshot", "booting the template once to save its snapshot")
+            snap = self.build_snapshot(name, accel=accel)
+            rep.done(
+                "snapshot",
+                f"{snap.size_bytes / 1e6:.0f} MB, guest stopped {snap.save_seconds:.2f} s",
+            )
+        return built
 
     def remove(self, name: str) -> bool:
         """Remove every built image of a template (kernels and bases are shared; kept)."""
