@@ -28,6 +28,7 @@ from .errors import (
     InvalidWorkingDirectory,
     NoSpaceLeft,
     NovaSandboxError,
+    PoolClosed,
     ProviderError,
     ReadOnlyFilesystem,
     SandboxError,
@@ -46,10 +47,11 @@ from .errors import (
     VMStartError,
 )
 from .files import EntryInfo
+from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
 from .state import SandboxInfo
-from .sync import CommandHandle, Sandbox
+from .sync import CommandHandle, Pool, Sandbox
 from .templates import BuiltTemplate, Template, TemplateManager
 
 __version__ = "0.1.0"
@@ -61,6 +63,7 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AsyncCommandHandle",
+    "AsyncPool",
     "AsyncSandbox",
     "BuiltTemplate",
     "CommandError",
@@ -77,6 +80,8 @@ __all__ = [
     "MachineConfig",
     "NoSpaceLeft",
     "NovaSandboxError",
+    "Pool",
+    "PoolClosed",
     "ProviderError",
     "ReadOnlyFilesystem",
     "Sandbox",

@@ -14,7 +14,8 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   └── VMStartError                vm-start-failed
     ├── SandboxError                    sandbox-error
     │   ├── SandboxNotFound             sandbox-not-found
-    │   └── SandboxNotRunning           sandbox-not-running
+    │   ├── SandboxNotRunning           sandbox-not-running
+    │   └── PoolClosed                  pool-closed
     ├── AgentError                      agent-error
     │   ├── AgentProtocolError          agent-protocol-error
     │   └── AgentTimeout                agent-timeout
@@ -119,6 +120,10 @@ class SandboxNotFound(SandboxError, LookupError):
 
 class SandboxNotRunning(SandboxError):
     code = "sandbox-not-running"
+
+
+class PoolClosed(SandboxError):
+    code = "pool-closed"
 
 
 class AgentError(NovaSandboxError):

@@ -19,6 +19,7 @@ from .commands import (
 from .config import Drive, MachineConfig
 from .errors import ConfigError
 from .files import AsyncFiles, EntryInfo
+from .pool import AsyncPool
 from .providers.base import VMPaths
 from .sandbox import DEFAULT_BOOT_TIMEOUT, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
@@ -317,4 +318,47 @@ class Sandbox:
         return f"<Sandbox {self.id} template={self.template} state={self.state.value}>"
 
 
-__all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
+class Pool:
+    """Sync twin of ``AsyncPool``: keeps ``size`` sandboxes ready; ``acquire()`` hands one
+    over in milliseconds. Use ``with Pool(...) as pool``."""
+
+    def __init__(
+        self,
+        template: str = "python",
+        size: int = 2,
+        *,
+        env: Mapping[str, str] | None = None,
+        parallel: int = 2,
+        templates: TemplateManager | None = None,
+    ) -> None:
+        self._inner = AsyncPool(template, size, env=env, parallel=parallel, templates=templates)
+        _Portal.call(self._inner.start())
+
+    @property
+    def ready(self) -> int:
+        return self._inner.ready
+
+    def start(self) -> Pool:
+        """Start filling (done at construction already; kept for parity)."""
+        _Portal.call(self._inner.start())
+        return self
+
+    def acquire(self, timeout: float | None = None) -> Sandbox:
+        return Sandbox(_Portal.call(self._inner.acquire(timeout)))
+
+    def close(self) -> None:
+        _Portal.call(self._inner.close())
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = ["CommandHandle", "Commands", "Files", "Pool", "Sandbox"]

@@ -13,8 +13,9 @@ from novasandbox import errors
 from novasandbox.commands import AsyncCommandHandle, AsyncCommands
 from novasandbox.errors import NovaSandboxError, from_agent
 from novasandbox.files import AsyncFiles
+from novasandbox.pool import AsyncPool
 from novasandbox.sandbox import AsyncSandbox
-from novasandbox.sync import CommandHandle, Commands, Files, Sandbox
+from novasandbox.sync import CommandHandle, Commands, Files, Pool, Sandbox
 
 KEBAB = re.compile(r"^[a-z]+(-[a-z]+)*$")
 
@@ -118,6 +119,7 @@ PAIRS = [
     (Commands, AsyncCommands),
     (Files, AsyncFiles),
     (CommandHandle, AsyncCommandHandle),
+    (Pool, AsyncPool),
 ]
 
 

@@ -1,0 +1,142 @@
+"""A warm pool: N sandboxes restored ahead of time, handed over in milliseconds.
+
+``AsyncPool`` keeps ``size`` ready sandboxes of one template. ``acquire()`` takes one
+(the pool forgets it: the caller owns it and kills it) and the pool refills in the
+background. A sandbox is handed out once at most; one that died while waiting is
+discarded. ``close()`` stops refilling and kills every sandbox the pool still holds,
+including ones that finish starting after the close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+from .config import validate_env
+from .errors import ConfigError, NovaSandboxError, PoolClosed, SandboxError
+from .sandbox import AsyncSandbox
+from .templates import TemplateManager
+
+log = logging.getLogger("novasandbox.pool")
+
+
+class AsyncPool:
+    """Keeps ``size`` sandboxes of ``template`` ready. Use ``async with AsyncPool(...)``."""
+
+    def __init__(
+        self,
+        template: str = "python",
+        size: int = 2,
+        *,
+        env: Mapping[str, str] | None = None,
+        parallel: int = 2,
+        templates: TemplateManager | None = None,
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 256:
+            raise ConfigError(f"pool size must be between 1 and 256, got {size!r}")
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ConfigError(f"parallel must be a positive integer, got {parallel!r}")
+        self.template = template
+        self.size = size
+        self.env = dict(validate_env(env))
+        self.parallel = parallel
+        self._templates = templates or TemplateManager()
+        self._templates.require_built(template)  # fail now, not in the background
+        self._ready: collections.deque[AsyncSandbox] = collections.deque()
+        self._filling = 0
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._started = False
+        self.last_error: BaseException | None = None
+
+    @property
+    def ready(self) -> int:
+        """Sandboxes waiting to be acquired."""
+        return len(self._ready)
+
+    async def start(self) -> AsyncPool:
+        if not self._started:
+            self._started = True
+            self._refill()
+        return self
+
+    def _refill(self) -> None:
+        while not self._closed and len(self._ready) + self._filling < self.size:
+            if self._filling >= self.parallel:
+                break
+            self._filling += 1
+            task = asyncio.get_running_loop().create_task(self._fill_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fill_one(self) -> None:
+        sb: AsyncSandbox | None = None
+        try:
+            sb = await AsyncSandbox.create(self.template, env=self.env, templates=self._templates)
+        except NovaSandboxError as exc:
+            self.last_error = exc
+            log.warning("pool %s: could not create a sandbox: %s", self.template, exc)
+            await asyncio.sleep(1.0)  # do not spin on a broken template
+        finally:
+            self._filling -= 1
+        async with self._changed:
+            if sb is not None:
+                if self._closed:
+                    await sb.kill()
+                else:
+                    self._ready.append(sb)
+            self._changed.notify_all()
+        if not self._closed:
+            self._refill()
+
+    async def acquire(self, timeout: float | None = None) -> AsyncSandbox:
+        """Take a ready sandbox (waiting for one if none is ready yet). The caller owns
+        it from now on; the pool starts a replacement."""
+        await self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                if self._closed:
+                    raise PoolClosed("the pool is closed")
+                while self._ready:
+                    sb = self._ready.popleft()
+                    if sb.is_running():
+                        self._refill()
+                        return sb
+                    log.warning("pool %s: dropping dead sandbox %s", self.template, sb.id)
+                    await sb.kill()
+                self._refill()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise SandboxError("no pooled sandbox became ready in time")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def close(self) -> None:
+        """Stop refilling and kill every sandbox still in the pool. Idempotent."""
+        self._closed = True
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        async with self._changed:
+            idle = list(self._ready)
+            self._ready.clear()
+            self._changed.notify_all()
+        await asyncio.gather(*(sb.kill() for sb in idle), return_exceptions=True)
+
+    async def __aenter__(self) -> AsyncPool:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
