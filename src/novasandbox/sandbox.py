@@ -113,7 +113,6 @@ class AsyncSandbox:
         self._created_at = time.time()
         self._kill_lock = asyncio.Lock()
         self.source_snapshot: Snapshot | None = None
-        self._kernel: Path | None = None
         self._op_lock = asyncio.Lock()
 
     # --- creation
@@ -184,7 +183,6 @@ class AsyncSandbox:
             accel=accel.name,
         )
         sb.source_snapshot = snap
-        sb._kernel = kernel
         log.info(
             "creating sandbox %s from %s by %s (%s: %s)",
             sandbox_id,
@@ -361,7 +359,7 @@ class AsyncSandbox:
                 await self._vm.resume()
                 self._state = SandboxState.RUNNING
             agent, vm = self._require_agent(), self._vm
-            assert vm is not None and self._kernel is not None
+            assert vm is not None
             snap_id = new_snapshot_id()
             directory = snapshots_dir() / snap_id
             took = await capture(vm, agent, directory, resume=True)
@@ -370,7 +368,8 @@ class AsyncSandbox:
                 kind=kind,
                 template=self.template,
                 directory=directory,
-                kernel=self._kernel,
+                kernel=vm.spec.kernel,
+                backing=str(vm.spec.rootfs),
                 vcpus=self.config.vcpus,
                 memory_mib=self.config.memory_mib,
                 accel=self.accel,

@@ -70,6 +70,8 @@ class Snapshot:
     save_seconds: float = 0.0
     autostart: bool = True
     """Saved from a running guest: a restored VM runs as soon as its memory is loaded."""
+    backing: str | None = None
+    """The image ``disk.qcow2`` is layered on (a template image or snapshot disk)."""
 
     @property
     def memory(self) -> Path:
@@ -122,6 +124,11 @@ class Snapshot:
             )
         if not self.kernel.is_file():
             raise SnapshotIncompatible(f"snapshot {self.id}: its kernel {self.kernel} is gone")
+        if self.backing is not None and not Path(self.backing).is_file():
+            raise SnapshotIncompatible(
+                f"snapshot {self.id}: the image it is layered on ({self.backing}) is gone "
+                "(the template was rebuilt since)"
+            )
 
 
 def template_snapshot_key(
@@ -263,6 +270,7 @@ async def _build_template_snapshot(
         created_at=time.time(),
         size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
         save_seconds=round(stopped, 3),
+        backing=str(built.rootfs),
     )
     (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
     if dest.exists():
