@@ -18,11 +18,13 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from .config import validate_env
-from .errors import ConfigError, NovaSandboxError, PoolClosed, SandboxError
+from .errors import ConfigError, PoolClosed, SandboxError
 from .sandbox import AsyncSandbox
 from .templates import TemplateManager
 
 log = logging.getLogger("novasandbox.pool")
+
+WARMUP = ["/bin/sh", "-c", "/bin/true; echo warm"]
 
 
 class AsyncPool:
@@ -79,7 +81,15 @@ class AsyncPool:
         sb: AsyncSandbox | None = None
         try:
             sb = await AsyncSandbox.create(self.template, env=self.env, templates=self._templates)
-        except NovaSandboxError as exc:
+            try:
+                # A restored VM translates its code afresh (TCG): run the command path once
+                # so that the first command of whoever acquires it is as fast as later ones.
+                await sb.commands.run(WARMUP, timeout=30, check=True)
+            except BaseException:
+                await sb.kill()
+                sb = None
+                raise
+        except Exception as exc:
             self.last_error = exc
             log.warning("pool %s: could not create a sandbox: %s", self.template, exc)
             await asyncio.sleep(1.0)  # do not spin on a broken template

@@ -20,7 +20,6 @@ import enum
 import logging
 import os
 import secrets
-import shutil
 import signal
 import threading
 import time
@@ -43,7 +42,13 @@ from .errors import (
 from .files import AsyncFiles
 from .providers.base import VMPaths, VMSpec
 from .providers.qemu import QemuProvider, QemuVM, choose_accel, drive_serial, qemu_version
-from .snapshots import Snapshot, capture, new_snapshot_id, snapshots_dir
+from .snapshots import (
+    Snapshot,
+    capture,
+    drop_unused_fork_snapshot,
+    new_snapshot_id,
+    snapshots_dir,
+)
 from .state import (
     SandboxInfo,
     list_sandboxes,
@@ -87,12 +92,6 @@ def _kill_leftovers() -> None:
         remove_state(directory)
 
 
-def _drop_unused_fork_snapshot(snap: Snapshot) -> None:
-    """A fork's snapshot lives as long as some sandbox restored from it."""
-    if not any(i.source_snapshot == snap.id and i.alive for i in list_sandboxes()):
-        shutil.rmtree(snap.directory, ignore_errors=True)
-
-
 class AsyncSandbox:
     """A running microVM sandbox (asyncio). Create with ``await AsyncSandbox.create(...)``."""
 
@@ -111,9 +110,9 @@ class AsyncSandbox:
         self._agent: AgentClient | None = None
         self._started = time.monotonic()
         self._created_at = time.time()
-        self._kill_lock = asyncio.Lock()
         self.source_snapshot: Snapshot | None = None
         self._op_lock = asyncio.Lock()
+        """Serializes lifecycle operations (pause, resume, snapshot, kill)."""
 
     # --- creation
 
@@ -402,7 +401,7 @@ class AsyncSandbox:
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             await asyncio.gather(*(c.kill() for c in children), return_exceptions=True)
-            _drop_unused_fork_snapshot(snap)
+            drop_unused_fork_snapshot(snap)
             raise failure
         return children
 
@@ -410,7 +409,7 @@ class AsyncSandbox:
 
     async def kill(self) -> None:
         """Stop the VM and remove everything it had on disk. Safe to call twice."""
-        async with self._kill_lock:
+        async with self._op_lock:
             if self._state in (SandboxState.KILLED, SandboxState.ERROR):
                 return
             await self._release_drives()
@@ -439,7 +438,7 @@ class AsyncSandbox:
             _LIVE.pop(self.id, None)
         remove_state(self.paths.state_dir)
         if self.source_snapshot is not None and self.source_snapshot.ephemeral:
-            _drop_unused_fork_snapshot(self.source_snapshot)
+            drop_unused_fork_snapshot(self.source_snapshot)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

@@ -126,8 +126,7 @@ class Snapshot:
             raise SnapshotIncompatible(f"snapshot {self.id}: its kernel {self.kernel} is gone")
         if self.backing is not None and not Path(self.backing).is_file():
             raise SnapshotIncompatible(
-                f"snapshot {self.id}: the image it is layered on ({self.backing}) is gone "
-                "(the template was rebuilt since)"
+                f"snapshot {self.id}: the image its disk is layered on ({self.backing}) is gone"
             )
 
 
@@ -213,12 +212,50 @@ def get_snapshot(snapshot_id: str) -> Snapshot:
     return Snapshot.load(directory)
 
 
+def layered_on(snap: Snapshot) -> list[Snapshot]:
+    """Snapshots whose disk is layered on ``snap``'s disk (they need it to restore)."""
+    disk = str(snap.disk)
+    return [s for s in list_snapshots(include_ephemeral=True) if s.backing == disk]
+
+
 def delete_snapshot(snapshot: Snapshot | str) -> None:
     """Remove a user snapshot's files. Sandboxes already restored from it keep running
-    (they hold its disk open), but new restores from it are no longer possible."""
+    (they hold its disk open), but new restores from it are no longer possible. A
+    snapshot that other snapshots are layered on is refused: delete those first."""
     snap = get_snapshot(snapshot if isinstance(snapshot, str) else snapshot.id)
     if snap.kind == "template":
         raise SnapshotError("template snapshots are managed by the template cache")
+    dependents = layered_on(snap)
+    if dependents:
+        ids = ", ".join(s.id for s in dependents)
+        raise SnapshotError(f"snapshot {snap.id} is the base of {ids}; delete those first")
+    shutil.rmtree(snap.directory, ignore_errors=True)
+    base = _snapshot_of_disk(snap.backing)
+    if base is not None and base.ephemeral:
+        drop_unused_fork_snapshot(base)
+
+
+def _snapshot_of_disk(disk: str | None) -> Snapshot | None:
+    if disk is None:
+        return None
+    path = Path(disk)
+    if path.name != DISK or path.parent.parent != snapshots_dir():
+        return None
+    try:
+        return Snapshot.load(path.parent)
+    except SnapshotNotFound:
+        return None
+
+
+def drop_unused_fork_snapshot(snap: Snapshot) -> None:
+    """A fork's snapshot lives as long as a sandbox restored from it runs, or a snapshot
+    is layered on it."""
+    from .state import list_sandboxes
+
+    if any(i.source_snapshot == snap.id and i.alive for i in list_sandboxes()):
+        return
+    if layered_on(snap):
+        return
     shutil.rmtree(snap.directory, ignore_errors=True)
 
 

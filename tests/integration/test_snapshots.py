@@ -153,7 +153,7 @@ def test_three_cycles_lose_nothing(factory: SandboxFactory) -> None:
             for known, digest in digests.items():
                 assert sha256_in(current, known) == digest, (cycle, known)
     finally:
-        for snap in snaps:
+        for snap in reversed(snaps):  # each is layered on the one before
             delete_snapshot(snap)
 
 
@@ -181,6 +181,29 @@ def test_fork(factory: SandboxFactory, state_root: Path) -> None:
     children[-1].kill()
     assert not fork_snapshot.directory.exists()
     assert_no_leftovers(state_root)
+
+
+def test_snapshots_layered_on_others_keep_them(factory: SandboxFactory) -> None:
+    parent = factory.create()
+    digest = write_random(parent, "/root/base.bin")
+    [child] = parent.fork(1)
+    factory.track(child)
+    fork_snapshot = child.source_snapshot
+    assert fork_snapshot is not None
+    of_child = child.snapshot()
+    child.kill()
+    # the fork's snapshot stays: a user snapshot is layered on it
+    assert fork_snapshot.directory.exists()
+    grandchild = factory.create(from_snapshot=of_child)
+    assert sha256_in(grandchild, "/root/base.bin") == digest
+    second = grandchild.snapshot()
+    with pytest.raises(SnapshotError) as info:
+        delete_snapshot(of_child)
+    assert second.id in str(info.value)
+    delete_snapshot(second)
+    grandchild.kill()
+    delete_snapshot(of_child)
+    assert not fork_snapshot.directory.exists()
 
 
 def test_snapshot_refusals(factory: SandboxFactory, tmp_path: Path) -> None:
