@@ -99,7 +99,7 @@ def bench_cold_create(runs: int, metrics: dict[str, Any], extra: dict[str, Any])
                 first.append(time.perf_counter())
 
         t0 = time.perf_counter()
-        sb = Sandbox.create("python")
+        sb = Sandbox.create("python", cold=True)
         try:
             t_ready = time.perf_counter()
             result = sb.commands.run("echo hi", on_stdout=on_stdout)
@@ -193,7 +193,7 @@ def concurrent_threads(count: int) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
 
     def one() -> float:
-        sb = Sandbox.create("python")
+        sb = Sandbox.create("python", cold=True)
         with lock:
             live.append(sb)
         check_echo(sb.commands.run("echo hi"))
@@ -216,7 +216,7 @@ async def concurrent_async(count: int) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
 
     async def one() -> float:
-        sb = await AsyncSandbox.create("python")
+        sb = await AsyncSandbox.create("python", cold=True)
         live.append(sb)
         check_echo(await sb.commands.run("echo hi"))
         return ms(time.perf_counter() - t0)
