@@ -93,6 +93,7 @@ def bench_create(mode: str, runs: int, metrics: dict[str, Any], extra: dict[str,
     cold = mode == "cold"
     log.info("%s create: 1 warm-up + %d runs", mode, runs)
     first_output, ready, done, kills, seconds = [], [], [], [], []
+    phases: dict[str, list[float]] = {}
     for i in range(runs + 1):
         first = FirstOutput()
         t0 = time.perf_counter()
@@ -105,6 +106,7 @@ def bench_create(mode: str, runs: int, metrics: dict[str, Any], extra: dict[str,
             check_echo(result)
             expect_restored(sb, not cold)
             fo = first.since(t0)
+            timings = dict(sb.timings)  # the library's own start-up steps (ms)
             second = timed_echo(sb)
         finally:
             t_kill = time.perf_counter()
@@ -118,12 +120,23 @@ def bench_create(mode: str, runs: int, metrics: dict[str, Any], extra: dict[str,
         done.append(ms(t_done - t0))
         kills.append(ms(t_killed - t_kill))
         seconds.append(second)
+        steps = ["vmm_started", "agent_connected", "agent_answered", "ready"]
+        previous = 0.0
+        for step in steps:
+            phases.setdefault(step, []).append(timings[step] - previous)
+            previous = timings[step]
+        phases.setdefault("first_command", []).append(fo - ms(t_ready - t0))
         log.info("  run %d: ready %.0f ms, first output %.0f ms", i, ready[-1], fo)
     metrics[f"{mode}_create_to_first_output"] = summarize(first_output, "ms")
     metrics[f"{mode}_create_ready"] = summarize(ready, "ms")
     metrics[f"{mode}_create_to_command_done"] = summarize(done, "ms")
     metrics[f"{mode}_second_echo"] = summarize(seconds, "ms")
     metrics[f"{mode}_kill"] = summarize(kills, "ms")
+    # where the time goes: each step since the one before (vmm_started counts from the
+    # start of the boot: overlay copy + QEMU exec; agent_connected: QEMU listening;
+    # agent_answered: memory image loaded or kernel booted, plus the guest's handshake)
+    for step, values in phases.items():
+        metrics[f"{mode}_phase_{step}"] = summarize(values, "ms")
 
 
 def wait_pool_full(pool: Pool, size: int, timeout: float) -> None:

@@ -85,6 +85,8 @@ class AgentClient:
         self._closed: NovaSandboxError | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
         self.info: dict[str, Any] = {}
+        self.connected_at = 0.0
+        """When the socket connected (time.monotonic); the handshake followed."""
 
     @classmethod
     async def connect(
@@ -105,6 +107,7 @@ class AgentClient:
                     raise AgentTimeout("the agent channel never opened") from None
                 await asyncio.sleep(0.002)
         client = cls(reader, writer)
+        client.connected_at = time.monotonic()
         try:
             await client._handshake(deadline, hello, alive)
         except BaseException:

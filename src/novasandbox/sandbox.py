@@ -111,6 +111,9 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self.timings: dict[str, float] = {}
+        """Milliseconds from the start of the boot (or restore) to each step of it:
+        ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``."""
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot, kill)."""
 
@@ -244,6 +247,7 @@ class AsyncSandbox:
         self._agent = await AgentClient.connect(
             vm.agent_socket, deadline=deadline, alive=vm.is_running, hello=hello
         )
+        t_answered = time.monotonic()
         for index, drive in enumerate(self.config.drives, start=1):
             await self._agent.call(
                 "mount",
@@ -254,6 +258,12 @@ class AsyncSandbox:
             )
         self._state = SandboxState.RUNNING
         self._started = time.monotonic()
+        self.timings = {
+            "vmm_started": (t_vmm - t0) * 1000,
+            "agent_connected": (self._agent.connected_at - t0) * 1000,
+            "agent_answered": (t_answered - t0) * 1000,
+            "ready": (self._started - t0) * 1000,
+        }
         self._record()
         log.info(
             "sandbox %s ready in %.0f ms (%s, guest kernel %s)",

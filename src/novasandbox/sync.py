@@ -247,6 +247,10 @@ class Sandbox:
         return self._inner.restored
 
     @property
+    def timings(self) -> dict[str, float]:
+        return self._inner.timings
+
+    @property
     def source_snapshot(self) -> Snapshot | None:
         return self._inner.source_snapshot
 

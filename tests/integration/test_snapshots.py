@@ -48,6 +48,8 @@ def test_default_create_restores_and_cold_boots_on_request(factory: SandboxFacto
     assert restored.source_snapshot.kind == "template"
     assert not cold.restored
     for sb in (restored, cold):
+        steps = [sb.timings[k] for k in ("vmm_started", "agent_connected", "agent_answered")]
+        assert 0 < steps[0] <= steps[1] <= steps[2] <= sb.timings["ready"]
         assert sb.commands.run(["uname", "-r"]).stdout.strip().endswith("-novasandbox")
 
 
