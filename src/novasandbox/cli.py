@@ -25,7 +25,7 @@ from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxErr
 from .paths import cache_dir, state_dir
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .snapshots import delete_snapshot, list_snapshots
-from .state import kill_sandbox, list_sandboxes
+from .state import kill_sandbox, list_sandboxes, reap
 from .sync import Sandbox
 from .templates import TemplateManager
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
@@ -299,6 +299,13 @@ def kill(ids: tuple[str, ...], kill_all: bool) -> None:
     for sandbox_id in targets:
         kill_sandbox(sandbox_id)
         click.echo(f"killed {sandbox_id}")
+
+
+@main.command()
+def gc() -> None:
+    """Reap sandboxes past their lifetime or whose owner process is gone."""
+    for sandbox_id in reap():
+        click.echo(f"reaped {sandbox_id}")
 
 
 @main.command()

@@ -120,3 +120,17 @@ class MachineConfig:
         object.__setattr__(self, "drives", drives)
         object.__setattr__(self, "env", validate_env(self.env))
         object.__setattr__(self, "kernel_args", tuple(self.kernel_args))
+
+
+MAX_LIFETIME = 30 * 24 * 3600.0
+
+
+def validate_lifetime(seconds: float | None) -> float | None:
+    """A sandbox lifetime: positive seconds up to MAX_LIFETIME, or None (no limit)."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ConfigError(f"timeout must be a number of seconds or None, got {seconds!r}")
+    if not 0 < seconds <= MAX_LIFETIME:
+        raise ConfigError(f"timeout must be between 0 and {MAX_LIFETIME:.0f} s, got {seconds}")
+    return float(seconds)

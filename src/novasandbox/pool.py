@@ -17,14 +17,17 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
-from .config import validate_env
-from .errors import ConfigError, PoolClosed, SandboxError
-from .sandbox import AsyncSandbox
+from .config import validate_env, validate_lifetime
+from .errors import ConfigError, NovaSandboxError, PoolClosed, SandboxError
+from .sandbox import DEFAULT_LIFETIME, AsyncSandbox
 from .templates import TemplateManager
 
 log = logging.getLogger("novasandbox.pool")
 
 WARMUP = ["/bin/sh", "-c", "/bin/true; echo warm"]
+IDLE_LIFETIME = 3600.0
+"""A sandbox waiting in the pool expires after this (and the pool replaces it); the
+pool's ``timeout`` starts when it is acquired."""
 
 
 class AsyncPool:
@@ -36,6 +39,7 @@ class AsyncPool:
         size: int = 2,
         *,
         env: Mapping[str, str] | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
         parallel: int = 2,
         templates: TemplateManager | None = None,
     ) -> None:
@@ -46,6 +50,8 @@ class AsyncPool:
         self.template = template
         self.size = size
         self.env = dict(validate_env(env))
+        self.timeout = validate_lifetime(timeout)
+        """The lifetime each sandbox gets when it is acquired."""
         self.parallel = parallel
         self._templates = templates or TemplateManager()
         self._templates.require_built(template)  # fail now, not in the background
@@ -80,7 +86,9 @@ class AsyncPool:
     async def _fill_one(self) -> None:
         sb: AsyncSandbox | None = None
         try:
-            sb = await AsyncSandbox.create(self.template, env=self.env, templates=self._templates)
+            sb = await AsyncSandbox.create(
+                self.template, env=self.env, timeout=IDLE_LIFETIME, templates=self._templates
+            )
             try:
                 # A restored VM translates its code afresh (TCG): run the command path once
                 # so that the first command of whoever acquires it is as fast as later ones.
@@ -118,6 +126,11 @@ class AsyncPool:
                     sb = self._ready.popleft()
                     if sb.is_running():
                         self._refill()
+                        try:
+                            await sb.set_timeout(self.timeout)
+                        except NovaSandboxError:
+                            await sb.kill()
+                            continue
                         return sb
                     log.warning("pool %s: dropping dead sandbox %s", self.template, sb.id)
                     await sb.kill()

@@ -30,7 +30,7 @@ from typing import Literal
 
 from .agent_client import AgentClient
 from .commands import AsyncCommands
-from .config import Drive, MachineConfig, validate_env
+from .config import Drive, MachineConfig, validate_env, validate_lifetime
 from .errors import (
     AgentError,
     ConfigError,
@@ -41,7 +41,14 @@ from .errors import (
 )
 from .files import AsyncFiles
 from .providers.base import VMPaths, VMSpec
-from .providers.qemu import QemuProvider, QemuVM, choose_accel, drive_serial, qemu_version
+from .providers.qemu import (
+    QemuProvider,
+    QemuVM,
+    choose_accel,
+    drive_serial,
+    process_start_time,
+    qemu_version,
+)
 from .snapshots import (
     Snapshot,
     capture,
@@ -53,6 +60,7 @@ from .state import (
     SandboxInfo,
     list_sandboxes,
     new_sandbox_id,
+    reap,
     remove_state,
     sandboxes_dir,
     write_record,
@@ -62,6 +70,8 @@ from .templates import TemplateManager
 log = logging.getLogger("novasandbox")
 
 DEFAULT_BOOT_TIMEOUT = 120.0
+DEFAULT_LIFETIME = 300.0
+"""Seconds a sandbox lives unless ``timeout=`` or ``set_timeout`` says otherwise."""
 
 
 class SandboxState(enum.StrEnum):
@@ -111,6 +121,8 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self._deadline: float | None = None
+        self._lifetime_timer: asyncio.TimerHandle | None = None
         self.timings: dict[str, float] = {}
         """Milliseconds from the start of the boot (or restore) to each step of it:
         ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``."""
@@ -130,6 +142,7 @@ class AsyncSandbox:
         drives: Sequence[Drive] = (),
         cold: bool = False,
         from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
     ) -> AsyncSandbox:
@@ -139,7 +152,13 @@ class AsyncSandbox:
         kernel instead, and so does any machine shape the snapshot was not made for
         (other vCPUs or memory, extra drives). ``from_snapshot`` restores a snapshot made
         by ``sandbox.snapshot()``: files and running processes included.
+
+        ``timeout`` is the sandbox's lifetime in seconds (None: no limit): when it ends
+        the VM is killed and its state removed, by this process's timer, by the guest
+        agent powering the VM off if this process is gone, and by the next ``gc``.
         """
+        lifetime = validate_lifetime(timeout)
+        await asyncio.to_thread(reap)  # what crashed owners and expired lifetimes left
         accel = choose_accel()
         manager = templates or TemplateManager()
         env_map = validate_env(env)
@@ -204,7 +223,7 @@ class AsyncSandbox:
             incoming=incoming,
         )
         try:
-            await sb._boot(QemuProvider(), spec, boot_timeout)
+            await sb._boot(QemuProvider(), spec, boot_timeout, lifetime)
         except BaseException as exc:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
@@ -224,16 +243,23 @@ class AsyncSandbox:
         """Whether this sandbox was restored from a snapshot (rather than booted cold)."""
         return self.source_snapshot is not None
 
-    async def _boot(self, provider: QemuProvider, spec: VMSpec, boot_timeout: float) -> None:
+    async def _boot(
+        self, provider: QemuProvider, spec: VMSpec, boot_timeout: float, lifetime: float | None
+    ) -> None:
         t0 = time.monotonic()
         deadline = t0 + boot_timeout
+        self._arm_lifetime(lifetime)
         self._record()
         self._vm = await provider.start(spec)
         with _LIVE_LOCK:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
         vm = self._vm
-        hello: dict[str, object] = {"time_ns": time.time_ns(), "hostname": self.id}
+        hello: dict[str, object] = {
+            "time_ns": time.time_ns(),
+            "hostname": self.id,
+            "lifetime_s": self._remaining_lifetime(),
+        }
         t_vmm = time.monotonic()
         if spec.incoming is not None:
             # The restored guest resumes where the snapshot left it: frozen root file
@@ -290,6 +316,8 @@ class AsyncSandbox:
                 accel=self.accel,
                 state_dir=str(self.paths.state_dir),
                 source_snapshot=self.source_snapshot.id if self.source_snapshot else None,
+                owner_start_time=process_start_time(os.getpid()),
+                deadline=self._deadline,
             ),
         )
 
@@ -438,7 +466,43 @@ class AsyncSandbox:
         except NovaSandboxError as exc:
             log.warning("%s: could not release drives before kill: %s", self.id, exc)
 
+    # --- lifetime
+
+    @property
+    def deadline(self) -> float | None:
+        """When the lifetime ends (``time.time()`` seconds), or None for no limit."""
+        return self._deadline
+
+    def _remaining_lifetime(self) -> float | None:
+        return None if self._deadline is None else max(0.001, self._deadline - time.time())
+
+    def _arm_lifetime(self, seconds: float | None) -> None:
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+            self._lifetime_timer = None
+        self._deadline = None if seconds is None else time.time() + seconds
+        if seconds is not None:
+            loop = asyncio.get_running_loop()
+            self._lifetime_timer = loop.call_later(
+                seconds, lambda: loop.create_task(self._expire())
+            )
+
+    async def _expire(self) -> None:
+        log.info("sandbox %s reached the end of its lifetime", self.id)
+        await self.kill()
+
+    async def set_timeout(self, timeout: float | None) -> None:
+        """Set the remaining lifetime to ``timeout`` seconds from now (None: no limit)."""
+        seconds = validate_lifetime(timeout)
+        agent = self._require_agent()
+        self._arm_lifetime(seconds)
+        self._record()
+        await agent.call("lifetime", seconds=seconds)
+
     async def _teardown(self) -> None:
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+            self._lifetime_timer = None
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
@@ -470,4 +534,4 @@ class AsyncSandbox:
         return f"<AsyncSandbox {self.id} template={self.template} state={self.state.value}>"
 
 
-__all__ = ["DEFAULT_BOOT_TIMEOUT", "AsyncSandbox", "SandboxState"]
+__all__ = ["DEFAULT_BOOT_TIMEOUT", "DEFAULT_LIFETIME", "AsyncSandbox", "SandboxState"]

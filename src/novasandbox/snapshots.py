@@ -281,7 +281,7 @@ async def _build_template_snapshot(
     dest = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel)
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sb = await AsyncSandbox.create(tpl.name, cold=True, templates=manager)
+    sb = await AsyncSandbox.create(tpl.name, cold=True, timeout=None, templates=manager)
     try:
         vm, agent = sb._vm, sb._agent
         if vm is None or agent is None:

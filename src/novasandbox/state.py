@@ -1,6 +1,8 @@
 """Per-sandbox state on disk: ``<state dir>/sandboxes/<id>/record.json`` beside the VM's
 sockets, console log and overlay. Records let any process list live sandboxes of this
-host and kill one by id, checking the VMM process's identity before signalling it."""
+host, kill one by id, and reap what outlived its lifetime or its owner (``reap``),
+always checking a process's identity (pid + start time + command line) before
+signalling it, so a reused pid is never killed."""
 
 from __future__ import annotations
 
@@ -46,6 +48,21 @@ class SandboxInfo:
     accel: str
     state_dir: str
     source_snapshot: str | None = None
+    owner_start_time: int | None = None
+    deadline: float | None = None
+    """When the sandbox's lifetime ends (epoch seconds); None: no limit."""
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that created the sandbox still runs (same pid, same start)."""
+        start = process_start_time(self.owner_pid)
+        return start is not None and (
+            self.owner_start_time is None or start == self.owner_start_time
+        )
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
     @property
     def alive(self) -> bool:
@@ -106,9 +123,54 @@ def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0
     if info is not None and info.pid is not None and info.alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while _same_process(info.pid, info.pid_start_time, info.id):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        _wait_gone(info, timeout)
     remove_state(directory)
+
+
+def reap(root: Path | None = None) -> list[str]:
+    """Kill and remove what no one will clean up: sandboxes past their lifetime, and
+    those whose owner process is gone (SIGKILLed mid-create or mid-run), with their
+    overlays, sockets and logs. Returns the ids reaped. Safe to run from any process
+    at any time; it is what ``novasandbox gc`` does and ``create`` runs it first."""
+    base = sandboxes_dir(root)
+    if not base.is_dir():
+        return []
+    reaped = []
+    for directory in base.iterdir():
+        if not directory.is_dir():
+            continue
+        info = read_record(directory)
+        if info is None:
+            # a half-written entry: reap it only once it is clearly abandoned
+            try:
+                age = time.time() - directory.stat().st_mtime
+            except OSError:
+                continue
+            if age > 60:
+                remove_state(directory)
+                reaped.append(directory.name)
+            continue
+        # A crashed VM of a live owner is left alone: its owner reads the console log.
+        if info.owner_alive and not info.expired:
+            continue
+        if info.pid is not None and info.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, signal.SIGKILL)
+            _wait_gone(info)
+        remove_state(directory)
+        reaped.append(info.id)
+    if reaped:
+        # forks' snapshots whose sandboxes were just reaped
+        from .snapshots import drop_unused_fork_snapshot, list_snapshots
+
+        for snap in list_snapshots(include_ephemeral=True):
+            if snap.ephemeral:
+                drop_unused_fork_snapshot(snap)
+    return reaped
+
+
+def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:
+    assert info.pid is not None
+    deadline = time.monotonic() + timeout
+    while _same_process(info.pid, info.pid_start_time, info.id) and time.monotonic() < deadline:
+        time.sleep(0.01)

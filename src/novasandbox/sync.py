@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .files import AsyncFiles, EntryInfo
 from .pool import AsyncPool
 from .providers.base import VMPaths
-from .sandbox import DEFAULT_BOOT_TIMEOUT, AsyncSandbox, SandboxState
+from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
 from .state import SandboxInfo
 from .templates import TemplateManager
@@ -217,6 +217,7 @@ class Sandbox:
         drives: Sequence[Drive] = (),
         cold: bool = False,
         from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
     ) -> Sandbox:
@@ -230,6 +231,7 @@ class Sandbox:
                     drives=drives,
                     cold=cold,
                     from_snapshot=from_snapshot,
+                    timeout=timeout,
                     boot_timeout=boot_timeout,
                     templates=templates,
                 )
@@ -253,6 +255,13 @@ class Sandbox:
     @property
     def source_snapshot(self) -> Snapshot | None:
         return self._inner.source_snapshot
+
+    @property
+    def deadline(self) -> float | None:
+        return self._inner.deadline
+
+    def set_timeout(self, timeout: float | None) -> None:
+        _Portal.call(self._inner.set_timeout(timeout))
 
     def pause(self) -> None:
         _Portal.call(self._inner.pause())
@@ -332,10 +341,13 @@ class Pool:
         size: int = 2,
         *,
         env: Mapping[str, str] | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
         parallel: int = 2,
         templates: TemplateManager | None = None,
     ) -> None:
-        self._inner = AsyncPool(template, size, env=env, parallel=parallel, templates=templates)
+        self._inner = AsyncPool(
+            template, size, env=env, timeout=timeout, parallel=parallel, templates=templates
+        )
         _Portal.call(self._inner.start())
 
     @property

@@ -153,8 +153,15 @@ def power_off() -> None:
     os._exit(1)
 
 
+_IN_VM = False
+"""True in the guest (set by init before it forks the agent): only then does the agent
+touch the clock, the hostname, the RNG or power. Never true under ``--stdio``."""
+
+
 def run_as_init() -> None:
     """PID 1: set up the system, run the agent in a child, reap orphans, power off at the end."""
+    global _IN_VM
+    _IN_VM = True
     try:
         init_system()
     except OSError as exc:
@@ -359,6 +366,7 @@ class Agent:
         "mount": ("op_mount", True),
         "release": ("op_release", True),
         "freeze": ("op_freeze", False),
+        "lifetime": ("op_lifetime", False),
         "thaw": ("op_thaw", False),
         "shutdown": ("op_shutdown", False),
     }
@@ -372,7 +380,7 @@ class Agent:
                 message=f"agent speaks protocol {PROTOCOL_VERSION}, host {version}",
             )
             return
-        if os.getppid() == 1 or os.getpid() == 1:
+        if _IN_VM:
             if isinstance(msg.get("time_ns"), int):
                 try:
                     _set_clock(msg["time_ns"])
@@ -388,6 +396,8 @@ class Agent:
                     _reseed_rng(bytes.fromhex(msg["entropy"]))
                 except (OSError, ValueError) as exc:
                     _log(f"cannot reseed the RNG: {exc}", 3)
+            if "lifetime_s" in msg:
+                _LIFETIME.set(msg["lifetime_s"])
             if msg.get("thaw"):
                 try:
                     _thaw("/")
@@ -598,6 +608,14 @@ class Agent:
                 done[target] = f"synced ({exc.strerror})"
         self.reply(rid, "ok", drives=done)
 
+    def op_lifetime(self, rid: int, msg: dict[str, Any]) -> None:
+        seconds = msg.get("seconds")
+        if seconds is not None and not isinstance(seconds, (int, float)):
+            raise ValueError("seconds must be a number or null")
+        if _IN_VM:  # never arm a power-off outside a VM (--stdio tests)
+            _LIFETIME.set(seconds)
+        self.reply(rid, "ok")
+
     def op_freeze(self, rid: int, msg: dict[str, Any]) -> None:
         """Quiesce the root file system for a snapshot: flush, optionally drop clean caches
         (a smaller memory image), freeze. Writers block until ``thaw``."""
@@ -617,6 +635,41 @@ class Agent:
 
     def op_thaw(self, rid: int, msg: dict[str, Any]) -> None:
         self.reply(rid, "ok", thawed=_thaw("/"))
+
+
+class _Lifetime:
+    """Powers the VM off when the sandbox's lifetime ends: the host kills it then too,
+    but this also holds when the host process that owned the sandbox is gone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def set(self, seconds: float | None) -> None:
+        with self._cond:
+            valid = isinstance(seconds, (int, float)) and seconds > 0
+            self._deadline = time.monotonic() + seconds if valid else None  # type: ignore[operator]
+            if self._thread is None and self._deadline is not None:
+                self._thread = threading.Thread(target=self._watch, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        _log("the sandbox's lifetime is over: powering off", 3)
+        power_off()
+
+
+_LIFETIME = _Lifetime()
 
 
 def _reseed_rng(seed: bytes) -> None:
