@@ -32,6 +32,9 @@ log = logging.getLogger("novasandbox")
 OutputCallback = Callable[[str], Any]
 
 DEFAULT_COMMAND_TIMEOUT = 60.0
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+"""Bytes of each of stdout and stderr that ``run`` keeps in its result (the first ones);
+the rest is counted in ``CommandResult.stdout_dropped``/``stderr_dropped``."""
 _AGENT_GRACE = 10.0
 """Extra seconds the host waits past a command's timeout for the agent's own report."""
 
@@ -46,6 +49,9 @@ class CommandResult:
     stderr: str
     signal: int | None = None
     duration: float = 0.0
+    stdout_dropped: int = 0
+    """Bytes of stdout not kept because of ``max_output`` (the callback saw them all)."""
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -89,6 +95,7 @@ class AsyncCommandHandle:
         pid: int,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
+        max_output: int | None = None,
     ) -> None:
         self._sb = sandbox
         self._req = req
@@ -98,6 +105,8 @@ class AsyncCommandHandle:
         self._t0 = time.monotonic()
         self._callbacks = {Kind.STDOUT: on_stdout, Kind.STDERR: on_stderr}
         self._buffers = {Kind.STDOUT: bytearray(), Kind.STDERR: bytearray()}
+        self._dropped = {Kind.STDOUT: 0, Kind.STDERR: 0}
+        self._max_output = max_output
         self._decoders = {
             Kind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
             Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
@@ -115,7 +124,7 @@ class AsyncCommandHandle:
                     None if remaining is None else max(remaining, 0.01)
                 )
                 if frame.kind in self._buffers:
-                    self._buffers[frame.kind] += frame.payload
+                    self._keep(frame.kind, frame.payload)
                     text = self._decoders[frame.kind].decode(frame.payload)
                     await _call_back(self._callbacks[frame.kind], text)
                     continue
@@ -131,10 +140,24 @@ class AsyncCommandHandle:
             exit_code=int(msg["exit_code"]),
             stdout=self._buffers[Kind.STDOUT].decode("utf-8", "replace"),
             stderr=self._buffers[Kind.STDERR].decode("utf-8", "replace"),
+            stdout_dropped=self._dropped[Kind.STDOUT],
+            stderr_dropped=self._dropped[Kind.STDERR],
             signal=msg.get("signal"),
             duration=time.monotonic() - self._t0,
         )
         return result, bool(msg.get("timed_out"))
+
+    def _keep(self, kind: Kind, data: bytes) -> None:
+        """Collect output up to ``max_output`` bytes per stream (the first ones); count
+        the rest, so a flood cannot grow host memory without bound."""
+        buf = self._buffers[kind]
+        room = len(data) if self._max_output is None else self._max_output - len(buf)
+        if room >= len(data):
+            buf += data
+            return
+        if room > 0:
+            buf += data[:room]
+        self._dropped[kind] += len(data) - max(room, 0)
 
     def done(self) -> bool:
         return self._task.done()
@@ -198,6 +221,7 @@ class AsyncCommands:
         open_stdin: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` and return at once with a handle (``wait``, ``send_signal``,
         ``kill``, ``send_stdin``). ``stdin`` data is sent and then closed; with
@@ -212,6 +236,10 @@ class AsyncCommands:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError("stdin must be str or bytes")
+        if max_output is not None and (
+            isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0
+        ):
+            raise ConfigError(f"max_output must be a byte count or None, got {max_output!r}")
         data = stdin.encode() if isinstance(stdin, str) else stdin
         agent = self._sb._require_agent()
         req = agent.open()
@@ -235,7 +263,14 @@ class AsyncCommands:
             raise
         log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, started.get("pid"))
         return AsyncCommandHandle(
-            self._sb, req, argv, timeout, int(started.get("pid", 0)), on_stdout, on_stderr
+            self._sb,
+            req,
+            argv,
+            timeout,
+            int(started.get("pid", 0)),
+            on_stdout,
+            on_stderr,
+            max_output,
         )
 
     async def run(
@@ -249,6 +284,7 @@ class AsyncCommands:
         check: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``cmd`` (a shell string, or an argv list) and wait for it to finish.
 
@@ -265,6 +301,7 @@ class AsyncCommands:
             stdin=stdin,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            max_output=max_output,
         )
         return await handle.wait(check=check)
 

@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MAX_OUTPUT,
     AsyncCommandHandle,
     AsyncCommands,
     CommandResult,
@@ -115,6 +116,7 @@ class Commands:
         open_stdin: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> CommandHandle:
         return CommandHandle(
             _Portal.call(
@@ -127,6 +129,7 @@ class Commands:
                     open_stdin=open_stdin,
                     on_stdout=on_stdout,
                     on_stderr=on_stderr,
+                    max_output=max_output,
                 )
             )
         )
@@ -144,6 +147,7 @@ class Commands:
         check: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         return _Portal.call(
             self._inner.run(
@@ -155,6 +159,7 @@ class Commands:
                 check=check,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
+                max_output=max_output,
             )
         )
 

@@ -215,3 +215,46 @@ def test_context_managers() -> None:
     assert hasattr(Sandbox, "__enter__") and hasattr(Sandbox, "__exit__")
     assert inspect.iscoroutinefunction(AsyncSandbox.__aenter__)
     assert inspect.iscoroutinefunction(AsyncSandbox.__aexit__)
+
+
+class _Recorder:
+    """Stands in for the async object behind a sync twin and records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        async def method(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
+
+        return method
+
+
+@pytest.mark.parametrize(
+    ("sync_cls", "async_cls"), [(Commands, AsyncCommands), (Files, AsyncFiles)]
+)
+def test_sync_twins_forward_every_argument(sync_cls: type, async_cls: type) -> None:
+    """Each parameter given to the sync method reaches the async one unchanged."""
+    for name, async_fn in public_methods(async_cls).items():
+        params = list(inspect.signature(async_fn).parameters.values())[1:]
+        args, kwargs = [], {}
+        for i, p in enumerate(params):
+            value = f"sentinel-{i}"
+            if "Literal[" in str(p.annotation):  # a closed set: take a non-default member
+                value = re.findall(r"[\"']([^\"']+)[\"']", str(p.annotation))[-1]
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                kwargs[p.name] = value
+            else:
+                args.append(value)
+        recorder = _Recorder()
+        twin = sync_cls(recorder)
+        try:
+            getattr(twin, name)(*args, **kwargs)
+        except TypeError:  # the sync side wraps a result it got as None; the call was made
+            pass
+        assert len(recorder.calls) == 1, name
+        called, got_args, got_kwargs = recorder.calls[0]
+        assert called == name
+        bound = inspect.signature(async_fn).bind(None, *got_args, **got_kwargs)
+        expected = inspect.signature(async_fn).bind(None, *args, **kwargs)
+        assert bound.arguments == expected.arguments, name
