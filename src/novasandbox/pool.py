@@ -126,11 +126,11 @@ class AsyncPool:
                     sb = self._ready.popleft()
                     if sb.is_running():
                         self._refill()
-                        try:
-                            await sb.set_timeout(self.timeout)
-                        except NovaSandboxError:
-                            await sb.kill()
-                            continue
+                        # the caller's lifetime starts now; it is set in the background so
+                        # that the hand-over does not wait for the guest's answer
+                        task = asyncio.get_running_loop().create_task(self._retime(sb))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
                         return sb
                     log.warning("pool %s: dropping dead sandbox %s", self.template, sb.id)
                     await sb.kill()
@@ -140,6 +140,12 @@ class AsyncPool:
                     raise SandboxError("no pooled sandbox became ready in time")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _retime(self, sb: AsyncSandbox) -> None:
+        try:
+            await sb.set_timeout(self.timeout)
+        except NovaSandboxError as exc:  # e.g. the new owner killed it at once
+            log.debug("pool %s: lifetime of %s not set: %s", self.template, sb.id, exc)
 
     async def close(self) -> None:
         """Stop refilling and kill every sandbox still in the pool. Idempotent."""

@@ -80,6 +80,20 @@ def test_closing_while_filling_leaks_nothing(state_root: Path) -> None:
     assert_no_leftovers(state_root)
 
 
+def test_acquired_sandbox_gets_the_pools_lifetime(state_root: Path) -> None:
+    with Pool("python", size=1, timeout=120) as pool:
+        sb = pool.acquire(timeout=120)
+        try:
+            deadline = time.monotonic() + 10
+            while (sb.deadline or 0) - time.time() > 130:  # still the idle lifetime
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert sb.deadline is not None and 100 < sb.deadline - time.time() <= 120
+        finally:
+            sb.kill()
+    assert_no_leftovers(state_root)
+
+
 def test_pool_bad_input() -> None:
     with pytest.raises(ConfigError):
         Pool("python", size=0)
