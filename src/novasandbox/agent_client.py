@@ -29,6 +29,7 @@ from .guest.protocol import (
 log = logging.getLogger("novasandbox.agent")
 
 _CLOSED = Frame(0, Kind.MSG, b'{"op":"__closed__"}')
+_RESTARTED = Frame(0, Kind.MSG, b'{"op":"__restarted__"}')
 
 
 class AgentRequest:
@@ -46,6 +47,8 @@ class AgentRequest:
             raise AgentTimeout(f"the guest agent did not answer within {timeout:.1f} s") from None
         if frame is _CLOSED:
             raise self.client.closed_error()
+        if frame is _RESTARTED:
+            raise AgentError("the guest agent restarted: this request was lost")
         return frame
 
     async def next_message(self, timeout: float | None = None) -> dict[str, Any]:
@@ -136,6 +139,18 @@ class AgentClient:
         finally:
             req.close()
 
+    def _connection_message(self, frame: Frame) -> None:
+        """Frames on id 0 come from the agent itself, unasked."""
+        try:
+            msg = frame.message()
+        except ProtocolError:
+            return
+        if msg["op"] == "agent-started" and self.info:
+            # A new agent process: whatever the old one was doing for us is gone.
+            log.warning("the guest agent restarted (pid %s)", msg.get("pid"))
+            for req in list(self._requests.values()):
+                req.queue.put_nowait(_RESTARTED)
+
     def closed_error(self) -> NovaSandboxError:
         return self._closed or AgentError("the agent connection is closed")
 
@@ -145,6 +160,9 @@ class AgentClient:
         try:
             while data := await self._reader.read(1 << 18):
                 for frame in decoder.feed(data):
+                    if frame.request_id == 0:
+                        self._connection_message(frame)
+                        continue
                     req = self._requests.get(frame.request_id)
                     if req is not None:
                         req.queue.put_nowait(frame)

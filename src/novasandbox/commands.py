@@ -112,6 +112,8 @@ class AsyncCommandHandle:
             Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
         }
         self._task = asyncio.get_running_loop().create_task(self._collect())
+        # a handle nobody waits for must not log "exception never retrieved"
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _collect(self) -> tuple[CommandResult, bool]:
         host_timeout = None if self._timeout is None else self._timeout + _AGENT_GRACE
@@ -165,7 +167,11 @@ class AsyncCommandHandle:
     async def wait(self, *, check: bool = False) -> CommandResult:
         """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
         and, with ``check``, ``CommandFailed`` if it exited non-zero."""
-        result, timed_out = await asyncio.shield(self._task)
+        try:
+            result, timed_out = await asyncio.shield(self._task)
+        except AgentError:
+            await self._sb._raise_if_crashed()
+            raise
         if timed_out:
             raise CommandTimeout(
                 f"command {shlex.join(self.argv)} ran past its {self._timeout} s timeout; "

@@ -11,10 +11,12 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   └── TemplateBuildError          template-build-failed
     ├── HostToolMissing                 host-tool-missing
     ├── ProviderError                   provider-error
+    │   ├── HostMemoryExhausted         host-memory-exhausted
     │   └── VMStartError                vm-start-failed
     ├── SandboxError                    sandbox-error
     │   ├── SandboxNotFound             sandbox-not-found
     │   ├── SandboxNotRunning           sandbox-not-running
+    │   │   └── SandboxCrashed          sandbox-crashed
     │   └── PoolClosed                  pool-closed
     ├── AgentError                      agent-error
     │   ├── AgentProtocolError          agent-protocol-error
@@ -98,6 +100,12 @@ class ProviderError(NovaSandboxError):
     code = "provider-error"
 
 
+class HostMemoryExhausted(ProviderError):
+    """Starting the sandbox would leave the host short of memory (admission check)."""
+
+    code = "host-memory-exhausted"
+
+
 class VMStartError(ProviderError):
     """The VMM could not start the VM, or the guest agent never answered."""
 
@@ -120,6 +128,17 @@ class SandboxNotFound(SandboxError, LookupError):
 
 class SandboxNotRunning(SandboxError):
     code = "sandbox-not-running"
+
+
+class SandboxCrashed(SandboxNotRunning):
+    """The VM ended on its own: kernel panic, the VMM killed, the guest shut down."""
+
+    code = "sandbox-crashed"
+
+    def __init__(self, message: str, reason: str = "", console_tail: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.console_tail = console_tail
 
 
 class PoolClosed(SandboxError):

@@ -35,6 +35,7 @@ from .errors import (
     AgentError,
     ConfigError,
     NovaSandboxError,
+    SandboxCrashed,
     SandboxNotRunning,
     SnapshotError,
     VMStartError,
@@ -121,6 +122,8 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self.crash_reason: str | None = None
+        """Why the VM ended on its own (state ``crashed``), e.g. "kernel panic: ..."."""
         self._deadline: float | None = None
         self._lifetime_timer: asyncio.TimerHandle | None = None
         self.timings: dict[str, float] = {}
@@ -331,7 +334,25 @@ class AsyncSandbox:
             and not self._vm.is_running()
         ):
             self._state = SandboxState.CRASHED
+            self.crash_reason = self._diagnose_exit(self._vm)
+            log.warning("sandbox %s crashed: %s", self.id, self.crash_reason)
+            self._record()
         return self._state
+
+    def _diagnose_exit(self, vm: QemuVM) -> str:
+        """Why the VM ended without being asked to, from its console and exit status."""
+        tail = self.console_tail(100)
+        for line in reversed(tail.splitlines()):
+            if "Kernel panic - not syncing:" in line:
+                return "kernel panic: " + line.split("not syncing:", 1)[1].strip()
+        code = vm.exit_code
+        if code is not None and code < 0:
+            return f"the VMM was killed by signal {-code}"
+        if code:
+            return f"the VMM exited with status {code}: {vm.vmm_error()[-300:]}"
+        if "lifetime is over" in tail:
+            return "the guest powered off at the end of its lifetime"
+        return "the guest shut down"
 
     def is_running(self) -> bool:
         return self.state is SandboxState.RUNNING
@@ -355,8 +376,23 @@ class AsyncSandbox:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    async def _raise_if_crashed(self, grace: float = 2.0) -> None:
+        """After the agent channel broke: if the VM is ending, raise ``SandboxCrashed``
+        (the channel closes a moment before QEMU's exit is visible)."""
+        deadline = time.monotonic() + grace
+        while self.state is SandboxState.RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.state is SandboxState.CRASHED:
+            self._require_agent()
+
     def _require_agent(self) -> AgentClient:
         state = self.state
+        if state is SandboxState.CRASHED:
+            raise SandboxCrashed(
+                f"sandbox {self.id} crashed: {self.crash_reason}",
+                self.crash_reason or "",
+                self.console_tail(),
+            )
         if state is not SandboxState.RUNNING or self._agent is None:
             raise SandboxNotRunning(f"sandbox {self.id} is {state.value}")
         return self._agent

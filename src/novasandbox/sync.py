@@ -254,6 +254,10 @@ class Sandbox:
         return self._inner.restored
 
     @property
+    def crash_reason(self) -> str | None:
+        return self._inner.crash_reason
+
+    @property
     def timings(self) -> dict[str, float]:
         return self._inner.timings
 

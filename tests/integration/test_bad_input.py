@@ -9,6 +9,7 @@ import pytest
 from novasandbox import (
     ConfigError,
     Drive,
+    HostMemoryExhausted,
     NovaSandboxError,
     Sandbox,
     TemplateNotFound,
@@ -62,3 +63,23 @@ def test_drive_that_is_not_a_file_system_fails_cleanly(tmp_path: Path, state_roo
         Sandbox.create(drives=[Drive(junk, mount="/junk", read_only=True)])
     assert "mount" in str(info.value)
     assert_no_leftovers(state_root)
+
+
+def test_admission_check_refuses_when_host_memory_would_run_out(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOVASANDBOX_MEMORY_RESERVE_MIB", str(1 << 30))
+    with pytest.raises(HostMemoryExhausted) as info:
+        Sandbox.create()
+    assert info.value.code == "host-memory-exhausted"
+    assert_no_leftovers(state_root)
+
+
+def test_vmm_runs_under_resource_limits(state_root: Path) -> None:
+    with Sandbox.create() as sb:
+        pid = {i.id: i.pid for i in Sandbox.list()}[sb.id]
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert "Max core file size        0" in limits
+        files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert files.split()[3:5] == ["1024", "1024"]
+        assert sb.commands.run("echo limited").stdout == "limited\n"

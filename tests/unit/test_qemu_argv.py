@@ -303,3 +303,23 @@ def test_drive_path_with_comma_is_escaped(tmp_path: Path) -> None:
     argv = build_argv(make_spec(tmp_path, drives=(drive,)))
     (value,) = [d for d in options(argv, "-drive") if d.startswith("id=drive1,")]
     assert f"file={str(drive.path).replace(',', ',,')}," in value
+
+
+def test_admission_arithmetic() -> None:
+    from novasandbox.errors import HostMemoryExhausted
+    from novasandbox.providers.qemu import VMM_OVERHEAD_MIB, admit, available_memory_mib
+
+    assert available_memory_mib("MemTotal: 1 kB\nMemAvailable:   2097152 kB\n") == 2048
+    admit(256, 256 + VMM_OVERHEAD_MIB + 100, 100)  # exactly enough
+    with pytest.raises(HostMemoryExhausted):
+        admit(256, 256 + VMM_OVERHEAD_MIB + 99, 100)
+
+
+def test_reserve_setting() -> None:
+    from novasandbox.errors import ConfigError
+    from novasandbox.providers.qemu import DEFAULT_RESERVE_MIB, reserve_mib
+
+    assert reserve_mib({}) == DEFAULT_RESERVE_MIB
+    assert reserve_mib({"NOVASANDBOX_MEMORY_RESERVE_MIB": "64"}) == 64
+    with pytest.raises(ConfigError):
+        reserve_mib({"NOVASANDBOX_MEMORY_RESERVE_MIB": "lots"})

@@ -220,7 +220,11 @@ def serve_port() -> int:
     path = find_agent_port()
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     _log(f"serving on {path}")
-    return Agent(fd, fd, reconnecting=True).serve()
+    agent = Agent(fd, fd, reconnecting=True)
+    # Unsolicited, on the connection's own id 0: a host that already spoke to an earlier
+    # agent learns that its requests in flight are lost (the host ignores it otherwise).
+    agent.send(encode_message(0, "agent-started", pid=os.getpid()))
+    return agent.serve()
 
 
 class Agent:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -26,7 +27,13 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
-from ..errors import ConfigError, HostToolMissing, ProviderError, VMStartError
+from ..errors import (
+    ConfigError,
+    HostMemoryExhausted,
+    HostToolMissing,
+    ProviderError,
+    VMStartError,
+)
 from ..guest.protocol import AGENT_PORT_NAME
 from .base import VMSpec
 
@@ -208,6 +215,59 @@ def _qemu_version(binary: str, mtime_ns: int) -> str:
     return out.stdout.splitlines()[0].strip()
 
 
+VMM_OVERHEAD_MIB = 128
+"""Host memory a QEMU process needs beyond its guest's RAM (code cache, devices, I/O)."""
+DEFAULT_RESERVE_MIB = 512
+"""Host memory left free for everything else; ``NOVASANDBOX_MEMORY_RESERVE_MIB`` sets it."""
+VMM_MAX_OPEN_FILES = 1024
+
+
+def available_memory_mib(meminfo: str | None = None) -> int:
+    """The host's MemAvailable, in MiB."""
+    if meminfo is None:
+        with open("/proc/meminfo") as f:
+            meminfo = f.read()
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise ProviderError("no MemAvailable in /proc/meminfo")
+
+
+def admit(memory_mib: int, available_mib: int, reserve_mib: int) -> None:
+    """Refuse a VM whose guest could use up the memory the host has left. Pure."""
+    needed = memory_mib + VMM_OVERHEAD_MIB
+    if available_mib - needed < reserve_mib:
+        raise HostMemoryExhausted(
+            f"not enough host memory for a {memory_mib} MiB sandbox: {available_mib} MiB "
+            f"available, {needed} MiB needed and {reserve_mib} MiB kept in reserve "
+            "(NOVASANDBOX_MEMORY_RESERVE_MIB)"
+        )
+
+
+def reserve_mib(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    raw = env.get("NOVASANDBOX_MEMORY_RESERVE_MIB", "")
+    try:
+        return int(raw) if raw else DEFAULT_RESERVE_MIB
+    except ValueError:
+        raise ConfigError(
+            f"NOVASANDBOX_MEMORY_RESERVE_MIB must be an integer, got {raw!r}"
+        ) from None
+
+
+def limit_vmm(pid: int, memory_mib: int) -> None:
+    """Resource limits on a started QEMU: no core dumps (they would hold guest memory),
+    a bounded number of open files, and an address space sized to its guest."""
+    limits = {
+        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_NOFILE: VMM_MAX_OPEN_FILES,
+        resource.RLIMIT_AS: (memory_mib + 4096) << 20,
+    }
+    for which, value in limits.items():
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            resource.prlimit(pid, which, (value, value))
+
+
 def process_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
 
@@ -385,6 +445,7 @@ class QemuProvider:
     async def start(self, spec: VMSpec) -> QemuVM:
         """Create the overlay and start QEMU (QMP is connected when first needed)."""
         paths = spec.paths
+        admit(spec.machine.memory_mib, available_memory_mib(), reserve_mib())
         seed = self._overlay_seed(spec.rootfs, spec.rootfs_format)
         shutil.copyfile(seed, paths.overlay)
         incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming else None
@@ -404,5 +465,6 @@ class QemuProvider:
         finally:
             if incoming is not None:
                 os.close(incoming)
+        limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
         return QemuVM(spec, proc)

@@ -1,0 +1,195 @@
+"""Soak: rounds of sandboxes created and killed in parallel, with faults injected, then a
+check that nothing leaked. Not part of the test suite (it runs for minutes).
+
+    .venv/bin/python benchmarks/soak.py [--rounds 10] [--parallel 6] [--out FILE]
+
+Each round creates ``--parallel`` sandboxes at once (restored, some cold) and gives each
+one fault, in turn: none, the VMM SIGKILLed, a kernel panic, the agent killed, a fork
+bomb under a timeout, a command timeout, a snapshot + restore, a fork. It then kills
+them all. Every few rounds an owner process holding sandboxes is SIGKILLed and ``reap()``
+(what ``novasandbox gc`` runs) has to clean up after it. At the end it checks that no
+QEMU process, state entry, socket, overlay or snapshot is left under its private state
+directory and that the host's available memory is back where it started (within
+``--memory-slack`` MiB), and prints a JSON report; it exits 1 on any leak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+FAULTS = [
+    "none",
+    "vmm-killed",
+    "kernel-panic",
+    "agent-killed",
+    "fork-bomb",
+    "command-timeout",
+    "snapshot-restore",
+    "fork",
+]
+
+OWNER = textwrap.dedent(
+    """
+    import sys, time
+    from novasandbox import Sandbox
+    boxes = [Sandbox.create() for _ in range(int(sys.argv[1]))]
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    needle = str(root).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and needle in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def available_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemAvailable")
+
+
+async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
+    from novasandbox import AsyncSandbox, NovaSandboxError, delete_snapshot
+
+    extra: list[AsyncSandbox] = []
+    sb = await AsyncSandbox.create(cold=index % 5 == 4, timeout=120)
+    try:
+        await sb.commands.run("echo up", timeout=60)
+        if fault == "vmm-killed":
+            info = {i.id: i for i in await AsyncSandbox.list()}[sb.id]
+            assert info.pid is not None
+            os.kill(info.pid, signal.SIGKILL)
+        elif fault == "kernel-panic":
+            with contextlib.suppress(NovaSandboxError):
+                await sb.commands.run("echo c > /proc/sysrq-trigger", timeout=30)
+        elif fault == "agent-killed":
+            pid = sb._agent.info["pid"] if sb._agent else 0
+            with contextlib.suppress(NovaSandboxError):
+                await sb.commands.run(f"kill -9 {pid}", timeout=30)
+        elif fault == "fork-bomb":
+            with contextlib.suppress(NovaSandboxError):
+                await sb.commands.run(":(){ :|:& };:", timeout=3)
+        elif fault == "command-timeout":
+            with contextlib.suppress(NovaSandboxError):
+                await sb.commands.run("sleep 100", timeout=1)
+        elif fault == "snapshot-restore":
+            snap = await sb.snapshot()
+            clone = await AsyncSandbox.create(from_snapshot=snap, timeout=120)
+            extra.append(clone)
+            await clone.commands.run("echo clone", timeout=60)
+            await clone.kill()
+            delete_snapshot(snap)
+        elif fault == "fork":
+            extra.extend(await sb.fork(2))
+        counts[fault] = counts.get(fault, 0) + 1
+    finally:
+        for other in extra:
+            await other.kill()
+        await sb.kill()
+
+
+async def soak_round(round_no: int, parallel: int, counts: dict[str, int]) -> list[str]:
+    jobs = [
+        one_sandbox(i, FAULTS[(round_no * parallel + i) % len(FAULTS)], counts)
+        for i in range(parallel)
+    ]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    return [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+
+
+def orphan_round(count: int) -> list[str]:
+    from novasandbox.state import reap
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(count)], stdout=subprocess.PIPE, text=True
+    )
+    assert owner.stdout is not None
+    ready = owner.stdout.readline().strip() == "ready"
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    reaped = reap()
+    return [] if ready and len(reaped) == count else [f"orphans: reaped {reaped}"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--parallel", type=int, default=6)
+    parser.add_argument("--orphans-every", type=int, default=3)
+    parser.add_argument("--memory-slack", type=int, default=256, help="MiB")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="ns-soak-", dir="/tmp"))
+    os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
+    from novasandbox.state import reap
+
+    reap()
+    time.sleep(1)
+    mem_start = available_mib()
+    t0 = time.monotonic()
+    counts: dict[str, int] = {}
+    errors: list[str] = []
+    try:
+        for n in range(args.rounds):
+            errors += asyncio.run(soak_round(n, args.parallel, counts))
+            if args.orphans_every and n % args.orphans_every == args.orphans_every - 1:
+                errors += orphan_round(3)
+            print(f"round {n + 1}/{args.rounds}: {len(errors)} errors so far", file=sys.stderr)
+    finally:
+        reap()
+    time.sleep(2)  # let the kernel give back what the VMs had
+    leftovers: dict[str, Any] = {
+        "qemu_processes": qemu_pids_under(root),
+        "state_entries": sorted(p.name for p in (root / "sandboxes").glob("*")),
+        "snapshots": sorted(p.name for p in (root / "snapshots").glob("*")),
+    }
+    mem_end = available_mib()
+    report = {
+        "rounds": args.rounds,
+        "parallel": args.parallel,
+        "sandboxes": sum(counts.values()),
+        "faults_injected": counts,
+        "errors": errors,
+        "leftovers": leftovers,
+        "memory_available_mib": {"start": mem_start, "end": mem_end},
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    leaked = any(leftovers.values()) or mem_start - mem_end > args.memory_slack
+    report["leaks"] = leaked
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if not leaked:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if leaked or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

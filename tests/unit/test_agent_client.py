@@ -1,0 +1,177 @@
+"""The host side of the agent channel against a hostile peer (a compromised guest agent):
+broken frames, oversized frames, invalid UTF-8, silence. Every case ends in a typed error,
+never a hang or a crash of the host process."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from novasandbox.agent_client import AgentClient
+from novasandbox.errors import AgentError, AgentProtocolError, AgentTimeout
+from novasandbox.guest.protocol import (
+    MAX_PAYLOAD,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Kind,
+    encode_frame,
+    encode_message,
+)
+
+Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def with_peer(peer: Peer, body: Callable[[Path], Awaitable[None]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="ns-") as tmp:
+        sock = Path(tmp) / "agent.sock"
+        server = await asyncio.start_unix_server(peer, path=str(sock))
+        try:
+            await body(sock)
+        finally:
+            server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
+    decoder = FrameDecoder()
+    while True:
+        frames = decoder.feed(await reader.read(1 << 16))
+        if frames:
+            return frames[0].request_id, frames[0].message()
+
+
+def honest_hello(then: Callable[[int, asyncio.StreamWriter], bytes] | None = None) -> Peer:
+    """Answers the handshake properly, then answers the next request with ``then``."""
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rid, _ = await read_request(reader)
+        writer.write(encode_message(rid, "hello", version=PROTOCOL_VERSION, kernel="k"))
+        if then is not None:
+            rid, _ = await read_request(reader)
+            writer.write(then(rid, writer))
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    return peer
+
+
+def connect(sock: Path) -> Awaitable[AgentClient]:
+    return AgentClient.connect(sock, deadline=time.monotonic() + 5, hello={})
+
+
+def run(peer: Peer, body: Callable[[AgentClient], Awaitable[None]]) -> None:
+    async def main(sock: Path) -> None:
+        client = await connect(sock)
+        try:
+            await asyncio.wait_for(body(client), 10)
+        finally:
+            await client.close()
+
+    asyncio.run(with_peer(peer, main))
+
+
+def test_oversized_frame_closes_the_channel_with_a_protocol_error() -> None:
+    def huge(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return struct.pack(">IIB", MAX_PAYLOAD + 1, rid, int(Kind.MSG))
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentProtocolError):
+            await client.call("stat", path="/x")
+        assert not client.is_open
+        with pytest.raises(AgentProtocolError):  # later calls fail at once, typed
+            await client.call("stat", path="/y")
+
+    run(honest_hello(huge), body)
+
+
+def test_invalid_utf8_message_is_a_protocol_error() -> None:
+    def garbage(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return encode_frame(rid, Kind.MSG, b"\xff\xfe{not json")
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentProtocolError):
+            await client.call("stat", path="/x")
+
+    run(honest_hello(garbage), body)
+
+
+def test_unknown_frame_kind_is_a_protocol_error() -> None:
+    def bad_kind(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return struct.pack(">IIB", 0, rid, 99)
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentProtocolError):
+            await client.call("stat", path="/x")
+
+    run(honest_hello(bad_kind), body)
+
+
+def test_silent_agent_times_out() -> None:
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentTimeout):
+            await client.call("stat", path="/x", timeout=0.3)
+
+    run(honest_hello(lambda rid, w: b""), body)
+
+
+def test_hostile_error_codes_map_to_plain_agent_errors() -> None:
+    def weird(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return encode_message(rid, "error", code="../../etc/passwd\u0000", message="x" * 10)
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentError):
+            await client.call("stat", path="/x")
+        assert client.is_open  # a refused request is not a broken channel
+
+    run(honest_hello(weird), body)
+
+
+def test_closed_connection_fails_pending_requests() -> None:
+    def hang_up(rid: int, writer: asyncio.StreamWriter) -> bytes:
+        writer.close()
+        return b""
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentError):
+            await client.call("stat", path="/x")
+
+    run(honest_hello(hang_up), body)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        encode_message(1, "hello", version=PROTOCOL_VERSION + 1),
+        encode_message(1, "error", code="version-mismatch", message="no"),
+        encode_message(1, "pong"),
+    ],
+)
+def test_handshake_refuses_a_wrong_peer(reply: bytes) -> None:
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def body(sock: Path) -> None:
+        with pytest.raises(AgentProtocolError):
+            await connect(sock)
+
+    asyncio.run(with_peer(peer, body))
+
+
+def test_agent_restart_fails_requests_in_flight() -> None:
+    def restarted(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return encode_message(0, "agent-started", pid=123)
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentError) as info:
+            await client.call("stat", path="/x")
+        assert "restarted" in str(info.value)
+
+    run(honest_hello(restarted), body)
