@@ -88,9 +88,13 @@ def _same_process(pid: int, start_time: int | None, sandbox_id: str) -> bool:
 
 
 def write_record(directory: Path, info: SandboxInfo) -> None:
+    """Write atomically; a directory that another process removed (kill, gc) is left gone."""
     tmp = directory / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2))
-    tmp.replace(directory / RECORD)
+    try:
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+        tmp.replace(directory / RECORD)
+    except FileNotFoundError:
+        pass
 
 
 def read_record(directory: Path) -> SandboxInfo | None:
