@@ -106,6 +106,7 @@ def test_kvm_accel_and_cpu(tmp_path: Path) -> None:
 def test_tsc_reliable_only_under_tcg(tmp_path: Path) -> None:
     assert "tsc=reliable" in kernel_cmdline(make_spec(tmp_path, accel="tcg")).split()
     assert "tsc=reliable" not in kernel_cmdline(make_spec(tmp_path, accel="kvm")).split()
+    assert "no_timer_check" in kernel_cmdline(make_spec(tmp_path, accel="tcg")).split()
 
 
 def test_kernel_cmdline_boots_the_agent_and_appends_user_args(tmp_path: Path) -> None:
