@@ -324,3 +324,10 @@ def test_reserve_setting() -> None:
     assert reserve_mib({"NOVASANDBOX_MEMORY_RESERVE_MIB": "64"}) == 64
     with pytest.raises(ConfigError):
         reserve_mib({"NOVASANDBOX_MEMORY_RESERVE_MIB": "lots"})
+
+
+def test_qemu_runs_under_its_seccomp_sandbox(tmp_path: Path) -> None:
+    sandbox = option(build_argv(make_spec(tmp_path)), "-sandbox").split(",")
+    assert sandbox[0] == "on"
+    for deny in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
+        assert f"{deny}=deny" in sandbox

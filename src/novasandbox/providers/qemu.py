@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import resource
-import shlex
 import shutil
 import signal
 import subprocess
@@ -139,6 +138,10 @@ def build_argv(
         str(m.vcpus),
         "-m",
         f"{m.memory_mib}M",
+        # QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no
+        # scheduler or resource control changes (snapshots are saved through an fd)
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -363,9 +366,20 @@ class QemuVM:
 
     async def save_memory(self, dest: Path, timeout: float = 120.0) -> None:
         """Write the VM's device and memory state to ``dest`` (QMP migrate). A running VM
-        is live-migrated and ends paused ("postmigrate"); ``resume`` continues it."""
+        is live-migrated and ends paused ("postmigrate"); ``resume`` continues it.
+
+        QEMU may not open files or spawn programs (its seccomp filter): the file is
+        opened here and handed over on the QMP socket (SCM_RIGHTS)."""
         await self._execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(dest))}"})
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            async with self._qmp_lock:
+                assert self._qmp is not None
+                self._qmp.send_fd_scm(fd)
+            await self._execute("getfd", {"fdname": "snapshot"})
+        finally:
+            os.close(fd)
+        await self._execute("migrate", {"uri": "fd:snapshot"})
         deadline = time.monotonic() + timeout
         while True:
             info = await self._execute("query-migrate")
