@@ -221,6 +221,8 @@ def serve_port() -> int:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     _log(f"serving on {path}")
     agent = Agent(fd, fd, reconnecting=True)
+    if _IN_VM:
+        _LIFETIME.start()
     # Unsolicited, on the connection's own id 0: a host that already spoke to an earlier
     # agent learns that its requests in flight are lost (the host ignores it otherwise).
     agent.send(encode_message(0, "agent-started", pid=os.getpid()))
@@ -650,13 +652,19 @@ class _Lifetime:
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
 
+    def start(self) -> None:
+        """Start the (idle) watchdog thread. Done at boot, so that a VM restored from a
+        snapshot already has it and setting its lifetime costs no thread start."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True)
+                self._thread.start()
+
     def set(self, seconds: float | None) -> None:
+        self.start()
         with self._cond:
             valid = isinstance(seconds, (int, float)) and seconds > 0
             self._deadline = time.monotonic() + seconds if valid else None  # type: ignore[operator]
-            if self._thread is None and self._deadline is not None:
-                self._thread = threading.Thread(target=self._watch, daemon=True)
-                self._thread.start()
             self._cond.notify_all()
 
     def _watch(self) -> None:
