@@ -122,6 +122,8 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self._stopping = False
+        """Set once ``kill`` has begun: the VM's exit is then not a crash."""
         self.crash_reason: str | None = None
         """Why the VM ended on its own (state ``crashed``), e.g. "kernel panic: ..."."""
         self._deadline: float | None = None
@@ -330,6 +332,7 @@ class AsyncSandbox:
     def state(self) -> SandboxState:
         if (
             self._state in (SandboxState.RUNNING, SandboxState.PAUSED)
+            and not self._stopping
             and self._vm is not None
             and not self._vm.is_running()
         ):
@@ -487,6 +490,7 @@ class AsyncSandbox:
             if self._state in (SandboxState.KILLED, SandboxState.ERROR):
                 return
             await self._release_drives()
+            self._stopping = True
             await self._teardown()
             self._state = SandboxState.KILLED
             log.info("sandbox %s killed", self.id)

@@ -114,7 +114,13 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
 
 
 def remove_state(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    """Remove a sandbox's directory. Retried: a record being written into it at the same
+    moment (another thread noticing the VM's end) can make one pass miss a file."""
+    for _ in range(5):
+        shutil.rmtree(directory, ignore_errors=True)
+        if not directory.exists():
+            return
+        time.sleep(0.01)
 
 
 def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0) -> None:
