@@ -97,10 +97,13 @@ def test_snapshot_keeps_files_and_running_processes(factory: SandboxFactory) -> 
     counter = (
         "import os, signal, sys, time\n"
         "n = 0\n"
+        "def publish(path, text):  # atomically: readers never see a half-written file\n"
+        "    open(path + '.tmp', 'w').write(text)\n"
+        "    os.replace(path + '.tmp', path)\n"
         "def report(*_):\n"
-        "    open('/tmp/count', 'w').write(str(n))\n"
+        "    publish('/tmp/count', str(n))\n"
         "signal.signal(signal.SIGUSR1, report)\n"
-        "open('/tmp/counter.pid', 'w').write(str(os.getpid()))\n"
+        "publish('/tmp/counter.pid', str(os.getpid()))\n"
         "while True:\n"
         "    n += 1\n"
         "    time.sleep(0.01)\n"
@@ -134,7 +137,10 @@ def test_snapshot_keeps_files_and_running_processes(factory: SandboxFactory) -> 
     first = int(clone.files.read("/tmp/count"))
     time.sleep(0.5)
     clone.commands.run(f"kill -USR1 {pid}", check=True)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while int(clone.files.read("/tmp/count")) == first:  # the handler runs soon after
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert int(clone.files.read("/tmp/count")) > first > 0
     delete_snapshot(snap)
     assert snap.id not in {s.id for s in list_snapshots()}
