@@ -50,6 +50,19 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------------------- statistics
 
 
+def write_report(report: dict[str, Any], out: Path | None, name: str) -> None:
+    """Print the JSON report and write it to ``out`` (default: a timestamped file in
+    benchmarks/results/)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is None:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = RESULTS_DIR / f"{name}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    log.info("wrote %s", out)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method) of pre-sorted values."""
     if not sorted_values:
@@ -315,15 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = args.out
-    if out is None:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"bench-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log.info("wrote %s", out)
+    write_report(report, args.out, "bench")
     return 0
 
 

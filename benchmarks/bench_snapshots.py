@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -36,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 # bench.py lives beside this script; running a script puts its directory on sys.path.
-from bench import BenchError, check_echo, host_info, ms, summarize
+from bench import BenchError, check_echo, host_info, ms, summarize, write_report
 
 from novasandbox import AsyncSandbox, Pool, Sandbox, TemplateManager, delete_snapshot
 from novasandbox.providers.qemu import choose_accel
 
 log = logging.getLogger("bench")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEMPLATE = "python"
 USER_FILE_BYTES = 1000 * 1000  # 1 MB written before each user snapshot
 USER_FILE = "/root/bench-snapshot-1MB.bin"  # on the root disk (ext4), not on tmpfs
@@ -607,15 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["extra"]["leftover_qemu_processes"] = leftovers
     report["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["total_wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = args.out
-    if out is None:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"bench-snapshots-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log.info("wrote %s", out)
+    write_report(report, args.out, "bench-snapshots")
     return 1 if leftovers else 0
 
 

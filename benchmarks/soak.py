@@ -52,27 +52,6 @@ OWNER = textwrap.dedent(
 )
 
 
-def qemu_pids_under(root: Path) -> list[int]:
-    needle = str(root).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and needle in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def available_mib() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError("no MemAvailable")
-
-
 async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
     from novasandbox import AsyncSandbox, NovaSandboxError, delete_snapshot
 
@@ -147,11 +126,12 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="ns-soak-", dir="/tmp"))
     os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
-    from novasandbox.state import reap
+    from novasandbox.providers.qemu import available_memory_mib
+    from novasandbox.state import reap, vmm_pids_under
 
     reap()
     time.sleep(1)
-    mem_start = available_mib()
+    mem_start = available_memory_mib()
     t0 = time.monotonic()
     counts: dict[str, int] = {}
     errors: list[str] = []
@@ -165,11 +145,11 @@ def main() -> int:
         reap()
     time.sleep(2)  # let the kernel give back what the VMs had
     leftovers: dict[str, Any] = {
-        "qemu_processes": qemu_pids_under(root),
+        "qemu_processes": vmm_pids_under(root),
         "state_entries": sorted(p.name for p in (root / "sandboxes").glob("*")),
         "snapshots": sorted(p.name for p in (root / "snapshots").glob("*")),
     }
-    mem_end = available_mib()
+    mem_end = available_memory_mib()
     report = {
         "rounds": args.rounds,
         "parallel": args.parallel,

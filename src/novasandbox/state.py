@@ -184,3 +184,20 @@ def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while _same_process(info.pid, info.pid_start_time, info.id) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def vmm_pids_under(root: Path) -> list[int]:
+    """PIDs of live QEMU processes whose command line mentions ``root`` (a state
+    directory): how tests and the soak script check that nothing outlived them."""
+    needle = str(root).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and needle in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from novasandbox import Sandbox, TemplateManager
+from novasandbox.state import vmm_pids_under
 
 pytestmark = pytest.mark.integration
 
@@ -26,18 +27,7 @@ LOG_DIR = Path(os.environ.get("NOVASANDBOX_TEST_LOGS", "/tmp/novasandbox-test-lo
 
 def qemu_processes_under(root: Path) -> list[int]:
     """PIDs of live QEMU processes whose command line mentions ``root``."""
-    needle = str(root).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and needle in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return vmm_pids_under(root)
 
 
 def assert_no_leftovers(root: Path) -> None:
