@@ -41,7 +41,7 @@ from .errors import (
     VMStartError,
 )
 from .files import AsyncFiles
-from .providers.base import VMPaths, VMSpec
+from .providers.base import Confinement, VMPaths, VMSpec, confinement
 from .providers.qemu import (
     QemuProvider,
     QemuVM,
@@ -62,6 +62,7 @@ from .state import (
     list_sandboxes,
     new_sandbox_id,
     reap,
+    vmm_uids_in_use,
     remove_state,
     sandboxes_dir,
     write_record,
@@ -87,6 +88,11 @@ class SandboxState(enum.StrEnum):
 # Sandboxes of this process, killed at interpreter exit if their owner forgot.
 _LIVE: dict[str, tuple[int, Path]] = {}
 _LIVE_LOCK = threading.Lock()
+
+
+def _reap_then_uids_in_use() -> set[int]:
+    reap()
+    return vmm_uids_in_use()
 
 
 @atexit.register
@@ -122,6 +128,8 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self.confine: Confinement | None = None
+        """The unprivileged identity its VMM runs as, when NovaSandbox runs as root."""
         self._stopping = False
         """Set once ``kill`` has begun: the VM's exit is then not a crash."""
         self.crash_reason: str | None = None
@@ -163,7 +171,8 @@ class AsyncSandbox:
         agent powering the VM off if this process is gone, and by the next ``gc``.
         """
         lifetime = validate_lifetime(timeout)
-        await asyncio.to_thread(reap)  # what crashed owners and expired lifetimes left
+        # what crashed owners and expired lifetimes left, and the VMM uids in use
+        taken_uids = await asyncio.to_thread(_reap_then_uids_in_use)
         accel = choose_accel()
         manager = templates or TemplateManager()
         env_map = validate_env(env)
@@ -209,6 +218,7 @@ class AsyncSandbox:
             accel=accel.name,
         )
         sb.source_snapshot = snap
+        sb.confine = confinement(sandbox_id, taken_uids)
         log.info(
             "creating sandbox %s from %s by %s (%s: %s)",
             sandbox_id,
@@ -226,6 +236,7 @@ class AsyncSandbox:
             accel.name,
             rootfs_format=disk_format,
             incoming=incoming,
+            confine=sb.confine,
         )
         try:
             await sb._boot(QemuProvider(), spec, boot_timeout, lifetime)
@@ -323,6 +334,7 @@ class AsyncSandbox:
                 source_snapshot=self.source_snapshot.id if self.source_snapshot else None,
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
+                vmm_uid=self.confine.uid if self.confine else None,
             ),
         )
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("novasandbox.snapshots")
 
-SNAPSHOT_RECIPE = "5"
+SNAPSHOT_RECIPE = "6"
 """Bump when what a template snapshot contains changes."""
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"

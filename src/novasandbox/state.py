@@ -51,6 +51,8 @@ class SandboxInfo:
     owner_start_time: int | None = None
     deadline: float | None = None
     """When the sandbox's lifetime ends (epoch seconds); None: no limit."""
+    vmm_uid: int | None = None
+    """The unprivileged uid its VMM runs as (None: the VMM runs as its owner)."""
 
     @property
     def owner_alive(self) -> bool:
@@ -111,6 +113,11 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
         return []
     infos = [info for d in sorted(base.iterdir()) if (info := read_record(d)) is not None]
     return sorted(infos, key=lambda i: i.created_at)
+
+
+def vmm_uids_in_use(root: Path | None = None) -> set[int]:
+    """The uids the VMMs of recorded sandboxes run as (or are about to)."""
+    return {i.vmm_uid for i in list_sandboxes(root) if i.vmm_uid is not None}
 
 
 def remove_state(directory: Path) -> None:

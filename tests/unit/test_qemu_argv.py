@@ -9,10 +9,18 @@ import pytest
 from novasandbox.config import Drive, MachineConfig
 from novasandbox.errors import ConfigError
 from novasandbox.guest.protocol import AGENT_PORT_NAME
-from novasandbox.providers.base import VMPaths, VMSpec
+from novasandbox.providers.base import (
+    VMM_ID_BASE,
+    VMM_ID_COUNT,
+    Confinement,
+    VMPaths,
+    VMSpec,
+    confinement,
+)
 from novasandbox.providers.qemu import (
     GUEST_INIT,
     ROOT_SERIAL,
+    DiskFds,
     build_argv,
     choose_accel,
     drive_serial,
@@ -29,6 +37,8 @@ def make_spec(
     memory_mib: int = 512,
     drives: tuple[Drive, ...] = (),
     kernel_args: tuple[str, ...] = (),
+    rootfs_format: str = "raw",
+    confine: Confinement | None = None,
 ) -> VMSpec:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
@@ -41,7 +51,23 @@ def make_spec(
         rootfs=tmp_path / "rootfs.ext4",
         paths=VMPaths(state),
         accel=accel,
+        rootfs_format=rootfs_format,
+        confine=confine,
     )
+
+
+def fds_for(spec: VMSpec) -> DiskFds:
+    """Made-up descriptor numbers: the base gets 10, the overlay 11 and 12, drive i
+    20+2i (and 21+2i when writable)."""
+    drives = tuple(
+        (20 + 2 * i,) if d.read_only else (20 + 2 * i, 21 + 2 * i)
+        for i, d in enumerate(spec.machine.drives)
+    )
+    return DiskFds(base=(10,), overlay=(11, 12), drives=drives)
+
+
+def build(spec: VMSpec, **kwargs: object) -> list[str]:
+    return build_argv(spec, fds_for(spec), **kwargs)  # type: ignore[arg-type]
 
 
 def make_drive(tmp_path: Path, name: str, mount: str, **kwargs: object) -> Drive:
@@ -76,7 +102,7 @@ def props(value: str) -> dict[str, str]:
 
 def test_microvm_machine_and_basics(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, vcpus=3, memory_mib=768)
-    argv = build_argv(spec, qemu="/opt/qemu/bin/qemu-system-x86_64")
+    argv = build(spec, qemu="/opt/qemu/bin/qemu-system-x86_64")
     assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
     machine = props(option(argv, "-M"))
     assert "microvm" in machine
@@ -92,13 +118,13 @@ def test_microvm_machine_and_basics(tmp_path: Path) -> None:
 
 
 def test_tcg_accel_and_cpu(tmp_path: Path) -> None:
-    argv = build_argv(make_spec(tmp_path, accel="tcg"))
+    argv = build(make_spec(tmp_path, accel="tcg"))
     assert option(argv, "-accel").split(",")[0] == "tcg"
     assert option(argv, "-cpu") == "qemu64"
 
 
 def test_kvm_accel_and_cpu(tmp_path: Path) -> None:
-    argv = build_argv(make_spec(tmp_path, accel="kvm"))
+    argv = build(make_spec(tmp_path, accel="kvm"))
     assert option(argv, "-accel") == "kvm"
     assert option(argv, "-cpu") == "host"
 
@@ -117,36 +143,67 @@ def test_kernel_cmdline_boots_the_agent_and_appends_user_args(tmp_path: Path) ->
     assert words[-2:] == ["loglevel=7", "foo"]
 
 
-def test_root_overlay_drive(tmp_path: Path) -> None:
+def blockdevs(argv: list[str]) -> dict[str, dict[str, str]]:
+    return {(d := props(v))["node-name"]: d for v in options(argv, "-blockdev")}
+
+
+def fdsets(argv: list[str]) -> dict[int, list[int]]:
+    sets: dict[int, list[int]] = {}
+    for value in options(argv, "-add-fd"):
+        p = props(value)
+        sets.setdefault(int(p["set"]), []).append(int(p["fd"]))
+    return sets
+
+
+def test_root_disk_is_an_overlay_on_the_read_only_base_both_given_as_fds(
+    tmp_path: Path,
+) -> None:
     spec = make_spec(tmp_path)
-    argv = build_argv(spec)
-    drives = [props(d) for d in options(argv, "-drive")]
-    assert len(drives) == 1
-    root = drives[0]
-    assert root["id"] == "root"
-    assert root["file"] == str(spec.paths.overlay)
-    assert root["format"] == "qcow2"
-    assert root["if"] == "none"
-    assert "readonly" not in root
+    argv = build(spec)
+    assert "-drive" not in argv
+    assert fdsets(argv) == {1: [10], 2: [11, 12]}
+    nodes = blockdevs(argv)
+    assert set(nodes) == {"base-file", "base", "root-file", "root"}
+    assert nodes["base-file"]["filename"] == "/dev/fdset/1"
+    assert nodes["base-file"]["read-only"] == "on"
+    assert nodes["base"]["driver"] == "raw"
+    assert nodes["base"]["read-only"] == "on"
+    assert nodes["root-file"]["filename"] == "/dev/fdset/2"
+    assert "read-only" not in nodes["root-file"]
+    assert nodes["root"]["driver"] == "qcow2"
+    assert nodes["root"]["backing"] == "base"
     devices = options(argv, "-device")
     assert f"virtio-blk-device,drive=root,serial={ROOT_SERIAL}" in devices
     assert ROOT_SERIAL == "nsroot"
-    # the template image itself is never handed to QEMU: only the overlay is
-    assert str(spec.rootfs) not in " ".join(argv)
 
 
-def test_extra_drives_get_serials_and_read_only(tmp_path: Path) -> None:
+def test_no_disk_path_reaches_qemu(tmp_path: Path) -> None:
+    """QEMU gets its disks as descriptors only: a confined QEMU could not open a path."""
+    rw = make_drive(tmp_path, "a,readonly=on.img", "/data")
+    spec = make_spec(tmp_path, drives=(rw,))
+    line = " ".join(build(spec))
+    for path in (spec.rootfs, spec.paths.overlay, rw.path):
+        assert str(path) not in line
+
+
+def test_snapshot_disk_base_is_qcow2(tmp_path: Path) -> None:
+    nodes = blockdevs(build(make_spec(tmp_path, rootfs_format="qcow2")))
+    assert nodes["base"]["driver"] == "qcow2"
+
+
+def test_extra_drives_get_serials_fdsets_and_read_only(tmp_path: Path) -> None:
     rw = make_drive(tmp_path, "rw.img", "/data")
     ro = make_drive(tmp_path, "ro.qcow2", "/ref", read_only=True, format="qcow2")
-    argv = build_argv(make_spec(tmp_path, drives=(rw, ro)))
-    drives = [props(d) for d in options(argv, "-drive")]
-    assert [d["id"] for d in drives] == ["root", "drive1", "drive2"]
-    assert drives[1]["file"] == rw.path
-    assert drives[1]["format"] == "raw"
-    assert "readonly" not in drives[1]
-    assert drives[2]["file"] == ro.path
-    assert drives[2]["format"] == "qcow2"
-    assert drives[2]["readonly"] == "on"
+    argv = build(make_spec(tmp_path, drives=(rw, ro)))
+    assert fdsets(argv) == {1: [10], 2: [11, 12], 3: [20, 21], 4: [22]}
+    nodes = blockdevs(argv)
+    assert nodes["drive1-file"]["filename"] == "/dev/fdset/3"
+    assert nodes["drive1"]["driver"] == "raw"
+    assert "read-only" not in nodes["drive1"]
+    assert nodes["drive2-file"]["filename"] == "/dev/fdset/4"
+    assert nodes["drive2"]["driver"] == "qcow2"
+    assert nodes["drive2"]["read-only"] == "on"
+    assert nodes["drive2-file"]["read-only"] == "on"
     blk = [props(d) for d in options(argv, "-device") if d.startswith("virtio-blk-device")]
     assert [(d["drive"], d["serial"]) for d in blk] == [
         ("root", "nsroot"),
@@ -156,9 +213,17 @@ def test_extra_drives_get_serials_and_read_only(tmp_path: Path) -> None:
     assert drive_serial(1) == "nsdrive1"
 
 
+def test_a_drive_without_descriptors_is_refused(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, drives=(make_drive(tmp_path, "rw.img", "/data"),))
+    with pytest.raises(ValueError):
+        build_argv(spec, DiskFds(base=(10,), overlay=(11,)))
+    with pytest.raises(ValueError):
+        build_argv(spec, DiskFds(base=(10,), overlay=(11,), drives=((),)))
+
+
 def test_agent_channel(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    argv = build_argv(spec)
+    argv = build(spec)
     chardev = props(option(argv, "-chardev"))
     assert "socket" in chardev
     assert chardev["path"] == str(spec.paths.agent_socket)
@@ -172,7 +237,7 @@ def test_agent_channel(tmp_path: Path) -> None:
 
 def test_console_log_and_qmp_socket(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
-    argv = build_argv(spec)
+    argv = build(spec)
     assert option(argv, "-serial") == f"file:{spec.paths.console_log}"
     assert spec.paths.console_log == tmp_path / "state" / "console.log"
     qmp = props(option(argv, "-qmp"))
@@ -184,7 +249,7 @@ def test_console_log_and_qmp_socket(tmp_path: Path) -> None:
 def test_build_argv_touches_no_file(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    build_argv(spec)
+    build(spec)
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -299,13 +364,6 @@ def test_unusable_dev_kvm_is_tcg(host: tuple[Path, Path]) -> None:
     assert "not accessible" in choice.reason
 
 
-def test_drive_path_with_comma_is_escaped(tmp_path: Path) -> None:
-    drive = make_drive(tmp_path, "a,readonly=on.img", "/data")
-    argv = build_argv(make_spec(tmp_path, drives=(drive,)))
-    (value,) = [d for d in options(argv, "-drive") if d.startswith("id=drive1,")]
-    assert f"file={str(drive.path).replace(',', ',,')}," in value
-
-
 def test_admission_arithmetic() -> None:
     from novasandbox.errors import HostMemoryExhausted
     from novasandbox.providers.qemu import VMM_OVERHEAD_MIB, admit, available_memory_mib
@@ -327,7 +385,37 @@ def test_reserve_setting() -> None:
 
 
 def test_qemu_runs_under_its_seccomp_sandbox(tmp_path: Path) -> None:
-    sandbox = option(build_argv(make_spec(tmp_path)), "-sandbox").split(",")
+    argv = build(make_spec(tmp_path))
+    sandbox = option(argv, "-sandbox").split(",")
     assert sandbox[0] == "on"
     for deny in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
         assert f"{deny}=deny" in sandbox
+    assert "-runas" not in argv
+    assert "-chroot" not in argv
+
+
+def test_confined_qemu_drops_to_its_uid_in_an_empty_chroot(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, confine=Confinement(VMM_ID_BASE + 7, VMM_ID_BASE + 7))
+    argv = build(spec)
+    assert option(argv, "-runas") == f"{VMM_ID_BASE + 7}:{VMM_ID_BASE + 7}"
+    assert option(argv, "-chroot") == str(spec.paths.jail)
+    assert spec.paths.jail.parent == spec.paths.state_dir
+    sandbox = option(argv, "-sandbox").split(",")
+    # -runas calls setgid/setuid after the filter is installed; the rest stays denied
+    assert "elevateprivileges=allow" in sandbox
+    for deny in ("obsolete", "spawn", "resourcecontrol"):
+        assert f"{deny}=deny" in sandbox
+
+
+def test_confinement_only_for_root_and_never_a_taken_uid() -> None:
+    assert confinement("sb-1", euid=1000) is None
+    first = confinement("sb-1", euid=0)
+    assert first is not None
+    assert first.uid == first.gid
+    assert VMM_ID_BASE <= first.uid < VMM_ID_BASE + VMM_ID_COUNT
+    assert confinement("sb-1", euid=0) == first  # derived from the id
+    moved = confinement("sb-1", {first.uid, first.uid + 1}, euid=0)
+    assert moved is not None
+    assert moved.uid not in (first.uid, first.uid + 1)
+    ids = {c.uid for i in range(2000) if (c := confinement(f"sb-{i}", euid=0))}
+    assert len(ids) > 1990  # spread over the range

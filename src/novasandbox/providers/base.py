@@ -7,6 +7,9 @@ byte-stream channel the host can connect to. Sandbox logic never sees VMM detail
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -40,6 +43,44 @@ class VMPaths:
     def overlay(self) -> Path:
         return self.state_dir / "rootfs.qcow2"
 
+    @property
+    def jail(self) -> Path:
+        """An empty directory that a confined VMM is chrooted into."""
+        return self.state_dir / "jail"
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """How a VMM started as root gives up root once it has opened what it needs: it
+    switches to ``uid``:``gid`` (a pair no other live sandbox uses, and no account of the
+    host) and is chrooted into its sandbox's empty ``jail`` directory. From then on it
+    reaches only the files it already holds open: its disks, log, console and sockets."""
+
+    uid: int
+    gid: int
+
+
+VMM_ID_BASE = 0x6000_0000
+"""First uid (and gid) of the range confined VMMs run as; far above any account."""
+VMM_ID_COUNT = 1 << 24
+
+
+def confinement(
+    vm_id: str, taken: Collection[int] = (), euid: int | None = None
+) -> Confinement | None:
+    """The identity a VMM started for ``vm_id`` drops to: None unless we are root, else a
+    uid in ``[VMM_ID_BASE, VMM_ID_BASE + VMM_ID_COUNT)`` derived from the id and moved on
+    past any in ``taken`` (those of live sandboxes), so no two VMMs share one. Pure."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    slot = int.from_bytes(hashlib.sha256(vm_id.encode()).digest()[:4], "big") % VMM_ID_COUNT
+    used = set(taken)
+    for step in range(VMM_ID_COUNT):
+        uid = VMM_ID_BASE + (slot + step) % VMM_ID_COUNT
+        if uid not in used:
+            return Confinement(uid, uid)
+    raise RuntimeError("no free VMM uid")  # 16 million live sandboxes
+
 
 @dataclass(frozen=True, slots=True)
 class VMSpec:
@@ -57,6 +98,8 @@ class VMSpec:
     template image (raw) or a snapshot's disk (qcow2)."""
     incoming: Path | None = None
     """A memory snapshot to restore instead of booting (the VM starts paused)."""
+    confine: Confinement | None = None
+    """Set when the VMM is started as root: the unprivileged identity it drops to."""
 
 
 @runtime_checkable

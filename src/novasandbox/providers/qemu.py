@@ -112,10 +112,42 @@ def _opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+@dataclass(frozen=True, slots=True)
+class DiskFds:
+    """Descriptors QEMU inherits for its disks, one fd set (``-add-fd``) per disk.
+
+    QEMU opens ``/dev/fdset/N`` instead of a path, so a confined QEMU (chrooted, not
+    root) that reopens a disk, as it does when a restore completes, needs no access to
+    the host's files. A writable disk's set holds a read-write and a read-only descriptor:
+    QEMU takes the one whose access mode it asks for."""
+
+    base: tuple[int, ...]
+    overlay: tuple[int, ...]
+    drives: tuple[tuple[int, ...], ...] = ()
+
+
+BASE_FDSET = 1
+OVERLAY_FDSET = 2
+
+
+def drive_fdset(index: int) -> int:
+    return OVERLAY_FDSET + index
+
+
+def seccomp_option(confined: bool) -> str:
+    """QEMU's seccomp filter: no obsolete syscalls, no fork/exec, no scheduler or resource
+    control changes (snapshots are saved through an fd) and, unless QEMU must drop root
+    itself (``-runas``, which calls setuid after the filter is in place), no set*id.
+    Once it has dropped root, set*id cannot give anything back."""
+    privileges = "allow" if confined else "deny"
+    return f"on,obsolete=deny,elevateprivileges={privileges},spawn=deny,resourcecontrol=deny"
+
+
 def build_argv(
-    spec: VMSpec, qemu: str = QEMU_BINARY, *, incoming_fd: int | None = None
+    spec: VMSpec, disks: DiskFds, qemu: str = QEMU_BINARY, *, incoming_fd: int | None = None
 ) -> list[str]:
-    """QEMU's argv for ``spec``. Pure: touches no file and starts nothing.
+    """QEMU's argv for ``spec``, its disks open at the descriptors in ``disks``. Pure:
+    touches no file and starts nothing.
 
     With ``incoming_fd`` QEMU restores the memory snapshot it reads from that (inherited)
     file descriptor instead of booting; the device model must be the snapshot's, which
@@ -123,6 +155,8 @@ def build_argv(
     """
     m = spec.machine
     p = spec.paths
+    if len(disks.drives) != len(m.drives):
+        raise ValueError("one fd set per drive is needed")
     accel = "kvm" if spec.accel == "kvm" else "tcg,tb-size=32"
     argv = [
         qemu,
@@ -138,10 +172,17 @@ def build_argv(
         str(m.vcpus),
         "-m",
         f"{m.memory_mib}M",
-        # QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no
-        # scheduler or resource control changes (snapshots are saved through an fd)
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        seccomp_option(spec.confine is not None),
+    ]
+    if spec.confine is not None:
+        argv += [
+            "-runas",
+            f"{spec.confine.uid}:{spec.confine.gid}",
+            "-chroot",
+            str(p.jail),
+        ]
+    argv += [
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -155,18 +196,35 @@ def build_argv(
         f"file:{_opt(p.console_log)}",
         "-qmp",
         f"unix:{_opt(p.control_socket)},server=on,wait=off",
-        # the root disk: a per-sandbox copy-on-write overlay; the template image is its
-        # read-only backing file and is never written
-        "-drive",
-        f"id=root,file={_opt(p.overlay)},format=qcow2,if=none,discard=unmap",
+    ]
+    sets = [(BASE_FDSET, disks.base), (OVERLAY_FDSET, disks.overlay)]
+    sets += [(drive_fdset(i), fds) for i, fds in enumerate(disks.drives, start=1)]
+    for set_id, fds in sets:
+        if not fds:
+            raise ValueError(f"fd set {set_id} is empty")
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={set_id}"]
+    argv += [
+        # the root disk: a per-sandbox copy-on-write overlay; the template image (or a
+        # snapshot's disk) is its read-only backing file and is never written
+        "-blockdev",
+        f"driver=file,node-name=base-file,filename=/dev/fdset/{BASE_FDSET},read-only=on",
+        "-blockdev",
+        f"driver={spec.rootfs_format},node-name=base,file=base-file,read-only=on",
+        "-blockdev",
+        f"driver=file,node-name=root-file,filename=/dev/fdset/{OVERLAY_FDSET},discard=unmap",
+        "-blockdev",
+        "driver=qcow2,node-name=root,file=root-file,backing=base,discard=unmap",
         "-device",
         f"virtio-blk-device,drive=root,serial={ROOT_SERIAL}",
     ]
     for index, drive in enumerate(m.drives, start=1):
-        ro = ",readonly=on" if drive.read_only else ""
+        ro = ",read-only=on" if drive.read_only else ""
         argv += [
-            "-drive",
-            f"id=drive{index},file={_opt(drive.path)},format={drive.format},if=none{ro}",
+            "-blockdev",
+            f"driver=file,node-name=drive{index}-file,filename=/dev/fdset/{drive_fdset(index)}{ro}",
+            "-blockdev",
+            f"driver={drive.format},node-name=drive{index},file=drive{index}-file{ro}",
             "-device",
             f"virtio-blk-device,drive=drive{index},serial={drive_serial(index)}",
         ]
@@ -183,6 +241,40 @@ def build_argv(
     if incoming_fd is not None:
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
+
+
+def open_disks(spec: VMSpec) -> DiskFds:
+    """Open the VM's disks for ``build_argv``; the caller closes them (``close_disks``)
+    once QEMU has started."""
+    opened: list[int] = []
+
+    def fds(path: Path, writable: bool) -> tuple[int, ...]:
+        modes = (os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,)
+        for mode in modes:
+            opened.append(os.open(path, mode | os.O_CLOEXEC))
+        return tuple(opened[-len(modes) :])
+
+    try:
+        return DiskFds(
+            base=fds(spec.rootfs, False),
+            overlay=fds(spec.paths.overlay, True),
+            drives=tuple(fds(d.path, not d.read_only) for d in spec.machine.drives),
+        )
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+
+
+def inherited_fds(disks: DiskFds, incoming: int | None) -> tuple[int, ...]:
+    fds = (*disks.base, *disks.overlay, *(fd for d in disks.drives for fd in d))
+    return fds + ((incoming,) if incoming is not None else ())
+
+
+def close_disks(disks: DiskFds) -> None:
+    for fd in inherited_fds(disks, None):
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def overlay_argv(
@@ -465,9 +557,14 @@ class QemuProvider:
         admit(spec.machine.memory_mib, available_memory_mib(), reserve_mib())
         seed = self._overlay_seed(spec.rootfs, spec.rootfs_format)
         shutil.copyfile(seed, paths.overlay)
-        incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming else None
+        if spec.confine is not None:
+            paths.jail.mkdir(mode=0o500, exist_ok=True)
+        disks = open_disks(spec)
+        incoming = None
         try:
-            argv = build_argv(spec, self.qemu, incoming_fd=incoming)
+            if spec.incoming:
+                incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
+            argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming)
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
             with open(paths.vmm_log, "wb") as vmm_log:
                 proc = subprocess.Popen(
@@ -477,9 +574,10 @@ class QemuProvider:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=(incoming,) if incoming is not None else (),
+                    pass_fds=inherited_fds(disks, incoming),
                 )
         finally:
+            close_disks(disks)
             if incoming is not None:
                 os.close(incoming)
         limit_vmm(proc.pid, spec.machine.memory_mib)
