@@ -126,6 +126,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="ns-soak-", dir="/tmp"))
     os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
+    from novasandbox.providers import cgroups
     from novasandbox.providers.qemu import available_memory_mib
     from novasandbox.state import reap, vmm_pids_under
 
@@ -148,6 +149,7 @@ def main() -> int:
         "qemu_processes": vmm_pids_under(root),
         "state_entries": sorted(p.name for p in (root / "sandboxes").glob("*")),
         "snapshots": sorted(p.name for p in (root / "snapshots").glob("*")),
+        "control_groups": cgroups.empty_groups(),
     }
     mem_end = available_memory_mib()
     report = {

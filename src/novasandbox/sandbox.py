@@ -62,9 +62,9 @@ from .state import (
     list_sandboxes,
     new_sandbox_id,
     reap,
-    vmm_uids_in_use,
     remove_state,
     sandboxes_dir,
+    vmm_uids_in_use,
     write_record,
 )
 from .templates import TemplateManager
@@ -362,6 +362,11 @@ class AsyncSandbox:
                 return "kernel panic: " + line.split("not syncing:", 1)[1].strip()
         code = vm.exit_code
         if code is not None and code < 0:
+            if vm.killed_for_memory():
+                return (
+                    f"the VMM was killed by signal {-code}: the host kernel's OOM killer, "
+                    "for going over its control group's memory limit"
+                )
             return f"the VMM was killed by signal {-code}"
         if code:
             return f"the VMM exited with status {code}: {vm.vmm_error()[-300:]}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import SandboxNotFound
 from .paths import state_dir
+from .providers import cgroups
 from .providers.qemu import process_start_time
 
 RECORD = "record.json"
@@ -141,6 +142,7 @@ def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGKILL)
         _wait_gone(info, timeout)
+    cgroups.remove_group(sandbox_id)
     remove_state(directory)
 
 
@@ -174,8 +176,11 @@ def reap(root: Path | None = None) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(info.pid, signal.SIGKILL)
             _wait_gone(info)
+        cgroups.remove_group(info.id)
         remove_state(directory)
         reaped.append(info.id)
+    # control groups whose VMM someone else killed (or whose owner died mid-create)
+    cgroups.sweep(lambda name: (base / name).exists())
     if reaped:
         # forks' snapshots whose sandboxes were just reaped
         from .snapshots import drop_unused_fork_snapshot, list_snapshots

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from novasandbox import Sandbox, TemplateManager
+from novasandbox.providers import cgroups
 from novasandbox.state import vmm_pids_under
 
 pytestmark = pytest.mark.integration
@@ -31,11 +32,12 @@ def qemu_processes_under(root: Path) -> list[int]:
 
 
 def assert_no_leftovers(root: Path) -> None:
-    """No VMM process, and no state entry, left under the state root."""
+    """No VMM process, no state entry and no control group left behind."""
     assert qemu_processes_under(root) == []
     sandboxes = root / "sandboxes"
     leftover = sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else []
     assert leftover == []
+    assert cgroups.empty_groups() == []
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +54,7 @@ def state_root() -> Iterator[Path]:
     leftovers = qemu_processes_under(root)
     shutil.rmtree(root, ignore_errors=True)
     assert leftovers == [], f"QEMU processes outlived the test session: {leftovers}"
+    assert cgroups.empty_groups() == [], "control groups outlived their VMMs"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,13 +4,15 @@ is chrooted into an empty directory, so it holds only what it opened before."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from novasandbox import Sandbox, TemplateManager
-from novasandbox.errors import ProviderError
+from novasandbox import Sandbox, SandboxState, TemplateManager
+from novasandbox.errors import NovaSandboxError, ProviderError
+from novasandbox.providers import cgroups
 from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT
 from novasandbox.snapshots import delete_snapshot
 from novasandbox.sync import _Portal
@@ -67,7 +69,7 @@ def test_vmm_runs_as_its_own_uid_in_an_empty_jail(factory: Any, state_root: Path
         # QEMU asked to open a host file, even one of its own sandbox by path, cannot
         for path in ("/etc/hostname", str(Path(info.state_dir) / "console.log")):
             with pytest.raises(
-                ProviderError, match="Could not open .*(Permission denied|No such file)"
+                ProviderError, match=r"Could not open .*(Permission denied|No such file)"
             ):
                 qmp(
                     sb,
@@ -93,3 +95,66 @@ def test_confined_vmms_still_restore_write_and_snapshot(factory: Any) -> None:
         for s in list(factory.sandboxes):
             s.kill()
         delete_snapshot(snap)
+
+
+def cgroup_layout() -> cgroups.Layout:
+    layout = cgroups.detect()
+    if layout is None:
+        pytest.skip("this host has no writable cgroup hierarchy with memory and pids")
+    return layout
+
+
+def groups_of(pid: int) -> dict[str, str]:
+    """controller -> group path, from /proc/PID/cgroup ("" is the v2 hierarchy)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            out[controller] = path
+    return out
+
+
+def test_vmm_runs_in_a_control_group_of_its_own_with_limits(factory: Any) -> None:
+    layout = cgroup_layout()
+    sb = factory.create()
+    info = next(i for i in Sandbox.list() if i.id == sb.id)
+    assert info.pid is not None
+    member = groups_of(info.pid)
+    for controller in layout.hierarchies:
+        key = "" if layout.version == 2 else controller
+        assert member[key] == f"/{cgroups.GROUP}/{sb.id}"
+    for control, value in layout.settings(cgroups.limits_for(1, 256)).items():
+        assert (layout.file_dir(sb.id, control) / control).read_text().strip() == value
+    sb.kill()
+    for directory in layout.group_dirs(sb.id):
+        assert not directory.exists()
+
+
+def test_memory_limit_is_enforced_by_the_host_kernel(factory: Any) -> None:
+    """Lower a VMM's memory limit under what its guest is about to touch: the host kernel
+    kills that VMM (state crashed, reason given), and a second sandbox carries on."""
+    layout = cgroup_layout()
+    victim = factory.create()
+    bystander = factory.create()
+    usage, limit = (
+        ("memory.current", "memory.max")
+        if layout.version == 2
+        else ("memory.usage_in_bytes", "memory.limit_in_bytes")
+    )
+    directory = layout.file_dir(victim.id, limit)
+    used = int((directory / usage).read_text())
+    (directory / limit).write_text(str(used + (24 << 20)))
+    with pytest.raises(NovaSandboxError):
+        victim.commands.run(
+            "python3 -c 'b = b\"x\" * (160 << 20); import time; time.sleep(30)'", timeout=60
+        )
+    deadline = time.monotonic() + 10
+    while victim.state is not SandboxState.CRASHED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim.state is SandboxState.CRASHED
+    assert victim.crash_reason is not None
+    assert "memory limit" in victim.crash_reason
+    assert bystander.commands.run("echo alive").stdout == "alive\n"
+    victim.kill()
+    for d in layout.group_dirs(victim.id):
+        assert not d.exists()

@@ -34,7 +34,9 @@ from ..errors import (
     VMStartError,
 )
 from ..guest.protocol import AGENT_PORT_NAME
+from . import cgroups
 from .base import VMSpec
+from .cgroups import VMMGroup
 
 log = logging.getLogger("novasandbox.qemu")
 
@@ -248,7 +250,7 @@ def open_disks(spec: VMSpec) -> DiskFds:
     once QEMU has started."""
     opened: list[int] = []
 
-    def fds(path: Path, writable: bool) -> tuple[int, ...]:
+    def fds(path: str | os.PathLike[str], writable: bool) -> tuple[int, ...]:
         modes = (os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,)
         for mode in modes:
             opened.append(os.open(path, mode | os.O_CLOEXEC))
@@ -382,9 +384,13 @@ def process_start_time(pid: int) -> int | None:
 class QemuVM:
     """One running QEMU process and its QMP connection."""
 
-    def __init__(self, spec: VMSpec, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, spec: VMSpec, proc: subprocess.Popen[bytes], group: VMMGroup | None = None
+    ) -> None:
         self.spec = spec
         self._proc = proc
+        self.group = group
+        """Its control group (None: rlimits only)."""
         self._qmp: QMPClient | None = None
         self._qmp_lock = asyncio.Lock()
         self.start_time = process_start_time(proc.pid)
@@ -514,7 +520,16 @@ class QemuVM:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.disconnect(), timeout)
             self._qmp = None
-        await asyncio.to_thread(self._proc.wait)
+        await asyncio.to_thread(self._finish)
+
+    def _finish(self) -> None:
+        self._proc.wait()
+        if self.group is not None:
+            self.group.remove()
+
+    def killed_for_memory(self) -> bool:
+        """Whether the kernel killed the VMM for going over its control group's memory."""
+        return self.group is not None and self.group.oom_killed()
 
 
 class QemuProvider:
@@ -561,7 +576,14 @@ class QemuProvider:
             paths.jail.mkdir(mode=0o500, exist_ok=True)
         disks = open_disks(spec)
         incoming = None
+        group = None
         try:
+            layout = cgroups.detect()
+            if layout is not None:
+                m = spec.machine
+                group = VMMGroup.create(
+                    layout, spec.vm_id, cgroups.limits_for(m.vcpus, m.memory_mib)
+                )
             if spec.incoming:
                 incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
             argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming)
@@ -575,11 +597,18 @@ class QemuProvider:
                     start_new_session=True,
                     close_fds=True,
                     pass_fds=inherited_fds(disks, incoming),
+                    preexec_fn=group.join if group is not None else None,
                 )
+        except BaseException:
+            if group is not None:
+                group.remove()
+            raise
         finally:
             close_disks(disks)
+            if group is not None:
+                group.close_fds()
             if incoming is not None:
                 os.close(incoming)
         limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
-        return QemuVM(spec, proc)
+        return QemuVM(spec, proc, group)
