@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from . import __version__
 from .config import validate_env
 from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
 from .paths import cache_dir, state_dir
+from .providers import cgroups
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .snapshots import delete_snapshot, list_snapshots
 from .state import kill_sandbox, list_sandboxes, reap
@@ -322,6 +324,16 @@ def doctor(as_json: bool) -> None:
         report["accelerator"] = {"name": accel.name, "reason": accel.reason}
     except ConfigError as exc:
         report["accelerator"] = {"name": "invalid", "reason": exc.message}
+    report["vmm_confinement"] = (
+        "drops root: a uid of its own per sandbox, chrooted into an empty directory"
+        if os.geteuid() == 0
+        else "runs as this user (QEMU drops privileges only when started as root)"
+    )
+    try:
+        layout = cgroups.detect()
+        report["vmm_cgroups"] = layout.describe() if layout else "none (rlimits only)"
+    except ConfigError as exc:
+        report["vmm_cgroups"] = f"invalid: {exc.message}"
     runtime = missing_tools([(QEMU_BINARY, "qemu-system-x86"), (QEMU_IMG, "qemu-utils")])
     build = missing_tools(
         KERNEL_TOOLS + IMAGE_TOOLS + [("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1")]
@@ -347,6 +359,8 @@ def doctor(as_json: bool) -> None:
         c.print(
             f"accelerator:  {report['accelerator']['name']} ({report['accelerator']['reason']})"
         )
+        c.print(f"VMM user:     {report['vmm_confinement']}")
+        c.print(f"VMM limits:   {report['vmm_cgroups']}")
         c.print(f"cache:        {cache_dir()}")
         c.print(f"state:        {report['state_dir']}")
         for t in templates:

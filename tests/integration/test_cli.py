@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from novasandbox.providers import cgroups
+
 from .conftest import assert_no_leftovers
 
 pytestmark = pytest.mark.integration
@@ -91,6 +93,9 @@ def test_template_list_and_doctor() -> None:
     report = json.loads(r.stdout)
     assert report["accelerator"]["name"] in ("kvm", "tcg")
     assert report["qemu"].startswith("QEMU emulator version")
+    layout = cgroups.detect()
+    assert report["vmm_cgroups"] == (layout.describe() if layout else "none (rlimits only)")
+    assert report["vmm_confinement"].startswith("drops root" if os.geteuid() == 0 else "runs as")
     r = cli("template", "build", "python")
     assert r.returncode == 0
     assert "up to date" in r.stdout
