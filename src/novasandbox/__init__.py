@@ -27,6 +27,7 @@ from .errors import (
     HostMemoryExhausted,
     HostToolMissing,
     InvalidWorkingDirectory,
+    NetworkError,
     NoSpaceLeft,
     NovaSandboxError,
     PoolClosed,
@@ -49,6 +50,7 @@ from .errors import (
     VMStartError,
 )
 from .files import EntryInfo
+from .network import NetworkConfig
 from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
@@ -81,6 +83,8 @@ __all__ = [
     "HostToolMissing",
     "InvalidWorkingDirectory",
     "MachineConfig",
+    "NetworkConfig",
+    "NetworkError",
     "NoSpaceLeft",
     "NovaSandboxError",
     "Pool",

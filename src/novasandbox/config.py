@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import ConfigError
+from .network import NetworkConfig
 
 MIN_MEMORY_MIB = 64
 """Below this the guest kernel plus the Python agent does not come up reliably."""
@@ -95,8 +96,11 @@ class MachineConfig:
     drives: tuple[Drive, ...] = ()
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     kernel_args: tuple[str, ...] = ()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.network, NetworkConfig):
+            raise ConfigError("network must be a NetworkConfig")
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int):
             raise ConfigError(f"vcpus must be an integer, got {self.vcpus!r}")
         if not 1 <= self.vcpus <= MAX_VCPUS:

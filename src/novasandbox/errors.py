@@ -106,6 +106,13 @@ class HostMemoryExhausted(ProviderError):
     code = "host-memory-exhausted"
 
 
+class NetworkError(ProviderError):
+    """The sandbox's network could not be set up (a host name in the allow list that does
+    not resolve, an egress policy this host cannot enforce, no free port)."""
+
+    code = "network-error"
+
+
 class VMStartError(ProviderError):
     """The VMM could not start the VM, or the guest agent never answered."""
 

@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from .config import Drive, MachineConfig, validate_env, validate_lifetime
 from .errors import (
     AgentError,
     ConfigError,
+    NetworkError,
     NovaSandboxError,
     SandboxCrashed,
     SandboxNotRunning,
@@ -41,6 +43,16 @@ from .errors import (
     VMStartError,
 )
 from .files import AsyncFiles
+from .network import (
+    GATEWAY,
+    GUEST_ADDRESS,
+    GUEST_DNS,
+    GUEST_NETWORK,
+    EgressRule,
+    NetworkConfig,
+    guest_mac,
+    resolve,
+)
 from .providers.base import Confinement, VMPaths, VMSpec, confinement
 from .providers.qemu import (
     QemuProvider,
@@ -90,6 +102,39 @@ _LIVE: dict[str, tuple[int, Path]] = {}
 _LIVE_LOCK = threading.Lock()
 
 
+async def _egress_rules(
+    net: NetworkConfig, confine: Confinement | None
+) -> tuple[EgressRule, ...] | None:
+    """The resolved allow list of a networked sandbox (None: the public internet), checked
+    to be enforceable on this host before anything starts."""
+    if not net.enabled or net.allow == ():
+        return ()
+    if confine is None:
+        raise NetworkError(
+            "an egress policy other than allow=[] is enforced with nftables rules on the "
+            "VMM's own uid, which needs NovaSandbox to run as root"
+        )
+    if net.allow is None:
+        return None
+    return await asyncio.to_thread(resolve, net.entries())
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that are free now (the kernel picks them; QEMU binds them a few
+    milliseconds later, so another process could take one in between: QEMU then fails to
+    start and ``create`` says so)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _reap_then_uids_in_use() -> set[int]:
     reap()
     return vmm_uids_in_use()
@@ -130,6 +175,8 @@ class AsyncSandbox:
         self.source_snapshot: Snapshot | None = None
         self.confine: Confinement | None = None
         """The unprivileged identity its VMM runs as, when NovaSandbox runs as root."""
+        self.host_ports: dict[int, int] = {}
+        """Exposed guest TCP port -> port on the host's 127.0.0.1."""
         self._stopping = False
         """Set once ``kill`` has begun: the VM's exit is then not a crash."""
         self.crash_reason: str | None = None
@@ -158,6 +205,9 @@ class AsyncSandbox:
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
+        network: str = "none",
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
     ) -> AsyncSandbox:
         """Start a sandbox and wait until its agent answers.
 
@@ -169,8 +219,14 @@ class AsyncSandbox:
         ``timeout`` is the sandbox's lifetime in seconds (None: no limit): when it ends
         the VM is killed and its state removed, by this process's timer, by the guest
         agent powering the VM off if this process is gone, and by the next ``gc``.
+
+        ``network="nat"`` gives the guest a network device (user-mode NAT; see
+        ``novasandbox.network``): ``allow`` is its egress allow list (None: the public
+        internet; ``[]``: nothing), ``ports`` the guest TCP ports reachable from the host
+        (``sandbox.get_host(port)``). The default ``"none"`` has no network device.
         """
         lifetime = validate_lifetime(timeout)
+        net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
         # what crashed owners and expired lifetimes left, and the VMM uids in use
         taken_uids = await asyncio.to_thread(_reap_then_uids_in_use)
         accel = choose_accel()
@@ -184,10 +240,22 @@ class AsyncSandbox:
                 raise ConfigError("a snapshot restores with its own vcpus and memory_mib")
             if drives:
                 raise ConfigError("drives cannot be attached to a restored snapshot")
+            if snap.nic != net.enabled:
+                raise ConfigError(
+                    f"snapshot {snap.id} was saved "
+                    + (
+                        'with a network device: pass network="nat"'
+                        if snap.nic
+                        else 'without a network device: it restores only with network="none"'
+                    )
+                )
             snap.check_compatible(accel.name, qemu_version())
             template = snap.template
             config = MachineConfig(
-                vcpus=snap.vcpus, memory_mib=snap.memory_mib, env={**snap.env, **env_map}
+                vcpus=snap.vcpus,
+                memory_mib=snap.memory_mib,
+                env={**snap.env, **env_map},
+                network=net,
             )
             kernel = snap.kernel
         else:
@@ -197,10 +265,13 @@ class AsyncSandbox:
                 memory_mib=built.template.memory_mib if memory_mib is None else memory_mib,
                 drives=tuple(drives),
                 env=env_map,
+                network=net,
             )
             kernel = built.kernel
             if not cold and not config.drives:
-                snap = manager.template_snapshot(built, config.vcpus, config.memory_mib, accel.name)
+                snap = manager.template_snapshot(
+                    built, config.vcpus, config.memory_mib, accel.name, nic=net.enabled
+                )
                 if snap is None:
                     log.info("no snapshot of %s for this machine shape: booting cold", template)
         if snap is not None:
@@ -208,6 +279,8 @@ class AsyncSandbox:
         else:
             spec_disk, disk_format, incoming = built.rootfs, "raw", None
         sandbox_id = new_sandbox_id()
+        confine = confinement(sandbox_id, taken_uids)
+        egress_rules = await _egress_rules(net, confine)
         directory = sandboxes_dir() / sandbox_id
         directory.mkdir(parents=True, mode=0o700)
         sb = cls(
@@ -218,7 +291,8 @@ class AsyncSandbox:
             accel=accel.name,
         )
         sb.source_snapshot = snap
-        sb.confine = confinement(sandbox_id, taken_uids)
+        sb.confine = confine
+        sb.host_ports = dict(zip(net.ports, free_loopback_ports(len(net.ports)), strict=True))
         log.info(
             "creating sandbox %s from %s by %s (%s: %s)",
             sandbox_id,
@@ -237,6 +311,8 @@ class AsyncSandbox:
             rootfs_format=disk_format,
             incoming=incoming,
             confine=sb.confine,
+            host_ports=sb.host_ports,
+            egress=egress_rules,
         )
         try:
             await sb._boot(QemuProvider(), spec, boot_timeout, lifetime)
@@ -253,6 +329,16 @@ class AsyncSandbox:
                 raise
             raise VMStartError(f"sandbox {sandbox_id} failed to start: {exc}", tail) from exc
         return sb
+
+    def get_host(self, port: int) -> str:
+        """``"127.0.0.1:PORT"``: where on the host guest TCP ``port`` is reached. The port
+        must have been exposed with ``create(..., ports=[port])``."""
+        if port not in self.host_ports:
+            raise ConfigError(
+                f"guest port {port!r} is not exposed; exposed: {sorted(self.host_ports)} "
+                "(create(..., ports=[...]))"
+            )
+        return f"127.0.0.1:{self.host_ports[port]}"
 
     @property
     def restored(self) -> bool:
@@ -276,6 +362,14 @@ class AsyncSandbox:
             "hostname": self.id,
             "lifetime_s": self._remaining_lifetime(),
         }
+        if self.config.network.enabled:
+            hello["net"] = {
+                "mac": guest_mac(self.id),
+                "address": str(GUEST_ADDRESS),
+                "prefix": GUEST_NETWORK.prefixlen,
+                "gateway": str(GATEWAY),
+                "dns": str(GUEST_DNS),
+            }
         t_vmm = time.monotonic()
         if spec.incoming is not None:
             # The restored guest resumes where the snapshot left it: frozen root file
@@ -335,6 +429,8 @@ class AsyncSandbox:
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
                 vmm_uid=self.confine.uid if self.confine else None,
+                network=self.config.network.mode,
+                ports={str(g): h for g, h in self.host_ports.items()},
             ),
         )
 
@@ -474,6 +570,7 @@ class AsyncSandbox:
                     p.stat().st_size for p in (directory / "memory.bin", directory / "disk.qcow2")
                 ),
                 save_seconds=round(took, 3),
+                nic=self.config.network.enabled,
             )
             snap.write_manifest()
             if was_paused:
@@ -489,7 +586,16 @@ class AsyncSandbox:
             raise ConfigError(f"fork count must be between 1 and 64, got {n!r}")
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
-            *(AsyncSandbox.create(from_snapshot=snap) for _ in range(n)), return_exceptions=True
+            *(
+                AsyncSandbox.create(
+                    from_snapshot=snap,
+                    network=self.config.network.mode,
+                    allow=self.config.network.allow,
+                    ports=self.config.network.ports,
+                )
+                for _ in range(n)
+            ),
+            return_exceptions=True,
         )
         children = [r for r in results if isinstance(r, AsyncSandbox)]
         failure = next((r for r in results if isinstance(r, BaseException)), None)

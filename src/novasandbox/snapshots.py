@@ -72,6 +72,8 @@ class Snapshot:
     """Saved from a running guest: a restored VM runs as soon as its memory is loaded."""
     backing: str | None = None
     """The image ``disk.qcow2`` is layered on (a template image or snapshot disk)."""
+    nic: bool = False
+    """Saved with a network device: it restores only into a networked sandbox."""
 
     @property
     def memory(self) -> Path:
@@ -131,7 +133,13 @@ class Snapshot:
 
 
 def template_snapshot_key(
-    image_digest: str, kernel_digest: str, qemu_version: str, accel: str, vcpus: int, mem: int
+    image_digest: str,
+    kernel_digest: str,
+    qemu_version: str,
+    accel: str,
+    vcpus: int,
+    mem: int,
+    nic: bool = False,
 ) -> str:
     parts = [
         SNAPSHOT_RECIPE,
@@ -142,6 +150,8 @@ def template_snapshot_key(
         str(vcpus),
         str(mem),
     ]
+    if nic:
+        parts.append("nic")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -260,28 +270,37 @@ def drop_unused_fork_snapshot(snap: Snapshot) -> None:
 
 
 def build_template_snapshot(
-    manager: TemplateManager, built: BuiltTemplate, *, accel: str | None = None
+    manager: TemplateManager, built: BuiltTemplate, *, accel: str | None = None, nic: bool = False
 ) -> Snapshot:
-    """Boot the template cold with its default machine shape, save it, kill it.
+    """Boot the template cold with its default machine shape, save it, kill it. With
+    ``nic`` the VM has a network device (and no egress): what networked sandboxes restore.
 
     Blocking; runs its own event loop on a worker thread, so it may be called from
     anywhere (also from inside a running loop)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, _build_template_snapshot(manager, built, accel)).result()
+        job = _build_template_snapshot(manager, built, accel, nic)
+        return pool.submit(asyncio.run, job).result()
 
 
 async def _build_template_snapshot(
-    manager: TemplateManager, built: BuiltTemplate, accel: str | None
+    manager: TemplateManager, built: BuiltTemplate, accel: str | None, nic: bool
 ) -> Snapshot:
     from .providers.qemu import choose_accel, qemu_version
     from .sandbox import AsyncSandbox
 
     tpl = built.template
     accel = accel or choose_accel().name
-    dest = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel)
+    dest = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel, nic=nic)
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sb = await AsyncSandbox.create(tpl.name, cold=True, timeout=None, templates=manager)
+    sb = await AsyncSandbox.create(
+        tpl.name,
+        cold=True,
+        timeout=None,
+        templates=manager,
+        network="nat" if nic else "none",
+        allow=[] if nic else None,
+    )
     try:
         vm, agent = sb._vm, sb._agent
         if vm is None or agent is None:
@@ -308,6 +327,7 @@ async def _build_template_snapshot(
         size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
         save_seconds=round(stopped, 3),
         backing=str(built.rootfs),
+        nic=nic,
     )
     (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
     if dest.exists():

@@ -13,13 +13,13 @@ import secrets
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import SandboxNotFound
 from .paths import state_dir
-from .providers import cgroups
+from .providers import cgroups, egress
 from .providers.qemu import process_start_time
 
 RECORD = "record.json"
@@ -54,6 +54,9 @@ class SandboxInfo:
     """When the sandbox's lifetime ends (epoch seconds); None: no limit."""
     vmm_uid: int | None = None
     """The unprivileged uid its VMM runs as (None: the VMM runs as its owner)."""
+    network: str = "none"
+    ports: dict[str, int] = field(default_factory=dict)
+    """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1."""
 
     @property
     def owner_alive(self) -> bool:
@@ -142,7 +145,8 @@ def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGKILL)
         _wait_gone(info, timeout)
-    cgroups.remove_group(sandbox_id)
+    if info is not None:
+        _release_host_resources(info)
     remove_state(directory)
 
 
@@ -176,7 +180,7 @@ def reap(root: Path | None = None) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(info.pid, signal.SIGKILL)
             _wait_gone(info)
-        cgroups.remove_group(info.id)
+        _release_host_resources(info)
         remove_state(directory)
         reaped.append(info.id)
     # control groups whose VMM someone else killed (or whose owner died mid-create)
@@ -189,6 +193,14 @@ def reap(root: Path | None = None) -> list[str]:
             if snap.ephemeral:
                 drop_unused_fork_snapshot(snap)
     return reaped
+
+
+def _release_host_resources(info: SandboxInfo) -> None:
+    """What a dead VMM held outside its state directory: its control group and its
+    egress policy."""
+    cgroups.remove_group(info.id)
+    if info.network != "none" and info.vmm_uid is not None:
+        egress.remove(info.id, info.vmm_uid)
 
 
 def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:

@@ -225,6 +225,9 @@ class Sandbox:
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
+        network: str = "none",
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
     ) -> Sandbox:
         return cls(
             _Portal.call(
@@ -239,6 +242,9 @@ class Sandbox:
                     timeout=timeout,
                     boot_timeout=boot_timeout,
                     templates=templates,
+                    network=network,
+                    allow=allow,
+                    ports=ports,
                 )
             )
         )
@@ -248,6 +254,11 @@ class Sandbox:
     @property
     def id(self) -> str:
         return self._inner.id
+
+    def get_host(self, port: int) -> str:
+        return self._inner.get_host(port)
+
+    get_host.__doc__ = AsyncSandbox.get_host.__doc__
 
     @property
     def restored(self) -> bool:

@@ -258,14 +258,14 @@ def test_manual_cache_layout_is_found(manager: TemplateManager) -> None:
     assert manager.built("python") is None
 
 
-def fake_snapshot(manager: TemplateManager, name: str) -> Path:
+def fake_snapshot(manager: TemplateManager, name: str, nic: bool = False) -> Path:
     from novasandbox.providers.qemu import choose_accel, qemu_version
     from novasandbox.snapshots import Snapshot
 
     built = manager.require_built(name)
     tpl = built.template
     accel = choose_accel().name
-    directory = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel)
+    directory = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel, nic=nic)
     directory.mkdir(parents=True)
     (directory / "memory.bin").write_bytes(b"memory")
     (directory / "disk.qcow2").write_bytes(b"disk")
@@ -280,6 +280,7 @@ def fake_snapshot(manager: TemplateManager, name: str) -> Path:
         accel=accel,
         qemu_version=qemu_version(),
         created_at=0.0,
+        nic=nic,
     )
     snap.write_manifest()
     return directory
@@ -288,6 +289,8 @@ def fake_snapshot(manager: TemplateManager, name: str) -> Path:
 def test_build_is_a_no_op_when_cached(manager: TemplateManager) -> None:
     fake_build(manager, manager.get("custom"))
     fake_snapshot(manager, "custom")
+    assert not manager.up_to_date("custom")  # the variant with a network device is missing
+    fake_snapshot(manager, "custom", nic=True)
     assert manager.up_to_date("custom")
     # would need root, mmdebstrap, a kernel tree and a VM if it tried to build anything
     assert manager.build("custom").rootfs.read_bytes() == b"rootfs"

@@ -127,6 +127,62 @@ def init_system() -> None:
         _log(f"loopback not up: {exc}")
 
 
+SIOCADDRT, SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFHWADDR = 0x890B, 0x8916, 0x891C, 0x8924
+RTF_UP, RTF_GATEWAY, ARPHRD_ETHER = 0x1, 0x2, 1
+
+
+def _sockaddr_in(address: str) -> bytes:
+    return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
+
+
+def configure_network(net: dict[str, Any]) -> str:
+    """Give the guest's network device the host's settings: MAC, address, netmask, default
+    route and resolver. Idempotent: a restored guest already has the snapshot's (and its
+    old MAC, which this replaces). Returns the interface's name."""
+    names: list[str] = []
+    deadline = time.monotonic() + 5
+    while not names and time.monotonic() < deadline:
+        names = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+        if not names:
+            time.sleep(0.02)
+    if not names:
+        raise OSError(errno.ENODEV, "no network device")
+    name = names[0].encode()
+    mac = bytes.fromhex(str(net["mac"]).replace(":", ""))
+    prefix = int(net["prefix"])
+    netmask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, SIOCSIFHWADDR, struct.pack("16sH14s", name, ARPHRD_ETHER, mac))
+        fcntl.ioctl(sock, SIOCSIFADDR, struct.pack("16s", name) + _sockaddr_in(net["address"]))
+        fcntl.ioctl(sock, SIOCSIFNETMASK, struct.pack("16s", name) + _sockaddr_in(netmask))
+        _interface_up(name.decode())
+        # struct rtentry (x86_64): dst, gateway, genmask, flags, ..., dev; 120 bytes
+        route = struct.pack(
+            "L16s16s16sHhLPhPLLH",
+            0,
+            _sockaddr_in("0.0.0.0"),
+            _sockaddr_in(net["gateway"]),
+            _sockaddr_in("0.0.0.0"),
+            RTF_UP | RTF_GATEWAY,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ).ljust(120, b"\0")
+        try:
+            fcntl.ioctl(sock, SIOCADDRT, route)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(f"nameserver {net['dns']}\n")
+    return name.decode()
+
+
 def _interface_up(name: str) -> None:
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -409,6 +465,14 @@ class Agent:
                     _thaw("/")
                 except OSError as exc:
                     _log(f"cannot thaw /: {exc}", 3)
+            if isinstance(msg.get("net"), dict):
+                try:
+                    configure_network(msg["net"])
+                except (OSError, KeyError, ValueError, struct.error) as exc:
+                    self.reply_error(
+                        rid, code="network-error", message=f"cannot configure the network: {exc}"
+                    )
+                    return
         self.reply(
             rid,
             "hello",

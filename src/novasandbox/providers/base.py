@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..config import MachineConfig
+from ..network import EgressRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,11 @@ class VMSpec:
     """A memory snapshot to restore instead of booting (the VM starts paused)."""
     confine: Confinement | None = None
     """Set when the VMM is started as root: the unprivileged identity it drops to."""
+    host_ports: Mapping[int, int] = field(default_factory=dict)
+    """Guest TCP port -> port on the host's loopback that forwards to it (network "nat")."""
+    egress: tuple[EgressRule, ...] | None = ()
+    """The resolved egress allow list of a "nat" sandbox; None: the public internet; ()
+    with an empty allow list: nothing (QEMU's own network stack is restricted then)."""
 
 
 @runtime_checkable

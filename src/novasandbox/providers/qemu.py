@@ -30,11 +30,13 @@ from ..errors import (
     ConfigError,
     HostMemoryExhausted,
     HostToolMissing,
+    NetworkError,
     ProviderError,
     VMStartError,
 )
 from ..guest.protocol import AGENT_PORT_NAME
-from . import cgroups
+from ..network import GATEWAY, GUEST_DNS, GUEST_NETWORK, guest_mac
+from . import cgroups, egress
 from .base import VMSpec
 from .cgroups import VMMGroup
 
@@ -230,6 +232,7 @@ def build_argv(
             "-device",
             f"virtio-blk-device,drive=drive{index},serial={drive_serial(index)}",
         ]
+    argv += network_argv(spec)
     argv += [
         "-device",
         "virtio-rng-device",
@@ -243,6 +246,54 @@ def build_argv(
     if incoming_fd is not None:
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
+
+
+def network_argv(spec: VMSpec) -> list[str]:
+    """The network device of a "nat" sandbox: QEMU's user-mode stack (slirp) on the fixed
+    guest network, no IPv6, exposed ports forwarded from the host's loopback. With an empty
+    allow list slirp itself is restricted (no egress at all, forwarded ports still work);
+    otherwise the host's nftables policy decides (``egress.py``). Pure."""
+    net = spec.machine.network
+    if not net.enabled:
+        return []
+    options = [
+        "user",
+        "id=net0",
+        f"net={GUEST_NETWORK}",
+        f"host={GATEWAY}",
+        f"dns={GUEST_DNS}",
+        "ipv6=off",
+        f"restrict={'on' if net.allow == () else 'off'}",
+    ]
+    for guest_port in net.ports:
+        if guest_port not in spec.host_ports:
+            raise ValueError(f"no host port for guest port {guest_port}")
+        options.append(f"hostfwd=tcp:127.0.0.1:{spec.host_ports[guest_port]}-:{guest_port}")
+    return [
+        "-netdev",
+        ",".join(options),
+        "-device",
+        f"virtio-net-device,netdev=net0,mac={guest_mac(spec.vm_id)}",
+    ]
+
+
+def make_jail(spec: VMSpec) -> None:
+    """The empty root a confined QEMU is chrooted into. A networked one finds a copy of
+    the host's resolv.conf there: its DNS forwarder reads it to know where to send the
+    guest's queries."""
+    jail = spec.paths.jail
+    if not spec.machine.network.enabled:
+        jail.mkdir(mode=0o500, exist_ok=True)
+        return
+    (jail / "etc").mkdir(mode=0o711, parents=True, exist_ok=True)
+    jail.chmod(0o711)
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        text = ""
+    resolv = jail / "etc" / "resolv.conf"
+    resolv.write_text(text)
+    resolv.chmod(0o444)
 
 
 def open_disks(spec: VMSpec) -> DiskFds:
@@ -385,12 +436,18 @@ class QemuVM:
     """One running QEMU process and its QMP connection."""
 
     def __init__(
-        self, spec: VMSpec, proc: subprocess.Popen[bytes], group: VMMGroup | None = None
+        self,
+        spec: VMSpec,
+        proc: subprocess.Popen[bytes],
+        group: VMMGroup | None = None,
+        egress_uid: int | None = None,
     ) -> None:
         self.spec = spec
         self._proc = proc
         self.group = group
         """Its control group (None: rlimits only)."""
+        self._egress_uid = egress_uid
+        """The uid its egress policy is keyed on (None: no policy installed)."""
         self._qmp: QMPClient | None = None
         self._qmp_lock = asyncio.Lock()
         self.start_time = process_start_time(proc.pid)
@@ -526,6 +583,9 @@ class QemuVM:
         self._proc.wait()
         if self.group is not None:
             self.group.remove()
+        if self._egress_uid is not None:
+            egress.remove(self.spec.vm_id, self._egress_uid)
+            self._egress_uid = None
 
     def killed_for_memory(self) -> bool:
         """Whether the kernel killed the VMM for going over its control group's memory."""
@@ -573,11 +633,16 @@ class QemuProvider:
         seed = self._overlay_seed(spec.rootfs, spec.rootfs_format)
         shutil.copyfile(seed, paths.overlay)
         if spec.confine is not None:
-            paths.jail.mkdir(mode=0o500, exist_ok=True)
+            make_jail(spec)
         disks = open_disks(spec)
         incoming = None
         group = None
+        policy = spec.machine.network.enabled and spec.machine.network.allow != ()
         try:
+            if policy:
+                if spec.confine is None:
+                    raise NetworkError("an egress policy needs a confined VMM (root)")
+                egress.apply(spec.vm_id, spec.confine.uid, spec.egress)
             layout = cgroups.detect()
             if layout is not None:
                 m = spec.machine
@@ -602,6 +667,8 @@ class QemuProvider:
         except BaseException:
             if group is not None:
                 group.remove()
+            if policy and spec.confine is not None:
+                egress.remove(spec.vm_id, spec.confine.uid)
             raise
         finally:
             close_disks(disks)
@@ -611,4 +678,4 @@ class QemuProvider:
                 os.close(incoming)
         limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
-        return QemuVM(spec, proc, group)
+        return QemuVM(spec, proc, group, spec.confine.uid if policy and spec.confine else None)

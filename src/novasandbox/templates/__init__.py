@@ -219,23 +219,26 @@ class TemplateManager:
             return None
         return BuiltTemplate(tpl, kernel, rootfs, manifest)
 
-    def snapshot_dir(self, tpl: Template, vcpus: int, memory_mib: int, accel: str) -> Path:
+    def snapshot_dir(
+        self, tpl: Template, vcpus: int, memory_mib: int, accel: str, *, nic: bool = False
+    ) -> Path:
         from ..providers.qemu import qemu_version
         from ..snapshots import template_snapshot_key
 
         key = template_snapshot_key(
-            tpl.image_digest, tpl.kernel_digest, qemu_version(), accel, vcpus, memory_mib
+            tpl.image_digest, tpl.kernel_digest, qemu_version(), accel, vcpus, memory_mib, nic
         )
         return self.image_dir(tpl) / "snapshots" / key
 
     def template_snapshot(
-        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str
+        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, *, nic: bool = False
     ) -> Snapshot | None:
-        """The template's snapshot for this machine shape and host, if it was made."""
+        """The template's snapshot for this machine shape (with or without a network
+        device) and host, if it was made."""
         from ..errors import SnapshotNotFound
         from ..snapshots import Snapshot
 
-        directory = self.snapshot_dir(built.template, vcpus, memory_mib, accel)
+        directory = self.snapshot_dir(built.template, vcpus, memory_mib, accel, nic=nic)
         if not directory.is_dir():
             return None
         try:
@@ -243,12 +246,13 @@ class TemplateManager:
         except SnapshotNotFound:
             return None
 
-    def build_snapshot(self, name: str, *, accel: str | None = None) -> Snapshot:
+    def build_snapshot(self, name: str, *, accel: str | None = None, nic: bool = False) -> Snapshot:
         """Boot the built template once with its default machine shape, wait for the
-        agent, quiesce and save it: what ``Sandbox.create`` restores by default."""
+        agent, quiesce and save it: what ``Sandbox.create`` restores by default (``nic``:
+        the variant with a network device, which networked sandboxes restore)."""
         from ..snapshots import build_template_snapshot
 
-        return build_template_snapshot(self, self.require_built(name), accel=accel)
+        return build_template_snapshot(self, self.require_built(name), accel=accel, nic=nic)
 
     def require_built(self, name: str) -> BuiltTemplate:
         built = self.built(name)
@@ -266,9 +270,9 @@ class TemplateManager:
         tpl = self.get(name)
         built = self.built(tpl)
         accel = choose_accel().name
-        return (
-            built is not None
-            and self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel) is not None
+        return built is not None and all(
+            self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel, nic=nic) is not None
+            for nic in (False, True)
         )
 
     def build(self, name: str, *, reporter: Any = None, force: bool = False) -> BuiltTemplate:
@@ -283,11 +287,16 @@ class TemplateManager:
             build_template(self, tpl, reporter=rep, force=force)
         built = self.require_built(name)
         accel = choose_accel().name
-        if force or self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel) is None:
-            rep.step("snapshot", "booting the template once to save its snapshot")
-            snap = self.build_snapshot(name, accel=accel)
+        for nic in (False, True):
+            if not force and self.template_snapshot(
+                built, tpl.vcpus, tpl.memory_mib, accel, nic=nic
+            ):
+                continue
+            step = "snapshot (network)" if nic else "snapshot"
+            rep.step(step, "booting the template once to save its snapshot")
+            snap = self.build_snapshot(name, accel=accel, nic=nic)
             rep.done(
-                "snapshot",
+                step,
                 f"{snap.size_bytes / 1e6:.0f} MB, guest stopped {snap.save_seconds:.2f} s",
             )
         return built

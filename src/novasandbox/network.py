@@ -1,0 +1,183 @@
+"""Networking of a sandbox: its mode, its egress policy and its exposed ports.
+
+- ``none`` (the default): no network device at all; the guest has loopback only.
+- ``nat``: a virtio-net device backed by QEMU's user-mode network stack (slirp). The
+  guest is 10.0.2.15/24 behind gateway 10.0.2.2, which is also how it reaches the host's
+  loopback, with a DNS forwarder at 10.0.2.3. Every connection the guest makes leaves the
+  host as a socket of its VMM, so the egress policy is enforced on the host, by the kernel,
+  on that socket's owner: the VMM's own uid (see ``providers/egress.py``).
+
+Egress policy (``allow``): entries are ``ADDRESS``, ``CIDR`` or ``HOSTNAME``, each with an
+optional ``:PORT``. With ``allow=None`` the guest may reach any public address; private,
+loopback, link-local, shared (CGNAT), multicast and reserved ranges are denied unless an
+entry names them. With a list, only what it names is reachable. DNS through 10.0.2.3 always
+works (the host's resolvers are allowed on port 53). Host names are resolved when the
+sandbox starts; later changes to their addresses are not followed. IPv4 only: the guest
+has no IPv6.
+
+This module is pure: parsing, validation and address arithmetic, with no I/O except the
+name resolution that ``resolve`` does when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from .errors import ConfigError, NetworkError
+
+NETWORK_MODES = ("none", "nat")
+GUEST_NETWORK = IPv4Network("10.0.2.0/24")
+GUEST_ADDRESS = IPv4Address("10.0.2.15")
+GATEWAY = IPv4Address("10.0.2.2")
+"""The guest's gateway; connections to it reach the host's loopback (127.0.0.1)."""
+GUEST_DNS = IPv4Address("10.0.2.3")
+
+NON_PUBLIC = tuple(
+    IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)
+"""Denied unless an allow entry names them: private, loopback, link-local, shared,
+documentation, benchmarking, multicast and reserved ranges."""
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRule:
+    """One allowed destination: a network and, optionally, one port (TCP and UDP)."""
+
+    network: IPv4Network
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """An ``allow`` entry as written, parsed: an address/network or a host name."""
+
+    text: str
+    network: IPv4Network | None
+    host: str | None
+    port: int | None
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"invalid port in allow entry {entry!r}")
+    return int(text)
+
+
+def parse_allow(entry: str) -> AllowEntry:
+    """Parse ``ADDRESS``/``CIDR``/``HOSTNAME`` with an optional ``:PORT``. Pure."""
+    if not isinstance(entry, str) or not entry or entry != entry.strip():
+        raise ConfigError(f"invalid allow entry {entry!r}")
+    target, port = entry, None
+    if ":" in entry:
+        target, _, port_text = entry.rpartition(":")
+        port = _port(port_text, entry)
+    try:
+        return AllowEntry(entry, IPv4Network(target, strict=False), None, port)
+    except ValueError:
+        pass
+    if "/" in target or not _HOSTNAME.fullmatch(target) or target.replace(".", "").isdigit():
+        raise ConfigError(
+            f"allow entry {entry!r} is not an IPv4 address, network or host name "
+            "(optionally followed by :PORT)"
+        )
+    return AllowEntry(entry, None, target.lower().rstrip("."), port)
+
+
+def _resolve_ipv4(host: str) -> list[IPv4Address]:
+    infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    return sorted({IPv4Address(info[4][0]) for info in infos})
+
+
+def resolve(
+    entries: Sequence[AllowEntry],
+    lookup: Callable[[str], list[IPv4Address]] = _resolve_ipv4,
+) -> tuple[EgressRule, ...]:
+    """The rules of ``entries``, host names looked up (``NetworkError`` if one fails)."""
+    rules: list[EgressRule] = []
+    for entry in entries:
+        if entry.network is not None:
+            rules.append(EgressRule(entry.network, entry.port))
+            continue
+        assert entry.host is not None
+        try:
+            addresses = lookup(entry.host)
+        except OSError as exc:
+            raise NetworkError(f"cannot resolve {entry.host!r} for the allow list: {exc}") from exc
+        if not addresses:
+            raise NetworkError(f"{entry.host!r} has no IPv4 address")
+        rules += [EgressRule(IPv4Network(a), entry.port) for a in addresses]
+    return tuple(dict.fromkeys(rules))
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """A sandbox's network: ``mode``, egress ``allow`` list (None: the public internet)
+    and guest TCP ``ports`` exposed on the host's loopback."""
+
+    mode: str = "none"
+    allow: tuple[str, ...] | None = None
+    ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in NETWORK_MODES:
+            raise ConfigError(f"network must be one of {NETWORK_MODES}, got {self.mode!r}")
+        allow = self.allow
+        if allow is not None:
+            if isinstance(allow, str) or not isinstance(allow, Sequence):
+                raise ConfigError("allow must be a list of strings or None")
+            allow = tuple(allow)
+            for entry in allow:
+                parse_allow(entry)
+        ports = self.ports
+        if isinstance(ports, (str, bytes)) or not isinstance(ports, Sequence):
+            raise ConfigError("ports must be a list of port numbers")
+        ports = tuple(ports)
+        for port in ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ConfigError(f"invalid port {port!r}: ports are 1 to 65535")
+        if len(set(ports)) != len(ports):
+            raise ConfigError(f"a port is listed twice: {list(ports)}")
+        if self.mode == "none" and (allow is not None or ports):
+            raise ConfigError('allow and ports need a network: pass network="nat"')
+        object.__setattr__(self, "allow", allow)
+        object.__setattr__(self, "ports", ports)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def entries(self) -> tuple[AllowEntry, ...]:
+        return tuple(parse_allow(e) for e in self.allow or ())
+
+
+def guest_mac(sandbox_id: str) -> str:
+    """A locally administered unicast MAC derived from the sandbox id. Pure."""
+    digest = hashlib.sha256(sandbox_id.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, 0x4E, *digest[:4]))
+
+
+def is_public(address: IPv4Address) -> bool:
+    return not any(address in net for net in NON_PUBLIC)
