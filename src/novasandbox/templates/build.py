@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -129,7 +130,14 @@ def _run(
 
 
 def _fragment_options(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip().startswith("CONFIG_")]
+    """The fragment's lines as they must appear in the final .config: ``CONFIG_X=y``
+    lines and ``# CONFIG_X is not set`` ones."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("CONFIG_") or re.fullmatch(r"# CONFIG_\w+ is not set", line):
+            out.append(line)
+    return out
 
 
 def build_kernel(tpl: Template, dest: Path, reporter: BuildReporter) -> None:

@@ -1,0 +1,222 @@
+"""Networking on real VMs: no device by default; user-mode NAT whose egress the host
+kernel filters on the VMM's uid; guest ports exposed on the host's loopback.
+
+Everything stays on this machine: HTTP servers on the host's loopback (which the guest
+reaches as 10.0.2.2), and the host's own resolver for DNS."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from novasandbox import ConfigError, NetworkError, Sandbox
+from novasandbox.network import GATEWAY, guest_mac
+from novasandbox.providers import egress
+from novasandbox.snapshots import delete_snapshot
+
+from .conftest import assert_no_leftovers
+
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="egress policies are nftables rules on the VMM's uid (root)"
+)
+
+
+class HostServer:
+    """An HTTP server on the host's 127.0.0.1 that counts the requests it answers."""
+
+    def __init__(self, body: bytes) -> None:
+        outer = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits += 1
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[HostServer, HostServer]]:
+    allowed, other = HostServer(b"allowed"), HostServer(b"other")
+    yield allowed, other
+    allowed.close()
+    other.close()
+
+
+FETCH = (
+    "import sys, urllib.request\n"
+    "try:\n"
+    "    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n"
+    "except Exception as exc:\n"
+    "    print('failed:', type(exc).__name__, exc)\n"
+    "    sys.exit(3)\n"
+)
+
+
+def fetch(sb: Sandbox, url: str) -> tuple[int | None, str]:
+    r = sb.commands.run(["python3", "-c", FETCH, url], timeout=60)
+    return r.exit_code, r.stdout.strip()
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["restored", "cold"])
+def test_default_network_is_none_loopback_only(factory: Any, cold: bool) -> None:
+    sb = factory.create(cold=cold)
+    assert sb.commands.run("ls /sys/class/net").stdout.split() == ["lo"]
+
+
+@root_only
+@pytest.mark.parametrize("cold", [False, True], ids=["restored", "cold"])
+def test_nat_allows_what_is_listed_and_refuses_the_rest(
+    factory: Any, servers: tuple[HostServer, HostServer], cold: bool
+) -> None:
+    allowed, other = servers
+    sb = factory.create(cold=cold, network="nat", allow=[f"127.0.0.1:{allowed.port}"])
+    assert sb.restored is (not cold)
+    assert sb.commands.run("ls /sys/class/net").stdout.split() == ["eth0", "lo"]
+    assert fetch(sb, f"http://{GATEWAY}:{allowed.port}/") == (0, "allowed")
+    code, out = fetch(sb, f"http://{GATEWAY}:{other.port}/")
+    assert code == 3 and "failed" in out
+    assert other.hits == 0  # the connection never reached the server
+    assert allowed.hits == 1
+    # the guest carries its own MAC (a restored one replaces the snapshot's)
+    mac = sb.commands.run("cat /sys/class/net/eth0/address").stdout.strip()
+    assert mac == guest_mac(sb.id)
+
+
+@root_only
+def test_public_default_denies_private_ranges_but_dns_works(
+    factory: Any, servers: tuple[HostServer, HostServer]
+) -> None:
+    allowed, _ = servers
+    sb = factory.create(network="nat")  # allow=None: the public internet only
+    code, out = fetch(sb, f"http://{GATEWAY}:{allowed.port}/")
+    assert code == 3 and "failed" in out
+    assert allowed.hits == 0
+    # DNS goes through the VMM's forwarder to the host's resolver (always allowed)
+    name = "localhost"
+    for candidate in ("deb.debian.org", "pypi.org"):
+        try:
+            socket.gethostbyname(candidate)
+            name = candidate
+            break
+        except OSError:
+            continue
+    if name == "localhost":
+        pytest.skip("the host resolves no public name")
+    expected = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    r = sb.commands.run(["getent", "ahostsv4", name], timeout=30)
+    assert r.exit_code == 0, r.stderr
+    assert {line.split()[0] for line in r.stdout.splitlines()} & expected
+
+
+def test_empty_allow_list_has_no_egress_but_ports_work(
+    factory: Any, servers: tuple[HostServer, HostServer]
+) -> None:
+    """allow=[] needs no host rules (QEMU's own stack refuses everything): works without
+    root too."""
+    allowed, _ = servers
+    sb = factory.create(network="nat", allow=[], ports=[8000])
+    code, _ = fetch(sb, f"http://{GATEWAY}:{allowed.port}/")
+    assert code == 3
+    assert allowed.hits == 0
+    sb.files.write("/srv/index.html", "served by the guest")
+    sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/srv"])
+    host = sb.get_host(8000)
+    assert host.startswith("127.0.0.1:")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://{host}/index.html", timeout=5).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert body == b"served by the guest"
+    with pytest.raises(ConfigError, match="not exposed"):
+        sb.get_host(9000)
+
+
+@root_only
+def test_forks_get_their_own_mac_and_working_network(
+    factory: Any, servers: tuple[HostServer, HostServer]
+) -> None:
+    allowed, _ = servers
+    parent = factory.create(network="nat", allow=[f"127.0.0.1:{allowed.port}"])
+    children = [factory.track(c) for c in parent.fork(2)]
+    macs = set()
+    for child in children:
+        mac = child.commands.run("cat /sys/class/net/eth0/address").stdout.strip()
+        assert mac == guest_mac(child.id)
+        macs.add(mac)
+        assert fetch(child, f"http://{GATEWAY}:{allowed.port}/") == (0, "allowed")
+    assert len(macs | {guest_mac(parent.id)}) == 3
+    # a snapshot of a networked sandbox restores only into a networked one
+    snap = parent.snapshot()
+    try:
+        with pytest.raises(ConfigError, match="network"):
+            Sandbox.create(from_snapshot=snap)
+    finally:
+        delete_snapshot(snap)
+
+
+@root_only
+def test_policy_is_removed_with_the_sandbox(factory: Any, state_root: Any) -> None:
+    sb = factory.create(network="nat", allow=["127.0.0.1:1"])
+    chain = egress.chain_name(sb.id)
+    assert chain in egress.installed()
+    sb.kill()
+    assert chain not in egress.installed()
+    assert_no_leftovers(state_root)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"network": "bogus"},
+        {"allow": ["127.0.0.1"]},  # needs a network
+        {"ports": [8000]},
+        {"network": "nat", "ports": [0]},
+        {"network": "nat", "ports": [8000, 8000]},
+        {"network": "nat", "allow": ["10.0.0.0/33"]},
+        {"network": "nat", "allow": ["host name with spaces"]},
+        {"network": "nat", "allow": ["127.0.0.1:99999"]},
+        {"network": "nat", "allow": "127.0.0.1"},
+    ],
+)
+def test_bad_network_input_is_refused_before_anything_starts(
+    kwargs: dict[str, Any], state_root: Any
+) -> None:
+    with pytest.raises(ConfigError):
+        Sandbox.create(**kwargs)
+    assert_no_leftovers(state_root)
+
+
+@root_only
+def test_unresolvable_allowed_host_fails_cleanly(state_root: Any) -> None:
+    before = egress.installed()
+    with pytest.raises(NetworkError, match="resolve"):
+        Sandbox.create(network="nat", allow=["no-such-host.invalid"])
+    assert_no_leftovers(state_root)
+    assert egress.installed() == before
