@@ -107,11 +107,29 @@ def _writer(stream: Any) -> Callable[[str], None]:
 @click.option("--vcpus", type=int, default=None)
 @click.option("--memory", "memory_mib", type=int, default=None, help="Guest memory in MiB.")
 @click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring the snapshot.")
+@click.option(
+    "--network",
+    type=click.Choice(["none", "nat"]),
+    default="none",
+    show_default=True,
+    help="nat: a network device with user-mode NAT.",
+)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    help="With --network nat: a destination the guest may reach (ADDRESS, CIDR or HOST, "
+    "optionally :PORT); repeatable. Without any: the public internet.",
+)
+@click.option("--no-egress", is_flag=True, help="With --network nat: no destination at all.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(
     template: str,
     cold: bool,
+    network: str,
+    allow: tuple[str, ...],
+    no_egress: bool,
     env_pairs: tuple[str, ...],
     cwd: str | None,
     timeout: float | None,
@@ -124,7 +142,17 @@ def run(
     Example: novasandbox run -- python3 -c 'print(6 * 7)'
     """
     env = _parse_env(env_pairs)
-    with Sandbox.create(template, vcpus=vcpus, memory_mib=memory_mib, cold=cold) as sb:
+    if no_egress and allow:
+        raise ConfigError("--no-egress and --allow exclude each other")
+    allowed = [] if no_egress else (list(allow) if allow else None)
+    with Sandbox.create(
+        template,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        cold=cold,
+        network=network,
+        allow=allowed if network != "none" or allow or no_egress else None,
+    ) as sb:
         try:
             result = sb.commands.run(
                 list(command),

@@ -99,3 +99,15 @@ def test_template_list_and_doctor() -> None:
     r = cli("template", "build", "python")
     assert r.returncode == 0
     assert "up to date" in r.stdout
+
+
+def test_run_with_a_network(state_root: Path) -> None:
+    r = cli("run", "--network", "nat", "--no-egress", "--", "ls", "/sys/class/net")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["eth0", "lo"]
+    r = cli("run", "--", "ls", "/sys/class/net")
+    assert r.stdout.split() == ["lo"]
+    r = cli("run", "--allow", "1.2.3.4", "--", "true")  # --allow needs --network nat
+    assert r.returncode == 125
+    assert "invalid-config" in r.stderr
+    assert_no_leftovers(state_root)
