@@ -6,9 +6,11 @@ check that nothing leaked. Not part of the test suite (it runs for minutes).
 Each round creates ``--parallel`` sandboxes at once (restored, some cold) and gives each
 one fault, in turn: none, the VMM SIGKILLed, a kernel panic, the agent killed, a fork
 bomb under a timeout, a command timeout, a snapshot + restore, a fork. It then kills
-them all. Every few rounds an owner process holding sandboxes is SIGKILLed and ``reap()``
+them all. Every third sandbox has a network (``nat``, with an egress policy when run as
+root). Every few rounds an owner process holding sandboxes is SIGKILLed and ``reap()``
 (what ``novasandbox gc`` runs) has to clean up after it. At the end it checks that no
-QEMU process, state entry, socket, overlay or snapshot is left under its private state
+QEMU process, state entry, socket, overlay, snapshot, control group or egress policy is
+left under its private state
 directory and that the host's available memory is back where it started (within
 ``--memory-slack`` MiB), and prints a JSON report; it exits 1 on any leak.
 """
@@ -45,7 +47,8 @@ OWNER = textwrap.dedent(
     """
     import sys, time
     from novasandbox import Sandbox
-    boxes = [Sandbox.create() for _ in range(int(sys.argv[1]))]
+    net = {"network": "nat", "allow": ["127.0.0.1:1"]} if sys.argv[2] == "1" else {}
+    boxes = [Sandbox.create(**(net if i == 0 else {})) for i in range(int(sys.argv[1]))]
     print("ready", flush=True)
     time.sleep(600)
     """
@@ -56,7 +59,11 @@ async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
     from novasandbox import AsyncSandbox, NovaSandboxError, delete_snapshot
 
     extra: list[AsyncSandbox] = []
-    sb = await AsyncSandbox.create(cold=index % 5 == 4, timeout=120)
+    # every third sandbox is networked (with an egress policy when root)
+    net: dict[str, Any] = {}
+    if index % 3 == 1:
+        net = {"network": "nat", "allow": ["127.0.0.1:1"] if os.geteuid() == 0 else []}
+    sb = await AsyncSandbox.create(cold=index % 5 == 4, timeout=120, **net)
     try:
         await sb.commands.run("echo up", timeout=60)
         if fault == "vmm-killed":
@@ -78,7 +85,7 @@ async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
                 await sb.commands.run("sleep 100", timeout=1)
         elif fault == "snapshot-restore":
             snap = await sb.snapshot()
-            clone = await AsyncSandbox.create(from_snapshot=snap, timeout=120)
+            clone = await AsyncSandbox.create(from_snapshot=snap, timeout=120, **net)
             extra.append(clone)
             await clone.commands.run("echo clone", timeout=60)
             await clone.kill()
@@ -105,7 +112,9 @@ def orphan_round(count: int) -> list[str]:
     from novasandbox.state import reap
 
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, str(count)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", OWNER, str(count), "1" if os.geteuid() == 0 else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert owner.stdout is not None
     ready = owner.stdout.readline().strip() == "ready"
@@ -126,7 +135,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="ns-soak-", dir="/tmp"))
     os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
-    from novasandbox.providers import cgroups
+    from novasandbox.providers import cgroups, egress
     from novasandbox.providers.qemu import available_memory_mib
     from novasandbox.state import reap, vmm_pids_under
 
@@ -150,6 +159,7 @@ def main() -> int:
         "state_entries": sorted(p.name for p in (root / "sandboxes").glob("*")),
         "snapshots": sorted(p.name for p in (root / "snapshots").glob("*")),
         "control_groups": cgroups.empty_groups(),
+        "egress_policies": sorted(egress.installed()),
     }
     mem_end = available_memory_mib()
     report = {

@@ -27,7 +27,7 @@ from .paths import cache_dir, state_dir
 from .providers import cgroups
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .snapshots import delete_snapshot, list_snapshots
-from .state import kill_sandbox, list_sandboxes, reap
+from .state import kill_sandbox, list_sandboxes, reap, sweep_host_resources
 from .sync import Sandbox
 from .templates import TemplateManager
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
@@ -333,9 +333,13 @@ def kill(ids: tuple[str, ...], kill_all: bool) -> None:
 
 @main.command()
 def gc() -> None:
-    """Reap sandboxes past their lifetime or whose owner process is gone."""
+    """Reap sandboxes past their lifetime or whose owner process is gone, and host
+    resources (egress policies) that no VMM uses any more."""
     for sandbox_id in reap():
         click.echo(f"reaped {sandbox_id}")
+    for kind, names in sweep_host_resources().items():
+        for name in names:
+            click.echo(f"removed {kind.replace('_', ' ')[:-1]} {name}")
 
 
 @main.command()

@@ -210,10 +210,31 @@ def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def vmm_pids_under(root: Path) -> list[int]:
+def running_vmm_uids() -> set[int]:
+    """The uids that running QEMU processes (of any state directory) have."""
+    uids = set()
+    for pid in vmm_pids_under(None):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                uids.add(int(line.split()[1]))
+    return uids
+
+
+def sweep_host_resources() -> dict[str, list[str]]:
+    """What ``reap`` does not look for on every create: egress policies whose VMM is gone.
+    (Control groups are swept by ``reap``.) Used by ``novasandbox gc``."""
+    return {"egress_policies": egress.sweep(running_vmm_uids())}
+
+
+def vmm_pids_under(root: Path | None) -> list[int]:
     """PIDs of live QEMU processes whose command line mentions ``root`` (a state
-    directory): how tests and the soak script check that nothing outlived them."""
-    needle = str(root).encode()
+    directory; None: any): how tests and the soak script check that nothing outlived
+    them."""
+    needle = str(root).encode() if root is not None else b""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -220,3 +220,21 @@ def test_unresolvable_allowed_host_fails_cleanly(state_root: Any) -> None:
         Sandbox.create(network="nat", allow=["no-such-host.invalid"])
     assert_no_leftovers(state_root)
     assert egress.installed() == before
+
+
+@root_only
+def test_gc_removes_a_policy_no_vmm_uses(factory: Any) -> None:
+    """An owner killed at the wrong moment can leave a policy behind: gc removes it, and
+    leaves alone the policy of a sandbox that runs."""
+    from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT
+    from novasandbox.state import sweep_host_resources
+
+    live = factory.create(network="nat", allow=["127.0.0.1:1"])
+    orphan_uid = VMM_ID_BASE + VMM_ID_COUNT - 1
+    egress.apply("sb-orphan00001", orphan_uid, ())
+    assert "sb-orphan00001" in egress.installed()
+    removed = sweep_host_resources()["egress_policies"]
+    assert removed == ["sb-orphan00001"]
+    installed = egress.installed()
+    assert "sb-orphan00001" not in installed
+    assert egress.chain_name(live.id) in installed

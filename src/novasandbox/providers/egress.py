@@ -199,3 +199,14 @@ def installed() -> dict[str, int]:
             if key.strip().isdigit() and len(words) == 2 and words[0] == "jump":
                 found[words[1]] = int(key)
     return found
+
+
+def sweep(live_uids: Iterable[int]) -> list[str]:
+    """Remove the policies whose uid is not in ``live_uids`` (the uids VMMs run as now):
+    what an owner that died at the wrong moment left. Returns the chains removed."""
+    keep = set(live_uids)
+    removed = []
+    for chain, uid in installed().items():
+        if uid not in keep and remove(chain, uid):
+            removed.append(chain)
+    return removed
