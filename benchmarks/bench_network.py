@@ -1,0 +1,156 @@
+"""Network benchmarks: what a network costs at create, and NAT throughput both ways.
+
+    .venv/bin/python benchmarks/bench_network.py [--runs 10] [--mb 32] [--out FILE]
+
+- create: restore -> ready and -> first output, for ``network="none"``, ``"nat"`` with
+  ``allow=[]`` (no host rules) and ``"nat"`` with an allow list (an nftables policy is
+  installed first: root only), interleaved so that all three see the same host load;
+- guest -> host: the guest downloads ``--mb`` MB over HTTP from a server on the host's
+  loopback (through 10.0.2.2, allowed by the policy), timed inside the guest;
+- host -> guest: the host downloads ``--mb`` MB from a server in the guest through an
+  exposed port (``get_host``).
+
+Prints a JSON report (p50/p95) and writes it to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import logging
+import os
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# bench.py lives beside this script; running a script puts its directory on sys.path.
+from bench import BenchError, check_echo, host_info, ms, summarize, write_report
+
+from novasandbox import Sandbox
+from novasandbox.network import GATEWAY
+
+log = logging.getLogger("bench")
+
+DOWNLOAD = """
+import sys, time, urllib.request
+t = time.monotonic()
+n = 0
+with urllib.request.urlopen(sys.argv[1], timeout=120) as r:
+    while chunk := r.read(1 << 20):
+        n += len(chunk)
+print(n, time.monotonic() - t)
+"""
+
+
+class Payload(http.server.BaseHTTPRequestHandler):
+    size = 0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.size))
+        self.end_headers()
+        block = b"x" * (1 << 20)
+        left = self.size
+        while left:
+            n = min(left, len(block))
+            self.wfile.write(block[:n])
+            left -= n
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def bench_create(runs: int, port: int, metrics: dict[str, Any]) -> None:
+    modes: dict[str, dict[str, Any]] = {
+        "none": {},
+        "nat_no_egress": {"network": "nat", "allow": []},
+    }
+    if os.geteuid() == 0:
+        modes["nat_policy"] = {"network": "nat", "allow": [f"127.0.0.1:{port}"]}
+    ready: dict[str, list[float]] = {m: [] for m in modes}
+    first: dict[str, list[float]] = {m: [] for m in modes}
+    for run in range(runs):
+        for mode, kwargs in modes.items():
+            t0 = time.monotonic()
+            with Sandbox.create(**kwargs) as sb:
+                if not sb.restored:
+                    raise BenchError(f"{mode}: booted cold, no snapshot for it")
+                ready[mode].append(ms(time.monotonic() - t0))
+                check_echo(sb.commands.run("echo hi"))
+                first[mode].append(ms(time.monotonic() - t0))
+        log.info("create run %d/%d", run + 1, runs)
+    for mode in modes:
+        metrics[f"create_{mode}_ready"] = summarize(ready[mode], "ms")
+        metrics[f"create_{mode}_to_first_output"] = summarize(first[mode], "ms")
+
+
+def bench_throughput(runs: int, mb: int, port: int, metrics: dict[str, Any]) -> None:
+    size = mb * 1000 * 1000
+    allow = [f"127.0.0.1:{port}"] if os.geteuid() == 0 else None
+    if allow is None:
+        log.info("not root: no egress policy, so no guest -> host download")
+    with Sandbox.create(network="nat", allow=allow or [], ports=[8000]) as sb:
+        if allow is not None:
+            rates = []
+            for _ in range(runs):
+                r = sb.commands.run(
+                    ["python3", "-c", DOWNLOAD, f"http://{GATEWAY}:{port}/"], timeout=300
+                )
+                n, seconds = r.stdout.split()
+                if r.exit_code != 0 or int(n) != size:
+                    raise BenchError(f"guest download failed: {r.stdout} {r.stderr}")
+                rates.append(size / float(seconds) / 1e6)
+            metrics["nat_guest_downloads_from_host"] = summarize(rates, "MB/s")
+        sb.commands.run(f"head -c {size} /dev/zero > /tmp/payload", timeout=120, check=True)
+        sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/tmp"])
+        url = f"http://{sb.get_host(8000)}/payload"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url.replace("payload", ""), timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        rates = []
+        for _ in range(runs):
+            t0 = time.monotonic()
+            n = 0
+            with urllib.request.urlopen(url, timeout=300) as resp:
+                while chunk := resp.read(1 << 20):
+                    n += len(chunk)
+            if n != size:
+                raise BenchError(f"host download got {n} bytes, not {size}")
+            rates.append(size / (time.monotonic() - t0) / 1e6)
+        metrics["nat_host_downloads_from_guest_port"] = summarize(rates, "MB/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=10, help="create runs per mode (10)")
+    p.add_argument("--transfers", type=int, default=5, help="downloads each way (5)")
+    p.add_argument("--mb", type=int, default=32, help="MB per download (32)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    Payload.size = args.mb * 1000 * 1000
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Payload)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    metrics: dict[str, Any] = {}
+    try:
+        bench_create(args.runs, port, metrics)
+        bench_throughput(args.transfers, args.mb, port, metrics)
+    finally:
+        server.shutdown()
+    report = {"benchmark": "network", "host": host_info(), "metrics": metrics}
+    write_report(report, args.out, "network")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
