@@ -107,13 +107,20 @@ async def _egress_rules(
 ) -> tuple[EgressRule, ...] | None:
     """The resolved allow list of a networked sandbox (None: the public internet), checked
     to be enforceable on this host before anything starts."""
-    if not net.enabled or net.allow == ():
+    if not net.enabled:
         return ()
-    if confine is None:
+    if confine is None and net.allow != ():
         raise NetworkError(
             "an egress policy other than allow=[] is enforced with nftables rules on the "
             "VMM's own uid, which needs NovaSandbox to run as root"
         )
+    if confine is None and net.ports:
+        raise NetworkError(
+            "exposed ports need NovaSandbox to run as root: without it a nat sandbox is "
+            "isolated by QEMU's own network stack, which does not pass forwarded ports"
+        )
+    if net.allow == ():
+        return ()
     if net.allow is None:
         return None
     return await asyncio.to_thread(resolve, net.entries())
@@ -368,7 +375,9 @@ class AsyncSandbox:
                 "address": str(GUEST_ADDRESS),
                 "prefix": GUEST_NETWORK.prefixlen,
                 "gateway": str(GATEWAY),
-                "dns": str(GUEST_DNS),
+                # with no egress there is no DNS either: an empty resolver list makes a
+                # lookup fail at once instead of waiting for a forwarder that drops it
+                "dns": str(GUEST_DNS) if self.config.network.allow != () else "",
             }
         t_vmm = time.monotonic()
         if spec.incoming is not None:

@@ -4,6 +4,7 @@ options: all pure."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from novasandbox.network import (
     resolve,
 )
 from novasandbox.providers import egress
-from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT, VMPaths, VMSpec
+from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT, Confinement, VMPaths, VMSpec
 from novasandbox.providers.qemu import network_argv
 from novasandbox.sandbox import _egress_rules
 
@@ -196,18 +197,20 @@ def test_network_argv(tmp_path: Path) -> None:
     assert "hostfwd=tcp:127.0.0.1:40001-:8000" in netdev
     assert argv[3] == f"virtio-net-device,netdev=net0,mac={guest_mac('sb-net')}"
     closed = network_argv(spec(tmp_path, NetworkConfig("nat", ()), {}))
-    assert "restrict=on" in closed[1].split(",")
+    assert "restrict=on" in closed[1].split(",")  # no root, so no host policy: slirp's own
+    confined = replace(spec(tmp_path, NetworkConfig("nat", ()), {}), confine=Confinement(1, 1))
+    assert "restrict=off" in network_argv(confined)[1].split(",")  # the host policy decides
     with pytest.raises(ValueError):
         network_argv(spec(tmp_path, NetworkConfig("nat", None, (8000,)), {}))
 
 
 def test_egress_policy_needs_a_confined_vmm() -> None:
-    from novasandbox.providers.base import Confinement
-
     assert asyncio.run(_egress_rules(NetworkConfig(), None)) == ()
     assert asyncio.run(_egress_rules(NetworkConfig("nat", ()), None)) == ()
     with pytest.raises(NetworkError, match="root"):
         asyncio.run(_egress_rules(NetworkConfig("nat", None), None))
+    with pytest.raises(NetworkError, match="ports"):
+        asyncio.run(_egress_rules(NetworkConfig("nat", (), (8000,)), None))
     confined = Confinement(VMM_ID_BASE, VMM_ID_BASE)
     assert asyncio.run(_egress_rules(NetworkConfig("nat", None), confined)) is None
     rules = asyncio.run(_egress_rules(NetworkConfig("nat", ("1.2.3.4:80",)), confined))

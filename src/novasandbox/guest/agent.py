@@ -179,7 +179,7 @@ def configure_network(net: dict[str, Any]) -> str:
             if exc.errno != errno.EEXIST:
                 raise
     with open("/etc/resolv.conf", "w") as f:
-        f.write(f"nameserver {net['dns']}\n")
+        f.write(f"nameserver {net['dns']}\n" if net.get("dns") else "# no DNS (no egress)\n")
     return name.decode()
 
 

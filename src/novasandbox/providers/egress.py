@@ -155,12 +155,15 @@ def _lock_path() -> Path:
     return path / ".nft.lock"
 
 
-def apply(sandbox_id: str, uid: int, rules: Sequence[EgressRule] | None) -> None:
-    """Install one sandbox's policy (creating the table first if needed)."""
+def apply(
+    sandbox_id: str, uid: int, rules: Sequence[EgressRule] | None, *, dns: bool = True
+) -> None:
+    """Install one sandbox's policy (creating the table first if needed); ``dns``: let
+    the VMM's DNS forwarder reach the host's resolvers."""
     if os.geteuid() != 0:
         raise NetworkError(
             "an egress policy is enforced with nftables rules, which needs root; without "
-            "root, nat sandboxes can only have allow=[] (no egress; exposed ports work)"
+            "root, nat sandboxes can only have allow=[] (no egress, no exposed ports)"
         )
     with open(_lock_path(), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -168,7 +171,8 @@ def apply(sandbox_id: str, uid: int, rules: Sequence[EgressRule] | None) -> None
             done = _run(base_script())
             if done.returncode != 0:
                 raise NetworkError(f"cannot create the nftables table: {done.stderr.strip()}")
-        done = _run(sandbox_script(sandbox_id, uid, rules, host_resolvers()))
+        resolvers = host_resolvers() if dns else []
+        done = _run(sandbox_script(sandbox_id, uid, rules, resolvers))
     if done.returncode != 0:
         raise NetworkError(f"cannot install the egress policy: {done.stderr.strip()}")
 

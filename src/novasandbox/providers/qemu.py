@@ -251,8 +251,9 @@ def build_argv(
 def network_argv(spec: VMSpec) -> list[str]:
     """The network device of a "nat" sandbox: QEMU's user-mode stack (slirp) on the fixed
     guest network, no IPv6, exposed ports forwarded from the host's loopback. With an empty
-    allow list slirp itself is restricted (no egress at all, forwarded ports still work);
-    otherwise the host's nftables policy decides (``egress.py``). Pure."""
+    allow list and no root (so no host policy), slirp itself is restricted: no egress at
+    all, and no forwarded ports either (a restricted slirp does not pass the guest's side
+    of them). Otherwise the host's nftables policy decides (``egress.py``). Pure."""
     net = spec.machine.network
     if not net.enabled:
         return []
@@ -263,7 +264,7 @@ def network_argv(spec: VMSpec) -> list[str]:
         f"host={GATEWAY}",
         f"dns={GUEST_DNS}",
         "ipv6=off",
-        f"restrict={'on' if net.allow == () else 'off'}",
+        f"restrict={'on' if net.allow == () and spec.confine is None else 'off'}",
     ]
     for guest_port in net.ports:
         if guest_port not in spec.host_ports:
@@ -637,12 +638,15 @@ class QemuProvider:
         disks = open_disks(spec)
         incoming = None
         group = None
-        policy = spec.machine.network.enabled and spec.machine.network.allow != ()
+        net = spec.machine.network
+        # a confined VMM always gets its policy (allow=[]: nothing but replies on its
+        # exposed ports); an unconfined one may only be restricted by slirp
+        policy = net.enabled and spec.confine is not None
         try:
-            if policy:
-                if spec.confine is None:
-                    raise NetworkError("an egress policy needs a confined VMM (root)")
-                egress.apply(spec.vm_id, spec.confine.uid, spec.egress)
+            if net.enabled and spec.confine is None and net.allow != ():
+                raise NetworkError("an egress policy needs a confined VMM (root)")
+            if policy and spec.confine is not None:
+                egress.apply(spec.vm_id, spec.confine.uid, spec.egress, dns=net.allow != ())
             layout = cgroups.detect()
             if layout is not None:
                 m = spec.machine
