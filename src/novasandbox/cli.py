@@ -366,7 +366,9 @@ def doctor(as_json: bool) -> None:
         report["vmm_cgroups"] = layout.describe() if layout else "none (rlimits only)"
     except ConfigError as exc:
         report["vmm_cgroups"] = f"invalid: {exc.message}"
-    runtime = missing_tools([(QEMU_BINARY, "qemu-system-x86"), (QEMU_IMG, "qemu-utils")])
+    runtime = missing_tools(
+        [(QEMU_BINARY, "qemu-system-x86"), (QEMU_IMG, "qemu-utils"), ("nft", "nftables")]
+    )
     build = missing_tools(
         KERNEL_TOOLS + IMAGE_TOOLS + [("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1")]
     )
