@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   qemu-system-x86 qemu-utils            # the VMM and qemu-img (copy-on-write overlays)
-  nftables                              # egress policies of networked sandboxes
+  nftables iproute2                     # egress policies; TAP devices and network namespaces
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils  # guest kernel
   mmdebstrap e2fsprogs                  # guest root file system
   python3 python3-venv python3-pip      # the library

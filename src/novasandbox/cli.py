@@ -24,7 +24,7 @@ from . import __version__
 from .config import validate_env
 from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
 from .paths import cache_dir, state_dir
-from .providers import cgroups
+from .providers import cgroups, tap
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .snapshots import delete_snapshot, list_snapshots
 from .state import kill_sandbox, list_sandboxes, reap, sweep_host_resources
@@ -109,10 +109,10 @@ def _writer(stream: Any) -> Callable[[str], None]:
 @click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring the snapshot.")
 @click.option(
     "--network",
-    type=click.Choice(["none", "nat"]),
+    type=click.Choice(["none", "nat", "tap"]),
     default="none",
     show_default=True,
-    help="nat: a network device with user-mode NAT.",
+    help="nat: a network device with user-mode NAT; tap: on a TAP of the host (root).",
 )
 @click.option(
     "--allow",
@@ -291,6 +291,36 @@ def snapshot_rm(ids: tuple[str, ...]) -> None:
     for snapshot_id in ids:
         delete_snapshot(snapshot_id)
         click.echo(f"deleted {snapshot_id}")
+
+
+@main.group("tap")
+def tap_group() -> None:
+    """The pool of TAP devices that network="tap" sandboxes lease (root)."""
+
+
+@tap_group.command("up")
+@click.argument("size", type=int)
+@handle_errors
+def tap_up(size: int) -> None:
+    """Make sure SIZE TAP devices exist (kept until 'novasandbox tap down')."""
+    for t in tap.prepare(size):
+        click.echo(f"{t.name} {t.host_address} -> guest {t.guest_address}")
+
+
+@tap_group.command("down")
+@handle_errors
+def tap_down() -> None:
+    """Remove the TAP devices no sandbox uses, and the NAT table once none is left."""
+    for name in tap.release():
+        click.echo(f"removed {name}")
+
+
+@tap_group.command("ls")
+@handle_errors
+def tap_ls() -> None:
+    """TAP devices and which sandbox leases each."""
+    for t, holder in tap.leases():
+        click.echo(f"{t.name} {t.guest_address} {holder or 'free'}")
 
 
 @main.command("ls")

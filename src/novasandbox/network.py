@@ -1,6 +1,10 @@
 """Networking of a sandbox: its mode, its egress policy and its exposed ports.
 
 - ``none`` (the default): no network device at all; the guest has loopback only.
+- ``tap`` (root): a virtio-net device backed by a TAP of the host, from a pre-created
+  pool (``providers/tap.py``): the guest is routed and masqueraded by the host kernel, on
+  a /30 of its own, and the host reaches it at its own address. The same allow lists
+  apply, enforced in the forward and input hooks on the TAP.
 - ``nat``: a virtio-net device backed by QEMU's user-mode network stack (slirp). The
   guest is 10.0.2.15/24 behind gateway 10.0.2.2, which is also how it reaches the host's
   loopback, with a DNS forwarder at 10.0.2.3. Every connection the guest makes leaves the
@@ -30,7 +34,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 from .errors import ConfigError, NetworkError
 
-NETWORK_MODES = ("none", "nat")
+NETWORK_MODES = ("none", "nat", "tap")
+DETACHED = "detached"
+"""Internal mode: a network device with no backend (what the template snapshot that
+networked sandboxes restore from is made with, so that it restores into either)."""
 GUEST_NETWORK = IPv4Network("10.0.2.0/24")
 GUEST_ADDRESS = IPv4Address("10.0.2.15")
 GATEWAY = IPv4Address("10.0.2.2")
@@ -142,7 +149,7 @@ class NetworkConfig:
     ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in NETWORK_MODES:
+        if self.mode not in (*NETWORK_MODES, DETACHED):
             raise ConfigError(f"network must be one of {NETWORK_MODES}, got {self.mode!r}")
         allow = self.allow
         if allow is not None:
@@ -160,8 +167,8 @@ class NetworkConfig:
                 raise ConfigError(f"invalid port {port!r}: ports are 1 to 65535")
         if len(set(ports)) != len(ports):
             raise ConfigError(f"a port is listed twice: {list(ports)}")
-        if self.mode == "none" and (allow is not None or ports):
-            raise ConfigError('allow and ports need a network: pass network="nat"')
+        if self.mode in ("none", DETACHED) and (allow is not None or ports):
+            raise ConfigError('allow and ports need a network: pass network="nat" or "tap"')
         object.__setattr__(self, "allow", allow)
         object.__setattr__(self, "ports", ports)
 

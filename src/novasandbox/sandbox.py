@@ -44,13 +44,8 @@ from .errors import (
 )
 from .files import AsyncFiles
 from .network import (
-    GATEWAY,
-    GUEST_ADDRESS,
-    GUEST_DNS,
-    GUEST_NETWORK,
     EgressRule,
     NetworkConfig,
-    guest_mac,
     resolve,
 )
 from .providers.base import Confinement, VMPaths, VMSpec, confinement
@@ -109,6 +104,8 @@ async def _egress_rules(
     to be enforceable on this host before anything starts."""
     if not net.enabled:
         return ()
+    if confine is None and net.mode == "tap":
+        raise NetworkError('network="tap" needs NovaSandbox to run as root')
     if confine is None and net.allow != ():
         raise NetworkError(
             "an egress policy other than allow=[] is enforced with nftables rules on the "
@@ -247,15 +244,7 @@ class AsyncSandbox:
                 raise ConfigError("a snapshot restores with its own vcpus and memory_mib")
             if drives:
                 raise ConfigError("drives cannot be attached to a restored snapshot")
-            if snap.nic != net.enabled:
-                raise ConfigError(
-                    f"snapshot {snap.id} was saved "
-                    + (
-                        'with a network device: pass network="nat"'
-                        if snap.nic
-                        else 'without a network device: it restores only with network="none"'
-                    )
-                )
+            snap.check_network(net.mode)
             snap.check_compatible(accel.name, qemu_version())
             template = snap.template
             config = MachineConfig(
@@ -299,7 +288,8 @@ class AsyncSandbox:
         )
         sb.source_snapshot = snap
         sb.confine = confine
-        sb.host_ports = dict(zip(net.ports, free_loopback_ports(len(net.ports)), strict=True))
+        if net.mode == "nat":
+            sb.host_ports = dict(zip(net.ports, free_loopback_ports(len(net.ports)), strict=True))
         log.info(
             "creating sandbox %s from %s by %s (%s: %s)",
             sandbox_id,
@@ -340,12 +330,15 @@ class AsyncSandbox:
     def get_host(self, port: int) -> str:
         """``"127.0.0.1:PORT"``: where on the host guest TCP ``port`` is reached. The port
         must have been exposed with ``create(..., ports=[port])``."""
-        if port not in self.host_ports:
+        if port not in self.config.network.ports:
             raise ConfigError(
-                f"guest port {port!r} is not exposed; exposed: {sorted(self.host_ports)} "
-                "(create(..., ports=[...]))"
+                f"guest port {port!r} is not exposed; exposed: "
+                f"{sorted(self.config.network.ports)} (create(..., ports=[...]))"
             )
-        return f"127.0.0.1:{self.host_ports[port]}"
+        vm = self._vm
+        if vm is None or vm.network is None:
+            raise SandboxNotRunning(f"sandbox {self.id} is not running")
+        return vm.network.host_address(port, self.host_ports)
 
     @property
     def restored(self) -> bool:
@@ -369,16 +362,8 @@ class AsyncSandbox:
             "hostname": self.id,
             "lifetime_s": self._remaining_lifetime(),
         }
-        if self.config.network.enabled:
-            hello["net"] = {
-                "mac": guest_mac(self.id),
-                "address": str(GUEST_ADDRESS),
-                "prefix": GUEST_NETWORK.prefixlen,
-                "gateway": str(GATEWAY),
-                # with no egress there is no DNS either: an empty resolver list makes a
-                # lookup fail at once instead of waiting for a forwarder that drops it
-                "dns": str(GUEST_DNS) if self.config.network.allow != () else "",
-            }
+        if vm.network is not None:
+            hello["net"] = vm.network.guest.hello()
         t_vmm = time.monotonic()
         if spec.incoming is not None:
             # The restored guest resumes where the snapshot left it: frozen root file
@@ -440,6 +425,7 @@ class AsyncSandbox:
                 vmm_uid=self.confine.uid if self.confine else None,
                 network=self.config.network.mode,
                 ports={str(g): h for g, h in self.host_ports.items()},
+                tap=vm.network.tap.name if vm and vm.network and vm.network.tap else None,
             ),
         )
 
@@ -579,7 +565,7 @@ class AsyncSandbox:
                     p.stat().st_size for p in (directory / "memory.bin", directory / "disk.qcow2")
                 ),
                 save_seconds=round(took, 3),
-                nic=self.config.network.enabled,
+                network=self.config.network.mode,
             )
             snap.write_manifest()
             if was_paused:

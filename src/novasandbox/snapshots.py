@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import SnapshotError, SnapshotIncompatible, SnapshotNotFound
+from .errors import ConfigError, SnapshotError, SnapshotIncompatible, SnapshotNotFound
+from .network import DETACHED
 from .paths import state_dir
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("novasandbox.snapshots")
 
-SNAPSHOT_RECIPE = "6"
+SNAPSHOT_RECIPE = "7"
 """Bump when what a template snapshot contains changes."""
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"
@@ -72,8 +73,24 @@ class Snapshot:
     """Saved from a running guest: a restored VM runs as soon as its memory is loaded."""
     backing: str | None = None
     """The image ``disk.qcow2`` is layered on (a template image or snapshot disk)."""
-    nic: bool = False
-    """Saved with a network device: it restores only into a networked sandbox."""
+    network: str = "none"
+    """The network mode it was saved with: "none" restores only without a network; a
+    "nat" one (whose user-mode network state is in it) only into "nat"; "tap" and the
+    template's "detached" into "nat" or "tap"."""
+
+    def check_network(self, mode: str) -> None:
+        """Raise ``ConfigError`` unless a sandbox with network ``mode`` can restore this."""
+        if self.network == "none":
+            ok = mode == "none"
+        elif self.network == "nat":
+            ok = mode == "nat"
+        else:
+            ok = mode in ("nat", "tap")
+        if not ok:
+            raise ConfigError(
+                f"snapshot {self.id} was saved with network={self.network!r}; it cannot be "
+                f"restored with network={mode!r}"
+            )
 
     @property
     def memory(self) -> Path:
@@ -294,12 +311,7 @@ async def _build_template_snapshot(
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     sb = await AsyncSandbox.create(
-        tpl.name,
-        cold=True,
-        timeout=None,
-        templates=manager,
-        network="nat" if nic else "none",
-        allow=[] if nic else None,
+        tpl.name, cold=True, timeout=None, templates=manager, network=DETACHED if nic else "none"
     )
     try:
         vm, agent = sb._vm, sb._agent
@@ -327,7 +339,7 @@ async def _build_template_snapshot(
         size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
         save_seconds=round(stopped, 3),
         backing=str(built.rootfs),
-        nic=nic,
+        network=DETACHED if nic else "none",
     )
     (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
     if dest.exists():

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import SandboxNotFound
 from .paths import state_dir
-from .providers import cgroups, egress
+from .providers import cgroups, egress, tap
 from .providers.qemu import process_start_time
 
 RECORD = "record.json"
@@ -56,7 +56,9 @@ class SandboxInfo:
     """The unprivileged uid its VMM runs as (None: the VMM runs as its owner)."""
     network: str = "none"
     ports: dict[str, int] = field(default_factory=dict)
-    """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1."""
+    """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1 ("nat")."""
+    tap: str | None = None
+    """The TAP it leases ("tap")."""
 
     @property
     def owner_alive(self) -> bool:
@@ -199,8 +201,13 @@ def _release_host_resources(info: SandboxInfo) -> None:
     """What a dead VMM held outside its state directory: its control group and its
     egress policy."""
     cgroups.remove_group(info.id)
-    if info.network != "none" and info.vmm_uid is not None:
+    if info.network == "nat" and info.vmm_uid is not None:
         egress.remove(info.id, info.vmm_uid)
+    if info.network == "tap" and info.tap is not None:
+        index = tap.tap_index(info.tap)
+        if index is not None:
+            egress.remove(info.id, info.tap, tap.table())
+            tap.give_back(tap.Tap(index), info.id)
 
 
 def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:
@@ -227,7 +234,16 @@ def running_vmm_uids() -> set[int]:
 def sweep_host_resources() -> dict[str, list[str]]:
     """What ``reap`` does not look for on every create: egress policies whose VMM is gone.
     (Control groups are swept by ``reap``.) Used by ``novasandbox gc``."""
-    return {"egress_policies": egress.sweep(running_vmm_uids())}
+    live = {i.id for i in list_sandboxes() if i.alive}
+    return {
+        "egress_policies": egress.sweep(running_vmm_uids()),
+        "taps": tap.sweep(lambda sid: sid in live, _owner_alive),
+    }
+
+
+def _owner_alive(pid: int, start_time: int | None) -> bool:
+    start = process_start_time(pid)
+    return start is not None and (start_time is None or start == start_time)
 
 
 def vmm_pids_under(root: Path | None) -> list[int]:

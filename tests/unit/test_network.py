@@ -68,8 +68,11 @@ def test_network_config_validation() -> None:
     net = NetworkConfig("nat", ["1.2.3.4:80"], [8000, 8001])  # type: ignore[arg-type]
     assert net.allow == ("1.2.3.4:80",) and net.ports == (8000, 8001)
     assert NetworkConfig("nat", ()).allow == ()
+    assert NetworkConfig("tap", None, (22,)).enabled
+    assert NetworkConfig("detached").enabled
     for bad in (
-        {"mode": "tap"},
+        {"mode": "bridge"},
+        {"mode": "detached", "ports": (80,)},
         {"mode": "none", "allow": ()},
         {"mode": "none", "ports": (80,)},
         {"mode": "nat", "ports": (True,)},
@@ -168,6 +171,68 @@ def test_base_and_remove_scripts() -> None:
     ]
 
 
+def test_tap_policy_table_is_keyed_on_the_interface() -> None:
+    table = egress.tap_table("10.201.0.0/16", "nstap", "ns1")
+    base = egress.base_script(table)
+    assert "add table ip novasandbox_tap" in base
+    assert "type ifname : verdict" in base
+    assert 'forward iifname "nstap*" iifname vmap @sandboxes' in base
+    assert 'input iifname "nstap*" iifname vmap @sandboxes' in base
+    assert 'ip saddr 10.201.0.0/16 oifname != "nstap*" masquerade' in base
+    script = egress.sandbox_script("sb-t", "nstap3", (), [], table)
+    assert script.splitlines()[-1] == (
+        'add element ip novasandbox_tap sandboxes { "nstap3" : jump sb-t }'
+    )
+    assert egress.remove_script("sb-t", "nstap3", table).startswith(
+        'delete element ip novasandbox_tap sandboxes { "nstap3" }'
+    )
+
+
+def test_tap_addressing() -> None:
+    from novasandbox.providers.tap import MAX_TAPS, Tap, tap_index
+
+    t = Tap(0)
+    assert (t.name, str(t.network), str(t.host_address), str(t.guest_address)) == (
+        "nstap0",
+        "10.201.0.0/30",
+        "10.201.0.1",
+        "10.201.0.2",
+    )
+    t = Tap(70)
+    assert str(t.network) == "10.201.1.24/30"
+    assert str(Tap(MAX_TAPS - 1).guest_address) == "10.201.255.254"
+    assert tap_index("nstap12") == 12
+    assert tap_index("eth0") is None and tap_index("nstapx") is None
+
+
+def test_snapshot_network_compatibility(tmp_path: Path) -> None:
+    from novasandbox.snapshots import Snapshot
+
+    def snap(network: str) -> Snapshot:
+        return Snapshot(
+            id="s",
+            kind="user",
+            template="t",
+            directory=tmp_path,
+            kernel=tmp_path,
+            vcpus=1,
+            memory_mib=256,
+            accel="tcg",
+            qemu_version="q",
+            created_at=0.0,
+            network=network,
+        )
+
+    snap("none").check_network("none")
+    snap("nat").check_network("nat")
+    for mode in ("nat", "tap"):
+        snap("detached").check_network(mode)
+        snap("tap").check_network(mode)
+    for saved, mode in (("none", "nat"), ("nat", "tap"), ("nat", "none"), ("detached", "none")):
+        with pytest.raises(ConfigError, match="network"):
+            snap(saved).check_network(mode)
+
+
 def test_host_resolvers() -> None:
     text = "# comment\nnameserver 10.0.0.53\nnameserver ::1\nsearch x\nnameserver 1.1.1.1\n"
     assert egress.host_resolvers(text) == [IPv4Address("10.0.0.53"), IPv4Address("1.1.1.1")]
@@ -195,13 +260,23 @@ def test_network_argv(tmp_path: Path) -> None:
     assert "ipv6=off" in netdev
     assert "restrict=off" in netdev
     assert "hostfwd=tcp:127.0.0.1:40001-:8000" in netdev
-    assert argv[3] == f"virtio-net-device,netdev=net0,mac={guest_mac('sb-net')}"
+    assert argv[3] == f"virtio-net-device,mac={guest_mac('sb-net')},netdev=net0"
     closed = network_argv(spec(tmp_path, NetworkConfig("nat", ()), {}))
     assert "restrict=on" in closed[1].split(",")  # no root, so no host policy: slirp's own
     confined = replace(spec(tmp_path, NetworkConfig("nat", ()), {}), confine=Confinement(1, 1))
     assert "restrict=off" in network_argv(confined)[1].split(",")  # the host policy decides
     with pytest.raises(ValueError):
         network_argv(spec(tmp_path, NetworkConfig("nat", None, (8000,)), {}))
+    tap = network_argv(spec(tmp_path, NetworkConfig("tap"), {}), tap_fd=17)
+    assert tap[:2] == ["-netdev", "tap,id=net0,fd=17,vhost=off"]
+    assert tap[3].endswith(",netdev=net0")
+    with pytest.raises(ValueError):
+        network_argv(spec(tmp_path, NetworkConfig("tap"), {}))  # no descriptor
+    # the template snapshot's device has no backend, so it restores into nat or tap
+    assert network_argv(spec(tmp_path, NetworkConfig("detached"), {})) == [
+        "-device",
+        f"virtio-net-device,mac={guest_mac('sb-net')}",
+    ]
 
 
 def test_egress_policy_needs_a_confined_vmm() -> None:
@@ -211,6 +286,8 @@ def test_egress_policy_needs_a_confined_vmm() -> None:
         asyncio.run(_egress_rules(NetworkConfig("nat", None), None))
     with pytest.raises(NetworkError, match="ports"):
         asyncio.run(_egress_rules(NetworkConfig("nat", (), (8000,)), None))
+    with pytest.raises(NetworkError, match="tap"):
+        asyncio.run(_egress_rules(NetworkConfig("tap", ()), None))
     confined = Confinement(VMM_ID_BASE, VMM_ID_BASE)
     assert asyncio.run(_egress_rules(NetworkConfig("nat", None), confined)) is None
     rules = asyncio.run(_egress_rules(NetworkConfig("nat", ("1.2.3.4:80",)), confined))

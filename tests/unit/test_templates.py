@@ -280,7 +280,7 @@ def fake_snapshot(manager: TemplateManager, name: str, nic: bool = False) -> Pat
         accel=accel,
         qemu_version=qemu_version(),
         created_at=0.0,
-        nic=nic,
+        network="detached" if nic else "none",
     )
     snap.write_manifest()
     return directory

@@ -23,6 +23,10 @@ A sandbox's chain and map element are added before its VMM starts and deleted af
 exits (and by ``gc``), each in one atomic ``nft -f`` transaction. Root is needed to change
 the ruleset, which is also when VMMs have uids of their own.
 
+TAP sandboxes (``tap.py``) use the same sandbox chains in a second table, ``ip
+novasandbox_tap`` (in the TAPs' network namespace), keyed on the TAP the guest's packets
+come in by, in the forward and input hooks, with the pool's masquerade rule.
+
 ``sandbox_script``/``remove_script`` are pure (they return nft's input) and unit-tested;
 ``apply`` runs ``nft``.
 """
@@ -34,6 +38,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -41,28 +46,75 @@ from ..errors import HostToolMissing, NetworkError
 from ..network import NON_PUBLIC, EgressRule
 from .base import VMM_ID_BASE, VMM_ID_COUNT
 
-TABLE = "inet novasandbox"
 NFT = "nft"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTable:
+    """An nftables table of sandbox policies: its name, what its map is keyed on, its
+    base chains, and the network namespace it lives in (None: the host's)."""
+
+    name: str
+    key_type: str
+    base: tuple[str, ...]
+    netns: str | None = None
+
+    def key(self, value: int | str) -> str:
+        return str(value) if self.key_type == "uid" else f'"{value}"'
+
+
+def _uid_base() -> tuple[str, ...]:
+    t = "inet novasandbox"
+    uids = f"{VMM_ID_BASE}-{VMM_ID_BASE + VMM_ID_COUNT - 1}"
+    return (
+        f"add table {t}",
+        f"add map {t} sandboxes {{ type uid : verdict ; }}",
+        f"add chain {t} output {{ type filter hook output priority 0 ; policy accept ; }}",
+        f"add rule {t} output meta skuid {uids} meta skuid vmap @sandboxes",
+        f"add rule {t} output meta skuid {uids} meta l4proto tcp reject with tcp reset",
+        f"add rule {t} output meta skuid {uids} reject",
+    )
+
+
+UID_TABLE = PolicyTable("inet novasandbox", "uid", _uid_base())
+"""The policies of "nat" sandboxes, keyed on their VMM's uid (output hook)."""
+
+
+def tap_table(subnet: str, prefix: str, netns: str | None) -> PolicyTable:
+    """The policies of "tap" sandboxes, keyed on their TAP (forward and input hooks), with
+    the masquerade of the TAPs' ``subnet`` out of any other interface."""
+    t = "ip novasandbox_tap"
+    taps = f'"{prefix}*"'
+    return PolicyTable(
+        t,
+        "ifname",
+        (
+            f"add table {t}",
+            f"add map {t} sandboxes {{ type ifname : verdict ; }}",
+            f"add chain {t} forward {{ type filter hook forward priority 0 ; policy accept ; }}",
+            f"add rule {t} forward iifname {taps} iifname vmap @sandboxes",
+            f"add rule {t} forward iifname {taps} meta l4proto tcp reject with tcp reset",
+            f"add rule {t} forward iifname {taps} reject",
+            f"add rule {t} forward oifname {taps} ct state established,related accept",
+            f"add rule {t} forward oifname {taps} drop",
+            f"add chain {t} input {{ type filter hook input priority 0 ; policy accept ; }}",
+            f"add rule {t} input iifname {taps} iifname vmap @sandboxes",
+            f"add rule {t} input iifname {taps} meta l4proto tcp reject with tcp reset",
+            f"add rule {t} input iifname {taps} reject",
+            f"add chain {t} postrouting {{ type nat hook postrouting priority 100 ; }}",
+            f"add rule {t} postrouting ip saddr {subnet} oifname != {taps} masquerade",
+        ),
+        netns,
+    )
 
 
 def chain_name(sandbox_id: str) -> str:
     return "sb-" + sandbox_id.removeprefix("sb-")
 
 
-def base_script() -> str:
-    """The table, the map and the output chain (applied once, when the table is absent)."""
-    uids = f"{VMM_ID_BASE}-{VMM_ID_BASE + VMM_ID_COUNT - 1}"
-    return "\n".join(
-        [
-            f"add table {TABLE}",
-            f"add map {TABLE} sandboxes {{ type uid : verdict ; }}",
-            f"add chain {TABLE} output {{ type filter hook output priority 0 ; policy accept ; }}",
-            f"add rule {TABLE} output meta skuid {uids} meta skuid vmap @sandboxes",
-            f"add rule {TABLE} output meta skuid {uids} meta l4proto tcp reject with tcp reset",
-            f"add rule {TABLE} output meta skuid {uids} reject",
-            "",
-        ]
-    )
+def base_script(table: PolicyTable = UID_TABLE) -> str:
+    """The table, its map and its base chains (applied once, when the table is absent)."""
+    return "\n".join(table.base) + "\n"
 
 
 def _match(rule: EgressRule) -> str:
@@ -74,44 +126,44 @@ def _match(rule: EgressRule) -> str:
 
 def sandbox_script(
     sandbox_id: str,
-    uid: int,
+    key: int | str,
     rules: Sequence[EgressRule] | None,
     resolvers: Iterable[IPv4Address],
+    table: PolicyTable = UID_TABLE,
 ) -> str:
-    """nft input that installs the policy of one sandbox. ``rules=None`` means the public
-    internet (every non-public range denied); a sequence means those destinations only.
-    Pure."""
-    chain = chain_name(sandbox_id)
+    """nft input that installs the policy of one sandbox, whose traffic the table knows
+    by ``key`` (a uid or an interface). ``rules=None`` means the public internet (every
+    non-public range denied); a sequence means those destinations only. Pure."""
+    t, chain = table.name, chain_name(sandbox_id)
     lines = [
-        f"add chain {TABLE} {chain}",
-        f"add rule {TABLE} {chain} ct state established,related accept",
+        f"add chain {t} {chain}",
+        f"add rule {t} {chain} ct state established,related accept",
     ]
     for resolver in sorted(set(resolvers)):
-        lines.append(f"add rule {TABLE} {chain} ip daddr {resolver} udp dport 53 accept")
-        lines.append(f"add rule {TABLE} {chain} ip daddr {resolver} tcp dport 53 accept")
+        lines.append(f"add rule {t} {chain} ip daddr {resolver} udp dport 53 accept")
+        lines.append(f"add rule {t} {chain} ip daddr {resolver} tcp dport 53 accept")
     for rule in rules or ():
-        lines.append(f"add rule {TABLE} {chain} {_match(rule)} accept")
+        lines.append(f"add rule {t} {chain} {_match(rule)} accept")
     if rules is None:
         private = ", ".join(str(n) for n in NON_PUBLIC)
         lines.append(
-            f"add rule {TABLE} {chain} ip daddr {{ {private} }} meta l4proto tcp "
-            "reject with tcp reset"
+            f"add rule {t} {chain} ip daddr {{ {private} }} meta l4proto tcp reject with tcp reset"
         )
-        lines.append(f"add rule {TABLE} {chain} ip daddr {{ {private} }} reject")
-        lines.append(f"add rule {TABLE} {chain} meta nfproto ipv4 accept")
-    lines.append(f"add rule {TABLE} {chain} meta l4proto tcp reject with tcp reset")
-    lines.append(f"add rule {TABLE} {chain} reject")
-    lines.append(f"add element {TABLE} sandboxes {{ {uid} : jump {chain} }}")
+        lines.append(f"add rule {t} {chain} ip daddr {{ {private} }} reject")
+        lines.append(f"add rule {t} {chain} meta nfproto ipv4 accept")
+    lines.append(f"add rule {t} {chain} meta l4proto tcp reject with tcp reset")
+    lines.append(f"add rule {t} {chain} reject")
+    lines.append(f"add element {t} sandboxes {{ {table.key(key)} : jump {chain} }}")
     return "\n".join(lines) + "\n"
 
 
-def remove_script(sandbox_id: str, uid: int) -> str:
+def remove_script(sandbox_id: str, key: int | str, table: PolicyTable = UID_TABLE) -> str:
     """nft input that removes one sandbox's policy. Pure."""
-    chain = chain_name(sandbox_id)
+    t, chain = table.name, chain_name(sandbox_id)
     return (
-        f"delete element {TABLE} sandboxes {{ {uid} }}\n"
-        f"flush chain {TABLE} {chain}\n"
-        f"delete chain {TABLE} {chain}\n"
+        f"delete element {t} sandboxes {{ {table.key(key)} }}\n"
+        f"flush chain {t} {chain}\n"
+        f"delete chain {t} {chain}\n"
     )
 
 
@@ -143,8 +195,17 @@ def _nft() -> str:
     return path
 
 
-def _run(script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_nft(), "-f", "-"], input=script, capture_output=True, text=True)
+def run_in(
+    netns: str | None, argv: list[str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in network namespace ``netns`` (None: this one)."""
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True)
+
+
+def _run(script: str, table: PolicyTable = UID_TABLE) -> subprocess.CompletedProcess[str]:
+    return run_in(table.netns, [_nft(), "-f", "-"], script)
 
 
 def _lock_path() -> Path:
@@ -155,40 +216,52 @@ def _lock_path() -> Path:
     return path / ".nft.lock"
 
 
+def ensure_table(table: PolicyTable) -> None:
+    """Create ``table`` unless it is there (under a lock, so two processes do not both
+    add its base rules)."""
+    with open(_lock_path(), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _run(f"list table {table.name}\n", table).returncode != 0:
+            done = _run(base_script(table), table)
+            if done.returncode != 0:
+                raise NetworkError(f"cannot create the nftables table: {done.stderr.strip()}")
+
+
 def apply(
-    sandbox_id: str, uid: int, rules: Sequence[EgressRule] | None, *, dns: bool = True
+    sandbox_id: str,
+    key: int | str,
+    rules: Sequence[EgressRule] | None,
+    *,
+    dns: bool = True,
+    resolvers: Iterable[IPv4Address] | None = None,
+    table: PolicyTable = UID_TABLE,
 ) -> None:
     """Install one sandbox's policy (creating the table first if needed); ``dns``: let
-    the VMM's DNS forwarder reach the host's resolvers."""
+    the guest's DNS traffic reach ``resolvers`` (default: the host's)."""
     if os.geteuid() != 0:
         raise NetworkError(
             "an egress policy is enforced with nftables rules, which needs root; without "
             "root, nat sandboxes can only have allow=[] (no egress, no exposed ports)"
         )
-    with open(_lock_path(), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _run(f"list table {TABLE}\n").returncode != 0:
-            done = _run(base_script())
-            if done.returncode != 0:
-                raise NetworkError(f"cannot create the nftables table: {done.stderr.strip()}")
-        resolvers = host_resolvers() if dns else []
-        done = _run(sandbox_script(sandbox_id, uid, rules, resolvers))
+    ensure_table(table)
+    servers = (host_resolvers() if resolvers is None else list(resolvers)) if dns else []
+    done = _run(sandbox_script(sandbox_id, key, rules, servers, table), table)
     if done.returncode != 0:
         raise NetworkError(f"cannot install the egress policy: {done.stderr.strip()}")
 
 
-def remove(sandbox_id: str, uid: int) -> bool:
+def remove(sandbox_id: str, key: int | str, table: PolicyTable = UID_TABLE) -> bool:
     """Remove one sandbox's policy; False if there was none (or no nft)."""
     try:
-        return _run(remove_script(sandbox_id, uid)).returncode == 0
+        return _run(remove_script(sandbox_id, key, table), table).returncode == 0
     except HostToolMissing:
         return False
 
 
-def installed() -> dict[str, int]:
-    """chain name -> uid of every sandbox policy in the table (for ``gc``)."""
+def installed(table: PolicyTable = UID_TABLE) -> dict[str, str]:
+    """chain name -> key (uid or interface) of every sandbox policy in ``table``."""
     try:
-        out = _run(f"list map {TABLE} sandboxes\n")
+        out = _run(f"list map {table.name} sandboxes\n", table)
     except HostToolMissing:
         return {}
     if out.returncode != 0:
@@ -200,17 +273,17 @@ def installed() -> dict[str, int]:
         for element in body.split(","):
             key, _, verdict = element.partition(":")
             words = verdict.split()
-            if key.strip().isdigit() and len(words) == 2 and words[0] == "jump":
-                found[words[1]] = int(key)
+            if key.strip() and len(words) == 2 and words[0] == "jump":
+                found[words[1]] = key.strip().strip('"')
     return found
 
 
 def sweep(live_uids: Iterable[int]) -> list[str]:
-    """Remove the policies whose uid is not in ``live_uids`` (the uids VMMs run as now):
-    what an owner that died at the wrong moment left. Returns the chains removed."""
-    keep = set(live_uids)
+    """Remove the "nat" policies whose uid is not in ``live_uids`` (the uids VMMs run as
+    now): what an owner that died at the wrong moment left. Returns the chains removed."""
+    keep = {str(uid) for uid in live_uids}
     removed = []
     for chain, uid in installed().items():
-        if uid not in keep and remove(chain, uid):
+        if uid not in keep and uid.isdigit() and remove(chain, int(uid)):
             removed.append(chain)
     return removed

@@ -30,15 +30,15 @@ from ..errors import (
     ConfigError,
     HostMemoryExhausted,
     HostToolMissing,
-    NetworkError,
     ProviderError,
     VMStartError,
 )
 from ..guest.protocol import AGENT_PORT_NAME
-from ..network import GATEWAY, GUEST_DNS, GUEST_NETWORK, guest_mac
-from . import cgroups, egress
+from ..network import DETACHED, GATEWAY, GUEST_DNS, GUEST_NETWORK, guest_mac
+from . import cgroups
 from .base import VMSpec
 from .cgroups import VMMGroup
+from .hostnet import Attachment
 
 log = logging.getLogger("novasandbox.qemu")
 
@@ -148,7 +148,12 @@ def seccomp_option(confined: bool) -> str:
 
 
 def build_argv(
-    spec: VMSpec, disks: DiskFds, qemu: str = QEMU_BINARY, *, incoming_fd: int | None = None
+    spec: VMSpec,
+    disks: DiskFds,
+    qemu: str = QEMU_BINARY,
+    *,
+    incoming_fd: int | None = None,
+    tap_fd: int | None = None,
 ) -> list[str]:
     """QEMU's argv for ``spec``, its disks open at the descriptors in ``disks``. Pure:
     touches no file and starts nothing.
@@ -232,7 +237,7 @@ def build_argv(
             "-device",
             f"virtio-blk-device,drive=drive{index},serial={drive_serial(index)}",
         ]
-    argv += network_argv(spec)
+    argv += network_argv(spec, tap_fd)
     argv += [
         "-device",
         "virtio-rng-device",
@@ -248,15 +253,27 @@ def build_argv(
     return argv
 
 
-def network_argv(spec: VMSpec) -> list[str]:
-    """The network device of a "nat" sandbox: QEMU's user-mode stack (slirp) on the fixed
-    guest network, no IPv6, exposed ports forwarded from the host's loopback. With an empty
-    allow list and no root (so no host policy), slirp itself is restricted: no egress at
-    all, and no forwarded ports either (a restricted slirp does not pass the guest's side
-    of them). Otherwise the host's nftables policy decides (``egress.py``). Pure."""
+def network_argv(spec: VMSpec, tap_fd: int | None = None) -> list[str]:
+    """The network device of a networked sandbox and its backend. Pure.
+
+    - "nat": QEMU's user-mode stack (slirp) on the fixed guest network, no IPv6, exposed
+      ports forwarded from the host's loopback. With an empty allow list and no root (so
+      no host policy), slirp itself is restricted: no egress at all, and no forwarded
+      ports either (a restricted slirp does not pass the guest's side of them).
+      Otherwise the host's nftables policy decides (``egress.py``).
+    - "tap": the TAP whose descriptor QEMU inherits as ``tap_fd`` (``tap.py``).
+    - "detached": the device with no backend (template snapshots for networked sandboxes).
+    """
     net = spec.machine.network
     if not net.enabled:
         return []
+    device = f"virtio-net-device,mac={guest_mac(spec.vm_id)}"
+    if net.mode == DETACHED:
+        return ["-device", device]
+    if net.mode == "tap":
+        if tap_fd is None:
+            raise ValueError("a tap sandbox needs its TAP's descriptor")
+        return ["-netdev", f"tap,id=net0,fd={tap_fd},vhost=off", "-device", device + ",netdev=net0"]
     options = [
         "user",
         "id=net0",
@@ -270,12 +287,7 @@ def network_argv(spec: VMSpec) -> list[str]:
         if guest_port not in spec.host_ports:
             raise ValueError(f"no host port for guest port {guest_port}")
         options.append(f"hostfwd=tcp:127.0.0.1:{spec.host_ports[guest_port]}-:{guest_port}")
-    return [
-        "-netdev",
-        ",".join(options),
-        "-device",
-        f"virtio-net-device,netdev=net0,mac={guest_mac(spec.vm_id)}",
-    ]
+    return ["-netdev", ",".join(options), "-device", device + ",netdev=net0"]
 
 
 def make_jail(spec: VMSpec) -> None:
@@ -441,14 +453,14 @@ class QemuVM:
         spec: VMSpec,
         proc: subprocess.Popen[bytes],
         group: VMMGroup | None = None,
-        egress_uid: int | None = None,
+        network: Attachment | None = None,
     ) -> None:
         self.spec = spec
         self._proc = proc
         self.group = group
         """Its control group (None: rlimits only)."""
-        self._egress_uid = egress_uid
-        """The uid its egress policy is keyed on (None: no policy installed)."""
+        self.network = network
+        """Its network's host side (None: no network)."""
         self._qmp: QMPClient | None = None
         self._qmp_lock = asyncio.Lock()
         self.start_time = process_start_time(proc.pid)
@@ -584,9 +596,8 @@ class QemuVM:
         self._proc.wait()
         if self.group is not None:
             self.group.remove()
-        if self._egress_uid is not None:
-            egress.remove(self.spec.vm_id, self._egress_uid)
-            self._egress_uid = None
+        if self.network is not None:
+            self.network.release()
 
     def killed_for_memory(self) -> bool:
         """Whether the kernel killed the VMM for going over its control group's memory."""
@@ -638,15 +649,9 @@ class QemuProvider:
         disks = open_disks(spec)
         incoming = None
         group = None
-        net = spec.machine.network
-        # a confined VMM always gets its policy (allow=[]: nothing but replies on its
-        # exposed ports); an unconfined one may only be restricted by slirp
-        policy = net.enabled and spec.confine is not None
+        network = None
         try:
-            if net.enabled and spec.confine is None and net.allow != ():
-                raise NetworkError("an egress policy needs a confined VMM (root)")
-            if policy and spec.confine is not None:
-                egress.apply(spec.vm_id, spec.confine.uid, spec.egress, dns=net.allow != ())
+            network = Attachment.setup(spec)
             layout = cgroups.detect()
             if layout is not None:
                 m = spec.machine
@@ -655,8 +660,10 @@ class QemuProvider:
                 )
             if spec.incoming:
                 incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
-            argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming)
+            tap_fd = network.tap_fd if network else None
+            argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
+            passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
             with open(paths.vmm_log, "wb") as vmm_log:
                 proc = subprocess.Popen(
                     argv,
@@ -665,21 +672,23 @@ class QemuProvider:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=inherited_fds(disks, incoming),
+                    pass_fds=passed,
                     preexec_fn=group.join if group is not None else None,
                 )
         except BaseException:
             if group is not None:
                 group.remove()
-            if policy and spec.confine is not None:
-                egress.remove(spec.vm_id, spec.confine.uid)
+            if network is not None:
+                network.release()
             raise
         finally:
             close_disks(disks)
             if group is not None:
                 group.close_fds()
+            if network is not None:
+                network.close_fd()
             if incoming is not None:
                 os.close(incoming)
         limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
-        return QemuVM(spec, proc, group, spec.confine.uid if policy and spec.confine else None)
+        return QemuVM(spec, proc, group, network)

@@ -1,0 +1,128 @@
+"""What a networked VM holds on the host, set up before its VMM starts and released after
+it ends: its egress policy and, for "tap", its TAP (a lease and a descriptor)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from ..errors import NetworkError
+from ..network import DETACHED, GATEWAY, GUEST_ADDRESS, GUEST_DNS, GUEST_NETWORK, guest_mac
+from . import egress, tap
+from .base import VMSpec
+
+
+@dataclass(frozen=True, slots=True)
+class GuestNet:
+    """How the guest agent configures the guest's network device."""
+
+    mac: str
+    address: str
+    prefix: int
+    gateway: str
+    dns: str
+    """The resolver the guest uses; "" for none (no egress: lookups fail at once)."""
+
+    def hello(self) -> dict[str, object]:
+        return {
+            "mac": self.mac,
+            "address": self.address,
+            "prefix": self.prefix,
+            "gateway": self.gateway,
+            "dns": self.dns,
+        }
+
+
+class Attachment:
+    """The host side of one VM's network."""
+
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+        self.tap: tap.Tap | None = None
+        self.tap_fd: int | None = None
+        self._tap_fresh = False
+        self._policy: tuple[int | str, egress.PolicyTable] | None = None
+        net = spec.machine.network
+        mac = guest_mac(spec.vm_id)
+        no_egress = net.allow == ()
+        if net.mode == "tap":
+            self.guest = GuestNet(mac, "", 30, "", "")
+        else:
+            self.guest = GuestNet(
+                mac,
+                str(GUEST_ADDRESS),
+                GUEST_NETWORK.prefixlen,
+                str(GATEWAY),
+                "" if no_egress or net.mode == DETACHED else str(GUEST_DNS),
+            )
+
+    @classmethod
+    def setup(cls, spec: VMSpec) -> Attachment | None:
+        """Install what ``spec``'s network needs; None for no network. On failure nothing
+        is left installed."""
+        net = spec.machine.network
+        if not net.enabled:
+            return None
+        att = cls(spec)
+        try:
+            att._setup()
+        except BaseException:
+            att.release()
+            raise
+        return att
+
+    def _setup(self) -> None:
+        spec, net = self.spec, self.spec.machine.network
+        if net.mode == DETACHED:
+            return
+        if spec.confine is None:
+            if net.mode == "tap":
+                raise NetworkError('network="tap" needs NovaSandbox to run as root')
+            if net.allow != ():
+                raise NetworkError("an egress policy needs a confined VMM (root)")
+            return  # "nat" with allow=[]: slirp is restricted instead
+        dns = net.allow != ()
+        if net.mode == "tap":
+            self.tap, self._tap_fresh = tap.acquire(spec.vm_id)
+            resolvers = egress.host_resolvers()
+            self.guest = GuestNet(
+                self.guest.mac,
+                str(self.tap.guest_address),
+                30,
+                str(self.tap.host_address),
+                str(resolvers[0]) if dns and resolvers else "",
+            )
+            table = tap.table()
+            egress.apply(
+                spec.vm_id, self.tap.name, spec.egress, dns=dns, resolvers=resolvers, table=table
+            )
+            self._policy = (self.tap.name, table)
+            self.tap_fd = tap.open_tap(self.tap)
+        else:
+            egress.apply(spec.vm_id, spec.confine.uid, spec.egress, dns=dns)
+            self._policy = (spec.confine.uid, egress.UID_TABLE)
+
+    def host_address(self, port: int, host_ports: dict[int, int]) -> str:
+        """Where the host reaches guest TCP ``port``."""
+        if self.tap is not None:
+            return f"{self.tap.guest_address}:{port}"
+        return f"127.0.0.1:{host_ports[port]}"
+
+    def close_fd(self) -> None:
+        """QEMU holds its own copy of the TAP's descriptor once started."""
+        if self.tap_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.tap_fd)
+            self.tap_fd = None
+
+    def release(self) -> None:
+        """Remove the policy, give the TAP back; idempotent."""
+        self.close_fd()
+        if self._policy is not None:
+            key, table = self._policy
+            egress.remove(self.spec.vm_id, key, table)
+            self._policy = None
+        if self.tap is not None:
+            tap.give_back(self.tap, self.spec.vm_id)
+            self.tap = None

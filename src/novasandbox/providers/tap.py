@@ -1,0 +1,306 @@
+"""TAP networking for root deployments: a pool of pre-created TAP devices.
+
+A "tap" sandbox's network device is backed by a TAP of the host instead of QEMU's
+user-mode stack: the guest is a real host on a /30 of its own, routed and masqueraded by
+the host kernel, and reachable from the host at its own address. Setting a TAP up (create
+the device, address it, bring it up) costs a few ``ip`` calls, so devices are made ahead
+of time by ``prepare(size)`` and each sandbox leases one; when none is free a fresh one is
+made for the sandbox and removed with it.
+
+- TAP ``i`` is ``nstap<i>`` with the /30 at ``10.201.0.0 + 4i``: the host side is ``.1``
+  (the guest's gateway), the guest ``.2``.
+- ``NOVASANDBOX_NETNS`` names a network namespace (``ip netns``) that holds the TAPs,
+  their routes and the NAT rules; by default they are the host's. Forwarding
+  (``net.ipv4.ip_forward``) is turned on in that namespace.
+- Policies: ``egress.tap_table`` (forward and input hooks, keyed on the TAP), the same
+  allow lists as "nat".
+- State: ``<state dir>/taps/``: ``pool.json`` (who prepared the pool: a pid and its start
+  time, or nobody for ``novasandbox tap up``) and one ``<tap>.lease`` per sandbox using
+  a TAP. ``release()`` (and ``gc`` once the preparing process is gone) removes the pool.
+
+Only QEMU is given the TAP: NovaSandbox opens it (``TUNSETIFF``, from a thread that has
+entered the namespace) and hands QEMU the descriptor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from ..errors import NetworkError
+from . import egress
+
+PREFIX = "nstap"
+SUBNET = IPv4Network("10.201.0.0/16")
+MAX_TAPS = SUBNET.num_addresses // 4
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True, slots=True)
+class Tap:
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}{self.index}"
+
+    @property
+    def network(self) -> IPv4Network:
+        return IPv4Network((int(SUBNET.network_address) + 4 * self.index, 30))
+
+    @property
+    def host_address(self) -> IPv4Address:
+        return self.network.network_address + 1
+
+    @property
+    def guest_address(self) -> IPv4Address:
+        return self.network.network_address + 2
+
+
+def tap_index(name: str) -> int | None:
+    rest = name.removeprefix(PREFIX)
+    return int(rest) if name.startswith(PREFIX) and rest.isdigit() else None
+
+
+def netns() -> str | None:
+    name = os.environ.get("NOVASANDBOX_NETNS", "").strip()
+    if name and ("/" in name or name.startswith(".")):
+        raise NetworkError(f"NOVASANDBOX_NETNS must be a name from 'ip netns', got {name!r}")
+    return name or None
+
+
+def table() -> egress.PolicyTable:
+    return egress.tap_table(str(SUBNET), PREFIX, netns())
+
+
+def _ip(*args: str) -> None:
+    ns = netns()
+    argv = ["ip", *(["-n", ns] if ns else []), *args]
+    done = egress.run_in(None, argv)
+    if done.returncode != 0:
+        raise NetworkError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+
+
+def existing() -> list[Tap]:
+    """The TAP devices of the pool's kind present in the namespace."""
+    ns = netns()
+    done = egress.run_in(None, ["ip", *(["-n", ns] if ns else []), "-o", "link", "show"])
+    taps = []
+    for line in done.stdout.splitlines():
+        parts = line.split(":")
+        if len(parts) > 1:
+            index = tap_index(parts[1].strip().split("@")[0])
+            if index is not None:
+                taps.append(Tap(index))
+    return sorted(taps, key=lambda t: t.index)
+
+
+def _state() -> Path:
+    from ..paths import state_dir
+
+    path = state_dir() / "taps"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def _locked() -> Iterator[Path]:
+    directory = _state()
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield directory
+
+
+def _make(tap: Tap) -> None:
+    _ip("tuntap", "add", "dev", tap.name, "mode", "tap", "vnet_hdr")
+    try:
+        _ip("addr", "add", f"{tap.host_address}/30", "dev", tap.name)
+        _ip("link", "set", tap.name, "up")
+    except NetworkError:
+        _delete(tap)
+        raise
+
+
+def _delete(tap: Tap) -> None:
+    ns = netns()
+    egress.run_in(None, ["ip", *(["-n", ns] if ns else []), "link", "del", tap.name])
+
+
+def _forwarding() -> None:
+    done = egress.run_in(netns(), ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+    if done.returncode != 0:
+        raise NetworkError(f"cannot turn on IPv4 forwarding: {done.stderr.strip()}")
+
+
+def prepare(size: int, owner: tuple[int, int | None] | None = None) -> list[Tap]:
+    """Make sure ``size`` TAPs exist (creating the missing ones), with forwarding and the
+    NAT table in place. ``owner`` (pid, start time) is the process whose end releases the
+    pool at the next ``gc``; None: it stays until ``release()``."""
+    if os.geteuid() != 0:
+        raise NetworkError("TAP networking needs root")
+    if not 0 <= size <= MAX_TAPS:
+        raise NetworkError(f"a TAP pool holds 0 to {MAX_TAPS} devices, not {size}")
+    with _locked() as directory:
+        _forwarding()
+        egress.ensure_table(table())
+        present = {t.index for t in existing()}
+        for index in range(size):
+            if index not in present:
+                _make(Tap(index))
+        record = {"size": size, "owner": list(owner) if owner else None, "netns": netns()}
+        (directory / "pool.json").write_text(json.dumps(record))
+    return [Tap(i) for i in range(size)]
+
+
+def _pool() -> dict[str, object] | None:
+    try:
+        data = json.loads((_state() / "pool.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def acquire(sandbox_id: str) -> tuple[Tap, bool]:
+    """Lease a free TAP of the pool to ``sandbox_id``; without one, make a fresh TAP for
+    it (removed on ``give_back``). Returns the TAP and whether it was fresh."""
+    if os.geteuid() != 0:
+        raise NetworkError("TAP networking needs root")
+    with _locked() as directory:
+        present = existing()
+        for tap in present:
+            lease = directory / f"{tap.name}.lease"
+            if not lease.exists():
+                lease.write_text(json.dumps({"sandbox": sandbox_id, "fresh": False}))
+                return tap, False
+        taken = {t.index for t in present}
+        index = next(i for i in range(MAX_TAPS + 1) if i not in taken)
+        if index >= MAX_TAPS:
+            raise NetworkError("no TAP left in the address range")
+        _forwarding()
+        egress.ensure_table(table())
+        tap = Tap(index)
+        _make(tap)
+        (directory / f"{tap.name}.lease").write_text(
+            json.dumps({"sandbox": sandbox_id, "fresh": True})
+        )
+        return tap, True
+
+
+def leases() -> list[tuple[Tap, str | None]]:
+    """Each TAP present and the sandbox that leases it (None: free)."""
+    directory = _state()
+    out = []
+    for t in existing():
+        try:
+            holder = str(json.loads((directory / f"{t.name}.lease").read_text())["sandbox"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = None
+        out.append((t, holder))
+    return out
+
+
+def give_back(tap: Tap, sandbox_id: str) -> None:
+    """End ``sandbox_id``'s lease of ``tap``; a fresh TAP is removed, a pooled one is
+    free again."""
+    with _locked() as directory:
+        lease = directory / f"{tap.name}.lease"
+        try:
+            data = json.loads(lease.read_text())
+        except (OSError, ValueError):
+            return
+        if data.get("sandbox") != sandbox_id:
+            return
+        lease.unlink(missing_ok=True)
+        if data.get("fresh"):
+            _delete(tap)
+
+
+def release() -> list[str]:
+    """Remove the pool: every TAP no sandbox leases, and the NAT table once no TAP is
+    left. Returns the TAPs removed."""
+    removed = []
+    with _locked() as directory:
+        for tap in existing():
+            if not (directory / f"{tap.name}.lease").exists():
+                _delete(tap)
+                removed.append(tap.name)
+        (directory / "pool.json").unlink(missing_ok=True)
+        if not existing():
+            egress.run_in(netns(), [egress._nft(), "delete", "table", *table().name.split()])
+    return removed
+
+
+def sweep(
+    is_live: Callable[[str], bool], owner_alive: Callable[[int, int | None], bool]
+) -> list[str]:
+    """For ``gc``: end the leases of sandboxes that are gone, and release the pool when the
+    process that prepared it is gone. Returns what was removed."""
+    removed = []
+    with _locked() as directory:
+        for lease in directory.glob(f"{PREFIX}*.lease"):
+            try:
+                data = json.loads(lease.read_text())
+            except (OSError, ValueError):
+                continue
+            if not is_live(str(data.get("sandbox"))):
+                lease.unlink(missing_ok=True)
+                index = tap_index(lease.name.removesuffix(".lease"))
+                if data.get("fresh") and index is not None:
+                    _delete(Tap(index))
+                    removed.append(f"{PREFIX}{index}")
+    pool = _pool()
+    owner = pool.get("owner") if pool else None
+    if isinstance(owner, list) and not owner_alive(int(owner[0]), owner[1]):
+        removed += release()
+    return removed
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def open_tap(tap: Tap) -> int:
+    """A descriptor attached to ``tap`` (in the pool's namespace) for QEMU to use."""
+    result: list[int | BaseException] = []
+
+    def attach() -> None:
+        try:
+            ns = netns()
+            if ns is not None:
+                ns_fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+                finally:
+                    os.close(ns_fd)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.name.encode(), flags))
+            except BaseException:
+                os.close(fd)
+                raise
+            result.append(fd)
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    # setns changes only the calling thread's namespace: a thread of its own, which ends
+    thread = threading.Thread(target=attach, name="novasandbox-tap")
+    thread.start()
+    thread.join()
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise NetworkError(f"cannot attach to {tap.name}: {outcome}") from outcome
+    return outcome
