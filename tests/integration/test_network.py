@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +21,7 @@ import pytest
 
 from novasandbox import ConfigError, NetworkError, Sandbox
 from novasandbox.network import GATEWAY, guest_mac
-from novasandbox.providers import egress
+from novasandbox.providers import egress, tap
 from novasandbox.snapshots import delete_snapshot
 
 from .conftest import assert_no_leftovers
@@ -240,3 +242,190 @@ def test_gc_removes_a_policy_no_vmm_uses(factory: Any) -> None:
     installed = egress.installed()
     assert "sb-orphan00001" not in installed
     assert egress.chain_name(live.id) in installed
+
+
+# --------------------------------------------------------------------------- tap
+
+
+class Namespaces:
+    """Two network namespaces made for the test: ``inner`` holds the TAPs (it stands for
+    the host of a root deployment) and ``upstream`` (10.250.0.2, over a veth pair) runs
+    HTTP servers on ports 9001 and 9002 that the guests try to reach."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.inner, self.upstream = f"nst{tag}i", f"nst{tag}u"
+        self.servers: list[Any] = []
+        cmds = [
+            ["ip", "netns", "add", self.inner],
+            ["ip", "netns", "add", self.upstream],
+            ["ip", "-n", self.inner, "link", "set", "lo", "up"],
+            ["ip", "-n", self.upstream, "link", "set", "lo", "up"],
+            [
+                "ip",
+                "link",
+                "add",
+                "nsvi",
+                "netns",
+                self.inner,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "nsvu",
+                "netns",
+                self.upstream,
+            ],
+            ["ip", "-n", self.inner, "addr", "add", "10.250.0.1/24", "dev", "nsvi"],
+            ["ip", "-n", self.inner, "link", "set", "nsvi", "up"],
+            ["ip", "-n", self.upstream, "addr", "add", "10.250.0.2/24", "dev", "nsvu"],
+            ["ip", "-n", self.upstream, "link", "set", "nsvu", "up"],
+            ["ip", "-n", self.upstream, "route", "add", "default", "via", "10.250.0.1"],
+        ]
+        try:
+            for cmd in cmds:
+                subprocess.run(cmd, check=True, capture_output=True)
+            for port in (9001, 9002):
+                self.servers.append(
+                    subprocess.Popen(
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            self.upstream,
+                            sys.executable,
+                            "-m",
+                            "http.server",
+                            str(port),
+                            "--bind",
+                            "10.250.0.2",
+                            "--directory",
+                            "/etc",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            for port in (9001, 9002):
+                self.wait_http(self.inner, f"http://10.250.0.2:{port}/hostname")
+        except BaseException:
+            self.close()
+            raise
+
+    def fetch_from(self, netns: str, url: str) -> subprocess.CompletedProcess[str]:
+        code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read())"
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def wait_http(self, netns: str, url: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.fetch_from(netns, url)
+            if done.returncode == 0:
+                return done.stdout
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered from {netns}: {done.stderr}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()
+            server.wait()
+        for ns in (self.inner, self.upstream):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> Iterator[Namespaces]:
+    if os.geteuid() != 0:
+        pytest.skip("TAP networking needs root")
+    spaces = Namespaces()
+    old = os.environ.get("NOVASANDBOX_NETNS")
+    os.environ["NOVASANDBOX_NETNS"] = spaces.inner
+    try:
+        tap.prepare(2)
+        yield spaces
+    finally:
+        tap.release()
+        if old is None:
+            os.environ.pop("NOVASANDBOX_NETNS", None)
+        else:
+            os.environ["NOVASANDBOX_NETNS"] = old
+        spaces.close()
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["restored", "cold"])
+def test_tap_egress_policy_and_exposed_port(
+    factory: Any, namespaces: Namespaces, cold: bool
+) -> None:
+    sb = factory.create(cold=cold, network="tap", allow=["10.250.0.2:9001"], ports=[8000])
+    assert sb.restored is (not cold)
+    holders = dict((t.name, holder) for t, holder in tap.leases())
+    leased = next(name for name, holder in holders.items() if holder == sb.id)
+    assert leased in ("nstap0", "nstap1")  # from the pool, not a fresh device
+    mac = sb.commands.run("cat /sys/class/net/eth0/address").stdout.strip()
+    assert mac == guest_mac(sb.id)
+    assert fetch(sb, "http://10.250.0.2:9001/hostname")[0] == 0
+    code, out = fetch(sb, "http://10.250.0.2:9002/hostname")
+    assert code == 3 and "failed" in out
+    # the host (the inner namespace) reaches the guest at its own address
+    sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/etc"])
+    host = sb.get_host(8000)
+    assert host.startswith("10.201.") and host.endswith(":8000")
+    assert "sandbox" in namespaces.wait_http(namespaces.inner, f"http://{host}/hostname")
+    chain = egress.chain_name(sb.id)
+    assert chain in egress.installed(tap.table())
+    sb.kill()
+    assert chain not in egress.installed(tap.table())
+    assert dict((t.name, h) for t, h in tap.leases())[leased] is None  # back in the pool
+
+
+def test_tap_without_a_free_device_gets_a_fresh_one(factory: Any, namespaces: Namespaces) -> None:
+    boxes = [factory.create(network="tap", allow=[]) for _ in range(3)]
+    holders = {holder: t.name for t, holder in tap.leases() if holder}
+    names = [holders[sb.id] for sb in boxes]
+    assert sorted(names) == ["nstap0", "nstap1", "nstap2"]
+    assert names[2] == "nstap2"  # the pool has two; the third was made for it
+    for sb in boxes:
+        sb.kill()
+    remaining = [t.name for t in tap.existing()]
+    assert remaining == ["nstap0", "nstap1"]  # the fresh one went with its sandbox
+
+
+def test_tap_forks_get_their_own_device_mac_and_network(
+    factory: Any, namespaces: Namespaces
+) -> None:
+    parent = factory.create(network="tap", allow=["10.250.0.2:9001"])
+    children = [factory.track(c) for c in parent.fork(2)]
+    holders = {holder: t.name for t, holder in tap.leases() if holder}
+    assert len({holders[s.id] for s in (parent, *children)}) == 3
+    for child in children:
+        assert child.commands.run("cat /sys/class/net/eth0/address").stdout.strip() == (
+            guest_mac(child.id)
+        )
+        assert fetch(child, "http://10.250.0.2:9001/hostname")[0] == 0
+
+
+def test_gc_ends_leases_of_dead_sandboxes_and_a_dead_owners_pool(
+    namespaces: Namespaces,
+) -> None:
+    from novasandbox.state import sweep_host_resources
+
+    # leases whose sandboxes do not exist: two from the pool, then a fresh TAP
+    leases = [tap.acquire(f"sb-gone000000{i}") for i in range(3)]
+    assert [made for _, made in leases] == [False, False, True]
+    fresh = leases[2][0]
+    # and a pool prepared by a process that has exited
+    owner = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(owner.stdout)
+    tap.prepare(3, owner=(dead_pid, 1))
+    removed = sweep_host_resources()["taps"]
+    assert fresh.name in removed
+    assert tap.existing() == []  # the dead owner's pool is gone
+    tap.prepare(2)  # what the other tests of this module expect
