@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/bench_network.py [--runs 10] [--mb 32] [--out FILE]
 
-- create: restore -> ready and -> first output, for ``network="none"``, ``"nat"`` with
-  ``allow=[]`` (no host rules) and ``"nat"`` with an allow list (an nftables policy is
-  installed first: root only), interleaved so that all three see the same host load;
+- create: restore -> ready and -> first output, interleaved so that all modes see the
+  same host load: ``network="none"``, ``"nat"`` with ``allow=[]`` and with an allow list,
+  and (as root, in a network namespace of its own) ``"tap"`` with a TAP from the pool
+  against one made at create (no pool);
 - guest -> host: the guest downloads ``--mb`` MB over HTTP from a server on the host's
   loopback (through 10.0.2.2, allowed by the policy), timed inside the guest;
 - host -> guest: the host downloads ``--mb`` MB from a server in the guest through an
@@ -16,13 +17,16 @@ Prints a JSON report (p50/p95) and writes it to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from bench import BenchError, check_echo, host_info, ms, summarize, write_report
 
 from novasandbox import Sandbox
 from novasandbox.network import GATEWAY
+from novasandbox.providers import tap
 
 log = logging.getLogger("bench")
 
@@ -63,28 +68,64 @@ class Payload(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def bench_netns() -> Iterator[str]:
+    """A network namespace of the benchmark's own for the TAPs."""
+    name = f"nsbench{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    old = os.environ.get("NOVASANDBOX_NETNS")
+    os.environ["NOVASANDBOX_NETNS"] = name
+    try:
+        yield name
+    finally:
+        tap.release()
+        os.environ.pop("NOVASANDBOX_NETNS", None)
+        if old is not None:
+            os.environ["NOVASANDBOX_NETNS"] = old
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def bench_create(runs: int, port: int, metrics: dict[str, Any]) -> None:
+    """Restores per network mode, interleaved. "tap_pooled" leases a TAP made beforehand
+    (``tap.prepare(1)``, not timed); "tap_fresh" finds no pool and makes its TAP."""
     modes: dict[str, dict[str, Any]] = {
         "none": {},
         "nat_no_egress": {"network": "nat", "allow": []},
     }
-    if os.geteuid() == 0:
+    root = os.geteuid() == 0
+    if root:
         modes["nat_policy"] = {"network": "nat", "allow": [f"127.0.0.1:{port}"]}
+        modes["tap_pooled"] = {"network": "tap", "allow": []}
+        modes["tap_fresh"] = {"network": "tap", "allow": []}
     ready: dict[str, list[float]] = {m: [] for m in modes}
     first: dict[str, list[float]] = {m: [] for m in modes}
-    for run in range(runs):
-        for mode, kwargs in modes.items():
-            t0 = time.monotonic()
-            with Sandbox.create(**kwargs) as sb:
-                if not sb.restored:
-                    raise BenchError(f"{mode}: booted cold, no snapshot for it")
-                ready[mode].append(ms(time.monotonic() - t0))
-                check_echo(sb.commands.run("echo hi"))
-                first[mode].append(ms(time.monotonic() - t0))
-        log.info("create run %d/%d", run + 1, runs)
+    with contextlib.ExitStack() as stack:
+        if root:
+            stack.enter_context(bench_netns())
+        for run in range(runs):
+            for mode, kwargs in modes.items():
+                if mode == "tap_pooled":
+                    tap.prepare(1)
+                elif mode == "tap_fresh":
+                    tap.release()
+                one_create(mode, kwargs, ready, first)
+            log.info("create run %d/%d", run + 1, runs)
     for mode in modes:
         metrics[f"create_{mode}_ready"] = summarize(ready[mode], "ms")
         metrics[f"create_{mode}_to_first_output"] = summarize(first[mode], "ms")
+
+
+def one_create(
+    mode: str, kwargs: dict[str, Any], ready: dict[str, list[float]], first: dict[str, list[float]]
+) -> None:
+    t0 = time.monotonic()
+    with Sandbox.create(**kwargs) as sb:
+        if not sb.restored:
+            raise BenchError(f"{mode}: booted cold, no snapshot for it")
+        ready[mode].append(ms(time.monotonic() - t0))
+        check_echo(sb.commands.run("echo hi"))
+        first[mode].append(ms(time.monotonic() - t0))
 
 
 def bench_throughput(runs: int, mb: int, port: int, metrics: dict[str, Any]) -> None:
