@@ -68,7 +68,9 @@ from .state import (
     SandboxInfo,
     list_sandboxes,
     new_sandbox_id,
+    read_record,
     reap,
+    release_host_resources,
     remove_state,
     sandboxes_dir,
     vmm_uids_in_use,
@@ -155,6 +157,10 @@ def _kill_leftovers() -> None:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, 0)
+        info = read_record(directory)
+        if info is not None:
+            with contextlib.suppress(Exception):  # at exit: do what can be done
+                release_host_resources(info)
         remove_state(directory)
 
 

@@ -148,7 +148,7 @@ def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0
             os.kill(info.pid, signal.SIGKILL)
         _wait_gone(info, timeout)
     if info is not None:
-        _release_host_resources(info)
+        release_host_resources(info)
     remove_state(directory)
 
 
@@ -182,7 +182,7 @@ def reap(root: Path | None = None) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(info.pid, signal.SIGKILL)
             _wait_gone(info)
-        _release_host_resources(info)
+        release_host_resources(info)
         remove_state(directory)
         reaped.append(info.id)
     # control groups whose VMM someone else killed (or whose owner died mid-create)
@@ -197,7 +197,7 @@ def reap(root: Path | None = None) -> list[str]:
     return reaped
 
 
-def _release_host_resources(info: SandboxInfo) -> None:
+def release_host_resources(info: SandboxInfo) -> None:
     """What a dead VMM held outside its state directory: its control group and its
     egress policy."""
     cgroups.remove_group(info.id)

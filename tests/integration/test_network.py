@@ -429,3 +429,45 @@ def test_gc_ends_leases_of_dead_sandboxes_and_a_dead_owners_pool(
     assert fresh.name in removed
     assert tap.existing() == []  # the dead owner's pool is gone
     tap.prepare(2)  # what the other tests of this module expect
+
+
+OWNER = """
+import sys
+from novasandbox import Sandbox
+sb = Sandbox.create(network="nat", allow=["127.0.0.1:1"])
+print(sb.id, flush=True)
+if sys.argv[1] == "wait":
+    import time
+    time.sleep(600)
+# "exit": leave without killing it
+"""
+
+
+@root_only
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_policy_of_an_abandoned_sandbox_goes(state_root: Any, how: str) -> None:
+    """An owner that exits without killing its networked sandbox (the atexit hook kills
+    it), or that is SIGKILLed (gc reaps it): the VMM, its control group and its egress
+    policy all go."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, "wait" if how == "sigkill" else "exit"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("sb-")
+        if how == "sigkill":
+            assert egress.chain_name(sandbox_id) in egress.installed()
+            owner.kill()
+        owner.wait(timeout=60)
+        if how == "sigkill":
+            cli = subprocess.run(
+                [sys.executable, "-m", "novasandbox.cli", "gc"], capture_output=True, text=True
+            )
+            assert sandbox_id in cli.stdout
+        assert egress.chain_name(sandbox_id) not in egress.installed()
+        assert_no_leftovers(state_root)
+    finally:
+        owner.kill()

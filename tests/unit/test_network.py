@@ -179,7 +179,9 @@ def test_tap_policy_table_is_keyed_on_the_interface() -> None:
     assert 'forward iifname "nstap*" iifname vmap @sandboxes' in base
     assert 'input iifname "nstap*" iifname vmap @sandboxes' in base
     assert 'ip saddr 10.201.0.0/16 oifname != "nstap*" masquerade' in base
-    script = egress.sandbox_script("sb-t", "nstap3", (), [], table)
+    script = egress.sandbox_script("sb-t", "nstap3", (), [], table, IPv4Address("10.201.0.14"))
+    # a guest cannot send from an address that is not its own
+    assert script.splitlines()[1] == "add rule ip novasandbox_tap sb-t ip saddr != 10.201.0.14 drop"
     assert script.splitlines()[-1] == (
         'add element ip novasandbox_tap sandboxes { "nstap3" : jump sb-t }'
     )

@@ -130,15 +130,17 @@ def sandbox_script(
     rules: Sequence[EgressRule] | None,
     resolvers: Iterable[IPv4Address],
     table: PolicyTable = UID_TABLE,
+    source: IPv4Address | None = None,
 ) -> str:
     """nft input that installs the policy of one sandbox, whose traffic the table knows
     by ``key`` (a uid or an interface). ``rules=None`` means the public internet (every
-    non-public range denied); a sequence means those destinations only. Pure."""
+    non-public range denied); a sequence means those destinations only. ``source``: the
+    only source address its packets may carry (a TAP guest's; others are dropped). Pure."""
     t, chain = table.name, chain_name(sandbox_id)
-    lines = [
-        f"add chain {t} {chain}",
-        f"add rule {t} {chain} ct state established,related accept",
-    ]
+    lines = [f"add chain {t} {chain}"]
+    if source is not None:
+        lines.append(f"add rule {t} {chain} ip saddr != {source} drop")
+    lines.append(f"add rule {t} {chain} ct state established,related accept")
     for resolver in sorted(set(resolvers)):
         lines.append(f"add rule {t} {chain} ip daddr {resolver} udp dport 53 accept")
         lines.append(f"add rule {t} {chain} ip daddr {resolver} tcp dport 53 accept")
@@ -235,6 +237,7 @@ def apply(
     dns: bool = True,
     resolvers: Iterable[IPv4Address] | None = None,
     table: PolicyTable = UID_TABLE,
+    source: IPv4Address | None = None,
 ) -> None:
     """Install one sandbox's policy (creating the table first if needed); ``dns``: let
     the guest's DNS traffic reach ``resolvers`` (default: the host's)."""
@@ -245,7 +248,7 @@ def apply(
         )
     ensure_table(table)
     servers = (host_resolvers() if resolvers is None else list(resolvers)) if dns else []
-    done = _run(sandbox_script(sandbox_id, key, rules, servers, table), table)
+    done = _run(sandbox_script(sandbox_id, key, rules, servers, table, source), table)
     if done.returncode != 0:
         raise NetworkError(f"cannot install the egress policy: {done.stderr.strip()}")
 

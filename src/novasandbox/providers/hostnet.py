@@ -95,7 +95,13 @@ class Attachment:
             )
             table = tap.table()
             egress.apply(
-                spec.vm_id, self.tap.name, spec.egress, dns=dns, resolvers=resolvers, table=table
+                spec.vm_id,
+                self.tap.name,
+                spec.egress,
+                dns=dns,
+                resolvers=resolvers,
+                table=table,
+                source=self.tap.guest_address,
             )
             self._policy = (self.tap.name, table)
             self.tap_fd = tap.open_tap(self.tap)
