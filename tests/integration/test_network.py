@@ -347,10 +347,10 @@ def namespaces() -> Iterator[Namespaces]:
     old = os.environ.get("NOVASANDBOX_NETNS")
     os.environ["NOVASANDBOX_NETNS"] = spaces.inner
     try:
-        tap.prepare(2)
-        yield spaces
+        with tap.pool(2):
+            yield spaces
+        assert tap.existing() == []  # the pool went with the block
     finally:
-        tap.release()
         if old is None:
             os.environ.pop("NOVASANDBOX_NETNS", None)
         else:

@@ -164,6 +164,19 @@ def prepare(size: int, owner: tuple[int, int | None] | None = None) -> list[Tap]
     return [Tap(i) for i in range(size)]
 
 
+@contextmanager
+def pool(size: int) -> Iterator[list[Tap]]:
+    """``prepare(size)`` owned by this process, released when the block ends (and by
+    ``gc`` if this process dies first): what a server does at start and shutdown."""
+    from .qemu import process_start_time
+
+    taps = prepare(size, owner=(os.getpid(), process_start_time(os.getpid())))
+    try:
+        yield taps
+    finally:
+        release()
+
+
 def _pool() -> dict[str, object] | None:
     try:
         data = json.loads((_state() / "pool.json").read_text())
