@@ -1,13 +1,16 @@
 """The cgroup logic against directory trees shaped like /sys/fs/cgroup.
 
 A plain directory is not cgroupfs: here the test plays the kernel's part where it must
-(a new group directory holds a ``cgroup.procs`` file). The v1 layout also runs for real
+(a new group directory holds a ``cgroup.procs`` file), and a write to ``cgroup.procs``
+just lands in the file. The v1 layout also runs for real
 in tests/integration/test_confinement.py; the v2 layout only runs here (our hosts offer
 no v2 hierarchy with the memory and pids controllers)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,19 +107,25 @@ def test_v2_group_enables_controllers_and_writes_limits(tmp_path: Path) -> None:
     kernel_makes_group(layout, "sb-1")
     (root / GROUP / "cgroup.subtree_control").write_text("")
     group = VMMGroup.create(layout, "sb-1", limits_for(1, 256))
-    try:
-        directory = root / GROUP / "sb-1"
-        assert group.dirs == [directory]
-        assert (directory / "memory.max").read_text() == str((256 + 256) << 20)
-        assert (directory / "pids.max").read_text() == str(cgroups.TASKS_BASE + 1)
-        assert (directory / "cpu.max").read_text() == "200000 100000"
-        for parent in (root, root / GROUP):
-            enabled = (parent / "cgroup.subtree_control").read_text().split()
-            assert enabled == ["+cpu", "+memory", "+pids"]
-        group.join()  # what the VMM's process does before exec
-        assert (directory / "cgroup.procs").read_text() == "0"
-    finally:
-        group.close_fds()
+    directory = root / GROUP / "sb-1"
+    assert group.dirs == [directory]
+    assert (directory / "memory.max").read_text() == str((256 + 256) << 20)
+    assert (directory / "pids.max").read_text() == str(cgroups.TASKS_BASE + 1)
+    assert (directory / "cpu.max").read_text() == "200000 100000"
+    for parent in (root, root / GROUP):
+        enabled = (parent / "cgroup.subtree_control").read_text().split()
+        assert enabled == ["+cpu", "+memory", "+pids"]
+    assert_joins_then_execs(group)
+
+
+def assert_joins_then_execs(group: VMMGroup) -> None:
+    """The spawn prefix really runs: it writes the shell's pid (the exec'd program's)
+    into every cgroup.procs, then execs the command."""
+    probe = [sys.executable, "-c", "import os; print(os.getpid())"]
+    out = subprocess.run(group.spawn_prefix() + probe, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for directory in group.dirs:
+        assert (directory / "cgroup.procs").read_text().strip() == out.stdout.strip()
 
 
 def test_v1_group_writes_each_hierarchy(tmp_path: Path) -> None:
@@ -124,18 +133,21 @@ def test_v1_group_writes_each_hierarchy(tmp_path: Path) -> None:
     layout = Layout(1, hierarchies)
     kernel_makes_group(layout, "sb-2")
     group = VMMGroup.create(layout, "sb-2", limits_for(2, 512))
-    try:
-        assert len(group.dirs) == 3
-        g = f"{GROUP}/sb-2"
-        assert (tmp_path / "memory" / g / "memory.limit_in_bytes").read_text() == str(768 << 20)
-        assert (tmp_path / "pids" / g / "pids.max").read_text() == str(cgroups.TASKS_BASE + 2)
-        assert (tmp_path / "cpu" / g / "cpu.cfs_quota_us").read_text() == "300000"
-        assert (tmp_path / "cpu" / g / "cpu.cfs_period_us").read_text() == "100000"
-        group.join()
-        for directory in group.dirs:
-            assert (directory / "cgroup.procs").read_text() == "0"
-    finally:
-        group.close_fds()
+    assert len(group.dirs) == 3
+    g = f"{GROUP}/sb-2"
+    assert (tmp_path / "memory" / g / "memory.limit_in_bytes").read_text() == str(768 << 20)
+    assert (tmp_path / "pids" / g / "pids.max").read_text() == str(cgroups.TASKS_BASE + 2)
+    assert (tmp_path / "cpu" / g / "cpu.cfs_quota_us").read_text() == "300000"
+    assert (tmp_path / "cpu" / g / "cpu.cfs_period_us").read_text() == "100000"
+    assert_joins_then_execs(group)
+
+
+def test_spawn_prefix_fails_rather_than_run_outside_the_group(tmp_path: Path) -> None:
+    layout = Layout(1, {"memory": tmp_path / "memory", "pids": tmp_path / "pids"})
+    group = VMMGroup(layout, "sb-5")  # its directories were never made
+    out = subprocess.run([*group.spawn_prefix(), "echo", "ran"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "ran" not in out.stdout
 
 
 def test_failed_setup_is_a_typed_error_and_leaves_nothing(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Host-side limits on a VMM process through a control group of its own.
 
-Each VMM joins ``novasandbox/<sandbox id>`` before it runs a line of QEMU (the child
-writes itself into ``cgroup.procs`` between fork and exec), with a memory limit (guest
+Each VMM joins ``novasandbox/<sandbox id>`` before it runs a line of QEMU (a shell
+writes its own pid into ``cgroup.procs`` and execs QEMU), with a memory limit (guest
 RAM plus the VMM's own overhead), a task limit and a CPU quota of one core per vCPU plus
 one for QEMU's main loop. The group is removed once the VMM has exited, by its owner or
 by ``gc``.
@@ -23,9 +23,9 @@ rlimits are all that applies (``novasandbox doctor`` says which). ``NOVASANDBOX_
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -191,13 +191,13 @@ def _enable_v2_controllers(layout: Layout) -> None:
 
 class VMMGroup:
     """The control group(s) of one VMM: created with its limits before the VMM starts,
-    joined by the VMM's process between fork and exec, removed after it exits."""
+    joined by the VMM's process before it execs QEMU (``spawn_prefix``), removed after
+    it exits."""
 
     def __init__(self, layout: Layout, name: str) -> None:
         self.layout = layout
         self.name = name
         self.dirs = layout.group_dirs(name)
-        self._procs_fds: list[int] = []
 
     @classmethod
     def create(cls, layout: Layout, name: str, limits: Limits) -> VMMGroup:
@@ -211,25 +211,19 @@ class VMMGroup:
                 directory.mkdir(exist_ok=True)  # the kernel fills it with control files
             for control, value in layout.settings(limits).items():
                 _write(layout.file_dir(name, control) / control, value)
-            group._procs_fds = [
-                os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) for d in group.dirs
-            ]
         except OSError as exc:
             group.remove()
             raise ProviderError(f"cannot set up the VMM's control group {name}: {exc}") from exc
         return group
 
-    def join(self) -> None:
-        """Move the calling process into the group. Runs in the child between fork and
-        exec, so it only writes to descriptors opened beforehand."""
-        for fd in self._procs_fds:
-            os.write(fd, b"0")
-
-    def close_fds(self) -> None:
-        for fd in self._procs_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._procs_fds = []
+    def spawn_prefix(self) -> list[str]:
+        """An argv prefix that joins the group and then execs the rest of the command
+        line: a ``/bin/sh`` writes its own pid (which the exec keeps) into each
+        ``cgroup.procs``, so the VMM is in its group before its first instruction, and
+        the caller needs no ``preexec_fn`` (with one, ``subprocess`` forks the whole,
+        possibly large, Python process instead of using vfork: 11 ms with a 300 MB heap)."""
+        writes = " && ".join(f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))}" for d in self.dirs)
+        return ["/bin/sh", "-c", f'{writes} && exec "$@"', "novasandbox-vmm"]
 
     def read(self, control_file: str) -> str | None:
         try:
@@ -252,7 +246,6 @@ class VMMGroup:
     def remove(self, timeout: float = 2.0) -> None:
         """Remove the group's directories. The kernel refuses while a task is in it (a
         killed VMM leaves a moment after its exit status is collected): retried."""
-        self.close_fds()
         remove_group_dirs(self.dirs, timeout)
 
 

@@ -664,6 +664,8 @@ class QemuProvider:
             argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
             passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
+            if group is not None:
+                argv = group.spawn_prefix() + argv
             with open(paths.vmm_log, "wb") as vmm_log:
                 proc = subprocess.Popen(
                     argv,
@@ -673,7 +675,6 @@ class QemuProvider:
                     start_new_session=True,
                     close_fds=True,
                     pass_fds=passed,
-                    preexec_fn=group.join if group is not None else None,
                 )
         except BaseException:
             if group is not None:
@@ -683,8 +684,6 @@ class QemuProvider:
             raise
         finally:
             close_disks(disks)
-            if group is not None:
-                group.close_fds()
             if network is not None:
                 network.close_fd()
             if incoming is not None:
