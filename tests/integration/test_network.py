@@ -471,3 +471,21 @@ def test_policy_of_an_abandoned_sandbox_goes(state_root: Any, how: str) -> None:
         assert_no_leftovers(state_root)
     finally:
         owner.kill()
+
+
+def test_a_vanished_pool_tap_is_a_clear_error(
+    factory: Any, namespaces: Namespaces, state_root: Any
+) -> None:
+    first = factory.create(network="tap", allow=[])
+    holders = {holder: t.name for t, holder in tap.leases() if holder}
+    other = "nstap1" if holders[first.id] == "nstap0" else "nstap0"
+    subprocess.run(["ip", "-n", namespaces.inner, "link", "del", other], check=True)
+    try:
+        with pytest.raises(NetworkError, match="not a prepared TAP"):
+            factory.create(network="tap", allow=[])
+        assert not any(holder and holder != first.id for _, holder in tap.leases())
+        assert other not in [t.name for t in tap.existing()]  # not re-made unaddressed
+    finally:
+        tap.prepare(2)
+    first.kill()
+    assert_no_leftovers(state_root)

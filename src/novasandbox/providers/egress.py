@@ -246,9 +246,12 @@ def apply(
             "an egress policy is enforced with nftables rules, which needs root; without "
             "root, nat sandboxes can only have allow=[] (no egress, no exposed ports)"
         )
-    ensure_table(table)
     servers = (host_resolvers() if resolvers is None else list(resolvers)) if dns else []
-    done = _run(sandbox_script(sandbox_id, key, rules, servers, table, source), table)
+    script = sandbox_script(sandbox_id, key, rules, servers, table, source)
+    done = _run(script, table)  # one nft call when the table is there (the usual case)
+    if done.returncode != 0:
+        ensure_table(table)
+        done = _run(script, table)
     if done.returncode != 0:
         raise NetworkError(f"cannot install the egress policy: {done.stderr.strip()}")
 

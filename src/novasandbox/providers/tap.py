@@ -43,8 +43,8 @@ from . import egress
 PREFIX = "nstap"
 SUBNET = IPv4Network("10.201.0.0/16")
 MAX_TAPS = SUBNET.num_addresses // 4
-TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUNSETIFF, TUNGETIFF = 0x400454CA, 0x800454D2
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_PERSIST = 0x0002, 0x1000, 0x4000, 0x0800
 CLONE_NEWNET = 0x40000000
 
 
@@ -191,6 +191,15 @@ def acquire(sandbox_id: str) -> tuple[Tap, bool]:
     if os.geteuid() != 0:
         raise NetworkError("TAP networking needs root")
     with _locked() as directory:
+        # the pool's TAPs are known from its record: no need to ask the kernel (an "ip"
+        # call) on every create; open_tap checks that the device is really there
+        pool = _pool()
+        size = pool.get("size") if pool else 0
+        for index in range(size if isinstance(size, int) else 0):
+            lease = directory / f"{Tap(index).name}.lease"
+            if not lease.exists():
+                lease.write_text(json.dumps({"sandbox": sandbox_id, "fresh": False}))
+                return Tap(index), False
         present = existing()
         for tap in present:
             lease = directory / f"{tap.name}.lease"
@@ -302,6 +311,11 @@ def open_tap(tap: Tap) -> int:
             try:
                 flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
                 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.name.encode(), flags))
+                # TUNSETIFF makes a new device when the name is unknown: a TAP that
+                # vanished (deleted by hand) must not come back unaddressed
+                got = fcntl.ioctl(fd, TUNGETIFF, struct.pack("16sH", b"", 0))
+                if not struct.unpack("16sH", got[:18])[1] & IFF_PERSIST:
+                    raise OSError(f"{tap.name} is not a prepared TAP (run: novasandbox tap up)")
             except BaseException:
                 os.close(fd)
                 raise
