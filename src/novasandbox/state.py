@@ -234,10 +234,9 @@ def running_vmm_uids() -> set[int]:
 def sweep_host_resources() -> dict[str, list[str]]:
     """What ``reap`` does not look for on every create: egress policies whose VMM is gone.
     (Control groups are swept by ``reap``.) Used by ``novasandbox gc``."""
-    live = {i.id for i in list_sandboxes() if i.alive}
     return {
         "egress_policies": egress.sweep(running_vmm_uids()),
-        "taps": tap.sweep(lambda sid: sid in live, _owner_alive),
+        "taps": tap.sweep(_owner_alive),
     }
 
 

@@ -411,23 +411,32 @@ def test_tap_forks_get_their_own_device_mac_and_network(
 
 
 def test_gc_ends_leases_of_dead_sandboxes_and_a_dead_owners_pool(
-    namespaces: Namespaces,
+    factory: Any, namespaces: Namespaces
 ) -> None:
     from novasandbox.state import sweep_host_resources
 
-    # leases whose sandboxes do not exist: two from the pool, then a fresh TAP
-    leases = [tap.acquire(f"sb-gone000000{i}") for i in range(3)]
-    assert [made for _, made in leases] == [False, False, True]
-    fresh = leases[2][0]
+    live = factory.create(network="tap", allow=[])
+    live_tap = {holder: t for t, holder in tap.leases() if holder}[live.id]
+    # leases whose sandboxes do not exist: the pool's other TAP, then fresh ones
+    leases = [tap.acquire(f"sb-gone000000{i}") for i in range(2)]
+    assert [made for _, made in leases] == [False, True]
+    fresh = leases[1][0]
+    assert sweep_host_resources()["taps"] == []  # too young: a create may be under way
+    past = time.time() - tap.LEASE_GRACE_S - 5
+    for t in (live_tap, *(t for t, _ in leases)):
+        os.utime(tap.lease_path(t), (past, past))
     # and a pool prepared by a process that has exited
     owner = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead_pid = int(owner.stdout)
-    tap.prepare(3, owner=(dead_pid, 1))
+    tap.prepare(2, owner=(int(owner.stdout), 1))
     removed = sweep_host_resources()["taps"]
     assert fresh.name in removed
-    assert tap.existing() == []  # the dead owner's pool is gone
+    # the live sandbox keeps its TAP (QEMU holds it) and the rest of the pool is gone
+    assert [t.name for t in tap.existing()] == [live_tap.name]
+    assert {holder for _, holder in tap.leases()} == {live.id}
+    assert fetch(live, "http://10.250.0.2:9001/")[0] == 3  # still attached, still walled in
+    live.kill()
     tap.prepare(2)  # what the other tests of this module expect
 
 

@@ -14,9 +14,11 @@ made for the sandbox and removed with it.
   (``net.ipv4.ip_forward``) is turned on in that namespace.
 - Policies: ``egress.tap_table`` (forward and input hooks, keyed on the TAP), the same
   allow lists as "nat".
-- State: ``<state dir>/taps/``: ``pool.json`` (who prepared the pool: a pid and its start
-  time, or nobody for ``novasandbox tap up``) and one ``<tap>.lease`` per sandbox using
-  a TAP. ``release()`` (and ``gc`` once the preparing process is gone) removes the pool.
+- State: ``/run/novasandbox/taps/<namespace or "host">/``: ``pool.json`` (its size and
+  who prepared it: a pid and its start time, or nobody for ``novasandbox tap up``) and
+  one ``<tap>.lease`` per sandbox using a TAP. ``release()`` (and ``gc`` once the
+  preparing process is gone) removes the pool; ``gc`` ends leases whose TAP no process
+  holds.
 
 Only QEMU is given the TAP: NovaSandbox opens it (``TUNSETIFF``, from a thread that has
 entered the namespace) and hands QEMU the descriptor.
@@ -31,6 +33,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,12 +110,47 @@ def existing() -> list[Tap]:
     return sorted(taps, key=lambda t: t.index)
 
 
-def _state() -> Path:
-    from ..paths import state_dir
+RUN_DIR = Path("/run/novasandbox/taps")
+"""Where leases live: one directory per namespace, shared by every NovaSandbox process of
+the host whatever its state directory (the TAPs are the host's), and on a tmpfs, gone at
+reboot like the TAPs themselves."""
+LEASE_GRACE_S = 60.0
+"""A lease this young is kept by ``gc`` even if no VMM holds its TAP yet (a create may be
+between leasing the TAP and starting QEMU)."""
 
-    path = state_dir() / "taps"
-    path.mkdir(parents=True, exist_ok=True)
+
+def _state() -> Path:
+    path = RUN_DIR / (netns() or "host")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def lease_path(tap: Tap) -> Path:
+    return _state() / f"{tap.name}.lease"
+
+
+def held() -> set[str]:
+    """The TAPs some process has open (a tun descriptor whose fdinfo names its device):
+    those in use, whichever state directory their sandbox was made with."""
+    names = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != "/dev/net/tun":
+                    continue
+                info = (proc / "fdinfo" / fd.name).read_text()
+            except OSError:
+                continue
+            for line in info.splitlines():
+                if line.startswith("iff:"):
+                    names.add(line.split(":", 1)[1].strip())
+    return names
 
 
 @contextmanager
@@ -264,24 +302,30 @@ def release() -> list[str]:
     return removed
 
 
-def sweep(
-    is_live: Callable[[str], bool], owner_alive: Callable[[int, int | None], bool]
-) -> list[str]:
-    """For ``gc``: end the leases of sandboxes that are gone, and release the pool when the
-    process that prepared it is gone. Returns what was removed."""
+def sweep(owner_alive: Callable[[int, int | None], bool]) -> list[str]:
+    """For ``gc``: end the leases whose TAP no process holds (their sandbox is gone), once
+    older than ``LEASE_GRACE_S``, and release the pool when the process that prepared it
+    is gone. Returns the TAPs removed."""
+    if os.geteuid() != 0:
+        return []
     removed = []
+    in_use = held()
+    now = time.time()
     with _locked() as directory:
         for lease in directory.glob(f"{PREFIX}*.lease"):
+            name = lease.name.removesuffix(".lease")
             try:
                 data = json.loads(lease.read_text())
+                young = now - lease.stat().st_mtime < LEASE_GRACE_S
             except (OSError, ValueError):
                 continue
-            if not is_live(str(data.get("sandbox"))):
-                lease.unlink(missing_ok=True)
-                index = tap_index(lease.name.removesuffix(".lease"))
-                if data.get("fresh") and index is not None:
-                    _delete(Tap(index))
-                    removed.append(f"{PREFIX}{index}")
+            if name in in_use or young:
+                continue
+            lease.unlink(missing_ok=True)
+            index = tap_index(name)
+            if data.get("fresh") and index is not None:
+                _delete(Tap(index))
+                removed.append(name)
     pool = _pool()
     owner = pool.get("owner") if pool else None
     if isinstance(owner, list) and not owner_alive(int(owner[0]), owner[1]):
