@@ -230,10 +230,11 @@ class AsyncSandbox:
         the VM is killed and its state removed, by this process's timer, by the guest
         agent powering the VM off if this process is gone, and by the next ``gc``.
 
-        ``network="nat"`` gives the guest a network device (user-mode NAT; see
-        ``novasandbox.network``): ``allow`` is its egress allow list (None: the public
-        internet; ``[]``: nothing), ``ports`` the guest TCP ports reachable from the host
-        (``sandbox.get_host(port)``). The default ``"none"`` has no network device.
+        ``network="nat"`` gives the guest a network device behind QEMU's user-mode NAT,
+        ``"tap"`` (root) one on a TAP of the host (see ``novasandbox.network``): ``allow``
+        is its egress allow list (None: the public internet; ``[]``: nothing), ``ports``
+        the guest TCP ports reachable from the host (``sandbox.get_host(port)``). The
+        default ``"none"`` has no network device.
         """
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
@@ -334,8 +335,9 @@ class AsyncSandbox:
         return sb
 
     def get_host(self, port: int) -> str:
-        """``"127.0.0.1:PORT"``: where on the host guest TCP ``port`` is reached. The port
-        must have been exposed with ``create(..., ports=[port])``."""
+        """``"ADDRESS:PORT"`` where the host reaches guest TCP ``port``: a forwarded port
+        of 127.0.0.1 ("nat") or the guest's own address ("tap"). The port must have been
+        exposed with ``create(..., ports=[port])``."""
         if port not in self.config.network.ports:
             raise ConfigError(
                 f"guest port {port!r} is not exposed; exposed: "
