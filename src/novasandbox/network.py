@@ -186,5 +186,22 @@ def guest_mac(sandbox_id: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, 0x4E, *digest[:4]))
 
 
+def egress_allows(
+    rules: Sequence[EgressRule] | None,
+    address: IPv4Address,
+    port: int,
+    resolvers: Sequence[IPv4Address] = (),
+) -> bool:
+    """Whether the policy lets the guest reach ``address:port``: the same decision the
+    nftables chains make (``providers/egress.py``), for the seccomp guard of VMMs run
+    without root (``providers/netguard.py``). ``rules=None``: the public internet. Pure."""
+    if port == 53 and address in resolvers:
+        return True
+    for rule in rules or ():
+        if address in rule.network and (rule.port is None or rule.port == port):
+            return True
+    return rules is None and is_public(address)
+
+
 def is_public(address: IPv4Address) -> bool:
     return not any(address in net for net in NON_PUBLIC)

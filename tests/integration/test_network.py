@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from novasandbox import ConfigError, NetworkError, Sandbox
 from novasandbox.network import GATEWAY, guest_mac
 from novasandbox.providers import egress, tap
 from novasandbox.snapshots import delete_snapshot
+from novasandbox.state import vmm_pids_under
 
 from .conftest import assert_no_leftovers
 
@@ -498,3 +500,90 @@ def test_a_vanished_pool_tap_is_a_clear_error(
         tap.prepare(2)
     first.kill()
     assert_no_leftovers(state_root)
+
+
+# ------------------------------------------------- no root: the seccomp guard
+
+
+@pytest.fixture
+def unconfined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VMMs that keep this process's uid, as without root: no nftables rule can be keyed
+    on them, so the seccomp guard decides their egress."""
+    monkeypatch.setenv("NOVASANDBOX_DROP_PRIVILEGES", "0")
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["restored", "cold"])
+def test_seccomp_guard_enforces_the_policy_without_privileges(
+    factory: Any, servers: tuple[HostServer, HostServer], unconfined: None, cold: bool
+) -> None:
+    allowed, other = servers
+    sb = factory.create(cold=cold, network="nat", allow=[f"127.0.0.1:{allowed.port}"], ports=[8000])
+    info = next(i for i in Sandbox.list() if i.id == sb.id)
+    assert info.vmm_uid is None and info.pid is not None
+    assert egress.chain_name(sb.id) not in egress.installed()  # no nftables involved
+    status = Path(f"/proc/{info.pid}/status").read_text()
+    assert "Seccomp_filters:\t2" in status  # the guard's, then QEMU's own
+    assert fetch(sb, f"http://{GATEWAY}:{allowed.port}/") == (0, "allowed")
+    code, out = fetch(sb, f"http://{GATEWAY}:{other.port}/")
+    assert code == 3 and "failed" in out
+    assert other.hits == 0
+    sb.files.write("/srv/index.html", "guarded")
+    sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/srv"])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            body = urllib.request.urlopen(f"http://{sb.get_host(8000)}/index.html", timeout=5)
+            assert body.read() == b"guarded"
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+GUARDED_OWNER = """
+import sys, time
+from novasandbox import Sandbox
+sb = Sandbox.create(network="nat", allow=[f"127.0.0.1:{sys.argv[1]}"])
+loop = (
+    "import time, urllib.request\\n"
+    "while True:\\n"
+    "    try: urllib.request.urlopen('http://10.0.2.2:%s/', timeout=2).read()\\n"
+    "    except Exception: pass\\n"
+    "    time.sleep(0.2)\\n" % sys.argv[1]
+)
+sb.commands.start(["python3", "-c", loop])
+print(sb.id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_seccomp_guard_fails_closed_when_its_owner_dies(
+    servers: tuple[HostServer, HostServer], unconfined: None, state_root: Any
+) -> None:
+    allowed, _ = servers
+    owner = subprocess.Popen(
+        [sys.executable, "-c", GUARDED_OWNER, str(allowed.port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id.startswith("sb-")
+        deadline = time.monotonic() + 60
+        while allowed.hits < 3:  # the guest reaches the allowed server, again and again
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        owner.kill()
+        owner.wait()
+        time.sleep(1)
+        hits = allowed.hits
+        time.sleep(3)
+        # the VM still runs (until gc), but with nobody to ask, its connects fail
+        assert allowed.hits == hits
+        assert len(vmm_pids_under(state_root)) == 1
+        r = subprocess.run(
+            [sys.executable, "-m", "novasandbox.cli", "gc"], capture_output=True, text=True
+        )
+        assert sandbox_id in r.stdout
+        assert_no_leftovers(state_root)
+    finally:
+        owner.kill()

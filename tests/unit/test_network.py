@@ -4,6 +4,12 @@ options: all pure."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
+import struct
+import subprocess
+import sys
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -281,16 +287,124 @@ def test_network_argv(tmp_path: Path) -> None:
     ]
 
 
-def test_egress_policy_needs_a_confined_vmm() -> None:
+def test_egress_rules_are_resolved_and_tap_needs_root() -> None:
     assert asyncio.run(_egress_rules(NetworkConfig(), None)) == ()
     assert asyncio.run(_egress_rules(NetworkConfig("nat", ()), None)) == ()
-    with pytest.raises(NetworkError, match="root"):
-        asyncio.run(_egress_rules(NetworkConfig("nat", None), None))
-    with pytest.raises(NetworkError, match="ports"):
-        asyncio.run(_egress_rules(NetworkConfig("nat", (), (8000,)), None))
+    # without root the seccomp guard enforces the policy: nothing to refuse here
+    assert asyncio.run(_egress_rules(NetworkConfig("nat", None), None)) is None
     with pytest.raises(NetworkError, match="tap"):
         asyncio.run(_egress_rules(NetworkConfig("tap", ()), None))
     confined = Confinement(VMM_ID_BASE, VMM_ID_BASE)
     assert asyncio.run(_egress_rules(NetworkConfig("nat", None), confined)) is None
     rules = asyncio.run(_egress_rules(NetworkConfig("nat", ("1.2.3.4:80",)), confined))
     assert rules == (EgressRule(IPv4Network("1.2.3.4/32"), 80),)
+
+
+def test_parse_sockaddr_and_verdict() -> None:
+    from novasandbox.providers.netguard import parse_sockaddr, verdict
+
+    raw = struct.pack("H", socket.AF_INET) + struct.pack("!H", 8080) + bytes([127, 0, 0, 1])
+    family, ip, port = parse_sockaddr(raw + bytes(8))
+    assert (family, str(ip), port) == (socket.AF_INET, "127.0.0.1", 8080)
+
+    def only_8080(_kind: int, address: IPv4Address, port: int) -> bool:
+        return port == 8080
+
+    assert verdict(family, ip, 8080, only_8080)
+    assert not verdict(family, ip, 8081, only_8080)
+    assert verdict(socket.AF_UNIX, None, 0, only_8080)  # local sockets are not egress
+    assert not verdict(socket.AF_INET6, None, 0, only_8080)  # no IPv6 at all
+    assert parse_sockaddr(b"\x02") == (-1, None, 0)
+
+
+def test_egress_allows_matches_the_nftables_policy() -> None:
+    from novasandbox.network import egress_allows
+
+    rules = (EgressRule(IPv4Network("127.0.0.1/32"), 8080), EgressRule(IPv4Network("1.2.3.0/24")))
+    resolvers = [IPv4Address("10.9.9.9")]
+    assert egress_allows(rules, IPv4Address("127.0.0.1"), 8080, resolvers)
+    assert not egress_allows(rules, IPv4Address("127.0.0.1"), 8081, resolvers)
+    assert egress_allows(rules, IPv4Address("1.2.3.77"), 1, resolvers)
+    assert egress_allows(rules, IPv4Address("10.9.9.9"), 53, resolvers)
+    assert not egress_allows(rules, IPv4Address("10.9.9.9"), 54, resolvers)
+    assert not egress_allows(rules, IPv4Address("8.8.8.8"), 443, resolvers)
+    assert egress_allows(None, IPv4Address("8.8.8.8"), 443)  # the public internet
+    assert not egress_allows(None, IPv4Address("192.168.1.1"), 443)
+    assert not egress_allows((), IPv4Address("8.8.8.8"), 443)
+
+
+CONNECTS = """
+import socket, sys
+out = []
+for port in sys.argv[1:]:
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", int(port)))
+        out.append("ok")
+    except OSError as exc:
+        out.append(exc.errno)
+    s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"x", ("127.0.0.1", int(sys.argv[2])))  # denied port, over UDP
+    out.append("sent")
+except OSError as exc:
+    out.append(exc.errno)
+print(out)
+"""
+
+
+def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
+    """The stage installs the filter and execs a program; the guard in this process lets
+    its connect to one port through and refuses the other (TCP and UDP)."""
+    from novasandbox.providers import netguard
+
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    allowed, denied = (s.getsockname()[1] for s in listeners)
+
+    def decide(_kind: int, address: IPv4Address, port: int) -> bool:
+        return port == allowed
+
+    async def run() -> tuple[str, netguard.Guard]:
+        ours, theirs = socket.socketpair()
+        argv = netguard.stage_argv(sys.executable, theirs.fileno())
+        argv += [sys.executable, "-c", CONNECTS, str(allowed), str(denied)]
+        proc = subprocess.Popen(
+            argv, pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE, text=True
+        )
+        theirs.close()
+        listener = await asyncio.to_thread(netguard.receive_listener, ours, 30.0)
+        ours.close()
+        guard = netguard.Guard(listener, decide)
+        guard.attach(asyncio.get_running_loop())
+        out, _ = await asyncio.to_thread(proc.communicate)
+        guard.close()
+        return out, guard
+
+    try:
+        out, guard = asyncio.run(run())
+    finally:
+        for s in listeners:
+            s.close()
+    assert out.strip() == f"['ok', {errno.ECONNREFUSED}, {errno.ECONNREFUSED}]"
+    assert guard.allowed == 1 and guard.denied == 2
+
+
+def test_without_its_guard_the_filter_fails_closed() -> None:
+    """If the owner is gone (the listener closed), filtered calls fail instead of
+    going through."""
+    from novasandbox.providers import netguard
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    ours, theirs = socket.socketpair()
+    argv = netguard.stage_argv(sys.executable, theirs.fileno())
+    argv += [sys.executable, "-c", "import time; time.sleep(0.5)\n" + CONNECTS, str(port), "1"]
+    proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE, text=True)
+    theirs.close()
+    listener = netguard.receive_listener(ours, 30.0)
+    os.close(listener)  # nobody will answer
+    out, _ = proc.communicate(timeout=60)
+    server.close()
+    assert "ok" not in out
+    assert str(errno.ENOSYS) in out

@@ -69,11 +69,14 @@ VMM_ID_COUNT = 1 << 24
 def confinement(
     vm_id: str, taken: Collection[int] = (), euid: int | None = None
 ) -> Confinement | None:
-    """The identity a VMM started for ``vm_id`` drops to: None unless we are root, else a
+    """The identity a VMM started for ``vm_id`` drops to: None unless we are root (and
+    ``NOVASANDBOX_DROP_PRIVILEGES`` is not 0), else a
     uid in ``[VMM_ID_BASE, VMM_ID_BASE + VMM_ID_COUNT)`` derived from the id and moved on
     past any in ``taken`` (those of live sandboxes), so no two VMMs share one. Pure."""
     if (os.geteuid() if euid is None else euid) != 0:
         return None
+    if os.environ.get("NOVASANDBOX_DROP_PRIVILEGES", "1").strip().lower() in ("0", "no", "false"):
+        return None  # e.g. a container without CAP_SETUID; what non-root users get
     slot = int.from_bytes(hashlib.sha256(vm_id.encode()).digest()[:4], "big") % VMM_ID_COUNT
     used = set(taken)
     for step in range(VMM_ID_COUNT):

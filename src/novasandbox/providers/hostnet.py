@@ -3,13 +3,23 @@ it ends: its egress policy and, for "tap", its TAP (a lease and a descriptor).""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from ..errors import NetworkError
-from ..network import DETACHED, GATEWAY, GUEST_ADDRESS, GUEST_DNS, GUEST_NETWORK, guest_mac
-from . import egress, tap
+from ..network import (
+    DETACHED,
+    GATEWAY,
+    GUEST_ADDRESS,
+    GUEST_DNS,
+    GUEST_NETWORK,
+    egress_allows,
+    guest_mac,
+)
+from . import egress, netguard, tap
 from .base import VMSpec
 
 
@@ -34,6 +44,17 @@ class GuestNet:
         }
 
 
+def uses_guard(spec: VMSpec) -> bool:
+    """Whether a "nat" VM's egress is decided by the seccomp guard: when its VMM has no uid
+    of its own to key nftables rules on (no root, or ``NOVASANDBOX_DROP_PRIVILEGES=0``),
+    unless it has no egress and no exposed ports, where QEMU's restricted user-mode stack
+    is enough (and stronger)."""
+    net = spec.machine.network
+    if net.mode != "nat" or spec.confine is not None:
+        return False
+    return net.allow != () or bool(net.ports)
+
+
 class Attachment:
     """The host side of one VM's network."""
 
@@ -43,6 +64,9 @@ class Attachment:
         self.tap_fd: int | None = None
         self._tap_fresh = False
         self._policy: tuple[int | str, egress.PolicyTable] | None = None
+        self.guard_decide: netguard.Decide | None = None
+        """Set when the egress policy is enforced by the seccomp guard (no root)."""
+        self.guard: netguard.Guard | None = None
         net = spec.machine.network
         mac = guest_mac(spec.vm_id)
         no_egress = net.allow == ()
@@ -76,13 +100,19 @@ class Attachment:
         spec, net = self.spec, self.spec.machine.network
         if net.mode == DETACHED:
             return
+        dns = net.allow != ()
         if spec.confine is None:
             if net.mode == "tap":
                 raise NetworkError('network="tap" needs NovaSandbox to run as root')
-            if net.allow != ():
-                raise NetworkError("an egress policy needs a confined VMM (root)")
-            return  # "nat" with allow=[]: slirp is restricted instead
-        dns = net.allow != ()
+            if uses_guard(spec):
+                rules = spec.egress
+                resolvers = egress.host_resolvers() if dns else []
+
+                def decide(_kind: int, address: IPv4Address, port: int) -> bool:
+                    return egress_allows(rules, address, port, resolvers)
+
+                self.guard_decide = decide
+            return  # "nat" with allow=[] and no ports: slirp is restricted instead
         if net.mode == "tap":
             self.tap, self._tap_fresh = tap.acquire(spec.vm_id)
             resolvers = egress.host_resolvers()
@@ -115,6 +145,11 @@ class Attachment:
             return f"{self.tap.guest_address}:{port}"
         return f"127.0.0.1:{host_ports[port]}"
 
+    def start_guard(self, listener: int, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.guard_decide is not None
+        self.guard = netguard.Guard(listener, self.guard_decide)
+        self.guard.attach(loop)
+
     def close_fd(self) -> None:
         """QEMU holds its own copy of the TAP's descriptor once started."""
         if self.tap_fd is not None:
@@ -123,8 +158,11 @@ class Attachment:
             self.tap_fd = None
 
     def release(self) -> None:
-        """Remove the policy, give the TAP back; idempotent."""
+        """Remove the policy, give the TAP back, stop the guard; idempotent."""
         self.close_fd()
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         if self._policy is not None:
             key, table = self._policy
             egress.remove(self.spec.vm_id, key, table)

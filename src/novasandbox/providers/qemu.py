@@ -18,7 +18,9 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from ..errors import (
 )
 from ..guest.protocol import AGENT_PORT_NAME
 from ..network import DETACHED, GATEWAY, GUEST_DNS, GUEST_NETWORK, guest_mac
-from . import cgroups
+from . import cgroups, netguard
 from .base import VMSpec
 from .cgroups import VMMGroup
 from .hostnet import Attachment
@@ -253,6 +255,14 @@ def build_argv(
     return argv
 
 
+def restricted(spec: VMSpec) -> bool:
+    """Whether slirp itself refuses all egress: a "nat" VM with neither a host policy
+    (no root) nor the seccomp guard, i.e. no egress and no exposed ports. Pure."""
+    net = spec.machine.network
+    no_policy = spec.confine is None
+    return net.mode == "nat" and no_policy and net.allow == () and not net.ports
+
+
 def network_argv(spec: VMSpec, tap_fd: int | None = None) -> list[str]:
     """The network device of a networked sandbox and its backend. Pure.
 
@@ -281,7 +291,7 @@ def network_argv(spec: VMSpec, tap_fd: int | None = None) -> list[str]:
         f"host={GATEWAY}",
         f"dns={GUEST_DNS}",
         "ipv6=off",
-        f"restrict={'on' if net.allow == () and spec.confine is None else 'off'}",
+        f"restrict={'on' if restricted(spec) else 'off'}",
     ]
     for guest_port in net.ports:
         if guest_port not in spec.host_ports:
@@ -650,6 +660,9 @@ class QemuProvider:
         incoming = None
         group = None
         network = None
+        proc: subprocess.Popen[bytes] | None = None
+        guard_sock: socket.socket | None = None
+        stage_sock: socket.socket | None = None
         try:
             network = Attachment.setup(spec)
             layout = cgroups.detect()
@@ -664,6 +677,10 @@ class QemuProvider:
             argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
             passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
+            if network is not None and network.guard_decide is not None:
+                guard_sock, stage_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                argv = netguard.stage_argv(sys.executable, stage_sock.fileno()) + argv
+                passed += (stage_sock.fileno(),)
             if group is not None:
                 argv = group.spawn_prefix() + argv
             with open(paths.vmm_log, "wb") as vmm_log:
@@ -676,13 +693,25 @@ class QemuProvider:
                     close_fds=True,
                     pass_fds=passed,
                 )
+            if guard_sock is not None:
+                assert network is not None and stage_sock is not None
+                stage_sock.close()
+                stage_sock = None
+                listener = await asyncio.to_thread(netguard.receive_listener, guard_sock, 30.0)
+                network.start_guard(listener, asyncio.get_running_loop())
         except BaseException:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
             if group is not None:
                 group.remove()
             if network is not None:
                 network.release()
             raise
         finally:
+            for sock in (guard_sock, stage_sock):
+                if sock is not None:
+                    sock.close()
             close_disks(disks)
             if network is not None:
                 network.close_fd()

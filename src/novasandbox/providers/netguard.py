@@ -1,0 +1,231 @@
+"""Egress policy without root: the kernel asks us before the VMM connects anywhere.
+
+nftables needs root, and so does giving each VMM a uid to key rules on. Without root, a
+"nat" sandbox's VMM is started with a seccomp filter that turns ``connect``, ``sendto``,
+``sendmsg`` and ``sendmmsg`` into notifications (``SECCOMP_RET_USER_NOTIF``). The owner
+process holds the filter's listener: for each call it reads the destination from the
+VMM's memory (``/proc/PID/mem``), decides with ``network.egress_allows`` (the same
+policy the nftables chains implement) and lets the call go on or fails it with
+``ECONNREFUSED``. If the owner is gone, the listener is closed and every such call fails
+(``ENOSYS``): closed, not open.
+
+How the filter gets there: QEMU is started through a small Python stage (``python3 -I
+-S``) that installs the filter (no_new_privs first, as an unprivileged process must),
+tells the owner, over an inherited socket, where the listener is (the owner copies it
+with ``pidfd_getfd``: the stage cannot ``sendmsg`` it, that call is now filtered), and
+execs QEMU once the owner has it. QEMU's own
+seccomp filter stacks on top; a notification wins over its "allow".
+
+Limits, stated plainly: the destination is read, checked, and then read again by the
+kernel when the call goes on, so a thread of a *compromised* QEMU could change it in
+between (the kernel documentation warns about this). It keeps what the guest asks its
+user-mode stack to do within the policy; it does not contain a VMM the guest has taken
+over. That is what root mode's per-VMM uid, chroot and nftables rules do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address
+
+log = logging.getLogger("novasandbox.netguard")
+
+SYS_CONNECT, SYS_SENDTO, SYS_SENDMSG, SYS_SENDMMSG = 42, 44, 46, 307
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+NOTIF = struct.Struct("<QIIiIQ6Q")  # struct seccomp_notif
+NOTIF_RESP = struct.Struct("<QqiI")  # struct seccomp_notif_resp
+
+# The stage between fork and QEMU: argv[1] is the socket to send the listener on, the
+# rest is QEMU's command line. Self-contained (ctypes only): it runs with -I -S.
+STAGE = r"""
+import ctypes, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+A, N = 0x20, 0x15  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K
+GE, RET = 0x35, 0x06
+USER_NOTIF, ALLOW, KILL = 0x7FC00000, 0x7FFF0000, 0x80000000
+prog = [
+    (A, 0, 0, 4), (N, 1, 0, 0xC000003E), (RET, 0, 0, KILL),   # x86_64 only
+    (A, 0, 0, 0), (GE, 0, 1, 0x40000000), (RET, 0, 0, KILL),  # no x32 calls
+    (N, 4, 0, 42), (N, 3, 0, 44), (N, 2, 0, 46), (N, 1, 0, 307),
+    (RET, 0, 0, ALLOW), (RET, 0, 0, USER_NOTIF),
+]
+raw = b"".join(struct.pack("HBBI", *i) for i in prog)
+buf = ctypes.create_string_buffer(raw)
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Prog(len(prog), ctypes.addressof(buf))
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+    sys.exit("netguard: no_new_privs: " + os.strerror(ctypes.get_errno()))
+listener = libc.syscall(317, 1, 8, ctypes.byref(fprog))  # seccomp(SET_MODE_FILTER, NEW_LISTENER)
+if listener < 0:
+    sys.exit("netguard: seccomp: " + os.strerror(ctypes.get_errno()))
+# sendmsg would now wait for the very listener it carries: say where it is with a plain
+# write instead, and let the owner take a copy (pidfd_getfd) before going on
+sock = int(sys.argv[1])
+os.write(sock, f"{os.getpid()} {listener}\n".encode())
+if os.read(sock, 1) != b"K":
+    sys.exit("netguard: the owner did not take the listener")
+os.close(sock)
+os.close(listener)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def stage_argv(python: str, sock_fd: int) -> list[str]:
+    """The argv prefix that installs the filter, hands over its listener on ``sock_fd``
+    and execs the rest."""
+    return [python, "-I", "-S", "-c", STAGE, str(sock_fd)]
+
+
+Decide = Callable[[int, IPv4Address, int], bool]
+"""(socket type hint: 0 unknown, 6 TCP, 17 UDP; address; port) -> allowed?"""
+
+
+def parse_sockaddr(raw: bytes) -> tuple[int, IPv4Address | None, int]:
+    """(family, IPv4 address or None, port) of a ``struct sockaddr``. Pure."""
+    if len(raw) < 2:
+        return -1, None, 0
+    family = struct.unpack_from("H", raw)[0]
+    if family == socket.AF_INET and len(raw) >= 8:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return family, IPv4Address(raw[4:8]), port
+    return family, None, 0
+
+
+ALWAYS_ALLOWED_FAMILIES = (socket.AF_UNSPEC, socket.AF_UNIX, socket.AF_NETLINK)
+
+
+def verdict(family: int, address: IPv4Address | None, port: int, decide: Decide) -> bool:
+    """Whether a call towards this destination may go on. Pure."""
+    if family in ALWAYS_ALLOWED_FAMILIES:
+        return True
+    if family != socket.AF_INET or address is None:
+        return False  # IPv6 and anything else: the guest has none of it
+    return decide(0, address, port)
+
+
+class Guard:
+    """The owner's side of one VMM's filter: answers its notifications on an event
+    loop until closed."""
+
+    def __init__(self, listener: int, decide: Decide) -> None:
+        self.listener = listener
+        self.decide = decide
+        self.denied = 0
+        self.allowed = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.listener, self._on_readable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.listener)
+            self._loop = None
+        if self.listener >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.listener)
+            self.listener = -1
+
+    def _on_readable(self) -> None:
+        buf = bytearray(NOTIF.size)
+        try:
+            fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_RECV, buf)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):  # the call went away
+                return
+            self.close()  # the VMM is gone
+            return
+        notif_id, pid, _flags, nr, _arch, _ip, *args = NOTIF.unpack(buf)
+        try:
+            ok = self._allowed(pid, nr, args)
+        except OSError:
+            ok = False
+        if ok:
+            self.allowed += 1
+            resp = NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        else:
+            self.denied += 1
+            resp = NOTIF_RESP.pack(notif_id, 0, -errno.ECONNREFUSED, 0)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_SEND, resp)
+
+    def _read(self, pid: int, address: int, length: int) -> bytes:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            data = mem.read(length)
+        return data
+
+    def _sockaddr_ok(self, pid: int, address: int, length: int) -> bool:
+        if address == 0:
+            return True  # no destination: a connected socket, checked at connect
+        raw = self._read(pid, address, min(max(length, 0), 128))
+        family, ip, port = parse_sockaddr(raw)
+        return verdict(family, ip, port, self.decide)
+
+    def _allowed(self, pid: int, nr: int, args: Sequence[int]) -> bool:
+        if nr == SYS_CONNECT:
+            return self._sockaddr_ok(pid, args[1], args[2])
+        if nr == SYS_SENDTO:
+            return self._sockaddr_ok(pid, args[4], args[5])
+        if nr == SYS_SENDMSG:
+            return self._msghdr_ok(pid, args[1])
+        if nr == SYS_SENDMMSG:
+            count = min(args[2], 1024)
+            return all(self._msghdr_ok(pid, args[1] + 64 * i) for i in range(count))
+        return False
+
+    def _msghdr_ok(self, pid: int, address: int) -> bool:
+        name, namelen = struct.unpack("<QI", self._read(pid, address, 12))
+        return self._sockaddr_ok(pid, name, namelen)
+
+
+def receive_listener(sock: socket.socket, timeout: float) -> int:
+    """Take a copy of the listener the stage announces (blocking, up to ``timeout``
+    seconds): ``pidfd_open`` + ``pidfd_getfd`` on the stage, then let it go on."""
+    sock.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            raise OSError(errno.EPROTO, "the VMM's start-up stage ended before its filter")
+        line += chunk
+    pid, fd = (int(x) for x in line.split())
+    pidfd = _syscall(SYS_PIDFD_OPEN, pid, 0)
+    try:
+        listener = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    sock.sendall(b"K")
+    return listener
+
+
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(number: int, *args: int) -> int:
+    result = int(_libc.syscall(number, *args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
