@@ -73,7 +73,9 @@ def bench_netns() -> Iterator[str]:
     """A network namespace of the benchmark's own for the TAPs."""
     name = f"nsbench{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    subprocess.run(
+        ["nsenter", f"--net=/run/netns/{name}", "ip", "link", "set", "lo", "up"], check=True
+    )
     old = os.environ.get("NOVASANDBOX_NETNS")
     os.environ["NOVASANDBOX_NETNS"] = name
     try:

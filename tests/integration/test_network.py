@@ -261,8 +261,8 @@ class Namespaces:
         cmds = [
             ["ip", "netns", "add", self.inner],
             ["ip", "netns", "add", self.upstream],
-            ["ip", "-n", self.inner, "link", "set", "lo", "up"],
-            ["ip", "-n", self.upstream, "link", "set", "lo", "up"],
+            ["nsenter", f"--net=/run/netns/{self.inner}", "ip", "link", "set", "lo", "up"],
+            ["nsenter", f"--net=/run/netns/{self.upstream}", "ip", "link", "set", "lo", "up"],
             [
                 "ip",
                 "link",
@@ -278,11 +278,38 @@ class Namespaces:
                 "netns",
                 self.upstream,
             ],
-            ["ip", "-n", self.inner, "addr", "add", "10.250.0.1/24", "dev", "nsvi"],
-            ["ip", "-n", self.inner, "link", "set", "nsvi", "up"],
-            ["ip", "-n", self.upstream, "addr", "add", "10.250.0.2/24", "dev", "nsvu"],
-            ["ip", "-n", self.upstream, "link", "set", "nsvu", "up"],
-            ["ip", "-n", self.upstream, "route", "add", "default", "via", "10.250.0.1"],
+            [
+                "nsenter",
+                f"--net=/run/netns/{self.inner}",
+                "ip",
+                "addr",
+                "add",
+                "10.250.0.1/24",
+                "dev",
+                "nsvi",
+            ],
+            ["nsenter", f"--net=/run/netns/{self.inner}", "ip", "link", "set", "nsvi", "up"],
+            [
+                "nsenter",
+                f"--net=/run/netns/{self.upstream}",
+                "ip",
+                "addr",
+                "add",
+                "10.250.0.2/24",
+                "dev",
+                "nsvu",
+            ],
+            ["nsenter", f"--net=/run/netns/{self.upstream}", "ip", "link", "set", "nsvu", "up"],
+            [
+                "nsenter",
+                f"--net=/run/netns/{self.upstream}",
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.250.0.1",
+            ],
         ]
         try:
             for cmd in cmds:
@@ -317,7 +344,7 @@ class Namespaces:
     def fetch_from(self, netns: str, url: str) -> subprocess.CompletedProcess[str]:
         code = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5).read())"
         return subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+            ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", code],
             capture_output=True,
             text=True,
             timeout=60,
@@ -490,7 +517,9 @@ def test_a_vanished_pool_tap_is_a_clear_error(
     first = factory.create(network="tap", allow=[])
     holders = {holder: t.name for t, holder in tap.leases() if holder}
     other = "nstap1" if holders[first.id] == "nstap0" else "nstap0"
-    subprocess.run(["ip", "-n", namespaces.inner, "link", "del", other], check=True)
+    subprocess.run(
+        ["nsenter", f"--net=/run/netns/{namespaces.inner}", "ip", "link", "del", other], check=True
+    )
     try:
         with pytest.raises(NetworkError, match="not a prepared TAP"):
             factory.create(network="tap", allow=[])

@@ -200,9 +200,12 @@ def _nft() -> str:
 def run_in(
     netns: str | None, argv: list[str], stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in network namespace ``netns`` (None: this one)."""
+    """Run ``argv`` in network namespace ``netns`` (an ``ip netns`` name; None: this
+    one). ``nsenter`` enters only the network namespace; ``ip netns exec`` would also
+    remount /sys in a mount namespace of its own, which fails where / is not a mount
+    point (a chroot)."""
     if netns is not None:
-        argv = ["ip", "netns", "exec", netns, *argv]
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     return subprocess.run(argv, input=stdin, capture_output=True, text=True)
 
 

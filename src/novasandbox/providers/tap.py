@@ -89,17 +89,15 @@ def table() -> egress.PolicyTable:
 
 
 def _ip(*args: str) -> None:
-    ns = netns()
-    argv = ["ip", *(["-n", ns] if ns else []), *args]
-    done = egress.run_in(None, argv)
+    argv = ["ip", *args]
+    done = egress.run_in(netns(), argv)
     if done.returncode != 0:
         raise NetworkError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
 
 
 def existing() -> list[Tap]:
     """The TAP devices of the pool's kind present in the namespace."""
-    ns = netns()
-    done = egress.run_in(None, ["ip", *(["-n", ns] if ns else []), "-o", "link", "show"])
+    done = egress.run_in(netns(), ["ip", "-o", "link", "show"])
     taps = []
     for line in done.stdout.splitlines():
         parts = line.split(":")
@@ -172,8 +170,7 @@ def _make(tap: Tap) -> None:
 
 
 def _delete(tap: Tap) -> None:
-    ns = netns()
-    egress.run_in(None, ["ip", *(["-n", ns] if ns else []), "link", "del", tap.name])
+    egress.run_in(netns(), ["ip", "link", "del", tap.name])
 
 
 def _forwarding() -> None:
