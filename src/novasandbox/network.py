@@ -9,7 +9,8 @@
   guest is 10.0.2.15/24 behind gateway 10.0.2.2, which is also how it reaches the host's
   loopback, with a DNS forwarder at 10.0.2.3. Every connection the guest makes leaves the
   host as a socket of its VMM, so the egress policy is enforced on the host, by the kernel,
-  on that socket's owner: the VMM's own uid (see ``providers/egress.py``).
+  on that socket's owner: the VMM's own uid (``providers/egress.py``; root), or by a
+  seccomp guard on the VMM's connect and send calls (``providers/netguard.py``; no root).
 
 Egress policy (``allow``): entries are ``ADDRESS``, ``CIDR`` or ``HOSTNAME``, each with an
 optional ``:PORT``. With ``allow=None`` the guest may reach any public address; private,
