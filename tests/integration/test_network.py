@@ -249,6 +249,17 @@ def test_gc_removes_a_policy_no_vmm_uses(factory: Any) -> None:
 # --------------------------------------------------------------------------- tap
 
 
+SERVE_ETC = """
+import http.server, os, socketserver, sys
+os.chdir("/etc")
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+Server((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+# (http.server's own HTTPServer looks its address up in DNS before it listens, which can
+# take long in a namespace whose resolver is unreachable.)
+
+
 class Namespaces:
     """Two network namespaces made for the test: ``inner`` holds the TAPs (it stands for
     the host of a root deployment) and ``upstream`` (10.250.0.2, over a veth pair) runs
@@ -318,18 +329,13 @@ class Namespaces:
                 self.servers.append(
                     subprocess.Popen(
                         [
-                            "ip",
-                            "netns",
-                            "exec",
-                            self.upstream,
+                            "nsenter",
+                            f"--net=/run/netns/{self.upstream}",
                             sys.executable,
-                            "-m",
-                            "http.server",
-                            str(port),
-                            "--bind",
+                            "-c",
+                            SERVE_ETC,
                             "10.250.0.2",
-                            "--directory",
-                            "/etc",
+                            str(port),
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
