@@ -69,11 +69,10 @@ from .state import (
     list_sandboxes,
     new_sandbox_id,
     read_record,
-    reap,
+    reap_then_vmm_uids,
     release_host_resources,
     remove_state,
     sandboxes_dir,
-    vmm_uids_in_use,
     write_record,
 )
 from .templates import TemplateManager
@@ -129,11 +128,6 @@ def free_loopback_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def _reap_then_uids_in_use() -> set[int]:
-    reap()
-    return vmm_uids_in_use()
 
 
 @atexit.register
@@ -229,7 +223,7 @@ class AsyncSandbox:
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
         # what crashed owners and expired lifetimes left, and the VMM uids in use
-        taken_uids = await asyncio.to_thread(_reap_then_uids_in_use)
+        taken_uids = await asyncio.to_thread(reap_then_vmm_uids)
         accel = choose_accel()
         manager = templates or TemplateManager()
         env_map = validate_env(env)

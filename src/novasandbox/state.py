@@ -121,11 +121,6 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
     return sorted(infos, key=lambda i: i.created_at)
 
 
-def vmm_uids_in_use(root: Path | None = None) -> set[int]:
-    """The uids the VMMs of recorded sandboxes run as (or are about to)."""
-    return {i.vmm_uid for i in list_sandboxes(root) if i.vmm_uid is not None}
-
-
 def remove_state(directory: Path) -> None:
     """Remove a sandbox's directory. Retried: a record being written into it at the same
     moment (another thread noticing the VM's end) can make one pass miss a file."""
@@ -157,10 +152,22 @@ def reap(root: Path | None = None) -> list[str]:
     those whose owner process is gone (SIGKILLed mid-create or mid-run), with their
     overlays, sockets and logs. Returns the ids reaped. Safe to run from any process
     at any time; it is what ``novasandbox gc`` does and ``create`` runs it first."""
+    return _reap(root)[0]
+
+
+def reap_then_vmm_uids(root: Path | None = None) -> set[int]:
+    """``reap``, then the uids the VMMs of the sandboxes left run as (or are about to):
+    what ``create`` needs, from the one pass over the records."""
+    return {i.vmm_uid for i in _reap(root)[1] if i.vmm_uid is not None}
+
+
+def _reap(root: Path | None) -> tuple[list[str], list[SandboxInfo]]:
+    """The ids reaped, and the records of the sandboxes left."""
     base = sandboxes_dir(root)
     if not base.is_dir():
-        return []
-    reaped = []
+        return [], []
+    reaped: list[str] = []
+    kept: list[SandboxInfo] = []
     for directory in base.iterdir():
         if not directory.is_dir():
             continue
@@ -177,6 +184,7 @@ def reap(root: Path | None = None) -> list[str]:
             continue
         # A crashed VM of a live owner is left alone: its owner reads the console log.
         if info.owner_alive and not info.expired:
+            kept.append(info)
             continue
         if info.pid is not None and info.alive:
             with contextlib.suppress(ProcessLookupError):
@@ -194,7 +202,7 @@ def reap(root: Path | None = None) -> list[str]:
         for snap in list_snapshots(include_ephemeral=True):
             if snap.ephemeral:
                 drop_unused_fork_snapshot(snap)
-    return reaped
+    return reaped, kept
 
 
 def release_host_resources(info: SandboxInfo) -> None:
