@@ -307,7 +307,7 @@ def test_parse_sockaddr_and_verdict() -> None:
     family, ip, port = parse_sockaddr(raw + bytes(8))
     assert (family, str(ip), port) == (socket.AF_INET, "127.0.0.1", 8080)
 
-    def only_8080(_kind: int, address: IPv4Address, port: int) -> bool:
+    def only_8080(address: IPv4Address, port: int) -> bool:
         return port == 8080
 
     assert verdict(family, ip, 8080, only_8080)
@@ -362,7 +362,7 @@ def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
     allowed, denied = (s.getsockname()[1] for s in listeners)
 
-    def decide(_kind: int, address: IPv4Address, port: int) -> bool:
+    def decide(address: IPv4Address, port: int) -> bool:
         return port == allowed
 
     async def run() -> tuple[str, netguard.Guard]:

@@ -108,7 +108,7 @@ class Attachment:
                 rules = spec.egress
                 resolvers = egress.host_resolvers() if dns else []
 
-                def decide(_kind: int, address: IPv4Address, port: int) -> bool:
+                def decide(address: IPv4Address, port: int) -> bool:
                     return egress_allows(rules, address, port, resolvers)
 
                 self.guard_decide = decide

@@ -94,8 +94,8 @@ def stage_argv(python: str, sock_fd: int) -> list[str]:
     return [python, "-I", "-S", "-c", STAGE, str(sock_fd)]
 
 
-Decide = Callable[[int, IPv4Address, int], bool]
-"""(socket type hint: 0 unknown, 6 TCP, 17 UDP; address; port) -> allowed?"""
+Decide = Callable[[IPv4Address, int], bool]
+"""(address, port) -> allowed?"""
 
 
 def parse_sockaddr(raw: bytes) -> tuple[int, IPv4Address | None, int]:
@@ -118,7 +118,7 @@ def verdict(family: int, address: IPv4Address | None, port: int, decide: Decide)
         return True
     if family != socket.AF_INET or address is None:
         return False  # IPv6 and anything else: the guest has none of it
-    return decide(0, address, port)
+    return decide(address, port)
 
 
 class Guard:
