@@ -63,6 +63,15 @@ def write_report(report: dict[str, Any], out: Path | None, name: str) -> None:
     log.info("wrote %s", out)
 
 
+def setup_logging(verbose: bool) -> None:
+    """Progress on stderr; the library's own INFO logs only with ``verbose``."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    logging.getLogger("novasandbox").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("qemu").setLevel(logging.WARNING)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method) of pre-sorted values."""
     if not sorted_values:
@@ -297,11 +306,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
-    logging.getLogger("novasandbox").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("qemu").setLevel(logging.WARNING)
+    setup_logging(args.verbose)
 
     started = time.perf_counter()
     report: dict[str, Any] = {"host": host_info()}

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 # bench.py lives beside this script; running a script puts its directory on sys.path.
-from bench import BenchError, check_echo, host_info, ms, summarize, write_report
+from bench import (
+    BenchError,
+    check_echo,
+    host_info,
+    ms,
+    setup_logging,
+    summarize,
+    write_report,
+)
 
 from novasandbox import Sandbox
 from novasandbox.network import GATEWAY
@@ -189,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfers", type=int, default=5, help="downloads each way (5)")
     p.add_argument("--mb", type=int, default=32, help="MB per download (32)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("-v", "--verbose", action="store_true", help="library logs too")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(args.verbose)
     Payload.size = args.mb * 1000 * 1000
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Payload)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 # bench.py lives beside this script; running a script puts its directory on sys.path.
-from bench import BenchError, check_echo, host_info, ms, summarize, write_report
+from bench import (
+    BenchError,
+    check_echo,
+    host_info,
+    ms,
+    setup_logging,
+    summarize,
+    write_report,
+)
 
 from novasandbox import AsyncSandbox, Pool, Sandbox, TemplateManager, delete_snapshot
 from novasandbox.providers.qemu import choose_accel
@@ -565,11 +573,7 @@ def run_all(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
-    )
-    logging.getLogger("novasandbox").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("qemu").setLevel(logging.WARNING)
+    setup_logging(args.verbose)
 
     started = time.perf_counter()
     host = host_info()
