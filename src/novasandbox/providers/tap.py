@@ -230,17 +230,17 @@ def acquire(sandbox_id: str) -> tuple[Tap, bool]:
         # call) on every create; open_tap checks that the device is really there
         pool = _pool()
         size = pool.get("size") if pool else 0
-        for index in range(size if isinstance(size, int) else 0):
-            lease = directory / f"{Tap(index).name}.lease"
-            if not lease.exists():
-                lease.write_text(json.dumps({"sandbox": sandbox_id, "fresh": False}))
-                return Tap(index), False
-        present = existing()
-        for tap in present:
-            lease = directory / f"{tap.name}.lease"
-            if not lease.exists():
-                lease.write_text(json.dumps({"sandbox": sandbox_id, "fresh": False}))
-                return tap, False
+        pooled = [Tap(i) for i in range(size if isinstance(size, int) else 0)]
+        free = next((t for t in pooled if not (directory / f"{t.name}.lease").exists()), None)
+        present: list[Tap] = []
+        if free is None:  # then any TAP of the kind that is there (a pool made elsewhere)
+            present = existing()
+            free = next((t for t in present if not (directory / f"{t.name}.lease").exists()), None)
+        if free is not None:
+            (directory / f"{free.name}.lease").write_text(
+                json.dumps({"sandbox": sandbox_id, "fresh": False})
+            )
+            return free, False
         taken = {t.index for t in present}
         index = next(i for i in range(MAX_TAPS + 1) if i not in taken)
         if index >= MAX_TAPS:
