@@ -1,91 +1,256 @@
 """Host side of the agent channel: one connection, many concurrent requests.
 
-A reader task decodes frames from the socket and routes each to the queue of the request
-it belongs to (by request id). Writes are whole frames, so requests interleave safely.
+The guest is hostile, so everything it sends is bounded here, in bytes, and checked:
+
+* A reader task decodes frames and hands each one at once, without blocking, to the
+  request it belongs to (by id). Data frames go to the request's sink (which keeps,
+  counts or drops them as they arrive); messages wait in a small inbox (``INBOX_LIMIT``).
+* Streams (command output, file reads) are flow-controlled: the agent may send
+  ``WINDOW`` bytes (payload + ``FRAME_COST`` per frame) beyond what the host has
+  acknowledged; the host acknowledges what its consumer has used. A request whose peer
+  goes past its window, overflows its inbox or sends what it does not expect fails with
+  ``AgentProtocolError``; the others carry on.
+* Frames for requests that are no longer running are dropped; a channel that carries
+  more than ``JUNK_LIMIT`` of them in a row is broken off.
+* Every reply is checked against the protocol's schema (``protocol.check_reply``) in
+  ``AgentRequest.reply``, the one place that turns agent messages into values or errors.
+* Waits and sends take absolute deadlines (``time.monotonic()``), enforced by the clock
+  whatever arrives; ``abort`` ends the channel at once without waiting for the guest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import AgentError, AgentProtocolError, AgentTimeout, NovaSandboxError, from_agent
 from .guest.protocol import (
+    ACK_STEP,
+    FRAME_COST,
+    INTERIM,
+    MAX_PAYLOAD,
     PROTOCOL_VERSION,
+    WINDOW,
     Frame,
     FrameDecoder,
     Kind,
     ProtocolError,
+    check_reply,
+    check_unsolicited,
     encode_frame,
     encode_message,
 )
 
 log = logging.getLogger("novasandbox.agent")
 
-_CLOSED = Frame(0, Kind.MSG, b'{"op":"__closed__"}')
-_RESTARTED = Frame(0, Kind.MSG, b'{"op":"__restarted__"}')
+INBOX_LIMIT = 2 * (MAX_PAYLOAD + FRAME_COST)
+"""Bytes of messages one request may hold unread: a reply or two. Requests expect one
+message at a time, so only a broken peer fills it."""
+JUNK_LIMIT = 64 << 20
+"""Bytes of frames for requests that are not running, in a row, before the channel is
+broken off (an honest agent sends at most a window's worth after the host gives up)."""
+WRITE_BUFFER_LIMIT = 4 << 20
+"""Bytes queued towards a guest that does not read before senders wait (with their
+deadline) instead of queueing more."""
+READ_SIZE = 1 << 18
+
+Sink = Callable[[Frame], None]
+"""Takes a request's data frames as they arrive, in the reader task: must not block; may
+raise ``NovaSandboxError`` to fail the request."""
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (``time.monotonic()``), never negative; None: none."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 class AgentRequest:
-    """The frames coming back for one request id."""
+    """One request id: what comes back for it, and its flow-control account."""
 
-    def __init__(self, client: AgentClient, rid: int) -> None:
+    def __init__(self, client: AgentClient, rid: int, sink: Sink | None) -> None:
         self.client = client
         self.id = rid
-        self.queue: asyncio.Queue[Frame] = asyncio.Queue()
+        self.op = ""
+        """The operation it was opened for (the first message sent), which says which
+        replies are valid."""
+        self._sink = sink
+        self._inbox: collections.deque[Frame] = collections.deque()
+        self._inbox_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.failure: NovaSandboxError | None = None
+        self.finished = False
+        """Its final reply arrived: the agent sends nothing more for it."""
+        self._unacked = 0
+        """Data bytes received and not yet acknowledged (the peer's used window)."""
+        self._consumed = 0
+        """Data bytes consumed and not yet acknowledged."""
 
-    async def next_frame(self, timeout: float | None = None) -> Frame:
-        try:
-            frame = await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            raise AgentTimeout(f"the guest agent did not answer within {timeout:.1f} s") from None
-        if frame is _CLOSED:
-            raise self.client.closed_error()
-        if frame is _RESTARTED:
-            raise AgentError("the guest agent restarted: this request was lost")
-        return frame
+    # --- called by the reader task (synchronous, never blocks)
 
-    async def next_message(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next message frame, skipping nothing: a data frame here is a protocol error."""
-        frame = await self.next_frame(timeout)
+    def deliver(self, frame: Frame) -> None:
+        if self.failure is not None:
+            return
+        cost = len(frame.payload) + FRAME_COST
+        if frame.kind is Kind.MSG:
+            if self._inbox_bytes + cost > INBOX_LIMIT:
+                self.fail(AgentProtocolError(f"the guest agent flooded request {self.op!r}"))
+                return
+            self._inbox.append(frame)
+            self._inbox_bytes += cost
+        else:
+            if self._sink is None or self.finished:
+                self.fail(
+                    AgentProtocolError(
+                        f"the guest agent sent {frame.kind.name} data to request {self.op!r}"
+                    )
+                )
+                return
+            self._unacked += cost
+            if self._unacked > WINDOW:
+                self.fail(
+                    AgentProtocolError(
+                        f"the guest agent sent more than its {WINDOW >> 20} MiB flow-control "
+                        f"window for request {self.op!r}"
+                    )
+                )
+                return
+            try:
+                self._sink(frame)
+            except NovaSandboxError as exc:
+                self.fail(exc)
+                return
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the task waiting on this request (something to look at)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def fail(self, error: NovaSandboxError) -> None:
+        """End the request with ``error`` (raised by its next wait); drop what it holds."""
+        if self.failure is None:
+            self.failure = error
+            self._inbox.clear()
+            self._inbox_bytes = 0
+            self.client.forget(self)
+            self.notify()
+
+    # --- flow control
+
+    def consumed(self, nbytes: int) -> None:
+        """The consumer used ``nbytes`` of data (payload + ``FRAME_COST`` per frame): once
+        a step's worth has been, the agent may send that much more."""
+        self._consumed += nbytes
+        if self._consumed >= ACK_STEP and not self.finished and self.failure is None:
+            self.client.send_nowait(encode_message(self.id, "ack", bytes=self._consumed))
+            self._unacked -= self._consumed
+            self._consumed = 0
+
+    # --- called by the request's owner
+
+    async def send(self, kind: Kind, payload: bytes, deadline: float | None) -> None:
+        await self.client.send_raw(encode_frame(self.id, kind, payload), deadline)
+
+    async def send_message(self, op: str, deadline: float | None, **fields: Any) -> None:
+        if not self.op:
+            self.op = op
         try:
-            return frame.message()
+            frame = encode_message(self.id, op, **fields)
         except ProtocolError as exc:
-            raise AgentProtocolError(str(exc)) from exc
+            raise AgentError(f"cannot send {op!r} to the agent: {exc}") from exc
+        await self.client.send_raw(frame, deadline)
 
-    async def send(self, kind: Kind, payload: bytes) -> None:
-        await self.client.send_raw(encode_frame(self.id, kind, payload))
+    def take_message(self, expect: str | None = None, path: str = "") -> dict[str, Any] | None:
+        """The next message, checked: a valid reply to this request (and ``expect`` when
+        given), or the public error for an agent ``error`` reply; None if none is here."""
+        if self.failure is not None:
+            raise self.failure
+        if not self._inbox:
+            return None
+        frame = self._inbox.popleft()
+        self._inbox_bytes -= len(frame.payload) + FRAME_COST
+        try:
+            msg = check_reply(self.op, frame.message())
+            if expect is not None and msg["op"] not in (expect, "error"):
+                raise ProtocolError(f"expected {expect!r} in reply to {self.op!r}: {msg['op']!r}")
+        except ProtocolError as exc:
+            error = AgentProtocolError(f"bad reply from the guest agent: {exc}")
+            self.fail(error)
+            raise error from None
+        self.finished = msg["op"] not in INTERIM
+        if msg["op"] == "error":
+            raise from_agent(msg["code"], msg["message"], path)
+        return msg
 
-    async def send_message(self, op: str, **fields: Any) -> None:
-        await self.client.send_raw(encode_message(self.id, op, **fields))
+    async def wait(self, deadline: float | None, what: str) -> None:
+        """Return once something new may be here; raise the request's failure, or
+        ``AgentTimeout`` naming ``what`` when ``deadline`` passes first."""
+        if self.failure is not None:
+            raise self.failure
+        if self._inbox:
+            return
+        left = remaining(deadline)
+        if left is not None and left <= 0:
+            raise AgentTimeout(f"the guest agent did not {what} in time")
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(waiter, left)
+        except TimeoutError:
+            raise AgentTimeout(f"the guest agent did not {what} in time") from None
+        finally:
+            self._waiter = None
+        if self.failure is not None:
+            raise self.failure
+
+    async def reply(
+        self,
+        deadline: float | None,
+        expect: str | None = None,
+        *,
+        what: str | None = None,
+        path: str = "",
+    ) -> dict[str, Any]:
+        """Wait for the next message (see ``take_message``) until ``deadline``; ``what``
+        the agent failed to do names the timeout, ``path`` the file of a file error."""
+        while (msg := self.take_message(expect, path)) is None:
+            await self.wait(deadline, what or f"answer {self.op!r}")
+        return msg
 
     def close(self) -> None:
-        self.client.release(self.id)
-
-
-def check_reply(msg: dict[str, Any], path: str = "") -> dict[str, Any]:
-    """Raise the public error for an agent ``error`` reply; return other replies."""
-    if msg["op"] == "error":
-        raise from_agent(str(msg.get("code", "agent-error")), str(msg.get("message", "")), path)
-    return msg
+        """Done with this request. A stream still running is cancelled in the guest."""
+        if self.failure is None and not self.finished and self._sink is not None:
+            self.client.send_nowait(encode_message(self.id, "cancel"))
+        self.finished = True
+        self.client.forget(self)
 
 
 class AgentClient:
     """A connection to one guest agent."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_close: Callable[[NovaSandboxError], None] | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
         self._requests: dict[int, AgentRequest] = {}
-        self._wlock = asyncio.Lock()
         self._closed: NovaSandboxError | None = None
+        self._on_close = on_close
+        self._junk = 0
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
         self.info: dict[str, Any] = {}
         self.connected_at = 0.0
@@ -93,11 +258,19 @@ class AgentClient:
 
     @classmethod
     async def connect(
-        cls, path: Path, *, deadline: float, hello: dict[str, Any], alive: Any = None
+        cls,
+        path: Path,
+        *,
+        deadline: float,
+        hello: dict[str, Any],
+        alive: Any = None,
+        on_close: Callable[[NovaSandboxError], None] | None = None,
     ) -> AgentClient:
         """Connect to the VMM's socket for the agent and complete the handshake.
 
-        ``alive`` (a callable) is polled so that a VM that dies while booting fails fast.
+        ``alive`` (a callable) is polled so that a VM that dies while booting fails fast;
+        ``on_close`` is called with the reason when the channel ends other than by
+        ``abort`` (not for a failed handshake).
         """
         while True:
             try:
@@ -114,27 +287,33 @@ class AgentClient:
         try:
             await client._handshake(deadline, hello, alive)
         except BaseException:
-            await client.close()
+            client.abort(AgentError("the handshake failed"))
+            await client.wait_closed()
             raise
+        client._on_close = on_close
         return client
 
     async def _handshake(self, deadline: float, hello: dict[str, Any], alive: Any) -> None:
         req = self.open()
         try:
-            await req.send_message("hello", version=PROTOCOL_VERSION, **hello)
+            await req.send_message("hello", deadline, version=PROTOCOL_VERSION, **hello)
             while True:
                 try:
-                    msg = await req.next_message(timeout=0.05)
+                    msg = await req.reply(min(deadline, time.monotonic() + 0.05))
                     break
                 except AgentTimeout:
                     if alive is not None and not alive():
                         raise AgentError("the VM exited before its agent answered") from None
                     if time.monotonic() > deadline:
                         raise AgentTimeout("the guest agent did not answer the handshake") from None
-            if msg["op"] == "error":
-                raise AgentProtocolError(f"handshake refused: {msg.get('message')}")
-            if msg["op"] != "hello" or msg.get("version") != PROTOCOL_VERSION:
-                raise AgentProtocolError(f"unexpected handshake reply {msg!r}")
+                except AgentProtocolError:
+                    raise
+                except NovaSandboxError as exc:
+                    raise AgentProtocolError(f"handshake refused: {exc}") from exc
+            if msg["version"] != PROTOCOL_VERSION:
+                raise AgentProtocolError(
+                    f"the guest agent speaks protocol {msg['version']}, the host {PROTOCOL_VERSION}"
+                )
             self.info = msg
         finally:
             req.close()
@@ -142,14 +321,15 @@ class AgentClient:
     def _connection_message(self, frame: Frame) -> None:
         """Frames on id 0 come from the agent itself, unasked."""
         try:
-            msg = frame.message()
-        except ProtocolError:
+            msg = check_unsolicited(frame.message())
+        except ProtocolError as exc:
+            log.debug("ignoring a bad unsolicited message from the guest agent: %s", exc)
             return
         if msg["op"] == "agent-started" and self.info:
             # A new agent process: whatever the old one was doing for us is gone.
-            log.warning("the guest agent restarted (pid %s)", msg.get("pid"))
+            log.warning("the guest agent restarted (pid %s)", msg["pid"])
             for req in list(self._requests.values()):
-                req.queue.put_nowait(_RESTARTED)
+                req.fail(AgentError("the guest agent restarted: this request was lost"))
 
     def closed_error(self) -> NovaSandboxError:
         return self._closed or AgentError("the agent connection is closed")
@@ -158,74 +338,108 @@ class AgentClient:
         decoder = FrameDecoder()
         reason: NovaSandboxError = AgentError("the guest agent closed the connection")
         try:
-            while data := await self._reader.read(1 << 18):
+            while data := await self._reader.read(READ_SIZE):
                 for frame in decoder.feed(data):
-                    if frame.request_id == 0:
-                        self._connection_message(frame)
-                        continue
-                    req = self._requests.get(frame.request_id)
-                    if req is not None:
-                        req.queue.put_nowait(frame)
-                    else:
-                        log.debug("dropping frame for finished request %d", frame.request_id)
+                    self._route(frame)
         except ProtocolError as exc:
             reason = AgentProtocolError(f"the guest agent broke the protocol: {exc}")
             log.warning("%s", reason)
         except (ConnectionError, OSError) as exc:
             reason = AgentError(f"lost the connection to the guest agent: {exc}")
         except asyncio.CancelledError:
-            reason = AgentError("the agent connection was closed")
+            reason = self._closed or AgentError("the agent connection was closed")
             raise
         finally:
-            self._closed = reason
-            for req in list(self._requests.values()):
-                req.queue.put_nowait(_CLOSED)
-            self._writer.close()
+            self._end(reason)
 
-    def open(self) -> AgentRequest:
+    def _route(self, frame: Frame) -> None:
+        if frame.request_id == 0:
+            self._connection_message(frame)
+            return
+        req = self._requests.get(frame.request_id)
+        if req is not None:
+            self._junk = 0
+            req.deliver(frame)
+            return
+        # A request that ended (an honest agent sends at most a window more) or never was.
+        self._junk += len(frame.payload) + FRAME_COST
+        if self._junk > JUNK_LIMIT:
+            raise ProtocolError(
+                f"{JUNK_LIMIT >> 20} MiB of frames in a row for requests that are not running"
+            )
+
+    def _end(self, reason: NovaSandboxError) -> None:
+        first = self._closed is None
+        if first:
+            self._closed = reason
+        for req in list(self._requests.values()):
+            req.fail(self._closed or reason)
+        self._requests.clear()
+        self._writer.transport.abort()
+        if first and self._on_close is not None:
+            self._on_close(reason)
+
+    def open(self, sink: Sink | None = None) -> AgentRequest:
+        """A new request; ``sink`` takes its data frames (only requests that stream data
+        have one, and they are flow-controlled)."""
         if self._closed is not None:
             raise self._closed
         rid = next(self._ids)
-        req = AgentRequest(self, rid)
+        req = AgentRequest(self, rid, sink)
         self._requests[rid] = req
         return req
 
-    def release(self, rid: int) -> None:
-        self._requests.pop(rid, None)
+    def forget(self, req: AgentRequest) -> None:
+        if self._requests.get(req.id) is req:
+            del self._requests[req.id]
 
-    async def send_raw(self, frame: bytes) -> None:
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue a small control frame (ack, cancel) without waiting (dropped if the
+        channel is closed). Never more than one per ``ACK_STEP`` bytes received, or one
+        per request, so a guest that does not read cannot make them pile up."""
+        if self._closed is None:
+            self._writer.write(frame)
+
+    async def send_raw(self, frame: bytes, deadline: float | None) -> None:
+        """Send one whole frame; ``AgentTimeout`` if the guest does not take it in time.
+        Frames are queued whole, so one that times out still goes out intact later."""
         if self._closed is not None:
             raise self._closed
-        async with self._wlock:
-            try:
-                self._writer.write(frame)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise AgentError(f"lost the connection to the guest agent: {exc}") from exc
+        try:
+            if self._writer.transport.get_write_buffer_size() >= WRITE_BUFFER_LIMIT:
+                await self._drain(deadline)
+            self._writer.write(frame)
+            await self._drain(deadline)
+        except (ConnectionError, OSError) as exc:
+            raise self._closed or AgentError(
+                f"lost the connection to the guest agent: {exc}"
+            ) from exc
+
+    async def _drain(self, deadline: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._writer.drain(), remaining(deadline))
+        except TimeoutError:
+            raise AgentTimeout("the guest agent stopped reading what the host sends") from None
+        if self._closed is not None:
+            raise self._closed
+
+    def post(self, op: str, /, **fields: Any) -> None:
+        """Send a request whose reply nobody waits for (best effort; it is dropped)."""
+        if self._closed is None:
+            req = self.open()
+            req.op = op
+            self.send_nowait(encode_message(req.id, op, **fields))
+            req.close()
 
     async def call(
         self, op: str, /, *, timeout: float | None = 30.0, **fields: Any
     ) -> dict[str, Any]:
-        """One request, one reply; agent errors become public exceptions."""
+        """One request, one reply (checked); agent errors become public exceptions."""
+        deadline = deadline_after(timeout)
         req = self.open()
         try:
-            await req.send_message(op, **fields)
-            return check_reply(await req.next_message(timeout), str(fields.get("path", "")))
-        finally:
-            req.close()
-
-    async def stream(
-        self, op: str, *, timeout: float | None = None, **fields: Any
-    ) -> AsyncIterator[Frame]:
-        """Send one request and yield every frame of its answer until a final message."""
-        req = self.open()
-        try:
-            await req.send_message(op, **fields)
-            while True:
-                frame = await req.next_frame(timeout)
-                yield frame
-                if frame.kind is Kind.MSG:
-                    return
+            await req.send_message(op, deadline, **fields)
+            return await req.reply(deadline, path=str(fields.get("path", "")))
         finally:
             req.close()
 
@@ -233,10 +447,21 @@ class AgentClient:
     def is_open(self) -> bool:
         return self._closed is None
 
-    async def close(self) -> None:
+    def abort(self, reason: NovaSandboxError) -> None:
+        """End the channel now: drop the connection without waiting for the guest to read
+        anything, fail every request with ``reason``. Idempotent; ``on_close`` is not
+        called."""
+        self._on_close = None
+        if self._closed is None:
+            self._closed = reason
         self._task.cancel()
+        self._end(reason)
+
+    async def wait_closed(self) -> None:
+        """Wait for the reader task to end (after ``abort``: at once)."""
         with contextlib.suppress(BaseException):
             await self._task
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
+
+    async def close(self) -> None:
+        self.abort(AgentError("the agent connection was closed"))
+        await self.wait_closed()

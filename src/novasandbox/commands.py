@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import inspect
 import logging
 import shlex
@@ -14,15 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .agent_client import AgentRequest, check_reply
+from .agent_client import AgentClient, AgentRequest, deadline_after
 from .config import validate_env, validate_guest_path
 from .errors import (
     AgentError,
+    AgentProtocolError,
+    AgentTimeout,
     CommandFailed,
     CommandTimeout,
     ConfigError,
 )
-from .guest.protocol import CHUNK_SIZE, Kind
+from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
 
 if TYPE_CHECKING:
     from .sandbox import AsyncSandbox
@@ -35,8 +38,13 @@ DEFAULT_COMMAND_TIMEOUT = 60.0
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 """Bytes of each of stdout and stderr that ``run`` keeps in its result (the first ones);
 the rest is counted in ``CommandResult.stdout_dropped``/``stderr_dropped``."""
-_AGENT_GRACE = 10.0
+_AGENT_GRACE = 5.0
 """Extra seconds the host waits past a command's timeout for the agent's own report."""
+_SEND_TIMEOUT = 30.0
+"""Seconds a guest may take to accept input sent to a command before ``AgentTimeout``."""
+_START_TIMEOUT = 30.0
+"""Seconds the agent has to start a command (less if the command's own deadline is
+sooner)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,72 +90,117 @@ async def _call_back(callback: OutputCallback | None, text: str) -> None:
 class AsyncCommandHandle:
     """A command running in the guest (from ``commands.start``).
 
-    A task collects its output as it arrives (calling the callbacks); ``wait()`` returns
-    the result. Signals go to the command's whole process group.
+    Its output is taken as it arrives, in the channel's reader: each stream keeps its
+    first ``max_output`` bytes and counts the rest, so nothing queues up. Streams with a
+    callback are handed to a task that calls it, and the guest may run at most a
+    flow-control window ahead of that task. ``wait()`` returns the result. Signals go to
+    the command's whole process group.
     """
 
     def __init__(
         self,
         sandbox: AsyncSandbox,
-        req: AgentRequest,
         argv: list[str],
         timeout: float | None,
-        pid: int,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
         max_output: int | None = None,
     ) -> None:
         self._sb = sandbox
-        self._req = req
         self.argv = tuple(argv)
-        self.pid = pid
+        self.pid = 0
         self._timeout = timeout
         self._t0 = time.monotonic()
+        self._deadline = None if timeout is None else self._t0 + timeout + _AGENT_GRACE
+        """When the host stops waiting for the agent to report the end (its own timeout
+        plus a grace period), whatever arrives."""
         self._callbacks = {Kind.STDOUT: on_stdout, Kind.STDERR: on_stderr}
         self._buffers = {Kind.STDOUT: bytearray(), Kind.STDERR: bytearray()}
         self._dropped = {Kind.STDOUT: 0, Kind.STDERR: 0}
         self._max_output = max_output
+        self._pending: collections.deque[Frame] = collections.deque()
+        """Output frames waiting for their callback (at most a window's worth)."""
         self._decoders = {
             Kind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
             Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
         }
-        self._task = asyncio.get_running_loop().create_task(self._collect())
+        self._req: AgentRequest | None = None
+        self._task: asyncio.Task[tuple[CommandResult, bool]] | None = None
+
+    def _sink(self, frame: Frame) -> None:
+        """Take one output frame (in the channel's reader: must not block)."""
+        kind = frame.kind
+        if kind not in self._buffers:
+            raise AgentProtocolError(f"the guest agent sent {kind.name} data for a command")
+        self._keep(kind, frame.payload)
+        if self._callbacks[kind] is not None:
+            self._pending.append(frame)
+        else:
+            assert self._req is not None
+            self._req.consumed(len(frame.payload) + FRAME_COST)
+
+    async def _start(
+        self, agent: AgentClient, fields: dict[str, Any], stdin: bytes | None, open_stdin: bool
+    ) -> None:
+        """Send the exec request (and stdin) and wait for the command to be started."""
+        req = self._req = agent.open(self._sink)
+        start_deadline = self._t0 + _START_TIMEOUT
+        if self._deadline is not None:
+            start_deadline = min(start_deadline, self._deadline)
+        try:
+            await req.send_message("exec", start_deadline, **fields)
+            if stdin is not None:
+                for i in range(0, len(stdin), CHUNK_SIZE):
+                    await req.send(Kind.STDIN, stdin[i : i + CHUNK_SIZE], start_deadline)
+                if not open_stdin:
+                    await req.send(Kind.STDIN, b"", start_deadline)
+            started = await req.reply(start_deadline, "started", what="start the command")
+        except BaseException:
+            req.close()
+            raise
+        self.pid = started["pid"]
+        self._task = asyncio.get_running_loop().create_task(self._collect(req))
         # a handle nobody waits for must not log "exception never retrieved"
         self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _collect(self) -> tuple[CommandResult, bool]:
-        host_timeout = None if self._timeout is None else self._timeout + _AGENT_GRACE
+    async def _collect(self, req: AgentRequest) -> tuple[CommandResult, bool]:
+        what = f"report the end of {shlex.join(self.argv)!r} within its {self._timeout} s timeout"
         try:
             while True:
-                remaining = (
-                    None if host_timeout is None else host_timeout - (time.monotonic() - self._t0)
-                )
-                frame = await self._req.next_frame(
-                    None if remaining is None else max(remaining, 0.01)
-                )
-                if frame.kind in self._buffers:
-                    self._keep(frame.kind, frame.payload)
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    raise AgentTimeout(f"the guest agent did not {what}")
+                if self._pending:
+                    frame = self._pending.popleft()
                     text = self._decoders[frame.kind].decode(frame.payload)
                     await _call_back(self._callbacks[frame.kind], text)
+                    req.consumed(len(frame.payload) + FRAME_COST)
                     continue
-                msg = check_reply(frame.message())
-                if msg["op"] == "exit":
+                msg = req.take_message()
+                if msg is not None:
+                    if msg["op"] != "exit":
+                        raise AgentProtocolError(f"unexpected {msg['op']!r} from a running command")
                     break
+                await req.wait(self._deadline, what)
+        except AgentTimeout:
+            # The agent did not end it: make sure it does not run on (best effort).
+            req.client.post("signal", target=req.id, signal=int(signal.SIGKILL))
+            raise
         finally:
-            self._req.close()
+            self._pending.clear()
+            req.close()
         for kind, decoder in self._decoders.items():
             await _call_back(self._callbacks[kind], decoder.decode(b"", final=True))
         result = CommandResult(
             argv=self.argv,
-            exit_code=int(msg["exit_code"]),
+            exit_code=msg["exit_code"],
             stdout=self._buffers[Kind.STDOUT].decode("utf-8", "replace"),
             stderr=self._buffers[Kind.STDERR].decode("utf-8", "replace"),
             stdout_dropped=self._dropped[Kind.STDOUT],
             stderr_dropped=self._dropped[Kind.STDERR],
-            signal=msg.get("signal"),
+            signal=msg["signal"],
             duration=time.monotonic() - self._t0,
         )
-        return result, bool(msg.get("timed_out"))
+        return result, msg["timed_out"]
 
     def _keep(self, kind: Kind, data: bytes) -> None:
         """Collect output up to ``max_output`` bytes per stream (the first ones); count
@@ -162,11 +215,12 @@ class AsyncCommandHandle:
         self._dropped[kind] += len(data) - max(room, 0)
 
     def done(self) -> bool:
-        return self._task.done()
+        return self._task is not None and self._task.done()
 
     async def wait(self, *, check: bool = False) -> CommandResult:
         """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
         and, with ``check``, ``CommandFailed`` if it exited non-zero."""
+        assert self._task is not None
         try:
             result, timed_out = await asyncio.shield(self._task)
         except AgentError:
@@ -184,19 +238,22 @@ class AsyncCommandHandle:
 
     async def send_stdin(self, data: str | bytes) -> None:
         """Feed the command's stdin (started with ``open_stdin=True``)."""
+        assert self._req is not None
+        deadline = deadline_after(_SEND_TIMEOUT)
         blob = data.encode() if isinstance(data, str) else bytes(data)
         for i in range(0, len(blob), CHUNK_SIZE):
             chunk = blob[i : i + CHUNK_SIZE]
             if chunk:
-                await self._req.send(Kind.STDIN, chunk)
+                await self._req.send(Kind.STDIN, chunk, deadline)
 
     async def close_stdin(self) -> None:
         """Signal end of input to the command."""
-        await self._req.send(Kind.STDIN, b"")
+        assert self._req is not None
+        await self._req.send(Kind.STDIN, b"", deadline_after(_SEND_TIMEOUT))
 
     async def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the command's process group (no error if it already ended)."""
-        if self.done():
+        if self.done() or self._req is None:
             return
         agent = self._sb._require_agent()
         try:
@@ -248,36 +305,17 @@ class AsyncCommands:
             raise ConfigError(f"max_output must be a byte count or None, got {max_output!r}")
         data = stdin.encode() if isinstance(stdin, str) else stdin
         agent = self._sb._require_agent()
-        req = agent.open()
-        try:
-            await req.send_message(
-                "exec",
-                argv=argv,
-                env=merged,
-                cwd=cwd,
-                timeout=timeout,
-                stdin=data is not None or open_stdin,
-            )
-            if data is not None:
-                for i in range(0, len(data), CHUNK_SIZE):
-                    await req.send(Kind.STDIN, data[i : i + CHUNK_SIZE])
-                if not open_stdin:
-                    await req.send(Kind.STDIN, b"")
-            started = check_reply(await req.next_message(30.0))  # or the spawn error
-        except BaseException:
-            req.close()
-            raise
-        log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, started.get("pid"))
-        return AsyncCommandHandle(
-            self._sb,
-            req,
-            argv,
-            timeout,
-            int(started.get("pid", 0)),
-            on_stdout,
-            on_stderr,
-            max_output,
-        )
+        handle = AsyncCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
+        fields = {
+            "argv": argv,
+            "env": merged,
+            "cwd": cwd,
+            "timeout": timeout,
+            "stdin": data is not None or open_stdin,
+        }
+        await handle._start(agent, fields, data, open_stdin)
+        log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, handle.pid)
+        return handle
 
     async def run(
         self,

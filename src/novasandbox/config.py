@@ -129,6 +129,15 @@ class MachineConfig:
 MAX_LIFETIME = 30 * 24 * 3600.0
 
 
+def validate_timeout(seconds: float | None) -> float | None:
+    """A call's timeout: positive seconds, or None (no limit)."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)
+
+
 def validate_lifetime(seconds: float | None) -> float | None:
     """A sandbox lifetime: positive seconds up to MAX_LIFETIME, or None (no limit)."""
     if seconds is None:

@@ -33,7 +33,9 @@ that the CLI prints and that survives JSON, so callers can branch on it.
         ├── SandboxFileNotFound         file-not-found
         ├── SandboxPermissionError      permission-denied
         ├── ReadOnlyFilesystem          read-only-filesystem
-        └── NoSpaceLeft                 no-space
+        ├── NoSpaceLeft                 no-space
+        ├── FileTooLarge                file-too-large
+        └── NotARegularFile             not-a-regular-file
 
 Lower-layer exceptions (OSError, the QMP client's errors, the wire codec's
 ``ProtocolError``) are mapped to the most specific class here and chained with
@@ -249,6 +251,18 @@ class NoSpaceLeft(SandboxFileError):
     code = "no-space"
 
 
+class FileTooLarge(SandboxFileError):
+    """The file is larger than the read's ``max_size`` (or grew past it while read)."""
+
+    code = "file-too-large"
+
+
+class NotARegularFile(SandboxFileError):
+    """Only regular files are read: not devices, FIFOs or sockets."""
+
+    code = "not-a-regular-file"
+
+
 _AGENT_CODES: dict[str, type[NovaSandboxError]] = {
     cls.code: cls
     for cls in (
@@ -258,6 +272,8 @@ _AGENT_CODES: dict[str, type[NovaSandboxError]] = {
         SandboxPermissionError,
         ReadOnlyFilesystem,
         NoSpaceLeft,
+        FileTooLarge,
+        NotARegularFile,
         AgentProtocolError,
     )
 }

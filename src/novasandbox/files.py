@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .agent_client import check_reply
-from .config import validate_guest_path
+from .agent_client import AgentRequest, deadline_after
+from .config import validate_guest_path, validate_timeout
 from .errors import (
+    AgentProtocolError,
     ConfigError,
+    FileTooLarge,
     SandboxFileError,
     SandboxFileNotFound,
 )
-from .guest.protocol import CHUNK_SIZE, Kind
+from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
 
 if TYPE_CHECKING:
     from .sandbox import AsyncSandbox
@@ -32,14 +35,14 @@ class EntryInfo:
 
     @classmethod
     def from_agent(cls, d: Mapping[str, Any]) -> EntryInfo:
-        return cls(
-            str(d["name"]),
-            str(d["path"]),
-            d["type"],
-            int(d["size"]),
-            int(d["mode"]),
-            float(d["mtime"]),
-        )
+        """From an entry of an agent reply (already checked against ``protocol.ENTRY``)."""
+        return cls(d["name"], d["path"], d["type"], d["size"], d["mode"], float(d["mtime"]))
+
+
+DEFAULT_FILE_TIMEOUT = 120.0
+"""Seconds a whole ``files.read`` or ``files.write`` may take (None: no limit)."""
+DEFAULT_MAX_READ = 100 * 1024 * 1024
+"""Bytes ``files.read`` accepts by default (``max_size=``; None: no limit)."""
 
 
 class AsyncFiles:
@@ -48,52 +51,106 @@ class AsyncFiles:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
 
-    async def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
-        """Write ``data`` to ``path`` (parents created, file replaced); returns the size."""
+    async def write(
+        self,
+        path: str,
+        data: str | bytes,
+        *,
+        mode: int | None = None,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> int:
+        """Write ``data`` to ``path`` (parents created, file replaced); returns the size.
+        The whole transfer must end within ``timeout`` seconds (None: no limit)."""
         path = validate_guest_path(path)
+        timeout = validate_timeout(timeout)
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ConfigError("data must be str or bytes")
+        deadline = deadline_after(timeout)
         agent = self._sb._require_agent()
         req = agent.open()
         try:
-            await req.send_message("write_file", path=path, mode=mode, parents=True)
+            await req.send_message("write_file", deadline, path=path, mode=mode, parents=True)
             view = memoryview(data)
             for i in range(0, len(view), CHUNK_SIZE):
-                await req.send(Kind.DATA, bytes(view[i : i + CHUNK_SIZE]))
-            await req.send_message("end")
-            reply = check_reply(await req.next_message(120.0), path)
+                await req.send(Kind.DATA, bytes(view[i : i + CHUNK_SIZE]), deadline)
+                if (msg := req.take_message(path=path)) is not None:  # an early error
+                    raise AgentProtocolError(f"unexpected {msg['op']!r} during an upload")
+            await req.send_message("end", deadline)
+            reply = await req.reply(deadline, what=f"write {path}", path=path)
         finally:
             req.close()
         return int(reply["size"])
 
     @overload
-    async def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = "text",
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> str: ...
     @overload
-    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["bytes"],
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> bytes: ...
 
-    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        """Read a whole file, as text (UTF-8) or bytes."""
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        max_size: int | None = DEFAULT_MAX_READ,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> str | bytes:
+        """Read a whole regular file, as text (UTF-8) or bytes.
+
+        Files over ``max_size`` bytes (100 MiB by default; None: no limit), or that grow
+        past it while being read, raise ``FileTooLarge``; devices, FIFOs and sockets
+        raise ``NotARegularFile``; the whole read must end within ``timeout`` seconds.
+        The host holds the file once (plus a chunk); text also needs the decoded copy."""
         if format not in ("text", "bytes"):
             raise ConfigError("format must be 'text' or 'bytes'")
         path = validate_guest_path(path)
+        timeout = validate_timeout(timeout)
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
+        ):
+            raise ConfigError(f"max_size must be a byte count or None, got {max_size!r}")
+        deadline = deadline_after(timeout)
         agent = self._sb._require_agent()
-        chunks: list[bytes] = []
-        req = agent.open()
+        # BytesIO grows in place and hands its buffer over without a copy (getvalue).
+        blob = io.BytesIO()
+        req: AgentRequest | None = None
+
+        def sink(frame: Frame) -> None:
+            if frame.kind is not Kind.DATA:
+                raise AgentProtocolError(f"the guest agent sent {frame.kind.name} for a file")
+            if max_size is not None and blob.tell() + len(frame.payload) > max_size:
+                raise FileTooLarge(f"{path} is larger than the {max_size}-byte limit", path)
+            blob.write(frame.payload)
+            assert req is not None
+            req.consumed(len(frame.payload) + FRAME_COST)
+
+        req = agent.open(sink)
         try:
-            await req.send_message("read_file", path=path)
-            while True:
-                frame = await req.next_frame(120.0)
-                if frame.kind is Kind.DATA:
-                    chunks.append(frame.payload)
-                    continue
-                check_reply(frame.message(), path)
-                break
+            await req.send_message("read_file", deadline, path=path, max_size=max_size)
+            reply = await req.reply(deadline, what=f"send {path}", path=path)
         finally:
             req.close()
-        blob = b"".join(chunks)
-        return blob if format == "bytes" else blob.decode("utf-8", "replace")
+        if reply["size"] != blob.tell():
+            raise AgentProtocolError(
+                f"the guest agent sent {blob.tell()} bytes of {path} but said {reply['size']}"
+            )
+        data = blob.getvalue()
+        return data if format == "bytes" else data.decode("utf-8", "replace")
 
     async def list(self, path: str) -> list[EntryInfo]:
         path = validate_guest_path(path)

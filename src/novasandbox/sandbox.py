@@ -3,8 +3,11 @@
 Lifecycle (an explicit state machine)::
 
     starting --> running --> killed
-        \\            \\
-         +--> error    +--> crashed   (the VMM exited on its own)
+        \\         |  ^  \\
+         +--> error |  |   +--> crashed   (the VMM exited on its own)
+                    v  |
+                   broken                 (the agent broke the protocol; back to
+                                           running when a new agent answers)
 
 ``create`` resolves the template, validates the machine config, starts the VM through
 the provider, connects to the guest agent and mounts the extra drives. A failure at any
@@ -34,6 +37,7 @@ from .commands import AsyncCommands
 from .config import Drive, MachineConfig, validate_env, validate_lifetime
 from .errors import (
     AgentError,
+    AgentProtocolError,
     ConfigError,
     NetworkError,
     NovaSandboxError,
@@ -90,6 +94,9 @@ class SandboxState(enum.StrEnum):
     PAUSED = "paused"
     KILLED = "killed"
     CRASHED = "crashed"
+    BROKEN = "broken"
+    """The VM runs but its agent channel broke (bytes that are not the protocol): calls
+    raise ``AgentProtocolError`` until a new agent answers a fresh connection."""
     ERROR = "error"
 
 
@@ -182,6 +189,7 @@ class AsyncSandbox:
         ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``."""
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot, kill)."""
+        self._reconnecting: asyncio.Task[None] | None = None
 
     # --- creation
 
@@ -349,13 +357,7 @@ class AsyncSandbox:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
         vm = self._vm
-        hello: dict[str, object] = {
-            "time_ns": time.time_ns(),
-            "hostname": self.id,
-            "lifetime_s": self._remaining_lifetime(),
-        }
-        if vm.network is not None:
-            hello["net"] = vm.network.guest.hello()
+        hello = self._hello()
         t_vmm = time.monotonic()
         if spec.incoming is not None:
             # The restored guest resumes where the snapshot left it: frozen root file
@@ -367,7 +369,11 @@ class AsyncSandbox:
             hello.update(thaw=True, entropy=secrets.token_hex(64), time_ns=time.time_ns())
             log.debug("%s: VMM started in %.1f ms", self.id, (t_vmm - t0) * 1000)
         self._agent = await AgentClient.connect(
-            vm.agent_socket, deadline=deadline, alive=vm.is_running, hello=hello
+            vm.agent_socket,
+            deadline=deadline,
+            alive=vm.is_running,
+            hello=hello,
+            on_close=self._agent_closed,
         )
         t_answered = time.monotonic()
         for index, drive in enumerate(self.config.drives, start=1):
@@ -394,6 +400,62 @@ class AsyncSandbox:
             "restored" if spec.incoming else "cold boot",
             self._agent.info.get("kernel"),
         )
+
+    def _hello(self) -> dict[str, object]:
+        """What the agent is told when the host connects."""
+        hello: dict[str, object] = {
+            "time_ns": time.time_ns(),
+            "hostname": self.id,
+            "lifetime_s": self._remaining_lifetime(),
+        }
+        if self._vm is not None and self._vm.network is not None:
+            hello["net"] = self._vm.network.guest.hello()
+        return hello
+
+    # --- a broken agent channel
+
+    def _agent_closed(self, reason: NovaSandboxError) -> None:
+        """The agent channel ended by itself (called from its reader). A protocol break
+        with the VM still running makes the sandbox ``broken`` until a new agent answers."""
+        if self._stopping or self._state is not SandboxState.RUNNING:
+            return
+        if not isinstance(reason, AgentProtocolError):
+            return  # the VMM went away: ``state`` tells the crash
+        self._state = SandboxState.BROKEN
+        self.crash_reason = reason.message
+        log.warning("sandbox %s is broken: %s", self.id, reason.message)
+        self._record()
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Offer the guest a fresh channel, with growing pauses, until an agent completes
+        the handshake (init restarts the agent when it dies) or the sandbox ends."""
+        pause = 0.1
+        while self._state is SandboxState.BROKEN and not self._stopping:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+            vm = self._vm
+            if vm is None or not vm.is_running():
+                return
+            try:
+                agent = await AgentClient.connect(
+                    vm.agent_socket,
+                    deadline=time.monotonic() + 3.0,
+                    alive=vm.is_running,
+                    hello=self._hello(),
+                    on_close=self._agent_closed,
+                )
+            except NovaSandboxError as exc:
+                log.debug("%s: no agent yet: %s", self.id, exc)
+                continue
+            if self._stopping or self._state is not SandboxState.BROKEN:
+                agent.abort(SandboxNotRunning(f"sandbox {self.id} is {self._state.value}"))
+                return
+            self._agent = agent
+            self._state = SandboxState.RUNNING
+            self.crash_reason = None
+            self._record()
+            log.warning("sandbox %s: agent channel back (agent pid %s)", self.id, agent.info["pid"])
 
     def _record(self) -> None:
         vm = self._vm
@@ -426,7 +488,7 @@ class AsyncSandbox:
     @property
     def state(self) -> SandboxState:
         if (
-            self._state in (SandboxState.RUNNING, SandboxState.PAUSED)
+            self._state in (SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.BROKEN)
             and not self._stopping
             and self._vm is not None
             and not self._vm.is_running()
@@ -495,6 +557,11 @@ class AsyncSandbox:
                 f"sandbox {self.id} crashed: {self.crash_reason}",
                 self.crash_reason or "",
                 self.console_tail(),
+            )
+        if state is SandboxState.BROKEN:
+            raise AgentProtocolError(
+                f"sandbox {self.id} is broken: {self.crash_reason} (it recovers if the "
+                "guest starts a new agent)"
             )
         if state is not SandboxState.RUNNING or self._agent is None:
             raise SandboxNotRunning(f"sandbox {self.id} is {state.value}")
@@ -595,15 +662,21 @@ class AsyncSandbox:
     # --- teardown
 
     async def kill(self) -> None:
-        """Stop the VM and remove everything it had on disk. Safe to call twice."""
-        async with self._op_lock:
-            if self._state in (SandboxState.KILLED, SandboxState.ERROR):
-                return
+        """Stop the VM and remove everything it had on disk. Safe to call twice.
+
+        It does not depend on the guest: the VMM is stopped first (SIGKILL; a VM with
+        writable drives gets 2 s to unmount them and QEMU 1 s to flush them), then the
+        agent channel is dropped and every call in flight fails; an operation holding
+        the sandbox (a snapshot, a pause) then ends at once."""
+        if self._state in (SandboxState.KILLED, SandboxState.ERROR):
+            return
+        if not self._stopping:
             await self._release_drives()
-            self._stopping = True
-            await self._teardown()
+        self._stopping = True
+        await self._teardown()
+        async with self._op_lock:
             self._state = SandboxState.KILLED
-            log.info("sandbox %s killed", self.id)
+        log.info("sandbox %s killed", self.id)
 
     async def _release_drives(self) -> None:
         """Unmount writable drives so that what the guest wrote is on the image file."""
@@ -611,7 +684,7 @@ class AsyncSandbox:
         if not writable or self._agent is None or not self.is_running():
             return
         try:
-            reply = await self._agent.call("release", paths=writable, timeout=5.0)
+            reply = await self._agent.call("release", paths=writable, timeout=2.0)
             log.debug("%s: drives released: %s", self.id, reply.get("drives"))
         except NovaSandboxError as exc:
             log.warning("%s: could not release drives before kill: %s", self.id, exc)
@@ -650,14 +723,19 @@ class AsyncSandbox:
         await agent.call("lifetime", seconds=seconds)
 
     async def _teardown(self) -> None:
+        """Release everything, VMM first, without waiting on the guest. Idempotent."""
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
             self._lifetime_timer = None
-        if self._agent is not None:
-            await self._agent.close()
-            self._agent = None
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            self._reconnecting = None
         if self._vm is not None:
-            await self._vm.stop()
+            await self._vm.stop(timeout=1.0)
+        if self._agent is not None:
+            self._agent.abort(SandboxNotRunning(f"sandbox {self.id} was killed"))
+            await self._agent.wait_closed()
+            self._agent = None
         with _LIVE_LOCK:
             _LIVE.pop(self.id, None)
         remove_state(self.paths.state_dir)

@@ -19,7 +19,7 @@ from .commands import (
 )
 from .config import Drive, MachineConfig
 from .errors import ConfigError
-from .files import AsyncFiles, EntryInfo
+from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
 from .pool import AsyncPool
 from .providers.base import VMPaths
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
@@ -172,20 +172,56 @@ class Files:
     def __init__(self, inner: AsyncFiles) -> None:
         self._inner = inner
 
-    def write(self, path: str, data: str | bytes, *, mode: int | None = None) -> int:
-        return _Portal.call(self._inner.write(path, data, mode=mode))
+    def write(
+        self,
+        path: str,
+        data: str | bytes,
+        *,
+        mode: int | None = None,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> int:
+        return _Portal.call(self._inner.write(path, data, mode=mode, timeout=timeout))
+
+    write.__doc__ = AsyncFiles.write.__doc__
 
     @overload
-    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = "text",
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> str: ...
     @overload
-    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["bytes"],
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> bytes: ...
 
-    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        max_size: int | None = DEFAULT_MAX_READ,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> str | bytes:
         if format == "bytes":
-            return _Portal.call(self._inner.read(path, format="bytes"))
+            return _Portal.call(
+                self._inner.read(path, format="bytes", max_size=max_size, timeout=timeout)
+            )
         if format == "text":
-            return _Portal.call(self._inner.read(path, format="text"))
+            return _Portal.call(
+                self._inner.read(path, format="text", max_size=max_size, timeout=timeout)
+            )
         raise ConfigError("format must be 'text' or 'bytes'")
+
+    read.__doc__ = AsyncFiles.read.__doc__
 
     def list(self, path: str) -> list[EntryInfo]:
         return _Portal.call(self._inner.list(path))

@@ -40,9 +40,18 @@ async def with_peer(peer: Peer, body: Callable[[Path], Awaitable[None]]) -> None
 async def read_request(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
     decoder = FrameDecoder()
     while True:
-        frames = decoder.feed(await reader.read(1 << 16))
+        data = await reader.read(1 << 16)
+        if not data:
+            raise ConnectionError("the host hung up")
+        frames = decoder.feed(data)
         if frames:
             return frames[0].request_id, frames[0].message()
+
+
+def hello_reply(rid: int, version: int = PROTOCOL_VERSION) -> bytes:
+    return encode_message(
+        rid, "hello", version=version, agent="test", features=[], kernel="k", pid=7
+    )
 
 
 def honest_hello(then: Callable[[int, asyncio.StreamWriter], bytes] | None = None) -> Peer:
@@ -50,7 +59,7 @@ def honest_hello(then: Callable[[int, asyncio.StreamWriter], bytes] | None = Non
 
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         rid, _ = await read_request(reader)
-        writer.write(encode_message(rid, "hello", version=PROTOCOL_VERSION, kernel="k"))
+        writer.write(hello_reply(rid))
         if then is not None:
             rid, _ = await read_request(reader)
             writer.write(then(rid, writer))
@@ -146,7 +155,8 @@ def test_closed_connection_fails_pending_requests() -> None:
 @pytest.mark.parametrize(
     "reply",
     [
-        encode_message(1, "hello", version=PROTOCOL_VERSION + 1),
+        hello_reply(1, PROTOCOL_VERSION + 1),
+        encode_message(1, "hello", version=PROTOCOL_VERSION),  # fields missing
         encode_message(1, "error", code="version-mismatch", message="no"),
         encode_message(1, "pong"),
     ],

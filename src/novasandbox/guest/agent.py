@@ -41,7 +41,9 @@ try:
     from .protocol import (
         AGENT_PORT_NAME,
         CHUNK_SIZE,
+        FRAME_COST,
         PROTOCOL_VERSION,
+        WINDOW,
         Frame,
         FrameDecoder,
         Kind,
@@ -54,7 +56,9 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
     from protocol import (  # type: ignore[no-redef,import-not-found]
         AGENT_PORT_NAME,
         CHUNK_SIZE,
+        FRAME_COST,
         PROTOCOL_VERSION,
+        WINDOW,
         Frame,
         FrameDecoder,
         Kind,
@@ -297,6 +301,7 @@ class Agent:
         self._execs: dict[int, _Exec] = {}
         self._uploads: dict[int, _Upload] = {}
         self._stdin_queues: dict[int, queue.Queue[bytes]] = {}
+        self._credits: dict[int, _Credit] = {}
         self._lock = threading.Lock()
         self._stop = False
 
@@ -350,8 +355,11 @@ class Agent:
                 if not self._reconnecting:
                     return 0
                 # The host end is closed (or this VM was just restored from a snapshot):
-                # poll until it comes back with a fresh stream, quickly at first.
+                # poll until it comes back with a fresh stream, quickly at first. Nobody
+                # reads the streams of the old one any more.
                 self._decoder = FrameDecoder()
+                for credit in list(self._credits.values()):
+                    credit.cancel()
                 idle_polls += 1
                 time.sleep(0.002 if idle_polls < 500 else 0.05)
                 continue
@@ -393,6 +401,8 @@ class Agent:
         if op == "exec":
             # Registered before the thread starts: stdin frames may follow at once.
             self._stdin_queues[rid] = queue.Queue()
+        if op in ("exec", "read_file"):
+            self._credits[rid] = _Credit()
         fn: Callable[[int, dict[str, Any]], None] = getattr(self, name)
         if threaded:
             threading.Thread(target=self._guarded, args=(fn, rid, msg), daemon=True).start()
@@ -404,6 +414,8 @@ class Agent:
     ) -> None:
         try:
             fn(rid, msg)
+        except _Refused as exc:
+            self.reply_error(rid, code=exc.code, message=str(exc))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.reply_error(rid, code="bad-request", message=f"bad request: {exc!r}")
         except OSError as exc:
@@ -416,6 +428,8 @@ class Agent:
     _HANDLERS: dict[str, tuple[str, bool]] = {
         "hello": ("op_hello", False),
         "ping": ("op_ping", False),
+        "ack": ("op_ack", False),
+        "cancel": ("op_cancel", False),
         "exec": ("op_exec", True),
         "signal": ("op_signal", False),
         "write_file": ("op_write_file", False),
@@ -486,6 +500,23 @@ class Agent:
     def op_ping(self, rid: int, msg: dict[str, Any]) -> None:
         self.reply(rid, "pong")
 
+    def op_ack(self, rid: int, msg: dict[str, Any]) -> None:
+        """The host consumed ``bytes`` of request ``rid``'s stream: it may send that many
+        more. No reply (there is one per MiB of output)."""
+        n = msg["bytes"]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError("bytes must be a positive integer")
+        credit = self._credits.get(rid)
+        if credit is not None:
+            credit.grant(n)
+
+    def op_cancel(self, rid: int, msg: dict[str, Any]) -> None:
+        """The host no longer reads request ``rid``'s stream: stop sending it (a command
+        keeps running; its output is drained and dropped). No reply."""
+        credit = self._credits.get(rid)
+        if credit is not None:
+            credit.cancel()
+
     def op_shutdown(self, rid: int, msg: dict[str, Any]) -> None:
         self.reply(rid, "ok")
         self._stop = True
@@ -498,11 +529,14 @@ class Agent:
 
     def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
         try:
-            self._exec(rid, msg, self._stdin_queues[rid])
+            self._exec(rid, msg, self._stdin_queues[rid], self._credits[rid])
         finally:
             self._stdin_queues.pop(rid, None)
+            self._credits.pop(rid, None)
 
-    def _exec(self, rid: int, msg: dict[str, Any], stdin_queue: queue.Queue[bytes]) -> None:
+    def _exec(
+        self, rid: int, msg: dict[str, Any], stdin_queue: queue.Queue[bytes], credit: _Credit
+    ) -> None:
         argv = msg["argv"]
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
@@ -533,7 +567,7 @@ class Agent:
         except PermissionError:
             self.reply_error(rid, code="permission-denied", message=f"permission denied: {argv[0]}")
             return
-        ex = _Exec(proc, stdin_queue)
+        ex = _Exec(proc, stdin_queue, credit)
         with self._lock:
             self._execs[rid] = ex
         try:
@@ -579,14 +613,43 @@ class Agent:
             self.reply(rid, "ok", size=up.size)
 
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
+        try:
+            self._read_file(rid, msg, self._credits[rid])
+        finally:
+            self._credits.pop(rid, None)
+
+    def _read_file(self, rid: int, msg: dict[str, Any], credit: _Credit) -> None:
+        """Stream a regular file in DATA frames, at most ``max_size`` bytes (null: no
+        limit). Anything else (a device, FIFO or socket, even behind a symlink) is refused
+        before it is opened for reading, and checked again once open."""
         path = _guest_path(msg["path"])
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        limit = msg.get("max_size")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise ValueError("max_size must be an integer or null")
+        _require_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         size = 0
         try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            st = os.fstat(fd)
+            _require_regular(path, st.st_mode)
+            if limit is not None and st.st_size > limit:
+                self.reply_error(
+                    rid,
+                    code="file-too-large",
+                    message=f"{path} is {st.st_size} bytes, over the {limit}-byte limit",
+                )
+                return
             while chunk := os.read(fd, CHUNK_SIZE):
                 size += len(chunk)
+                if limit is not None and size > limit:
+                    self.reply_error(
+                        rid,
+                        code="file-too-large",
+                        message=f"{path} grew past the {limit}-byte limit while it was read",
+                    )
+                    return
+                if not credit.take(len(chunk) + FRAME_COST):
+                    return  # the host gave up on this read
                 self.send(encode_frame(rid, Kind.DATA, chunk))
         finally:
             os.close(fd)
@@ -778,12 +841,50 @@ def _thaw(path: str) -> bool:
         os.close(fd)
 
 
+class _Credit:
+    """Flow control of one request's data frames: the bytes (payload + ``FRAME_COST`` per
+    frame) it may still send before the host acknowledges more (``WINDOW`` at first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._left = WINDOW
+        self.cancelled = False
+        self.waiting = False
+        """A sender is blocked on the host: the stream is busy, not idle."""
+
+    def grant(self, n: int) -> None:
+        with self._cond:
+            self._left += n
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def take(self, cost: int) -> bool:
+        """Wait until ``cost`` bytes may be sent and count them; False once the host has
+        cancelled the stream (the data is then dropped)."""
+        with self._cond:
+            while self._left < cost and not self.cancelled:
+                self.waiting = True
+                self._cond.wait()
+            self.waiting = False
+            if self.cancelled:
+                return False
+            self._left -= cost
+            return True
+
+
 class _Exec:
     """One running command: its process, output pumps, stdin feeder and timeout."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stdin_queue: queue.Queue[bytes]) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], stdin_queue: queue.Queue[bytes], credit: _Credit
+    ) -> None:
         self.proc = proc
         self.stdin_queue = stdin_queue
+        self.credit = credit
         self.send_lock = threading.Lock()
         self.abandoned = False
         self.last_output = time.monotonic()
@@ -818,12 +919,14 @@ class _Exec:
         while any(t.is_alive() for t in pumps):
             idle = time.monotonic() - self.last_output
             # a pump blocked sending to a slow host is busy, not idle
-            if idle >= _OUTPUT_IDLE_GRACE and not self.send_lock.locked():
+            busy = self.send_lock.locked() or self.credit.waiting
+            if idle >= _OUTPUT_IDLE_GRACE and not busy:
                 break
             for t in pumps:
                 t.join(max(0.01, _OUTPUT_IDLE_GRACE - idle))
         with self.send_lock:
             self.abandoned = True  # from here on the pumps only drain
+            self.credit.cancel()  # ...without waiting for the host
             self.stdin_queue.put(b"")
             rc = self.proc.returncode
             sig = -rc if rc < 0 else None
@@ -838,9 +941,10 @@ class _Exec:
         try:
             while chunk := os.read(fd, CHUNK_SIZE):
                 self.last_output = time.monotonic()
-                with self.send_lock:
-                    if not self.abandoned:
-                        agent.send(encode_frame(rid, kind, chunk))
+                if self.credit.take(len(chunk) + FRAME_COST):
+                    with self.send_lock:
+                        if not self.abandoned:
+                            agent.send(encode_frame(rid, kind, chunk))
                 self.last_output = time.monotonic()
         except (OSError, ValueError):
             pass
@@ -897,6 +1001,21 @@ class _Upload:
             except OSError as exc:
                 self.error = self.error or exc
         return self.error
+
+
+def _require_regular(path: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    if not stat.S_ISREG(mode):
+        raise _Refused("not-a-regular-file", f"{path} is not a regular file")
+
+
+class _Refused(Exception):
+    """A request refused with a specific error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _wire_name(name: str) -> str:

@@ -33,8 +33,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-PROTOCOL_VERSION = 1
-"""Bumped on any incompatible change; host and agent compare it in the handshake."""
+PROTOCOL_VERSION = 2
+"""Bumped on any incompatible change; host and agent compare it in the handshake.
+2: flow control (``ack``/``cancel``) for command output and file reads; every reply is
+checked against ``REPLIES``."""
 
 HEADER = struct.Struct(">IIB")
 HEADER_SIZE = HEADER.size
@@ -44,8 +46,24 @@ CHUNK_SIZE = 256 * 1024
 """Size of the data chunks both sides send for file contents and command output."""
 MAX_REQUEST_ID = 0xFFFFFFFF
 
+FRAME_COST = 64
+"""What a frame counts for beyond its payload, in every byte budget on both sides (about
+what the host spends to hold one decoded frame), so a flood of tiny frames is counted at
+its real cost."""
+WINDOW = 4 << 20
+"""Flow control: the bytes (payload + ``FRAME_COST`` per frame) of data frames the agent may
+send for one request before the host acknowledges them. The host grants more with
+``{"op": "ack", "bytes": N}`` on the request's id as it consumes them, and stops the
+stream with ``{"op": "cancel"}``; a peer that sends beyond its window is broken."""
+ACK_STEP = 1 << 20
+"""The host acknowledges consumed bytes in steps of this size (``WINDOW - ACK_STEP`` must
+exceed one chunk, or a stream could stall)."""
+
 AGENT_PORT_NAME = "org.novasandbox.agent"
 """Name of the virtio-serial port the guest agent listens on."""
+
+
+assert WINDOW - ACK_STEP >= CHUNK_SIZE + FRAME_COST
 
 
 class Kind(enum.IntEnum):
@@ -181,3 +199,124 @@ class FrameDecoder:
             self._buf.clear()
             raise
         return frames
+
+
+# ------------------------------------------------------------------------- reply schemas
+#
+# What the agent may answer to each request, field by field. A spec is a type (``int``
+# excludes bools; ``float`` accepts ints), a tuple of alternatives (``None`` for null), a
+# frozenset of allowed strings, ``[spec]`` for a list, ``{name: spec}`` for an object with
+# those fields (others are ignored), or ``{str: spec}`` for a map of any keys.
+
+ENTRY = {
+    "name": str,
+    "path": str,
+    "type": frozenset({"file", "dir", "symlink", "other"}),
+    "size": int,
+    "mode": int,
+    "mtime": float,
+}
+ERROR = {"code": str, "message": str, "errno": (int, None)}
+OK: dict[str, Any] = {}
+
+REPLIES: dict[str, dict[str, dict[str, Any]]] = {
+    "hello": {
+        "hello": {"version": int, "agent": str, "features": [str], "kernel": str, "pid": int}
+    },
+    "ping": {"pong": OK},
+    "exec": {
+        "started": {"pid": int},
+        "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool},
+    },
+    "signal": {"ok": OK},
+    "write_file": {"ok": {"size": int}},
+    "read_file": {"ok": {"size": int}},
+    "list": {"ok": {"entries": [ENTRY]}},
+    "stat": {"ok": {"stat": ENTRY}},
+    "mkdir": {"ok": OK},
+    "remove": {"ok": OK},
+    "mount": {"ok": {"device": str}},
+    "release": {"ok": {"drives": {str: str}}},
+    "freeze": {"ok": OK},
+    "thaw": {"ok": {"thawed": bool}},
+    "lifetime": {"ok": OK},
+    "shutdown": {"ok": OK},
+}
+"""Request op -> reply op -> its fields. ``error`` (fields ``ERROR``) may answer any request."""
+INTERIM = frozenset({"started"})
+"""Replies after which more follow; every other reply is a request's last."""
+UNSOLICITED = {"agent-started": {"pid": int}}
+"""Messages the agent sends on request id 0 without being asked."""
+
+
+def check_reply(request_op: str, msg: dict[str, Any]) -> dict[str, Any]:
+    """Raise ``ProtocolError`` unless ``msg`` is a reply the agent may send to a
+    ``request_op`` request (``REPLIES``, or an ``error``); return it unchanged."""
+    op = msg["op"]
+    expected = ERROR if op == "error" else REPLIES.get(request_op, {}).get(op)
+    if expected is None:
+        raise ProtocolError(f"unexpected reply {op!r} to {request_op!r}")
+    _check(expected, msg, f"{op!r} reply to {request_op!r}")
+    return msg
+
+
+def check_unsolicited(msg: dict[str, Any]) -> dict[str, Any]:
+    """Raise ``ProtocolError`` unless ``msg`` is a valid ``UNSOLICITED`` message."""
+    spec = UNSOLICITED.get(msg["op"])
+    if spec is None:
+        raise ProtocolError(f"unknown unsolicited message {msg['op']!r}")
+    _check(spec, msg, f"unsolicited {msg['op']!r}")
+    return msg
+
+
+def _check(spec: Any, value: Any, where: str) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected an object, got {_kind(value)}")
+        if str in spec:
+            for key, item in value.items():
+                _check(spec[str], item, f"{where}[{key!r}]")
+            return
+        for name, item_spec in spec.items():
+            if name not in value and not _nullable(item_spec):
+                raise ProtocolError(f"{where}: field {name!r} is missing")
+            _check(item_spec, value.get(name), f"{where}: field {name!r}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {_kind(value)}")
+        for item in value:
+            _check(spec[0], item, where + " (an item)")
+    elif isinstance(spec, tuple):
+        errors = []
+        for option in spec:
+            try:
+                _check(option, value, where)
+                return
+            except ProtocolError as exc:
+                errors.append(exc)
+        raise errors[0]
+    elif isinstance(spec, frozenset):
+        if value not in spec:
+            raise ProtocolError(f"{where}: {value!r} is not one of {sorted(spec)}")
+    elif spec is None:
+        if value is not None:
+            raise ProtocolError(f"{where}: expected null, got {_kind(value)}")
+    elif not _is_a(value, spec):
+        raise ProtocolError(f"{where}: expected {spec.__name__}, got {_kind(value)}")
+
+
+def _is_a(value: Any, typ: type) -> bool:
+    if isinstance(value, bool):
+        return typ is bool
+    if typ is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, typ)
+
+
+def _nullable(spec: Any) -> bool:
+    return isinstance(spec, tuple) and None in spec
+
+
+def _kind(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
