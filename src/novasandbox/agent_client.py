@@ -410,6 +410,8 @@ class AgentClient:
                 await self._drain(deadline)
             self._writer.write(frame)
             await self._drain(deadline)
+        except NovaSandboxError:
+            raise  # AgentTimeout is an OSError too
         except (ConnectionError, OSError) as exc:
             raise self._closed or AgentError(
                 f"lost the connection to the guest agent: {exc}"

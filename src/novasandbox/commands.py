@@ -169,6 +169,8 @@ class AsyncCommandHandle:
             while True:
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     raise AgentTimeout(f"the guest agent did not {what}")
+                if req.failure is not None:  # even with output still waiting
+                    raise req.failure
                 if self._pending:
                     frame = self._pending.popleft()
                     text = self._decoders[frame.kind].decode(frame.payload)
