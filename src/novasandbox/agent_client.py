@@ -141,6 +141,7 @@ class AgentRequest:
         """End the request with ``error`` (raised by its next wait); drop what it holds."""
         if self.failure is None:
             self.failure = error
+            self._sink = None
             self._inbox.clear()
             self._inbox_bytes = 0
             self.client.forget(self)
@@ -232,6 +233,7 @@ class AgentRequest:
         if self.failure is None and not self.finished and self._sink is not None:
             self.client.send_nowait(encode_message(self.id, "cancel"))
         self.finished = True
+        self._sink = None  # it usually refers back to this request: no cycle to collect
         self.client.forget(self)
 
 
@@ -448,6 +450,13 @@ class AgentClient:
     @property
     def is_open(self) -> bool:
         return self._closed is None
+
+    def ending(self, reason: NovaSandboxError) -> None:
+        """Say why the channel is about to end (before its VM is stopped): every call in
+        flight, and every later one, fails with ``reason`` rather than a lost connection."""
+        self._on_close = None
+        if self._closed is None:
+            self._closed = reason
 
     def abort(self, reason: NovaSandboxError) -> None:
         """End the channel now: drop the connection without waiting for the guest to read

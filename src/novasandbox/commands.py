@@ -172,10 +172,10 @@ class AsyncCommandHandle:
                 if req.failure is not None:  # even with output still waiting
                     raise req.failure
                 if self._pending:
-                    frame = self._pending.popleft()
-                    text = self._decoders[frame.kind].decode(frame.payload)
-                    await _call_back(self._callbacks[frame.kind], text)
-                    req.consumed(len(frame.payload) + FRAME_COST)
+                    kind, data, cost = self._take_pending()
+                    await _call_back(self._callbacks[kind], self._decoders[kind].decode(data))
+                    req.consumed(cost)
+                    await asyncio.sleep(0)  # a slow callback must not starve the loop
                     continue
                 msg = req.take_message()
                 if msg is not None:
@@ -203,6 +203,20 @@ class AsyncCommandHandle:
             duration=time.monotonic() - self._t0,
         )
         return result, msg["timed_out"]
+
+    def _take_pending(self) -> tuple[Kind, bytes, int]:
+        """The oldest waiting output joined with the frames of the same stream after it
+        (up to a chunk): callbacks are called per chunk, however the guest cut it."""
+        first = self._pending.popleft()
+        parts, size = [first.payload], len(first.payload)
+        while (
+            self._pending
+            and self._pending[0].kind is first.kind
+            and size + len(self._pending[0].payload) <= CHUNK_SIZE
+        ):
+            parts.append(self._pending.popleft().payload)
+            size += len(parts[-1])
+        return first.kind, b"".join(parts), size + FRAME_COST * len(parts)
 
     def _keep(self, kind: Kind, data: bytes) -> None:
         """Collect output up to ``max_output`` bytes per stream (the first ones); count

@@ -315,7 +315,7 @@ class AsyncSandbox:
         except BaseException as exc:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
-            await sb._teardown()
+            await sb._teardown(SandboxState.ERROR)
             # Our own typed errors (bad config, missing tool...) pass through as they are;
             # an agent that never answered and any lower-layer failure become VMStartError.
             # Cancellation and KeyboardInterrupt are not Exceptions and pass through.
@@ -569,14 +569,20 @@ class AsyncSandbox:
 
     # --- pause, snapshot, fork
 
+    def _settle(self, state: SandboxState) -> None:
+        """The state a lifecycle operation ends in, unless a kill began meanwhile (kill
+        does not wait for operations: it makes them fail)."""
+        if not self._stopping:
+            self._state = state
+            self._record()
+
     async def pause(self) -> None:
         """Stop the guest's CPUs; it keeps its memory, processes and files."""
         async with self._op_lock:
             if self.state is not SandboxState.RUNNING or self._vm is None:
                 raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}")
             await self._vm.pause()
-            self._state = SandboxState.PAUSED
-            self._record()
+            self._settle(SandboxState.PAUSED)
 
     async def resume(self) -> None:
         """Continue a paused sandbox where it stopped."""
@@ -584,8 +590,7 @@ class AsyncSandbox:
             if self.state is not SandboxState.PAUSED or self._vm is None:
                 raise SandboxNotRunning(f"sandbox {self.id} is {self.state.value}, not paused")
             await self._vm.resume()
-            self._state = SandboxState.RUNNING
-            self._record()
+            self._settle(SandboxState.RUNNING)
 
     async def snapshot(self) -> Snapshot:
         """Save this sandbox (memory, processes, files) as a ``Snapshot`` that
@@ -600,7 +605,7 @@ class AsyncSandbox:
             was_paused = self.state is SandboxState.PAUSED
             if was_paused and self._vm is not None:
                 await self._vm.resume()
-                self._state = SandboxState.RUNNING
+                self._settle(SandboxState.RUNNING)
             agent, vm = self._require_agent(), self._vm
             assert vm is not None
             snap_id = new_snapshot_id()
@@ -629,7 +634,7 @@ class AsyncSandbox:
             snap.write_manifest()
             if was_paused:
                 await vm.pause()
-                self._state = SandboxState.PAUSED
+                self._settle(SandboxState.PAUSED)
             log.info("sandbox %s saved as %s in %.0f ms", self.id, snap_id, took * 1000)
             return snap
 
@@ -673,9 +678,7 @@ class AsyncSandbox:
         if not self._stopping:
             await self._release_drives()
         self._stopping = True
-        await self._teardown()
-        async with self._op_lock:
-            self._state = SandboxState.KILLED
+        await self._teardown(SandboxState.KILLED)
         log.info("sandbox %s killed", self.id)
 
     async def _release_drives(self) -> None:
@@ -722,18 +725,23 @@ class AsyncSandbox:
         self._record()
         await agent.call("lifetime", seconds=seconds)
 
-    async def _teardown(self) -> None:
-        """Release everything, VMM first, without waiting on the guest. Idempotent."""
+    async def _teardown(self, end: SandboxState) -> None:
+        """Release everything, VMM first, without waiting on the guest, and end in state
+        ``end`` (before calls in flight learn it). Idempotent."""
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
             self._lifetime_timer = None
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             self._reconnecting = None
+        killed = SandboxNotRunning(f"sandbox {self.id} was killed")
+        self._state = end
+        if self._agent is not None:
+            self._agent.ending(killed)
         if self._vm is not None:
             await self._vm.stop(timeout=1.0)
         if self._agent is not None:
-            self._agent.abort(SandboxNotRunning(f"sandbox {self.id} was killed"))
+            self._agent.abort(killed)
             await self._agent.wait_closed()
             self._agent = None
         with _LIVE_LOCK:
