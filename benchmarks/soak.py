@@ -5,13 +5,16 @@ check that nothing leaked. Not part of the test suite (it runs for minutes).
 
 Each round creates ``--parallel`` sandboxes at once (restored, some cold) and gives each
 one fault, in turn: none, the VMM SIGKILLed, a kernel panic, the agent killed, a fork
-bomb under a timeout, a command timeout, a snapshot + restore, a fork. It then kills
-them all. Every third sandbox has a network (``nat``, with an egress policy when run as
-root). Every few rounds an owner process holding sandboxes is SIGKILLed and ``reap()``
-(what ``novasandbox gc`` runs) has to clean up after it. At the end it checks that no
-QEMU process, state entry, socket, overlay, snapshot, control group or egress policy is
-left under its private state
-directory and that the host's available memory is back where it started (within
+bomb under a timeout, a command timeout, a snapshot + restore, a fork, and the hostile
+guest's attacks (``tests/hostile.py``): a fake agent that floods output, sends framing
+garbage or malformed replies, the agent stopped during an upload, a read of a link to
+/dev/zero. It then kills them all, each kill bounded by ``KILL_BOUND_S``; the report has
+the slowest kill and the owner's peak RSS. Every third sandbox has a network (``nat``,
+with an egress policy when run as root). Every few rounds an owner process holding
+sandboxes is SIGKILLed and ``reap()`` (what ``novasandbox gc`` runs) has to clean up
+after it. At the end it checks that no QEMU process, state entry, socket, overlay,
+snapshot, control group or egress policy is left under its private state directory and
+that the host's available memory is back where it started (within
 ``--memory-slack`` MiB), and prints a JSON report; it exits 1 on any leak.
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -41,7 +45,16 @@ FAULTS = [
     "command-timeout",
     "snapshot-restore",
     "fork",
+    "hostile-flood",
+    "hostile-garbage",
+    "hostile-malformed",
+    "agent-stopped-upload",
+    "zero-read",
 ]
+KILL_BOUND_S = 10.0
+"""A kill that takes longer is reported as an error (it must not depend on the guest)."""
+STATS = {"slowest_kill_s": 0.0}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.hostile
 
 OWNER = textwrap.dedent(
     """
@@ -56,7 +69,16 @@ OWNER = textwrap.dedent(
 
 
 async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
-    from novasandbox import AsyncSandbox, NovaSandboxError, delete_snapshot
+    from tests.hostile import stop_agent_soon_async, take_port_async
+
+    from novasandbox import (
+        AgentProtocolError,
+        AgentTimeout,
+        AsyncSandbox,
+        NotARegularFile,
+        NovaSandboxError,
+        delete_snapshot,
+    )
 
     extra: list[AsyncSandbox] = []
     # every third sandbox is networked (with an egress policy when root)
@@ -92,11 +114,35 @@ async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
             delete_snapshot(snap)
         elif fault == "fork":
             extra.extend(await sb.fork(2))
+        elif fault == "hostile-flood":  # a fake agent floods tiny output frames
+            await take_port_async(sb, "flood")
+            with contextlib.suppress(AgentTimeout):
+                await sb.commands.run("true", timeout=2)
+        elif fault == "hostile-garbage":  # framing garbage: broken, then reconnected
+            await take_port_async(sb, "garbage")
+            with contextlib.suppress(AgentProtocolError):
+                await sb.commands.run("true", timeout=5)
+        elif fault == "hostile-malformed":
+            await take_port_async(sb, "malformed")
+            for _ in range(3):
+                with contextlib.suppress(AgentProtocolError):
+                    await sb.files.stat("/x")
+        elif fault == "agent-stopped-upload":
+            await stop_agent_soon_async(sb, 0.1)
+            await asyncio.sleep(1)
+            with contextlib.suppress(AgentTimeout):
+                await sb.files.write("/tmp/big", bytes(16 << 20), timeout=2)
+        elif fault == "zero-read":
+            await sb.commands.run("ln -sf /dev/zero /tmp/result.json", timeout=60)
+            with contextlib.suppress(NotARegularFile):
+                await sb.files.read("/tmp/result.json")
         counts[fault] = counts.get(fault, 0) + 1
     finally:
         for other in extra:
             await other.kill()
-        await sb.kill()
+        t0 = time.monotonic()
+        await asyncio.wait_for(sb.kill(), KILL_BOUND_S)
+        STATS["slowest_kill_s"] = max(STATS["slowest_kill_s"], time.monotonic() - t0)
 
 
 async def soak_round(round_no: int, parallel: int, counts: dict[str, int]) -> list[str]:
@@ -181,6 +227,8 @@ def main() -> int:
             "settled_after_s": round(time.monotonic() - settle, 1),
         },
         "wall_s": round(time.monotonic() - t0, 1),
+        "slowest_kill_s": round(STATS["slowest_kill_s"], 3),
+        "owner_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     leaked = any(leftovers.values()) or mem_start - mem_end > args.memory_slack
     report["leaks"] = leaked

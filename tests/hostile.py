@@ -24,10 +24,11 @@ A stopped agent (SIGSTOP) needs no fake: see ``stop_agent_soon``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Final
 
-from novasandbox import NovaSandboxError, Sandbox
+from novasandbox import AsyncSandbox, NovaSandboxError, Sandbox
 from novasandbox.sync import _Portal
 
 Reply = dict[str, Any] | bytes
@@ -224,31 +225,41 @@ FAKE_AGENT: Final[str] = f"MALFORMED = {MALFORMED!r}\n{_FAKE_AGENT_BODY}"
 FAKE_AGENT_PATH = "/tmp/fake_agent.py"
 
 
-def take_port(sb: Sandbox, mode: str, timeout: float = 30.0) -> None:
+async def take_port_async(sb: AsyncSandbox, mode: str, timeout: float = 30.0) -> None:
     """Replace ``sb``'s guest agent by the fake one in ``mode``; return once it answers."""
-    sb.files.write(FAKE_AGENT_PATH, FAKE_AGENT)
-    sb.commands.start(["python3", FAKE_AGENT_PATH, mode], timeout=None)
+    await sb.files.write(FAKE_AGENT_PATH, FAKE_AGENT)
+    await sb.commands.start(["python3", FAKE_AGENT_PATH, mode], timeout=None)
     deadline = time.monotonic() + timeout
     while True:
-        agent = sb._inner._agent
+        agent = sb._agent
         if agent is not None:
             try:
-                if _Portal.call(agent.call("ping", timeout=1.0)).get("fake") is True:
+                if (await agent.call("ping", timeout=1.0)).get("fake") is True:
                     return
             except NovaSandboxError:
                 pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"the fake agent ({mode}) did not take the port in {timeout} s")
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
-def agent_pid(sb: Sandbox) -> int:
+def take_port(sb: Sandbox, mode: str, timeout: float = 30.0) -> None:
+    """``take_port_async`` for a sync sandbox."""
+    _Portal.call(take_port_async(sb._inner, mode, timeout))
+
+
+def agent_pid(sb: Sandbox | AsyncSandbox) -> int:
     """The guest agent's pid, as its handshake reported it."""
-    agent = sb._inner._agent
+    agent = (sb._inner if isinstance(sb, Sandbox) else sb)._agent
     assert agent is not None, "the sandbox has no agent connection"
     return int(agent.info["pid"])
 
 
-def stop_agent_soon(sb: Sandbox, delay: float = 0.3) -> None:
+async def stop_agent_soon_async(sb: AsyncSandbox, delay: float = 0.3) -> None:
     """SIGSTOP the guest agent ``delay`` seconds from now (from a command it started)."""
-    sb.commands.start(f"sleep {delay}; kill -STOP {agent_pid(sb)}", timeout=None)
+    await sb.commands.start(f"sleep {delay}; kill -STOP {agent_pid(sb)}", timeout=None)
+
+
+def stop_agent_soon(sb: Sandbox, delay: float = 0.3) -> None:
+    """``stop_agent_soon_async`` for a sync sandbox."""
+    _Portal.call(stop_agent_soon_async(sb._inner, delay))

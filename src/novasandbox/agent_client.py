@@ -63,12 +63,18 @@ READ_SIZE = 1 << 18
 
 Sink = Callable[[Frame], None]
 """Takes a request's data frames as they arrive, in the reader task: must not block; may
-raise ``NovaSandboxError`` to fail the request."""
+raise ``NovaSandboxError`` to fail the request; calls ``notify`` if it left something for
+the request's waiter (not waking it per frame is most of the cost of a fast stream)."""
 
 
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (``time.monotonic()``), never negative; None: none."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def within(timeout: float | None) -> str:
+    """`` within N s`` for an error message (empty without a timeout)."""
+    return "" if timeout is None else f" within {timeout:g} s"
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -126,10 +132,10 @@ class AgentRequest:
                 )
                 return
             try:
-                self._sink(frame)
+                self._sink(frame)  # it notifies if it left work for the waiter
             except NovaSandboxError as exc:
                 self.fail(exc)
-                return
+            return
         self.notify()
 
     def notify(self) -> None:
@@ -203,12 +209,12 @@ class AgentRequest:
             return
         left = remaining(deadline)
         if left is not None and left <= 0:
-            raise AgentTimeout(f"the guest agent did not {what} in time")
+            raise AgentTimeout(f"the guest agent did not {what}")
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(waiter, left)
         except TimeoutError:
-            raise AgentTimeout(f"the guest agent did not {what} in time") from None
+            raise AgentTimeout(f"the guest agent did not {what}") from None
         finally:
             self._waiter = None
         if self.failure is not None:
@@ -225,7 +231,7 @@ class AgentRequest:
         """Wait for the next message (see ``take_message``) until ``deadline``; ``what``
         the agent failed to do names the timeout, ``path`` the file of a file error."""
         while (msg := self.take_message(expect, path)) is None:
-            await self.wait(deadline, what or f"answer {self.op!r}")
+            await self.wait(deadline, what or f"answer {self.op!r} in time")
         return msg
 
     def close(self) -> None:
@@ -443,7 +449,8 @@ class AgentClient:
         req = self.open()
         try:
             await req.send_message(op, deadline, **fields)
-            return await req.reply(deadline, path=str(fields.get("path", "")))
+            what = f"answer {op!r}{within(timeout)}"
+            return await req.reply(deadline, what=what, path=str(fields.get("path", "")))
         finally:
             req.close()
 

@@ -40,6 +40,8 @@ DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 the rest is counted in ``CommandResult.stdout_dropped``/``stderr_dropped``."""
 _AGENT_GRACE = 5.0
 """Extra seconds the host waits past a command's timeout for the agent's own report."""
+_SMALL_FRAME = 16 * 1024
+"""Output frames below this size are joined before their callback is called."""
 _SEND_TIMEOUT = 30.0
 """Seconds a guest may take to accept input sent to a command before ``AgentTimeout``."""
 _START_TIMEOUT = 30.0
@@ -133,10 +135,11 @@ class AsyncCommandHandle:
         if kind not in self._buffers:
             raise AgentProtocolError(f"the guest agent sent {kind.name} data for a command")
         self._keep(kind, frame.payload)
+        assert self._req is not None
         if self._callbacks[kind] is not None:
             self._pending.append(frame)
+            self._req.notify()
         else:
-            assert self._req is not None
             self._req.consumed(len(frame.payload) + FRAME_COST)
 
     async def _start(
@@ -154,7 +157,7 @@ class AsyncCommandHandle:
                     await req.send(Kind.STDIN, stdin[i : i + CHUNK_SIZE], start_deadline)
                 if not open_stdin:
                     await req.send(Kind.STDIN, b"", start_deadline)
-            started = await req.reply(start_deadline, "started", what="start the command")
+            started = await req.reply(start_deadline, "started", what="start the command in time")
         except BaseException:
             req.close()
             raise
@@ -205,13 +208,15 @@ class AsyncCommandHandle:
         return result, msg["timed_out"]
 
     def _take_pending(self) -> tuple[Kind, bytes, int]:
-        """The oldest waiting output joined with the frames of the same stream after it
-        (up to a chunk): callbacks are called per chunk, however the guest cut it."""
+        """The oldest waiting output, joined with the small frames of the same stream
+        after it (up to a chunk): a guest that cuts its output into tiny frames does not
+        get a callback call per frame."""
         first = self._pending.popleft()
         parts, size = [first.payload], len(first.payload)
         while (
             self._pending
             and self._pending[0].kind is first.kind
+            and len(self._pending[0].payload) < _SMALL_FRAME
             and size + len(self._pending[0].payload) <= CHUNK_SIZE
         ):
             parts.append(self._pending.popleft().payload)

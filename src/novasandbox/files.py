@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from .agent_client import AgentRequest, deadline_after
+from .agent_client import AgentRequest, deadline_after, within
 from .config import validate_guest_path, validate_timeout
 from .errors import (
     AgentProtocolError,
@@ -78,7 +78,7 @@ class AsyncFiles:
                 if (msg := req.take_message(path=path)) is not None:  # an early error
                     raise AgentProtocolError(f"unexpected {msg['op']!r} during an upload")
             await req.send_message("end", deadline)
-            reply = await req.reply(deadline, what=f"write {path}", path=path)
+            reply = await req.reply(deadline, what=f"write {path}{within(timeout)}", path=path)
         finally:
             req.close()
         return int(reply["size"])
@@ -142,7 +142,7 @@ class AsyncFiles:
         req = agent.open(sink)
         try:
             await req.send_message("read_file", deadline, path=path, max_size=max_size)
-            reply = await req.reply(deadline, what=f"send {path}", path=path)
+            reply = await req.reply(deadline, what=f"send {path}{within(timeout)}", path=path)
         finally:
             req.close()
         if reply["size"] != blob.tell():

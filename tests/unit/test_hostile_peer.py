@@ -170,7 +170,7 @@ def test_a_flood_past_the_window_of_a_slow_callback_fails_the_command() -> None:
         before = rss_mib()
 
         async def slow(text: str) -> None:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
 
         async with hostile(flood_exec) as (cmds, _, shim):
             t0 = time.monotonic()

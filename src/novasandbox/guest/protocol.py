@@ -50,12 +50,12 @@ FRAME_COST = 64
 """What a frame counts for beyond its payload, in every byte budget on both sides (about
 what the host spends to hold one decoded frame), so a flood of tiny frames is counted at
 its real cost."""
-WINDOW = 4 << 20
+WINDOW = 16 << 20
 """Flow control: the bytes (payload + ``FRAME_COST`` per frame) of data frames the agent may
 send for one request before the host acknowledges them. The host grants more with
 ``{"op": "ack", "bytes": N}`` on the request's id as it consumes them, and stops the
 stream with ``{"op": "cancel"}``; a peer that sends beyond its window is broken."""
-ACK_STEP = 1 << 20
+ACK_STEP = 4 << 20
 """The host acknowledges consumed bytes in steps of this size (``WINDOW - ACK_STEP`` must
 exceed one chunk, or a stream could stall)."""
 
