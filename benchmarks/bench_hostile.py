@@ -39,7 +39,16 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MIB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(REPO))  # tests.hostile: the fake agent and its helpers
+
+from tests.hostile import (  # noqa: E402
+    MALFORMED,
+    malformed_calls,
+    process_alive,
+    rss_mib,
+    stop_agent_soon,
+    take_port,
+)
 
 OWNER_SCRIPT = (
     "import sys; sys.path[:0] = sys.argv[1:3]; import bench_hostile; "
@@ -51,23 +60,6 @@ OWNER_SCRIPT = (
 
 def emit(phase: str, **fields: Any) -> None:
     print(phase, json.dumps(fields), flush=True)
-
-
-def rss_mib(pid: int | str = "self") -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE / MIB
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def process_alive(pid: int) -> bool:
-    """``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 class Bystander(threading.Thread):
@@ -167,8 +159,6 @@ def timed_kill(victim: Sandbox, qemu_pid: int) -> float:
 
 def setup_port(mode: str) -> Callable[[Sandbox], None]:
     def setup(victim: Sandbox) -> None:
-        from tests.hostile import take_port
-
         take_port(victim, mode)
 
     return setup
@@ -179,8 +169,6 @@ def setup_zero_link(victim: Sandbox) -> None:
 
 
 def setup_stop(victim: Sandbox) -> None:
-    from tests.hostile import stop_agent_soon
-
     stop_agent_soon(victim)
     time.sleep(1)
 
@@ -212,17 +200,8 @@ def act_stop_write(victim: Sandbox, qemu_pid: int) -> None:
 
 
 def act_malformed(victim: Sandbox, qemu_pid: int) -> None:
-    from tests.hostile import MALFORMED
-
-    calls: dict[str, Callable[[], object]] = {
-        "exec": lambda: victim.commands.run("true", timeout=5),
-        "stat": lambda: victim.files.stat("/x"),
-        "list": lambda: victim.files.list("/"),
-        "read_file": lambda: victim.files.read("/x"),
-        "write_file": lambda: victim.files.write("/x", b"y"),
-    }
     results: list[dict[str, Any]] = []
-    for op, call in calls.items():
+    for op, call in malformed_calls(victim).items():
         for reply in MALFORMED[op]:
             results.append({"op": op, "reply": repr(reply)[:120], **attempt(call)})
     emit("raised", calls=results)

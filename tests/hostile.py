@@ -25,7 +25,9 @@ A stopped agent (SIGSTOP) needs no fake: see ``stop_agent_soon``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from novasandbox import AsyncSandbox, NovaSandboxError, Sandbox
@@ -223,6 +225,38 @@ FAKE_AGENT: Final[str] = f"MALFORMED = {MALFORMED!r}\n{_FAKE_AGENT_BODY}"
 """Source of the fake agent; run as ``python3 fake_agent.py MODE``."""
 
 FAKE_AGENT_PATH = "/tmp/fake_agent.py"
+MIB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident memory in MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE / MIB
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def process_alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def malformed_calls(sb: Sandbox) -> dict[str, Callable[[], object]]:
+    """One call per ``MALFORMED`` key: what makes the host send that request op."""
+    return {
+        "exec": lambda: sb.commands.run("true", timeout=5),
+        "stat": lambda: sb.files.stat("/x"),
+        "list": lambda: sb.files.list("/"),
+        "read_file": lambda: sb.files.read("/x"),
+        "write_file": lambda: sb.files.write("/x", b"y"),
+        "other": lambda: sb.files.make_dir("/d"),
+    }
 
 
 async def take_port_async(sb: AsyncSandbox, mode: str, timeout: float = 30.0) -> None:

@@ -339,9 +339,6 @@ class AgentClient:
             for req in list(self._requests.values()):
                 req.fail(AgentError("the guest agent restarted: this request was lost"))
 
-    def closed_error(self) -> NovaSandboxError:
-        return self._closed or AgentError("the agent connection is closed")
-
     async def _read_loop(self) -> None:
         decoder = FrameDecoder()
         reason: NovaSandboxError = AgentError("the guest agent closed the connection")

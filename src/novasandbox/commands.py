@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .agent_client import AgentClient, AgentRequest, deadline_after
-from .config import validate_env, validate_guest_path
+from .config import validate_byte_count, validate_env, validate_guest_path, validate_timeout
 from .errors import (
     AgentError,
     AgentProtocolError,
@@ -314,16 +314,10 @@ class AsyncCommands:
         merged = {**self._sb.config.env, **validate_env(env)}
         if cwd is not None:
             cwd = validate_guest_path(cwd, "cwd")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = validate_timeout(timeout)
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError("stdin must be str or bytes")
-        if max_output is not None and (
-            isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0
-        ):
-            raise ConfigError(f"max_output must be a byte count or None, got {max_output!r}")
+        max_output = validate_byte_count(max_output, "max_output")
         data = stdin.encode() if isinstance(stdin, str) else stdin
         agent = self._sb._require_agent()
         handle = AsyncCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)

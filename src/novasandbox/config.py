@@ -135,7 +135,14 @@ def validate_timeout(seconds: float | None) -> float | None:
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {seconds!r}")
-    return float(seconds)
+    return seconds
+
+
+def validate_byte_count(value: int | None, name: str) -> int | None:
+    """A limit in bytes: a non-negative integer, or None (no limit)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{name} must be a byte count or None, got {value!r}")
+    return value
 
 
 def validate_lifetime(seconds: float | None) -> float | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .agent_client import AgentRequest, deadline_after, within
-from .config import validate_guest_path, validate_timeout
+from .config import validate_byte_count, validate_guest_path, validate_timeout
 from .errors import (
     AgentProtocolError,
     ConfigError,
@@ -120,10 +120,7 @@ class AsyncFiles:
             raise ConfigError("format must be 'text' or 'bytes'")
         path = validate_guest_path(path)
         timeout = validate_timeout(timeout)
-        if max_size is not None and (
-            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
-        ):
-            raise ConfigError(f"max_size must be a byte count or None, got {max_size!r}")
+        max_size = validate_byte_count(max_size, "max_size")
         deadline = deadline_after(timeout)
         agent = self._sb._require_agent()
         # BytesIO grows in place and hands its buffer over without a copy (getvalue).

@@ -188,7 +188,7 @@ class AsyncSandbox:
         """Milliseconds from the start of the boot (or restore) to each step of it:
         ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``."""
         self._op_lock = asyncio.Lock()
-        """Serializes lifecycle operations (pause, resume, snapshot, kill)."""
+        """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
 
     # --- creation

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,21 +32,22 @@ from novasandbox import (
 )
 from novasandbox.guest.protocol import Kind
 from novasandbox.sync import _Portal
-from tests.hostile import MALFORMED, stop_agent_soon, take_port
+from tests.hostile import (
+    MALFORMED,
+    malformed_calls,
+    process_alive,
+    rss_mib,
+    stop_agent_soon,
+    take_port,
+)
 
 from .conftest import SandboxFactory
 
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MEMORY_BOUND_MIB = 100
 """Owner growth allowed during an attack (before the fix: +1.5 GiB within 10-35 s)."""
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / MIB
 
 
 class Watch:
@@ -125,21 +125,13 @@ def loop_tasks() -> collections.Counter[str]:
     return _Portal.call(names())
 
 
-def vmm_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def kill_and_check(victim: Sandbox) -> float:
     """Kill the victim; its time; nothing of it left (VMM, state, tasks)."""
     pid = victim._inner._vm.pid  # type: ignore[union-attr]
     took = timed(victim.kill)
     assert took[0] is None
     assert victim.state is SandboxState.KILLED
-    assert not vmm_alive(pid)
+    assert not process_alive(pid)
     assert not victim.paths.state_dir.exists()
     print(f"kill took {took[1]:.3f} s")
     assert took[1] < 5.0
@@ -307,7 +299,7 @@ def test_the_lifetime_ends_a_sandbox_whose_agent_is_stopped(factory: SandboxFact
     assert victim.state is SandboxState.KILLED
     # the timer's kill finishes in the background: the VMM and the state go within moments
     deadline = time.monotonic() + 5
-    while victim.paths.state_dir.exists() or vmm_alive(pid):
+    while victim.paths.state_dir.exists() or process_alive(pid):
         assert time.monotonic() < deadline, "the lifetime's kill left something behind"
         time.sleep(0.05)
 
@@ -315,14 +307,7 @@ def test_the_lifetime_ends_a_sandbox_whose_agent_is_stopped(factory: SandboxFact
 def test_malformed_replies_are_agent_protocol_errors(pair: tuple[Sandbox, Sandbox]) -> None:
     bystander, victim = pair
     take_port(victim, "malformed")
-    calls: dict[str, Callable[[], Any]] = {
-        "exec": lambda: victim.commands.run("true", timeout=5),
-        "stat": lambda: victim.files.stat("/x"),
-        "list": lambda: victim.files.list("/"),
-        "read_file": lambda: victim.files.read("/x"),
-        "write_file": lambda: victim.files.write("/x", b"y"),
-        "other": lambda: victim.files.make_dir("/d"),
-    }
+    calls = malformed_calls(victim)
     with Watch(bystander):
         for op, call in calls.items():
             for reply in MALFORMED[op]:

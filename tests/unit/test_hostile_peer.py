@@ -44,16 +44,10 @@ from novasandbox.guest.protocol import (
     encode_frame,
     encode_message,
 )
-from tests.hostile import MALFORMED
+from tests.hostile import MALFORMED, rss_mib
 
 MIB = 1 << 20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 Behaviour = Callable[[int, dict[str, Any], asyncio.StreamWriter], Awaitable[None]]
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / MIB
 
 
 class Shim:
