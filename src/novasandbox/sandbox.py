@@ -726,8 +726,9 @@ class AsyncSandbox:
         await agent.call("lifetime", seconds=seconds)
 
     async def _teardown(self, end: SandboxState) -> None:
-        """Release everything, VMM first, without waiting on the guest, and end in state
-        ``end`` (before calls in flight learn it). Idempotent."""
+        """Release everything, VMM first, without waiting on the guest, then end in state
+        ``end``. Calls in flight fail with "was killed" as soon as the VMM is gone (a
+        moment before the state says so). Idempotent."""
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
             self._lifetime_timer = None
@@ -735,7 +736,6 @@ class AsyncSandbox:
             self._reconnecting.cancel()
             self._reconnecting = None
         killed = SandboxNotRunning(f"sandbox {self.id} was killed")
-        self._state = end
         if self._agent is not None:
             self._agent.ending(killed)
         if self._vm is not None:
@@ -749,6 +749,7 @@ class AsyncSandbox:
         remove_state(self.paths.state_dir)
         if self.source_snapshot is not None and self.source_snapshot.ephemeral:
             drop_unused_fork_snapshot(self.source_snapshot)
+        self._state = end  # once everything is released
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
