@@ -15,8 +15,10 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   └── VMStartError                vm-start-failed
     ├── SandboxError                    sandbox-error
     │   ├── SandboxNotFound             sandbox-not-found
+    │   ├── AmbiguousSandboxId          ambiguous-id
     │   ├── SandboxNotRunning           sandbox-not-running
-    │   │   └── SandboxCrashed          sandbox-crashed
+    │   │   ├── SandboxCrashed          sandbox-crashed
+    │   │   └── SandboxExpired          sandbox-expired
     │   └── PoolClosed                  pool-closed
     ├── AgentError                      agent-error
     │   ├── AgentProtocolError          agent-protocol-error
@@ -148,6 +150,19 @@ class SandboxCrashed(SandboxNotRunning):
         super().__init__(message)
         self.reason = reason
         self.console_tail = console_tail
+
+
+class SandboxExpired(SandboxNotRunning):
+    """The sandbox's lifetime (``create(timeout=...)``, ``set_timeout``) ended and it was
+    killed: every later call says so."""
+
+    code = "sandbox-expired"
+
+
+class AmbiguousSandboxId(SandboxError, LookupError):
+    """A sandbox id prefix that matches more than one sandbox."""
+
+    code = "ambiguous-id"
 
 
 class PoolClosed(SandboxError):

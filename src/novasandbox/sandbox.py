@@ -42,6 +42,7 @@ from .errors import (
     NetworkError,
     NovaSandboxError,
     SandboxCrashed,
+    SandboxExpired,
     SandboxNotRunning,
     SnapshotError,
     VMStartError,
@@ -183,6 +184,11 @@ class AsyncSandbox:
         self.crash_reason: str | None = None
         """Why the VM ended on its own (state ``crashed``), e.g. "kernel panic: ..."."""
         self._deadline: float | None = None
+        self._lifetime: float | None = None
+        self._expired = False
+        """Set when the lifetime ended: every later call raises ``SandboxExpired``."""
+        self._released = False
+        """Set once ``_teardown`` has released everything."""
         self._lifetime_timer: asyncio.TimerHandle | None = None
         self.timings: dict[str, float] = {}
         """Milliseconds from the start of the boot (or restore) to each step of it:
@@ -493,6 +499,12 @@ class AsyncSandbox:
             and self._vm is not None
             and not self._vm.is_running()
         ):
+            if self._lifetime_over():
+                # The guest's watchdog (or gc) ended it a moment before our timer fired;
+                # the timer's kill releases what is left.
+                self._expired = True
+                self._state = SandboxState.KILLED
+                return self._state
             self._state = SandboxState.CRASHED
             self.crash_reason = self._diagnose_exit(self._vm)
             log.warning("sandbox %s crashed: %s", self.id, self.crash_reason)
@@ -552,6 +564,8 @@ class AsyncSandbox:
 
     def _require_agent(self) -> AgentClient:
         state = self.state
+        if self._expired:
+            raise self._expired_error()
         if state is SandboxState.CRASHED:
             raise SandboxCrashed(
                 f"sandbox {self.id} crashed: {self.crash_reason}",
@@ -673,7 +687,7 @@ class AsyncSandbox:
         writable drives gets 2 s to unmount them and QEMU 1 s to flush them), then the
         agent channel is dropped and every call in flight fails; an operation holding
         the sandbox (a snapshot, a pause) then ends at once."""
-        if self._state in (SandboxState.KILLED, SandboxState.ERROR):
+        if self._released:
             return
         if not self._stopping:
             await self._release_drives()
@@ -706,6 +720,7 @@ class AsyncSandbox:
         if self._lifetime_timer is not None:
             self._lifetime_timer.cancel()
             self._lifetime_timer = None
+        self._lifetime = seconds
         self._deadline = None if seconds is None else time.time() + seconds
         if seconds is not None:
             loop = asyncio.get_running_loop()
@@ -713,8 +728,30 @@ class AsyncSandbox:
                 seconds, lambda: loop.create_task(self._expire())
             )
 
+    def _lifetime_over(self) -> bool:
+        """Whether the lifetime has ended (allowing for the guest's clock running ahead)."""
+        return self._deadline is not None and time.time() >= self._deadline - 1.0
+
+    def _expired_error(self) -> SandboxExpired:
+        return SandboxExpired(
+            f"sandbox {self.id} reached the end of its lifetime "
+            f"({self._lifetime or 0:.0f} s) and was killed; give it longer with "
+            "Sandbox.create(..., timeout=SECONDS) or sb.set_timeout(SECONDS) "
+            "(None: no limit)"
+        )
+
+    @property
+    def expired(self) -> bool:
+        """Whether the sandbox was killed because its lifetime ended."""
+        return self._expired
+
     async def _expire(self) -> None:
-        log.info("sandbox %s reached the end of its lifetime", self.id)
+        log.warning(
+            "sandbox %s reached the end of its lifetime (%.0f s): killing it",
+            self.id,
+            self._lifetime or 0,
+        )
+        self._expired = True
         await self.kill()
 
     async def set_timeout(self, timeout: float | None) -> None:
@@ -735,7 +772,11 @@ class AsyncSandbox:
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             self._reconnecting = None
-        killed = SandboxNotRunning(f"sandbox {self.id} was killed")
+        killed = (
+            self._expired_error()
+            if self._expired
+            else SandboxNotRunning(f"sandbox {self.id} was killed")
+        )
         if self._agent is not None:
             self._agent.ending(killed)
         if self._vm is not None:
@@ -749,6 +790,7 @@ class AsyncSandbox:
         remove_state(self.paths.state_dir)
         if self.source_snapshot is not None and self.source_snapshot.ephemeral:
             drop_unused_fork_snapshot(self.source_snapshot)
+        self._released = True
         self._state = end  # once everything is released
 
     async def __aenter__(self) -> AsyncSandbox:

@@ -301,6 +301,11 @@ class Sandbox:
         return self._inner.restored
 
     @property
+    def expired(self) -> bool:
+        """Whether the sandbox was killed because its lifetime ended."""
+        return self._inner.expired
+
+    @property
     def crash_reason(self) -> str | None:
         return self._inner.crash_reason
 

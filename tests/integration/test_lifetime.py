@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from novasandbox import ConfigError, Sandbox, SandboxNotRunning, SandboxState
+from novasandbox import ConfigError, Sandbox, SandboxExpired, SandboxNotRunning, SandboxState
 from novasandbox.state import SandboxInfo, reap, sandboxes_dir, write_record
 
 from .conftest import SandboxFactory, assert_no_leftovers, qemu_processes_under
@@ -37,9 +37,38 @@ def test_lifetime_ends_the_sandbox(factory: SandboxFactory, state_root: Path) ->
     assert sb.commands.run("echo alive").stdout == "alive\n"
     wait_for(lambda: sb.state is SandboxState.KILLED, 30, "the lifetime to end")
     assert not sb.paths.state_dir.exists()
-    with pytest.raises(SandboxNotRunning):
-        sb.commands.run("true")
+    assert sb.expired
+    # every later call says why, with its own code, and names the knobs
+    for call in (
+        lambda: sb.commands.run("true"),
+        lambda: sb.files.read("/etc/hostname"),
+        lambda: sb.set_timeout(60),
+    ):
+        with pytest.raises(SandboxExpired) as info:
+            call()
+        assert info.value.code == "sandbox-expired"
+        assert isinstance(info.value, SandboxNotRunning)
+        assert "lifetime (2 s)" in info.value.message
+        assert "timeout=" in info.value.message and "set_timeout" in info.value.message
     assert_no_leftovers(state_root)
+
+
+def test_a_call_in_flight_when_the_lifetime_ends_says_expired(factory: SandboxFactory) -> None:
+    sb = factory.create(timeout=3)
+    with pytest.raises(SandboxExpired, match="end of its lifetime"):
+        sb.commands.run("sleep 60", timeout=None)
+    wait_for(lambda: sb.state is SandboxState.KILLED, 10, "the kill to complete")
+    assert sb.expired
+
+
+def test_killed_by_hand_is_not_expired(factory: SandboxFactory) -> None:
+    sb = factory.create(timeout=60)
+    sb.kill()
+    assert not sb.expired
+    with pytest.raises(SandboxNotRunning) as info:
+        sb.commands.run("true")
+    assert not isinstance(info.value, SandboxExpired)
+    assert info.value.code == "sandbox-not-running"
 
 
 def test_set_timeout_extends_and_removes_the_limit(factory: SandboxFactory) -> None:
