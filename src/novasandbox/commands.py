@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .agent_client import AgentClient, AgentRequest, deadline_after
-from .config import validate_byte_count, validate_env, validate_guest_path, validate_timeout
+from .config import resolve_guest_path, validate_byte_count, validate_env, validate_timeout
 from .errors import (
     AgentError,
     AgentProtocolError,
@@ -313,7 +313,7 @@ class AsyncCommands:
         argv = _normalize_argv(cmd)
         merged = {**self._sb.config.env, **validate_env(env)}
         if cwd is not None:
-            cwd = validate_guest_path(cwd, "cwd")
+            cwd = resolve_guest_path(cwd, "cwd")
         timeout = validate_timeout(timeout)
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError("stdin must be str or bytes")

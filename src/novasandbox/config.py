@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .errors import ConfigError
+from .guest.protocol import GUEST_HOME
 from .network import NetworkConfig
 
 MIN_MEMORY_MIB = 64
@@ -50,6 +51,21 @@ def validate_guest_path(path: str, what: str = "path") -> str:
         raise ConfigError(f"{what} must not contain '..' components, got {path!r}")
     norm = posixpath.normpath(path)
     return "/" + norm.lstrip("/")  # POSIX keeps a leading "//"; we do not
+
+
+def resolve_guest_path(path: str, what: str = "path", home: str = GUEST_HOME) -> str:
+    """A guest path as people type it: absolute, or relative to the home directory that
+    commands run in (``"data.csv"`` is ``/root/data.csv``, ``"."`` the home itself).
+    Normalized, as ``validate_guest_path``."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{what} must be a non-empty string, got {path!r}")
+    if "\0" in path:
+        raise ConfigError(f"{what} must not contain NUL bytes")
+    if ".." in path.split("/"):
+        raise ConfigError(f"{what} must not contain '..' components, got {path!r}")
+    return validate_guest_path(posixpath.join(home, path), what)
 
 
 @dataclass(frozen=True, slots=True)

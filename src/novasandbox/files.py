@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from .agent_client import AgentRequest, deadline_after, within
-from .config import validate_byte_count, validate_guest_path, validate_timeout
+from .config import resolve_guest_path, validate_byte_count, validate_timeout
 from .errors import (
     AgentProtocolError,
     ConfigError,
@@ -46,7 +46,9 @@ DEFAULT_MAX_READ = 100 * 1024 * 1024
 
 
 class AsyncFiles:
-    """``sandbox.files``: the guest's file system."""
+    """``sandbox.files``: the guest's file system. Paths are absolute, or relative to the
+    home directory commands run in (``GUEST_HOME``, ``/root``): ``"data.csv"`` is
+    ``/root/data.csv``."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
@@ -61,7 +63,7 @@ class AsyncFiles:
     ) -> int:
         """Write ``data`` to ``path`` (parents created, file replaced); returns the size.
         The whole transfer must end within ``timeout`` seconds (None: no limit)."""
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         timeout = validate_timeout(timeout)
         if isinstance(data, str):
             data = data.encode()
@@ -118,7 +120,7 @@ class AsyncFiles:
         The host holds the file once (plus a chunk); text also needs the decoded copy."""
         if format not in ("text", "bytes"):
             raise ConfigError("format must be 'text' or 'bytes'")
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         timeout = validate_timeout(timeout)
         max_size = validate_byte_count(max_size, "max_size")
         deadline = deadline_after(timeout)
@@ -150,12 +152,12 @@ class AsyncFiles:
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
     async def list(self, path: str) -> list[EntryInfo]:
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         reply = await self._sb._require_agent().call("list", path=path)
         return [EntryInfo.from_agent(e) for e in reply["entries"]]
 
     async def stat(self, path: str) -> EntryInfo:
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         reply = await self._sb._require_agent().call("stat", path=path)
         return EntryInfo.from_agent(reply["stat"])
 
@@ -172,12 +174,12 @@ class AsyncFiles:
 
     async def make_dir(self, path: str) -> None:
         """Create a directory and its parents (no error if it exists)."""
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         await self._sb._require_agent().call("mkdir", path=path, parents=True, exist_ok=True)
 
     async def remove(self, path: str) -> None:
         """Remove a file, or a directory with its contents."""
-        path = validate_guest_path(path)
+        path = resolve_guest_path(path)
         await self._sb._require_agent().call("remove", path=path, recursive=True)
 
 

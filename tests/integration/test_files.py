@@ -80,3 +80,16 @@ def test_writing_over_a_directory_raises_and_changes_nothing(sb: Sandbox) -> Non
     assert sb.files.stat("/tmp/keep").type == "dir"
     # the channel is still in sync after a failed upload
     assert sb.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_relative_paths_are_in_the_home_where_commands_run(sb: Sandbox) -> None:
+    sb.files.write("data.csv", "a,b\n1,2\n")
+    assert sb.commands.run("cat data.csv").stdout == "a,b\n1,2\n"  # cwd is the home
+    assert sb.commands.run("pwd").stdout == "/root\n"
+    assert sb.files.read("/root/data.csv") == "a,b\n1,2\n"
+    assert "data.csv" in {e.name for e in sb.files.list(".")}
+    assert sb.files.stat("./data.csv").path == "/root/data.csv"
+    sb.files.make_dir("work/in")
+    assert sb.commands.run("pwd", cwd="work/in").stdout == "/root/work/in\n"
+    sb.files.remove("data.csv")
+    assert not sb.files.exists("data.csv")

@@ -14,6 +14,7 @@ from novasandbox.config import (
     MIN_MEMORY_MIB,
     Drive,
     MachineConfig,
+    resolve_guest_path,
 )
 from novasandbox.errors import ConfigError
 
@@ -212,3 +213,27 @@ def test_fstype_with_trailing_newline_is_refused(image: Path) -> None:
 
 def test_mount_on_double_slash_root(image: Path) -> None:
     assert_drive_error(path=image, mount="//")
+
+
+@pytest.mark.parametrize(
+    ("given", "resolved"),
+    [
+        ("data.csv", "/root/data.csv"),
+        (".", "/root"),
+        ("./a/b/", "/root/a/b"),
+        ("sub//x.txt", "/root/sub/x.txt"),
+        ("/etc/hostname", "/etc/hostname"),
+        (Path("notes.md"), "/root/notes.md"),
+    ],
+)
+def test_relative_guest_paths_are_under_the_home(given: Any, resolved: str) -> None:
+    assert resolve_guest_path(given) == resolved
+    assert resolve_guest_path(given, home="/home/user").startswith(
+        "/home/user" if not str(given).startswith("/") else "/"
+    )
+
+
+@pytest.mark.parametrize("bad", ["", "../etc/passwd", "a/../../b", "a\0b", 3, None])
+def test_bad_guest_paths_are_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError):
+        resolve_guest_path(bad)

@@ -42,6 +42,7 @@ try:
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
+        GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
         Frame,
@@ -57,6 +58,7 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
+        GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
         Frame,
@@ -540,9 +542,9 @@ class Agent:
         argv = msg["argv"]
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
-        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root"}
+        env = {"PATH": DEFAULT_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "USER": "root"}
         env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
-        cwd = msg.get("cwd") or "/root"
+        cwd = msg.get("cwd") or GUEST_HOME
         if not os.path.isdir(cwd):
             self.reply_error(
                 rid, code="invalid-cwd", message=f"working directory {cwd!r} does not exist"

@@ -60,6 +60,10 @@ ACK_STEP = 4 << 20
 exceed one chunk, or a stream could stall)."""
 
 AGENT_PORT_NAME = "org.novasandbox.agent"
+
+GUEST_HOME = "/root"
+"""The home of the account commands run as: their default working directory and HOME,
+and what relative guest paths given to the API are resolved against."""
 """Name of the virtio-serial port the guest agent listens on."""
 
 
