@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -22,13 +24,20 @@ from rich.text import Text
 
 from . import __version__
 from .config import validate_env
-from .errors import CommandNotFound, CommandTimeout, ConfigError, NovaSandboxError
+from .errors import (
+    CommandNotFound,
+    CommandTimeout,
+    ConfigError,
+    NovaSandboxError,
+    SandboxExpired,
+)
 from .paths import cache_dir, state_dir
 from .providers import cgroups, tap
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
+from .sandbox import DEFAULT_LIFETIME
 from .snapshots import delete_snapshot, list_snapshots
-from .state import kill_sandbox, list_sandboxes, reap, sweep_host_resources
-from .sync import Sandbox
+from .state import kill_sandbox, list_sandboxes, reap, resolve_sandbox_id, sweep_host_resources
+from .sync import CommandHandle, Sandbox
 from .templates import TemplateManager
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
 
@@ -36,12 +45,37 @@ EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
 EXIT_TIMEOUT = 124
 
-err_console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal (or a pipe's 80 columns)
+err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+CLI_TERMS = [
+    # what the library's messages call a parameter -> the flag of ``novasandbox run``
+    (
+        r"Sandbox\.create\(\.\.\., timeout=SECONDS\) or sb\.set_timeout\(SECONDS\) "
+        r"\(None: no limit\)",
+        "--lifetime SECONDS (0: no limit)",
+    ),
+    (r'network="(none|nat|tap)"', r"--network \1"),
+    (r'"(nat|tap)"', r"--network \1"),
+    (r"\ballow=\[\]", "--no-egress"),
+    (r"\ballow\b", "--allow"),
+    (r"\bmemory_mib\b", "--memory"),
+    (r"\bvcpus\b", "--vcpus"),
+    (r"\bcold=True\b", "--cold"),
+]
+
+
+def cli_terms(message: str) -> str:
+    """A library message in the CLI's terms: flags instead of Python parameters."""
+    for pattern, replacement in CLI_TERMS:
+        message = re.sub(pattern, replacement, message)
+    return message
 
 
 def _fail(exc: NovaSandboxError, status: int = EXIT_ERROR) -> NoReturn:
-    err_console.print(Text.assemble(("error", "bold red"), f" [{exc.code}]: {exc.message}"))
+    message = cli_terms(exc.message)
+    err_console.print(Text.assemble(("error", "bold red"), f" [{exc.code}]: {message}"))
     sys.exit(status)
 
 
@@ -92,7 +126,33 @@ def _writer(stream: Any) -> Callable[[str], None]:
     return write
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+def _pump_stdin(handle: CommandHandle, fd: int) -> None:
+    """Stream this process's stdin into the command as it arrives; close it at EOF. Ends
+    quietly when the command (or the sandbox) is gone first."""
+    try:
+        while chunk := os.read(fd, 256 * 1024):
+            handle.send_stdin(chunk)
+        handle.close_stdin()
+    except (NovaSandboxError, OSError):
+        pass
+
+
+def _stdin_wanted(interactive: bool, no_stdin: bool) -> bool:
+    """Whether ``run`` passes its stdin on: always when it is a pipe or a file (piping
+    just works), from a terminal only with ``-i``, never with ``--no-stdin``."""
+    if no_stdin:
+        return False
+    try:
+        return interactive or not os.isatty(0)
+    except OSError:
+        return False
+
+
+def _seconds_or_none(value: float | None) -> float | None:
+    return None if value is None or value == 0 else value
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
 @click.option("-t", "--template", default="python", show_default=True)
 @click.option(
     "-e",
@@ -102,26 +162,61 @@ def _writer(stream: Any) -> Callable[[str], None]:
     metavar="K=V",
     help="Environment variable for the command (repeatable).",
 )
-@click.option("--cwd", default=None, help="Working directory in the guest.")
-@click.option("--timeout", type=float, default=None, help="Kill the command after S seconds.")
-@click.option("--vcpus", type=int, default=None)
-@click.option("--memory", "memory_mib", type=int, default=None, help="Guest memory in MiB.")
-@click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring the snapshot.")
+@click.option(
+    "--cwd",
+    default=None,
+    metavar="DIR",
+    help="Working directory in the guest; relative: under the home.  [default: /root]",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="S",
+    help="Kill the command after S seconds.  [default: none: the sandbox's --lifetime bounds it]",
+)
+@click.option(
+    "--lifetime",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_LIFETIME,
+    metavar="S",
+    help="Seconds the sandbox lives, then it is killed (0: no limit).  "
+    f"[default: {DEFAULT_LIFETIME:.0f}]",
+)
+@click.option("--vcpus", type=int, default=None, help="Guest vCPUs.  [default: the template's, 1]")
+@click.option(
+    "--memory",
+    "memory_mib",
+    type=int,
+    default=None,
+    metavar="MIB",
+    help="Guest memory in MiB.  [default: the template's, 256]",
+)
+@click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring a snapshot.")
 @click.option(
     "--network",
     type=click.Choice(["none", "nat", "tap"]),
     default="none",
     show_default=True,
-    help="nat: a network device with user-mode NAT; tap: on a TAP of the host (root).",
+    help="none: no network device; nat: a NIC behind user-mode NAT; tap: a NIC on a TAP "
+    "of the host (root).",
 )
 @click.option(
     "--allow",
     "allow",
     multiple=True,
-    help="With --network nat: a destination the guest may reach (ADDRESS, CIDR or HOST, "
-    "optionally :PORT); repeatable. Without any: the public internet.",
+    metavar="DEST",
+    help="With --network nat|tap: a destination the guest may reach (ADDRESS, CIDR or HOST, "
+    "optionally :PORT); repeatable.  [default: the public internet]",
 )
-@click.option("--no-egress", is_flag=True, help="With --network nat: no destination at all.")
+@click.option("--no-egress", is_flag=True, help="With --network nat|tap: no destination at all.")
+@click.option(
+    "-i",
+    "--interactive",
+    is_flag=True,
+    help="Pass stdin on even from a terminal (a pipe or a file always is).",
+)
+@click.option("--no-stdin", is_flag=True, help="Do not pass stdin on (the command reads EOF).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
 def run(
@@ -133,18 +228,31 @@ def run(
     env_pairs: tuple[str, ...],
     cwd: str | None,
     timeout: float | None,
+    lifetime: float,
     vcpus: int | None,
     memory_mib: int | None,
+    interactive: bool,
+    no_stdin: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND in a new sandbox, pass its output through, exit with its status.
+    """Run COMMAND in a new sandbox, stream its stdin, stdout and stderr, exit with its
+    status. Options go before COMMAND; everything from COMMAND on is the command's own
+    (``--`` may separate them).
 
-    Example: novasandbox run -- python3 -c 'print(6 * 7)'
+    \b
+    Examples:
+      novasandbox run python3 -c 'print(6 * 7)'
+      echo 'print(1)' | novasandbox run python3 -
+      novasandbox run --network nat -- sh -c 'pip install requests'
+
+    Exit status: the command's; 124 if it ran past --timeout or the sandbox past
+    --lifetime; 127 if it was not found in the guest; 125 for NovaSandbox's own errors.
     """
     env = _parse_env(env_pairs)
     if no_egress and allow:
         raise ConfigError("--no-egress and --allow exclude each other")
     allowed = [] if no_egress else (list(allow) if allow else None)
+    feed = _stdin_wanted(interactive, no_stdin)
     with Sandbox.create(
         template,
         vcpus=vcpus,
@@ -152,19 +260,29 @@ def run(
         cold=cold,
         network=network,
         allow=allowed if network != "none" or allow or no_egress else None,
+        timeout=_seconds_or_none(lifetime),
     ) as sb:
         try:
-            result = sb.commands.run(
+            handle = sb.commands.start(
                 list(command),
                 env=env,
                 cwd=cwd,
-                timeout=timeout,
+                timeout=_seconds_or_none(timeout),
+                open_stdin=feed,
                 on_stdout=_writer(sys.stdout),
                 on_stderr=_writer(sys.stderr),
             )
+            if feed:
+                threading.Thread(target=_pump_stdin, args=(handle, 0), daemon=True).start()
+            result = handle.wait()
         except CommandNotFound as exc:
+            hint = command[0].startswith("-")
+            if hint:
+                exc.message += (
+                    f" (options of run go before the command: {command[0]!r} came after it)"
+                )
             _fail(exc, EXIT_NOT_FOUND)
-        except CommandTimeout as exc:
+        except (CommandTimeout, SandboxExpired) as exc:
             _fail(exc, EXIT_TIMEOUT)
     sys.exit(result.exit_code)
 
@@ -327,7 +445,8 @@ def tap_ls() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include records of dead VMs.")
 def ls(as_json: bool, show_all: bool) -> None:
-    """Sandboxes on this host."""
+    """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
+    until ``gc`` (or the next create) reaps it."""
     infos = [i for i in list_sandboxes() if show_all or i.alive]
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
@@ -337,7 +456,7 @@ def ls(as_json: bool, show_all: bool) -> None:
         table.add_row(
             i.id,
             i.template,
-            i.state,
+            i.status,
             "yes" if i.alive else "no",
             str(i.pid),
             str(i.vcpus),
@@ -352,10 +471,11 @@ def ls(as_json: bool, show_all: bool) -> None:
 @click.option("--all", "kill_all", is_flag=True, help="Kill every sandbox on this host.")
 @handle_errors
 def kill(ids: tuple[str, ...], kill_all: bool) -> None:
-    """Kill sandboxes by id (or --all) and remove their state."""
+    """Kill sandboxes by id (or --all) and remove their state. Any unique prefix of an
+    id will do (``sb-6267`` or ``6267``)."""
     if kill_all == bool(ids):
         raise click.UsageError("give sandbox ids or --all (not both)")
-    targets = [i.id for i in list_sandboxes()] if kill_all else list(ids)
+    targets = [i.id for i in list_sandboxes()] if kill_all else [resolve_sandbox_id(i) for i in ids]
     for sandbox_id in targets:
         kill_sandbox(sandbox_id)
         click.echo(f"killed {sandbox_id}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SandboxNotFound
+from .errors import AmbiguousSandboxId, SandboxNotFound
 from .paths import state_dir
 from .providers import cgroups, egress, tap
 from .providers.qemu import process_start_time
@@ -81,8 +82,19 @@ class SandboxInfo:
     def uptime(self) -> float:
         return max(0.0, time.time() - self.created_at)
 
+    @property
+    def orphaned(self) -> bool:
+        """The VM runs but the process that owned it is gone: nothing can use it any more,
+        and the next ``gc`` (or ``create``) reaps it."""
+        return self.alive and not self.owner_alive
+
+    @property
+    def status(self) -> str:
+        """What ``novasandbox ls`` shows: the recorded state, or ``orphaned``."""
+        return "orphaned" if self.orphaned else self.state
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "alive": self.alive}
+        return {**asdict(self), "alive": self.alive, "orphaned": self.orphaned}
 
 
 def _same_process(pid: int, start_time: int | None, sandbox_id: str) -> bool:
@@ -119,6 +131,30 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
         return []
     infos = [info for d in sorted(base.iterdir()) if (info := read_record(d)) is not None]
     return sorted(infos, key=lambda i: i.created_at)
+
+
+def resolve_sandbox_id(prefix: str, root: Path | None = None) -> str:
+    """The id of the one sandbox whose id starts with ``prefix`` (``sb-6267``, or just
+    ``6267``), as docker takes container ids. An exact id always wins."""
+    if not isinstance(prefix, str) or not prefix or not _ID_PREFIX.fullmatch(prefix):
+        raise SandboxNotFound(f"no sandbox with id {prefix!r}")
+    base = sandboxes_dir(root)
+    names = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    if prefix in names:
+        return prefix
+    wanted = prefix if prefix.startswith("sb-") else "sb-" + prefix
+    matches = [n for n in names if n.startswith(wanted)]
+    if not matches:
+        raise SandboxNotFound(f"no sandbox with an id starting with {prefix!r}")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise AmbiguousSandboxId(
+            f"{prefix!r} matches {len(matches)} sandboxes ({shown}): give more of the id"
+        )
+    return matches[0]
+
+
+_ID_PREFIX = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
 def remove_state(directory: Path) -> None:

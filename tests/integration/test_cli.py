@@ -19,9 +19,18 @@ pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "novasandbox.cli"]
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 180, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process; its stdin is ``stdin`` (or /dev/null: never the test's)."""
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
     )
 
 
