@@ -381,8 +381,8 @@ class AsyncSandbox:
                 await agent.call("ping", timeout=10)
             return
         took = (time.monotonic() - t0) * 1000
-        self.timings["shape_saved"] = self.timings.get("ready", 0.0) + took
         if snap is not None:
+            self.timings["shape_saved"] = self.timings.get("ready", 0.0) + took
             log.info(
                 "sandbox %s: saved the snapshot of its machine shape in %.0f ms (%.0f MB); "
                 "later creates of it restore",

@@ -270,7 +270,7 @@ async def save_shape_snapshot(
     None is returned. On failure nothing is left behind and the error propagates."""
     if dest.exists():
         return None
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(exist_ok=True)  # not its parents: a removed template stays removed
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
     try:
         took = await capture(vm, agent, partial, resume=True, drop_caches=False)

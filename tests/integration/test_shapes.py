@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,21 @@ def test_first_create_saves_the_shape_and_the_next_restores_it(
     ).stdout
     rows = {line.split()[1]: line for line in table.splitlines() if "sb-" in line}
     assert "restored" in rows[second.id] and "cold" in rows[first.id]
+
+
+def test_the_first_sandboxs_lifetime_is_not_in_the_snapshot(
+    factory: SandboxFactory, cache: Path
+) -> None:
+    mgr = manager(cache)
+    # the guest armed an 8 s lifetime before it was saved (the first create must end
+    # within it: a cold boot takes 2-3 s here)
+    first = factory.create(memory_mib=320, timeout=8, templates=mgr)
+    assert not first.restored
+    second = factory.create(memory_mib=320, timeout=None, templates=mgr)
+    assert second.restored
+    time.sleep(9)  # past that lifetime, in the restored guest's time too
+    assert second.commands.run("echo alive").stdout == "alive\n"
+    assert second.is_running()
 
 
 def test_cold_and_drives_save_nothing(factory: SandboxFactory, cache: Path, tmp_path: Path) -> None:
