@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -73,4 +75,27 @@ def test_remove_takes_the_shapes_along(tmp_path: Path) -> None:
     tpl = mgr.get("python")
     entry(mgr.shapes_dir(tpl), "a", 0)
     assert mgr.remove("python")
+    assert not mgr.shapes_dir(tpl).exists()
+
+
+def test_remaking_the_templates_snapshots_removes_the_shapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr = TemplateManager(cache=tmp_path)
+    tpl = mgr.get("python")
+    mgr.kernel_path(tpl).parent.mkdir(parents=True)
+    mgr.kernel_path(tpl).write_bytes(b"kernel")
+    mgr.image_dir(tpl).mkdir(parents=True)
+    (mgr.image_dir(tpl) / "rootfs.ext4").write_bytes(b"image")
+    (mgr.image_dir(tpl) / "manifest.json").write_text("{}")
+    entry(mgr.shapes_dir(tpl), "a", 0)
+    made: list[bool] = []
+
+    def fake_snapshot(name: str, *, accel: str | None = None, nic: bool = False) -> Any:
+        made.append(nic)
+        return SimpleNamespace(size_bytes=1, save_seconds=0.1)
+
+    monkeypatch.setattr(mgr, "build_snapshot", fake_snapshot)
+    mgr.build("python")
+    assert made == [False, True]
     assert not mgr.shapes_dir(tpl).exists()
