@@ -451,7 +451,7 @@ def ls(as_json: bool, show_all: bool) -> None:
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
         return
-    table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "uptime")
+    table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "boot", "uptime")
     for i in infos:
         table.add_row(
             i.id,
@@ -461,6 +461,7 @@ def ls(as_json: bool, show_all: bool) -> None:
             str(i.pid),
             str(i.vcpus),
             f"{i.memory_mib} MiB",
+            "restored" if i.restored else "cold",
             f"{i.uptime:.0f} s",
         )
     Console().print(table)

@@ -63,10 +63,13 @@ from .providers.qemu import (
     qemu_version,
 )
 from .snapshots import (
+    BootPlan,
     Snapshot,
     capture,
     drop_unused_fork_snapshot,
     new_snapshot_id,
+    plan_boot,
+    save_shape_snapshot,
     snapshots_dir,
 )
 from .state import (
@@ -80,7 +83,7 @@ from .state import (
     sandboxes_dir,
     write_record,
 )
-from .templates import TemplateManager
+from .templates import BuiltTemplate, TemplateManager
 
 log = logging.getLogger("novasandbox")
 
@@ -175,6 +178,7 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self._cold_reason: str | None = None
         self.confine: Confinement | None = None
         """The unprivileged identity its VMM runs as, when NovaSandbox runs as root."""
         self.host_ports: dict[int, int] = {}
@@ -192,7 +196,8 @@ class AsyncSandbox:
         self._lifetime_timer: asyncio.TimerHandle | None = None
         self.timings: dict[str, float] = {}
         """Milliseconds from the start of the boot (or restore) to each step of it:
-        ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``."""
+        ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``, and
+        ``shape_saved`` when its cold boot saved the snapshot of its machine shape."""
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
@@ -220,9 +225,12 @@ class AsyncSandbox:
         """Start a sandbox and wait until its agent answers.
 
         By default the template's snapshot is restored (fast); ``cold=True`` boots the
-        kernel instead, and so does any machine shape the snapshot was not made for
-        (other vCPUs or memory, extra drives). ``from_snapshot`` restores a snapshot made
-        by ``sandbox.snapshot()``: files and running processes included.
+        kernel instead, and so do extra drives. Another machine shape (other vCPUs or
+        memory) boots cold the first time and saves a snapshot of itself right after
+        boot, before it is returned; later creates of that shape restore it
+        (``sandbox.restored``; ``sandbox.cold_reason`` says why one booted cold).
+        ``from_snapshot`` restores a snapshot made by ``sandbox.snapshot()``: files and
+        running processes included.
 
         ``timeout`` is the sandbox's lifetime in seconds (None: no limit): when it ends
         the VM is killed and its state removed, by this process's timer, by the guest
@@ -259,6 +267,7 @@ class AsyncSandbox:
                 network=net,
             )
             kernel = snap.kernel
+            plan = BootPlan(snap)
         else:
             built = manager.require_built(template)
             config = MachineConfig(
@@ -269,12 +278,8 @@ class AsyncSandbox:
                 network=net,
             )
             kernel = built.kernel
-            if not cold and not config.drives:
-                snap = manager.template_snapshot(
-                    built, config.vcpus, config.memory_mib, accel.name, nic=net.enabled
-                )
-                if snap is None:
-                    log.info("no snapshot of %s for this machine shape: booting cold", template)
+            plan = plan_boot(manager, built, config, accel.name, cold=cold)
+            snap = plan.snapshot
         if snap is not None:
             spec_disk, disk_format, incoming = snap.disk, "qcow2", snap.memory
         else:
@@ -292,6 +297,7 @@ class AsyncSandbox:
             accel=accel.name,
         )
         sb.source_snapshot = snap
+        sb._cold_reason = plan.cold_reason
         sb.confine = confine
         if net.mode == "nat":
             sb.host_ports = dict(zip(net.ports, free_loopback_ports(len(net.ports)), strict=True))
@@ -299,7 +305,7 @@ class AsyncSandbox:
             "creating sandbox %s from %s by %s (%s: %s)",
             sandbox_id,
             snap.id if snap else template,
-            "restore" if snap else "cold boot",
+            "restore" if snap else f"cold boot ({plan.cold_reason})",
             accel.name,
             accel.reason,
         )
@@ -318,6 +324,8 @@ class AsyncSandbox:
         )
         try:
             await sb._boot(QemuProvider(), spec, boot_timeout, lifetime)
+            if plan.save_shape is not None:
+                await sb._save_shape(manager, built, plan.save_shape)
         except BaseException as exc:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
@@ -350,6 +358,44 @@ class AsyncSandbox:
     def restored(self) -> bool:
         """Whether this sandbox was restored from a snapshot (rather than booted cold)."""
         return self.source_snapshot is not None
+
+    @property
+    def cold_reason(self) -> str | None:
+        """Why it booted cold instead of restoring a snapshot (None when restored)."""
+        return self._cold_reason
+
+    async def _save_shape(self, manager: TemplateManager, built: BuiltTemplate, dest: Path) -> None:
+        """Save the just-booted guest as the snapshot of its machine shape, before anyone
+        used it. A failure is logged and the sandbox goes on (unless its VM is gone)."""
+        vm, agent = self._vm, self._agent
+        assert vm is not None and agent is not None
+        t0 = time.monotonic()
+        try:
+            snap = await save_shape_snapshot(
+                manager, built, vm, agent, self.config, self.accel, dest
+            )
+        except Exception as exc:
+            log.warning(
+                "sandbox %s: could not save the snapshot of its machine shape (it boots "
+                "cold again next time): %s",
+                self.id,
+                exc,
+            )
+            if not vm.is_running():
+                raise
+            with contextlib.suppress(NovaSandboxError):  # a ping thaws a frozen root
+                await agent.call("ping", timeout=10)
+            return
+        took = (time.monotonic() - t0) * 1000
+        if snap is not None:
+            self.timings["shape_saved"] = self.timings.get("ready", 0.0) + took
+            log.info(
+                "sandbox %s: saved the snapshot of its machine shape in %.0f ms (%.0f MB); "
+                "later creates of it restore",
+                self.id,
+                took,
+                snap.size_bytes / 1e6,
+            )
 
     async def _boot(
         self, provider: QemuProvider, spec: VMSpec, boot_timeout: float, lifetime: float | None
@@ -480,6 +526,7 @@ class AsyncSandbox:
                 accel=self.accel,
                 state_dir=str(self.paths.state_dir),
                 source_snapshot=self.source_snapshot.id if self.source_snapshot else None,
+                cold_reason=self._cold_reason,
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
                 vmm_uid=self.confine.uid if self.confine else None,

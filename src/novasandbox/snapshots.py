@@ -9,6 +9,12 @@ own overlay on top of ``disk.qcow2``, which is never written again.
 * Template snapshots are made by ``novasandbox template build`` (boot once, wait for the
   agent, quiesce, save) and live in the template cache, keyed by everything the saved
   state depends on (image, kernel, QEMU version, accelerator, vCPUs, memory).
+* Shape snapshots: the first cold boot of another machine shape of a template (other
+  vCPUs or memory, with or without a network device) saves the just-booted guest before
+  the sandbox is handed over, so that later creates of that shape restore it
+  (``plan_boot``, ``save_shape_snapshot``). A few per template image (least recently
+  used evicted; ``TemplateManager(shape_snapshots=...)``), in the template cache beside
+  the template's own, removed with the template and when it is rebuilt.
 * User snapshots come from ``sandbox.snapshot()`` and live in the state directory under
   ``snapshots/<id>``. Forks use the same mechanism with an ephemeral snapshot that is
   removed when the last sandbox restored from it is gone.
@@ -25,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -38,6 +45,7 @@ from .paths import state_dir
 
 if TYPE_CHECKING:
     from .agent_client import AgentClient
+    from .config import MachineConfig
     from .providers.qemu import QemuVM
     from .templates import BuiltTemplate, TemplateManager
 
@@ -170,6 +178,141 @@ def template_snapshot_key(
     if nic:
         parts.append("nic")
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def shape_snapshot_key(
+    image_digest: str,
+    kernel_digest: str,
+    image_file: str,
+    qemu_version: str,
+    accel: str,
+    vcpus: int,
+    mem: int,
+    network: str,
+) -> str:
+    """The key of a shape snapshot: what its saved state depends on (``image_file``
+    identifies the very image file it was booted from, ``network`` is the sandbox's
+    network mode: a "nat" VM's state restores only into "nat")."""
+    parts = [SNAPSHOT_RECIPE, "shape", image_digest, kernel_digest, image_file]
+    parts += [qemu_version, accel, str(vcpus), str(mem), network]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """How a new sandbox of a template starts, decided once by ``plan_boot``."""
+
+    snapshot: Snapshot | None
+    """What it restores; None: it boots cold."""
+    cold_reason: str | None = None
+    """Why it boots cold (None when it restores)."""
+    save_shape: Path | None = None
+    """Where its cold boot saves the snapshot of its machine shape (None: it does not)."""
+
+
+def plan_boot(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    config: MachineConfig,
+    accel: str,
+    *,
+    cold: bool,
+) -> BootPlan:
+    """Restore the template's snapshot, or the saved one of this machine shape, or boot
+    cold (and say why; the first cold boot of a shape saves a snapshot of it)."""
+    tpl = built.template
+    net = config.network
+    if cold:
+        return BootPlan(None, "cold=True")
+    if config.drives:
+        return BootPlan(None, "extra drives (a snapshot cannot have them)")
+    snap = manager.template_snapshot(built, config.vcpus, config.memory_mib, accel, nic=net.enabled)
+    if snap is not None:
+        return BootPlan(snap)
+    if (config.vcpus, config.memory_mib) == (tpl.vcpus, tpl.memory_mib):
+        return BootPlan(
+            None,
+            f"the template's own snapshot is missing on this host "
+            f"(`novasandbox template build {tpl.name}` makes it)",
+        )
+    shape = f"vcpus={config.vcpus} memory_mib={config.memory_mib} network={net.mode}"
+    snap = manager.shape_snapshot(built, config.vcpus, config.memory_mib, accel, net.mode)
+    if snap is not None:
+        return BootPlan(snap)
+    if manager.shape_snapshots == 0:
+        return BootPlan(None, f"no snapshot of {tpl.name} for {shape} (shape_snapshots=0)")
+    if not os.access(manager.image_dir(tpl), os.W_OK):
+        return BootPlan(
+            None, f"no snapshot of {tpl.name} for {shape} (the template cache is read-only)"
+        )
+    dest = manager.shape_snapshot_dir(built, config.vcpus, config.memory_mib, accel, net.mode)
+    return BootPlan(
+        None, f"no snapshot of {tpl.name} for {shape} yet: booting cold and saving one", dest
+    )
+
+
+async def save_shape_snapshot(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    vm: QemuVM,
+    agent: AgentClient,
+    config: MachineConfig,
+    accel: str,
+    dest: Path,
+) -> Snapshot | None:
+    """Save a just-booted guest (nothing run in it yet) as the snapshot of its machine
+    shape at ``dest``; the VM goes on running. What the host told it at boot (hostname,
+    clock, lifetime, network settings) is told again to every sandbox restored from it,
+    and its RNG is reseeded then, as for any snapshot; no environment is saved.
+
+    Written under a temporary name and renamed into place, so a half-written snapshot is
+    never used; when another process saved the same shape first, that one stays and
+    None is returned. On failure nothing is left behind and the error propagates."""
+    if dest.exists():
+        return None
+    dest.parent.mkdir(exist_ok=True)  # not its parents: a removed template stays removed
+    partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
+    try:
+        took = await capture(vm, agent, partial, resume=True, drop_caches=False)
+        snap = Snapshot(
+            id=f"shape-{built.name}-{dest.name}",
+            kind="template",
+            template=built.name,
+            directory=dest,
+            kernel=built.kernel,
+            vcpus=config.vcpus,
+            memory_mib=config.memory_mib,
+            accel=accel,
+            qemu_version=_qemu_version(),
+            created_at=time.time(),
+            size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
+            save_seconds=round(took, 3),
+            backing=str(built.rootfs),
+            network=config.network.mode,
+        )
+        (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
+        try:
+            partial.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            log.debug("the snapshot of %s was saved by another process first", dest)
+            shutil.rmtree(partial, ignore_errors=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(dest)  # the most recently used
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for gone in manager.evict_shape_snapshots(built.template, keep=dest):
+        log.info("evicted the least recently used shape snapshot %s", gone.name)
+    return snap
+
+
+def _qemu_version() -> str:
+    from .providers.qemu import qemu_version
+
+    return qemu_version()
 
 
 def snapshots_dir() -> Path:

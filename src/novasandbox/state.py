@@ -60,6 +60,13 @@ class SandboxInfo:
     """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1 ("nat")."""
     tap: str | None = None
     """The TAP it leases ("tap")."""
+    cold_reason: str | None = None
+    """Why it booted cold instead of restoring a snapshot (None: restored)."""
+
+    @property
+    def restored(self) -> bool:
+        """Whether it was restored from a snapshot (``source_snapshot``) or booted cold."""
+        return self.source_snapshot is not None
 
     @property
     def owner_alive(self) -> bool:
@@ -94,7 +101,12 @@ class SandboxInfo:
         return "orphaned" if self.orphaned else self.state
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "alive": self.alive, "orphaned": self.orphaned}
+        return {
+            **asdict(self),
+            "alive": self.alive,
+            "orphaned": self.orphaned,
+            "restored": self.restored,
+        }
 
 
 def _same_process(pid: int, start_time: int | None, sandbox_id: str) -> bool:

@@ -306,6 +306,10 @@ class Sandbox:
         return self._inner.expired
 
     @property
+    def cold_reason(self) -> str | None:
+        return self._inner.cold_reason
+
+    @property
     def crash_reason(self) -> str | None:
         return self._inner.crash_reason
 

@@ -67,12 +67,6 @@ def test_restored_sandboxes_get_their_own_identity(factory: SandboxFactory) -> N
     assert a.commands.run("cat /root/written-after-restore").stdout == "ok"
 
 
-def test_machine_shapes_without_a_snapshot_boot_cold(factory: SandboxFactory) -> None:
-    sb = factory.create(memory_mib=320)
-    assert not sb.restored
-    assert sb.commands.run("echo fine").stdout == "fine\n"
-
-
 def test_pause_and_resume(factory: SandboxFactory) -> None:
     sb = factory.create()
     digest = write_random(sb, "/root/before-pause.bin")

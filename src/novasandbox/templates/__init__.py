@@ -10,17 +10,23 @@ Built artifacts are cached under the cache directory, keyed by a digest of their
     kernels/<kernel digest>/vmlinux            (shared by every template with that config)
     bases/<base digest>.tar                    (mmdebstrap output)
     templates/<name>/<image digest>/rootfs.ext4 + manifest.json
+    templates/<name>/<image digest>/snapshots/<key>/   (``template build``: default shape)
+    templates/<name>/<image digest>/shapes/<key>/      (saved by the first cold boot of
+                                                        another machine shape; bounded)
 
 so building again when nothing changed does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +47,12 @@ KERNEL_RECIPE = "1"
 """Bump when the kernel build steps change in a way that changes the result."""
 IMAGE_RECIPE = "1"
 """Bump when the image build steps change."""
+
+SHAPE_SNAPSHOTS = 4
+"""How many snapshots of other machine shapes (vCPUs, memory, network device) a template
+image keeps; the least recently used one is evicted when a new shape is saved."""
+STALE_PARTIAL_S = 3600.0
+"""A half-written shape snapshot older than this was left by a process that died."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -163,9 +175,20 @@ class TemplateManager:
     """Finds template definitions and their built artifacts; builds and removes them."""
 
     def __init__(
-        self, cache: Path | None = None, template_dirs: Sequence[str | os.PathLike[str]] = ()
+        self,
+        cache: Path | None = None,
+        template_dirs: Sequence[str | os.PathLike[str]] = (),
+        *,
+        shape_snapshots: int = SHAPE_SNAPSHOTS,
     ) -> None:
+        if isinstance(shape_snapshots, bool) or not isinstance(shape_snapshots, int):
+            raise ConfigError(f"shape_snapshots must be an integer, got {shape_snapshots!r}")
+        if not 0 <= shape_snapshots <= 64:
+            raise ConfigError(f"shape_snapshots must be between 0 and 64, got {shape_snapshots}")
         self.cache = Path(cache) if cache is not None else cache_dir()
+        self.shape_snapshots = shape_snapshots
+        """How many other machine shapes of a template keep a snapshot (0: none are
+        saved; creates of those shapes then always boot cold)."""
         env_dirs = [d for d in os.environ.get("NOVASANDBOX_TEMPLATE_PATH", "").split(":") if d]
         self.template_dirs = [BUILTIN_DIR, *map(Path, env_dirs), *map(Path, template_dirs)]
 
@@ -246,6 +269,90 @@ class TemplateManager:
         except SnapshotNotFound:
             return None
 
+    # --- snapshots of other machine shapes
+
+    def shapes_dir(self, tpl: Template) -> Path:
+        return self.image_dir(tpl) / "shapes"
+
+    def shape_snapshot_dir(
+        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, network: str
+    ) -> Path:
+        """Where the snapshot of this machine shape lives. Its key covers what the saved
+        state depends on, the image file itself included (a rebuilt image, even with the
+        same digest, has a new key)."""
+        from ..providers.qemu import qemu_version
+        from ..snapshots import shape_snapshot_key
+
+        image = built.rootfs.stat()
+        key = shape_snapshot_key(
+            built.template.image_digest,
+            built.template.kernel_digest,
+            f"{image.st_ino}:{image.st_mtime_ns}",
+            qemu_version(),
+            accel,
+            vcpus,
+            memory_mib,
+            network,
+        )
+        return self.shapes_dir(built.template) / key
+
+    def shape_snapshot(
+        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, network: str
+    ) -> Snapshot | None:
+        """The saved snapshot of this machine shape (``network``: the sandbox's network
+        mode), marked as just used; None if there is none (yet)."""
+        from ..errors import SnapshotNotFound
+        from ..snapshots import Snapshot
+
+        directory = self.shape_snapshot_dir(built, vcpus, memory_mib, accel, network)
+        try:
+            snap = Snapshot.load(directory)
+        except SnapshotNotFound:
+            return None
+        with contextlib.suppress(OSError):  # a read-only cache: no LRU order, still usable
+            os.utime(directory)
+        return snap
+
+    def evict_shape_snapshots(self, tpl: Template, keep: Path | None = None) -> tuple[Path, ...]:
+        """Remove the least recently used shape snapshots beyond ``shape_snapshots`` (never
+        ``keep``), and half-written ones that a dead process left. Each goes away at once
+        (renamed, then deleted), so a lookup never sees half of one. Returns the removed."""
+        base = self.shapes_dir(tpl)
+        try:
+            entries = tuple(base.iterdir())
+        except OSError:
+            return ()
+        now = time.time()
+        ready: list[tuple[float, Path]] = []
+        doomed: list[Path] = []
+        for entry in entries:
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:
+                continue
+            if entry.name.startswith("."):
+                if now - mtime > STALE_PARTIAL_S:
+                    doomed.append(entry)
+            elif entry != keep:
+                ready.append((mtime, entry))
+        room = self.shape_snapshots - (1 if keep is not None else 0)
+        ready.sort(reverse=True)
+        doomed += [entry for _, entry in ready[max(room, 0) :]]
+        removed: tuple[Path, ...] = ()
+        for entry in doomed:
+            trash = base / f".evicted-{secrets.token_hex(4)}"
+            try:
+                entry.rename(trash)
+            except OSError:
+                continue  # another process removed it first
+            shutil.rmtree(trash, ignore_errors=True)
+            removed += (entry,)
+        return removed
+
+    def remove_shape_snapshots(self, tpl: Template) -> None:
+        """Remove every shape snapshot of the template's current image."""
+        shutil.rmtree(self.shapes_dir(tpl), ignore_errors=True)
+
     def build_snapshot(self, name: str, *, accel: str | None = None, nic: bool = False) -> Snapshot:
         """Boot the built template once with its default machine shape, wait for the
         agent, quiesce and save it: what ``Sandbox.create`` restores by default (``nic``:
@@ -287,6 +394,7 @@ class TemplateManager:
             build_template(self, tpl, reporter=rep, force=force)
         built = self.require_built(name)
         accel = choose_accel().name
+        rebuilt = False
         for nic in (False, True):
             if not force and self.template_snapshot(
                 built, tpl.vcpus, tpl.memory_mib, accel, nic=nic
@@ -299,10 +407,16 @@ class TemplateManager:
                 step,
                 f"{snap.size_bytes / 1e6:.0f} MB, guest stopped {snap.save_seconds:.2f} s",
             )
+            rebuilt = True
+        if rebuilt:
+            # the template's snapshots were made again (new QEMU, accelerator, --force):
+            # the other shapes' go with them (a rebuilt image already took them along)
+            self.remove_shape_snapshots(tpl)
         return built
 
     def remove(self, name: str) -> bool:
-        """Remove every built image of a template (kernels and bases are shared; kept)."""
+        """Remove every built image of a template, with its snapshots (those of other
+        machine shapes included); kernels and bases are shared and kept."""
         tpl = self.get(name)
         target = self.cache / "templates" / tpl.name
         if not target.exists():
