@@ -478,9 +478,9 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def cache_prune(dry_run: bool, as_json: bool) -> None:
-    """Remove the kernels, bases and images that no defined template uses (left by
-    'template rm' or by a changed template), except what a live sandbox or a snapshot
-    is layered on."""
+    """Remove the kernels, bases and images that no defined template keeps (left by
+    'template rm' or by a changed template), except what a sandbox, a snapshot or a
+    running process uses."""
     manager = TemplateManager()
     plan = manager.prune_plan(cache_in_use(manager))
     freed = 0 if dry_run else manager.prune(plan)
