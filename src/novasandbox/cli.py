@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -33,12 +34,13 @@ from .errors import (
 )
 from .paths import cache_dir, state_dir
 from .providers import cgroups, tap
+from .providers.base import VMPaths
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .sandbox import DEFAULT_LIFETIME
 from .snapshots import delete_snapshot, list_snapshots
 from .state import kill_sandbox, list_sandboxes, reap, resolve_sandbox_id, sweep_host_resources
 from .sync import CommandHandle, Sandbox
-from .templates import TemplateManager
+from .templates import TemplateManager, backing_chain, paths_held_by_processes
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
 
 EXIT_ERROR = 125
@@ -529,6 +531,7 @@ def doctor(as_json: bool) -> None:
     }
     manager = TemplateManager()
     report["cache_dir"] = str(manager.cache)
+    report["cache_bytes"] = manager.cache_usage()
     report["state_dir"] = str(state_dir())
     templates = []
     for tpl in manager.list():
@@ -547,6 +550,9 @@ def doctor(as_json: bool) -> None:
         c.print(f"VMM user:     {report['vmm_confinement']}")
         c.print(f"VMM limits:   {report['vmm_cgroups']}")
         c.print(f"cache:        {cache_dir()}")
+        size = report["cache_bytes"]
+        kinds = ", ".join(f"{k} {_mb(v)}" for k, v in size.items() if k != "total")
+        c.print(f"cache size:   {_mb(size['total'])} ({kinds})")
         c.print(f"state:        {report['state_dir']}")
         for t in templates:
             c.print(
@@ -558,6 +564,59 @@ def doctor(as_json: bool) -> None:
         c.print(f"sandboxes:    {report['sandboxes_alive']} alive")
     ok = not report["missing_packages"]["runtime"] and all(t["built"] for t in templates[:1])
     sys.exit(0 if ok else 1)
+
+
+# --- the template cache: what it holds (doctor) and pruning what nothing uses
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def cache_in_use(manager: TemplateManager) -> set[Path]:
+    """Paths of the cache that must stay although no defined template uses them: what
+    any process holds (every live VMM's disks and kernel, whatever its state directory;
+    builds in progress), the disk chains of this state directory's sandboxes (alive or
+    being created), and the disks and kernels of its user snapshots."""
+    paths = paths_held_by_processes(manager.cache)
+    for info in list_sandboxes():
+        paths.update(backing_chain(VMPaths(Path(info.state_dir)).overlay))
+    for snap in list_snapshots(include_ephemeral=True):
+        paths.add(snap.kernel)
+        paths.update(backing_chain(snap.disk))
+        if snap.backing:
+            paths.add(Path(snap.backing))
+    return paths
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """The template cache: kernels, root file systems (bases), images and snapshots."""
+
+
+@cache_group.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def cache_prune(dry_run: bool, as_json: bool) -> None:
+    """Remove the kernels, bases and images that no defined template keeps (left by
+    'template rm' or by a changed template), except what a sandbox, a snapshot or a
+    running process uses."""
+    manager = TemplateManager()
+    plan = manager.prune_plan(cache_in_use(manager))
+    freed = 0 if dry_run else manager.prune(plan)
+    if as_json:
+        click.echo(json.dumps({**plan.to_json(), "dry_run": dry_run, "freed": freed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in plan.remove:
+        click.echo(f"{verb} {entry.kind} {entry.path} ({_mb(entry.size_bytes)}): {entry.reason}")
+    for entry in plan.keep:
+        click.echo(f"kept {entry.kind} {entry.path} ({_mb(entry.size_bytes)}): {entry.reason}")
+    if dry_run:
+        click.echo(f"would free {plan.size_bytes} bytes ({_mb(plan.size_bytes)})")
+    else:
+        click.echo(f"freed {freed} bytes ({_mb(freed)})")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,16 @@ Built artifacts are cached under the cache directory, keyed by a digest of their
                                                         another machine shape; bounded)
 
 so building again when nothing changed does nothing.
+
+Nothing is removed behind a template's back except its older images (a rebuild
+supersedes them); ``TemplateManager.prune_plan``/``prune`` remove the kernels, bases and
+images that no defined template uses, keeping anything a caller says is in use (a live
+sandbox's disk chain, a user snapshot's files) or that a process holds open.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -28,10 +34,10 @@ import secrets
 import shutil
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ..snapshots import Snapshot
@@ -55,6 +61,8 @@ STALE_PARTIAL_S = 3600.0
 """A half-written shape snapshot older than this was left by a process that died."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_DIGEST = re.compile(r"^[0-9a-f]{16}$")
+_BASE = re.compile(r"^[0-9a-f]{16}\.tar$")
 
 
 def _sha256(*parts: str | bytes) -> str:
@@ -414,6 +422,108 @@ class TemplateManager:
             self.remove_shape_snapshots(tpl)
         return built
 
+    # --- the cache as a whole
+
+    def cache_entries(self) -> builtins.list[CacheEntry]:
+        """Every kernel, base and image in the cache, with its disk usage. Names that
+        are not artifacts (builds in progress, partial files, dot-names) are left out."""
+        entries: builtins.list[CacheEntry] = []
+        seen: set[tuple[int, int]] = set()
+        kernels, bases, images = (self.cache / d for d in ("kernels", "bases", "templates"))
+        for path in sorted(kernels.iterdir()) if kernels.is_dir() else []:
+            if _DIGEST.fullmatch(path.name) and path.is_dir():
+                entries.append(CacheEntry("kernel", path, disk_usage(path, seen)))
+        for path in sorted(bases.iterdir()) if bases.is_dir() else []:
+            if _BASE.fullmatch(path.name) and path.is_file():
+                entries.append(CacheEntry("base", path, disk_usage(path, seen)))
+        for tdir in sorted(images.iterdir()) if images.is_dir() else []:
+            if not (_NAME.fullmatch(tdir.name) and tdir.is_dir()):
+                continue
+            for path in sorted(tdir.iterdir()):
+                if _DIGEST.fullmatch(path.name) and path.is_dir():
+                    entries.append(
+                        CacheEntry("image", path, disk_usage(path, seen), template=tdir.name)
+                    )
+        return entries
+
+    def cache_usage(self) -> dict[str, int]:
+        """Bytes the cache uses on disk, in all and per kind: ``kernels``, ``bases``,
+        ``templates`` (images), ``snapshots`` (the templates' snapshots, under their
+        images) and ``other`` (builds in progress, partial files)."""
+        seen: set[tuple[int, int]] = set()
+        usage = {"kernels": 0, "bases": 0, "templates": 0, "snapshots": 0, "other": 0}
+        images = self.cache / "templates"
+        for snaps in sorted(images.glob("*/*/snapshots")):
+            usage["snapshots"] += disk_usage(snaps, seen)
+        for kind in ("kernels", "bases", "templates"):
+            usage[kind] += disk_usage(self.cache / kind, seen)
+        usage["other"] = disk_usage(self.cache, seen)
+        usage["total"] = sum(usage.values())
+        return usage
+
+    def wanted(self, *, building: bool = False) -> set[Path]:
+        """What the templates defined now keep: each one's current image, and while
+        that image exists (or, with ``building``, while some build is running) the
+        kernel and base it was made from. After ``template rm`` a template keeps
+        nothing, so its base (and a kernel no other template has) can go. A definition
+        that cannot be read raises ``TemplateError``: the cache's use is then unknown."""
+        paths: set[Path] = set()
+        for tpl in self.list():
+            image = self.image_dir(tpl)
+            paths.add(image)
+            if building or image.is_dir():
+                paths |= {self.kernel_path(tpl).parent, self.base_path(tpl)}
+        return {p.resolve() for p in paths}
+
+    def prune_plan(self, in_use: Iterable[Path] = ()) -> PrunePlan:
+        """The kernels, bases and images that no defined template keeps (``wanted``),
+        split into those that can go and those ``in_use`` keeps: a path within an
+        entry, or the entry itself (what live sandboxes and snapshots are layered on,
+        files that processes hold). An ``in_use`` path in the cache but in no entry (a
+        partial file, a build folder) means a build is running: then every defined
+        template keeps its kernel and base."""
+        entries = self.cache_entries()
+        busy = [Path(os.path.realpath(p)) for p in in_use]
+        cache = self.cache.resolve()
+        reals = [e.path.resolve() for e in entries]
+        building = any(_within(p, cache) and not any(_within(p, r) for r in reals) for p in busy)
+        wanted = self.wanted(building=building)
+        defined = set(self._definitions())
+        remove: builtins.list[CacheEntry] = []
+        keep: builtins.list[CacheEntry] = []
+        for entry, real in zip(entries, reals, strict=True):
+            if real in wanted:
+                continue
+            holders = sorted(p for p in busy if _within(p, real))
+            if holders:
+                keep.append(_with_reason(entry, f"in use: {holders[0]}"))
+            elif entry.kind != "image":
+                remove.append(_with_reason(entry, "no built template uses it"))
+            elif entry.template in defined:
+                remove.append(_with_reason(entry, f"superseded: {entry.template!r} has changed"))
+            else:
+                remove.append(_with_reason(entry, f"template {entry.template!r} is not defined"))
+        return PrunePlan(tuple(remove), tuple(keep))
+
+    def prune(self, plan: PrunePlan) -> int:
+        """Remove what ``plan`` lists (then template folders left empty); returns the
+        bytes freed. An entry that is gone already is skipped."""
+        freed = 0
+        for entry in plan.remove:
+            if not _within(entry.path, self.cache) or entry.path == self.cache:
+                raise TemplateError(f"{entry.path} is not in the cache {self.cache}")
+            if not entry.path.exists():
+                continue
+            try:
+                _remove_tree(entry.path)
+            except OSError as exc:
+                raise TemplateError(f"cannot remove {entry.path}: {exc}") from exc
+            freed += entry.size_bytes
+            parent = entry.path.parent
+            if entry.kind == "image" and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        return freed
+
     def remove(self, name: str) -> bool:
         """Remove every built image of a template, with its snapshots (those of other
         machine shapes included); kernels and bases are shared and kept."""
@@ -427,4 +537,187 @@ class TemplateManager:
         return True
 
 
-__all__ = ["BuiltTemplate", "Template", "TemplateManager"]
+# --- the cache as a whole: what it holds, what is in use, what can go
+
+
+CacheKind = Literal["kernel", "base", "image"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One artifact of the cache: ``kernels/<digest>``, ``bases/<digest>.tar`` or
+    ``templates/<name>/<image digest>`` (with the template snapshots under it)."""
+
+    kind: CacheKind
+    path: Path
+    size_bytes: int
+    """Its disk usage (``du``: allocated blocks, each hard-linked file once)."""
+    template: str | None = None
+    """For an image: the template directory it is in."""
+    reason: str = ""
+    """Why prune keeps it, or why it would go."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "bytes": self.size_bytes,
+            "template": self.template,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePlan:
+    """What ``prune`` would remove and which unused entries it keeps (in use)."""
+
+    remove: tuple[CacheEntry, ...]
+    keep: tuple[CacheEntry, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.remove)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "remove": [e.to_json() for e in self.remove],
+            "keep": [e.to_json() for e in self.keep],
+            "bytes": self.size_bytes,
+        }
+
+
+def disk_usage(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes allocated to ``path`` and everything under it, like ``du -s``: symlinks are
+    not followed and a file with several hard links counts once (per ``seen``)."""
+    seen = set() if seen is None else seen
+    total = 0
+    stack = [path]
+    while stack:
+        here = stack.pop()
+        try:
+            st = here.lstat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
+        if here.is_dir() and not here.is_symlink():
+            try:
+                stack.extend(here.iterdir())
+            except OSError:
+                pass
+    return total
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+MAX_CHAIN = 16
+
+
+def qcow2_backing(path: Path) -> Path | None:
+    """The backing file named in a qcow2 image's header (relative names are relative to
+    the image's folder), or None: not qcow2, no backing file, unreadable. Reads at most
+    the header and a 1 KiB name (qcow2's own limit), whatever the file says."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if offset == 0 or not 0 < size <= 1023:
+                return None
+            f.seek(offset)
+            raw = f.read(size)
+    except OSError:
+        return None
+    name = raw.decode("utf-8", errors="replace")
+    if name.startswith(("json:", "nbd:", "http:", "https:")) or "\x00" in name:
+        return None
+    backing = Path(name)
+    return backing if backing.is_absolute() else path.parent / backing
+
+
+def backing_chain(path: Path) -> list[Path]:
+    """``path`` and the images under it (each qcow2's backing file, in order), at most
+    ``MAX_CHAIN`` deep; a loop ends the chain."""
+    chain = [path]
+    while len(chain) < MAX_CHAIN:
+        nxt = qcow2_backing(chain[-1])
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    return chain
+
+
+def paths_held_by_processes(under: Path, proc: Path = Path("/proc")) -> set[Path]:
+    """Paths under ``under`` that some process holds: an open file, its working
+    directory, or an argument of its command line (QEMU's ``-kernel``). Processes this
+    user cannot inspect are not seen (as root: all of them)."""
+    root = str(under.resolve())
+    prefix = root.rstrip("/") + "/"
+    found: set[Path] = set()
+
+    def note(text: str) -> None:
+        text = text.removesuffix(" (deleted)")
+        if text == root or text.startswith(prefix):
+            found.add(Path(text))
+
+    try:
+        pids = [p for p in proc.iterdir() if p.name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            note(os.readlink(pid / "cwd"))
+        except OSError:
+            pass
+        try:
+            for arg in (pid / "cmdline").read_bytes().split(b"\0"):
+                for part in arg.decode(errors="replace").split(","):
+                    note(part.partition("=")[2] if "=" in part else part)
+        except OSError:
+            pass
+        try:
+            fds = list((pid / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                note(os.readlink(fd))
+            except OSError:
+                pass
+    return found
+
+
+def _remove_tree(path: Path) -> None:
+    def writable(func: Any, name: str, exc_info: Any) -> None:
+        # a folder made read-only: make it writable (we own it) and try again once
+        os.chmod(os.path.dirname(name) or ".", 0o755)
+        func(name)
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=writable)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _with_reason(entry: CacheEntry, reason: str) -> CacheEntry:
+    return CacheEntry(entry.kind, entry.path, entry.size_bytes, entry.template, reason)
+
+
+def _within(path: Path, entry: Path) -> bool:
+    return path == entry or entry in path.parents
+
+
+__all__ = [
+    "BuiltTemplate",
+    "CacheEntry",
+    "PrunePlan",
+    "Template",
+    "TemplateManager",
+    "backing_chain",
+    "disk_usage",
+    "paths_held_by_processes",
+    "qcow2_backing",
+]
