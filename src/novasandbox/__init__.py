@@ -52,7 +52,7 @@ from .errors import (
     VMStartError,
 )
 from .files import EntryInfo
-from .network import NetworkConfig
+from .network import NetworkConfig, NetworkLog, RefusedConnection
 from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
@@ -88,6 +88,7 @@ __all__ = [
     "MachineConfig",
     "NetworkConfig",
     "NetworkError",
+    "NetworkLog",
     "NoSpaceLeft",
     "NotARegularFile",
     "NovaSandboxError",
@@ -95,6 +96,7 @@ __all__ = [
     "PoolClosed",
     "ProviderError",
     "ReadOnlyFilesystem",
+    "RefusedConnection",
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",

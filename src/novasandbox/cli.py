@@ -27,7 +27,13 @@ from .paths import cache_dir, state_dir
 from .providers import cgroups, tap
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .snapshots import delete_snapshot, list_snapshots
-from .state import kill_sandbox, list_sandboxes, reap, sweep_host_resources
+from .state import (
+    kill_sandbox,
+    list_sandboxes,
+    read_network_log,
+    reap,
+    sweep_host_resources,
+)
 from .sync import Sandbox
 from .templates import TemplateManager
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
@@ -163,10 +169,24 @@ def run(
                 on_stderr=_writer(sys.stderr),
             )
         except CommandNotFound as exc:
+            _refusal_summary(sb)
             _fail(exc, EXIT_NOT_FOUND)
         except CommandTimeout as exc:
+            _refusal_summary(sb)
             _fail(exc, EXIT_TIMEOUT)
+        _refusal_summary(sb)
     sys.exit(result.exit_code)
+
+
+def _refusal_summary(sb: Sandbox) -> None:
+    """One line on stderr when the egress policy refused something: why a command that
+    reached for the network failed."""
+    if sb.config.network.mode == "none" or not sb.is_running():
+        return
+    refused = sb.network_log()
+    if refused.refused:
+        text = f"novasandbox: {refused.summary()}; see --allow"
+        err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @main.group()
@@ -345,6 +365,23 @@ def ls(as_json: bool, show_all: bool) -> None:
             f"{i.uptime:.0f} s",
         )
     Console().print(table)
+
+
+@main.command("network-log")
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def network_log(sandbox_id: str, as_json: bool) -> None:
+    """What the egress policy of a running sandbox refused (from any process)."""
+    refused = read_network_log(sandbox_id)
+    if as_json:
+        click.echo(json.dumps({"id": sandbox_id, **refused.to_json()}, indent=2))
+        return
+    for e in refused.entries:
+        when = time.strftime("%H:%M:%S", time.localtime(e.time))
+        click.echo(f"{when} refused {e.destination} ({e.rule})")
+    unlisted = f", {refused.not_listed} not listed (rate limit)" if refused.not_listed else ""
+    click.echo(f"{sandbox_id}: {refused.refused} refused{unlisted}")
 
 
 @main.command("kill")
