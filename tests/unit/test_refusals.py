@@ -224,11 +224,18 @@ def test_read_entries_skips_what_is_not_an_entry(tmp_path: Path) -> None:
     assert read_entries(tmp_path / "missing") == []
 
 
-def test_closed_refusals_hear_nothing_more(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["loop", "thread"])
+def test_closed_refusals_hear_nothing_more(tmp_path: Path, where: str) -> None:
+    """Closed on its loop or from another thread (a VM is released from a worker
+    thread): its pending flush is cancelled."""
+
     async def scenario() -> Refusals:
         log = Refusals("sb-c", tmp_path / "network.jsonl")
         log.refused("tcp", "10.0.0.1", 22, "allow-list")
-        log.close()
+        if where == "loop":
+            log.close()
+        else:
+            await asyncio.to_thread(log.close)
         log.refused("tcp", "10.0.0.1", 23, "allow-list")
         await asyncio.sleep(refusals.FLUSH_DELAY * 2)
         return log

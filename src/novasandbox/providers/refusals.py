@@ -68,6 +68,7 @@ class Refusals:
         self._reported_unlogged = 0
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     def refused(self, protocol: str, address: str, port: int | None, code: str) -> None:
@@ -106,6 +107,7 @@ class Refusals:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
+        self._loop = loop
         self._timer = loop.call_later(FLUSH_DELAY, self._start_flush, loop)
 
     def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -165,7 +167,22 @@ class Refusals:
             pass  # the sandbox's directory is going (kill)
 
     def close(self) -> None:
+        """Hear nothing more; from any thread (a VM is released from a worker thread)."""
         self._closed = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._cancel()
+        else:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
