@@ -20,6 +20,10 @@ works (the host's resolvers are allowed on port 53). Host names are resolved whe
 sandbox starts; later changes to their addresses are not followed. IPv4 only: the guest
 has no IPv6.
 
+Refusals: whatever the policy refuses is reported on the host, with the rule that
+refused it (``REFUSAL_RULES``): logged, counted and listed (``NetworkLog``, through
+``sandbox.network_log()``; ``providers/refusals.py``).
+
 This module is pure: parsing, validation and address arithmetic, with no I/O except the
 name resolution that ``resolve`` does when asked.
 """

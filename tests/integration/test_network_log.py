@@ -323,3 +323,8 @@ def test_tap_refusals_are_heard_in_the_taps_namespace(factory: Any, namespaces: 
     assert log.refused == 2
     assert log.refused == egress.refused_count(sb.id, tap.table())
     assert wait_recorded(sb.id, 2) == 2
+    # this process's NFLOG socket in that namespace goes with its last sandbox (it would
+    # keep a deleted namespace alive)
+    assert namespaces.inner in nflog._LISTENERS
+    sb.kill()
+    assert namespaces.inner not in nflog._LISTENERS

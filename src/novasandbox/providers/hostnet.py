@@ -70,7 +70,7 @@ class Attachment:
         self.guard: netguard.Guard | None = None
         self.refusals: Refusals | None = None
         """What the egress policy refused (a sandbox with a network backend)."""
-        self._nflog: nflog.Listener | None = None
+        self._nflog: tuple[nflog.Listener, str | None] | None = None
         net = spec.machine.network
         mac = guest_mac(spec.vm_id)
         no_egress = net.allow == ()
@@ -153,11 +153,11 @@ class Attachment:
         self.refusals = Refusals(
             vm_id, self.spec.paths.network_log, lambda: egress.refused_count(vm_id, table)
         )
-        listener = nflog.listener(table.netns)
+        loop = asyncio.get_running_loop()
+        listener = nflog.hear(table.netns, vm_id, loop, self.refusals.refused)
         if listener is None:
             return None
-        listener.register(vm_id, asyncio.get_running_loop(), self.refusals.refused)
-        self._nflog = listener
+        self._nflog = (listener, table.netns)
         return listener.group
 
     def host_address(self, port: int, host_ports: dict[int, int]) -> str:
@@ -185,7 +185,8 @@ class Attachment:
             self.guard.close()
             self.guard = None
         if self._nflog is not None:
-            self._nflog.unregister(self.spec.vm_id)
+            listener, netns = self._nflog
+            nflog.stop_hearing(listener, self.spec.vm_id, netns)
             self._nflog = None
         if self.refusals is not None:
             self.refusals.close()

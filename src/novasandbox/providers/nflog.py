@@ -4,10 +4,10 @@ Each refusal rule of a sandbox's nftables chain (``egress.py``) is preceded by a
 rate-limited ``log group N prefix "nsb:<sandbox id>:<rule>"`` rule: the kernel sends the
 first bytes of each refused packet, with that prefix, to the netlink socket bound to
 group N (``nfnetlink_log``). Only one socket can bind a group (per network namespace), so
-each owner process binds a free one of its own (``listener``) the first time one of its
+each owner process binds a free one of its own (``hear``) the first time one of its
 sandboxes needs it, and every sandbox chain it installs logs to that group. A daemon
 thread reads the socket and hands each refusal to the sandbox it names
-(``Listener.register``); a prefix of a sandbox this process does not know (one of a
+(``hear``, ``stop_hearing``); a prefix of a sandbox this process does not know (one of a
 previous owner of the group) is dropped.
 
 The message format (``linux/netfilter/nfnetlink_log.h``) is built and parsed by pure
@@ -196,6 +196,10 @@ class Listener:
         with self._lock:
             self._sinks.pop(sandbox_id, None)
 
+    def registered(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
     def close(self) -> None:
         """Stop reading (within a second) and let the group go."""
         self._closed = True
@@ -289,21 +293,40 @@ def _netns_id(netns: str | None) -> int:
         return -1
 
 
-def listener(netns: str | None) -> Listener | None:
-    """This process's listener in ``netns``, opened on first use; None where the kernel
-    has no NFLOG (refusals are then counted but not logged), remembered."""
+def hear(
+    netns: str | None, sandbox_id: str, loop: asyncio.AbstractEventLoop, sink: Sink
+) -> Listener | None:
+    """Have ``sink`` hear the refusals logged for ``sandbox_id`` in ``netns``: this
+    process's listener there (opened on first use) with the sandbox registered; None
+    where the kernel has no NFLOG (refusals are then counted but not logged)."""
     with _LISTENERS_LOCK:
         ident = _netns_id(netns)
         known = _LISTENERS.get(netns)
-        if known is not None and known[0] == ident:
-            return known[1]
-        if known is not None and known[1] is not None:
-            known[1].close()  # a namespace of that name that is gone
-        opened: Listener | None
-        try:
-            opened = open_listener(netns)
-        except OSError as exc:
-            log.warning("refused connections will be counted but not logged: %s", exc)
-            opened = None
-        _LISTENERS[netns] = (ident, opened)
-        return opened
+        if known is None or known[0] != ident:
+            if known is not None and known[1] is not None:
+                known[1].close()  # a namespace of that name that is gone
+            opened: Listener | None
+            try:
+                opened = open_listener(netns)
+            except OSError as exc:
+                log.warning("refused connections will be counted but not logged: %s", exc)
+                opened = None
+            known = _LISTENERS[netns] = (ident, opened)
+        found = known[1]
+        if found is not None:
+            found.register(sandbox_id, loop, sink)
+        return found
+
+
+def stop_hearing(found: Listener, sandbox_id: str, netns: str | None) -> None:
+    """The sandbox is gone. A listener in a named namespace that no sandbox uses any more
+    is closed (the namespace may be deleted; the socket would keep it alive); this
+    namespace's stays for the next sandbox."""
+    with _LISTENERS_LOCK:
+        found.unregister(sandbox_id)
+        if netns is None or found.registered():
+            return
+        found.close()
+        known = _LISTENERS.get(netns)
+        if known is not None and known[1] is found:
+            del _LISTENERS[netns]
