@@ -5,8 +5,9 @@
 - create: restore -> ready and -> first output, interleaved so that all modes see the
   same host load: ``network="none"``, ``"nat"`` with ``allow=[]``, with an allow list
   enforced by nftables (root) and by the seccomp guard (no root, or
-  ``NOVASANDBOX_DROP_PRIVILEGES=0``), and (as root, in a network namespace of its own)
-  ``"tap"`` with a TAP from the pool against one made at create (no pool);
+  ``NOVASANDBOX_DROP_PRIVILEGES=0``; ``allow=[]`` too), and (as root, in a network
+  namespace of its own) ``"tap"`` with a TAP from the pool against one made at create
+  (no pool);
 - guest -> host: the guest downloads ``--mb`` MB over HTTP from a server on the host's
   loopback (through 10.0.2.2, allowed by the policy), timed inside the guest;
 - host -> guest: the host downloads ``--mb`` MB from a server in the guest through an
@@ -105,8 +106,10 @@ def bench_create(runs: int, port: int, metrics: dict[str, Any]) -> None:
         "nat_no_egress": {"network": "nat", "allow": []},
     }
     root = os.geteuid() == 0
-    # without root (here: VMMs kept unprivileged), the seccomp guard enforces the list
+    # without root (here: VMMs kept unprivileged), the seccomp guard enforces the list,
+    # and allow=[] too
     modes["nat_guard"] = {"network": "nat", "allow": [f"127.0.0.1:{port}"]}
+    modes["nat_no_egress_guard"] = {"network": "nat", "allow": []}
     if root:
         modes["nat_policy"] = {"network": "nat", "allow": [f"127.0.0.1:{port}"]}
         modes["tap_pooled"] = {"network": "tap", "allow": []}
@@ -132,7 +135,7 @@ def bench_create(runs: int, port: int, metrics: dict[str, Any]) -> None:
 def one_create(
     mode: str, kwargs: dict[str, Any], ready: dict[str, list[float]], first: dict[str, list[float]]
 ) -> None:
-    unprivileged = mode == "nat_guard" and os.geteuid() == 0
+    unprivileged = mode.endswith("_guard") and os.geteuid() == 0
     if unprivileged:
         os.environ["NOVASANDBOX_DROP_PRIVILEGES"] = "0"
     t0 = time.monotonic()

@@ -54,7 +54,7 @@ from .errors import (
     VMStartError,
 )
 from .files import EntryInfo
-from .network import NetworkConfig
+from .network import NetworkConfig, NetworkLog, RefusedConnection
 from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
@@ -91,6 +91,7 @@ __all__ = [
     "MachineConfig",
     "NetworkConfig",
     "NetworkError",
+    "NetworkLog",
     "NoSpaceLeft",
     "NotARegularFile",
     "NovaSandboxError",
@@ -98,6 +99,7 @@ __all__ = [
     "PoolClosed",
     "ProviderError",
     "ReadOnlyFilesystem",
+    "RefusedConnection",
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",

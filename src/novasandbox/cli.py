@@ -38,7 +38,14 @@ from .providers.base import VMPaths
 from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
 from .sandbox import DEFAULT_LIFETIME
 from .snapshots import delete_snapshot, list_snapshots
-from .state import kill_sandbox, list_sandboxes, reap, resolve_sandbox_id, sweep_host_resources
+from .state import (
+    kill_sandbox,
+    list_sandboxes,
+    read_network_log,
+    reap,
+    resolve_sandbox_id,
+    sweep_host_resources,
+)
 from .sync import CommandHandle, Sandbox
 from .templates import TemplateManager, backing_chain, paths_held_by_processes
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
@@ -283,10 +290,24 @@ def run(
                 exc.message += (
                     f" (options of run go before the command: {command[0]!r} came after it)"
                 )
+            _refusal_summary(sb)
             _fail(exc, EXIT_NOT_FOUND)
         except (CommandTimeout, SandboxExpired) as exc:
+            _refusal_summary(sb)
             _fail(exc, EXIT_TIMEOUT)
+        _refusal_summary(sb)
     sys.exit(result.exit_code)
+
+
+def _refusal_summary(sb: Sandbox) -> None:
+    """One line on stderr when the egress policy refused something: why a command that
+    reached for the network failed."""
+    if sb.config.network.mode == "none" or not sb.is_running():
+        return
+    refused = sb.network_log()
+    if refused.refused:
+        text = f"novasandbox: {refused.summary()}; see --allow"
+        err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @main.group()
@@ -467,6 +488,25 @@ def ls(as_json: bool, show_all: bool) -> None:
             f"{i.uptime:.0f} s",
         )
     Console().print(table)
+
+
+@main.command("network-log")
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def network_log(sandbox_id: str, as_json: bool) -> None:
+    """What the egress policy of a running sandbox refused (from any process). Any unique
+    prefix of an id will do."""
+    sandbox_id = resolve_sandbox_id(sandbox_id)
+    refused = read_network_log(sandbox_id)
+    if as_json:
+        click.echo(json.dumps({"id": sandbox_id, **refused.to_json()}, indent=2))
+        return
+    for e in refused.entries:
+        when = time.strftime("%H:%M:%S", time.localtime(e.time))
+        click.echo(f"{when} refused {e.destination} ({e.rule})")
+    unlisted = f", {refused.not_listed} not listed (rate limit)" if refused.not_listed else ""
+    click.echo(f"{sandbox_id}: {refused.refused} refused{unlisted}")
 
 
 @main.command("kill")

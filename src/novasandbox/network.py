@@ -20,6 +20,10 @@ works (the host's resolvers are allowed on port 53). Host names are resolved whe
 sandbox starts; later changes to their addresses are not followed. IPv4 only: the guest
 has no IPv6.
 
+Refusals: whatever the policy refuses is reported on the host, with the rule that
+refused it (``REFUSAL_RULES``): logged, counted and listed (``NetworkLog``, through
+``sandbox.network_log()``; ``providers/refusals.py``).
+
 This module is pure: parsing, validation and address arithmetic, with no I/O except the
 name resolution that ``resolve`` does when asked.
 """
@@ -187,22 +191,145 @@ def guest_mac(sandbox_id: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, 0x4E, *digest[:4]))
 
 
+def egress_refusal(
+    rules: Sequence[EgressRule] | None,
+    address: IPv4Address,
+    port: int,
+    resolvers: Sequence[IPv4Address] = (),
+) -> str | None:
+    """The rule (a ``REFUSAL_RULES`` code) by which the policy refuses ``address:port``,
+    or None when it lets the guest reach it: the same decision the nftables chains make
+    (``providers/egress.py``), for the seccomp guard of VMMs run without root
+    (``providers/netguard.py``). ``rules=None``: the public internet. Pure."""
+    if port == 53 and address in resolvers:
+        return None
+    for rule in rules or ():
+        if address in rule.network and (rule.port is None or rule.port == port):
+            return None
+    if rules is None:
+        return None if is_public(address) else "non-public"
+    return "no-egress" if not rules else "allow-list"
+
+
 def egress_allows(
     rules: Sequence[EgressRule] | None,
     address: IPv4Address,
     port: int,
     resolvers: Sequence[IPv4Address] = (),
 ) -> bool:
-    """Whether the policy lets the guest reach ``address:port``: the same decision the
-    nftables chains make (``providers/egress.py``), for the seccomp guard of VMMs run
-    without root (``providers/netguard.py``). ``rules=None``: the public internet. Pure."""
-    if port == 53 and address in resolvers:
-        return True
-    for rule in rules or ():
-        if address in rule.network and (rule.port is None or rule.port == port):
-            return True
-    return rules is None and is_public(address)
+    """Whether the policy lets the guest reach ``address:port`` (``egress_refusal``)."""
+    return egress_refusal(rules, address, port, resolvers) is None
 
 
 def is_public(address: IPv4Address) -> bool:
     return not any(address in net for net in NON_PUBLIC)
+
+
+# --- refused connections
+
+REFUSAL_RULES = {
+    "allow-list": "not in the allow list",
+    "no-egress": "no egress at all (allow=[])",
+    "non-public": "non-public range",
+    "source": "not sent from the guest's own address",
+    "not-ipv4": "not IPv4 (the guest has no IPv6)",
+    "unreadable": "destination unreadable",
+}
+"""The rules of an egress policy that refuse traffic, by code: the code travels in the
+kernel's log prefix (``providers/egress.py``) or comes from the seccomp guard's decision;
+``describe_refusal`` words it for people."""
+
+
+def describe_refusal(code: str, address: str) -> str:
+    """What a rule code means for one destination, e.g. "non-public range
+    203.0.113.0/24". Pure."""
+    text = REFUSAL_RULES.get(code, code)
+    if code == "non-public":
+        try:
+            ip = IPv4Address(address)
+        except ValueError:
+            return text
+        return next((f"{text} {net}" for net in NON_PUBLIC if ip in net), text)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedConnection:
+    """One connection (or datagram) of the guest that the egress policy refused."""
+
+    time: float
+    """When the host saw it (``time.time()`` seconds)."""
+    protocol: str
+    """"tcp", "udp", "icmp", or the IP protocol number."""
+    address: str
+    port: int | None
+    """The destination port (None for protocols without ports)."""
+    rule: str
+    """Which rule refused it, e.g. "not in the allow list", "non-public range
+    10.0.0.0/8"."""
+
+    @property
+    def destination(self) -> str:
+        where = self.address if self.port is None else f"{self.address}:{self.port}"
+        return f"{self.protocol} {where}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "time": self.time,
+            "protocol": self.protocol,
+            "address": self.address,
+            "port": self.port,
+            "rule": self.rule,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> RefusedConnection | None:
+        """The entry a line of the log file holds; None if it is not one."""
+        if not isinstance(data, dict):
+            return None
+        port = data.get("port")
+        values = (data.get("time"), data.get("protocol"), data.get("address"), data.get("rule"))
+        when, protocol, address, rule = values
+        if (
+            not isinstance(when, (int, float))
+            or not isinstance(protocol, str)
+            or not isinstance(address, str)
+            or not isinstance(rule, str)
+            or not (port is None or (isinstance(port, int) and not isinstance(port, bool)))
+        ):
+            return None
+        return cls(float(when), protocol, address, port, rule)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkLog:
+    """What a sandbox's egress policy refused: ``refused`` counts every refused
+    connection attempt (a TCP connection, or a UDP datagram); ``entries`` are the most
+    recent of those logged (at most ``MAX_ENTRIES``; a guest that keeps hammering has
+    only about 50 a second logged, but every one counted)."""
+
+    refused: int
+    entries: tuple[RefusedConnection, ...]
+
+    MAX_ENTRIES = 1000
+
+    @property
+    def not_listed(self) -> int:
+        """Refusals counted but not in ``entries`` (rate-limited, or older ones)."""
+        return max(0, self.refused - len(self.entries))
+
+    def summary(self, limit: int = 3) -> str:
+        """One line: how many were refused, and the distinct destinations first seen."""
+        seen: dict[tuple[str, str], None] = {}
+        for entry in self.entries:
+            seen.setdefault((entry.destination, entry.rule), None)
+        shown = [f"{dest} ({rule})" for dest, rule in list(seen)[:limit]]
+        more = len(seen) - len(shown)
+        what = "connection" if self.refused == 1 else "connections"
+        text = f"the network policy refused {self.refused} {what}"
+        if shown:
+            text += ": " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+        return text
+
+    def to_json(self) -> dict[str, object]:
+        return {"refused": self.refused, "entries": [e.to_json() for e in self.entries]}

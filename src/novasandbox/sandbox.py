@@ -51,6 +51,7 @@ from .files import AsyncFiles
 from .network import (
     EgressRule,
     NetworkConfig,
+    NetworkLog,
     resolve,
 )
 from .providers.base import Confinement, VMPaths, VMSpec, confinement
@@ -405,6 +406,8 @@ class AsyncSandbox:
         self._arm_lifetime(lifetime)
         self._record()
         self._vm = await provider.start(spec)
+        if self._vm.network is not None and self._vm.network.refusals is not None:
+            self._vm.network.refusals.on_change = self._record
         with _LIVE_LOCK:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
@@ -533,8 +536,26 @@ class AsyncSandbox:
                 network=self.config.network.mode,
                 ports={str(g): h for g, h in self.host_ports.items()},
                 tap=vm.network.tap.name if vm and vm.network and vm.network.tap else None,
+                refused=self._refusals().refused,
             ),
         )
+
+    def _refusals(self) -> NetworkLog:
+        vm = self._vm
+        if vm is None or vm.network is None or vm.network.refusals is None:
+            return NetworkLog(0, ())
+        return vm.network.refusals.snapshot()
+
+    async def network_log(self) -> NetworkLog:
+        """What the egress policy has refused so far: ``refused`` counts every refused
+        connection (a TCP connection or a UDP datagram), ``entries`` lists the most recent
+        ones logged (destination, port, protocol, and the rule that refused each). Each
+        is also logged on the host (logger ``novasandbox.network``, WARNING). Empty for a
+        sandbox without a network."""
+        vm = self._vm
+        if vm is None or vm.network is None or vm.network.refusals is None:
+            return NetworkLog(0, ())
+        return await vm.network.refusals.refresh()
 
     # --- state
 

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AmbiguousSandboxId, SandboxNotFound
+from .network import NetworkLog
 from .paths import state_dir
-from .providers import cgroups, egress, tap
+from .providers import cgroups, egress, refusals, tap
+from .providers.base import VMPaths
 from .providers.qemu import process_start_time
 
 RECORD = "record.json"
@@ -62,6 +64,9 @@ class SandboxInfo:
     """The TAP it leases ("tap")."""
     cold_reason: str | None = None
     """Why it booted cold instead of restoring a snapshot (None: restored)."""
+    refused: int = 0
+    """Connections its egress policy refused so far (updated within a second or so;
+    ``novasandbox network-log`` lists them)."""
 
     @property
     def restored(self) -> bool:
@@ -143,6 +148,17 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
         return []
     infos = [info for d in sorted(base.iterdir()) if (info := read_record(d)) is not None]
     return sorted(infos, key=lambda i: i.created_at)
+
+
+def read_network_log(sandbox_id: str, root: Path | None = None) -> NetworkLog:
+    """What a live sandbox's egress policy refused, from any process: the count its owner
+    last recorded and the entries it wrote (``providers/refusals.py``)."""
+    directory = sandboxes_dir(root) / sandbox_id
+    info = read_record(directory) if sandbox_id and "/" not in sandbox_id else None
+    if info is None:
+        raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
+    entries = refusals.read_entries(VMPaths(directory).network_log)
+    return NetworkLog(max(info.refused, len(entries)), tuple(entries))
 
 
 def resolve_sandbox_id(prefix: str, root: Path | None = None) -> str:

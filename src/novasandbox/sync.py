@@ -20,6 +20,7 @@ from .commands import (
 from .config import Drive, MachineConfig
 from .errors import ConfigError
 from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
+from .network import NetworkLog
 from .pool import AsyncPool
 from .providers.base import VMPaths
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
@@ -295,6 +296,11 @@ class Sandbox:
         return self._inner.get_host(port)
 
     get_host.__doc__ = AsyncSandbox.get_host.__doc__
+
+    def network_log(self) -> NetworkLog:
+        return _Portal.call(self._inner.network_log())
+
+    network_log.__doc__ = AsyncSandbox.network_log.__doc__
 
     @property
     def restored(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import socket
 import struct
@@ -146,7 +147,9 @@ def test_policy_script_allow_list() -> None:
         for line in lines
     )
     assert any(line.endswith("sb-abc ip daddr 1.2.3.0/24 accept") for line in lines)
-    assert lines[-2].endswith("sb-abc reject")  # nothing else
+    assert lines[-2].endswith("sb-abc counter reject")  # nothing else, counted
+    assert lines[-3].endswith("sb-abc meta l4proto tcp counter reject with tcp reset")
+    assert " log " not in script  # no NFLOG group given: counted only
     assert "nfproto ipv4 accept" not in script  # no public default
     assert (
         lines[-1] == f"add element inet novasandbox sandboxes {{ {VMM_ID_BASE + 5} : jump sb-abc }}"
@@ -161,6 +164,70 @@ def test_policy_script_public_default_rejects_non_public_first() -> None:
     assert private < public
     for net in NON_PUBLIC:
         assert str(net) in lines[private]
+
+
+def refusal_rules(script: str) -> list[str]:
+    return [line for line in script.splitlines() if " reject" in line or " drop" in line]
+
+
+def test_policy_script_logs_and_counts_every_refusal() -> None:
+    """Each refusing rule is preceded by a rate-limited NFLOG rule whose prefix names the
+    sandbox and the rule, and counts what it refuses."""
+    group = 20051
+    lists = {
+        "allow-list": [EgressRule(IPv4Network("1.2.3.4/32"), 443)],
+        "no-egress": [],
+        None: None,  # the public internet
+    }
+    for code, rules in lists.items():
+        script = egress.sandbox_script("sb-abc", 7, rules, [], log_group=group)
+        lines = script.splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(" reject") or line.endswith("reject with tcp reset"):
+                assert " counter reject" in line
+                log = lines[i - 1] if " log " in lines[i - 1] else lines[i - 2]
+                assert " limit rate 50/second burst 100 packets log group 20051 " in log
+                assert 'prefix "nsb:sb-abc:' in log
+        prefixes = [line.split('prefix "', 1)[1].rstrip('"') for line in lines if " log " in line]
+        if code is None:  # non-public ranges, then anything not IPv4
+            assert prefixes == ["nsb:sb-abc:non-public", "nsb:sb-abc:not-ipv4"]
+            private = next(line for line in lines if " log " in line)
+            assert all(str(net) in private for net in NON_PUBLIC)
+        else:
+            assert prefixes == [f"nsb:sb-abc:{code}"]
+        # the log rule matches what its reject rule matches, and gives no verdict
+        for line in lines:
+            if " log " in line:
+                assert not line.endswith(("accept", "reject", "drop"))
+                assert "snaplen 96" in line
+    tap = egress.tap_table("10.201.0.0/16", "nstap", None)
+    script = egress.sandbox_script(
+        "sb-t", "nstap3", (), [], tap, IPv4Address("10.201.0.14"), log_group=group
+    )
+    lines = script.splitlines()
+    assert lines[1] == (
+        "add rule ip novasandbox_tap sb-t ip saddr != 10.201.0.14 limit rate 50/second "
+        'burst 100 packets log group 20051 snaplen 96 prefix "nsb:sb-t:source"'
+    )
+    assert lines[2] == "add rule ip novasandbox_tap sb-t ip saddr != 10.201.0.14 counter drop"
+    assert all("counter" in line for line in refusal_rules(script))
+
+
+def test_chain_counters_sum_the_refusals() -> None:
+    listing = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"chain": {"family": "inet", "table": "novasandbox", "name": "sb-x"}},
+            {"rule": {"expr": [{"match": {}}, {"accept": None}]}},
+            {"rule": {"expr": [{"limit": {"rate": 50}}, {"log": {"group": 5}}]}},
+            {"rule": {"expr": [{"counter": {"packets": 3, "bytes": 180}}, {"reject": {}}]}},
+            {"rule": {"expr": [{"counter": {"packets": 4, "bytes": 120}}, {"reject": None}]}},
+        ]
+    }
+    assert egress.chain_counters(json.dumps(listing)) == 7
+    assert egress.chain_counters("not json") is None
+    assert egress.chain_counters("[]") is None
+    assert egress.chain_counters('{"nftables": []}') == 0
 
 
 def test_base_and_remove_scripts() -> None:
@@ -187,7 +254,9 @@ def test_tap_policy_table_is_keyed_on_the_interface() -> None:
     assert 'ip saddr 10.201.0.0/16 oifname != "nstap*" masquerade' in base
     script = egress.sandbox_script("sb-t", "nstap3", (), [], table, IPv4Address("10.201.0.14"))
     # a guest cannot send from an address that is not its own
-    assert script.splitlines()[1] == "add rule ip novasandbox_tap sb-t ip saddr != 10.201.0.14 drop"
+    assert script.splitlines()[1] == (
+        "add rule ip novasandbox_tap sb-t ip saddr != 10.201.0.14 counter drop"
+    )
     assert script.splitlines()[-1] == (
         'add element ip novasandbox_tap sandboxes { "nstap3" : jump sb-t }'
     )
@@ -270,7 +339,9 @@ def test_network_argv(tmp_path: Path) -> None:
     assert "hostfwd=tcp:127.0.0.1:40001-:8000" in netdev
     assert argv[3] == f"virtio-net-device,mac={guest_mac('sb-net')},netdev=net0"
     closed = network_argv(spec(tmp_path, NetworkConfig("nat", ()), {}))
-    assert "restrict=on" in closed[1].split(",")  # no root, so no host policy: slirp's own
+    # no root: the seccomp guard refuses (and reports) what slirp's restrict=on would
+    # have dropped silently
+    assert "restrict=off" in closed[1].split(",")
     confined = replace(spec(tmp_path, NetworkConfig("nat", ()), {}), confine=Confinement(1, 1))
     assert "restrict=off" in network_argv(confined)[1].split(",")  # the host policy decides
     with pytest.raises(ValueError):
@@ -300,20 +371,20 @@ def test_egress_rules_are_resolved_and_tap_needs_root() -> None:
     assert rules == (EgressRule(IPv4Network("1.2.3.4/32"), 80),)
 
 
-def test_parse_sockaddr_and_verdict() -> None:
-    from novasandbox.providers.netguard import parse_sockaddr, verdict
+def test_parse_sockaddr_and_refusal() -> None:
+    from novasandbox.providers.netguard import parse_sockaddr, refusal
 
     raw = struct.pack("H", socket.AF_INET) + struct.pack("!H", 8080) + bytes([127, 0, 0, 1])
     family, ip, port = parse_sockaddr(raw + bytes(8))
     assert (family, str(ip), port) == (socket.AF_INET, "127.0.0.1", 8080)
 
-    def only_8080(address: IPv4Address, port: int) -> bool:
-        return port == 8080
+    def only_8080(address: IPv4Address, port: int) -> str | None:
+        return None if port == 8080 else "allow-list"
 
-    assert verdict(family, ip, 8080, only_8080)
-    assert not verdict(family, ip, 8081, only_8080)
-    assert verdict(socket.AF_UNIX, None, 0, only_8080)  # local sockets are not egress
-    assert not verdict(socket.AF_INET6, None, 0, only_8080)  # no IPv6 at all
+    assert refusal(family, ip, 8080, only_8080) is None
+    assert refusal(family, ip, 8081, only_8080) == "allow-list"
+    assert refusal(socket.AF_UNIX, None, 0, only_8080) is None  # local sockets: not egress
+    assert refusal(socket.AF_INET6, None, 0, only_8080) == "not-ipv4"  # no IPv6 at all
     assert parse_sockaddr(b"\x02") == (-1, None, 0)
 
 
@@ -331,6 +402,49 @@ def test_egress_allows_matches_the_nftables_policy() -> None:
     assert egress_allows(None, IPv4Address("8.8.8.8"), 443)  # the public internet
     assert not egress_allows(None, IPv4Address("192.168.1.1"), 443)
     assert not egress_allows((), IPv4Address("8.8.8.8"), 443)
+
+
+def test_egress_refusal_names_the_rule() -> None:
+    from novasandbox.network import describe_refusal, egress_refusal
+
+    rules = (EgressRule(IPv4Network("1.2.3.0/24"), 443),)
+    resolvers = [IPv4Address("10.9.9.9")]
+    assert egress_refusal(rules, IPv4Address("1.2.3.4"), 443, resolvers) is None
+    assert egress_refusal(rules, IPv4Address("1.2.3.4"), 80, resolvers) == "allow-list"
+    assert egress_refusal((), IPv4Address("1.2.3.4"), 80) == "no-egress"
+    assert egress_refusal((), IPv4Address("10.9.9.9"), 53, resolvers) is None
+    assert egress_refusal(None, IPv4Address("203.0.113.80"), 443) == "non-public"
+    assert egress_refusal(None, IPv4Address("8.8.8.8"), 443) is None
+    assert describe_refusal("non-public", "203.0.113.80") == "non-public range 203.0.113.0/24"
+    assert describe_refusal("non-public", "10.1.2.3") == "non-public range 10.0.0.0/8"
+    assert describe_refusal("allow-list", "1.2.3.4") == "not in the allow list"
+    assert describe_refusal("no-egress", "1.2.3.4") == "no egress at all (allow=[])"
+    assert describe_refusal("something-new", "1.2.3.4") == "something-new"
+
+
+def test_network_log_summary_and_json_round_trip() -> None:
+    from novasandbox.network import NetworkLog, RefusedConnection
+
+    a = RefusedConnection(1.0, "tcp", "203.0.113.80", 443, "non-public range 203.0.113.0/24")
+    b = RefusedConnection(2.0, "udp", "10.0.0.1", 53, "non-public range 10.0.0.0/8")
+    c = RefusedConnection(3.0, "icmp", "10.0.0.2", None, "non-public range 10.0.0.0/8")
+    assert c.destination == "icmp 10.0.0.2" and a.destination == "tcp 203.0.113.80:443"
+    assert RefusedConnection.from_json(a.to_json()) == a
+    assert RefusedConnection.from_json(c.to_json()) == c
+    for bad in ([], {"time": "x"}, {**a.to_json(), "port": True}, {**a.to_json(), "rule": 1}):
+        assert RefusedConnection.from_json(bad) is None
+    one = NetworkLog(1, (a,))
+    assert one.summary() == (
+        "the network policy refused 1 connection: tcp 203.0.113.80:443 "
+        "(non-public range 203.0.113.0/24)"
+    )
+    many = NetworkLog(9, (a, a, b, c, c))
+    assert many.not_listed == 4
+    assert many.summary(limit=2) == (
+        "the network policy refused 9 connections: tcp 203.0.113.80:443 (non-public range "
+        "203.0.113.0/24), udp 10.0.0.1:53 (non-public range 10.0.0.0/8) and 1 more"
+    )
+    assert NetworkLog(0, ()).to_json() == {"refused": 0, "entries": []}
 
 
 CONNECTS = """
@@ -362,8 +476,10 @@ def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
     allowed, denied = (s.getsockname()[1] for s in listeners)
 
-    def decide(address: IPv4Address, port: int) -> bool:
-        return port == allowed
+    def refuse(address: IPv4Address, port: int) -> str | None:
+        return None if port == allowed else "allow-list"
+
+    heard: list[tuple[str, str, int | None, str]] = []
 
     async def run() -> tuple[str, netguard.Guard]:
         ours, theirs = socket.socketpair()
@@ -375,7 +491,7 @@ def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
         theirs.close()
         listener = await asyncio.to_thread(netguard.receive_listener, ours, 30.0)
         ours.close()
-        guard = netguard.Guard(listener, decide)
+        guard = netguard.Guard(listener, refuse, lambda *refused: heard.append(refused))
         guard.attach(asyncio.get_running_loop())
         out, _ = await asyncio.to_thread(proc.communicate)
         guard.close()
@@ -388,6 +504,11 @@ def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
             s.close()
     assert out.strip() == f"['ok', {errno.ECONNREFUSED}, {errno.ECONNREFUSED}]"
     assert guard.allowed == 1 and guard.denied == 2
+    # each refusal is reported with its protocol (asked of the socket), destination, rule
+    assert heard == [
+        ("tcp", "127.0.0.1", denied, "allow-list"),
+        ("udp", "127.0.0.1", denied, "allow-list"),
+    ]
 
 
 def test_without_its_guard_the_filter_fails_closed() -> None:

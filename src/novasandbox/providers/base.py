@@ -45,6 +45,11 @@ class VMPaths:
         return self.state_dir / "rootfs.qcow2"
 
     @property
+    def network_log(self) -> Path:
+        """The refusals of its egress policy, one JSON object a line (``refusals.py``)."""
+        return self.state_dir / "network.jsonl"
+
+    @property
     def jail(self) -> Path:
         """An empty directory that a confined VMM is chrooted into."""
         return self.state_dir / "jail"
@@ -108,7 +113,7 @@ class VMSpec:
     """Guest TCP port -> port on the host's loopback that forwards to it (network "nat")."""
     egress: tuple[EgressRule, ...] | None = ()
     """The resolved egress allow list of a "nat" sandbox; None: the public internet; ()
-    with an empty allow list: nothing (QEMU's own network stack is restricted then)."""
+    with an empty allow list: nothing."""
 
 
 @runtime_checkable

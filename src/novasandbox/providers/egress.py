@@ -14,10 +14,15 @@ the policy of all sandboxes:
             ct state established,related accept      # replies (exposed ports)
             <resolver> port 53 accept                # DNS through the guest's 10.0.2.3
             <allowed destinations> accept
-            [with no allow list: the non-public ranges reject, then accept]
-            reject
+            [with no allow list: the non-public ranges refused, then accept]
+            refused                                  # the rest
         }
     }
+
+Each refusal is two or three rules: a rate-limited ``log group N prefix
+"nsb:<id>:<rule>"`` (NFLOG to the owner process's group, ``nflog.py``: that is how the
+owner hears of it), then the reject itself with a ``counter`` (every refusal counted,
+logged or not: ``refused_count``).
 
 A sandbox's chain and map element are added before its VMM starts and deleted after it
 exits (and by ``gc``), each in one atomic ``nft -f`` transaction. Root is needed to change
@@ -34,6 +39,7 @@ come in by, in the forward and input hooks, with the pool's masquerade rule.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +50,7 @@ from pathlib import Path
 
 from ..errors import HostToolMissing, NetworkError
 from ..network import NON_PUBLIC, EgressRule
+from . import nflog
 from .base import VMM_ID_BASE, VMM_ID_COUNT
 
 NFT = "nft"
@@ -124,6 +131,28 @@ def _match(rule: EgressRule) -> str:
     return where
 
 
+def _refuse(
+    sandbox_id: str, code: str, match: str, log_group: int | None, verdict: str = "reject"
+) -> list[str]:
+    """The rules that refuse what ``match`` matches by the rule named ``code``
+    (``network.REFUSAL_RULES``): a rate-limited log of it to ``log_group`` (NFLOG, the
+    owner's), then the refusal, counted (every one, logged or not)."""
+    where = f"{match} " if match else ""
+    out = []
+    if log_group is not None:
+        prefix = nflog.log_prefix(sandbox_id, code)
+        out.append(
+            f"{where}limit rate {nflog.RATE_PER_SECOND}/second burst {nflog.BURST} packets "
+            f'log group {log_group} snaplen {nflog.COPY_RANGE} prefix "{prefix}"'
+        )
+    if verdict == "reject":
+        out.append(f"{where}meta l4proto tcp counter reject with tcp reset")
+        out.append(f"{where}counter reject")
+    else:
+        out.append(f"{where}counter {verdict}")
+    return out
+
+
 def sandbox_script(
     sandbox_id: str,
     key: int | str,
@@ -131,30 +160,32 @@ def sandbox_script(
     resolvers: Iterable[IPv4Address],
     table: PolicyTable = UID_TABLE,
     source: IPv4Address | None = None,
+    log_group: int | None = None,
 ) -> str:
     """nft input that installs the policy of one sandbox, whose traffic the table knows
     by ``key`` (a uid or an interface). ``rules=None`` means the public internet (every
     non-public range denied); a sequence means those destinations only. ``source``: the
-    only source address its packets may carry (a TAP guest's; others are dropped). Pure."""
+    only source address its packets may carry (a TAP guest's; others are dropped).
+    Every refusal is counted and, with ``log_group``, logged there (``nflog``). Pure."""
     t, chain = table.name, chain_name(sandbox_id)
-    lines = [f"add chain {t} {chain}"]
+    body: list[str] = []
     if source is not None:
-        lines.append(f"add rule {t} {chain} ip saddr != {source} drop")
-    lines.append(f"add rule {t} {chain} ct state established,related accept")
+        body += _refuse(sandbox_id, "source", f"ip saddr != {source}", log_group, "drop")
+    body.append("ct state established,related accept")
     for resolver in sorted(set(resolvers)):
-        lines.append(f"add rule {t} {chain} ip daddr {resolver} udp dport 53 accept")
-        lines.append(f"add rule {t} {chain} ip daddr {resolver} tcp dport 53 accept")
+        body.append(f"ip daddr {resolver} udp dport 53 accept")
+        body.append(f"ip daddr {resolver} tcp dport 53 accept")
     for rule in rules or ():
-        lines.append(f"add rule {t} {chain} {_match(rule)} accept")
+        body.append(f"{_match(rule)} accept")
     if rules is None:
         private = ", ".join(str(n) for n in NON_PUBLIC)
-        lines.append(
-            f"add rule {t} {chain} ip daddr {{ {private} }} meta l4proto tcp reject with tcp reset"
-        )
-        lines.append(f"add rule {t} {chain} ip daddr {{ {private} }} reject")
-        lines.append(f"add rule {t} {chain} meta nfproto ipv4 accept")
-    lines.append(f"add rule {t} {chain} meta l4proto tcp reject with tcp reset")
-    lines.append(f"add rule {t} {chain} reject")
+        body += _refuse(sandbox_id, "non-public", f"ip daddr {{ {private} }}", log_group)
+        body.append("meta nfproto ipv4 accept")
+        last = "not-ipv4"
+    else:
+        last = "allow-list" if rules else "no-egress"
+    body += _refuse(sandbox_id, last, "", log_group)
+    lines = [f"add chain {t} {chain}", *(f"add rule {t} {chain} {rule}" for rule in body)]
     lines.append(f"add element {t} sandboxes {{ {table.key(key)} : jump {chain} }}")
     return "\n".join(lines) + "\n"
 
@@ -241,16 +272,18 @@ def apply(
     resolvers: Iterable[IPv4Address] | None = None,
     table: PolicyTable = UID_TABLE,
     source: IPv4Address | None = None,
+    log_group: int | None = None,
 ) -> None:
     """Install one sandbox's policy (creating the table first if needed); ``dns``: let
-    the guest's DNS traffic reach ``resolvers`` (default: the host's)."""
+    the guest's DNS traffic reach ``resolvers`` (default: the host's); ``log_group``:
+    the NFLOG group its refusals are logged to."""
     if os.geteuid() != 0:
         raise NetworkError(
             "an egress policy is enforced with nftables rules, which needs root; without "
             "root, nat sandboxes can only have allow=[] (no egress, no exposed ports)"
         )
     servers = (host_resolvers() if resolvers is None else list(resolvers)) if dns else []
-    script = sandbox_script(sandbox_id, key, rules, servers, table, source)
+    script = sandbox_script(sandbox_id, key, rules, servers, table, source, log_group)
     done = _run(script, table)  # one nft call when the table is there (the usual case)
     if done.returncode != 0:
         ensure_table(table)
@@ -265,6 +298,38 @@ def remove(sandbox_id: str, key: int | str, table: PolicyTable = UID_TABLE) -> b
         return _run(remove_script(sandbox_id, key, table), table).returncode == 0
     except HostToolMissing:
         return False
+
+
+def chain_counters(listing: str) -> int | None:
+    """The sum of the counters of a chain listed by ``nft -j``: in a sandbox chain, the
+    packets its refusal rules refused. None if the listing is not one. Pure."""
+    try:
+        data = json.loads(listing)
+    except ValueError:
+        return None
+    items = data.get("nftables") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    total = 0
+    for item in items:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        exprs = rule.get("expr") if isinstance(rule, dict) else None
+        for expr in exprs if isinstance(exprs, list) else ():
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+                total += counter["packets"]
+    return total
+
+
+def refused_count(sandbox_id: str, table: PolicyTable = UID_TABLE) -> int | None:
+    """How many packets one sandbox's policy has refused so far (its chain's counters);
+    None if the chain cannot be read."""
+    argv = [_nft(), "-j", "list", "chain", *table.name.split(), chain_name(sandbox_id)]
+    try:
+        done = run_in(table.netns, argv)
+    except (HostToolMissing, OSError):
+        return None
+    return chain_counters(done.stdout) if done.returncode == 0 else None
 
 
 def installed(table: PolicyTable = UID_TABLE) -> dict[str, str]:

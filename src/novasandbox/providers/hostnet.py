@@ -1,5 +1,6 @@
 """What a networked VM holds on the host, set up before its VMM starts and released after
-it ends: its egress policy and, for "tap", its TAP (a lease and a descriptor)."""
+it ends: its egress policy, what hears of the policy's refusals (``refusals.py``) and,
+for "tap", its TAP (a lease and a descriptor)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from ..network import (
     GUEST_ADDRESS,
     GUEST_DNS,
     GUEST_NETWORK,
-    egress_allows,
+    egress_refusal,
     guest_mac,
 )
-from . import egress, netguard, tap
+from . import egress, netguard, nflog, tap
 from .base import VMSpec
+from .refusals import Refusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +48,12 @@ class GuestNet:
 
 def uses_guard(spec: VMSpec) -> bool:
     """Whether a "nat" VM's egress is decided by the seccomp guard: when its VMM has no uid
-    of its own to key nftables rules on (no root, or ``NOVASANDBOX_DROP_PRIVILEGES=0``),
-    unless it has no egress and no exposed ports, where QEMU's restricted user-mode stack
-    is enough (and stronger)."""
+    of its own to key nftables rules on (no root, or ``NOVASANDBOX_DROP_PRIVILEGES=0``).
+    That includes ``allow=[]``: QEMU's own ``restrict=on`` would refuse as much, but
+    silently (the guest's connections time out and nobody hears of them); the guard
+    refuses them at once and says so."""
     net = spec.machine.network
-    if net.mode != "nat" or spec.confine is not None:
-        return False
-    return net.allow != () or bool(net.ports)
+    return net.mode == "nat" and spec.confine is None
 
 
 class Attachment:
@@ -64,9 +65,12 @@ class Attachment:
         self.tap_fd: int | None = None
         self._tap_fresh = False
         self._policy: tuple[int | str, egress.PolicyTable] | None = None
-        self.guard_decide: netguard.Decide | None = None
+        self.guard_refuse: netguard.Refuse | None = None
         """Set when the egress policy is enforced by the seccomp guard (no root)."""
         self.guard: netguard.Guard | None = None
+        self.refusals: Refusals | None = None
+        """What the egress policy refused (a sandbox with a network backend)."""
+        self._nflog: tuple[nflog.Listener, str | None] | None = None
         net = spec.machine.network
         mac = guest_mac(spec.vm_id)
         no_egress = net.allow == ()
@@ -108,11 +112,12 @@ class Attachment:
                 rules = spec.egress
                 resolvers = egress.host_resolvers() if dns else []
 
-                def decide(address: IPv4Address, port: int) -> bool:
-                    return egress_allows(rules, address, port, resolvers)
+                def refuse(address: IPv4Address, port: int) -> str | None:
+                    return egress_refusal(rules, address, port, resolvers)
 
-                self.guard_decide = decide
-            return  # "nat" with allow=[] and no ports: slirp is restricted instead
+                self.guard_refuse = refuse
+                self.refusals = Refusals(spec.vm_id, spec.paths.network_log)
+            return
         if net.mode == "tap":
             self.tap, self._tap_fresh = tap.acquire(spec.vm_id)
             resolvers = egress.host_resolvers()
@@ -132,12 +137,28 @@ class Attachment:
                 resolvers=resolvers,
                 table=table,
                 source=self.tap.guest_address,
+                log_group=self._hear_refusals(table),
             )
             self._policy = (self.tap.name, table)
             self.tap_fd = tap.open_tap(self.tap)
         else:
-            egress.apply(spec.vm_id, spec.confine.uid, spec.egress, dns=dns)
+            group = self._hear_refusals(egress.UID_TABLE)
+            egress.apply(spec.vm_id, spec.confine.uid, spec.egress, dns=dns, log_group=group)
             self._policy = (spec.confine.uid, egress.UID_TABLE)
+
+    def _hear_refusals(self, table: egress.PolicyTable) -> int | None:
+        """Count what ``table``'s chain for this VM refuses and, where the kernel has
+        NFLOG, hear of it: the group its refusals are logged to (None: counted only)."""
+        vm_id = self.spec.vm_id
+        self.refusals = Refusals(
+            vm_id, self.spec.paths.network_log, lambda: egress.refused_count(vm_id, table)
+        )
+        loop = asyncio.get_running_loop()
+        listener = nflog.hear(table.netns, vm_id, loop, self.refusals.refused)
+        if listener is None:
+            return None
+        self._nflog = (listener, table.netns)
+        return listener.group
 
     def host_address(self, port: int, host_ports: dict[int, int]) -> str:
         """Where the host reaches guest TCP ``port``."""
@@ -146,8 +167,8 @@ class Attachment:
         return f"127.0.0.1:{host_ports[port]}"
 
     def start_guard(self, listener: int, loop: asyncio.AbstractEventLoop) -> None:
-        assert self.guard_decide is not None
-        self.guard = netguard.Guard(listener, self.guard_decide)
+        assert self.guard_refuse is not None and self.refusals is not None
+        self.guard = netguard.Guard(listener, self.guard_refuse, self.refusals.refused)
         self.guard.attach(loop)
 
     def close_fd(self) -> None:
@@ -163,6 +184,12 @@ class Attachment:
         if self.guard is not None:
             self.guard.close()
             self.guard = None
+        if self._nflog is not None:
+            listener, netns = self._nflog
+            nflog.stop_hearing(listener, self.spec.vm_id, netns)
+            self._nflog = None
+        if self.refusals is not None:
+            self.refusals.close()
         if self._policy is not None:
             key, table = self._policy
             egress.remove(self.spec.vm_id, key, table)

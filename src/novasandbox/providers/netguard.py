@@ -4,10 +4,11 @@ nftables needs root, and so does giving each VMM a uid to key rules on. Without 
 "nat" sandbox's VMM is started with a seccomp filter that turns ``connect``, ``sendto``,
 ``sendmsg`` and ``sendmmsg`` into notifications (``SECCOMP_RET_USER_NOTIF``). The owner
 process holds the filter's listener: for each call it reads the destination from the
-VMM's memory (``/proc/PID/mem``), decides with ``network.egress_allows`` (the same
+VMM's memory (``/proc/PID/mem``), decides with ``network.egress_refusal`` (the same
 policy the nftables chains implement) and lets the call go on or fails it with
-``ECONNREFUSED``. If the owner is gone, the listener is closed and every such call fails
-(``ENOSYS``): closed, not open.
+``ECONNREFUSED``, telling ``on_refused`` which rule refused it (``refusals.py``). If
+the owner is gone, the listener is closed and every such call fails (``ENOSYS``):
+closed, not open.
 
 How the filter gets there: QEMU is started through a small Python stage (``python3 -I
 -S``) that installs the filter (no_new_privs first, as an unprivileged process must),
@@ -94,8 +95,12 @@ def stage_argv(python: str, sock_fd: int) -> list[str]:
     return [python, "-I", "-S", "-c", STAGE, str(sock_fd)]
 
 
-Decide = Callable[[IPv4Address, int], bool]
-"""(address, port) -> allowed?"""
+Refuse = Callable[[IPv4Address, int], str | None]
+"""(address, port) -> the rule that refuses it (``network.REFUSAL_RULES``), or None."""
+OnRefused = Callable[[str, str, int | None, str], None]
+"""(protocol, address, port, rule code), for each refused call."""
+Refused = tuple[str, IPv4Address | None, int]
+"""(rule code, address, port) of a refused call."""
 
 
 def parse_sockaddr(raw: bytes) -> tuple[int, IPv4Address | None, int]:
@@ -112,22 +117,26 @@ def parse_sockaddr(raw: bytes) -> tuple[int, IPv4Address | None, int]:
 ALWAYS_ALLOWED_FAMILIES = (socket.AF_UNSPEC, socket.AF_UNIX, socket.AF_NETLINK)
 
 
-def verdict(family: int, address: IPv4Address | None, port: int, decide: Decide) -> bool:
-    """Whether a call towards this destination may go on. Pure."""
+def refusal(family: int, address: IPv4Address | None, port: int, refuse: Refuse) -> str | None:
+    """The rule that refuses a call towards this destination; None: it may go on. Pure."""
     if family in ALWAYS_ALLOWED_FAMILIES:
-        return True
+        return None
     if family != socket.AF_INET or address is None:
-        return False  # IPv6 and anything else: the guest has none of it
-    return decide(address, port)
+        return "not-ipv4"  # IPv6 and anything else: the guest has none of it
+    return refuse(address, port)
+
+
+PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
 
 
 class Guard:
     """The owner's side of one VMM's filter: answers its notifications on an event
-    loop until closed."""
+    loop until closed; ``on_refused`` hears of each call it refuses."""
 
-    def __init__(self, listener: int, decide: Decide) -> None:
+    def __init__(self, listener: int, refuse: Refuse, on_refused: OnRefused | None = None) -> None:
         self.listener = listener
-        self.decide = decide
+        self.refuse = refuse
+        self.on_refused = on_refused
         self.denied = 0
         self.allowed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,17 +166,40 @@ class Guard:
             return
         notif_id, pid, _flags, nr, _arch, _ip, *args = NOTIF.unpack(buf)
         try:
-            ok = self._allowed(pid, nr, args)
+            refused = self._refusal(pid, nr, args)
         except OSError:
-            ok = False
-        if ok:
+            refused = ("unreadable", None, 0)
+        if refused is None:
             self.allowed += 1
             resp = NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
         else:
             self.denied += 1
+            if self.on_refused is not None:
+                code, address, port = refused
+                protocol = self._protocol(pid, nr, args[0])  # while the call still waits
+                self.on_refused(protocol, str(address or "?"), port or None, code)
             resp = NOTIF_RESP.pack(notif_id, 0, -errno.ECONNREFUSED, 0)
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.listener, SECCOMP_IOCTL_NOTIF_SEND, resp)
+
+    def _protocol(self, pid: int, nr: int, fd: int) -> str:
+        """The protocol of the socket the call is on (a copy of it, asked with
+        SO_PROTOCOL); if it cannot be had, what QEMU's user-mode stack uses the call for
+        (connect: TCP, the send calls: UDP)."""
+        guess = "tcp" if nr == SYS_CONNECT else "udp"
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                tgid = next(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+            pidfd = _syscall(SYS_PIDFD_OPEN, tgid, 0)
+            try:
+                copy = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+            finally:
+                os.close(pidfd)
+            with socket.socket(fileno=copy) as sock:
+                number = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        except (OSError, StopIteration, ValueError):
+            return guess
+        return PROTOCOL_NAMES.get(number, str(number))
 
     def _read(self, pid: int, address: int, length: int) -> bytes:
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -175,28 +207,32 @@ class Guard:
             data = mem.read(length)
         return data
 
-    def _sockaddr_ok(self, pid: int, address: int, length: int) -> bool:
+    def _sockaddr_refusal(self, pid: int, address: int, length: int) -> Refused | None:
         if address == 0:
-            return True  # no destination: a connected socket, checked at connect
+            return None  # no destination: a connected socket, checked at connect
         raw = self._read(pid, address, min(max(length, 0), 128))
         family, ip, port = parse_sockaddr(raw)
-        return verdict(family, ip, port, self.decide)
+        code = refusal(family, ip, port, self.refuse)
+        return None if code is None else (code, ip, port)
 
-    def _allowed(self, pid: int, nr: int, args: Sequence[int]) -> bool:
+    def _refusal(self, pid: int, nr: int, args: Sequence[int]) -> Refused | None:
         if nr == SYS_CONNECT:
-            return self._sockaddr_ok(pid, args[1], args[2])
+            return self._sockaddr_refusal(pid, args[1], args[2])
         if nr == SYS_SENDTO:
-            return self._sockaddr_ok(pid, args[4], args[5])
+            return self._sockaddr_refusal(pid, args[4], args[5])
         if nr == SYS_SENDMSG:
-            return self._msghdr_ok(pid, args[1])
+            return self._msghdr_refusal(pid, args[1])
         if nr == SYS_SENDMMSG:
-            count = min(args[2], 1024)
-            return all(self._msghdr_ok(pid, args[1] + 64 * i) for i in range(count))
-        return False
+            for i in range(min(args[2], 1024)):
+                refused = self._msghdr_refusal(pid, args[1] + 64 * i)
+                if refused is not None:
+                    return refused
+            return None
+        return ("unreadable", None, 0)
 
-    def _msghdr_ok(self, pid: int, address: int) -> bool:
+    def _msghdr_refusal(self, pid: int, address: int) -> Refused | None:
         name, namelen = struct.unpack("<QI", self._read(pid, address, 12))
-        return self._sockaddr_ok(pid, name, namelen)
+        return self._sockaddr_refusal(pid, name, namelen)
 
 
 def receive_listener(sock: socket.socket, timeout: float) -> int:

@@ -255,22 +255,13 @@ def build_argv(
     return argv
 
 
-def restricted(spec: VMSpec) -> bool:
-    """Whether slirp itself refuses all egress: a "nat" VM with neither a host policy
-    (no root) nor the seccomp guard, i.e. no egress and no exposed ports. Pure."""
-    net = spec.machine.network
-    no_policy = spec.confine is None
-    return net.mode == "nat" and no_policy and net.allow == () and not net.ports
-
-
 def network_argv(spec: VMSpec, tap_fd: int | None = None) -> list[str]:
     """The network device of a networked sandbox and its backend. Pure.
 
     - "nat": QEMU's user-mode stack (slirp) on the fixed guest network, no IPv6, exposed
-      ports forwarded from the host's loopback. With an empty allow list and no root (so
-      no host policy), slirp itself is restricted: no egress at all, and no forwarded
-      ports either (a restricted slirp does not pass the guest's side of them).
-      Otherwise the host's nftables policy decides (``egress.py``).
+      ports forwarded from the host's loopback. Its egress is decided by the host's
+      nftables policy (root, ``egress.py``) or the seccomp guard (``netguard.py``), also
+      with an empty allow list: slirp's own ``restrict=on`` would refuse silently.
     - "tap": the TAP whose descriptor QEMU inherits as ``tap_fd`` (``tap.py``).
     - "detached": the device with no backend (template snapshots for networked sandboxes).
     """
@@ -291,7 +282,7 @@ def network_argv(spec: VMSpec, tap_fd: int | None = None) -> list[str]:
         f"host={GATEWAY}",
         f"dns={GUEST_DNS}",
         "ipv6=off",
-        f"restrict={'on' if restricted(spec) else 'off'}",
+        "restrict=off",
     ]
     for guest_port in net.ports:
         if guest_port not in spec.host_ports:
@@ -677,7 +668,7 @@ class QemuProvider:
             argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
             passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
-            if network is not None and network.guard_decide is not None:
+            if network is not None and network.guard_refuse is not None:
                 guard_sock, stage_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 argv = netguard.stage_argv(sys.executable, stage_sock.fileno()) + argv
                 passed += (stage_sock.fileno(),)

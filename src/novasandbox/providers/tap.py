@@ -26,13 +26,10 @@ entered the namespace) and hands QEMU the descriptor.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import json
 import os
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,13 +39,13 @@ from pathlib import Path
 
 from ..errors import NetworkError
 from . import egress
+from .netns import in_netns
 
 PREFIX = "nstap"
 SUBNET = IPv4Network("10.201.0.0/16")
 MAX_TAPS = SUBNET.num_addresses // 4
 TUNSETIFF, TUNGETIFF = 0x400454CA, 0x800454D2
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_PERSIST = 0x0002, 0x1000, 0x4000, 0x0800
-CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,45 +327,25 @@ def sweep(owner_alive: Callable[[int, int | None], bool]) -> list[str]:
     return removed
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
 def open_tap(tap: Tap) -> int:
     """A descriptor attached to ``tap`` (in the pool's namespace) for QEMU to use."""
-    result: list[int | BaseException] = []
 
-    def attach() -> None:
+    def attach() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
-            ns = netns()
-            if ns is not None:
-                ns_fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-                finally:
-                    os.close(ns_fd)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.name.encode(), flags))
-                # TUNSETIFF makes a new device when the name is unknown: a TAP that
-                # vanished (deleted by hand) must not come back unaddressed
-                got = fcntl.ioctl(fd, TUNGETIFF, struct.pack("16sH", b"", 0))
-                if not struct.unpack("16sH", got[:18])[1] & IFF_PERSIST:
-                    raise OSError(f"{tap.name} is not a prepared TAP (run: novasandbox tap up)")
-            except BaseException:
-                os.close(fd)
-                raise
-            result.append(fd)
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
+            flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.name.encode(), flags))
+            # TUNSETIFF makes a new device when the name is unknown: a TAP that
+            # vanished (deleted by hand) must not come back unaddressed
+            got = fcntl.ioctl(fd, TUNGETIFF, struct.pack("16sH", b"", 0))
+            if not struct.unpack("16sH", got[:18])[1] & IFF_PERSIST:
+                raise OSError(f"{tap.name} is not a prepared TAP (run: novasandbox tap up)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    # setns changes only the calling thread's namespace: a thread of its own, which ends
-    thread = threading.Thread(target=attach, name="novasandbox-tap")
-    thread.start()
-    thread.join()
-    outcome = result[0]
-    if isinstance(outcome, BaseException):
-        raise NetworkError(f"cannot attach to {tap.name}: {outcome}") from outcome
-    return outcome
+    try:
+        return in_netns(netns(), attach)
+    except OSError as exc:
+        raise NetworkError(f"cannot attach to {tap.name}: {exc}") from exc
