@@ -31,6 +31,7 @@ from .errors import (
     ConfigError,
     NovaSandboxError,
     SandboxExpired,
+    TemplateNotFound,
 )
 from .paths import cache_dir, state_dir
 from .providers import cgroups, tap
@@ -262,6 +263,16 @@ def run(
         raise ConfigError("--no-egress and --allow exclude each other")
     allowed = [] if no_egress else (list(allow) if allow else None)
     feed = _stdin_wanted(interactive, no_stdin)
+    try:
+        TemplateManager().get(template)
+    except TemplateNotFound as exc:
+        if template.startswith(("/", ".", "-")) or "/" in template:
+            # ``run -t / ls``: a -t meant for the command, given before it
+            exc.message += (
+                "; to pass -t to the command, put it after the command (novasandbox run "
+                "-- CMD -t ...)"
+            )
+        raise
     with Sandbox.create(
         template,
         vcpus=vcpus,

@@ -123,6 +123,10 @@ def test_interactive_passes_the_terminal_on(tmux: str, state_root: Path) -> None
 def test_options_of_the_command_need_no_double_dash(state_root: Path) -> None:
     r = cli("run", "ls", "-d", "/tmp", "/")  # -d / are ls's, not run's -t
     assert (r.returncode, r.stdout) == (0, "/\n/tmp\n"), r.stderr
+    r = cli("run", "-t", "/", "ls")  # a -t meant for ls, before it: say where it goes
+    assert r.returncode == 125
+    assert "invalid template name '/'" in r.stderr
+    assert "put it after the command (novasandbox run -- CMD -t ...)" in r.stderr
     r = cli("run", "--bogus", "true")  # an unknown option before the command: usage error
     assert r.returncode == 2
     assert "No such option '--bogus'" in r.stderr
