@@ -12,6 +12,8 @@ import hashlib
 import http.server
 import io
 import os
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -201,6 +203,17 @@ def test_the_agent_runs_on_the_system_python_without_the_venv(sb: Sandbox) -> No
             "False",
             "False",
         )
+
+
+def test_cli_run_finds_pip(state_root: Any) -> None:
+    """The issue's own words: ``novasandbox run -- python3 -m pip ...`` (the real CLI)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "novasandbox.cli", "run", "--timeout", str(PIP_TIMEOUT), "--",
+         "python3", "-m", "pip", "--version"],
+        capture_output=True, text=True, timeout=PIP_TIMEOUT + 60, env=os.environ.copy(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"from {VENV}/lib/python3.11/site-packages/pip " in done.stdout
 
 
 # ---------------------------------------------------------------------------- pip install
