@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,9 +173,9 @@ class AgentConn:
             return b"".join(chunks), frame.message()
 
 
-def start_agent() -> subprocess.Popen[bytes]:
+def start_agent(agent: Path = AGENT) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, str(AGENT), "--stdio"],
+        [sys.executable, str(agent), "--stdio"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -322,6 +324,52 @@ def test_exec_env_and_default_path(agent: AgentConn) -> None:
     # the host's environment does not leak into commands
     leak = agent.exec(["sh", "-c", 'printf "%s" "${PYTEST_CURRENT_TEST-unset}"'])
     assert leak.stdout == b"unset"
+
+
+def test_template_env_is_under_the_requests_env(tmp_path: Path) -> None:
+    """An image's template.json (beside the agent) sets the commands' default environment:
+    over the agent's built-in defaults, under what the host sends with the request."""
+    for name in ("agent.py", "protocol.py"):
+        shutil.copyfile(AGENT.parent / name, tmp_path / name)
+    (tmp_path / "template.json").write_text(
+        json.dumps({"env": {"PATH": f"/opt/v/bin:{os.defpath}:/usr/bin:/bin", "T": "t", "U": "u"}})
+    )
+    proc = start_agent(tmp_path / "agent.py")
+    conn = AgentConn(proc)
+    try:
+        probe = ["sh", "-c", 'printf "%s|%s|%s|%s" "$PATH" "$T" "$U" "$HOME"']
+        path, t, u, home = conn.exec(probe, env={"U": "call"}).stdout.decode().split("|")
+        assert path.split(":")[0] == "/opt/v/bin"
+        assert (t, u, home) == ("t", "call", "/root")
+        path, t, _, _ = conn.exec(probe, env={"PATH": "/bin:/usr/bin"}).stdout.decode().split("|")
+        assert (path, t) == ("/bin:/usr/bin", "t")
+    finally:
+        stop_agent(proc)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"env": ["PATH"]}',
+        b'{"env": {"PATH": 3}}',
+        b'{"env": {"A=B": "x"}}',
+        b'{"env": {"": "x"}}',
+        b'{"env": {"A": "x\\u0000y"}}',
+        b"\xff\xfe",
+        b'{"env": {"A": "' + b"x" * 70_000 + b'"}}',
+    ],
+)
+def test_unusable_template_defaults_are_ignored(tmp_path: Path, content: bytes) -> None:
+    from novasandbox.guest import agent as agent_module
+
+    path = tmp_path / "template.json"
+    path.write_bytes(content)
+    assert agent_module.load_template_env(str(path)) == {}
+    assert agent_module.load_template_env(str(tmp_path / "absent.json")) == {}
+    path.write_bytes(b'{"env": {"A": "1", "B": ""}}')
+    assert agent_module.load_template_env(str(path)) == {"A": "1", "B": ""}
 
 
 def test_exec_cwd(agent: AgentConn, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,13 @@ from novasandbox.errors import (
     TemplateNotFound,
 )
 from novasandbox.templates import BuiltTemplate, Template, TemplateManager
-from novasandbox.templates.build import missing_tools, require_tools
+from novasandbox.templates.build import (
+    install_guest,
+    missing_tools,
+    mmdebstrap_argv,
+    profile_script,
+    require_tools,
+)
 
 CUSTOM_TOML = """\
 name = "custom"
@@ -138,6 +146,18 @@ def test_invalid_toml(manager: TemplateManager, user_dir: Path) -> None:
         ("bad", 'name = "bad"\n[image]\nsuite = "bookworm; rm -rf /"\n'),
         ("bad", 'name = "bad"\n[image]\ndisk_size_mib = 10\n'),
         ("bad", 'name = "bad"\n[image]\ndisk_size_mib = "big"\n'),
+        ("bad", 'name = "bad"\n[image]\ncustomize = "echo hi"\n'),
+        ("bad", 'name = "bad"\n[image]\ncustomize = ["echo hi", 3]\n'),
+        ("bad", 'name = "bad"\n[image]\ncustomize = ["  "]\n'),
+        ("bad", 'name = "bad"\n[image]\ncustomize = ["echo \\u0000"]\n'),
+        ("bad", 'name = "bad"\nenv = "PATH=/bin"\n[image]\n'),
+        ("bad", 'name = "bad"\nenv = ["PATH"]\n[image]\n'),
+        ("bad", 'name = "bad"\n[env]\nPATH = 3\n[image]\n'),
+        ("bad", 'name = "bad"\n[env]\nPATH = ["/bin"]\n[image]\n'),
+        ("bad", 'name = "bad"\n[env]\n"NO-DASH" = "x"\n[image]\n'),
+        ("bad", 'name = "bad"\n[env]\n"A=B" = "x"\n[image]\n'),
+        ("bad", 'name = "bad"\n[env]\nA = "x\\u0000y"\n[image]\n'),
+        ("bad", 'name = "bad"\n[env.SUB]\nA = "x"\n[image]\n'),
     ],
 )
 def test_invalid_definitions(
@@ -153,6 +173,31 @@ def test_file_name_must_match_declared_name(manager: TemplateManager, user_dir: 
     (user_dir / "other.toml").write_text(CUSTOM_TOML)  # declares name = "custom"
     with pytest.raises(TemplateError, match="declares name"):
         manager.get("other")
+
+
+def test_customize_and_env_are_parsed(manager: TemplateManager, user_dir: Path) -> None:
+    plain = manager.get("custom")
+    assert plain.customize == ()
+    assert dict(plain.env) == {}
+    (user_dir / "custom.toml").write_text(
+        'name = "custom"\n[env]\nPATH = "/opt/x/bin:/usr/bin:/bin"\nEMPTY = ""\n'
+        '[image]\ncustomize = ["echo one > /one", "touch \'/two words\'"]\n'
+    )
+    tpl = manager.get("custom")
+    assert tpl.customize == ("echo one > /one", "touch '/two words'")
+    assert dict(tpl.env) == {"PATH": "/opt/x/bin:/usr/bin:/bin", "EMPTY": ""}
+    assert json.loads(tpl.guest_defaults()) == {"env": dict(tpl.env)}
+
+
+def test_builtin_python_template_has_pip_in_a_venv_first_on_path(
+    manager: TemplateManager,
+) -> None:
+    tpl = manager.get("python")
+    assert {"python3", "python3-venv", "ca-certificates", "curl", "git"} <= set(tpl.packages)
+    assert any("-m venv" in c and "/opt/venv" in c for c in tpl.customize)
+    assert tpl.env["PATH"].split(":")[0] == "/opt/venv/bin"
+    assert "/usr/bin" in tpl.env["PATH"].split(":")
+    assert tpl.env["VIRTUAL_ENV"] == "/opt/venv"
 
 
 # ---------------------------------------------------------------------------- digests
@@ -203,6 +248,51 @@ def test_package_order_does_not_matter(manager: TemplateManager, user_dir: Path)
         CUSTOM_TOML.replace('["python3", "curl"]', '["curl", "python3"]')
     )
     assert manager.get("custom").base_digest == before.base_digest
+
+
+def digests(tpl: Template) -> dict[str, str]:
+    return {a: getattr(tpl, a) for a in ("kernel_digest", "base_digest", "image_digest", "digest")}
+
+
+def test_customize_changes_base_and_image_digests(manager: TemplateManager, user_dir: Path) -> None:
+    before = digests(manager.get("custom"))
+    # an empty list is no customization: the base (and its cached tarball) stays the same
+    (user_dir / "custom.toml").write_text(
+        CUSTOM_TOML.replace("disk_size_mib", "customize = []\ndisk_size_mib")
+    )
+    assert digests(manager.get("custom")) == before
+    seen = {before["base_digest"]}
+    for commands in ('["echo a"]', '["echo b"]', '["echo a", "echo b"]', '["echo b", "echo a"]'):
+        (user_dir / "custom.toml").write_text(
+            CUSTOM_TOML.replace("disk_size_mib", f"customize = {commands}\ndisk_size_mib")
+        )
+        after = digests(manager.get("custom"))
+        assert after["base_digest"] not in seen  # order matters: commands run in order
+        seen.add(after["base_digest"])
+        assert after["image_digest"] != before["image_digest"]
+        assert after["digest"] != before["digest"]
+        assert after["kernel_digest"] == before["kernel_digest"]
+
+
+def test_env_changes_the_image_digest_only(manager: TemplateManager, user_dir: Path) -> None:
+    before = digests(manager.get("custom"))
+    seen = {before["image_digest"]}
+    for table in ('A = "1"', 'A = "2"', 'B = "1"', 'A = "1"\nB = "1"'):
+        (user_dir / "custom.toml").write_text(
+            CUSTOM_TOML.replace("[image]", f"[env]\n{table}\n[image]")
+        )
+        after = digests(manager.get("custom"))
+        assert after["image_digest"] not in seen
+        seen.add(after["image_digest"])
+        assert after["digest"] != before["digest"]
+        # no package or kernel to rebuild for another environment
+        assert after["base_digest"] == before["base_digest"]
+        assert after["kernel_digest"] == before["kernel_digest"]
+    # the order of the table's keys does not matter
+    (user_dir / "custom.toml").write_text(
+        CUSTOM_TOML.replace("[image]", '[env]\nB = "1"\nA = "1"\n[image]')
+    )
+    assert manager.get("custom").image_digest in seen
 
 
 def test_agent_source_changes_the_image_digest(
@@ -350,6 +440,61 @@ def test_remove(manager: TemplateManager) -> None:
 def test_remove_unknown_template(manager: TemplateManager) -> None:
     with pytest.raises(TemplateNotFound):
         manager.remove("nope")
+
+
+# ---------------------------------------------------------------------------- build steps
+
+
+def test_mmdebstrap_runs_each_customize_command_in_a_chroot(
+    manager: TemplateManager, user_dir: Path, tmp_path: Path
+) -> None:
+    commands = ["python3 -m venv /opt/venv", "echo 'it''s' \"$HOME\" > /x; chown 1000 /x"]
+    (user_dir / "custom.toml").write_text(
+        CUSTOM_TOML.replace("disk_size_mib", f"customize = {json.dumps(commands)}\ndisk_size_mib")
+    )
+    argv = mmdebstrap_argv(manager.get("custom"), tmp_path / "base.tar")
+    assert argv[-2:] == ["bookworm", str(tmp_path / "base.tar")]
+    assert "--include=python3,curl" in argv
+    hooks = [a.removeprefix("--customize-hook=") for a in argv if a.startswith("--customize-hook=")]
+    # mmdebstrap hands each hook to the shell with the new root as $1
+    assert [shlex.split(h) for h in hooks] == [
+        ["chroot", "$1", "/bin/sh", "-c", c] for c in commands
+    ]
+    # without commands: no hook
+    (user_dir / "custom.toml").write_text(CUSTOM_TOML)
+    plain = mmdebstrap_argv(manager.get("custom"), tmp_path / "base.tar")
+    assert [a for a in argv if not a.startswith("--customize-hook=")] == plain
+
+
+def test_profile_script_exports_the_env_as_given(tmp_path: Path) -> None:
+    env = {"PATH": "/opt/v/bin:/bin:/usr/bin", "ODD": 'it\'s $HOME `id` "q" \\ ;', "EMPTY": ""}
+    script = tmp_path / "profile.sh"
+    script.write_text(profile_script(env))
+    probe = r'. "$1"; printf "%s\n" "$PATH" "$ODD" "$EMPTY"'
+    out = subprocess.run(
+        ["/bin/sh", "-c", probe, "sh", str(script)], capture_output=True, text=True, env={}
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [env["PATH"], env["ODD"], ""]
+
+
+def test_install_guest_writes_the_template_defaults(
+    manager: TemplateManager, user_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    install_guest(root, manager.get("custom"))  # no env
+    defaults = root / "opt" / "novasandbox" / templates.TEMPLATE_DEFAULTS
+    assert json.loads(defaults.read_text()) == {"env": {}}
+    assert not (root / "etc" / "profile.d" / "novasandbox.sh").exists()
+    (user_dir / "custom.toml").write_text(CUSTOM_TOML.replace("[image]", '[env]\nA = "1"\n[image]'))
+    tpl = manager.get("custom")
+    install_guest(root, tpl)
+    assert defaults.read_text() == tpl.guest_defaults()
+    assert json.loads(defaults.read_text()) == {"env": {"A": "1"}}
+    assert (root / "etc" / "profile.d" / "novasandbox.sh").read_text() == profile_script(tpl.env)
+    for name in templates.GUEST_FILES:
+        assert (root / "opt" / "novasandbox" / name).is_file()
 
 
 # ---------------------------------------------------------------------------- host tools

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import queue
 import signal
@@ -78,6 +79,11 @@ once both pipes have been quiet this long, the command is reported finished (bac
 children that inherited its pipes are not waited for; what they print later is read and
 dropped, never sent under another request's id)."""
 
+TEMPLATE_DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.json")
+"""The template's defaults for commands, written beside the agent when the image was built
+(``Template.guest_defaults()``); absent outside an image."""
+_MAX_TEMPLATE_DEFAULTS = 64 * 1024
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -89,6 +95,33 @@ def _log(msg: str, level: int = 6) -> None:
             kmsg.write(f"<{level}>novasandbox-agent: {msg}\n")
     except OSError:
         print(f"novasandbox-agent: {msg}", file=sys.stderr, flush=True)
+
+
+def load_template_env(path: str = TEMPLATE_DEFAULTS) -> dict[str, str]:
+    """The template's default environment of commands (e.g. a virtual environment first
+    on PATH); empty when there is no such file or it is unusable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_TEMPLATE_DEFAULTS + 1)
+        if len(data) > _MAX_TEMPLATE_DEFAULTS:
+            raise ValueError("too large")
+        env = json.loads(data).get("env", {})
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+            for k, v in env.items()
+        ):
+            raise ValueError("env is not a table of strings")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:
+        # stderr: the console (console.log) in a guest; not the kernel log, which would
+        # be the host's when the agent runs outside a VM (--stdio)
+        print(f"novasandbox-agent: ignoring {path}: {exc}", file=sys.stderr, flush=True)
+        return {}
+    return env
+
+
+TEMPLATE_ENV = load_template_env()
 
 
 # ---------------------------------------------------------------------------- init duties
@@ -543,6 +576,7 @@ class Agent:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
         env = {"PATH": DEFAULT_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "USER": "root"}
+        env.update(TEMPLATE_ENV)  # the template's defaults, under the sandbox's and the call's
         env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
         cwd = msg.get("cwd") or GUEST_HOME
         if not os.path.isdir(cwd):

@@ -20,6 +20,13 @@ Nothing is removed behind a template's back except its older images (a rebuild
 supersedes them); ``TemplateManager.prune_plan``/``prune`` remove the kernels, bases and
 images that no defined template uses, keeping anything a caller says is in use (a live
 sandbox's disk chain, a user snapshot's files) or that a process holds open.
+
+Besides the package list, a template may carry ``[image] customize``: shell commands run
+as root in a chroot of the new root file system once its packages are installed (part
+of the base), and a top-level ``[env]`` table: the default environment of every command
+run in its sandboxes (written into the image for the guest agent, so it holds for cold
+boots and restored snapshots alike; a sandbox's ``env`` and a call's ``env`` override
+it, name by name).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import secrets
 import shutil
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,16 +49,18 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from ..snapshots import Snapshot
 
-from ..config import MachineConfig
+from ..config import MachineConfig, validate_env
 from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound
 from ..paths import cache_dir
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 GUEST_DIR = BUILTIN_DIR.parent / "guest"
 GUEST_FILES = ("init", "agent.py", "protocol.py")
+TEMPLATE_DEFAULTS = "template.json"
+"""Written beside the agent in the image: ``Template.guest_defaults()``."""
 KERNEL_RECIPE = "1"
 """Bump when the kernel build steps change in a way that changes the result."""
-IMAGE_RECIPE = "1"
+IMAGE_RECIPE = "2"
 """Bump when the image build steps change."""
 
 SHAPE_SNAPSHOTS = 4
@@ -89,6 +98,10 @@ class Template:
     kernel_source_package: str
     kernel_config: str = field(repr=False)
     source: Path
+    customize: tuple[str, ...] = ()
+    """Shell commands run in a chroot of the root file system after its packages."""
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """The default environment of commands in this template's sandboxes."""
 
     @classmethod
     def from_file(cls, path: Path) -> Template:
@@ -115,6 +128,18 @@ class Template:
             isinstance(p, str) and re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", p) for p in packages
         ):
             raise ValueError(f"invalid package list {packages!r}")
+        customize = image.get("customize", [])
+        if not isinstance(customize, list) or not all(
+            isinstance(c, str) and c.strip() and "\0" not in c for c in customize
+        ):
+            raise ValueError(f"[image] customize must be a list of shell commands: {customize!r}")
+        raw_env = data.get("env", {})
+        if not isinstance(raw_env, dict):
+            raise ValueError("env must be a table of strings")
+        try:
+            env = validate_env(raw_env)
+        except ConfigError as exc:
+            raise ValueError(f"env: {exc.message}") from None
         config_name = kernel.get("config", "kernel.config")
         config_path = path.parent / config_name
         if not config_path.is_file():
@@ -131,6 +156,8 @@ class Template:
             kernel_source_package=str(kernel.get("source_package", "linux-source-6.1")),
             kernel_config=config_path.read_text(),
             source=path,
+            customize=tuple(customize),
+            env=env,
         )
         if not re.fullmatch(r"[a-z]+", tpl.suite) or not re.fullmatch(r"[a-z]+", tpl.variant):
             raise ValueError("suite and variant must be plain words")
@@ -150,14 +177,27 @@ class Template:
 
     @property
     def base_digest(self) -> str:
-        return _sha256("base", self.suite, self.variant, *sorted(self.packages))[:16]
+        parts = ["base", self.suite, self.variant, *sorted(self.packages)]
+        if self.customize:  # "#" cannot start a package name
+            parts += ["#customize", *self.customize]
+        return _sha256(*parts)[:16]
 
     @property
     def image_digest(self) -> str:
         guest = [(GUEST_DIR / f).read_bytes() for f in GUEST_FILES]
-        return _sha256("image", IMAGE_RECIPE, self.base_digest, str(self.disk_size_mib), *guest)[
-            :16
-        ]
+        return _sha256(
+            "image",
+            IMAGE_RECIPE,
+            self.base_digest,
+            str(self.disk_size_mib),
+            self.guest_defaults(),
+            *guest,
+        )[:16]
+
+    def guest_defaults(self) -> str:
+        """What the image tells its guest agent about the template (``template.json``
+        beside the agent): the default environment of its commands."""
+        return json.dumps({"env": dict(self.env)}, sort_keys=True)
 
     @property
     def digest(self) -> str:

@@ -3,10 +3,14 @@
 * kernel: Debian's ``linux-source-6.1`` tarball, ``make tinyconfig``, our fragment merged
   on top (``kernel.config``), then ``make vmlinux``. Every option of the fragment is
   checked to have survived ``olddefconfig``.
-* base: ``mmdebstrap`` of the template's suite/variant/packages into a tarball.
-* image: the base plus our guest agent, packed into ext4 with ``mke2fs -d`` (no loop
-  devices, no mounts). The image is made read-only: sandboxes only ever see it as the
-  backing file of their own copy-on-write overlay.
+* base: ``mmdebstrap`` of the template's suite/variant/packages into a tarball (no
+  Recommends; documentation, man pages and locales excluded), then the template's
+  ``customize`` commands, each run by ``/bin/sh -c`` as root in a chroot of the new root.
+* image: the base plus our guest agent and the template's defaults for it
+  (``/opt/novasandbox/template.json``; its ``env`` also as
+  ``/etc/profile.d/novasandbox.sh`` so login shells get it), packed into ext4 with
+  ``mke2fs -d`` (no loop devices, no mounts). The image is made read-only: sandboxes
+  only ever see it as the backing file of their own copy-on-write overlay.
 
 Each artifact is written under a temporary name and renamed into place when complete,
 so an interrupted build never leaves a half artifact that looks finished.
@@ -19,16 +23,17 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import HostToolMissing, TemplateBuildError
-from . import GUEST_DIR, GUEST_FILES, Template
+from . import GUEST_DIR, GUEST_FILES, TEMPLATE_DEFAULTS, Template
 
 if TYPE_CHECKING:
     from . import TemplateManager
@@ -200,15 +205,8 @@ def build_kernel(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
     reporter.done("kernel", f"vmlinux {release} in {time.monotonic() - t0:.0f} s")
 
 
-def build_base(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
-    """mmdebstrap the template's root file system into a tarball."""
-    require_tools(IMAGE_TOOLS)
-    if os.geteuid() != 0:
-        raise TemplateBuildError("building a root file system needs root (mmdebstrap, ownership)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_suffix(".partial.tar")
-    t0 = time.monotonic()
-    reporter.step("rootfs", f"mmdebstrap {tpl.suite} ({tpl.variant}) + {' '.join(tpl.packages)}")
+def mmdebstrap_argv(tpl: Template, dest: Path) -> list[str]:
+    """The mmdebstrap command that makes the template's base tarball ``dest``."""
     argv = ["mmdebstrap", f"--variant={tpl.variant}", "--mode=root"]
     if tpl.packages:
         argv.append("--include=" + ",".join(tpl.packages))
@@ -219,7 +217,23 @@ def build_base(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
         "/usr/share/locale/*",
     ):
         argv.append(f"--dpkgopt=path-exclude={excluded}")
-    argv += ["--dpkgopt=path-include=/usr/share/doc/*/copyright", tpl.suite, str(partial)]
+    argv.append("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+    for command in tpl.customize:
+        # mmdebstrap runs a hook with the shell, the new root as $1
+        argv.append(f'--customize-hook=chroot "$1" /bin/sh -c {shlex.quote(command)}')
+    return [*argv, tpl.suite, str(dest)]
+
+
+def build_base(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
+    """mmdebstrap the template's root file system into a tarball."""
+    require_tools(IMAGE_TOOLS)
+    if os.geteuid() != 0:
+        raise TemplateBuildError("building a root file system needs root (mmdebstrap, ownership)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_suffix(".partial.tar")
+    t0 = time.monotonic()
+    reporter.step("rootfs", f"mmdebstrap {tpl.suite} ({tpl.variant}) + {' '.join(tpl.packages)}")
+    argv = mmdebstrap_argv(tpl, partial)
 
     def on_line(line: str) -> None:
         reporter.advance("rootfs", line.strip()[:100])
@@ -232,12 +246,26 @@ def build_base(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
     reporter.done("rootfs", f"base root file system in {time.monotonic() - t0:.0f} s")
 
 
-def install_guest(root: Path) -> None:
-    """Put our agent (PID 1) and basic identity files into an unpacked root file system."""
+def profile_script(env: Mapping[str, str]) -> str:
+    """``/etc/profile.d`` lines exporting the template's environment: a login shell
+    (``bash -l``) resets PATH in /etc/profile, then reads these."""
+    lines = ["# Written by NovaSandbox: the template's default environment."]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def install_guest(root: Path, tpl: Template) -> None:
+    """Put our agent (PID 1), the template's defaults for it and basic identity files
+    into an unpacked root file system."""
     target = root / "opt" / "novasandbox"
     target.mkdir(parents=True, exist_ok=True)
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, target / name)
+    (target / TEMPLATE_DEFAULTS).write_text(tpl.guest_defaults())
+    if tpl.env:
+        profile_d = root / "etc" / "profile.d"
+        profile_d.mkdir(parents=True, exist_ok=True)
+        (profile_d / "novasandbox.sh").write_text(profile_script(tpl.env))
     (target / "init").chmod(0o755)
     (target / "agent.py").chmod(0o755)
     (root / "etc" / "hostname").write_text("sandbox\n")
@@ -263,7 +291,7 @@ def build_image(
         root = work / "root"
         root.mkdir()
         _run(["tar", "-xf", str(base), "-C", str(root)], what="unpacking the base")
-        install_guest(root)
+        install_guest(root, tpl)
         if os.geteuid() == 0 and (root / "usr/bin/python3").exists():
             # Byte-compile the agent with the guest's own Python, so no sandbox pays for it.
             _run(
@@ -310,6 +338,8 @@ def build_image(
                     "kernel": str(kernel),
                     "base_digest": tpl.base_digest,
                     "packages": list(tpl.packages),
+                    "customize": list(tpl.customize),
+                    "env": dict(tpl.env),
                     "suite": tpl.suite,
                     "disk_size_mib": tpl.disk_size_mib,
                     "built_at": time.time(),
