@@ -76,6 +76,12 @@ CLI_TERMS = [
 ]
 
 
+def out_console() -> Console:
+    """stdout: the terminal's width, or (a pipe, a file) wide enough that tables and lines
+    are neither cut nor wrapped at 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=400, soft_wrap=True)
+
+
 def cli_terms(message: str) -> str:
     """A library message in the CLI's terms: flags instead of Python parameters."""
     for pattern, replacement in CLI_TERMS:
@@ -353,7 +359,7 @@ def template_list(as_json: bool) -> None:
         table.add_row(
             row["name"], "yes" if row["built"] else "no", row["digest"], row["description"]
         )
-    Console().print(table)
+    out_console().print(table)
 
 
 class RichReporter:
@@ -432,7 +438,7 @@ def snapshot_ls(as_json: bool) -> None:
         table.add_row(
             s.id, s.template, s.source_sandbox or "", f"{s.size_bytes / 1e6:.0f} MB", created
         )
-    Console().print(table)
+    out_console().print(table)
 
 
 @snapshot.command("rm")
@@ -498,7 +504,7 @@ def ls(as_json: bool, show_all: bool) -> None:
             "restored" if i.restored else "cold",
             f"{i.uptime:.0f} s",
         )
-    Console().print(table)
+    out_console().print(table)
 
 
 @main.command("network-log")
@@ -593,7 +599,7 @@ def doctor(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        c = Console()
+        c = out_console()
         c.print(f"QEMU:         {report['qemu']}")
         c.print(
             f"accelerator:  {report['accelerator']['name']} ({report['accelerator']['reason']})"
