@@ -50,6 +50,22 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------------------- statistics
 
 
+def processes_matching(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose command line contains ``text``, read
+    from /proc (what ``pgrep -af`` prints, without needing procps)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
 def write_report(report: dict[str, Any], out: Path | None, name: str) -> None:
     """Print the JSON report and write it to ``out`` (default: a timestamped file in
     benchmarks/results/)."""

@@ -277,8 +277,9 @@ def own(attack: str) -> None:
 
 def qemu_pids(state: Path) -> list[int]:
     """QEMU processes of a state directory (its path is on their command lines)."""
-    out = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
+    from bench import processes_matching
+
+    return [pid for pid, _ in processes_matching(str(state))]
 
 
 def clean_up(state: Path, env: dict[str, str]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from bench import (
     check_echo,
     host_info,
     ms,
+    processes_matching,
     setup_logging,
     summarize,
     write_report,
@@ -490,11 +490,11 @@ def targets(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def our_qemu_processes() -> list[str]:
-    """``pgrep -af qemu-system`` lines of this process's sandboxes (children or by id)."""
-    found = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+    """``pid command line`` of the QEMU processes of this process's sandboxes (children
+    or by id)."""
     ours = []
-    for line in found.stdout.splitlines():
-        pid = int(line.split()[0])
+    for pid, cmdline in processes_matching("qemu-system"):
+        line = f"{pid} {cmdline}"
         try:
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):

@@ -11,6 +11,7 @@ packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils  # guest kernel
   mmdebstrap e2fsprogs                  # guest root file system
   python3 python3-venv python3-pip      # the library
+  tmux                                  # the tests: the CLI in a real terminal
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,14 +67,20 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     shared = cache_dir()
     assert TemplateManager(shared).built("python") is not None
     before = listing(shared)
-    private = tmp_path / "cache"
+    # beside the shared cache, so that hard links work (tmp_path may be another file
+    # system); removed at the end
+    holder = Path(tempfile.mkdtemp(prefix=".nscache-test-", dir=shared.parent))
+    private = holder / "cache"
     subprocess.run(["cp", "-al", str(shared), str(private)], check=True)
     monkeypatch.setenv("NOVASANDBOX_CACHE_DIR", str(private))
     monkeypatch.delenv("NOVASANDBOX_TEMPLATE_PATH", raising=False)
     # what the copy already holds that no template uses (an older base, say) goes first:
     # each test judges only what it adds
     prune_json()
-    yield private
+    try:
+        yield private
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
     assert listing(shared) == before, "the shared cache changed"
 
 

@@ -297,8 +297,12 @@ class Netns:
     def __init__(self) -> None:
         self.name = f"nsrd{os.getpid() % 100000}"
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        # nsenter, not ``ip -n``: that also remounts /sys in a mount namespace of its own,
+        # which fails where / is not a mount point (a chroot, as on a fresh machine's CI)
         subprocess.run(
-            ["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, capture_output=True
+            ["nsenter", f"--net=/run/netns/{self.name}", "ip", "link", "set", "lo", "up"],
+            check=True,
+            capture_output=True,
         )
 
     def leftover_taps(self) -> list[str]:

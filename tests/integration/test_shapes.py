@@ -45,7 +45,10 @@ def cache(tmp_path: Path) -> Path:
     image_dir.mkdir(parents=True)
     kernel = root / built.kernel.relative_to(shared.cache)
     kernel.parent.mkdir(parents=True)
-    os.link(built.kernel, kernel)
+    try:
+        os.link(built.kernel, kernel)
+    except OSError:  # another file system (/tmp as tmpfs)
+        shutil.copyfile(built.kernel, kernel)
     shutil.copy(shared.image_dir(tpl) / "manifest.json", image_dir)
     # a copy, not a link: ``template rm`` changes the image's mode before removing it
     subprocess.run(
