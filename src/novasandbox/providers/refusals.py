@@ -58,6 +58,9 @@ class Refusals:
         self.total = 0
         """Every refusal so far, as last known (``refresh`` brings it up to date)."""
         self.unlogged = 0
+        """Refusals counted but not logged: dropped by our rate limit, or (as root) by the
+        kernel's, which the counters reveal."""
+        self._logged = 0
         self.entries: deque[RefusedConnection] = deque(maxlen=NetworkLog.MAX_ENTRIES)
         self.on_change: Callable[[], None] | None = None
         """Called (on the loop) when ``total`` changed: the sandbox rewrites its record."""
@@ -84,6 +87,7 @@ class Refusals:
             )
             self.entries.append(entry)
             self._pending.append(entry)
+            self._logged += 1
             log.warning(
                 "sandbox %s: refused %s (rule: %s)", self.sandbox_id, entry.destination, entry.rule
             )
@@ -131,6 +135,9 @@ class Refusals:
         try:
             await self.refresh()
             self._write()
+            # as root the kernel's limit drops log messages we never hear of: its counters
+            # tell how many
+            self.unlogged = max(self.unlogged, self.total - self._logged)
             if self.unlogged > self._reported_unlogged:
                 log.warning(
                     "sandbox %s: %d more refused connections were not logged (rate limit); "
