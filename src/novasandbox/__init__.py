@@ -58,7 +58,7 @@ from .network import NetworkConfig, NetworkLog, RefusedConnection
 from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-from .state import SandboxInfo
+from .records import SandboxInfo
 from .sync import CommandHandle, Pool, Sandbox
 from .templates import BuiltTemplate, Template, TemplateManager
 

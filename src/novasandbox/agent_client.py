@@ -28,8 +28,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from .config import MachineConfig
 from .errors import AgentError, AgentProtocolError, AgentTimeout, NovaSandboxError, from_agent
 from .guest.protocol import (
     ACK_STEP,
@@ -290,6 +291,23 @@ class AgentClient:
                 if time.monotonic() > deadline:
                     raise AgentTimeout("the agent channel never opened") from None
                 await asyncio.sleep(0.002)
+        return await cls.over(
+            reader, writer, deadline=deadline, hello=hello, alive=alive, on_close=on_close
+        )
+
+    @classmethod
+    async def over(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        deadline: float,
+        hello: dict[str, Any],
+        alive: Any = None,
+        on_close: Callable[[NovaSandboxError], None] | None = None,
+    ) -> AgentClient:
+        """Complete the handshake on an open byte stream to the agent (``connect``'s
+        second half; a VM's ``open_channel`` gives the stream)."""
         client = cls(reader, writer)
         client.connected_at = time.monotonic()
         try:
@@ -480,3 +498,17 @@ class AgentClient:
     async def close(self) -> None:
         self.abort(AgentError("the agent connection was closed"))
         await self.wait_closed()
+
+
+class AgentHolder(Protocol):
+    """What ``commands`` and ``files`` need of their sandbox (``AsyncSandbox``): its id,
+    its machine config (the default environment), and its agent."""
+
+    id: str
+    config: MachineConfig
+
+    def _require_agent(self) -> AgentClient:
+        """The agent, or the sandbox's own error when it has none (killed, crashed...)."""
+
+    async def _raise_if_crashed(self, grace: float = 2.0) -> None:
+        """After the channel broke: raise ``SandboxCrashed`` if the VM is ending."""

@@ -34,22 +34,19 @@ from .errors import (
     TemplateNotFound,
 )
 from .paths import cache_dir, state_dir
-from .providers import cgroups, tap
-from .providers.base import VMPaths
-from .providers.qemu import QEMU_BINARY, QEMU_IMG, choose_accel, qemu_version
+from . import warmup
+from .gc import kill_sandbox, reap, sweep_host_resources
+from .host import cgroups, tap
+from .records import list_sandboxes, read_network_log, resolve_sandbox_id
 from .sandbox import DEFAULT_LIFETIME
 from .snapshots import delete_snapshot, list_snapshots
-from .state import (
-    kill_sandbox,
-    list_sandboxes,
-    read_network_log,
-    reap,
-    resolve_sandbox_id,
-    sweep_host_resources,
-)
 from .sync import CommandHandle, Sandbox
 from .templates import TemplateManager, backing_chain, paths_held_by_processes
 from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
+from .vm import PROVIDERS, get_provider, provider_name
+from .vm.base import VMPaths
+from .vm.qemu import choose_accel, qemu_version
+from .vm.qemu_argv import QEMU_BINARY, QEMU_IMG
 
 EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
@@ -394,7 +391,7 @@ def template_build(name: str, force: bool) -> None:
     """Build NAME's kernel, root file system and image (cached; a no-op when up to date)."""
     manager = TemplateManager()
     tpl = manager.get(name)
-    if not force and manager.up_to_date(name):
+    if not force and warmup.up_to_date(manager, name):
         click.echo(f"{name}: up to date ({tpl.digest}) {manager.require_built(name).rootfs}")
         return
     t0 = time.monotonic()
@@ -405,7 +402,7 @@ def template_build(name: str, force: bool) -> None:
         console=err_console,
         transient=False,
     ) as progress:
-        built = manager.build(name, reporter=RichReporter(progress), force=force)
+        built = warmup.build(manager, name, reporter=RichReporter(progress), force=force)
     click.echo(f"{name}: built in {time.monotonic() - t0:.0f} s ({tpl.digest}) {built.rootfs}")
 
 
@@ -558,6 +555,17 @@ def doctor(as_json: bool) -> None:
     """Check this host: QEMU, accelerator, templates, missing packages."""
     report: dict[str, Any] = {}
     try:
+        name = provider_name()
+        vmm = get_provider(name)
+        report["provider"] = {
+            "name": name,
+            "isolated": vmm.capabilities.isolated,
+            "snapshots": vmm.capabilities.snapshots,
+            "available": sorted(PROVIDERS),
+        }
+    except NovaSandboxError as exc:
+        report["provider"] = {"name": "invalid", "reason": exc.message, "available": sorted(PROVIDERS)}
+    try:
         report["qemu"] = qemu_version()
     except (NovaSandboxError, OSError) as exc:
         report["qemu"] = f"missing: {exc}"
@@ -600,6 +608,11 @@ def doctor(as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         c = out_console()
+        prov = report["provider"]
+        detail = prov.get("reason") or (
+            "isolated" if prov["isolated"] else "NOT ISOLATED: guest code runs on this host"
+        )
+        c.print(f"provider:     {prov['name']} ({detail}; available: {', '.join(prov['available'])})")
         c.print(f"QEMU:         {report['qemu']}")
         c.print(
             f"accelerator:  {report['accelerator']['name']} ({report['accelerator']['reason']})"

@@ -13,9 +13,9 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .agent_client import AgentClient, AgentRequest, deadline_after
+from .agent_client import AgentClient, AgentHolder, AgentRequest, deadline_after
 from .config import resolve_guest_path, validate_byte_count, validate_env, validate_timeout
 from .errors import (
     AgentError,
@@ -27,8 +27,6 @@ from .errors import (
 )
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
 
-if TYPE_CHECKING:
-    from .sandbox import AsyncSandbox
 
 log = logging.getLogger("novasandbox")
 
@@ -101,7 +99,7 @@ class AsyncCommandHandle:
 
     def __init__(
         self,
-        sandbox: AsyncSandbox,
+        sandbox: AgentHolder,
         argv: list[str],
         timeout: float | None,
         on_stdout: OutputCallback | None,
@@ -291,7 +289,7 @@ class AsyncCommandHandle:
 class AsyncCommands:
     """``sandbox.commands``: run processes in the guest."""
 
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, sandbox: AgentHolder) -> None:
         self._sb = sandbox
 
     async def start(

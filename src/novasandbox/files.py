@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
-from .agent_client import AgentRequest, deadline_after, within
+from .agent_client import AgentHolder, AgentRequest, deadline_after, within
 from .config import resolve_guest_path, validate_byte_count, validate_timeout
 from .errors import (
     AgentProtocolError,
@@ -18,8 +18,6 @@ from .errors import (
 )
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
 
-if TYPE_CHECKING:
-    from .sandbox import AsyncSandbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +48,7 @@ class AsyncFiles:
     home directory commands run in (``GUEST_HOME``, ``/root``): ``"data.csv"`` is
     ``/root/data.csv``."""
 
-    def __init__(self, sandbox: AsyncSandbox) -> None:
+    def __init__(self, sandbox: AgentHolder) -> None:
         self._sb = sandbox
 
     async def write(

@@ -2,15 +2,15 @@
 
 - ``none`` (the default): no network device at all; the guest has loopback only.
 - ``tap`` (root): a virtio-net device backed by a TAP of the host, from a pre-created
-  pool (``providers/tap.py``): the guest is routed and masqueraded by the host kernel, on
+  pool (``host/tap.py``): the guest is routed and masqueraded by the host kernel, on
   a /30 of its own, and the host reaches it at its own address. The same allow lists
   apply, enforced in the forward and input hooks on the TAP.
 - ``nat``: a virtio-net device backed by QEMU's user-mode network stack (slirp). The
   guest is 10.0.2.15/24 behind gateway 10.0.2.2, which is also how it reaches the host's
   loopback, with a DNS forwarder at 10.0.2.3. Every connection the guest makes leaves the
   host as a socket of its VMM, so the egress policy is enforced on the host, by the kernel,
-  on that socket's owner: the VMM's own uid (``providers/egress.py``; root), or by a
-  seccomp guard on the VMM's connect and send calls (``providers/netguard.py``; no root).
+  on that socket's owner: the VMM's own uid (``host/egress.py``; root), or by a
+  seccomp guard on the VMM's connect and send calls (``host/netguard.py``; no root).
 
 Egress policy (``allow``): entries are ``ADDRESS``, ``CIDR`` or ``HOSTNAME``, each with an
 optional ``:PORT``. With ``allow=None`` the guest may reach any public address; private,
@@ -22,7 +22,7 @@ has no IPv6.
 
 Refusals: whatever the policy refuses is reported on the host, with the rule that
 refused it (``REFUSAL_RULES``): logged, counted and listed (``NetworkLog``, through
-``sandbox.network_log()``; ``providers/refusals.py``).
+``sandbox.network_log()``; ``host/refusals.py``).
 
 This module is pure: parsing, validation and address arithmetic, with no I/O except the
 name resolution that ``resolve`` does when asked.
@@ -199,8 +199,8 @@ def egress_refusal(
 ) -> str | None:
     """The rule (a ``REFUSAL_RULES`` code) by which the policy refuses ``address:port``,
     or None when it lets the guest reach it: the same decision the nftables chains make
-    (``providers/egress.py``), for the seccomp guard of VMMs run without root
-    (``providers/netguard.py``). ``rules=None``: the public internet. Pure."""
+    (``host/egress.py``), for the seccomp guard of VMMs run without root
+    (``host/netguard.py``). ``rules=None``: the public internet. Pure."""
     if port == 53 and address in resolvers:
         return None
     for rule in rules or ():
@@ -236,7 +236,7 @@ REFUSAL_RULES = {
     "unreadable": "destination unreadable",
 }
 """The rules of an egress policy that refuse traffic, by code: the code travels in the
-kernel's log prefix (``providers/egress.py``) or comes from the seccomp guard's decision;
+kernel's log prefix (``host/egress.py``) or comes from the seccomp guard's decision;
 ``describe_refusal`` words it for people."""
 
 

@@ -21,6 +21,7 @@ from .config import validate_env, validate_lifetime
 from .errors import ConfigError, NovaSandboxError, PoolClosed, SandboxError
 from .sandbox import DEFAULT_LIFETIME, AsyncSandbox
 from .templates import TemplateManager
+from .vm import get_provider
 
 log = logging.getLogger("novasandbox.pool")
 
@@ -42,6 +43,7 @@ class AsyncPool:
         timeout: float | None = DEFAULT_LIFETIME,
         parallel: int = 2,
         templates: TemplateManager | None = None,
+        provider: str | None = None,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 256:
             raise ConfigError(f"pool size must be between 1 and 256, got {size!r}")
@@ -54,7 +56,12 @@ class AsyncPool:
         """The lifetime each sandbox gets when it is acquired."""
         self.parallel = parallel
         self._templates = templates or TemplateManager()
-        self._templates.require_built(template)  # fail now, not in the background
+        self._provider = get_provider(provider).name
+        # fail now, not in the background
+        if get_provider(self._provider).capabilities.needs_image:
+            self._templates.require_built(template)
+        else:
+            self._templates.get(template)
         self._ready: collections.deque[AsyncSandbox] = collections.deque()
         self._filling = 0
         self._changed = asyncio.Condition()
@@ -87,7 +94,11 @@ class AsyncPool:
         sb: AsyncSandbox | None = None
         try:
             sb = await AsyncSandbox.create(
-                self.template, env=self.env, timeout=IDLE_LIFETIME, templates=self._templates
+                self.template,
+                env=self.env,
+                timeout=IDLE_LIFETIME,
+                templates=self._templates,
+                provider=self._provider,
             )
             try:
                 # A restored VM translates its code afresh (TCG): run the command path once

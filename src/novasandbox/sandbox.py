@@ -2,16 +2,22 @@
 
 Lifecycle (an explicit state machine)::
 
-    starting --> running --> killed
-        \\         |  ^  \\
-         +--> error |  |   +--> crashed   (the VMM exited on its own)
-                    v  |
-                   broken                 (the agent broke the protocol; back to
-                                           running when a new agent answers)
+    starting --> running <--> paused          (pause / resume)
+        |         |  ^
+        |         v  |
+        |        broken                       (the agent broke the protocol; back to
+        v                                      running when a new agent answers)
+      error                                   (create failed: all released)
 
-``create`` resolves the template, validates the machine config, starts the VM through
-the provider, connects to the guest agent and mounts the extra drives. A failure at any
-step kills the VM and removes its state directory before the error propagates.
+    running | paused | broken --> killed      (kill, or the end of its lifetime:
+                             \                 ``expired``)
+                              +-> crashed     (the VMM exited on its own)
+
+``create`` resolves the template, validates the machine config, plans what the sandbox
+holds on the host (``host.plan``), acquires it, starts the VM through the provider
+(``vm``: the only way it reaches a VMM), connects to the guest agent and mounts the
+extra drives. A failure at any step kills the VM and releases everything before the
+error propagates; ``kill`` and ``gc`` release through the same path.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import enum
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -39,7 +46,6 @@ from .errors import (
     AgentError,
     AgentProtocolError,
     ConfigError,
-    NetworkError,
     NovaSandboxError,
     SandboxCrashed,
     SandboxExpired,
@@ -48,43 +54,39 @@ from .errors import (
     VMStartError,
 )
 from .files import AsyncFiles
-from .network import (
-    EgressRule,
-    NetworkConfig,
-    NetworkLog,
-    resolve,
-)
-from .providers.base import Confinement, VMPaths, VMSpec, confinement
-from .providers.qemu import (
-    QemuProvider,
-    QemuVM,
-    choose_accel,
-    drive_serial,
-    process_start_time,
-    qemu_version,
-)
-from .snapshots import (
-    BootPlan,
-    Snapshot,
-    capture,
-    drop_unused_fork_snapshot,
-    new_snapshot_id,
-    plan_boot,
-    save_shape_snapshot,
-    snapshots_dir,
-)
-from .state import (
+from .host import cgroups
+from .host.plan import HostPlan, confinement, make_plan
+from .host.resources import HostResources, free_loopback_ports
+from .network import EgressRule, NetworkConfig, NetworkLog, resolve
+from .procfs import process_start_time
+from .records import (
     SandboxInfo,
     list_sandboxes,
     new_sandbox_id,
     read_record,
-    reap_then_vmm_uids,
-    release_host_resources,
+    release_abandoned,
+    release_record,
     remove_state,
     sandboxes_dir,
     write_record,
 )
+from .snapshots import (
+    MANIFEST,
+    BootPlan,
+    Engine,
+    Snapshot,
+    drop_unused_fork_snapshot,
+    drop_unused_fork_snapshots,
+    new_snapshot_id,
+    plan_boot,
+    saved,
+    snapshots_dir,
+    DISK,
+    MEMORY,
+)
 from .templates import BuiltTemplate, TemplateManager
+from .vm import get_provider
+from .vm.base import VM, Provider, VMPaths, VMSpec, drive_serial
 
 log = logging.getLogger("novasandbox")
 
@@ -110,36 +112,13 @@ _LIVE: dict[str, tuple[int, Path]] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-async def _egress_rules(
-    net: NetworkConfig, confine: Confinement | None
-) -> tuple[EgressRule, ...] | None:
-    """The resolved allow list of a networked sandbox (None: the public internet), checked
-    to be enforceable on this host before anything starts."""
-    if not net.enabled:
-        return ()
-    if confine is None and net.mode == "tap":
-        raise NetworkError('network="tap" needs NovaSandbox to run as root')
-    if net.allow == ():
+async def _egress_rules(net: NetworkConfig) -> tuple[EgressRule, ...] | None:
+    """The resolved allow list of a networked sandbox (None: the public internet)."""
+    if not net.enabled or net.allow == ():
         return ()
     if net.allow is None:
         return None
     return await asyncio.to_thread(resolve, net.entries())
-
-
-def free_loopback_ports(count: int) -> list[int]:
-    """Ports on 127.0.0.1 that are free now (the kernel picks them; QEMU binds them a few
-    milliseconds later, so another process could take one in between: QEMU then fails to
-    start and ``create`` says so)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @atexit.register
@@ -154,9 +133,9 @@ def _kill_leftovers() -> None:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, 0)
         info = read_record(directory)
-        if info is not None:
-            with contextlib.suppress(Exception):  # at exit: do what can be done
-                release_host_resources(info)
+        with contextlib.suppress(Exception):  # at exit: do what can be done
+            if info is not None:
+                release_record(info)
         remove_state(directory)
 
 
@@ -164,26 +143,34 @@ class AsyncSandbox:
     """A running microVM sandbox (asyncio). Create with ``await AsyncSandbox.create(...)``."""
 
     def __init__(
-        self, *, sandbox_id: str, template: str, config: MachineConfig, paths: VMPaths, accel: str
+        self,
+        *,
+        sandbox_id: str,
+        template: str,
+        config: MachineConfig,
+        paths: VMPaths,
+        provider: Provider,
+        engine: Engine,
+        plan: HostPlan,
     ) -> None:
         self.id = sandbox_id
         self.template = template
         self.config = config
         self.paths = paths
-        self.accel = accel
+        self.provider = provider
+        self.engine = engine
+        self.plan = plan
+        """What it holds on the host, decided at create (and stored in its record)."""
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self._state = SandboxState.STARTING
-        self._vm: QemuVM | None = None
+        self._vm: VM | None = None
+        self._held: HostResources | None = None
         self._agent: AgentClient | None = None
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
         self._cold_reason: str | None = None
-        self.confine: Confinement | None = None
-        """The unprivileged identity its VMM runs as, when NovaSandbox runs as root."""
-        self.host_ports: dict[int, int] = {}
-        """Exposed guest TCP port -> port on the host's 127.0.0.1."""
         self._stopping = False
         """Set once ``kill`` has begun: the VM's exit is then not a crash."""
         self.crash_reason: str | None = None
@@ -202,6 +189,16 @@ class AsyncSandbox:
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
+
+    @property
+    def accel(self) -> str:
+        """How its guest code runs ("kvm", "tcg", or the provider's own word)."""
+        return self.engine.accel
+
+    @property
+    def host_ports(self) -> dict[int, int]:
+        """Exposed guest TCP port -> port on the host's 127.0.0.1 ("nat")."""
+        return dict(self.plan.host_ports)
 
     # --- creation
 
@@ -222,6 +219,7 @@ class AsyncSandbox:
         network: str = "none",
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
+        provider: str | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox and wait until its agent answers.
 
@@ -237,29 +235,44 @@ class AsyncSandbox:
         the VM is killed and its state removed, by this process's timer, by the guest
         agent powering the VM off if this process is gone, and by the next ``gc``.
 
-        ``network="nat"`` gives the guest a network device behind QEMU's user-mode NAT,
+        ``network="nat"`` gives the guest a network device behind the VMM's user-mode NAT,
         ``"tap"`` (root) one on a TAP of the host (see ``novasandbox.network``): ``allow``
         is its egress allow list (None: the public internet; ``[]``: nothing), ``ports``
         the guest TCP ports reachable from the host (``sandbox.get_host(port)``). The
         default ``"none"`` has no network device.
+
+        ``provider`` names the VMM that runs it (``novasandbox.vm``); None: the one
+        ``NOVASANDBOX_PROVIDER`` names, else the registry's default.
         """
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
-        # what crashed owners and expired lifetimes left, and the VMM uids in use
-        taken_uids = await asyncio.to_thread(reap_then_vmm_uids)
-        accel = choose_accel()
+        vmm = get_provider(provider)
+        caps = vmm.capabilities
+        if net.mode not in caps.networks:
+            raise ConfigError(f"the {vmm.name} provider cannot attach network={net.mode!r}")
+        if drives and not caps.drives:
+            raise ConfigError(f"the {vmm.name} provider cannot attach drives")
+        # what crashed owners and expired lifetimes left; the VMM uids of those left
+        released, kept = await asyncio.to_thread(release_abandoned)
+        if released:
+            await asyncio.to_thread(drop_unused_fork_snapshots)
+        taken_uids = {i.vmm_uid for i in kept if i.vmm_uid is not None}
+        engine = vmm.engine()
         manager = templates or TemplateManager()
         env_map = validate_env(env)
         snap = from_snapshot
+        built: BuiltTemplate | None = None
         if snap is not None:
             if not isinstance(snap, Snapshot):
                 raise ConfigError("from_snapshot must be a Snapshot")
+            if not caps.snapshots:
+                raise ConfigError(f"the {vmm.name} provider cannot restore snapshots")
             if (vcpus not in (None, snap.vcpus)) or (memory_mib not in (None, snap.memory_mib)):
                 raise ConfigError("a snapshot restores with its own vcpus and memory_mib")
             if drives:
                 raise ConfigError("drives cannot be attached to a restored snapshot")
             snap.check_network(net.mode)
-            snap.check_compatible(accel.name, qemu_version())
+            snap.check_compatible(engine)
             template = snap.template
             config = MachineConfig(
                 vcpus=snap.vcpus,
@@ -267,27 +280,42 @@ class AsyncSandbox:
                 env={**snap.env, **env_map},
                 network=net,
             )
-            kernel = snap.kernel
-            plan = BootPlan(snap)
+            kernel: Path | None = snap.kernel
+            boot = BootPlan(snap)
         else:
-            built = manager.require_built(template)
+            tpl = manager.get(template)
+            if caps.needs_image:
+                built = manager.require_built(template)
             config = MachineConfig(
-                vcpus=built.template.vcpus if vcpus is None else vcpus,
-                memory_mib=built.template.memory_mib if memory_mib is None else memory_mib,
+                vcpus=tpl.vcpus if vcpus is None else vcpus,
+                memory_mib=tpl.memory_mib if memory_mib is None else memory_mib,
                 drives=tuple(drives),
                 env=env_map,
                 network=net,
             )
-            kernel = built.kernel
-            plan = plan_boot(manager, built, config, accel.name, cold=cold)
-            snap = plan.snapshot
+            kernel = built.kernel if built is not None else None
+            if built is not None:
+                restorer = engine if caps.snapshots else None
+                boot = plan_boot(manager, built, config, restorer, cold=cold)
+            else:
+                boot = BootPlan(None, f"the {vmm.name} provider boots no image")
+            snap = boot.snapshot
+        rootfs: Path | None
         if snap is not None:
-            spec_disk, disk_format, incoming = snap.disk, "qcow2", snap.memory
+            rootfs, disk_format, incoming = snap.disk, "qcow2", snap.memory
         else:
-            spec_disk, disk_format, incoming = built.rootfs, "raw", None
+            rootfs, disk_format, incoming = (built.rootfs if built else None), "raw", None
         sandbox_id = new_sandbox_id()
-        confine = confinement(sandbox_id, taken_uids)
-        egress_rules = await _egress_rules(net, confine)
+        plan = make_plan(
+            sandbox_id,
+            net,
+            config.vcpus,
+            config.memory_mib,
+            confine=confinement(sandbox_id, taken_uids) if caps.isolated else None,
+            free_ports=free_loopback_ports(len(net.ports)) if net.mode == "nat" else (),
+            cgroups=caps.isolated,
+        )
+        egress_rules = await _egress_rules(net)
         directory = sandboxes_dir() / sandbox_id
         directory.mkdir(parents=True, mode=0o700)
         sb = cls(
@@ -295,38 +323,36 @@ class AsyncSandbox:
             template=template,
             config=config,
             paths=VMPaths(directory),
-            accel=accel.name,
+            provider=vmm,
+            engine=engine,
+            plan=plan,
         )
         sb.source_snapshot = snap
-        sb._cold_reason = plan.cold_reason
-        sb.confine = confine
-        if net.mode == "nat":
-            sb.host_ports = dict(zip(net.ports, free_loopback_ports(len(net.ports)), strict=True))
+        sb._cold_reason = boot.cold_reason
         log.info(
-            "creating sandbox %s from %s by %s (%s: %s)",
+            "creating sandbox %s from %s by %s (%s %s: %s)",
             sandbox_id,
             snap.id if snap else template,
-            "restore" if snap else f"cold boot ({plan.cold_reason})",
-            accel.name,
-            accel.reason,
+            "restore" if snap else f"cold boot ({boot.cold_reason})",
+            vmm.name,
+            engine.accel,
+            vmm.accel_reason(),
         )
         spec = VMSpec(
             sandbox_id,
             config,
             kernel,
-            spec_disk,
+            rootfs,
             sb.paths,
-            accel.name,
+            engine.accel,
+            plan,
             rootfs_format=disk_format,
             incoming=incoming,
-            confine=sb.confine,
-            host_ports=sb.host_ports,
-            egress=egress_rules,
         )
         try:
-            await sb._boot(QemuProvider(), spec, boot_timeout, lifetime)
-            if plan.save_shape is not None:
-                await sb._save_shape(manager, built, plan.save_shape)
+            await sb._boot(spec, egress_rules, boot_timeout, lifetime)
+            if boot.save_shape is not None and built is not None:
+                await sb._save_shape(manager, built, boot.save_shape)
         except BaseException as exc:
             sb._state = SandboxState.ERROR
             tail = sb.console_tail()
@@ -350,10 +376,10 @@ class AsyncSandbox:
                 f"guest port {port!r} is not exposed; exposed: "
                 f"{sorted(self.config.network.ports)} (create(..., ports=[...]))"
             )
-        vm = self._vm
-        if vm is None or vm.network is None:
+        held = self._held
+        if self._vm is None or held is None or held.guest is None:
             raise SandboxNotRunning(f"sandbox {self.id} is not running")
-        return vm.network.host_address(port, self.host_ports)
+        return held.host_address(port)
 
     @property
     def restored(self) -> bool:
@@ -366,16 +392,50 @@ class AsyncSandbox:
         return self._cold_reason
 
     async def _save_shape(self, manager: TemplateManager, built: BuiltTemplate, dest: Path) -> None:
-        """Save the just-booted guest as the snapshot of its machine shape, before anyone
-        used it. A failure is logged and the sandbox goes on (unless its VM is gone)."""
+        """Save the just-booted guest (nothing run in it yet) as the snapshot of its
+        machine shape at ``dest``, before anyone used it; the VM goes on running. What
+        the host told it at boot (hostname, clock, lifetime, network settings) is told
+        again to every sandbox restored from it, and its RNG is reseeded then, as for any
+        snapshot; no environment is saved.
+
+        Written under a temporary name and renamed into place, so a half-written
+        snapshot is never used; when another process saved the same shape first, that
+        one stays. A failure is logged and the sandbox goes on (unless its VM is gone)."""
         vm, agent = self._vm, self._agent
         assert vm is not None and agent is not None
         t0 = time.monotonic()
+        if dest.exists():
+            return
+        dest.parent.mkdir(exist_ok=True)  # not its parents: a removed template stays removed
+        partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
         try:
-            snap = await save_shape_snapshot(
-                manager, built, vm, agent, self.config, self.accel, dest
+            took = await self._capture(partial, resume=True, drop_caches=False)
+            snap = saved(
+                snapshot_id=f"shape-{built.name}-{dest.name}",
+                kind="template",
+                template=built.name,
+                directory=dest,
+                files=partial,
+                kernel=built.kernel,
+                backing=built.rootfs,
+                config=self.config,
+                engine=self.engine,
+                took=took,
+                network=self.config.network.mode,
             )
+            (partial / MANIFEST).write_text(snap.manifest_text())
+            try:
+                partial.rename(dest)
+            except OSError:
+                if not dest.is_dir():
+                    raise
+                log.debug("the snapshot of %s was saved by another process first", dest)
+                shutil.rmtree(partial, ignore_errors=True)
+                return
+            with contextlib.suppress(OSError):
+                os.utime(dest)  # the most recently used
         except Exception as exc:
+            shutil.rmtree(partial, ignore_errors=True)
             log.warning(
                 "sandbox %s: could not save the snapshot of its machine shape (it boots "
                 "cold again next time): %s",
@@ -387,27 +447,74 @@ class AsyncSandbox:
             with contextlib.suppress(NovaSandboxError):  # a ping thaws a frozen root
                 await agent.call("ping", timeout=10)
             return
-        took = (time.monotonic() - t0) * 1000
-        if snap is not None:
-            self.timings["shape_saved"] = self.timings.get("ready", 0.0) + took
-            log.info(
-                "sandbox %s: saved the snapshot of its machine shape in %.0f ms (%.0f MB); "
-                "later creates of it restore",
-                self.id,
-                took,
-                snap.size_bytes / 1e6,
-            )
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        for gone in manager.evict_shape_snapshots(built.template, keep=dest):
+            log.info("evicted the least recently used shape snapshot %s", gone.name)
+        took_ms = (time.monotonic() - t0) * 1000
+        self.timings["shape_saved"] = self.timings.get("ready", 0.0) + took_ms
+        log.info(
+            "sandbox %s: saved the snapshot of its machine shape in %.0f ms (%.0f MB); "
+            "later creates of it restore",
+            self.id,
+            took_ms,
+            snap.size_bytes / 1e6,
+        )
+
+    async def _capture(
+        self,
+        directory: Path,
+        *,
+        resume: bool,
+        drop_caches: bool = True,
+        quiesce_timeout: float = 30,
+    ) -> float:
+        """Save the VM into ``directory`` (memory.bin + disk.qcow2); returns the seconds it
+        took. The guest's root file system is flushed and frozen first (optionally with
+        clean caches dropped, for a smaller memory image), so the disk cannot change while
+        the running VM's memory is saved (which leaves the VM paused); the disk is copied
+        after that. With ``resume`` the VM then continues and is thawed. On failure the
+        partial files are removed."""
+        vm, agent = self._vm, self._agent
+        if vm is None or agent is None:
+            raise SnapshotError(f"sandbox {self.id} is not running")
+        if not self.provider.capabilities.snapshots:
+            raise SnapshotError(f"the {self.provider.name} provider cannot save snapshots")
+        directory.mkdir(parents=True, exist_ok=False)
+        await agent.call("freeze", drop_caches=drop_caches, timeout=quiesce_timeout)
+        t0 = time.monotonic()
+        try:
+            await vm.save(directory / MEMORY, directory / DISK)
+            (directory / DISK).chmod(0o444)
+            (directory / MEMORY).chmod(0o444)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            took = time.monotonic() - t0
+            if resume and vm.is_running():
+                with contextlib.suppress(Exception):
+                    await vm.resume()
+                with contextlib.suppress(Exception):
+                    await agent.call("thaw", timeout=quiesce_timeout)
+        return took
 
     async def _boot(
-        self, provider: QemuProvider, spec: VMSpec, boot_timeout: float, lifetime: float | None
+        self,
+        spec: VMSpec,
+        egress_rules: tuple[EgressRule, ...] | None,
+        boot_timeout: float,
+        lifetime: float | None,
     ) -> None:
         t0 = time.monotonic()
         deadline = t0 + boot_timeout
         self._arm_lifetime(lifetime)
         self._record()
-        self._vm = await provider.start(spec)
-        if self._vm.network is not None and self._vm.network.refusals is not None:
-            self._vm.network.refusals.on_change = self._record
+        self._held = HostResources.acquire(self.plan, egress_rules, self.paths.network_log)
+        if self._held.refusals is not None:
+            self._held.refusals.on_change = self._record
+        self._vm = await self.provider.start(spec, self._held)
         with _LIVE_LOCK:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
@@ -419,12 +526,12 @@ class AsyncSandbox:
             # system, stale clock, the RNG state every other clone has too.
             snap = self.source_snapshot
             if snap is None or not snap.autostart:
-                await vm.wait_incoming(deadline)
+                await vm.wait_restored(deadline)
                 await vm.resume()
             hello.update(thaw=True, entropy=secrets.token_hex(64), time_ns=time.time_ns())
             log.debug("%s: VMM started in %.1f ms", self.id, (t_vmm - t0) * 1000)
-        self._agent = await AgentClient.connect(
-            vm.agent_socket,
+        self._agent = await AgentClient.over(
+            *await vm.open_channel(deadline),
             deadline=deadline,
             alive=vm.is_running,
             hello=hello,
@@ -463,8 +570,8 @@ class AsyncSandbox:
             "hostname": self.id,
             "lifetime_s": self._remaining_lifetime(),
         }
-        if self._vm is not None and self._vm.network is not None:
-            hello["net"] = self._vm.network.guest.hello()
+        if self._held is not None and self._held.guest is not None:
+            hello["net"] = self._held.guest.hello()
         return hello
 
     # --- a broken agent channel
@@ -493,9 +600,10 @@ class AsyncSandbox:
             if vm is None or not vm.is_running():
                 return
             try:
-                agent = await AgentClient.connect(
-                    vm.agent_socket,
-                    deadline=time.monotonic() + 3.0,
+                deadline = time.monotonic() + 3.0
+                agent = await AgentClient.over(
+                    *await vm.open_channel(deadline),
+                    deadline=deadline,
                     alive=vm.is_running,
                     hello=self._hello(),
                     on_close=self._agent_closed,
@@ -532,19 +640,18 @@ class AsyncSandbox:
                 cold_reason=self._cold_reason,
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
-                vmm_uid=self.confine.uid if self.confine else None,
-                network=self.config.network.mode,
-                ports={str(g): h for g, h in self.host_ports.items()},
-                tap=vm.network.tap.name if vm and vm.network and vm.network.tap else None,
+                plan=self.plan.to_json(),
+                provider=self.provider.name,
+                tap=self._held.tap_name if self._held else None,
                 refused=self._refusals().refused,
             ),
         )
 
     def _refusals(self) -> NetworkLog:
-        vm = self._vm
-        if vm is None or vm.network is None or vm.network.refusals is None:
+        held = self._held
+        if held is None or held.refusals is None:
             return NetworkLog(0, ())
-        return vm.network.refusals.snapshot()
+        return held.refusals.snapshot()
 
     async def network_log(self) -> NetworkLog:
         """What the egress policy has refused so far: ``refused`` counts every refused
@@ -552,10 +659,10 @@ class AsyncSandbox:
         ones logged (destination, port, protocol, and the rule that refused each). Each
         is also logged on the host (logger ``novasandbox.network``, WARNING). Empty for a
         sandbox without a network."""
-        vm = self._vm
-        if vm is None or vm.network is None or vm.network.refusals is None:
+        held = self._held
+        if held is None or held.refusals is None:
             return NetworkLog(0, ())
-        return await vm.network.refusals.refresh()
+        return await held.refusals.refresh()
 
     # --- state
 
@@ -579,25 +686,22 @@ class AsyncSandbox:
             self._record()
         return self._state
 
-    def _diagnose_exit(self, vm: QemuVM) -> str:
-        """Why the VM ended without being asked to, from its console and exit status."""
+    def _diagnose_exit(self, vm: VM) -> str:
+        """Why the VM ended without being asked to: from the guest's console (a kernel
+        panic, the end of its lifetime), the VMM (its exit status) and the host (its
+        control group's OOM killer)."""
         tail = self.console_tail(100)
         for line in reversed(tail.splitlines()):
             if "Kernel panic - not syncing:" in line:
                 return "kernel panic: " + line.split("not syncing:", 1)[1].strip()
-        code = vm.exit_code
-        if code is not None and code < 0:
-            if vm.killed_for_memory():
-                return (
-                    f"the VMM was killed by signal {-code}: the host kernel's OOM killer, "
-                    "for going over its control group's memory limit"
-                )
-            return f"the VMM was killed by signal {-code}"
-        if code:
-            return f"the VMM exited with status {code}: {vm.vmm_error()[-300:]}"
+        if self._held is not None and self._held.oom_killed():
+            return (
+                f"{vm.exit_reason()}: the host kernel's OOM killer, for going over its "
+                "control group's memory limit"
+            )
         if "lifetime is over" in tail:
             return "the guest powered off at the end of its lifetime"
-        return "the guest shut down"
+        return vm.exit_reason()
 
     def is_running(self) -> bool:
         return self.state is SandboxState.RUNNING
@@ -623,7 +727,7 @@ class AsyncSandbox:
 
     async def _raise_if_crashed(self, grace: float = 2.0) -> None:
         """After the agent channel broke: if the VM is ending, raise ``SandboxCrashed``
-        (the channel closes a moment before QEMU's exit is visible)."""
+        (the channel closes a moment before the VMM's exit is visible)."""
         deadline = time.monotonic() + grace
         while self.state is SandboxState.RUNNING and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -681,6 +785,8 @@ class AsyncSandbox:
         return await self._snapshot("user")
 
     async def _snapshot(self, kind: Literal["user", "fork"]) -> Snapshot:
+        if not self.provider.capabilities.snapshots:
+            raise SnapshotError(f"the {self.provider.name} provider cannot save snapshots")
         if self.config.drives:
             raise SnapshotError("sandboxes with extra drives cannot be snapshotted (yet)")
         async with self._op_lock:
@@ -692,26 +798,23 @@ class AsyncSandbox:
             assert vm is not None
             snap_id = new_snapshot_id()
             directory = snapshots_dir() / snap_id
-            took = await capture(vm, agent, directory, resume=True)
-            snap = Snapshot(
-                id=snap_id,
+            kernel, rootfs = vm.spec.kernel, vm.spec.rootfs
+            assert kernel is not None and rootfs is not None  # a provider with snapshots
+            took = await self._capture(directory, resume=True)
+            snap = saved(
+                snapshot_id=snap_id,
                 kind=kind,
                 template=self.template,
                 directory=directory,
-                kernel=vm.spec.kernel,
-                backing=str(vm.spec.rootfs),
-                vcpus=self.config.vcpus,
-                memory_mib=self.config.memory_mib,
-                accel=self.accel,
-                qemu_version=qemu_version(),
-                created_at=time.time(),
-                source_sandbox=self.id,
-                env=dict(self.config.env),
-                size_bytes=sum(
-                    p.stat().st_size for p in (directory / "memory.bin", directory / "disk.qcow2")
-                ),
-                save_seconds=round(took, 3),
+                files=directory,
+                kernel=kernel,
+                backing=rootfs,
+                config=self.config,
+                engine=self.engine,
+                took=took,
                 network=self.config.network.mode,
+                env=dict(self.config.env),
+                source_sandbox=self.id,
             )
             snap.write_manifest()
             if was_paused:
@@ -730,6 +833,7 @@ class AsyncSandbox:
             *(
                 AsyncSandbox.create(
                     from_snapshot=snap,
+                    provider=self.provider.name,
                     network=self.config.network.mode,
                     allow=self.config.network.allow,
                     ports=self.config.network.ports,
@@ -752,7 +856,7 @@ class AsyncSandbox:
         """Stop the VM and remove everything it had on disk. Safe to call twice.
 
         It does not depend on the guest: the VMM is stopped first (SIGKILL; a VM with
-        writable drives gets 2 s to unmount them and QEMU 1 s to flush them), then the
+        writable drives gets 2 s to unmount them and the VMM 1 s to flush them), then the
         agent channel is dropped and every call in flight fails; an operation holding
         the sandbox (a snapshot, a pause) then ends at once."""
         if self._released:
@@ -849,6 +953,8 @@ class AsyncSandbox:
             self._agent.ending(killed)
         if self._vm is not None:
             await self._vm.stop(timeout=1.0)
+        if self._held is not None:
+            await asyncio.to_thread(self._held.release)
         if self._agent is not None:
             self._agent.abort(killed)
             await self._agent.wait_closed()

@@ -25,8 +25,6 @@ same QEMU and accelerator; anything else raises ``SnapshotIncompatible``.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -37,17 +35,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from .config import MachineConfig
 from .errors import ConfigError, SnapshotError, SnapshotIncompatible, SnapshotNotFound
-from .network import DETACHED
 from .paths import state_dir
-
-if TYPE_CHECKING:
-    from .agent_client import AgentClient
-    from .config import MachineConfig
-    from .providers.qemu import QemuVM
-    from .templates import BuiltTemplate, TemplateManager
+from .records import list_sandboxes
+from .templates import BuiltTemplate, Template, TemplateManager
 
 log = logging.getLogger("novasandbox.snapshots")
 
@@ -56,7 +50,6 @@ SNAPSHOT_RECIPE = "7"
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"
 DISK = "disk.qcow2"
-WARMUP_COMMANDS = (["/bin/true"], "echo warm | cat", ["python3", "-c", "import json, os, sys"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +65,7 @@ class Snapshot:
     memory_mib: int
     accel: str
     qemu_version: str
+    """The VMM's version (the manifest's name for it predates other providers)."""
     created_at: float
     source_sandbox: str | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -131,23 +125,26 @@ class Snapshot:
             raise SnapshotNotFound(f"snapshot {snap.id} is incomplete (files missing)")
         return snap
 
+    def manifest_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
     def write_manifest(self) -> None:
         tmp = self.directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.write_text(self.manifest_text())
         tmp.replace(self.directory / MANIFEST)
 
-    def check_compatible(self, accel: str, qemu_version: str) -> None:
+    def check_compatible(self, engine: Engine) -> None:
         """Raise unless this host can restore the snapshot (files there, same VMM)."""
         if not (self.memory.is_file() and self.disk.is_file()):
             raise SnapshotNotFound(f"snapshot {self.id} was deleted (its files are gone)")
-        if accel != self.accel:
+        if engine.accel != self.accel:
             raise SnapshotIncompatible(
-                f"snapshot {self.id} was made under {self.accel}; this host uses {accel}"
+                f"snapshot {self.id} was made under {self.accel}; this host uses {engine.accel}"
             )
-        if qemu_version != self.qemu_version:
+        if engine.version != self.qemu_version:
             raise SnapshotIncompatible(
                 f"snapshot {self.id} was made by {self.qemu_version!r}; this host has "
-                f"{qemu_version!r}"
+                f"{engine.version!r}"
             )
         if not self.kernel.is_file():
             raise SnapshotIncompatible(f"snapshot {self.id}: its kernel {self.kernel} is gone")
@@ -155,6 +152,53 @@ class Snapshot:
             raise SnapshotIncompatible(
                 f"snapshot {self.id}: the image its disk is layered on ({self.backing}) is gone"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """What a saved VM state depends on besides the guest: the VMM's version and how it
+    runs guest code. A snapshot restores only under the same engine."""
+
+    accel: str
+    version: str
+
+
+def saved(
+    *,
+    snapshot_id: str,
+    kind: Literal["template", "user", "fork"],
+    template: str,
+    directory: Path,
+    files: Path,
+    kernel: Path,
+    backing: Path,
+    config: MachineConfig,
+    engine: Engine,
+    took: float,
+    network: str,
+    env: dict[str, str] | None = None,
+    source_sandbox: str | None = None,
+) -> Snapshot:
+    """The ``Snapshot`` of a VM just saved into ``files`` (``memory.bin`` and
+    ``disk.qcow2``), to live at ``directory`` (the same, or where ``files`` is renamed to)."""
+    return Snapshot(
+        id=snapshot_id,
+        kind=kind,
+        template=template,
+        directory=directory,
+        kernel=kernel,
+        vcpus=config.vcpus,
+        memory_mib=config.memory_mib,
+        accel=engine.accel,
+        qemu_version=engine.version,
+        created_at=time.time(),
+        source_sandbox=source_sandbox,
+        env=dict(env or {}),
+        size_bytes=(files / MEMORY).stat().st_size + (files / DISK).stat().st_size,
+        save_seconds=round(took, 3),
+        backing=str(backing),
+        network=network,
+    )
 
 
 def template_snapshot_key(
@@ -198,6 +242,87 @@ def shape_snapshot_key(
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def template_snapshot_dir(
+    manager: TemplateManager,
+    tpl: Template,
+    vcpus: int,
+    memory_mib: int,
+    engine: Engine,
+    *,
+    nic: bool = False,
+) -> Path:
+    """Where the template's snapshot for this machine shape and engine lives."""
+    key = template_snapshot_key(
+        tpl.image_digest, tpl.kernel_digest, engine.version, engine.accel, vcpus, memory_mib, nic
+    )
+    return manager.image_dir(tpl) / "snapshots" / key
+
+
+def template_snapshot(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    vcpus: int,
+    memory_mib: int,
+    engine: Engine,
+    *,
+    nic: bool = False,
+) -> Snapshot | None:
+    """The template's snapshot for this machine shape (with or without a network
+    device) and engine, if it was made."""
+    directory = template_snapshot_dir(manager, built.template, vcpus, memory_mib, engine, nic=nic)
+    if not directory.is_dir():
+        return None
+    try:
+        return Snapshot.load(directory)
+    except SnapshotNotFound:
+        return None
+
+
+def shape_snapshot_dir(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    vcpus: int,
+    memory_mib: int,
+    engine: Engine,
+    network: str,
+) -> Path:
+    """Where the snapshot of this machine shape lives. Its key covers what the saved
+    state depends on, the image file itself included (a rebuilt image, even with the
+    same digest, has a new key)."""
+    image = built.rootfs.stat()
+    key = shape_snapshot_key(
+        built.template.image_digest,
+        built.template.kernel_digest,
+        f"{image.st_ino}:{image.st_mtime_ns}",
+        engine.version,
+        engine.accel,
+        vcpus,
+        memory_mib,
+        network,
+    )
+    return manager.shapes_dir(built.template) / key
+
+
+def shape_snapshot(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    vcpus: int,
+    memory_mib: int,
+    engine: Engine,
+    network: str,
+) -> Snapshot | None:
+    """The saved snapshot of this machine shape (``network``: the sandbox's network
+    mode), marked as just used; None if there is none (yet)."""
+    directory = shape_snapshot_dir(manager, built, vcpus, memory_mib, engine, network)
+    try:
+        snap = Snapshot.load(directory)
+    except SnapshotNotFound:
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache: no LRU order, still usable
+        os.utime(directory)
+    return snap
+
+
 @dataclass(frozen=True, slots=True)
 class BootPlan:
     """How a new sandbox of a template starts, decided once by ``plan_boot``."""
@@ -214,29 +339,33 @@ def plan_boot(
     manager: TemplateManager,
     built: BuiltTemplate,
     config: MachineConfig,
-    accel: str,
+    engine: Engine | None,
     *,
     cold: bool,
 ) -> BootPlan:
     """Restore the template's snapshot, or the saved one of this machine shape, or boot
-    cold (and say why; the first cold boot of a shape saves a snapshot of it)."""
+    cold (and say why; the first cold boot of a shape saves a snapshot of it).
+    ``engine`` None: the provider cannot restore snapshots."""
     tpl = built.template
     net = config.network
     if cold:
         return BootPlan(None, "cold=True")
+    if engine is None:
+        return BootPlan(None, "its provider cannot restore snapshots")
     if config.drives:
         return BootPlan(None, "extra drives (a snapshot cannot have them)")
-    snap = manager.template_snapshot(built, config.vcpus, config.memory_mib, accel, nic=net.enabled)
+    vcpus, memory_mib = config.vcpus, config.memory_mib
+    snap = template_snapshot(manager, built, vcpus, memory_mib, engine, nic=net.enabled)
     if snap is not None:
         return BootPlan(snap)
-    if (config.vcpus, config.memory_mib) == (tpl.vcpus, tpl.memory_mib):
+    if (vcpus, memory_mib) == (tpl.vcpus, tpl.memory_mib):
         return BootPlan(
             None,
             f"the template's own snapshot is missing on this host "
             f"(`novasandbox template build {tpl.name}` makes it)",
         )
-    shape = f"vcpus={config.vcpus} memory_mib={config.memory_mib} network={net.mode}"
-    snap = manager.shape_snapshot(built, config.vcpus, config.memory_mib, accel, net.mode)
+    shape = f"vcpus={vcpus} memory_mib={memory_mib} network={net.mode}"
+    snap = shape_snapshot(manager, built, vcpus, memory_mib, engine, net.mode)
     if snap is not None:
         return BootPlan(snap)
     if manager.shape_snapshots == 0:
@@ -245,74 +374,10 @@ def plan_boot(
         return BootPlan(
             None, f"no snapshot of {tpl.name} for {shape} (the template cache is read-only)"
         )
-    dest = manager.shape_snapshot_dir(built, config.vcpus, config.memory_mib, accel, net.mode)
+    dest = shape_snapshot_dir(manager, built, vcpus, memory_mib, engine, net.mode)
     return BootPlan(
         None, f"no snapshot of {tpl.name} for {shape} yet: booting cold and saving one", dest
     )
-
-
-async def save_shape_snapshot(
-    manager: TemplateManager,
-    built: BuiltTemplate,
-    vm: QemuVM,
-    agent: AgentClient,
-    config: MachineConfig,
-    accel: str,
-    dest: Path,
-) -> Snapshot | None:
-    """Save a just-booted guest (nothing run in it yet) as the snapshot of its machine
-    shape at ``dest``; the VM goes on running. What the host told it at boot (hostname,
-    clock, lifetime, network settings) is told again to every sandbox restored from it,
-    and its RNG is reseeded then, as for any snapshot; no environment is saved.
-
-    Written under a temporary name and renamed into place, so a half-written snapshot is
-    never used; when another process saved the same shape first, that one stays and
-    None is returned. On failure nothing is left behind and the error propagates."""
-    if dest.exists():
-        return None
-    dest.parent.mkdir(exist_ok=True)  # not its parents: a removed template stays removed
-    partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
-    try:
-        took = await capture(vm, agent, partial, resume=True, drop_caches=False)
-        snap = Snapshot(
-            id=f"shape-{built.name}-{dest.name}",
-            kind="template",
-            template=built.name,
-            directory=dest,
-            kernel=built.kernel,
-            vcpus=config.vcpus,
-            memory_mib=config.memory_mib,
-            accel=accel,
-            qemu_version=_qemu_version(),
-            created_at=time.time(),
-            size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
-            save_seconds=round(took, 3),
-            backing=str(built.rootfs),
-            network=config.network.mode,
-        )
-        (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
-        try:
-            partial.rename(dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-            log.debug("the snapshot of %s was saved by another process first", dest)
-            shutil.rmtree(partial, ignore_errors=True)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(dest)  # the most recently used
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    for gone in manager.evict_shape_snapshots(built.template, keep=dest):
-        log.info("evicted the least recently used shape snapshot %s", gone.name)
-    return snap
-
-
-def _qemu_version() -> str:
-    from .providers.qemu import qemu_version
-
-    return qemu_version()
 
 
 def snapshots_dir() -> Path:
@@ -321,42 +386,6 @@ def snapshots_dir() -> Path:
 
 def new_snapshot_id() -> str:
     return "snap-" + secrets.token_hex(5)
-
-
-async def capture(
-    vm: QemuVM,
-    agent: AgentClient,
-    directory: Path,
-    *,
-    resume: bool,
-    drop_caches: bool = True,
-    quiesce_timeout: float = 30,
-) -> float:
-    """Save ``vm`` into ``directory`` (memory.bin + disk.qcow2); returns the seconds it
-    took. The guest's root file system is flushed and frozen first (optionally with clean
-    caches dropped, for a smaller memory image), so the disk cannot change while the
-    running VM's memory is saved (QEMU's live migration to a file, which leaves the VM
-    paused); the overlay is copied after that, once QEMU has flushed it. With ``resume``
-    the VM then continues and is thawed. On failure the partial files are removed."""
-    directory.mkdir(parents=True, exist_ok=False)
-    await agent.call("freeze", drop_caches=drop_caches, timeout=quiesce_timeout)
-    t0 = time.monotonic()
-    try:
-        await vm.save_memory(directory / MEMORY)
-        await asyncio.to_thread(shutil.copyfile, vm.spec.paths.overlay, directory / DISK)
-        (directory / DISK).chmod(0o444)
-        (directory / MEMORY).chmod(0o444)
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    finally:
-        took = time.monotonic() - t0
-        if resume and vm.is_running():
-            with contextlib.suppress(Exception):
-                await vm.resume()
-            with contextlib.suppress(Exception):
-                await agent.call("thaw", timeout=quiesce_timeout)
-    return took
 
 
 def list_snapshots(include_ephemeral: bool = False) -> list[Snapshot]:
@@ -420,8 +449,6 @@ def _snapshot_of_disk(disk: str | None) -> Snapshot | None:
 def drop_unused_fork_snapshot(snap: Snapshot) -> None:
     """A fork's snapshot lives as long as a sandbox restored from it runs, or a snapshot
     is layered on it."""
-    from .state import list_sandboxes
-
     if any(i.source_snapshot == snap.id and i.alive for i in list_sandboxes()):
         return
     if layered_on(snap):
@@ -429,64 +456,11 @@ def drop_unused_fork_snapshot(snap: Snapshot) -> None:
     shutil.rmtree(snap.directory, ignore_errors=True)
 
 
-def build_template_snapshot(
-    manager: TemplateManager, built: BuiltTemplate, *, accel: str | None = None, nic: bool = False
-) -> Snapshot:
-    """Boot the template cold with its default machine shape, save it, kill it. With
-    ``nic`` the VM has a network device (and no egress): what networked sandboxes restore.
-
-    Blocking; runs its own event loop on a worker thread, so it may be called from
-    anywhere (also from inside a running loop)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job = _build_template_snapshot(manager, built, accel, nic)
-        return pool.submit(asyncio.run, job).result()
 
 
-async def _build_template_snapshot(
-    manager: TemplateManager, built: BuiltTemplate, accel: str | None, nic: bool
-) -> Snapshot:
-    from .providers.qemu import choose_accel, qemu_version
-    from .sandbox import AsyncSandbox
-
-    tpl = built.template
-    accel = accel or choose_accel().name
-    dest = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel, nic=nic)
-    partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sb = await AsyncSandbox.create(
-        tpl.name, cold=True, timeout=None, templates=manager, network=DETACHED if nic else "none"
-    )
-    try:
-        vm, agent = sb._vm, sb._agent
-        if vm is None or agent is None:
-            raise SnapshotError("the template VM is not running")
-        # Warm up what a sandbox's first commands use (the agent's spawn path, the shell,
-        # the Python interpreter): their pages are then in the snapshot's page cache
-        # instead of being read through the disk chain after every restore.
-        for warm in WARMUP_COMMANDS:
-            await sb.commands.run(warm, timeout=60)
-        stopped = await capture(vm, agent, partial, resume=False, drop_caches=False)
-    finally:
-        await sb.kill()
-    snap = Snapshot(
-        id=f"template-{tpl.name}-{dest.name}",
-        kind="template",
-        template=tpl.name,
-        directory=dest,
-        kernel=built.kernel,
-        vcpus=tpl.vcpus,
-        memory_mib=tpl.memory_mib,
-        accel=accel,
-        qemu_version=qemu_version(),
-        created_at=time.time(),
-        size_bytes=(partial / MEMORY).stat().st_size + (partial / DISK).stat().st_size,
-        save_seconds=round(stopped, 3),
-        backing=str(built.rootfs),
-        network=DETACHED if nic else "none",
-    )
-    (partial / MANIFEST).write_text(json.dumps(snap.to_json(), indent=2))
-    if dest.exists():
-        shutil.rmtree(dest)
-    partial.rename(dest)
-    log.info("template %s snapshot saved: %s (%d bytes)", tpl.name, dest, snap.size_bytes)
-    return snap
+def drop_unused_fork_snapshots() -> None:
+    """``drop_unused_fork_snapshot`` for every fork's snapshot (after sandboxes were
+    reaped)."""
+    for snap in list_snapshots(include_ephemeral=True):
+        if snap.ephemeral:
+            drop_unused_fork_snapshot(snap)

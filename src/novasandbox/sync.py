@@ -22,10 +22,10 @@ from .errors import ConfigError
 from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
 from .network import NetworkLog
 from .pool import AsyncPool
-from .providers.base import VMPaths
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
-from .state import SandboxInfo
+from .records import SandboxInfo
+from .vm.base import VMPaths
 from .templates import TemplateManager
 
 T = TypeVar("T")
@@ -265,6 +265,7 @@ class Sandbox:
         network: str = "none",
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
+        provider: str | None = None,
     ) -> Sandbox:
         return cls(
             _Portal.call(
@@ -282,6 +283,7 @@ class Sandbox:
                     network=network,
                     allow=allow,
                     ports=ports,
+                    provider=provider,
                 )
             )
         )
@@ -415,9 +417,16 @@ class Pool:
         timeout: float | None = DEFAULT_LIFETIME,
         parallel: int = 2,
         templates: TemplateManager | None = None,
+        provider: str | None = None,
     ) -> None:
         self._inner = AsyncPool(
-            template, size, env=env, timeout=timeout, parallel=parallel, templates=templates
+            template,
+            size,
+            env=env,
+            timeout=timeout,
+            parallel=parallel,
+            templates=templates,
+            provider=provider,
         )
         _Portal.call(self._inner.start())
 

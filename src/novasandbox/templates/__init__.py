@@ -44,10 +44,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from ..snapshots import Snapshot
+from typing import Any, Literal
 
 from ..config import MachineConfig, validate_env
 from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound
@@ -290,76 +287,10 @@ class TemplateManager:
             return None
         return BuiltTemplate(tpl, kernel, rootfs, manifest)
 
-    def snapshot_dir(
-        self, tpl: Template, vcpus: int, memory_mib: int, accel: str, *, nic: bool = False
-    ) -> Path:
-        from ..providers.qemu import qemu_version
-        from ..snapshots import template_snapshot_key
-
-        key = template_snapshot_key(
-            tpl.image_digest, tpl.kernel_digest, qemu_version(), accel, vcpus, memory_mib, nic
-        )
-        return self.image_dir(tpl) / "snapshots" / key
-
-    def template_snapshot(
-        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, *, nic: bool = False
-    ) -> Snapshot | None:
-        """The template's snapshot for this machine shape (with or without a network
-        device) and host, if it was made."""
-        from ..errors import SnapshotNotFound
-        from ..snapshots import Snapshot
-
-        directory = self.snapshot_dir(built.template, vcpus, memory_mib, accel, nic=nic)
-        if not directory.is_dir():
-            return None
-        try:
-            return Snapshot.load(directory)
-        except SnapshotNotFound:
-            return None
-
     # --- snapshots of other machine shapes
 
     def shapes_dir(self, tpl: Template) -> Path:
         return self.image_dir(tpl) / "shapes"
-
-    def shape_snapshot_dir(
-        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, network: str
-    ) -> Path:
-        """Where the snapshot of this machine shape lives. Its key covers what the saved
-        state depends on, the image file itself included (a rebuilt image, even with the
-        same digest, has a new key)."""
-        from ..providers.qemu import qemu_version
-        from ..snapshots import shape_snapshot_key
-
-        image = built.rootfs.stat()
-        key = shape_snapshot_key(
-            built.template.image_digest,
-            built.template.kernel_digest,
-            f"{image.st_ino}:{image.st_mtime_ns}",
-            qemu_version(),
-            accel,
-            vcpus,
-            memory_mib,
-            network,
-        )
-        return self.shapes_dir(built.template) / key
-
-    def shape_snapshot(
-        self, built: BuiltTemplate, vcpus: int, memory_mib: int, accel: str, network: str
-    ) -> Snapshot | None:
-        """The saved snapshot of this machine shape (``network``: the sandbox's network
-        mode), marked as just used; None if there is none (yet)."""
-        from ..errors import SnapshotNotFound
-        from ..snapshots import Snapshot
-
-        directory = self.shape_snapshot_dir(built, vcpus, memory_mib, accel, network)
-        try:
-            snap = Snapshot.load(directory)
-        except SnapshotNotFound:
-            return None
-        with contextlib.suppress(OSError):  # a read-only cache: no LRU order, still usable
-            os.utime(directory)
-        return snap
 
     def evict_shape_snapshots(self, tpl: Template, keep: Path | None = None) -> tuple[Path, ...]:
         """Remove the least recently used shape snapshots beyond ``shape_snapshots`` (never
@@ -401,14 +332,6 @@ class TemplateManager:
         """Remove every shape snapshot of the template's current image."""
         shutil.rmtree(self.shapes_dir(tpl), ignore_errors=True)
 
-    def build_snapshot(self, name: str, *, accel: str | None = None, nic: bool = False) -> Snapshot:
-        """Boot the built template once with its default machine shape, wait for the
-        agent, quiesce and save it: what ``Sandbox.create`` restores by default (``nic``:
-        the variant with a network device, which networked sandboxes restore)."""
-        from ..snapshots import build_template_snapshot
-
-        return build_template_snapshot(self, self.require_built(name), accel=accel, nic=nic)
-
     def require_built(self, name: str) -> BuiltTemplate:
         built = self.built(name)
         if built is None:
@@ -417,52 +340,6 @@ class TemplateManager:
                 f"run: novasandbox template build {name}"
             )
         return built
-
-    def up_to_date(self, name: str) -> bool:
-        """Built, and snapshotted for this host's accelerator and QEMU."""
-        from ..providers.qemu import choose_accel
-
-        tpl = self.get(name)
-        built = self.built(tpl)
-        accel = choose_accel().name
-        return built is not None and all(
-            self.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel, nic=nic) is not None
-            for nic in (False, True)
-        )
-
-    def build(self, name: str, *, reporter: Any = None, force: bool = False) -> BuiltTemplate:
-        """Build whatever of the template is missing from the cache (kernel, root file
-        system, image, snapshot); a no-op when all is there."""
-        from ..providers.qemu import choose_accel
-        from .build import LogReporter, build_template
-
-        tpl = self.get(name)
-        rep = reporter or LogReporter()
-        if force or self.built(tpl) is None:
-            build_template(self, tpl, reporter=rep, force=force)
-        built = self.require_built(name)
-        accel = choose_accel().name
-        rebuilt = False
-        for nic in (False, True):
-            if not force and self.template_snapshot(
-                built, tpl.vcpus, tpl.memory_mib, accel, nic=nic
-            ):
-                continue
-            step = "snapshot (network)" if nic else "snapshot"
-            rep.step(step, "booting the template once to save its snapshot")
-            snap = self.build_snapshot(name, accel=accel, nic=nic)
-            rep.done(
-                step,
-                f"{snap.size_bytes / 1e6:.0f} MB, guest stopped {snap.save_seconds:.2f} s",
-            )
-            rebuilt = True
-        if rebuilt:
-            # the template's snapshots were made again (new QEMU, accelerator, --force):
-            # the other shapes' go with them (a rebuilt image already took them along)
-            self.remove_shape_snapshots(tpl)
-        return built
-
-    # --- the cache as a whole
 
     def cache_entries(self) -> builtins.list[CacheEntry]:
         """Every kernel, base and image in the cache, with its disk usage. Names that

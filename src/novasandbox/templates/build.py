@@ -30,13 +30,10 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 from ..errors import HostToolMissing, TemplateBuildError
-from . import GUEST_DIR, GUEST_FILES, TEMPLATE_DEFAULTS, Template
-
-if TYPE_CHECKING:
-    from . import TemplateManager
+from . import GUEST_DIR, GUEST_FILES, TEMPLATE_DEFAULTS, BuiltTemplate, Template, TemplateManager
 
 log = logging.getLogger("novasandbox.templates")
 
@@ -379,3 +376,15 @@ def build_template(
     else:
         rep.done("rootfs", f"cached ({tpl.base_digest})")
     build_image(tpl, base, manager.image_dir(tpl), kernel, rep)
+
+
+def build_artifacts(
+    manager: TemplateManager, name: str, *, reporter: Any = None, force: bool = False
+) -> BuiltTemplate:
+    """Build whatever of the template's kernel, base and image is missing from the cache
+    (all of it with ``force``); a no-op when all is there. Its snapshots are made by
+    ``novasandbox.warmup``."""
+    tpl = manager.get(name)
+    if force or manager.built(tpl) is None:
+        build_template(manager, tpl, reporter=reporter or LogReporter(), force=force)
+    return manager.require_built(name)

@@ -40,6 +40,7 @@ from pathlib import Path
 from ..errors import NetworkError
 from . import egress
 from .netns import in_netns
+from ..procfs import process_start_time
 
 PREFIX = "nstap"
 SUBNET = IPv4Network("10.201.0.0/16")
@@ -200,8 +201,6 @@ def prepare(size: int, owner: tuple[int, int | None] | None = None) -> list[Tap]
 def pool(size: int) -> Iterator[list[Tap]]:
     """``prepare(size)`` owned by this process, released when the block ends (and by
     ``gc`` if this process dies first): what a server does at start and shutdown."""
-    from .qemu import process_start_time
-
     taps = prepare(size, owner=(os.getpid(), process_start_time(os.getpid())))
     try:
         yield taps

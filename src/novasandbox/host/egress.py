@@ -49,9 +49,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from ..errors import HostToolMissing, NetworkError
+from ..paths import state_dir
 from ..network import NON_PUBLIC, EgressRule
 from . import nflog
-from .base import VMM_ID_BASE, VMM_ID_COUNT
+from .plan import VMM_ID_BASE, VMM_ID_COUNT
 
 NFT = "nft"
 
@@ -245,8 +246,6 @@ def _run(script: str, table: PolicyTable = UID_TABLE) -> subprocess.CompletedPro
 
 
 def _lock_path() -> Path:
-    from ..paths import state_dir
-
     path = state_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path / ".nft.lock"

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, ProviderError
+from .limits import CGROUP_OVERHEAD_MIB
 
 GROUP = "novasandbox"
 """The parent group under which each VMM gets its own."""
@@ -40,9 +41,6 @@ CPU_PERIOD_US = 100_000
 TASKS_BASE = 128
 """Tasks (threads) a VMM may have beyond one per vCPU: QEMU's I/O thread pool alone can
 grow to 64, and a VMM that cannot start a thread aborts."""
-MEMORY_OVERHEAD_MIB = 256
-"""Host memory a VMM may use beyond its guest's RAM: the TCG code cache (32 MiB), QEMU's
-heap, and page cache for its overlay and log."""
 ORPHAN_AGE_S = 60.0
 """An empty group this old whose sandbox is gone is swept by ``gc`` (a younger one may
 belong to a VMM about to join it)."""
@@ -59,7 +57,7 @@ class Limits:
 def limits_for(vcpus: int, memory_mib: int) -> Limits:
     """The limits of a VMM whose guest has ``vcpus`` and ``memory_mib``. Pure."""
     return Limits(
-        memory_bytes=(memory_mib + MEMORY_OVERHEAD_MIB) << 20,
+        memory_bytes=(memory_mib + CGROUP_OVERHEAD_MIB) << 20,
         tasks=TASKS_BASE + vcpus,
         cpu_quota_us=(vcpus + 1) * CPU_PERIOD_US,
     )

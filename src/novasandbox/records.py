@@ -1,8 +1,8 @@
-"""Per-sandbox state on disk: ``<state dir>/sandboxes/<id>/record.json`` beside the VM's
-sockets, console log and overlay. Records let any process list live sandboxes of this
-host, kill one by id, and reap what outlived its lifetime or its owner (``reap``),
+"""What is on disk about a sandbox: ``<state dir>/sandboxes/<id>/record.json`` beside the
+VM's sockets, console log and overlay. Records let any process list the sandboxes of
+this host, find one by id, and release what a dead one held (``release_record``),
 always checking a process's identity (pid + start time + command line) before
-signalling it, so a reused pid is never killed."""
+signalling it, so a reused pid is never killed. What to reap and when is ``gc.py``'s."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AmbiguousSandboxId, SandboxNotFound
+from .host import cgroups, refusals
+from .host.plan import Confinement, Enforcement, HostPlan
+from .host.resources import release
 from .network import NetworkLog
 from .paths import state_dir
-from .providers import cgroups, egress, refusals, tap
-from .providers.base import VMPaths
-from .providers.qemu import process_start_time
+from .procfs import process_alive, same_process
 
 RECORD = "record.json"
+NETWORK_LOG = "network.jsonl"
+"""The refusals of a sandbox's egress policy, one JSON object a line (``refusals.py``)."""
 
 
 def sandboxes_dir(root: Path | None = None) -> Path:
@@ -55,11 +58,10 @@ class SandboxInfo:
     owner_start_time: int | None = None
     deadline: float | None = None
     """When the sandbox's lifetime ends (epoch seconds); None: no limit."""
-    vmm_uid: int | None = None
-    """The unprivileged uid its VMM runs as (None: the VMM runs as its owner)."""
-    network: str = "none"
-    ports: dict[str, int] = field(default_factory=dict)
-    """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1 ("nat")."""
+    plan: dict[str, Any] | None = None
+    """What it holds on the host, as decided at create (``HostPlan``; see ``host_plan``)."""
+    provider: str = "qemu"
+    """The provider that runs its VM."""
     tap: str | None = None
     """The TAP it leases ("tap")."""
     cold_reason: str | None = None
@@ -74,12 +76,32 @@ class SandboxInfo:
         return self.source_snapshot is not None
 
     @property
+    def host_plan(self) -> HostPlan:
+        """What it holds on the host. A record written before plans were recorded gets
+        one rebuilt from its old fields (enough to release what it held)."""
+        if self.plan is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                return HostPlan.from_json(self.plan)
+        return HostPlan(self.id, "none", Enforcement.NOTHING, False, None)
+
+    @property
+    def vmm_uid(self) -> int | None:
+        """The unprivileged uid its VMM runs as (None: the VMM runs as its owner)."""
+        return self.host_plan.vmm_uid
+
+    @property
+    def network(self) -> str:
+        return self.host_plan.network
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Exposed guest TCP port (as a string) -> port on the host's 127.0.0.1 ("nat")."""
+        return {str(g): h for g, h in self.host_plan.host_ports.items()}
+
+    @property
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (same pid, same start)."""
-        start = process_start_time(self.owner_pid)
-        return start is not None and (
-            self.owner_start_time is None or start == self.owner_start_time
-        )
+        return process_alive(self.owner_pid, self.owner_start_time)
 
     @property
     def expired(self) -> bool:
@@ -88,7 +110,9 @@ class SandboxInfo:
     @property
     def alive(self) -> bool:
         """Whether the VMM process recorded for this sandbox is still that process."""
-        return self.pid is not None and _same_process(self.pid, self.pid_start_time, self.id)
+        return self.pid is not None and same_process(
+            self.pid, self.pid_start_time, vmm_marker(self.id)
+        )
 
     @property
     def uptime(self) -> float:
@@ -109,19 +133,18 @@ class SandboxInfo:
         return {
             **asdict(self),
             "alive": self.alive,
+            "vmm_uid": self.vmm_uid,
+            "network": self.network,
+            "ports": self.ports,
             "orphaned": self.orphaned,
             "restored": self.restored,
         }
 
 
-def _same_process(pid: int, start_time: int | None, sandbox_id: str) -> bool:
-    if start_time is None or process_start_time(pid) != start_time:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return f"novasandbox-{sandbox_id}".encode() in cmdline
+def vmm_marker(sandbox_id: str) -> bytes:
+    """What the command line of a sandbox's VMM process contains (every provider names
+    its process so): with the pid and start time, how its identity is checked."""
+    return f"novasandbox-{sandbox_id}".encode()
 
 
 def write_record(directory: Path, info: SandboxInfo) -> None:
@@ -137,9 +160,30 @@ def write_record(directory: Path, info: SandboxInfo) -> None:
 def read_record(directory: Path) -> SandboxInfo | None:
     try:
         data = json.loads((directory / RECORD).read_text())
+        if isinstance(data, dict) and "plan" not in data:
+            data = _from_old_record(data)
         return SandboxInfo(**data)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _from_old_record(data: dict[str, Any]) -> dict[str, Any]:
+    """A record of the version before host plans: its network fields become a plan."""
+    data = dict(data)
+    network = str(data.pop("network", "none"))
+    uid = data.pop("vmm_uid", None)
+    ports = data.pop("ports", {}) or {}
+    confine = Confinement(int(uid), int(uid)) if uid is not None else None
+    if network == "tap":
+        enforcement = Enforcement.NFT_TAP
+    elif network == "nat":
+        enforcement = Enforcement.NFT_UID if confine is not None else Enforcement.GUARD
+    else:
+        enforcement = Enforcement.NOTHING
+    host_ports = {int(g): int(h) for g, h in ports.items()}
+    plan = HostPlan(str(data["id"]), network, enforcement, True, None, host_ports, confine)
+    data["plan"] = plan.to_json()
+    return data
 
 
 def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
@@ -152,12 +196,12 @@ def list_sandboxes(root: Path | None = None) -> list[SandboxInfo]:
 
 def read_network_log(sandbox_id: str, root: Path | None = None) -> NetworkLog:
     """What a live sandbox's egress policy refused, from any process: the count its owner
-    last recorded and the entries it wrote (``providers/refusals.py``)."""
+    last recorded and the entries it wrote (``host/refusals.py``)."""
     directory = sandboxes_dir(root) / sandbox_id
     info = read_record(directory) if sandbox_id and "/" not in sandbox_id else None
     if info is None:
         raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
-    entries = refusals.read_entries(VMPaths(directory).network_log)
+    entries = refusals.read_entries(directory / NETWORK_LOG)
     return NetworkLog(max(info.refused, len(entries)), tuple(entries))
 
 
@@ -195,141 +239,52 @@ def remove_state(directory: Path) -> None:
         time.sleep(0.01)
 
 
-def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0) -> None:
-    """Kill a sandbox by id from any process: SIGKILL its VMM (after checking that the pid
-    is still that VMM), then remove its state directory."""
-    directory = sandboxes_dir(root) / sandbox_id
-    if not sandbox_id or "/" in sandbox_id or not directory.is_dir():
-        raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
-    info = read_record(directory)
-    if info is not None and info.pid is not None and info.alive:
+
+
+def release_record(info: SandboxInfo, timeout: float = 5.0) -> None:
+    """Release a sandbox that no process will release: SIGKILL its VMM (after checking
+    that the pid is still that VMM), give back what it held on the host (``release``,
+    the same path ``kill`` takes) and remove its state directory."""
+    if info.pid is not None and info.alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGKILL)
-        _wait_gone(info, timeout)
-    if info is not None:
-        release_host_resources(info)
-    remove_state(directory)
+        deadline = time.monotonic() + timeout
+        while info.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+    release(info.host_plan, info.tap)
+    remove_state(Path(info.state_dir))
 
 
-def reap(root: Path | None = None) -> list[str]:
-    """Kill and remove what no one will clean up: sandboxes past their lifetime, and
-    those whose owner process is gone (SIGKILLed mid-create or mid-run), with their
-    overlays, sockets and logs. Returns the ids reaped. Safe to run from any process
-    at any time; it is what ``novasandbox gc`` does and ``create`` runs it first."""
-    return _reap(root)[0]
-
-
-def reap_then_vmm_uids(root: Path | None = None) -> set[int]:
-    """``reap``, then the uids the VMMs of the sandboxes left run as (or are about to):
-    what ``create`` needs, from the one pass over the records."""
-    return {i.vmm_uid for i in _reap(root)[1] if i.vmm_uid is not None}
-
-
-def _reap(root: Path | None) -> tuple[list[str], list[SandboxInfo]]:
-    """The ids reaped, and the records of the sandboxes left."""
+def release_abandoned(root: Path | None = None) -> tuple[list[str], list[SandboxInfo]]:
+    """Release what no one will: sandboxes past their lifetime, and those whose owner
+    process is gone (SIGKILLed mid-create or mid-run), with their overlays, sockets and
+    logs; then the control groups whose VMM someone else killed. Returns the ids
+    released and the records of the sandboxes left. ``create`` runs it first;
+    ``gc.reap`` is it plus the snapshots of forks that were released."""
     base = sandboxes_dir(root)
     if not base.is_dir():
         return [], []
-    reaped: list[str] = []
+    released: list[str] = []
     kept: list[SandboxInfo] = []
     for directory in base.iterdir():
         if not directory.is_dir():
             continue
         info = read_record(directory)
         if info is None:
-            # a half-written entry: reap it only once it is clearly abandoned
+            # a half-written entry: remove it only once it is clearly abandoned
             try:
                 age = time.time() - directory.stat().st_mtime
             except OSError:
                 continue
             if age > 60:
                 remove_state(directory)
-                reaped.append(directory.name)
+                released.append(directory.name)
             continue
         # A crashed VM of a live owner is left alone: its owner reads the console log.
         if info.owner_alive and not info.expired:
             kept.append(info)
             continue
-        if info.pid is not None and info.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(info.pid, signal.SIGKILL)
-            _wait_gone(info)
-        release_host_resources(info)
-        remove_state(directory)
-        reaped.append(info.id)
-    # control groups whose VMM someone else killed (or whose owner died mid-create)
+        release_record(info)
+        released.append(info.id)
     cgroups.sweep(lambda name: (base / name).exists())
-    if reaped:
-        # forks' snapshots whose sandboxes were just reaped
-        from .snapshots import drop_unused_fork_snapshot, list_snapshots
-
-        for snap in list_snapshots(include_ephemeral=True):
-            if snap.ephemeral:
-                drop_unused_fork_snapshot(snap)
-    return reaped, kept
-
-
-def release_host_resources(info: SandboxInfo) -> None:
-    """What a dead VMM held outside its state directory: its control group and its
-    egress policy."""
-    cgroups.remove_group(info.id)
-    if info.network == "nat" and info.vmm_uid is not None:
-        egress.remove(info.id, info.vmm_uid)
-    if info.network == "tap" and info.tap is not None:
-        index = tap.tap_index(info.tap)
-        if index is not None:
-            egress.remove(info.id, info.tap, tap.table())
-            tap.give_back(tap.Tap(index), info.id)
-
-
-def _wait_gone(info: SandboxInfo, timeout: float = 5.0) -> None:
-    assert info.pid is not None
-    deadline = time.monotonic() + timeout
-    while _same_process(info.pid, info.pid_start_time, info.id) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def running_vmm_uids() -> set[int]:
-    """The uids that running QEMU processes (of any state directory) have."""
-    uids = set()
-    for pid in vmm_pids_under(None):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("Uid:"):
-                uids.add(int(line.split()[1]))
-    return uids
-
-
-def sweep_host_resources() -> dict[str, list[str]]:
-    """What ``reap`` does not look for on every create: egress policies whose VMM is gone.
-    (Control groups are swept by ``reap``.) Used by ``novasandbox gc``."""
-    return {
-        "egress_policies": egress.sweep(running_vmm_uids()),
-        "taps": tap.sweep(_owner_alive),
-    }
-
-
-def _owner_alive(pid: int, start_time: int | None) -> bool:
-    start = process_start_time(pid)
-    return start is not None and (start_time is None or start == start_time)
-
-
-def vmm_pids_under(root: Path | None) -> list[int]:
-    """PIDs of live QEMU processes whose command line mentions ``root`` (a state
-    directory; None: any): how tests and the soak script check that nothing outlived
-    them."""
-    needle = str(root).encode() if root is not None else b""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and needle in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return released, kept

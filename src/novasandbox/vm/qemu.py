@@ -1,0 +1,417 @@
+"""The QEMU provider: runs the QEMU process that ``qemu_argv.py`` describes, and speaks
+QMP to it (pause, resume, save, quit).
+
+Works on any Linux host: hardware KVM where the host really has it (``kvm_intel`` or
+``kvm_amd`` loaded), QEMU's software emulation (TCG) everywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import ConnectError, QMPClient
+
+from ..errors import ConfigError, HostToolMissing, ProviderError, VMStartError
+from ..host import limits, netguard
+from ..host.resources import HostResources
+from ..network import DETACHED
+from ..procfs import process_start_time
+from ..snapshots import Engine
+from .base import Capabilities, VMSpec
+from .qemu_argv import (
+    QEMU_BINARY,
+    QEMU_IMG,
+    DiskFds,
+    build_argv,
+    overlay_argv,
+)
+
+log = logging.getLogger("novasandbox.qemu")
+
+
+
+@dataclass(frozen=True, slots=True)
+class AccelChoice:
+    name: str
+    reason: str
+
+
+def choose_accel(
+    env: Mapping[str, str] | None = None,
+    sys_module: Path = Path("/sys/module"),
+    dev_kvm: Path = Path("/dev/kvm"),
+) -> AccelChoice:
+    """Pick KVM only where the host has hardware virtualization; TCG otherwise.
+
+    ``/dev/kvm`` alone is not enough: the ``kvm_pvm`` module also provides it and cannot
+    boot ordinary kernels. ``NOVASANDBOX_ACCEL=kvm|tcg`` overrides the choice.
+    """
+    env = os.environ if env is None else env
+    forced = env.get("NOVASANDBOX_ACCEL", "").strip().lower()
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise ConfigError(f"NOVASANDBOX_ACCEL must be 'kvm' or 'tcg', got {forced!r}")
+        return AccelChoice(forced, "set by NOVASANDBOX_ACCEL")
+    hardware = [m for m in ("kvm_intel", "kvm_amd") if (sys_module / m).exists()]
+    if hardware and dev_kvm.exists():
+        if os.access(dev_kvm, os.R_OK | os.W_OK):
+            return AccelChoice("kvm", f"hardware KVM ({hardware[0]} loaded, /dev/kvm usable)")
+        return AccelChoice("tcg", f"{hardware[0]} loaded but /dev/kvm is not accessible")
+    if (sys_module / "kvm_pvm").exists():
+        return AccelChoice("tcg", "/dev/kvm is kvm_pvm (cannot boot standard kernels)")
+    if dev_kvm.exists():
+        return AccelChoice("tcg", "/dev/kvm present but neither kvm_intel nor kvm_amd is loaded")
+    return AccelChoice("tcg", "no /dev/kvm on this host")
+
+
+def make_jail(spec: VMSpec) -> None:
+    """The empty root a confined QEMU is chrooted into. A networked one finds a copy of
+    the host's resolv.conf there: its DNS forwarder reads it to know where to send the
+    guest's queries."""
+    jail = spec.paths.jail
+    if spec.host.network == "none":
+        jail.mkdir(mode=0o500, exist_ok=True)
+        return
+    (jail / "etc").mkdir(mode=0o711, parents=True, exist_ok=True)
+    jail.chmod(0o711)
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        text = ""
+    resolv = jail / "etc" / "resolv.conf"
+    resolv.write_text(text)
+    resolv.chmod(0o444)
+
+
+def open_disks(spec: VMSpec) -> DiskFds:
+    """Open the VM's disks for ``build_argv``; the caller closes them (``close_disks``)
+    once QEMU has started."""
+    opened: list[int] = []
+
+    def fds(path: str | os.PathLike[str], writable: bool) -> tuple[int, ...]:
+        modes = (os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,)
+        for mode in modes:
+            opened.append(os.open(path, mode | os.O_CLOEXEC))
+        return tuple(opened[-len(modes) :])
+
+    try:
+        return DiskFds(
+            base=fds(spec.rootfs, False) if spec.rootfs is not None else (),
+            overlay=fds(spec.paths.overlay, True),
+            drives=tuple(fds(d.path, not d.read_only) for d in spec.machine.drives),
+        )
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+
+
+def inherited_fds(disks: DiskFds, incoming: int | None) -> tuple[int, ...]:
+    fds = (*disks.base, *disks.overlay, *(fd for d in disks.drives for fd in d))
+    return fds + ((incoming,) if incoming is not None else ())
+
+
+def close_disks(disks: DiskFds) -> None:
+    for fd in inherited_fds(disks, None):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def find_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HostToolMissing(name, package)
+    return path
+
+
+def qemu_version(qemu: str | None = None) -> str:
+    """QEMU's version line (cached per binary and modification time)."""
+    binary = qemu or find_tool(QEMU_BINARY, "qemu-system-x86")
+    return _qemu_version(binary, os.stat(binary).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(binary: str, mtime_ns: int) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0].strip()
+
+
+class QemuVM:
+    """One running QEMU process and its QMP connection."""
+
+    def __init__(self, spec: VMSpec, proc: subprocess.Popen[bytes]) -> None:
+        self.spec = spec
+        self._proc = proc
+        self._qmp: QMPClient | None = None
+        self._qmp_lock = asyncio.Lock()
+        self.start_time = process_start_time(proc.pid)
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def is_running(self) -> bool:
+        return self._proc.poll() is None
+
+    async def open_channel(
+        self, deadline: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the socket QEMU serves the agent's virtio-serial port on (each new
+        connection reaches the guest's port afresh)."""
+        path = str(self.spec.paths.agent_socket)
+        while True:
+            try:
+                return await asyncio.open_unix_connection(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if not self.is_running():
+                    raise VMStartError(
+                        f"the VM exited before its agent channel opened: {self.exit_reason()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise VMStartError("the agent channel never opened") from None
+                await asyncio.sleep(0.002)
+
+    async def connect_qmp(self, deadline: float) -> None:
+        """Connect QMP once QEMU listens. The socket file appears at bind(), a moment before
+        listen(), so a plain connection probes it first (the QMP client logs every failed
+        attempt as an error)."""
+        sock = str(self.spec.paths.control_socket)
+        while True:
+            if not self.is_running():
+                raise VMStartError(f"QEMU exited: {self.exit_reason()}")
+            try:
+                _, probe = await asyncio.open_unix_connection(sock)
+                probe.close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise VMStartError(f"QEMU's QMP socket never opened: {exc}") from exc
+                await asyncio.sleep(0.002)
+        qmp = QMPClient(f"novasandbox-{self.spec.vm_id}")
+        try:
+            await qmp.connect(sock)
+        except ConnectError as exc:
+            raise VMStartError(f"cannot connect to QEMU's QMP socket: {exc}") from exc
+        self._qmp = qmp
+
+    async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> object:
+        async with self._qmp_lock:
+            if self._qmp is None:
+                await self.connect_qmp(time.monotonic() + 10.0)
+        assert self._qmp is not None
+        try:
+            return await self._qmp.execute(cmd, args)
+        except Exception as exc:  # qemu.qmp's ExecuteError, or the connection went away
+            raise ProviderError(f"QMP {cmd} failed: {exc}") from exc
+
+    async def pause(self) -> None:
+        """Stop the guest's CPUs (the VM keeps its memory and devices)."""
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def wait_restored(self, deadline: float) -> None:
+        """Wait until a restore has loaded the memory snapshot (the VM is then paused)."""
+        while (status := await self.query_status()) in ("inmigrate", "prelaunch"):
+            if not self.is_running():
+                raise VMStartError(f"QEMU exited while restoring: {self.vmm_error()}")
+            if time.monotonic() > deadline:
+                raise VMStartError("QEMU did not finish loading the snapshot in time")
+            await asyncio.sleep(0.002)
+        if status not in ("paused", "postmigrate", "running"):
+            raise VMStartError(f"restore ended in state {status!r}: {self.vmm_error()}")
+
+    async def save(self, memory: Path, disk: Path, timeout: float = 120.0) -> None:
+        """Write the VM's device and memory state to ``memory`` (QMP migrate: a running
+        VM is live-migrated and ends paused, "postmigrate"; ``resume`` continues it), then
+        copy its overlay, which QEMU has flushed by then, to ``disk``.
+
+        QEMU may not open files or spawn programs (its seccomp filter): the file is
+        opened here and handed over on the QMP socket (SCM_RIGHTS)."""
+        await self._execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            async with self._qmp_lock:
+                assert self._qmp is not None
+                self._qmp.send_fd_scm(fd)
+            await self._execute("getfd", {"fdname": "snapshot"})
+        finally:
+            os.close(fd)
+        await self._execute("migrate", {"uri": "fd:snapshot"})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                detail = info.get("error-desc", "") if isinstance(info, dict) else ""
+                raise ProviderError(f"saving the VM state failed ({status}): {detail}")
+            await asyncio.sleep(0.005)
+        await asyncio.to_thread(shutil.copyfile, self.spec.paths.overlay, disk)
+
+    async def query_status(self) -> str:
+        reply = await self._execute("query-status")
+        assert isinstance(reply, dict)
+        return str(reply["status"])
+
+    def vmm_error(self) -> str:
+        try:
+            return self.spec.paths.vmm_log.read_text(errors="replace").strip()[-2000:]
+        except OSError:
+            return ""
+
+    def exit_reason(self) -> str:
+        code = self._proc.poll()
+        if code is None:
+            return "it is running"
+        if code < 0:
+            return f"the VMM was killed by signal {-code}"
+        if code:
+            return f"the VMM exited with status {code}: {self.vmm_error()[-300:]}"
+        return "the guest shut down"
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """End QEMU; idempotent. With writable drives it quits through QMP (so that QEMU
+        flushes them); otherwise, as nothing of the VM is kept, SIGKILL is enough."""
+        if self._stopped:
+            return
+        self._stopped = True
+        writable = any(not d.read_only for d in self.spec.machine.drives)
+        if writable and self.is_running():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._execute("quit"), timeout)
+            deadline = time.monotonic() + timeout
+            while self.is_running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        if self.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.disconnect(), timeout)
+            self._qmp = None
+        await asyncio.to_thread(self._proc.wait)
+
+
+class QemuProvider:
+    """Starts QEMU microVMs."""
+
+    name = "qemu"
+    capabilities = Capabilities(
+        snapshots=True,
+        networks=frozenset({"none", "nat", "tap", DETACHED}),
+        drives=True,
+        needs_image=True,
+        isolated=True,
+    )
+
+    def __init__(self, qemu: str | None = None, qemu_img: str | None = None) -> None:
+        self._qemu = qemu
+        self._qemu_img = qemu_img
+
+    @property
+    def qemu(self) -> str:
+        return self._qemu or find_tool(QEMU_BINARY, "qemu-system-x86")
+
+    @property
+    def qemu_img(self) -> str:
+        return self._qemu_img or find_tool(QEMU_IMG, "qemu-utils")
+
+    def engine(self) -> Engine:
+        return Engine(choose_accel().name, qemu_version(self._qemu))
+
+    def accel_reason(self) -> str:
+        return choose_accel().reason
+
+    def _overlay_seed(self, backing: Path, backing_format: str) -> Path:
+        """An empty qcow2 overlay of ``backing``, made once with qemu-img and kept beside
+        it; each sandbox's overlay is a copy (cheaper than running qemu-img each time)."""
+        seed = backing.parent / f".{backing.name}.overlay-seed.qcow2"
+        if not seed.is_file():
+            partial = seed.with_name(f"{seed.name}.{os.getpid()}.{time.monotonic_ns()}")
+            made = subprocess.run(
+                overlay_argv(backing, partial, self.qemu_img, backing_format),
+                capture_output=True,
+                text=True,
+            )
+            if made.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise VMStartError(f"qemu-img could not create an overlay: {made.stderr.strip()}")
+            partial.replace(seed)
+        return seed
+
+    async def start(self, spec: VMSpec, held: HostResources) -> QemuVM:
+        """Create the overlay and start QEMU (QMP is connected when first needed)."""
+        paths = spec.paths
+        if spec.kernel is None or spec.rootfs is None:
+            raise ConfigError("QEMU boots a kernel and a root file system")
+        limits.admit(spec.machine.memory_mib, limits.available_memory_mib(), limits.reserve_mib())
+        seed = self._overlay_seed(spec.rootfs, spec.rootfs_format)
+        shutil.copyfile(seed, paths.overlay)
+        if spec.host.confine is not None:
+            make_jail(spec)
+        disks = open_disks(spec)
+        incoming = None
+        proc: subprocess.Popen[bytes] | None = None
+        guard_sock: socket.socket | None = None
+        stage_sock: socket.socket | None = None
+        try:
+            if spec.incoming:
+                incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
+            tap_fd = held.tap_fd
+            argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
+            log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
+            passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
+            if held.guard_refuse is not None:
+                guard_sock, stage_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                argv = netguard.stage_argv(sys.executable, stage_sock.fileno()) + argv
+                passed += (stage_sock.fileno(),)
+            argv = held.spawn_prefix() + argv
+            with open(paths.vmm_log, "wb") as vmm_log:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=vmm_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=passed,
+                )
+            if guard_sock is not None:
+                assert stage_sock is not None
+                stage_sock.close()
+                stage_sock = None
+                listener = await asyncio.to_thread(netguard.receive_listener, guard_sock, 30.0)
+                held.start_guard(listener, asyncio.get_running_loop())
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+            raise
+        finally:
+            for sock in (guard_sock, stage_sock):
+                if sock is not None:
+                    sock.close()
+            close_disks(disks)
+            held.close_fd()
+            if incoming is not None:
+                os.close(incoming)
+        limits.limit_vmm(proc.pid, spec.machine.memory_mib)
+        log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
+        return QemuVM(spec, proc)

@@ -1,0 +1,140 @@
+"""Template warm-up: build what ``Sandbox.create`` restores by default.
+
+``build`` makes whatever of a template is missing from the cache: its kernel, base and
+image (``templates/build.py``), then its snapshots (one without and one with a network
+device, booted once each with the template's default machine shape, warmed up and
+saved). It boots sandboxes, so it sits above ``sandbox.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import shutil
+from typing import Any
+
+from .network import DETACHED
+from .sandbox import AsyncSandbox
+from .snapshots import (
+    MANIFEST,
+    Snapshot,
+    saved,
+    template_snapshot,
+    template_snapshot_dir,
+)
+from .templates import BuiltTemplate, TemplateManager
+from .templates.build import LogReporter, build_artifacts
+from .vm import get_provider
+
+log = logging.getLogger("novasandbox.warmup")
+
+WARMUP_COMMANDS = (["/bin/true"], "echo warm | cat", ["python3", "-c", "import json, os, sys"])
+"""Run in the template VM before it is saved: what a sandbox's first commands use (the
+agent's spawn path, the shell, the Python interpreter) is then in the snapshot's page
+cache instead of being read through the disk chain after every restore."""
+
+
+def up_to_date(manager: TemplateManager, name: str, provider: str | None = None) -> bool:
+    """Built, and snapshotted for this host's provider (accelerator, VMM version)."""
+    tpl = manager.get(name)
+    built = manager.built(tpl)
+    engine = get_provider(provider).engine()
+    return built is not None and all(
+        template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib, engine, nic=nic) is not None
+        for nic in (False, True)
+    )
+
+
+def build(
+    manager: TemplateManager,
+    name: str,
+    *,
+    reporter: Any = None,
+    force: bool = False,
+    provider: str | None = None,
+) -> BuiltTemplate:
+    """Build whatever of the template is missing from the cache (kernel, root file
+    system, image, snapshots); a no-op when all is there."""
+    tpl = manager.get(name)
+    rep = reporter or LogReporter()
+    built = build_artifacts(manager, name, reporter=rep, force=force)
+    engine = get_provider(provider).engine()
+    rebuilt = False
+    for nic in (False, True):
+        if not force and template_snapshot(
+            manager, built, tpl.vcpus, tpl.memory_mib, engine, nic=nic
+        ):
+            continue
+        step = "snapshot (network)" if nic else "snapshot"
+        rep.step(step, "booting the template once to save its snapshot")
+        snap = build_snapshot(manager, built, nic=nic, provider=provider)
+        rep.done(step, f"{snap.size_bytes / 1e6:.0f} MB, guest stopped {snap.save_seconds:.2f} s")
+        rebuilt = True
+    if rebuilt:
+        # the template's snapshots were made again (new VMM, accelerator, --force): the
+        # other shapes' go with them (a rebuilt image already took them along)
+        manager.remove_shape_snapshots(tpl)
+    return built
+
+
+def build_snapshot(
+    manager: TemplateManager,
+    built: BuiltTemplate,
+    *,
+    nic: bool = False,
+    provider: str | None = None,
+) -> Snapshot:
+    """Boot the template cold with its default machine shape, warm it up, save it, kill
+    it. With ``nic`` the VM has a network device (and no egress): what networked
+    sandboxes restore.
+
+    Blocking; runs its own event loop on a worker thread, so it may be called from
+    anywhere (also from inside a running loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = _build_snapshot(manager, built, nic, provider)
+        return pool.submit(asyncio.run, job).result()
+
+
+async def _build_snapshot(
+    manager: TemplateManager, built: BuiltTemplate, nic: bool, provider: str | None
+) -> Snapshot:
+    tpl = built.template
+    engine = get_provider(provider).engine()
+    dest = template_snapshot_dir(manager, tpl, tpl.vcpus, tpl.memory_mib, engine, nic=nic)
+    partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sb = await AsyncSandbox.create(
+        tpl.name,
+        cold=True,
+        timeout=None,
+        templates=manager,
+        network=DETACHED if nic else "none",
+        provider=provider,
+    )
+    try:
+        for warm in WARMUP_COMMANDS:
+            await sb.commands.run(warm, timeout=60)
+        took = await sb._capture(partial, resume=False, drop_caches=False)
+        snap = saved(
+            snapshot_id=f"template-{tpl.name}-{dest.name}",
+            kind="template",
+            template=tpl.name,
+            directory=dest,
+            files=partial,
+            kernel=built.kernel,
+            backing=built.rootfs,
+            config=sb.config,
+            engine=engine,
+            took=took,
+            network=DETACHED if nic else "none",
+        )
+    finally:
+        await sb.kill()
+    (partial / MANIFEST).write_text(snap.manifest_text())
+    if dest.exists():
+        shutil.rmtree(dest)
+    partial.rename(dest)
+    log.info("template %s snapshot saved: %s (%d bytes)", tpl.name, dest, snap.size_bytes)
+    return snap
