@@ -38,6 +38,7 @@ from .guest.protocol import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     WINDOW,
+    ErrorCode,
     Frame,
     FrameDecoder,
     Kind,
@@ -197,7 +198,7 @@ class AgentRequest:
             raise error from None
         self.finished = msg["op"] not in INTERIM
         if msg["op"] == "error":
-            raise from_agent(msg["code"], msg["message"], path)
+            raise from_agent(ErrorCode(msg["code"]), msg["message"], path)
         return msg
 
     async def wait(self, deadline: float | None, what: str) -> None:
