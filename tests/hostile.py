@@ -157,7 +157,7 @@ def handle(port, rid, msg):
     elif op == "hello":
         port.send(message(rid, {
             "op": "hello", "version": msg.get("version"), "agent": "fake",
-            "features": [], "kernel": "fake", "pid": os.getpid(),
+            "kernel": "fake", "pid": os.getpid(),
         }))
     elif MODE in ("flood", "msgflood") and op == "exec":
         port.send(message(rid, {"op": "started", "pid": 1}))

@@ -39,6 +39,7 @@ from .guest.protocol import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
     WINDOW,
+    ErrorCode,
     Frame,
     FrameDecoder,
     Kind,
@@ -198,7 +199,7 @@ class AgentRequest:
             raise error from None
         self.finished = msg["op"] not in INTERIM
         if msg["op"] == "error":
-            raise from_agent(msg["code"], msg["message"], path)
+            raise from_agent(ErrorCode(msg["code"]), msg["message"], path)
         return msg
 
     async def wait(self, deadline: float | None, what: str) -> None:

@@ -12,7 +12,6 @@ import shlex
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .agent_client import AgentClient, AgentHolder, AgentRequest, deadline_after
@@ -24,9 +23,10 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     ConfigError,
+    NovaSandboxError,
 )
-from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
-
+from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
+from .results import CommandResult
 
 log = logging.getLogger("novasandbox")
 
@@ -45,25 +45,6 @@ _SEND_TIMEOUT = 30.0
 _START_TIMEOUT = 30.0
 """Seconds the agent has to start a command (less if the command's own deadline is
 sooner)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a finished command produced."""
-
-    argv: tuple[str, ...]
-    exit_code: int
-    stdout: str
-    stderr: str
-    signal: int | None = None
-    duration: float = 0.0
-    stdout_dropped: int = 0
-    """Bytes of stdout not kept because of ``max_output`` (the callback saw them all)."""
-    stderr_dropped: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 def _normalize_argv(cmd: str | Sequence[str]) -> list[str]:
@@ -277,8 +258,8 @@ class AsyncCommandHandle:
         agent = self._sb._require_agent()
         try:
             await agent.call("signal", target=self._req.id, signal=int(sig))
-        except AgentError as exc:
-            if "no-such-process" not in str(exc):
+        except NovaSandboxError as exc:
+            if exc.agent_code is not ErrorCode.NO_SUCH_PROCESS:
                 raise
 
     async def kill(self) -> None:

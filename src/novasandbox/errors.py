@@ -12,6 +12,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     ├── HostToolMissing                 host-tool-missing
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
+    │   ├── NetworkError                network-error
     │   └── VMStartError                vm-start-failed
     ├── SandboxError                    sandbox-error
     │   ├── SandboxNotFound             sandbox-not-found
@@ -41,21 +42,26 @@ that the CLI prints and that survives JSON, so callers can branch on it.
 
 Lower-layer exceptions (OSError, the QMP client's errors, the wire codec's
 ``ProtocolError``) are mapped to the most specific class here and chained with
-``raise ... from``.
+``raise ... from``. An error the guest agent reported keeps the agent's code (the wire's
+table, ``guest.protocol.ErrorCode``) as ``agent_code``; ``from_agent`` maps each code to
+one class here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-if TYPE_CHECKING:
-    from .commands import CommandResult
+from .guest.protocol import ErrorCode
+from .results import CommandResult
 
 
 class NovaSandboxError(Exception):
     """Root of every error NovaSandbox raises."""
 
     code: ClassVar[str] = "error"
+    agent_code: ErrorCode | None = None
+    """The code of the guest agent's error reply this error stands for (None: it did not
+    come from the agent). Set by ``from_agent``."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -278,38 +284,42 @@ class NotARegularFile(SandboxFileError):
     code = "not-a-regular-file"
 
 
-_AGENT_CODES: dict[str, type[NovaSandboxError]] = {
-    cls.code: cls
-    for cls in (
-        CommandNotFound,
-        InvalidWorkingDirectory,
-        SandboxFileNotFound,
-        SandboxPermissionError,
-        ReadOnlyFilesystem,
-        NoSpaceLeft,
-        FileTooLarge,
-        NotARegularFile,
-        AgentProtocolError,
-    )
+_AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
+    ErrorCode.PROTOCOL_ERROR: AgentProtocolError,
+    ErrorCode.UNKNOWN_OP: AgentProtocolError,
+    ErrorCode.BAD_REQUEST: AgentProtocolError,
+    ErrorCode.VERSION_MISMATCH: AgentProtocolError,
+    ErrorCode.AGENT_ERROR: AgentError,
+    ErrorCode.NETWORK_ERROR: NetworkError,
+    ErrorCode.MOUNT_FAILED: AgentError,
+    ErrorCode.COMMAND_NOT_FOUND: CommandNotFound,
+    ErrorCode.INVALID_CWD: InvalidWorkingDirectory,
+    ErrorCode.NO_SUCH_PROCESS: CommandError,
+    ErrorCode.FILE_NOT_FOUND: SandboxFileNotFound,
+    ErrorCode.NOT_A_DIRECTORY: SandboxFileError,
+    ErrorCode.IS_A_DIRECTORY: SandboxFileError,
+    ErrorCode.FILE_EXISTS: SandboxFileError,
+    ErrorCode.DIRECTORY_NOT_EMPTY: SandboxFileError,
+    ErrorCode.PERMISSION_DENIED: SandboxPermissionError,
+    ErrorCode.READ_ONLY_FILESYSTEM: ReadOnlyFilesystem,
+    ErrorCode.NO_SPACE: NoSpaceLeft,
+    ErrorCode.FILE_TOO_LARGE: FileTooLarge,
+    ErrorCode.NOT_A_REGULAR_FILE: NotARegularFile,
+    ErrorCode.OS_ERROR: SandboxFileError,
 }
+"""The public class of each code the agent sends (all of them: a unit test checks)."""
 
 
-def from_agent(code: str, message: str, path: str = "") -> NovaSandboxError:
-    """Map an error the guest agent reported (by its code) to the public class."""
-    cls = _AGENT_CODES.get(code)
-    if cls is None:
-        if code in {
-            "not-a-directory",
-            "is-a-directory",
-            "file-exists",
-            "directory-not-empty",
-            "os-error",
-        }:
-            return SandboxFileError(f"{message} [{code}]", path)
-        return AgentError(f"{message} [{code}]")
-    if issubclass(cls, SandboxFileError):
-        return cls(message, path)
-    return cls(message)
+def from_agent(code: ErrorCode, message: str, path: str = "") -> NovaSandboxError:
+    """The public error for an error reply of the guest agent: its class by the code, which
+    it keeps as ``agent_code`` (and in the message where the class's own code is wider);
+    file errors keep ``path``, the file the request was about."""
+    cls = _AGENT_CODES[code]
+    if cls.code != code:
+        message = f"{message} [{code}]"
+    error = cls(message, path) if issubclass(cls, SandboxFileError) else cls(message)
+    error.agent_code = code
+    return error
 
 
 __all__ = [

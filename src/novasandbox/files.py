@@ -16,7 +16,7 @@ from .errors import (
     SandboxFileError,
     SandboxFileNotFound,
 )
-from .guest.protocol import CHUNK_SIZE, FRAME_COST, Frame, Kind
+from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
 
 
 
@@ -165,7 +165,7 @@ class AsyncFiles:
         except SandboxFileNotFound:
             return False
         except SandboxFileError as exc:
-            if "not-a-directory" in exc.message:
+            if exc.agent_code is ErrorCode.NOT_A_DIRECTORY:
                 return False
             raise
         return True

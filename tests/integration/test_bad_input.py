@@ -16,6 +16,7 @@ from novasandbox import (
     VMStartError,
     delete_snapshot,
 )
+from novasandbox.guest.protocol import ErrorCode
 
 from .conftest import assert_no_leftovers
 
@@ -60,9 +61,10 @@ def test_failure_mid_create_cleans_up(state_root: Path) -> None:
 def test_drive_that_is_not_a_file_system_fails_cleanly(tmp_path: Path, state_root: Path) -> None:
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"\0" * (1 << 20))
-    with pytest.raises(NovaSandboxError) as info:
+    with pytest.raises(VMStartError) as info:
         Sandbox.create(drives=[Drive(junk, mount="/junk", read_only=True)])
-    assert "mount" in str(info.value)
+    cause = info.value.__cause__
+    assert isinstance(cause, NovaSandboxError) and cause.agent_code is ErrorCode.MOUNT_FAILED
     assert_no_leftovers(state_root)
 
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from novasandbox import Sandbox, SandboxFileError, SandboxFileNotFound
+from novasandbox.guest.protocol import ErrorCode
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +71,8 @@ def test_reading_a_missing_file_raises(sb: Sandbox) -> None:
 def test_reading_a_directory_raises(sb: Sandbox) -> None:
     with pytest.raises(SandboxFileError) as info:
         sb.files.read("/etc")
-    assert "is-a-directory" in str(info.value)
+    assert info.value.agent_code is ErrorCode.IS_A_DIRECTORY
+    assert info.value.path == "/etc"
 
 
 def test_writing_over_a_directory_raises_and_changes_nothing(sb: Sandbox) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from novasandbox.agent_client import AgentClient
-from novasandbox.errors import AgentError, AgentProtocolError, AgentTimeout
+from novasandbox.errors import AgentError, AgentProtocolError, AgentTimeout, SandboxFileError
 from novasandbox.guest.protocol import (
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
+    ErrorCode,
     FrameDecoder,
     Kind,
     encode_frame,
@@ -49,9 +50,7 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[int, dict[str, obj
 
 
 def hello_reply(rid: int, version: int = PROTOCOL_VERSION) -> bytes:
-    return encode_message(
-        rid, "hello", version=version, agent="test", features=[], kernel="k", pid=7
-    )
+    return encode_message(rid, "hello", version=version, agent="test", kernel="k", pid=7)
 
 
 def honest_hello(then: Callable[[int, asyncio.StreamWriter], bytes] | None = None) -> Peer:
@@ -128,16 +127,31 @@ def test_silent_agent_times_out() -> None:
     run(honest_hello(lambda rid, w: b""), body)
 
 
-def test_hostile_error_codes_map_to_plain_agent_errors() -> None:
+@pytest.mark.parametrize("code", ["../../etc/passwd\u0000", "something-new", 5, None])
+def test_an_error_code_outside_the_table_is_a_broken_reply(code: object) -> None:
     def weird(rid: int, _: asyncio.StreamWriter) -> bytes:
-        return encode_message(rid, "error", code="../../etc/passwd\u0000", message="x" * 10)
+        return encode_message(rid, "error", code=code, message="x" * 10)
 
     async def body(client: AgentClient) -> None:
-        with pytest.raises(AgentError):
+        with pytest.raises(AgentProtocolError) as info:
             await client.call("stat", path="/x")
+        assert info.value.agent_code is None  # the host's verdict, not the agent's
         assert client.is_open  # a refused request is not a broken channel
 
     run(honest_hello(weird), body)
+
+
+def test_an_agent_error_keeps_its_code_and_path() -> None:
+    def missing(rid: int, _: asyncio.StreamWriter) -> bytes:
+        return encode_message(rid, "error", code="not-a-directory", message="no", errno=20)
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(SandboxFileError) as info:
+            await client.call("stat", path="/etc/passwd/x")
+        assert info.value.agent_code is ErrorCode.NOT_A_DIRECTORY
+        assert info.value.path == "/etc/passwd/x"
+
+    run(honest_hello(missing), body)
 
 
 def test_closed_connection_fails_pending_requests() -> None:

@@ -6,6 +6,7 @@ serves the virtio port inside the guest. Every agent process is killed at teardo
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -27,6 +28,7 @@ import pytest
 from novasandbox.guest.protocol import (
     CHUNK_SIZE,
     PROTOCOL_VERSION,
+    ErrorCode,
     Frame,
     FrameDecoder,
     Kind,
@@ -93,6 +95,10 @@ class AgentConn:
             self.eof = True
             raise EOFError("the agent closed its stdout")
         for frame in self._decoder.feed(data):
+            if frame.kind is Kind.MSG and frame.message()["op"] == "error":
+                # every error the agent sends in any test: a code of the table
+                code = frame.message()["code"]
+                assert code in set(ErrorCode), f"the agent sent an unknown error code {code!r}"
             self._queues[frame.request_id].append(frame)
 
     def frame(self, rid: int, timeout: float = TIMEOUT) -> Frame:
@@ -211,10 +217,43 @@ def agent() -> Iterator[AgentConn]:
                 pass
 
 
-def error_code(msg: dict[str, Any]) -> str:
+def error_code(msg: dict[str, Any]) -> ErrorCode:
     assert msg["op"] == "error", msg
     assert isinstance(msg["message"], str) and msg["message"]
-    return str(msg["code"])
+    return ErrorCode(msg["code"])  # one of the table's
+
+
+def test_the_agent_sends_only_the_codes_of_the_table_and_uses_them_all() -> None:
+    """Read from the agent's source: every error code it can send is an ``ErrorCode``
+    member (none spelled as a string), and every member is one it sends."""
+    tree = ast.parse(AGENT.read_text())
+    values = {code.value for code in ErrorCode}
+    used: set[str] = set()
+    error_replies = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert node.value not in values, f"line {node.lineno}: code spelled as a string"
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "ErrorCode"
+        ):
+            assert node.attr in ErrorCode.__members__, f"line {node.lineno}: {node.attr}"
+            used.add(ErrorCode[node.attr].value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr == "reply" and any(
+                isinstance(a, ast.Constant) and a.value == "error" for a in node.args
+            ):
+                error_replies += 1
+            if node.func.attr == "reply_error":
+                for kw in node.keywords:
+                    if kw.arg == "code":
+                        # a member, or a _Refused's (itself built from a member)
+                        assert ast.unparse(kw.value).startswith(("ErrorCode.", "exc.code"))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "_Refused":
+            assert ast.unparse(node.args[0]).startswith("ErrorCode."), node.lineno
+    assert error_replies == 1, "error replies are sent by reply_error alone"
+    assert used == values, f"codes in the table the agent never sends: {values - used}"
 
 
 def pid_gone(pid: int) -> bool:
@@ -244,7 +283,6 @@ def test_hello(agent: AgentConn) -> None:
     assert reply["op"] == "hello"
     assert reply["version"] == PROTOCOL_VERSION
     assert reply["pid"] == agent.proc.pid
-    assert {"exec", "files", "stdin", "signal"} <= set(reply["features"])
     assert reply["kernel"] == os.uname().release
 
 

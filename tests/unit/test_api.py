@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import novasandbox
 from novasandbox import errors
-from novasandbox.commands import AsyncCommandHandle, AsyncCommands
+from novasandbox.commands import AsyncCommandHandle, AsyncCommands, CommandResult
 from novasandbox.errors import NovaSandboxError, from_agent
 from novasandbox.files import AsyncFiles
+from novasandbox.guest.protocol import ErrorCode
 from novasandbox.pool import AsyncPool
 from novasandbox.sandbox import AsyncSandbox
 from novasandbox.sync import CommandHandle, Commands, Files, Pool, Sandbox
@@ -90,26 +93,102 @@ def test_errors_are_also_the_matching_builtin_exceptions() -> None:
     assert issubclass(novasandbox.TemplateNotFound, LookupError)
 
 
-@pytest.mark.parametrize(
-    ("code", "cls"),
-    [
-        ("command-not-found", novasandbox.CommandNotFound),
-        ("invalid-cwd", novasandbox.InvalidWorkingDirectory),
-        ("file-not-found", novasandbox.SandboxFileNotFound),
-        ("permission-denied", novasandbox.SandboxPermissionError),
-        ("read-only-filesystem", novasandbox.ReadOnlyFilesystem),
-        ("no-space", novasandbox.NoSpaceLeft),
-        ("is-a-directory", novasandbox.SandboxFileError),
-        ("unknown-op", novasandbox.AgentError),
-        ("something-new", novasandbox.AgentError),
-    ],
-)
-def test_agent_codes_map_to_public_classes(code: str, cls: type[NovaSandboxError]) -> None:
+AGENT_CODES = {
+    "protocol-error": "agent-protocol-error",
+    "unknown-op": "agent-protocol-error",
+    "bad-request": "agent-protocol-error",
+    "version-mismatch": "agent-protocol-error",
+    "agent-error": "agent-error",
+    "network-error": "network-error",
+    "mount-failed": "agent-error",
+    "command-not-found": "command-not-found",
+    "invalid-cwd": "invalid-cwd",
+    "no-such-process": "command-error",
+    "file-not-found": "file-not-found",
+    "not-a-directory": "file-error",
+    "is-a-directory": "file-error",
+    "file-exists": "file-error",
+    "directory-not-empty": "file-error",
+    "permission-denied": "permission-denied",
+    "read-only-filesystem": "read-only-filesystem",
+    "no-space": "no-space",
+    "file-too-large": "file-too-large",
+    "not-a-regular-file": "not-a-regular-file",
+    "os-error": "file-error",
+}
+"""Each code the agent sends (the wire's table) -> the ``.code`` of its public class: API."""
+
+
+def test_the_wire_table_is_the_one_the_host_maps() -> None:
+    assert set(AGENT_CODES) == {c.value for c in ErrorCode}
+    assert set(errors._AGENT_CODES) == set(ErrorCode)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_agent_codes_map_to_public_classes_with_stable_codes(code: ErrorCode) -> None:
     err = from_agent(code, "boom", "/some/path")
-    assert type(err) is cls
-    assert "boom" in str(err)
+    assert err.code == AGENT_CODES[code]
+    assert getattr(novasandbox, type(err).__name__) is type(err)  # public
+    assert err.agent_code is code and err.agent_code == code.value
+    assert "boom" in str(err)  # the agent's message reaches the user
     if isinstance(err, novasandbox.SandboxFileError):
         assert err.path == "/some/path"
+
+
+def test_errors_raised_on_the_host_have_no_agent_code() -> None:
+    assert novasandbox.AgentProtocolError("bad frame").agent_code is None
+    assert novasandbox.SandboxFileNotFound("gone", "/x").agent_code is None
+
+
+def test_the_error_tree_in_the_docstring_is_the_class_tree() -> None:
+    """The tree at the top of errors.py names every class, with its code, under its parent."""
+    doc = errors.__doc__
+    assert doc is not None
+    rows: list[tuple[int, str, str]] = []
+    for line in doc.splitlines():
+        found = re.fullmatch(r"\s*(?:[│ ]*[├└]── )?(\w+)\s+([a-z-]+)", line)
+        if found and found.group(1)[0].isupper():
+            rows.append((line.index(found.group(1)), found.group(1), found.group(2)))
+    classes = {c.__name__: c for c in all_error_classes() if c.__module__ == errors.__name__}
+    assert sorted(name for _, name, _ in rows) == sorted(classes)
+    for k, (depth, name, code) in enumerate(rows):
+        cls = classes[name]
+        assert cls.code == code, name
+        if name == "NovaSandboxError":
+            continue
+        parent = next(r[1] for r in reversed(rows[:k]) if r[0] < depth)
+        direct = [b for b in cls.__bases__ if issubclass(b, NovaSandboxError)]
+        assert direct == [classes[parent]], f"{name} is drawn under {parent}"
+
+
+def test_errors_imports_nothing_above_it() -> None:
+    """errors is the bottom of the package: it imports the wire's code table and the plain
+    result values only, which import nothing from the package."""
+    src = Path(errors.__file__).parent
+    allowed = {"errors": {"guest.protocol", "results"}, "results": set(), "guest/protocol": set()}
+    for name, may in allowed.items():
+        tree = ast.parse((src / f"{name}.py").read_text())
+        imported = {
+            "." * (node.level - 1) + (node.module or "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level > 0
+        }
+        absolute = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            node.module or ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0
+        }
+        assert imported == may, name
+        assert not any(m.startswith("novasandbox") for m in absolute), name
+
+
+def test_command_result_is_one_class_everywhere() -> None:
+    assert novasandbox.CommandResult is CommandResult is errors.CommandResult
 
 
 # ---------------------------------------------------------------------------- sync/async parity

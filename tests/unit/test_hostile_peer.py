@@ -27,18 +27,22 @@ from novasandbox.agent_client import AgentClient
 from novasandbox.commands import AsyncCommands
 from novasandbox.config import MachineConfig
 from novasandbox.errors import (
+    AgentError,
     AgentProtocolError,
     AgentTimeout,
     FileTooLarge,
     NotARegularFile,
     NovaSandboxError,
+    SandboxFileError,
     SandboxNotRunning,
+    SandboxPermissionError,
 )
 from novasandbox.files import AsyncFiles
 from novasandbox.guest import agent as agent_module
 from novasandbox.guest.protocol import (
     PROTOCOL_VERSION,
     WINDOW,
+    ErrorCode,
     FrameDecoder,
     Kind,
     encode_frame,
@@ -82,7 +86,6 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, act:
                             "hello",
                             version=PROTOCOL_VERSION,
                             agent="hostile",
-                            features=[],
                             kernel="k",
                             pid=1,
                         )
@@ -308,9 +311,7 @@ def test_a_guest_that_stops_reading_cannot_hang_writes_or_abort() -> None:
         data = await reader.read(1 << 16)
         rid = FrameDecoder().feed(data)[0].request_id
         writer.write(
-            encode_message(
-                rid, "hello", version=PROTOCOL_VERSION, agent="a", features=[], kernel="k", pid=1
-            )
+            encode_message(rid, "hello", version=PROTOCOL_VERSION, agent="a", kernel="k", pid=1)
         )
         await writer.drain()
         await asyncio.sleep(60)  # never reads again
@@ -453,3 +454,59 @@ def test_a_file_that_keeps_growing_is_refused(tmp_path: Path) -> None:
     finally:
         writer.kill()
         writer.wait()
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "raised"),
+    [
+        ("no-such-process", "the command ended", None),
+        # the text says what the code does not: the code decides
+        ("agent-error", "no-such-process", AgentError),
+        ("permission-denied", "no-such-process", SandboxPermissionError),
+    ],
+)
+def test_a_refused_signal_is_judged_by_its_code(
+    code: str, message: str, raised: type[NovaSandboxError] | None
+) -> None:
+    async def act(rid: int, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if msg["op"] == "exec":
+            writer.write(encode_message(rid, "started", pid=1))
+        elif msg["op"] == "signal":
+            writer.write(encode_message(rid, "error", code=code, message=message))
+        await writer.drain()
+
+    async def main() -> None:
+        async with hostile(act) as (cmds, _, _shim):
+            handle = await cmds.start("sleep 60", timeout=None)
+            if raised is None:
+                await handle.send_signal(9)  # the command ended meanwhile: no error
+            else:
+                with pytest.raises(raised) as info:
+                    await handle.send_signal(9)
+                assert info.value.agent_code == code
+
+    asyncio.run(main())
+
+
+def test_exists_is_false_below_a_file_by_the_code_not_the_text(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+
+    async def main() -> None:
+        async with real_agent() as (_cmds, files):
+            assert await files.exists(str(tmp_path / "file"))
+            assert not await files.exists(str(tmp_path / "file" / "below"))  # not-a-directory
+            assert not await files.exists(str(tmp_path / "missing"))  # file-not-found
+
+    asyncio.run(main())
+
+    async def lying(rid: int, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_message(rid, "error", code="os-error", message="not-a-directory"))
+        await writer.drain()
+
+    async def hostile_main() -> None:
+        async with hostile(lying) as (_, files, _shim):
+            with pytest.raises(SandboxFileError) as info:
+                await files.exists("/x")
+            assert info.value.agent_code is ErrorCode.OS_ERROR
+
+    asyncio.run(hostile_main())

@@ -46,6 +46,7 @@ try:
         GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
+        ErrorCode,
         Frame,
         FrameDecoder,
         Kind,
@@ -62,6 +63,7 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
         GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
+        ErrorCode,
         Frame,
         FrameDecoder,
         Kind,
@@ -72,7 +74,6 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
 
 AGENT_VERSION = "0.1.0"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-FEATURES = ["exec", "signal", "stdin", "files", "mount", "shutdown", "settime", "snapshot"]
 _OUTPUT_IDLE_GRACE = 0.2
 """After a command's leader exits, its output is read for as long as it keeps coming;
 once both pipes have been quiet this long, the command is reported finished (background
@@ -365,7 +366,7 @@ class Agent:
         rid: int,
         exc: BaseException | None = None,
         *,
-        code: str | None = None,
+        code: ErrorCode | None = None,
         message: str | None = None,
     ) -> None:
         err = exc.errno if isinstance(exc, OSError) else None
@@ -409,7 +410,9 @@ class Agent:
                 try:
                     self.dispatch(frame)
                 except ProtocolError as exc:
-                    self.reply_error(frame.request_id, code="protocol-error", message=str(exc))
+                    self.reply_error(
+                        frame.request_id, code=ErrorCode.PROTOCOL_ERROR, message=str(exc)
+                    )
         return 0
 
     def dispatch(self, frame: Frame) -> None:
@@ -430,7 +433,7 @@ class Agent:
         op = msg["op"]
         handler = self._HANDLERS.get(op)
         if handler is None:
-            self.reply_error(rid, code="unknown-op", message=f"unknown operation {op!r}")
+            self.reply_error(rid, code=ErrorCode.UNKNOWN_OP, message=f"unknown operation {op!r}")
             return
         name, threaded = handler
         if op == "exec":
@@ -452,11 +455,11 @@ class Agent:
         except _Refused as exc:
             self.reply_error(rid, code=exc.code, message=str(exc))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.reply_error(rid, code="bad-request", message=f"bad request: {exc!r}")
+            self.reply_error(rid, code=ErrorCode.BAD_REQUEST, message=f"bad request: {exc!r}")
         except OSError as exc:
             self.reply_error(rid, exc)
         except Exception as exc:
-            self.reply_error(rid, code="agent-error", message=f"agent error: {exc!r}")
+            self.reply_error(rid, code=ErrorCode.AGENT_ERROR, message=f"agent error: {exc!r}")
 
     # --- handlers (name, run in a thread?)
 
@@ -487,7 +490,7 @@ class Agent:
         if version != PROTOCOL_VERSION:
             self.reply_error(
                 rid,
-                code="version-mismatch",
+                code=ErrorCode.VERSION_MISMATCH,
                 message=f"agent speaks protocol {PROTOCOL_VERSION}, host {version}",
             )
             return
@@ -519,7 +522,9 @@ class Agent:
                     configure_network(msg["net"])
                 except (OSError, KeyError, ValueError, struct.error) as exc:
                     self.reply_error(
-                        rid, code="network-error", message=f"cannot configure the network: {exc}"
+                        rid,
+                        code=ErrorCode.NETWORK_ERROR,
+                        message=f"cannot configure the network: {exc}",
                     )
                     return
         self.reply(
@@ -527,7 +532,6 @@ class Agent:
             "hello",
             version=PROTOCOL_VERSION,
             agent=AGENT_VERSION,
-            features=FEATURES,
             kernel=os.uname().release,
             pid=os.getpid(),
         )
@@ -581,7 +585,7 @@ class Agent:
         cwd = msg.get("cwd") or GUEST_HOME
         if not os.path.isdir(cwd):
             self.reply_error(
-                rid, code="invalid-cwd", message=f"working directory {cwd!r} does not exist"
+                rid, code=ErrorCode.INVALID_CWD, message=f"working directory {cwd!r} does not exist"
             )
             return
         timeout = msg.get("timeout")
@@ -598,10 +602,14 @@ class Agent:
                 close_fds=True,
             )
         except FileNotFoundError:
-            self.reply_error(rid, code="command-not-found", message=f"command not found: {argv[0]}")
+            self.reply_error(
+                rid, code=ErrorCode.COMMAND_NOT_FOUND, message=f"command not found: {argv[0]}"
+            )
             return
         except PermissionError:
-            self.reply_error(rid, code="permission-denied", message=f"permission denied: {argv[0]}")
+            self.reply_error(
+                rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
+            )
             return
         ex = _Exec(proc, stdin_queue, credit)
         with self._lock:
@@ -618,7 +626,9 @@ class Agent:
         with self._lock:
             ex = self._execs.get(target)
         if ex is None:
-            self.reply_error(rid, code="no-such-process", message=f"no running command {target}")
+            self.reply_error(
+                rid, code=ErrorCode.NO_SUCH_PROCESS, message=f"no running command {target}"
+            )
             return
         ex.kill(int(msg["signal"]))
         self.reply(rid, "ok")
@@ -640,7 +650,7 @@ class Agent:
     def op_end(self, rid: int, msg: dict[str, Any]) -> None:
         up = self._uploads.pop(rid, None)
         if up is None:
-            self.reply_error(rid, code="bad-request", message="no upload in progress")
+            self.reply_error(rid, code=ErrorCode.BAD_REQUEST, message="no upload in progress")
             return
         err = up.close()
         if err is not None:
@@ -671,7 +681,7 @@ class Agent:
             if limit is not None and st.st_size > limit:
                 self.reply_error(
                     rid,
-                    code="file-too-large",
+                    code=ErrorCode.FILE_TOO_LARGE,
                     message=f"{path} is {st.st_size} bytes, over the {limit}-byte limit",
                 )
                 return
@@ -680,7 +690,7 @@ class Agent:
                 if limit is not None and size > limit:
                     self.reply_error(
                         rid,
-                        code="file-too-large",
+                        code=ErrorCode.FILE_TOO_LARGE,
                         message=f"{path} grew past the {limit}-byte limit while it was read",
                     )
                     return
@@ -744,14 +754,16 @@ class Agent:
                 time.sleep(0.02)
         if device is None:
             self.reply_error(
-                rid, code="mount-failed", message=f"no block device with serial {serial}"
+                rid, code=ErrorCode.MOUNT_FAILED, message=f"no block device with serial {serial}"
             )
             return
         fstype = str(msg.get("fstype") or "ext4")
         try:
             _mount(device, target, fstype, MS_RDONLY if read_only else 0)
         except OSError as exc:
-            self.reply_error(rid, code="mount-failed", message=f"mount {device} on {target}: {exc}")
+            self.reply_error(
+                rid, code=ErrorCode.MOUNT_FAILED, message=f"mount {device} on {target}: {exc}"
+            )
             return
         self.reply(rid, "ok", device=device)
 
@@ -1043,13 +1055,13 @@ def _require_regular(path: str, mode: int) -> None:
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", path)
     if not stat.S_ISREG(mode):
-        raise _Refused("not-a-regular-file", f"{path} is not a regular file")
+        raise _Refused(ErrorCode.NOT_A_REGULAR_FILE, f"{path} is not a regular file")
 
 
 class _Refused(Exception):
     """A request refused with a specific error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -1085,22 +1097,22 @@ def _stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
 
 
 _ERRNO_CODES = {
-    errno.ENOENT: "file-not-found",
-    errno.ENOTDIR: "not-a-directory",
-    errno.EISDIR: "is-a-directory",
-    errno.EEXIST: "file-exists",
-    errno.EACCES: "permission-denied",
-    errno.EPERM: "permission-denied",
-    errno.EROFS: "read-only-filesystem",
-    errno.ENOSPC: "no-space",
-    errno.ENOTEMPTY: "directory-not-empty",
+    errno.ENOENT: ErrorCode.FILE_NOT_FOUND,
+    errno.ENOTDIR: ErrorCode.NOT_A_DIRECTORY,
+    errno.EISDIR: ErrorCode.IS_A_DIRECTORY,
+    errno.EEXIST: ErrorCode.FILE_EXISTS,
+    errno.EACCES: ErrorCode.PERMISSION_DENIED,
+    errno.EPERM: ErrorCode.PERMISSION_DENIED,
+    errno.EROFS: ErrorCode.READ_ONLY_FILESYSTEM,
+    errno.ENOSPC: ErrorCode.NO_SPACE,
+    errno.ENOTEMPTY: ErrorCode.DIRECTORY_NOT_EMPTY,
 }
 
 
-def _error_code(exc: BaseException | None) -> str:
+def _error_code(exc: BaseException | None) -> ErrorCode:
     if isinstance(exc, OSError) and exc.errno in _ERRNO_CODES:
         return _ERRNO_CODES[exc.errno]
-    return "os-error" if isinstance(exc, OSError) else "agent-error"
+    return ErrorCode.OS_ERROR if isinstance(exc, OSError) else ErrorCode.AGENT_ERROR
 
 
 def _describe(exc: BaseException) -> str:

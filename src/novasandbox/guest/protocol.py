@@ -80,6 +80,50 @@ class Kind(enum.IntEnum):
     DATA = 5
 
 
+class ErrorCode(enum.StrEnum):
+    """The code of every ``error`` reply the agent may send: the one table of them.
+
+    The agent sends nothing else (the host's schema refuses any other code as a broken
+    reply), and the host maps each code to one public exception class
+    (``novasandbox.errors.from_agent``), which keeps the code as ``agent_code``.
+    """
+
+    # The two sides do not understand each other.
+    PROTOCOL_ERROR = "protocol-error"
+    """The request's frames or message broke the protocol."""
+    UNKNOWN_OP = "unknown-op"
+    """No such operation."""
+    BAD_REQUEST = "bad-request"
+    """A field of the request is missing or invalid."""
+    VERSION_MISMATCH = "version-mismatch"
+    """The handshake named another protocol version."""
+    # The agent could not do its own part.
+    AGENT_ERROR = "agent-error"
+    """An unexpected failure in the agent."""
+    NETWORK_ERROR = "network-error"
+    """The handshake's network settings could not be applied."""
+    MOUNT_FAILED = "mount-failed"
+    """A drive could not be found or mounted."""
+    # Commands.
+    COMMAND_NOT_FOUND = "command-not-found"
+    INVALID_CWD = "invalid-cwd"
+    NO_SUCH_PROCESS = "no-such-process"
+    """A signal for a command that is not running (any more)."""
+    # Files (most from the errno of a failed system call).
+    FILE_NOT_FOUND = "file-not-found"
+    NOT_A_DIRECTORY = "not-a-directory"
+    IS_A_DIRECTORY = "is-a-directory"
+    FILE_EXISTS = "file-exists"
+    DIRECTORY_NOT_EMPTY = "directory-not-empty"
+    PERMISSION_DENIED = "permission-denied"
+    READ_ONLY_FILESYSTEM = "read-only-filesystem"
+    NO_SPACE = "no-space"
+    FILE_TOO_LARGE = "file-too-large"
+    NOT_A_REGULAR_FILE = "not-a-regular-file"
+    OS_ERROR = "os-error"
+    """Another failed system call (its errno is in the reply)."""
+
+
 class ProtocolError(Exception):
     """A peer sent bytes that are not a valid frame (the stream cannot be trusted after it).
 
@@ -220,13 +264,11 @@ ENTRY = {
     "mode": int,
     "mtime": float,
 }
-ERROR = {"code": str, "message": str, "errno": (int, None)}
+ERROR = {"code": frozenset(ErrorCode), "message": str, "errno": (int, None)}
 OK: dict[str, Any] = {}
 
 REPLIES: dict[str, dict[str, dict[str, Any]]] = {
-    "hello": {
-        "hello": {"version": int, "agent": str, "features": [str], "kernel": str, "pid": int}
-    },
+    "hello": {"hello": {"version": int, "agent": str, "kernel": str, "pid": int}},
     "ping": {"pong": OK},
     "exec": {
         "started": {"pid": int},

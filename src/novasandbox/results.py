@@ -1,0 +1,28 @@
+"""Plain values that errors carry and the modules above them produce (no package imports),
+so that ``errors`` stays the bottom of the package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a finished command produced."""
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    signal: int | None = None
+    duration: float = 0.0
+    stdout_dropped: int = 0
+    """Bytes of stdout not kept because of ``max_output`` (the callback saw them all)."""
+    stderr_dropped: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+__all__ = ["CommandResult"]
