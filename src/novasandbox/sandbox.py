@@ -46,12 +46,14 @@ from .errors import (
     SandboxNotRunning,
     SnapshotError,
     VMStartError,
+    check_int,
 )
 from .files import AsyncFiles
 from .network import (
     EgressRule,
     NetworkConfig,
     NetworkLog,
+    NetworkMode,
     resolve,
 )
 from .providers.base import Confinement, VMPaths, VMSpec, confinement
@@ -219,7 +221,7 @@ class AsyncSandbox:
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
-        network: str = "none",
+        network: NetworkMode | str = NetworkMode.NONE,
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
     ) -> AsyncSandbox:
@@ -241,7 +243,8 @@ class AsyncSandbox:
         ``"tap"`` (root) one on a TAP of the host (see ``novasandbox.network``): ``allow``
         is its egress allow list (None: the public internet; ``[]``: nothing), ``ports``
         the guest TCP ports reachable from the host (``sandbox.get_host(port)``). The
-        default ``"none"`` has no network device.
+        default ``"none"`` has no network device. ``NetworkMode.NAT`` etc. are the same
+        values as an enum.
         """
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
@@ -723,8 +726,7 @@ class AsyncSandbox:
     async def fork(self, n: int = 1) -> list[AsyncSandbox]:
         """``n`` new, independent sandboxes that continue from this one's current state
         (memory, processes, files). They outlive this sandbox."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-            raise ConfigError(f"fork count must be between 1 and 64, got {n!r}")
+        check_int("fork count", n, 1, 64)
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
             *(
