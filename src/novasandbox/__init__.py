@@ -5,6 +5,9 @@
     with Sandbox.create("python") as sb:
         print(sb.commands.run("uname -r").stdout)
 
+``dir(novasandbox)`` is the public surface (``__all__``); the submodules stay importable
+(``novasandbox.network``, ``novasandbox.config``, ...) for what is not exported.
+
 The architecture, in the order a sandbox comes to life:
 config (``MachineConfig``, ``Drive``) -> template (``TemplateManager``) -> provider
 (``providers.qemu``) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent
@@ -14,7 +17,7 @@ config (``MachineConfig``, ``Drive``) -> template (``TemplateManager``) -> provi
 import logging
 
 from .commands import AsyncCommandHandle, CommandResult
-from .config import Drive, MachineConfig
+from .config import Drive
 from .errors import (
     AgentError,
     AgentProtocolError,
@@ -54,7 +57,7 @@ from .errors import (
     VMStartError,
 )
 from .files import EntryInfo
-from .network import NetworkConfig, NetworkLog, RefusedConnection
+from .network import NetworkLog, NetworkMode, RefusedConnection
 from .pool import AsyncPool
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
@@ -88,10 +91,9 @@ __all__ = [
     "HostMemoryExhausted",
     "HostToolMissing",
     "InvalidWorkingDirectory",
-    "MachineConfig",
-    "NetworkConfig",
     "NetworkError",
     "NetworkLog",
+    "NetworkMode",
     "NoSpaceLeft",
     "NotARegularFile",
     "NovaSandboxError",
@@ -127,3 +129,10 @@ __all__ = [
     "get_snapshot",
     "list_snapshots",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public names and the module's dunders: not its submodules (``cli``,
+    ``config``, ...) nor what it imports for itself."""
+    dunders = (name for name in globals() if name.startswith("__") and name.endswith("__"))
+    return sorted({*__all__, *dunders})

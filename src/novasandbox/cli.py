@@ -64,6 +64,7 @@ CLI_TERMS = [
         "--lifetime SECONDS (0: no limit)",
     ),
     (r'network="(none|nat|tap)"', r"--network \1"),
+    (r"^network must be", "--network must be"),
     (r'"(nat|tap)"', r"--network \1"),
     (r"\ballow=\[\]", "--no-egress"),
     (r"\ballow\b", "--allow"),
@@ -208,7 +209,8 @@ def _seconds_or_none(value: float | None) -> float | None:
 @click.option("--cold", is_flag=True, help="Boot the kernel instead of restoring a snapshot.")
 @click.option(
     "--network",
-    type=click.Choice(["none", "nat", "tap"]),
+    # checked by the library (error [invalid-config], exit 125), like every other value
+    metavar="none|nat|tap",
     default="none",
     show_default=True,
     help="none: no network device; nat: a NIC behind user-mode NAT; tap: a NIC on a TAP "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 from .guest.protocol import GUEST_HOME
 from .network import NetworkConfig
 
@@ -111,35 +111,21 @@ class MachineConfig:
     memory_mib: int = 256
     drives: tuple[Drive, ...] = ()
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    kernel_args: tuple[str, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.network, NetworkConfig):
             raise ConfigError("network must be a NetworkConfig")
-        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int):
-            raise ConfigError(f"vcpus must be an integer, got {self.vcpus!r}")
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ConfigError(f"vcpus must be between 1 and {MAX_VCPUS}, got {self.vcpus}")
-        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int):
-            raise ConfigError(f"memory_mib must be an integer, got {self.memory_mib!r}")
-        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
-            raise ConfigError(
-                f"memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, "
-                f"got {self.memory_mib}"
-            )
+        check_int("vcpus", self.vcpus, 1, MAX_VCPUS)
+        check_int("memory_mib", self.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
         drives = tuple(self.drives) if isinstance(self.drives, Sequence) else None
         if drives is None or not all(isinstance(d, Drive) for d in drives):
             raise ConfigError("drives must be a sequence of Drive")
         mounts = [d.mount for d in drives]
         if len(set(mounts)) != len(mounts):
             raise ConfigError(f"two drives share a mount point: {mounts}")
-        for arg in self.kernel_args:
-            if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
-                raise ConfigError(f"invalid kernel argument {arg!r}")
         object.__setattr__(self, "drives", drives)
         object.__setattr__(self, "env", validate_env(self.env))
-        object.__setattr__(self, "kernel_args", tuple(self.kernel_args))
 
 
 MAX_LIFETIME = 30 * 24 * 3600.0
@@ -156,9 +142,7 @@ def validate_timeout(seconds: float | None) -> float | None:
 
 def validate_byte_count(value: int | None, name: str) -> int | None:
     """A limit in bytes: a non-negative integer, or None (no limit)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigError(f"{name} must be a byte count or None, got {value!r}")
-    return value
+    return None if value is None else check_int(f"{name} (bytes, or None)", value, 0)
 
 
 def validate_lifetime(seconds: float | None) -> float | None:

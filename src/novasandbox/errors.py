@@ -74,6 +74,23 @@ class ConfigError(NovaSandboxError, ValueError):
     code = "invalid-config"
 
 
+def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` if it is an int from ``lo`` to ``hi`` (inclusive; None: no upper bound),
+    else ``ConfigError`` ("NAME must be an integer from LO to HI, got VALUE"). A bool is
+    not an int here, nor is a float. The one such check of the host side (the guest
+    agent, which ships alone, keeps its own); it lives here, below every module that
+    takes arguments, next to the error it raises."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        span = f"of at least {lo}" if hi is None else f"from {lo} to {hi}"
+        raise ConfigError(f"{name} must be an integer {span}, got {value!r}")
+    return value
+
+
 class TemplateError(NovaSandboxError):
     code = "template-error"
 

@@ -35,14 +35,36 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
+from typing import Final
 
-from .errors import ConfigError, NetworkError
+from .errors import ConfigError, NetworkError, check_int
 
-NETWORK_MODES = ("none", "nat", "tap")
-DETACHED = "detached"
+
+class NetworkMode(StrEnum):
+    """A sandbox's network mode (``create(network=...)``; the strings are accepted too,
+    and a mode compares equal to its string)."""
+
+    NONE = "none"
+    NAT = "nat"
+    TAP = "tap"
+
+
+NETWORK_MODES = tuple(m.value for m in NetworkMode)
+
+
+class _InternalMode(str):
+    """A mode that only NovaSandbox itself asks for: ``NetworkConfig`` accepts the one
+    instance below, never a string of the same value from a caller."""
+
+    __slots__ = ()
+
+
+DETACHED: Final = _InternalMode("detached")
 """Internal mode: a network device with no backend (what the template snapshot that
-networked sandboxes restore from is made with, so that it restores into either)."""
+networked sandboxes restore from is made with, so that it restores into either). Pass
+this object itself (``network=DETACHED``): the string "detached" is refused."""
 GUEST_NETWORK = IPv4Network("10.0.2.0/24")
 GUEST_ADDRESS = IPv4Address("10.0.2.15")
 GATEWAY = IPv4Address("10.0.2.2")
@@ -149,13 +171,19 @@ class NetworkConfig:
     """A sandbox's network: ``mode``, egress ``allow`` list (None: the public internet)
     and guest TCP ``ports`` exposed on the host's loopback."""
 
-    mode: str = "none"
+    mode: NetworkMode | str = NetworkMode.NONE
+    """A ``NetworkMode`` once constructed (or the internal ``DETACHED``)."""
     allow: tuple[str, ...] | None = None
     ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in (*NETWORK_MODES, DETACHED):
-            raise ConfigError(f"network must be one of {NETWORK_MODES}, got {self.mode!r}")
+        if self.mode is not DETACHED:
+            try:
+                mode = NetworkMode(self.mode)
+            except (ValueError, TypeError):
+                choices = ", ".join(NETWORK_MODES)
+                raise ConfigError(f"network must be one of {choices}, got {self.mode!r}") from None
+            object.__setattr__(self, "mode", mode)
         allow = self.allow
         if allow is not None:
             if isinstance(allow, str) or not isinstance(allow, Sequence):
@@ -168,18 +196,17 @@ class NetworkConfig:
             raise ConfigError("ports must be a list of port numbers")
         ports = tuple(ports)
         for port in ports:
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise ConfigError(f"invalid port {port!r}: ports are 1 to 65535")
+            check_int("a port", port, 1, 65535)
         if len(set(ports)) != len(ports):
             raise ConfigError(f"a port is listed twice: {list(ports)}")
-        if self.mode in ("none", DETACHED) and (allow is not None or ports):
+        if self.mode in (NetworkMode.NONE, DETACHED) and (allow is not None or ports):
             raise ConfigError('allow and ports need a network: pass network="nat" or "tap"')
         object.__setattr__(self, "allow", allow)
         object.__setattr__(self, "ports", ports)
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        return self.mode != NetworkMode.NONE
 
     def entries(self) -> tuple[AllowEntry, ...]:
         return tuple(parse_allow(e) for e in self.allow or ())

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from .config import validate_env, validate_lifetime
-from .errors import ConfigError, NovaSandboxError, PoolClosed, SandboxError
+from .errors import NovaSandboxError, PoolClosed, SandboxError, check_int
 from .sandbox import DEFAULT_LIFETIME, AsyncSandbox
 from .templates import TemplateManager
 from .vm import get_provider
@@ -45,10 +45,8 @@ class AsyncPool:
         templates: TemplateManager | None = None,
         provider: str | None = None,
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 256:
-            raise ConfigError(f"pool size must be between 1 and 256, got {size!r}")
-        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-            raise ConfigError(f"parallel must be a positive integer, got {parallel!r}")
+        check_int("pool size", size, 1, 256)
+        check_int("parallel", parallel, 1)
         self.template = template
         self.size = size
         self.env = dict(validate_env(env))

@@ -52,12 +52,13 @@ from .errors import (
     SandboxNotRunning,
     SnapshotError,
     VMStartError,
+    check_int,
 )
 from .files import AsyncFiles
 from .host import cgroups
 from .host.plan import HostPlan, confinement, make_plan
 from .host.resources import HostResources, free_loopback_ports
-from .network import EgressRule, NetworkConfig, NetworkLog, resolve
+from .network import EgressRule, NetworkConfig, NetworkLog, NetworkMode, resolve
 from .procfs import process_start_time
 from .records import (
     SandboxInfo,
@@ -216,7 +217,7 @@ class AsyncSandbox:
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
-        network: str = "none",
+        network: NetworkMode | str = NetworkMode.NONE,
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
         provider: str | None = None,
@@ -239,7 +240,8 @@ class AsyncSandbox:
         ``"tap"`` (root) one on a TAP of the host (see ``novasandbox.network``): ``allow``
         is its egress allow list (None: the public internet; ``[]``: nothing), ``ports``
         the guest TCP ports reachable from the host (``sandbox.get_host(port)``). The
-        default ``"none"`` has no network device.
+        default ``"none"`` has no network device. ``NetworkMode.NAT`` etc. are the same
+        values as an enum.
 
         ``provider`` names the VMM that runs it (``novasandbox.vm``); None: the one
         ``NOVASANDBOX_PROVIDER`` names, else the registry's default.
@@ -826,8 +828,7 @@ class AsyncSandbox:
     async def fork(self, n: int = 1) -> list[AsyncSandbox]:
         """``n`` new, independent sandboxes that continue from this one's current state
         (memory, processes, files). They outlive this sandbox."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
-            raise ConfigError(f"fork count must be between 1 and 64, got {n!r}")
+        check_int("fork count", n, 1, 64)
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
             *(

@@ -20,7 +20,7 @@ from .commands import (
 from .config import Drive, MachineConfig
 from .errors import ConfigError
 from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
-from .network import NetworkLog
+from .network import NetworkLog, NetworkMode
 from .pool import AsyncPool
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
@@ -262,7 +262,7 @@ class Sandbox:
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
-        network: str = "none",
+        network: NetworkMode | str = NetworkMode.NONE,
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
         provider: str | None = None,

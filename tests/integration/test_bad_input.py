@@ -30,6 +30,10 @@ pytestmark = pytest.mark.integration
         ({"vcpus": 0}, ConfigError, "invalid-config"),
         ({"memory_mib": 16}, ConfigError, "invalid-config"),
         ({"env": {"BAD NAME": "x"}}, ConfigError, "invalid-config"),
+        # the template snapshot's internal mode is not for users; nor is an unknown one
+        ({"network": "detached"}, ConfigError, "invalid-config"),
+        ({"network": "bridge"}, ConfigError, "invalid-config"),
+        ({"network": "detached", "allow": []}, ConfigError, "invalid-config"),
     ],
 )
 def test_create_refuses_bad_input(

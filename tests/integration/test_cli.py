@@ -120,3 +120,10 @@ def test_run_with_a_network(state_root: Path) -> None:
     assert r.returncode == 125
     assert "invalid-config" in r.stderr
     assert_no_leftovers(state_root)
+    for mode in ("detached", "bridge"):  # the template snapshot's internal mode is not one
+        r = cli("run", "--network", mode, "--", "true")
+        assert r.returncode == 125, r.stderr
+        assert r.stderr.strip() == (
+            f"error [invalid-config]: --network must be one of none, nat, tap, got '{mode}'"
+        )
+    assert_no_leftovers(state_root)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from novasandbox import ConfigError, NetworkError, Sandbox
+from novasandbox import ConfigError, NetworkError, NetworkMode, Sandbox
 from novasandbox.network import GATEWAY, guest_mac
 from novasandbox.providers import egress, tap
 from novasandbox.snapshots import delete_snapshot
@@ -95,8 +95,11 @@ def test_nat_allows_what_is_listed_and_refuses_the_rest(
     factory: Any, servers: tuple[HostServer, HostServer], cold: bool
 ) -> None:
     allowed, other = servers
-    sb = factory.create(cold=cold, network="nat", allow=[f"127.0.0.1:{allowed.port}"])
+    # the enum and its string are the same mode
+    network = NetworkMode.NAT if cold else "nat"
+    sb = factory.create(cold=cold, network=network, allow=[f"127.0.0.1:{allowed.port}"])
     assert sb.restored is (not cold)
+    assert sb.config.network.mode is NetworkMode.NAT
     assert sb.commands.run("ls /sys/class/net").stdout.split() == ["eth0", "lo"]
     assert fetch(sb, f"http://{GATEWAY}:{allowed.port}/") == (0, "allowed")
     code, out = fetch(sb, f"http://{GATEWAY}:{other.port}/")

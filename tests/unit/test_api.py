@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import novasandbox
+import novasandbox.cli
 from novasandbox import errors
 from novasandbox.commands import AsyncCommandHandle, AsyncCommands, CommandResult
 from novasandbox.errors import NovaSandboxError, from_agent
@@ -38,6 +41,48 @@ def test_all_names_exist() -> None:
     assert len(novasandbox.__all__) == len(set(novasandbox.__all__))
     for name in novasandbox.__all__:
         assert hasattr(novasandbox, name), name
+
+
+def test_dir_is_exactly_the_public_surface() -> None:
+    """``dir(novasandbox)``: ``__all__`` and dunders; no submodule (``cli``, ``config``,
+    ... are imported by now, this test's imports included) and no helper name."""
+    assert "novasandbox.cli" in sys.modules
+    dunders = {n for n in vars(novasandbox) if n.startswith("__") and n.endswith("__")}
+    assert set(dir(novasandbox)) == set(novasandbox.__all__) | dunders
+    for hidden in ("cli", "config", "errors", "network", "sandbox", "sync", "logging"):
+        assert hidden not in dir(novasandbox), hidden
+    # still importable, and still attributes for who names them
+    assert novasandbox.cli is sys.modules["novasandbox.cli"]
+
+
+def test_all_has_no_private_name() -> None:
+    for name in novasandbox.__all__:
+        assert not name.startswith("_") or (name.startswith("__") and name.endswith("__")), name
+
+
+def test_config_classes_no_public_path_accepts_are_not_exported() -> None:
+    from novasandbox.config import MachineConfig
+    from novasandbox.network import NetworkConfig, NetworkMode
+
+    for name in ("MachineConfig", "NetworkConfig"):
+        assert name not in novasandbox.__all__ and not hasattr(novasandbox, name), name
+    assert MachineConfig().network == NetworkConfig()
+    assert novasandbox.NetworkMode is NetworkMode
+
+
+@pytest.mark.parametrize("network", ["detached", "bridge", "NAT", None])
+def test_create_refuses_an_unknown_or_internal_network_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network: Any
+) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("NOVASANDBOX_STATE_DIR", str(state))
+    monkeypatch.setenv("NOVASANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(novasandbox.ConfigError, match="none, nat, tap") as info:
+        Sandbox.create(network=network)
+    assert info.value.code == "invalid-config"
+    with pytest.raises(novasandbox.ConfigError, match="none, nat, tap"):
+        asyncio.run(AsyncSandbox.create(network=network))
+    assert not state.exists() and not (tmp_path / "cache").exists()
 
 
 def test_every_public_error_is_exported() -> None:

@@ -20,9 +20,11 @@ import pytest
 from novasandbox.config import MachineConfig
 from novasandbox.errors import ConfigError, NetworkError
 from novasandbox.network import (
+    DETACHED,
     NON_PUBLIC,
     EgressRule,
     NetworkConfig,
+    NetworkMode,
     guest_mac,
     is_public,
     parse_allow,
@@ -76,10 +78,13 @@ def test_network_config_validation() -> None:
     assert net.allow == ("1.2.3.4:80",) and net.ports == (8000, 8001)
     assert NetworkConfig("nat", ()).allow == ()
     assert NetworkConfig("tap", None, (22,)).enabled
-    assert NetworkConfig("detached").enabled
+    assert NetworkConfig(DETACHED).enabled
     for bad in (
         {"mode": "bridge"},
-        {"mode": "detached", "ports": (80,)},
+        {"mode": "NAT"},
+        {"mode": None},
+        {"mode": ["nat"]},
+        {"mode": DETACHED, "ports": (80,)},
         {"mode": "none", "allow": ()},
         {"mode": "none", "ports": (80,)},
         {"mode": "nat", "ports": (True,)},
@@ -92,6 +97,26 @@ def test_network_config_validation() -> None:
             NetworkConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         MachineConfig(network="nat")  # type: ignore[arg-type]
+
+
+def test_the_mode_is_an_enum_and_strings_still_work() -> None:
+    for mode in NetworkMode:
+        net = NetworkConfig(mode.value)
+        assert net.mode is mode and net.mode == mode.value and f"{net.mode}" == mode.value
+        assert NetworkConfig(mode) == net
+    assert [m.value for m in NetworkMode] == ["none", "nat", "tap"]
+    assert json.dumps({"network": NetworkConfig("nat").mode}) == '{"network": "nat"}'
+
+
+def test_detached_is_internal_only() -> None:
+    """Only the object itself (the template snapshot build) gets the device without a
+    backend; the string, however it is spelt, is refused like any unknown mode."""
+    assert NetworkConfig(DETACHED).mode is DETACHED
+    for text in ("detached", "".join(["de", "tached"]), str(DETACHED)):
+        with pytest.raises(ConfigError, match="none, nat, tap") as info:
+            NetworkConfig(text)
+        assert info.value.code == "invalid-config"
+    assert DETACHED == "detached"  # still compares as the string the records hold
 
 
 def test_resolve_uses_the_lookup_and_dedups() -> None:
@@ -352,7 +377,7 @@ def test_network_argv(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         network_argv(spec(tmp_path, NetworkConfig("tap"), {}))  # no descriptor
     # the template snapshot's device has no backend, so it restores into nat or tap
-    assert network_argv(spec(tmp_path, NetworkConfig("detached"), {})) == [
+    assert network_argv(spec(tmp_path, NetworkConfig(DETACHED), {})) == [
         "-device",
         f"virtio-net-device,mac={guest_mac('sb-net')}",
     ]

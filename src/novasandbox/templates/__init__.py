@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import MachineConfig, validate_env
-from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound
+from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound, check_int
 from ..paths import cache_dir
 
 BUILTIN_DIR = Path(__file__).resolve().parent
@@ -226,10 +226,7 @@ class TemplateManager:
         *,
         shape_snapshots: int = SHAPE_SNAPSHOTS,
     ) -> None:
-        if isinstance(shape_snapshots, bool) or not isinstance(shape_snapshots, int):
-            raise ConfigError(f"shape_snapshots must be an integer, got {shape_snapshots!r}")
-        if not 0 <= shape_snapshots <= 64:
-            raise ConfigError(f"shape_snapshots must be between 0 and 64, got {shape_snapshots}")
+        check_int("shape_snapshots", shape_snapshots, 0, 64)
         self.cache = Path(cache) if cache is not None else cache_dir()
         self.shape_snapshots = shape_snapshots
         """How many other machine shapes of a template keep a snapshot (0: none are

@@ -41,7 +41,6 @@ def kernel_cmdline(spec: VMSpec) -> str:
         # On a loaded host the emulated timer can miss the kernel's IO-APIC timer check,
         # which then panics ("IO-APIC + timer doesn't work!"); seen in the soak run.
         args.append("no_timer_check")
-    args.extend(spec.machine.kernel_args)
     return " ".join(args)
 
 
