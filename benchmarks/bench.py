@@ -33,7 +33,7 @@ from typing import Any
 
 import novasandbox
 from novasandbox import AsyncSandbox, Sandbox
-from novasandbox.providers.qemu import choose_accel, qemu_version
+from novasandbox.vm.qemu import choose_accel, qemu_version
 
 log = logging.getLogger("bench")
 

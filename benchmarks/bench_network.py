@@ -44,8 +44,8 @@ from bench import (
 )
 
 from novasandbox import Sandbox
+from novasandbox.host import tap
 from novasandbox.network import GATEWAY
-from novasandbox.providers import tap
 
 log = logging.getLogger("bench")
 

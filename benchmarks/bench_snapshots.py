@@ -45,7 +45,8 @@ from bench import (
 )
 
 from novasandbox import AsyncSandbox, Pool, Sandbox, TemplateManager, delete_snapshot
-from novasandbox.providers.qemu import choose_accel
+from novasandbox.snapshots import template_snapshot
+from novasandbox.vm import get_provider
 
 log = logging.getLogger("bench")
 
@@ -330,11 +331,11 @@ def template_snapshot_info() -> dict[str, Any]:
     manager = TemplateManager()
     built = manager.require_built(TEMPLATE)
     tpl = built.template
-    accel = choose_accel().name
-    snap = manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel)
+    engine = get_provider().engine()
+    snap = template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib, engine)
     if snap is None:
         raise BenchError(
-            f"template {TEMPLATE!r} has no snapshot for {accel} "
+            f"template {TEMPLATE!r} has no snapshot for {engine.accel} "
             f"(run: novasandbox template build {TEMPLATE})"
         )
     return {

@@ -155,7 +155,7 @@ async def soak_round(round_no: int, parallel: int, counts: dict[str, int]) -> li
 
 
 def orphan_round(count: int) -> list[str]:
-    from novasandbox.state import reap
+    from novasandbox.gc import reap
 
     owner = subprocess.Popen(
         [sys.executable, "-c", OWNER, str(count), "1" if os.geteuid() == 0 else "0"],
@@ -181,9 +181,9 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="ns-soak-", dir="/tmp"))
     os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
-    from novasandbox.providers import cgroups, egress
-    from novasandbox.providers.qemu import available_memory_mib
-    from novasandbox.state import reap, vmm_pids_under
+    from novasandbox.gc import reap, vmm_pids_under
+    from novasandbox.host import cgroups, egress
+    from novasandbox.host.limits import available_memory_mib
 
     reap()
     time.sleep(1)

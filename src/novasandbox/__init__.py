@@ -59,9 +59,9 @@ from .errors import (
 from .files import EntryInfo
 from .network import NetworkLog, NetworkMode, RefusedConnection
 from .pool import AsyncPool
+from .records import SandboxInfo
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-from .records import SandboxInfo
 from .sync import CommandHandle, Pool, Sandbox
 from .templates import BuiltTemplate, Template, TemplateManager
 

@@ -23,7 +23,7 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, warmup
 from .config import validate_env
 from .errors import (
     CommandNotFound,
@@ -33,10 +33,9 @@ from .errors import (
     SandboxExpired,
     TemplateNotFound,
 )
-from .paths import cache_dir, state_dir
-from . import warmup
 from .gc import kill_sandbox, reap, sweep_host_resources
 from .host import cgroups, tap
+from .paths import cache_dir, state_dir
 from .records import list_sandboxes, read_network_log, resolve_sandbox_id
 from .sandbox import DEFAULT_LIFETIME
 from .snapshots import delete_snapshot, list_snapshots
@@ -566,7 +565,11 @@ def doctor(as_json: bool) -> None:
             "available": sorted(PROVIDERS),
         }
     except NovaSandboxError as exc:
-        report["provider"] = {"name": "invalid", "reason": exc.message, "available": sorted(PROVIDERS)}
+        report["provider"] = {
+            "name": "invalid",
+            "reason": exc.message,
+            "available": sorted(PROVIDERS),
+        }
     try:
         report["qemu"] = qemu_version()
     except (NovaSandboxError, OSError) as exc:
@@ -614,7 +617,9 @@ def doctor(as_json: bool) -> None:
         detail = prov.get("reason") or (
             "isolated" if prov["isolated"] else "NOT ISOLATED: guest code runs on this host"
         )
-        c.print(f"provider:     {prov['name']} ({detail}; available: {', '.join(prov['available'])})")
+        c.print(
+            f"provider:     {prov['name']} ({detail}; available: {', '.join(prov['available'])})"
+        )
         c.print(f"QEMU:         {report['qemu']}")
         c.print(
             f"accelerator:  {report['accelerator']['name']} ({report['accelerator']['reason']})"

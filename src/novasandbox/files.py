@@ -19,7 +19,6 @@ from .errors import (
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
 
 
-
 @dataclass(frozen=True, slots=True)
 class EntryInfo:
     """A file system entry inside the sandbox."""

@@ -41,11 +41,7 @@ def reap(root: Path | None = None) -> list[str]:
 
 def running_vmm_uids() -> set[int]:
     """The uids that running VMM processes (of any state directory) have."""
-    return {
-        uid
-        for pid in vmm_pids_under(None)
-        if (uid := process_uid(pid)) is not None
-    }
+    return {uid for pid in vmm_pids_under(None) if (uid := process_uid(pid)) is not None}
 
 
 def sweep_host_resources() -> dict[str, list[str]]:

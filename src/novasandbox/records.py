@@ -14,7 +14,7 @@ import secrets
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +237,6 @@ def remove_state(directory: Path) -> None:
         if not directory.exists():
             return
         time.sleep(0.01)
-
-
 
 
 def release_record(info: SandboxInfo, timeout: float = 5.0) -> None:

@@ -1,4 +1,4 @@
-"""Sandboxes: ``AsyncSandbox`` is the one implementation; ``Sandbox`` is its sync facade.
+r"""Sandboxes: ``AsyncSandbox`` is the one implementation; ``Sandbox`` is its sync facade.
 
 Lifecycle (an explicit state machine)::
 
@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,7 +54,6 @@ from .errors import (
     check_int,
 )
 from .files import AsyncFiles
-from .host import cgroups
 from .host.plan import HostPlan, confinement, make_plan
 from .host.resources import HostResources, free_loopback_ports
 from .network import EgressRule, NetworkConfig, NetworkLog, NetworkMode, resolve
@@ -72,7 +70,9 @@ from .records import (
     write_record,
 )
 from .snapshots import (
+    DISK,
     MANIFEST,
+    MEMORY,
     BootPlan,
     Engine,
     Snapshot,
@@ -82,8 +82,6 @@ from .snapshots import (
     plan_boot,
     saved,
     snapshots_dir,
-    DISK,
-    MEMORY,
 )
 from .templates import BuiltTemplate, TemplateManager
 from .vm import get_provider
@@ -195,11 +193,6 @@ class AsyncSandbox:
     def accel(self) -> str:
         """How its guest code runs ("kvm", "tcg", or the provider's own word)."""
         return self.engine.accel
-
-    @property
-    def host_ports(self) -> dict[int, int]:
-        """Exposed guest TCP port -> port on the host's 127.0.0.1 ("nat")."""
-        return dict(self.plan.host_ports)
 
     # --- creation
 
@@ -796,7 +789,8 @@ class AsyncSandbox:
             if was_paused and self._vm is not None:
                 await self._vm.resume()
                 self._settle(SandboxState.RUNNING)
-            agent, vm = self._require_agent(), self._vm
+            self._require_agent()
+            vm = self._vm
             assert vm is not None
             snap_id = new_snapshot_id()
             directory = snapshots_dir() / snap_id

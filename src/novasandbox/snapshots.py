@@ -456,8 +456,6 @@ def drop_unused_fork_snapshot(snap: Snapshot) -> None:
     shutil.rmtree(snap.directory, ignore_errors=True)
 
 
-
-
 def drop_unused_fork_snapshots() -> None:
     """``drop_unused_fork_snapshot`` for every fork's snapshot (after sandboxes were
     reaped)."""

@@ -22,11 +22,11 @@ from .errors import ConfigError
 from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
 from .network import NetworkLog, NetworkMode
 from .pool import AsyncPool
+from .records import SandboxInfo
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
-from .records import SandboxInfo
-from .vm.base import VMPaths
 from .templates import TemplateManager
+from .vm.base import VMPaths
 
 T = TypeVar("T")
 

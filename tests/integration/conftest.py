@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from novasandbox import Sandbox, TemplateManager
-from novasandbox.providers import cgroups
-from novasandbox.state import vmm_pids_under
+from novasandbox.gc import vmm_pids_under
+from novasandbox.host import cgroups
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from novasandbox.providers import cgroups
+from novasandbox.host import cgroups
 
 from .conftest import assert_no_leftovers
 

@@ -12,8 +12,8 @@ import pytest
 
 from novasandbox import Sandbox, SandboxState, TemplateManager
 from novasandbox.errors import NovaSandboxError, ProviderError
-from novasandbox.providers import cgroups
-from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT
+from novasandbox.host import cgroups
+from novasandbox.host.plan import VMM_ID_BASE, VMM_ID_COUNT
 from novasandbox.snapshots import delete_snapshot
 from novasandbox.sync import _Portal
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from novasandbox import ConfigError, Sandbox, SandboxExpired, SandboxNotRunning, SandboxState
-from novasandbox.state import SandboxInfo, reap, sandboxes_dir, write_record
+from novasandbox.gc import reap
+from novasandbox.records import SandboxInfo, sandboxes_dir, write_record
 
 from .conftest import SandboxFactory, assert_no_leftovers, qemu_processes_under
 

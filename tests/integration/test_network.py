@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from novasandbox import ConfigError, NetworkError, NetworkMode, Sandbox
+from novasandbox.gc import vmm_pids_under
+from novasandbox.host import egress, tap
 from novasandbox.network import GATEWAY, guest_mac
-from novasandbox.providers import egress, tap
 from novasandbox.snapshots import delete_snapshot
-from novasandbox.state import vmm_pids_under
 
 from .conftest import assert_no_leftovers
 
@@ -235,8 +235,8 @@ def test_unresolvable_allowed_host_fails_cleanly(state_root: Any) -> None:
 def test_gc_removes_a_policy_no_vmm_uses(factory: Any) -> None:
     """An owner killed at the wrong moment can leave a policy behind: gc removes it, and
     leaves alone the policy of a sandbox that runs."""
-    from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT
-    from novasandbox.state import sweep_host_resources
+    from novasandbox.gc import sweep_host_resources
+    from novasandbox.host.plan import VMM_ID_BASE, VMM_ID_COUNT
 
     live = factory.create(network="nat", allow=["127.0.0.1:1"])
     orphan_uid = VMM_ID_BASE + VMM_ID_COUNT - 1
@@ -451,7 +451,7 @@ def test_tap_forks_get_their_own_device_mac_and_network(
 def test_gc_ends_leases_of_dead_sandboxes_and_a_dead_owners_pool(
     factory: Any, namespaces: Namespaces
 ) -> None:
-    from novasandbox.state import sweep_host_resources
+    from novasandbox.gc import sweep_host_resources
 
     live = factory.create(network="tap", allow=[])
     live_tap = {holder: t for t, holder in tap.leases() if holder}[live.id]

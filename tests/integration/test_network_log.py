@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from novasandbox import AsyncSandbox, NetworkLog, Sandbox
-from novasandbox.providers import egress, nflog, tap
+from novasandbox.host import egress, nflog, tap
 
 from .conftest import assert_no_leftovers
 from .test_network import Namespaces

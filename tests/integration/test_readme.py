@@ -72,9 +72,10 @@ from pathlib import Path
 
 import pytest
 
-from novasandbox.providers import tap
+from novasandbox.gc import kill_sandbox
+from novasandbox.host import tap
+from novasandbox.records import list_sandboxes
 from novasandbox.snapshots import delete_snapshot, list_snapshots
-from novasandbox.state import kill_sandbox, list_sandboxes
 
 from .conftest import assert_no_leftovers, qemu_processes_under
 

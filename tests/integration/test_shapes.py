@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
-import novasandbox.snapshots
 from novasandbox import Drive, Sandbox, TemplateManager
 from novasandbox.errors import ProviderError
-from novasandbox.providers.qemu import QemuVM, choose_accel
+from novasandbox.sandbox import AsyncSandbox
+from novasandbox.snapshots import shape_snapshot_dir
+from novasandbox.vm import get_provider
+from novasandbox.vm.qemu import QemuVM
 
 from .conftest import SandboxFactory
 
@@ -69,7 +71,7 @@ def saved_shapes(mgr: TemplateManager) -> list[str]:
 
 def shape_dir(mgr: TemplateManager, memory_mib: int, network: str = "none") -> Path:
     built = mgr.require_built("python")
-    return mgr.shape_snapshot_dir(built, 1, memory_mib, choose_accel().name, network)
+    return shape_snapshot_dir(mgr, built, 1, memory_mib, get_provider().engine(), network)
 
 
 def probe(sb: Sandbox) -> list[str]:
@@ -196,19 +198,21 @@ def test_a_failed_save_leaves_nothing_and_the_sandbox_works(
 ) -> None:
     if where == "in-capture":
 
-        async def broken_save(self: QemuVM, dest: Path, timeout: float = 120.0) -> None:
-            dest.write_bytes(b"half a memory image")
+        async def broken_save(
+            self: QemuVM, memory: Path, disk: Path, timeout: float = 120.0
+        ) -> None:
+            memory.write_bytes(b"half a memory image")
             raise ProviderError("saving the VM state failed (test)")
 
-        monkeypatch.setattr(QemuVM, "save_memory", broken_save)
+        monkeypatch.setattr(QemuVM, "save", broken_save)
     else:
-        real_capture = novasandbox.snapshots.capture
+        real_capture = AsyncSandbox._capture
 
         async def capture_then_fail(*args: Any, **kwargs: Any) -> float:
             await real_capture(*args, **kwargs)
             raise OSError(28, "No space left on device (test)")
 
-        monkeypatch.setattr(novasandbox.snapshots, "capture", capture_then_fail)
+        monkeypatch.setattr(AsyncSandbox, "_capture", capture_then_fail)
     mgr = manager(cache)
     sb = factory.create(memory_mib=320, templates=mgr)
     assert not sb.restored

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from novasandbox.errors import ConfigError, ProviderError
-from novasandbox.providers import cgroups
-from novasandbox.providers.cgroups import GROUP, Layout, VMMGroup, detect, limits_for
+from novasandbox.host import cgroups
+from novasandbox.host.cgroups import GROUP, Layout, VMMGroup, detect, limits_for
+from novasandbox.host.limits import CGROUP_OVERHEAD_MIB
 
 V1_MOUNTS = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -53,7 +54,7 @@ def test_parse_mounts() -> None:
 
 def test_limits() -> None:
     limits = limits_for(vcpus=2, memory_mib=512)
-    assert limits.memory_bytes == (512 + cgroups.MEMORY_OVERHEAD_MIB) << 20
+    assert limits.memory_bytes == (512 + CGROUP_OVERHEAD_MIB) << 20
     assert limits.tasks == cgroups.TASKS_BASE + 2
     assert limits.cpu_quota_us == 3 * limits.cpu_period_us
 

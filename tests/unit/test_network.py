@@ -11,7 +11,6 @@ import socket
 import struct
 import subprocess
 import sys
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -19,6 +18,15 @@ import pytest
 
 from novasandbox.config import MachineConfig
 from novasandbox.errors import ConfigError, NetworkError
+from novasandbox.host import egress
+from novasandbox.host.plan import (
+    VMM_ID_BASE,
+    VMM_ID_COUNT,
+    Confinement,
+    Enforcement,
+    HostPlan,
+    make_plan,
+)
 from novasandbox.network import (
     DETACHED,
     NON_PUBLIC,
@@ -30,10 +38,9 @@ from novasandbox.network import (
     parse_allow,
     resolve,
 )
-from novasandbox.providers import egress
-from novasandbox.providers.base import VMM_ID_BASE, VMM_ID_COUNT, Confinement, VMPaths, VMSpec
-from novasandbox.providers.qemu import network_argv
 from novasandbox.sandbox import _egress_rules
+from novasandbox.vm.base import VMPaths, VMSpec
+from novasandbox.vm.qemu_argv import network_argv
 
 
 def test_parse_allow_forms() -> None:
@@ -291,7 +298,7 @@ def test_tap_policy_table_is_keyed_on_the_interface() -> None:
 
 
 def test_tap_addressing() -> None:
-    from novasandbox.providers.tap import MAX_TAPS, Tap, tap_index
+    from novasandbox.host.tap import MAX_TAPS, Tap, tap_index
 
     t = Tap(0)
     assert (t.name, str(t.network), str(t.host_address), str(t.guest_address)) == (
@@ -340,15 +347,22 @@ def test_host_resolvers() -> None:
     assert egress.host_resolvers(text) == [IPv4Address("10.0.0.53"), IPv4Address("1.1.1.1")]
 
 
-def spec(tmp_path: Path, net: NetworkConfig, host_ports: dict[int, int]) -> VMSpec:
+def spec(
+    tmp_path: Path,
+    net: NetworkConfig,
+    host_ports: dict[int, int],
+    confine: Confinement | None = None,
+) -> VMSpec:
+    ports = [host_ports[p] for p in net.ports]
+    machine = MachineConfig(network=net)
     return VMSpec(
         vm_id="sb-net",
-        machine=MachineConfig(network=net),
+        machine=machine,
         kernel=tmp_path / "vmlinux",
         rootfs=tmp_path / "rootfs.ext4",
         paths=VMPaths(tmp_path),
         accel="tcg",
-        host_ports=host_ports,
+        host=make_plan("sb-net", net, 1, 256, confine=confine, free_ports=ports),
     )
 
 
@@ -367,15 +381,13 @@ def test_network_argv(tmp_path: Path) -> None:
     # no root: the seccomp guard refuses (and reports) what slirp's restrict=on would
     # have dropped silently
     assert "restrict=off" in closed[1].split(",")
-    confined = replace(spec(tmp_path, NetworkConfig("nat", ()), {}), confine=Confinement(1, 1))
+    confined = spec(tmp_path, NetworkConfig("nat", ()), {}, Confinement(1, 1))
     assert "restrict=off" in network_argv(confined)[1].split(",")  # the host policy decides
-    with pytest.raises(ValueError):
-        network_argv(spec(tmp_path, NetworkConfig("nat", None, (8000,)), {}))
-    tap = network_argv(spec(tmp_path, NetworkConfig("tap"), {}), tap_fd=17)
+    tap = network_argv(spec(tmp_path, NetworkConfig("tap"), {}, Confinement(1, 1)), tap_fd=17)
     assert tap[:2] == ["-netdev", "tap,id=net0,fd=17,vhost=off"]
     assert tap[3].endswith(",netdev=net0")
-    with pytest.raises(ValueError):
-        network_argv(spec(tmp_path, NetworkConfig("tap"), {}))  # no descriptor
+    with pytest.raises(ValueError):  # no descriptor
+        network_argv(spec(tmp_path, NetworkConfig("tap"), {}, Confinement(1, 1)))
     # the template snapshot's device has no backend, so it restores into nat or tap
     assert network_argv(spec(tmp_path, NetworkConfig(DETACHED), {})) == [
         "-device",
@@ -383,21 +395,50 @@ def test_network_argv(tmp_path: Path) -> None:
     ]
 
 
-def test_egress_rules_are_resolved_and_tap_needs_root() -> None:
-    assert asyncio.run(_egress_rules(NetworkConfig(), None)) == ()
-    assert asyncio.run(_egress_rules(NetworkConfig("nat", ()), None)) == ()
-    # without root the seccomp guard enforces the policy: nothing to refuse here
-    assert asyncio.run(_egress_rules(NetworkConfig("nat", None), None)) is None
-    with pytest.raises(NetworkError, match="tap"):
-        asyncio.run(_egress_rules(NetworkConfig("tap", ()), None))
+def test_the_host_plan_decides_who_enforces_once() -> None:
     confined = Confinement(VMM_ID_BASE, VMM_ID_BASE)
-    assert asyncio.run(_egress_rules(NetworkConfig("nat", None), confined)) is None
-    rules = asyncio.run(_egress_rules(NetworkConfig("nat", ("1.2.3.4:80",)), confined))
+
+    def plan(
+        net: NetworkConfig, confine: Confinement | None = None, ports: tuple[int, ...] = ()
+    ) -> HostPlan:
+        return make_plan("sb-plan", net, 2, 512, confine=confine, free_ports=ports)
+
+    none = plan(NetworkConfig())
+    assert (none.enforcement, none.guest, none.dns) == (Enforcement.NOTHING, None, False)
+    assert none.limits is not None and none.limits.tasks > 2
+    guard = plan(NetworkConfig("nat", None, (8000,)), ports=(40001,))
+    assert guard.enforcement is Enforcement.GUARD and guard.host_ports == {8000: 40001}
+    assert guard.guest is not None and guard.guest.dns == "10.0.2.3" and guard.dns
+    closed = plan(NetworkConfig("nat", ()))
+    assert closed.enforcement is Enforcement.GUARD  # also with nothing allowed: it reports
+    assert closed.guest is not None and closed.guest.dns == "" and not closed.dns
+    uid = plan(NetworkConfig("nat", ("1.2.3.4:80",)), confined)
+    assert uid.enforcement is Enforcement.NFT_UID and uid.vmm_uid == VMM_ID_BASE
+    tap = plan(NetworkConfig("tap"), confined)
+    assert tap.enforcement is Enforcement.NFT_TAP and tap.guest is None  # from its lease
+    detached = plan(NetworkConfig(DETACHED))
+    assert detached.enforcement is Enforcement.NOTHING and detached.guest is not None
+    assert detached.guest.dns == ""
+    with pytest.raises(NetworkError, match="tap"):
+        plan(NetworkConfig("tap"))  # not root
+    with pytest.raises(ValueError):
+        plan(NetworkConfig("nat", None, (8000,)))  # no host port for it
+    assert not make_plan("sb-x", NetworkConfig(), 1, 256, confine=None, cgroups=False).limits
+    # the record keeps it: it reads back equal
+    for p in (none, guard, closed, uid, tap, detached):
+        assert HostPlan.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_egress_rules_are_resolved() -> None:
+    assert asyncio.run(_egress_rules(NetworkConfig())) == ()
+    assert asyncio.run(_egress_rules(NetworkConfig("nat", ()))) == ()
+    assert asyncio.run(_egress_rules(NetworkConfig("nat", None))) is None
+    rules = asyncio.run(_egress_rules(NetworkConfig("nat", ("1.2.3.4:80",))))
     assert rules == (EgressRule(IPv4Network("1.2.3.4/32"), 80),)
 
 
 def test_parse_sockaddr_and_refusal() -> None:
-    from novasandbox.providers.netguard import parse_sockaddr, refusal
+    from novasandbox.host.netguard import parse_sockaddr, refusal
 
     raw = struct.pack("H", socket.AF_INET) + struct.pack("!H", 8080) + bytes([127, 0, 0, 1])
     family, ip, port = parse_sockaddr(raw + bytes(8))
@@ -496,7 +537,7 @@ print(out)
 def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
     """The stage installs the filter and execs a program; the guard in this process lets
     its connect to one port through and refuses the other (TCP and UDP)."""
-    from novasandbox.providers import netguard
+    from novasandbox.host import netguard
 
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
     allowed, denied = (s.getsockname()[1] for s in listeners)
@@ -539,7 +580,7 @@ def test_seccomp_guard_decides_every_connect_of_a_real_process() -> None:
 def test_without_its_guard_the_filter_fails_closed() -> None:
     """If the owner is gone (the listener closed), filtered calls fail instead of
     going through."""
-    from novasandbox.providers import netguard
+    from novasandbox.host import netguard
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]

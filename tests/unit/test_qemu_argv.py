@@ -9,21 +9,21 @@ import pytest
 from novasandbox.config import Drive, MachineConfig
 from novasandbox.errors import ConfigError
 from novasandbox.guest.protocol import AGENT_PORT_NAME
-from novasandbox.providers.base import (
+from novasandbox.host.plan import (
     VMM_ID_BASE,
     VMM_ID_COUNT,
     Confinement,
-    VMPaths,
-    VMSpec,
     confinement,
+    make_plan,
 )
-from novasandbox.providers.qemu import (
+from novasandbox.network import NetworkConfig
+from novasandbox.vm.base import VMPaths, VMSpec, drive_serial
+from novasandbox.vm.qemu import choose_accel
+from novasandbox.vm.qemu_argv import (
     GUEST_INIT,
     ROOT_SERIAL,
     DiskFds,
     build_argv,
-    choose_accel,
-    drive_serial,
     kernel_cmdline,
     overlay_argv,
 )
@@ -48,8 +48,8 @@ def make_spec(
         rootfs=tmp_path / "rootfs.ext4",
         paths=VMPaths(state),
         accel=accel,
+        host=make_plan("sb-test", NetworkConfig(), vcpus, memory_mib, confine=confine),
         rootfs_format=rootfs_format,
-        confine=confine,
     )
 
 
@@ -362,17 +362,17 @@ def test_unusable_dev_kvm_is_tcg(host: tuple[Path, Path]) -> None:
 
 def test_admission_arithmetic() -> None:
     from novasandbox.errors import HostMemoryExhausted
-    from novasandbox.providers.qemu import VMM_OVERHEAD_MIB, admit, available_memory_mib
+    from novasandbox.host.limits import ADMISSION_OVERHEAD_MIB, admit, available_memory_mib
 
     assert available_memory_mib("MemTotal: 1 kB\nMemAvailable:   2097152 kB\n") == 2048
-    admit(256, 256 + VMM_OVERHEAD_MIB + 100, 100)  # exactly enough
+    admit(256, 256 + ADMISSION_OVERHEAD_MIB + 100, 100)  # exactly enough
     with pytest.raises(HostMemoryExhausted):
-        admit(256, 256 + VMM_OVERHEAD_MIB + 99, 100)
+        admit(256, 256 + ADMISSION_OVERHEAD_MIB + 99, 100)
 
 
 def test_reserve_setting() -> None:
     from novasandbox.errors import ConfigError
-    from novasandbox.providers.qemu import DEFAULT_RESERVE_MIB, reserve_mib
+    from novasandbox.host.limits import DEFAULT_RESERVE_MIB, reserve_mib
 
     assert reserve_mib({}) == DEFAULT_RESERVE_MIB
     assert reserve_mib({"NOVASANDBOX_MEMORY_RESERVE_MIB": "64"}) == 64

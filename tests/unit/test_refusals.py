@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from novasandbox.host import nflog, refusals
+from novasandbox.host.refusals import Refusals, read_entries
 from novasandbox.network import NetworkLog
-from novasandbox.providers import nflog, refusals
-from novasandbox.providers.refusals import Refusals, read_entries
 
 # Two datagrams the kernel (6.18) sent to an NFLOG group for a "log group N snaplen 96
 # prefix ..." rule: a TCP SYN to 203.0.113.80:443 and a UDP datagram to 203.0.113.9:53.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from novasandbox import ConfigError, TemplateManager
+from novasandbox import ConfigError, TemplateManager, warmup
 from novasandbox.snapshots import shape_snapshot_key
 from novasandbox.templates import STALE_PARTIAL_S
 
@@ -91,11 +91,13 @@ def test_remaking_the_templates_snapshots_removes_the_shapes(
     entry(mgr.shapes_dir(tpl), "a", 0)
     made: list[bool] = []
 
-    def fake_snapshot(name: str, *, accel: str | None = None, nic: bool = False) -> Any:
+    def fake_snapshot(
+        manager: TemplateManager, built: Any, *, nic: bool = False, provider: Any = None
+    ) -> Any:
         made.append(nic)
         return SimpleNamespace(size_bytes=1, save_seconds=0.1)
 
-    monkeypatch.setattr(mgr, "build_snapshot", fake_snapshot)
-    mgr.build("python")
+    monkeypatch.setattr(warmup, "build_snapshot", fake_snapshot)
+    warmup.build(mgr, "python")
     assert made == [False, True]
     assert not mgr.shapes_dir(tpl).exists()

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from novasandbox import templates
+from novasandbox import templates, warmup
 from novasandbox.errors import (
     HostToolMissing,
     TemplateError,
     TemplateNotBuilt,
     TemplateNotFound,
 )
+from novasandbox.snapshots import Engine, Snapshot, template_snapshot, template_snapshot_dir
 from novasandbox.templates import BuiltTemplate, Template, TemplateManager
 from novasandbox.templates.build import (
     install_guest,
@@ -25,6 +26,7 @@ from novasandbox.templates.build import (
     profile_script,
     require_tools,
 )
+from novasandbox.vm import get_provider
 
 CUSTOM_TOML = """\
 name = "custom"
@@ -349,13 +351,10 @@ def test_manual_cache_layout_is_found(manager: TemplateManager) -> None:
 
 
 def fake_snapshot(manager: TemplateManager, name: str, nic: bool = False) -> Path:
-    from novasandbox.providers.qemu import choose_accel, qemu_version
-    from novasandbox.snapshots import Snapshot
-
     built = manager.require_built(name)
     tpl = built.template
-    accel = choose_accel().name
-    directory = manager.snapshot_dir(tpl, tpl.vcpus, tpl.memory_mib, accel, nic=nic)
+    engine = get_provider().engine()
+    directory = template_snapshot_dir(manager, tpl, tpl.vcpus, tpl.memory_mib, engine, nic=nic)
     directory.mkdir(parents=True)
     (directory / "memory.bin").write_bytes(b"memory")
     (directory / "disk.qcow2").write_bytes(b"disk")
@@ -367,8 +366,8 @@ def fake_snapshot(manager: TemplateManager, name: str, nic: bool = False) -> Pat
         kernel=built.kernel,
         vcpus=tpl.vcpus,
         memory_mib=tpl.memory_mib,
-        accel=accel,
-        qemu_version=qemu_version(),
+        accel=engine.accel,
+        qemu_version=engine.version,
         created_at=0.0,
         network="detached" if nic else "none",
     )
@@ -379,28 +378,28 @@ def fake_snapshot(manager: TemplateManager, name: str, nic: bool = False) -> Pat
 def test_build_is_a_no_op_when_cached(manager: TemplateManager) -> None:
     fake_build(manager, manager.get("custom"))
     fake_snapshot(manager, "custom")
-    assert not manager.up_to_date("custom")  # the variant with a network device is missing
+    assert not warmup.up_to_date(manager, "custom")  # the variant with a NIC is missing
     fake_snapshot(manager, "custom", nic=True)
-    assert manager.up_to_date("custom")
+    assert warmup.up_to_date(manager, "custom")
     # would need root, mmdebstrap, a kernel tree and a VM if it tried to build anything
-    assert manager.build("custom").rootfs.read_bytes() == b"rootfs"
+    assert warmup.build(manager, "custom").rootfs.read_bytes() == b"rootfs"
 
 
 def test_snapshot_is_keyed_by_machine_shape(manager: TemplateManager) -> None:
     fake_build(manager, manager.get("custom"))
-    assert not manager.up_to_date("custom")
+    assert not warmup.up_to_date(manager, "custom")
     directory = fake_snapshot(manager, "custom")
     built = manager.require_built("custom")
     tpl = built.template
-    from novasandbox.providers.qemu import choose_accel
-
-    accel = choose_accel().name
-    found = manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib, accel)
+    engine = get_provider().engine()
+    found = template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib, engine)
     assert found is not None and found.directory == directory
-    assert manager.template_snapshot(built, tpl.vcpus + 1, tpl.memory_mib, accel) is None
-    assert manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib * 2, accel) is None
-    other = "kvm" if accel == "tcg" else "tcg"
-    assert manager.template_snapshot(built, tpl.vcpus, tpl.memory_mib, other) is None
+    assert template_snapshot(manager, built, tpl.vcpus + 1, tpl.memory_mib, engine) is None
+    assert template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib * 2, engine) is None
+    other = Engine("kvm" if engine.accel == "tcg" else "tcg", engine.version)
+    assert template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib, other) is None
+    newer = Engine(engine.accel, engine.version + " (another)")
+    assert template_snapshot(manager, built, tpl.vcpus, tpl.memory_mib, newer) is None
 
 
 @pytest.mark.parametrize("missing", ["kernel", "rootfs", "manifest", "bad-manifest"])

@@ -49,8 +49,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from ..errors import HostToolMissing, NetworkError
-from ..paths import state_dir
 from ..network import NON_PUBLIC, EgressRule
+from ..paths import state_dir
 from . import nflog
 from .plan import VMM_ID_BASE, VMM_ID_COUNT
 

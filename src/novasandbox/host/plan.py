@@ -188,7 +188,9 @@ def make_plan(
     mode = net.mode
     limits = limits_for(vcpus, memory_mib) if cgroups else None
     if not net.enabled:
-        return HostPlan(sandbox_id, mode, Enforcement.NOTHING, False, None, limits=limits)
+        return HostPlan(
+            sandbox_id, mode, Enforcement.NOTHING, False, None, confine=confine, limits=limits
+        )
     dns = net.allow != () and mode != DETACHED
     mac = guest_mac(sandbox_id)
     if mode == "tap":

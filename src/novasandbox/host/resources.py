@@ -190,4 +190,3 @@ class HostResources:
         if self.refusals is not None:
             self.refusals.close()
         release(self.plan, self.tap_name)
-

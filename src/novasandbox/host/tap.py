@@ -38,9 +38,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from ..errors import NetworkError
+from ..procfs import process_start_time
 from . import egress
 from .netns import in_netns
-from ..procfs import process_start_time
 
 PREFIX = "nstap"
 SUBNET = IPv4Network("10.201.0.0/16")

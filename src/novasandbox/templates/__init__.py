@@ -32,7 +32,6 @@ it, name by name).
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import json
 import os

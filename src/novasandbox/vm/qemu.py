@@ -42,7 +42,6 @@ from .qemu_argv import (
 log = logging.getLogger("novasandbox.qemu")
 
 
-
 @dataclass(frozen=True, slots=True)
 class AccelChoice:
     name: str

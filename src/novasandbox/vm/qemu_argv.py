@@ -238,5 +238,3 @@ def overlay_argv(
         str(base),
         str(overlay),
     ]
-
-
