@@ -1,9 +1,12 @@
 """Fixtures for integration tests: real QEMU, real guest kernel, real agent.
 
 Every sandbox goes through a ``SandboxFactory`` that kills it at teardown, even when the
-test fails. When a test fails, the console log of each sandbox it could see is printed
-(pytest shows it with the failure) and copied to ``$NOVASANDBOX_TEST_LOGS``
-(default /tmp/novasandbox-test-logs).
+test fails, and then checks that those sandboxes left nothing on the host. When a test
+fails, the console log of each sandbox it could see is printed (pytest shows it with the
+failure) and copied to ``$NOVASANDBOX_TEST_LOGS`` (default /tmp/novasandbox-test-logs).
+
+Leftover checks judge the tests' own sandboxes only, by id (see ``leftovers.py``): other
+processes of the host may run sandboxes at the same time.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,10 @@ import pytest
 
 from novasandbox import Sandbox, TemplateManager
 from novasandbox.gc import vmm_pids_under
-from novasandbox.host import cgroups
+from novasandbox.host import tap
+
+from .helpers import Namespaces
+from .leftovers import SandboxIds, check_no_leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +37,29 @@ def qemu_processes_under(root: Path) -> list[int]:
     return vmm_pids_under(root)
 
 
-def assert_no_leftovers(root: Path) -> None:
-    """No VMM process, no state entry and no control group left behind."""
+class _Session:
+    ids: SandboxIds | None = None
+    """The ids of every sandbox made with the session's state directory."""
+    test_mark = 0
+    """Where the ids of the running test begin."""
+
+
+def ids_of_this_test() -> list[str]:
+    """The ids of the sandboxes made (by any process) with the session's state directory
+    since the running test began."""
+    assert _Session.ids is not None, "no test session state directory"
+    return _Session.ids.since(_Session.test_mark)
+
+
+def assert_no_leftovers(root: Path, ids: Iterable[str] | None = None) -> None:
+    """Nothing of the sandboxes ``ids`` (default: every sandbox the running test made,
+    in this process or another) left on the host, and no VMM process and no state entry
+    left in the session's state directory ``root`` (private: all of it is the tests')."""
     assert qemu_processes_under(root) == []
     sandboxes = root / "sandboxes"
     leftover = sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else []
     assert leftover == []
-    assert cgroups.empty_groups() == []
+    check_no_leftovers(root, ids_of_this_test() if ids is None else ids)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,15 +68,28 @@ def state_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="ns-", dir="/tmp"))
     old = os.environ.get("NOVASANDBOX_STATE_DIR")
     os.environ["NOVASANDBOX_STATE_DIR"] = str(root)
+    _Session.ids = SandboxIds(root)
     yield root
     if old is None:
         os.environ.pop("NOVASANDBOX_STATE_DIR", None)
     else:
         os.environ["NOVASANDBOX_STATE_DIR"] = old
     leftovers = qemu_processes_under(root)
-    shutil.rmtree(root, ignore_errors=True)
-    assert leftovers == [], f"QEMU processes outlived the test session: {leftovers}"
-    assert cgroups.empty_groups() == [], "control groups outlived their VMMs"
+    made = _Session.ids.all()
+    _Session.ids.close()
+    _Session.ids = None
+    try:
+        assert leftovers == [], f"QEMU processes outlived the test session: {leftovers}"
+        check_no_leftovers(root, made)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _this_tests_sandboxes(state_root: Path) -> None:
+    """Marks where the running test's sandboxes begin (for ``assert_no_leftovers``)."""
+    assert _Session.ids is not None
+    _Session.test_mark = _Session.ids.mark()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,12 +103,16 @@ class SandboxFactory:
 
     live: list[SandboxFactory] = []
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.sandboxes: list[Any] = []
+        self.ids: list[str] = []
+        """Every sandbox it made or tracked, also once killed: what teardown judges."""
         SandboxFactory.live.append(self)
 
     def track(self, sb: Any) -> Any:
         self.sandboxes.append(sb)
+        self.ids.append(sb.id)
         return sb
 
     def create(self, template: str = "python", **kwargs: Any) -> Sandbox:
@@ -92,20 +131,42 @@ class SandboxFactory:
                 errors.append(exc)
         self.sandboxes.clear()
         assert not errors, errors
+        check_no_leftovers(self.root, self.ids)
 
 
 @pytest.fixture
-def factory() -> Iterator[SandboxFactory]:
-    f = SandboxFactory()
+def factory(state_root: Path) -> Iterator[SandboxFactory]:
+    f = SandboxFactory(state_root)
     yield f
     f.close()
 
 
 @pytest.fixture(scope="module")
-def module_factory() -> Iterator[SandboxFactory]:
-    f = SandboxFactory()
+def module_factory(state_root: Path) -> Iterator[SandboxFactory]:
+    f = SandboxFactory(state_root)
     yield f
     f.close()
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> Iterator[Namespaces]:
+    """Network namespaces made for the module's TAP tests (see ``Namespaces``), with a
+    pool of two TAPs in ``inner`` that goes with them."""
+    if os.geteuid() != 0:
+        pytest.skip("TAP networking needs root")
+    spaces = Namespaces()
+    old = os.environ.get("NOVASANDBOX_NETNS")
+    os.environ["NOVASANDBOX_NETNS"] = spaces.inner
+    try:
+        with tap.pool(2):
+            yield spaces
+        assert tap.existing() == []  # the pool went with the block
+    finally:
+        if old is None:
+            os.environ.pop("NOVASANDBOX_NETNS", None)
+        else:
+            os.environ["NOVASANDBOX_NETNS"] = old
+        spaces.close()
 
 
 @pytest.fixture(scope="module", params=["restored", "cold"])

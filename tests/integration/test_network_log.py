@@ -29,7 +29,7 @@ from novasandbox import AsyncSandbox, NetworkLog, Sandbox
 from novasandbox.host import egress, nflog, tap
 
 from .conftest import assert_no_leftovers
-from .test_network import Namespaces
+from .helpers import Namespaces
 
 CLI = [sys.executable, "-m", "novasandbox.cli"]
 
@@ -290,24 +290,6 @@ def test_a_flood_of_refusals_stays_bounded_and_counted(
 
 
 # ----------------------------------------------------------------------------- tap
-
-
-@pytest.fixture(scope="module")
-def namespaces() -> Iterator[Namespaces]:
-    if os.geteuid() != 0:
-        pytest.skip("TAP networking needs root")
-    spaces = Namespaces()
-    old = os.environ.get("NOVASANDBOX_NETNS")
-    os.environ["NOVASANDBOX_NETNS"] = spaces.inner
-    try:
-        with tap.pool(1):
-            yield spaces
-    finally:
-        if old is None:
-            os.environ.pop("NOVASANDBOX_NETNS", None)
-        else:
-            os.environ["NOVASANDBOX_NETNS"] = old
-        spaces.close()
 
 
 def test_tap_refusals_are_heard_in_the_taps_namespace(factory: Any, namespaces: Namespaces) -> None:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import io
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +22,8 @@ import pytest
 from novasandbox import Sandbox
 from novasandbox.network import GATEWAY
 from novasandbox.snapshots import delete_snapshot
+
+from .helpers import HostServer
 
 VENV = "/opt/venv"
 root_only = pytest.mark.skipif(
@@ -61,7 +61,7 @@ def make_wheel(name: str, version: str, source: str) -> tuple[str, bytes]:
     return f"{name}-{version}-py3-none-any.whl", buf.getvalue()
 
 
-class SimpleIndex:
+class SimpleIndex(HostServer):
     """A PEP 503 simple repository on the host's 127.0.0.1, served from a thread."""
 
     def __init__(self, wheels: dict[str, tuple[str, bytes]]) -> None:
@@ -78,30 +78,7 @@ class SimpleIndex:
             routes[f"/files/{filename}"] = ("application/octet-stream", data)
             links.append(f'<a href="/simple/{project}/">{project}</a>')
         routes["/simple/"] = ("text/html", f"<html><body>{''.join(links)}</body></html>".encode())
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests.append(self.path)
-                found = routes.get(self.path)
-                if found is None:
-                    self.send_error(404)
-                    return
-                content_type, body = found
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(routes.get)
 
     @property
     def pip_args(self) -> list[str]:
@@ -112,11 +89,6 @@ class SimpleIndex:
             "--trusted-host",
             str(GATEWAY),
         ]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture

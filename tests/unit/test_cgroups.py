@@ -192,3 +192,16 @@ def test_sweep_removes_only_old_empty_unclaimed_groups(tmp_path: Path) -> None:
     assert removed == ["old"]
     names = {d.name for d in (tmp_path / "memory" / GROUP).iterdir()}
     assert names == {"young", "busy", "claimed"}
+
+
+def test_groups_of_names_only_the_groups_of_the_ids_asked_for(tmp_path: Path) -> None:
+    layout = Layout(1, {"memory": tmp_path / "memory", "pids": tmp_path / "pids"})
+    for name in ("sb-mine", "sb-busy", "sb-other"):
+        for directory in layout.group_dirs(name):
+            directory.mkdir(parents=True)
+    for directory in layout.group_dirs("sb-busy"):
+        (directory / "cgroup.procs").write_text("4242\n")  # a live VMM's: still a leftover
+    found = cgroups.groups_of(["sb-mine", "sb-busy", "sb-gone", "sb-mine"], layout)
+    assert found == sorted(str(d) for n in ("sb-mine", "sb-busy") for d in layout.group_dirs(n))
+    assert cgroups.groups_of([], layout) == []
+    assert cgroups.groups_of(["sb-gone"], Layout(1, {"memory": tmp_path / "absent"})) == []

@@ -27,7 +27,7 @@ import errno
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,9 +299,20 @@ def sweep(keep: Callable[[str], bool], layout: Layout | None = None) -> list[str
     return sorted(set(removed))
 
 
+def groups_of(names: Iterable[str], layout: Layout | None = None) -> list[str]:
+    """The group directories that exist of the sandboxes ``names`` (empty or not): what a
+    test checks its own sandboxes did not leave behind, whatever other processes of the
+    host run at the same time."""
+    layout = layout if layout is not None else _quiet_detect()
+    if layout is None:
+        return []
+    return sorted(str(d) for name in set(names) for d in layout.group_dirs(name) if d.is_dir())
+
+
 def empty_groups(layout: Layout | None = None) -> list[str]:
-    """VMM groups that hold no process (a live sandbox's group holds its VMM): what tests
-    and the soak script check was not left behind."""
+    """VMM groups that hold no process (a live sandbox's group holds its VMM), of every
+    NovaSandbox process of the host: what the soak script checks was not left behind
+    (tests judge only their own sandboxes' groups: ``groups_of``)."""
     layout = layout if layout is not None else _quiet_detect()
     if layout is None:
         return []
