@@ -25,8 +25,8 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from novasandbox.host import cgroups, egress, tap
 from novasandbox.gc import vmm_pids_under
+from novasandbox.host import cgroups, egress, tap
 
 _IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100

@@ -23,8 +23,8 @@ from novasandbox import sandbox as sandbox_module
 from novasandbox.gc import vmm_pids_under
 from novasandbox.host import egress, tap
 from novasandbox.network import GATEWAY, guest_mac
-from novasandbox.snapshots import delete_snapshot
 from novasandbox.records import new_sandbox_id
+from novasandbox.snapshots import delete_snapshot
 
 from .conftest import assert_no_leftovers
 from .helpers import HostServer, Namespaces

@@ -100,10 +100,14 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             for alias in node.names:
                 if alias.name.startswith("novasandbox."):
                     add(alias.name.removeprefix("novasandbox."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith("novasandbox.")
+            and ":" in node.value
+        ):
             # providers registered by name: "novasandbox.vm.qemu:QemuProvider"
-            if node.value.startswith("novasandbox.") and ":" in node.value:
-                add(node.value.split(":", 1)[0].removeprefix("novasandbox."))
+            add(node.value.split(":", 1)[0].removeprefix("novasandbox."))
     return found
 
 
