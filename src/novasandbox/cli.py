@@ -47,6 +47,8 @@ from .vm.base import VMPaths
 from .vm.qemu import choose_accel, qemu_version
 from .vm.qemu_argv import QEMU_BINARY, QEMU_IMG
 
+SWEPT = {"egress_policies": "egress policy", "taps": "TAP"}
+"""What ``gc`` says for each kind of host resource it removed."""
 EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
 EXIT_TIMEOUT = 124
@@ -547,7 +549,7 @@ def gc() -> None:
         click.echo(f"reaped {sandbox_id}")
     for kind, names in sweep_host_resources().items():
         for name in names:
-            click.echo(f"removed {kind.replace('_', ' ')[:-1]} {name}")
+            click.echo(f"removed {SWEPT[kind]} {name}")
 
 
 @main.command()

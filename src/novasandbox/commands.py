@@ -307,7 +307,11 @@ class AsyncCommands:
             "timeout": timeout,
             "stdin": data is not None or open_stdin,
         }
-        await handle._start(agent, fields, data, open_stdin)
+        try:
+            await handle._start(agent, fields, data, open_stdin)
+        except AgentError:
+            await self._sb._raise_if_crashed()  # the channel ended with the VM: say so
+            raise
         log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, handle.pid)
         return handle
 

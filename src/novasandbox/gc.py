@@ -10,7 +10,14 @@ from pathlib import Path
 from .errors import SandboxNotFound
 from .host import egress, tap
 from .procfs import pids_matching, process_alive, process_uid
-from .records import read_record, release_abandoned, release_record, remove_state, sandboxes_dir
+from .records import (
+    list_sandboxes,
+    read_record,
+    release_abandoned,
+    release_record,
+    remove_state,
+    sandboxes_dir,
+)
 from .snapshots import drop_unused_fork_snapshots
 
 
@@ -44,11 +51,13 @@ def running_vmm_uids() -> set[int]:
     return {uid for pid in vmm_pids_under(None) if (uid := process_uid(pid)) is not None}
 
 
-def sweep_host_resources() -> dict[str, list[str]]:
+def sweep_host_resources(root: Path | None = None) -> dict[str, list[str]]:
     """What ``reap`` does not look for on every create: egress policies whose VMM is gone
-    and TAP leases whose holder is gone. (Control groups are swept by ``reap``.)"""
+    and TAP leases whose holder is gone. (Control groups are swept by ``reap``.) A policy
+    is kept while a live owner's record names its uid: its VMM may be starting."""
+    starting = {i.vmm_uid for i in list_sandboxes(root) if i.owner_alive and i.vmm_uid is not None}
     return {
-        "egress_policies": egress.sweep(running_vmm_uids()),
+        "egress_policies": egress.sweep(running_vmm_uids() | starting),
         "taps": tap.sweep(process_alive),
     }
 

@@ -53,46 +53,71 @@ SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 NOTIF = struct.Struct("<QIIiIQ6Q")  # struct seccomp_notif
 NOTIF_RESP = struct.Struct("<QqiI")  # struct seccomp_notif_resp
 
-# The stage between fork and QEMU: argv[1] is the socket to send the listener on, the
-# rest is QEMU's command line. Self-contained (ctypes only): it runs with -I -S.
-STAGE = r"""
-import ctypes, os, socket, struct, sys
+PR_SET_NO_NEW_PRIVS = 38
+SYS_SECCOMP = 317
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
+BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS: load a word of struct seccomp_data
+BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+BPF_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+BPF_RET_K = 0x06  # BPF_RET | BPF_K
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH = 0, 4  # offsets in struct seccomp_data
+GUARDED_CALLS = (SYS_CONNECT, SYS_SENDTO, SYS_SENDMSG, SYS_SENDMMSG)
+
+
+def filter_program() -> bytes:
+    """The seccomp filter the stage installs (a ``struct sock_filter`` array): on x86_64
+    only, no x32 calls, and the guarded calls go to the listener; everything else is
+    allowed. Pure."""
+    n = len(GUARDED_CALLS)
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        (BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
+        (BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        # each guarded call jumps over what is left of the list and the ALLOW
+        *((BPF_JEQ_K, n - i, 0, nr) for i, nr in enumerate(GUARDED_CALLS)),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+    ]
+    return b"".join(struct.pack("HBBI", *insn) for insn in prog)
+
+
+# The stage between fork and QEMU: argv[1] is the socket to send the listener on,
+# argv[2] the filter (hex), the rest is QEMU's command line. Self-contained (ctypes
+# only): it runs with -I -S; its numbers come from the constants above.
+STAGE = rf"""
+import ctypes, os, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
-A, N = 0x20, 0x15  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K
-GE, RET = 0x35, 0x06
-USER_NOTIF, ALLOW, KILL = 0x7FC00000, 0x7FFF0000, 0x80000000
-prog = [
-    (A, 0, 0, 4), (N, 1, 0, 0xC000003E), (RET, 0, 0, KILL),   # x86_64 only
-    (A, 0, 0, 0), (GE, 0, 1, 0x40000000), (RET, 0, 0, KILL),  # no x32 calls
-    (N, 4, 0, 42), (N, 3, 0, 44), (N, 2, 0, 46), (N, 1, 0, 307),
-    (RET, 0, 0, ALLOW), (RET, 0, 0, USER_NOTIF),
-]
-raw = b"".join(struct.pack("HBBI", *i) for i in prog)
+raw = bytes.fromhex(sys.argv[2])
 buf = ctypes.create_string_buffer(raw)
 class Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-fprog = Prog(len(prog), ctypes.addressof(buf))
-if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+fprog = Prog(len(raw) // 8, ctypes.addressof(buf))
+if libc.prctl({PR_SET_NO_NEW_PRIVS}, 1, 0, 0, 0) != 0:
     sys.exit("netguard: no_new_privs: " + os.strerror(ctypes.get_errno()))
-listener = libc.syscall(317, 1, 8, ctypes.byref(fprog))  # seccomp(SET_MODE_FILTER, NEW_LISTENER)
+flags = {SECCOMP_FILTER_FLAG_NEW_LISTENER}
+listener = libc.syscall({SYS_SECCOMP}, {SECCOMP_SET_MODE_FILTER}, flags, ctypes.byref(fprog))
 if listener < 0:
     sys.exit("netguard: seccomp: " + os.strerror(ctypes.get_errno()))
 # sendmsg would now wait for the very listener it carries: say where it is with a plain
 # write instead, and let the owner take a copy (pidfd_getfd) before going on
 sock = int(sys.argv[1])
-os.write(sock, f"{os.getpid()} {listener}\n".encode())
+os.write(sock, f"{{os.getpid()}} {{listener}}\n".encode())
 if os.read(sock, 1) != b"K":
     sys.exit("netguard: the owner did not take the listener")
 os.close(sock)
 os.close(listener)
-os.execv(sys.argv[2], sys.argv[2:])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
 def stage_argv(python: str, sock_fd: int) -> list[str]:
     """The argv prefix that installs the filter, hands over its listener on ``sock_fd``
     and execs the rest."""
-    return [python, "-I", "-S", "-c", STAGE, str(sock_fd)]
+    return [python, "-I", "-S", "-c", STAGE, str(sock_fd), filter_program().hex()]
 
 
 Refuse = Callable[[IPv4Address, int], str | None]
