@@ -8,10 +8,12 @@
 ``dir(novasandbox)`` is the public surface (``__all__``); the submodules stay importable
 (``novasandbox.network``, ``novasandbox.config``, ...) for what is not exported.
 
-The architecture, in the order a sandbox comes to life:
-config (``MachineConfig``, ``Drive``) -> template (``TemplateManager``) -> provider
-(``providers.qemu``) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent
-(``guest.agent``, spoken to over ``guest.protocol``).
+The architecture, in the order a sandbox comes to life: config (``MachineConfig``,
+``Drive``) -> host plan (``host.plan``: what it holds on the host, decided once) ->
+template or snapshot (``TemplateManager``, ``snapshots``) -> provider (``vm``: QEMU by
+default) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent (``guest.agent``,
+spoken to over ``guest.protocol``). Above the sandbox: ``gc``, ``warmup`` (template
+snapshots), ``pool``, ``sync``, ``cli``.
 """
 
 import logging

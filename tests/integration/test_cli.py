@@ -100,6 +100,7 @@ def test_template_list_and_doctor() -> None:
     r = cli("doctor", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
+    assert report["provider"]["name"] == "qemu" and report["provider"]["isolated"] is True
     assert report["accelerator"]["name"] in ("kvm", "tcg")
     assert report["qemu"].startswith("QEMU emulator version")
     layout = cgroups.detect()

@@ -8,6 +8,7 @@ directories."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,27 @@ def test_providers_are_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert get_provider("inprocess") is get_provider("inprocess")  # made once
     assert not get_provider("inprocess").capabilities.isolated
     assert get_provider("qemu").capabilities.isolated
+
+
+def doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "novasandbox.cli", "doctor", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+
+
+def test_doctor_says_which_provider_runs_sandboxes() -> None:
+    report = json.loads(doctor({"NOVASANDBOX_PROVIDER": "inprocess"}, "--json").stdout)
+    assert report["provider"]["name"] == "inprocess"
+    assert report["provider"]["isolated"] is False
+    assert set(report["provider"]["available"]) == {"qemu", "inprocess"}
+    text = doctor({"NOVASANDBOX_PROVIDER": "inprocess"}).stdout
+    assert "provider:     inprocess (NOT ISOLATED" in text
+    bad = json.loads(doctor({"NOVASANDBOX_PROVIDER": "bogus"}, "--json").stdout)
+    assert bad["provider"]["name"] == "invalid" and "bogus" in bad["provider"]["reason"]
 
 
 @pytest.mark.parametrize(
