@@ -31,7 +31,7 @@ def kill_sandbox(sandbox_id: str, root: Path | None = None, timeout: float = 5.0
     if info is None:
         remove_state(directory)
         return
-    release_record(info, timeout)
+    release_record(info, directory, timeout)
     drop_unused_fork_snapshots()
 
 

@@ -163,7 +163,7 @@ def read_record(directory: Path) -> SandboxInfo | None:
         if isinstance(data, dict) and "plan" not in data:
             data = _from_old_record(data)
         return SandboxInfo(**data)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
@@ -239,7 +239,7 @@ def remove_state(directory: Path) -> None:
         time.sleep(0.01)
 
 
-def release_record(info: SandboxInfo, timeout: float = 5.0) -> None:
+def release_record(info: SandboxInfo, directory: Path, timeout: float = 5.0) -> None:
     """Release a sandbox that no process will release: SIGKILL its VMM (after checking
     that the pid is still that VMM), give back what it held on the host (``release``,
     the same path ``kill`` takes) and remove its state directory."""
@@ -250,7 +250,7 @@ def release_record(info: SandboxInfo, timeout: float = 5.0) -> None:
         while info.alive and time.monotonic() < deadline:
             time.sleep(0.01)
     release(info.host_plan, info.tap)
-    remove_state(Path(info.state_dir))
+    remove_state(directory)
 
 
 def release_abandoned(root: Path | None = None) -> tuple[list[str], list[SandboxInfo]]:
@@ -282,7 +282,7 @@ def release_abandoned(root: Path | None = None) -> tuple[list[str], list[Sandbox
         if info.owner_alive and not info.expired:
             kept.append(info)
             continue
-        release_record(info)
+        release_record(info, directory)
         released.append(info.id)
     cgroups.sweep(lambda name: (base / name).exists())
     return released, kept

@@ -134,7 +134,7 @@ def _kill_leftovers() -> None:
         info = read_record(directory)
         with contextlib.suppress(Exception):  # at exit: do what can be done
             if info is not None:
-                release_record(info)
+                release_record(info, directory)
         remove_state(directory)
 
 
@@ -156,7 +156,7 @@ class AsyncSandbox:
         self.template = template
         self.config = config
         self.paths = paths
-        self.provider = provider
+        self._provider = provider
         self.engine = engine
         self.plan = plan
         """What it holds on the host, decided at create (and stored in its record)."""
@@ -188,6 +188,11 @@ class AsyncSandbox:
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
+
+    @property
+    def provider(self) -> str:
+        """The name of the provider (the VMM) that runs it (``novasandbox.vm``)."""
+        return self._provider.name
 
     @property
     def accel(self) -> str:
@@ -474,8 +479,8 @@ class AsyncSandbox:
         vm, agent = self._vm, self._agent
         if vm is None or agent is None:
             raise SnapshotError(f"sandbox {self.id} is not running")
-        if not self.provider.capabilities.snapshots:
-            raise SnapshotError(f"the {self.provider.name} provider cannot save snapshots")
+        if not self._provider.capabilities.snapshots:
+            raise SnapshotError(f"the {self._provider.name} provider cannot save snapshots")
         directory.mkdir(parents=True, exist_ok=False)
         await agent.call("freeze", drop_caches=drop_caches, timeout=quiesce_timeout)
         t0 = time.monotonic()
@@ -509,7 +514,7 @@ class AsyncSandbox:
         self._held = HostResources.acquire(self.plan, egress_rules, self.paths.network_log)
         if self._held.refusals is not None:
             self._held.refusals.on_change = self._record
-        self._vm = await self.provider.start(spec, self._held)
+        self._vm = await self._provider.start(spec, self._held)
         with _LIVE_LOCK:
             _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
@@ -636,7 +641,7 @@ class AsyncSandbox:
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
                 plan=self.plan.to_json(),
-                provider=self.provider.name,
+                provider=self._provider.name,
                 tap=self._held.tap_name if self._held else None,
                 refused=self._refusals().refused,
             ),
@@ -780,8 +785,8 @@ class AsyncSandbox:
         return await self._snapshot("user")
 
     async def _snapshot(self, kind: Literal["user", "fork"]) -> Snapshot:
-        if not self.provider.capabilities.snapshots:
-            raise SnapshotError(f"the {self.provider.name} provider cannot save snapshots")
+        if not self._provider.capabilities.snapshots:
+            raise SnapshotError(f"the {self._provider.name} provider cannot save snapshots")
         if self.config.drives:
             raise SnapshotError("sandboxes with extra drives cannot be snapshotted (yet)")
         async with self._op_lock:
@@ -828,7 +833,7 @@ class AsyncSandbox:
             *(
                 AsyncSandbox.create(
                     from_snapshot=snap,
-                    provider=self.provider.name,
+                    provider=self._provider.name,
                     network=self.config.network.mode,
                     allow=self.config.network.allow,
                     ports=self.config.network.ports,

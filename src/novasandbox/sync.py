@@ -309,6 +309,11 @@ class Sandbox:
         return self._inner.restored
 
     @property
+    def provider(self) -> str:
+        """The name of the provider (the VMM) that runs it (``novasandbox.vm``)."""
+        return self._inner.provider
+
+    @property
     def expired(self) -> bool:
         """Whether the sandbox was killed because its lifetime ended."""
         return self._inner.expired

@@ -326,7 +326,7 @@ def test_a_pool_hands_out_running_sandboxes(state: Path) -> None:
         async with AsyncPool("python", 2, provider="inprocess") as pool:
             sb = await pool.acquire(timeout=30)
             assert isinstance(sb, AsyncSandbox) and sb.is_running()
-            assert sb.provider.name == "inprocess"
+            assert sb.provider == "inprocess"
             assert (await sb.commands.run("echo pooled")).stdout == "pooled\n"
             await sb.kill()
             deadline = time.monotonic() + 10
