@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from .errors import ConfigError, check_int
 from .guest.protocol import GUEST_HOME
@@ -126,6 +127,35 @@ class MachineConfig:
             raise ConfigError(f"two drives share a mount point: {mounts}")
         object.__setattr__(self, "drives", drives)
         object.__setattr__(self, "env", validate_env(self.env))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "drives": [
+                {
+                    "path": str(d.path),
+                    "mount": d.mount,
+                    "read_only": d.read_only,
+                    "format": d.format,
+                    "fstype": d.fstype,
+                }
+                for d in self.drives
+            ],
+            "env": dict(self.env),
+            "network": self.network.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MachineConfig:
+        """What ``to_json`` wrote (a sandbox's record): validated again (``ConfigError``)."""
+        return cls(
+            vcpus=data["vcpus"],
+            memory_mib=data["memory_mib"],
+            drives=tuple(Drive(**d) for d in data["drives"]),
+            env=data["env"],
+            network=NetworkConfig.from_json(data["network"]),
+        )
 
 
 MAX_LIFETIME = 30 * 24 * 3600.0

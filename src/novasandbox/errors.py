@@ -20,6 +20,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── SandboxNotRunning           sandbox-not-running
     │   │   ├── SandboxCrashed          sandbox-crashed
     │   │   └── SandboxExpired          sandbox-expired
+    │   ├── SandboxOwned                sandbox-owned
     │   └── PoolClosed                  pool-closed
     ├── AgentError                      agent-error
     │   ├── AgentProtocolError          agent-protocol-error
@@ -186,6 +187,13 @@ class AmbiguousSandboxId(SandboxError, LookupError):
     """A sandbox id prefix that matches more than one sandbox."""
 
     code = "ambiguous-id"
+
+
+class SandboxOwned(SandboxError):
+    """A sandbox that another live process owns (``adopt`` takes only those whose owner
+    is gone), or one that cannot be adopted."""
+
+    code = "sandbox-owned"
 
 
 class PoolClosed(SandboxError):

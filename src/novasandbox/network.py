@@ -33,11 +33,11 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Final
+from typing import Any, Final
 
 from .errors import ConfigError, NetworkError, check_int
 
@@ -207,6 +207,20 @@ class NetworkConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != NetworkMode.NONE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": str(self.mode),
+            "allow": None if self.allow is None else list(self.allow),
+            "ports": list(self.ports),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NetworkConfig:
+        """What ``to_json`` wrote (a record's; the internal mode included)."""
+        mode = DETACHED if data["mode"] == str(DETACHED) else data["mode"]
+        allow = data["allow"]
+        return cls(mode, None if allow is None else tuple(allow), tuple(data["ports"]))
 
     def entries(self) -> tuple[AllowEntry, ...]:
         return tuple(parse_allow(e) for e in self.allow or ())

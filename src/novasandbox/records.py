@@ -62,6 +62,12 @@ class SandboxInfo:
     """What it holds on the host, as decided at create (``HostPlan``; see ``host_plan``)."""
     provider: str = "qemu"
     """The provider that runs its VM."""
+    config: dict[str, Any] | None = None
+    """Its machine config (``MachineConfig.to_json``): what another process needs to
+    adopt it."""
+    adoptable: bool = False
+    """Its owner may die and another process adopt it (``AsyncSandbox.adopt``): until its
+    lifetime ends it is not reaped for its owner being gone, only once its VM is."""
     tap: str | None = None
     """The TAP it leases ("tap")."""
     cold_reason: str | None = None
@@ -120,14 +126,26 @@ class SandboxInfo:
 
     @property
     def orphaned(self) -> bool:
-        """The VM runs but the process that owned it is gone: nothing can use it any more,
-        and the next ``gc`` (or ``create``) reaps it."""
+        """The VM runs but the process that owned it is gone: nothing can use it any more
+        (unless it is ``adoptable``), and the next ``gc`` (or ``create``) reaps it."""
         return self.alive and not self.owner_alive
+
+    @property
+    def abandoned(self) -> bool:
+        """Nobody will release it: past its lifetime, or its owner is gone (and, for an
+        adoptable one, its VM too). What ``gc`` reaps."""
+        if self.expired:
+            return True
+        if self.owner_alive:
+            return False
+        return not (self.adoptable and self.alive)
 
     @property
     def status(self) -> str:
         """What ``novasandbox ls`` shows: the recorded state, or ``orphaned``."""
-        return "orphaned" if self.orphaned else self.state
+        if self.orphaned:
+            return "adoptable" if self.adoptable else "orphaned"
+        return self.state
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -279,7 +297,7 @@ def release_abandoned(root: Path | None = None) -> tuple[list[str], list[Sandbox
                 released.append(directory.name)
             continue
         # A crashed VM of a live owner is left alone: its owner reads the console log.
-        if info.owner_alive and not info.expired:
+        if not info.abandoned:
             kept.append(info)
             continue
         release_record(info, directory)

@@ -48,7 +48,9 @@ from .errors import (
     NovaSandboxError,
     SandboxCrashed,
     SandboxExpired,
+    SandboxNotFound,
     SandboxNotRunning,
+    SandboxOwned,
     SnapshotError,
     VMStartError,
     check_int,
@@ -78,6 +80,7 @@ from .snapshots import (
     Snapshot,
     drop_unused_fork_snapshot,
     drop_unused_fork_snapshots,
+    get_snapshot,
     new_snapshot_id,
     plan_boot,
     saved,
@@ -169,6 +172,9 @@ class AsyncSandbox:
         self._started = time.monotonic()
         self._created_at = time.time()
         self.source_snapshot: Snapshot | None = None
+        self._source_id: str | None = None
+        """The id of what it was restored from (kept when adopted: the snapshot itself
+        may be a template's, which is not listed by id)."""
         self._cold_reason: str | None = None
         self._stopping = False
         """Set once ``kill`` has begun: the VM's exit is then not a crash."""
@@ -188,6 +194,8 @@ class AsyncSandbox:
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
+        self._adoptable = False
+        """It outlives this process and may be adopted by another (``adopt``)."""
 
     @property
     def provider(self) -> str:
@@ -219,6 +227,7 @@ class AsyncSandbox:
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
         provider: str | None = None,
+        adoptable: bool = False,
     ) -> AsyncSandbox:
         """Start a sandbox and wait until its agent answers.
 
@@ -243,11 +252,19 @@ class AsyncSandbox:
 
         ``provider`` names the VMM that runs it (``novasandbox.vm``); None: the one
         ``NOVASANDBOX_PROVIDER`` names, else the registry's default.
+
+        ``adoptable=True``: the sandbox outlives this process (it is not killed at exit,
+        nor reaped for its owner being gone, until its lifetime ends) and another process
+        can take it over with ``AsyncSandbox.adopt(id)``.
         """
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
         vmm = get_provider(provider)
         caps = vmm.capabilities
+        if not isinstance(adoptable, bool):
+            raise ConfigError(f"adoptable must be True or False, got {adoptable!r}")
+        if adoptable and not caps.adoptable:
+            raise ConfigError(f"the {vmm.name} provider's sandboxes cannot be adopted")
         if net.mode not in caps.networks:
             raise ConfigError(f"the {vmm.name} provider cannot attach network={net.mode!r}")
         if drives and not caps.drives:
@@ -328,7 +345,9 @@ class AsyncSandbox:
             plan=plan,
         )
         sb.source_snapshot = snap
+        sb._source_id = snap.id if snap is not None else None
         sb._cold_reason = boot.cold_reason
+        sb._adoptable = adoptable
         log.info(
             "creating sandbox %s from %s by %s (%s %s: %s)",
             sandbox_id,
@@ -367,6 +386,76 @@ class AsyncSandbox:
             raise VMStartError(f"sandbox {sandbox_id} failed to start: {exc}", tail) from exc
         return sb
 
+    @classmethod
+    async def adopt(cls, sandbox_id: str, *, timeout: float = 30.0) -> AsyncSandbox:
+        """Take over a running sandbox that was created ``adoptable=True`` by a process
+        that is gone (a server that restarted, a script that crashed): reconnect to its
+        VM and agent, and own it from now on (its lifetime, its ``kill``). Raises
+        ``SandboxNotFound`` for an unknown id or one whose VM is gone (what it left is
+        released), ``SandboxOwned`` while its owner lives or if it is not adoptable.
+
+        What changes: a networked sandbox's refusals are counted but no longer listed
+        entry by entry; one whose egress was enforced by the seccomp guard of its old
+        owner (no root) has lost its network (it fails closed)."""
+        directory = sandboxes_dir() / sandbox_id
+        info = read_record(directory) if sandbox_id and "/" not in sandbox_id else None
+        if info is None:
+            raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
+        if not info.adoptable or info.config is None:
+            raise SandboxOwned(f"sandbox {sandbox_id} was not created adoptable")
+        if info.owner_alive:
+            raise SandboxOwned(
+                f"sandbox {sandbox_id} is owned by process {info.owner_pid}, which still runs"
+            )
+        if not info.alive or info.pid is None or info.pid_start_time is None or info.expired:
+            await asyncio.to_thread(release_record, info, directory)
+            raise SandboxNotFound(f"sandbox {sandbox_id}'s VM is gone (or its lifetime ended)")
+        vmm = get_provider(info.provider)
+        plan = info.host_plan
+        config = MachineConfig.from_json(info.config)
+        sb = cls(
+            sandbox_id=sandbox_id,
+            template=info.template,
+            config=config,
+            paths=VMPaths(directory),
+            provider=vmm,
+            engine=Engine(info.accel, ""),
+            plan=plan,
+        )
+        sb._created_at = info.created_at
+        sb._cold_reason = info.cold_reason
+        sb._adoptable = True
+        sb._source_id = info.source_snapshot
+        if info.source_snapshot is not None:
+            with contextlib.suppress(NovaSandboxError):  # a user's or a fork's snapshot
+                sb.source_snapshot = get_snapshot(info.source_snapshot)
+        spec = VMSpec(sandbox_id, config, None, None, sb.paths, info.accel, plan)
+        deadline = time.monotonic() + timeout
+        try:
+            sb._held = HostResources.adopt(plan, info.tap, sb.paths.network_log)
+            sb._vm = await vmm.adopt(spec, info.pid, info.pid_start_time)
+            remaining = None if info.deadline is None else info.deadline - time.time()
+            sb._arm_lifetime(None if remaining is None else max(0.001, remaining))
+            sb._agent = await AgentClient.over(
+                *await sb._vm.open_channel(deadline),
+                deadline=deadline,
+                alive=sb._vm.is_running,
+                hello=sb._hello(),
+                on_close=sb._agent_closed,
+            )
+        except BaseException:
+            # the VM stays as it was, for another try; only this process's side goes
+            if sb._lifetime_timer is not None:
+                sb._lifetime_timer.cancel()
+            if sb._agent is not None:
+                sb._agent.abort(SandboxNotRunning(f"sandbox {sandbox_id} was not adopted"))
+            raise
+        sb._state = SandboxState.RUNNING
+        sb._started = time.monotonic()
+        sb._record()
+        log.info("sandbox %s adopted (VMM pid %d)", sandbox_id, info.pid)
+        return sb
+
     def get_host(self, port: int) -> str:
         """``"ADDRESS:PORT"`` where the host reaches guest TCP ``port``: a forwarded port
         of 127.0.0.1 ("nat") or the guest's own address ("tap"). The port must have been
@@ -384,7 +473,7 @@ class AsyncSandbox:
     @property
     def restored(self) -> bool:
         """Whether this sandbox was restored from a snapshot (rather than booted cold)."""
-        return self.source_snapshot is not None
+        return self._source_id is not None
 
     @property
     def cold_reason(self) -> str | None:
@@ -516,7 +605,8 @@ class AsyncSandbox:
             self._held.refusals.on_change = self._record
         self._vm = await self._provider.start(spec, self._held)
         with _LIVE_LOCK:
-            _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
+            if not self._adoptable:
+                _LIVE[self.id] = (self._vm.pid, self.paths.state_dir)
         self._record()
         vm = self._vm
         hello = self._hello()
@@ -636,12 +726,14 @@ class AsyncSandbox:
                 memory_mib=self.config.memory_mib,
                 accel=self.accel,
                 state_dir=str(self.paths.state_dir),
-                source_snapshot=self.source_snapshot.id if self.source_snapshot else None,
+                source_snapshot=self._source_id,
                 cold_reason=self._cold_reason,
                 owner_start_time=process_start_time(os.getpid()),
                 deadline=self._deadline,
                 plan=self.plan.to_json(),
                 provider=self._provider.name,
+                config=self.config.to_json(),
+                adoptable=self._adoptable,
                 tap=self._held.tap_name if self._held else None,
                 refused=self._refusals().refused,
             ),

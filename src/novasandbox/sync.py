@@ -266,6 +266,7 @@ class Sandbox:
         allow: Sequence[str] | None = None,
         ports: Sequence[int] = (),
         provider: str | None = None,
+        adoptable: bool = False,
     ) -> Sandbox:
         return cls(
             _Portal.call(
@@ -284,11 +285,18 @@ class Sandbox:
                     allow=allow,
                     ports=ports,
                     provider=provider,
+                    adoptable=adoptable,
                 )
             )
         )
 
     create.__func__.__doc__ = AsyncSandbox.create.__doc__  # type: ignore[attr-defined]
+
+    @classmethod
+    def adopt(cls, sandbox_id: str, *, timeout: float = 30.0) -> Sandbox:
+        return cls(_Portal.call(AsyncSandbox.adopt(sandbox_id, timeout=timeout)))
+
+    adopt.__func__.__doc__ = AsyncSandbox.adopt.__doc__  # type: ignore[attr-defined]
 
     @property
     def id(self) -> str:

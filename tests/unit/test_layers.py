@@ -196,3 +196,16 @@ def test_sandbox_logic_names_no_vmm(module: str) -> None:
     source = modules()[module].read_text().lower()
     for vmm in ("qemu", "firecracker", "qmp"):
         assert vmm not in source, f"{module} mentions {vmm}"
+
+
+def test_every_registered_provider_implements_the_protocol() -> None:
+    import importlib
+
+    from novasandbox.vm import PROVIDERS
+    from novasandbox.vm.base import Provider
+
+    for name, where in PROVIDERS.items():
+        module, _, attr = where.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        assert isinstance(cls(), Provider), name
+        assert cls.name == name

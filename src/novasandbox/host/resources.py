@@ -87,6 +87,39 @@ class HostResources:
             raise
         return held
 
+    @classmethod
+    def adopt(cls, plan: HostPlan, tap_name: str | None, network_log: Path) -> HostResources:
+        """What a sandbox adopted from a dead owner still holds (installed by that owner):
+        its control group, policy and TAP are in place. Refusals are counted from the
+        policy's counters; they are no longer heard entry by entry, and a seccomp guard
+        died with its owner (the guest's connections then fail: closed, not open)."""
+        held = cls(plan, network_log)
+        if plan.limits is not None:
+            layout = cgroups.detect()
+            if layout is not None:
+                held.group = cgroups.VMMGroup(layout, plan.sandbox_id)
+        if tap_name is not None and (index := tap.tap_index(tap_name)) is not None:
+            held.tap = tap.Tap(index)
+            resolvers = egress.host_resolvers() if plan.dns else []
+            held.guest = GuestNet(
+                guest_mac(plan.sandbox_id),
+                str(held.tap.guest_address),
+                30,
+                str(held.tap.host_address),
+                str(resolvers[0]) if resolvers else "",
+            )
+        sandbox_id = plan.sandbox_id
+        if plan.enforcement is Enforcement.NFT_UID:
+            held.refusals = Refusals(
+                sandbox_id, network_log, lambda: egress.refused_count(sandbox_id)
+            )
+        elif plan.enforcement is Enforcement.NFT_TAP:
+            table = tap.table()
+            held.refusals = Refusals(
+                sandbox_id, network_log, lambda: egress.refused_count(sandbox_id, table)
+            )
+        return held
+
     def _acquire(self, rules: tuple[EgressRule, ...] | None) -> None:
         plan = self.plan
         if plan.limits is not None:

@@ -101,6 +101,8 @@ class Capabilities:
     """It boots the template's kernel and root file system (they must be built)."""
     isolated: bool
     """Guest code runs in a virtual machine (False: on the host, as this user)."""
+    adoptable: bool = False
+    """A VM it started can be taken over by another process (``Provider.adopt``)."""
 
 
 @runtime_checkable
@@ -162,3 +164,8 @@ class Provider(Protocol):
     async def start(self, spec: VMSpec, held: HostResources) -> VM:
         """Start the VM described by ``spec``, using what ``held`` holds on the host
         (control group, TAP, egress guard); on failure nothing it started is left."""
+
+    async def adopt(self, spec: VMSpec, pid: int, start_time: int) -> VM:
+        """Take over the running VM that another (now dead) process started for ``spec``:
+        its VMM is ``pid`` (started at ``start_time``). Only with
+        ``Capabilities.adoptable``."""

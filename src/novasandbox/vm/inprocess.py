@@ -148,6 +148,9 @@ class InProcessProvider:
     def accel_reason(self) -> str:
         return "no VM: guest code runs on this host, without isolation"
 
+    async def adopt(self, spec: VMSpec, pid: int, start_time: int) -> InProcessVM:
+        raise ProviderError("the inprocess provider's sandboxes cannot be adopted")
+
     async def start(self, spec: VMSpec, held: HostResources) -> InProcessVM:
         host_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [

@@ -28,7 +28,8 @@ from ..errors import ConfigError, HostToolMissing, ProviderError, VMStartError
 from ..host import limits, netguard
 from ..host.resources import HostResources
 from ..network import DETACHED
-from ..procfs import process_start_time
+from ..procfs import process_start_time, same_process
+from ..records import vmm_marker
 from ..snapshots import Engine
 from .base import Capabilities, VMSpec
 from .qemu_argv import (
@@ -148,10 +149,35 @@ def _qemu_version(binary: str, mtime_ns: int) -> str:
     return out.stdout.splitlines()[0].strip()
 
 
+class AdoptedProcess:
+    """A VMM that another (dead) process started, seen through ``/proc``: what QemuVM
+    needs of a ``Popen``. Its exit status is not ours to collect."""
+
+    def __init__(self, pid: int, start_time: int, marker: bytes) -> None:
+        self.pid = pid
+        self._start_time = start_time
+        self._marker = marker
+
+    def poll(self) -> int | None:
+        return None if same_process(self.pid, self._start_time, self._marker) else 0
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> int:
+        while self.poll() is None:
+            time.sleep(0.01)
+        return 0
+
+
 class QemuVM:
     """One running QEMU process and its QMP connection."""
 
-    def __init__(self, spec: VMSpec, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, spec: VMSpec, proc: subprocess.Popen[bytes] | AdoptedProcess) -> None:
         self.spec = spec
         self._proc = proc
         self._qmp: QMPClient | None = None
@@ -279,6 +305,9 @@ class QemuVM:
         code = self._proc.poll()
         if code is None:
             return "it is running"
+        if isinstance(self._proc, AdoptedProcess):
+            detail = self.vmm_error()[-300:]
+            return f"the VMM exited (adopted: its exit status is unknown here): {detail}"
         if code < 0:
             return f"the VMM was killed by signal {-code}"
         if code:
@@ -318,6 +347,7 @@ class QemuProvider:
         drives=True,
         needs_image=True,
         isolated=True,
+        adoptable=True,
     )
 
     def __init__(self, qemu: str | None = None, qemu_img: str | None = None) -> None:
@@ -414,3 +444,13 @@ class QemuProvider:
         limits.limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
         return QemuVM(spec, proc)
+
+    async def adopt(self, spec: VMSpec, pid: int, start_time: int) -> QemuVM:
+        """Take over a QEMU that a dead process started: QMP and the agent's socket accept
+        a new connection; the process is watched and killed through ``/proc``."""
+        proc = AdoptedProcess(pid, start_time, vmm_marker(spec.vm_id))
+        if proc.poll() is not None:
+            raise VMStartError(f"sandbox {spec.vm_id}'s VMM (pid {pid}) is gone")
+        vm = QemuVM(spec, proc)
+        await vm.connect_qmp(time.monotonic() + 10.0)
+        return vm
