@@ -29,7 +29,8 @@ Bodies are bounded: JSON requests by ``Settings.max_json_bytes``, uploads and do
 sandbox as they arrive, downloads out of it as the client reads them.
 
 Logs: one line per request (method, path, status, milliseconds, the key's public id);
-never a key, a request or response body, a command line, an environment or file data.
+never a key, a request or response body, an environment or file data (the library's own
+DEBUG lines name the commands it starts).
 """
 
 from __future__ import annotations
@@ -154,12 +155,12 @@ class Settings:
     """Largest JSON request body (bytes)."""
 
 
-class ApiError(Exception):
-    """A NovaSandbox error sent with a status of its own (not its class's)."""
+class ApiError(HTTPException):
+    """A NovaSandbox error sent with a status of its own (not its class's). An
+    ``HTTPException``, so that FastAPI passes it on when reading a body raises it."""
 
     def __init__(self, status: int, error: NovaSandboxError) -> None:
-        super().__init__(error.message)
-        self.status = status
+        super().__init__(status, error.message)
         self.error = error
 
 
@@ -195,10 +196,6 @@ def _bearer(scope: Scope) -> str:
             if scheme.lower() == "bearer":
                 return str(token).strip()
     return ""
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class Guard:
@@ -347,7 +344,7 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.error, exc.status)
+        return _error(exc.error, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -438,6 +435,7 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
     @app.post(
         "/v1/sandboxes/{sandbox_id}/commands",
         tags=["commands"],
+        status_code=200,
         response_class=Streamed,
         responses={200: {"content": {NDJSON: {}}, "description": "One JSON event per line."}},
     )
@@ -498,6 +496,7 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files",
         tags=["files"],
+        status_code=200,
         response_class=Streamed,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )

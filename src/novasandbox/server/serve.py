@@ -6,7 +6,8 @@
   port in use is a typed error too, and port 0 takes a free port (logged).
 - Logs: one JSON object per line on stderr (``JsonFormatter``): ``time``, ``level``,
   ``logger``, ``message`` and the event's own fields (``sandbox``, ``key`` as the key's
-  public id, ``status``...). Never a key, a body, a command line or file data.
+  public id, ``status``...). Never a key, a body or file data (at ``debug`` the
+  library's own lines name the commands it starts).
 - Stopping: SIGTERM or SIGINT kills the server's sandboxes first (their command streams
   end with an ``error`` event), then uvicorn closes the connections; the process exits 0.
 """
