@@ -203,3 +203,26 @@ def test_sigterm_kills_every_sandbox_and_exits_0(served: Served) -> None:
     assert served.entries() == []
     check_no_leftovers(served.root, ids)
     assert sorted(served.made()) == sorted(ids)
+
+
+def test_no_host_memory_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="nss-", dir="/tmp"))
+    ids = SandboxIds(root)
+    key = make_key(root, "k")
+    env = {**os.environ, "NOVASANDBOX_MEMORY_RESERVE_MIB": str(1 << 40)}
+    server = Server(root, env=env, log=tmp_path / "server.log")
+    try:
+        with server.client(key) as c:
+            r = c.post("/v1/sandboxes", json={})
+            assert r.status_code == 503, r.text
+            assert error_of(r)["code"] == "host-memory-exhausted"
+            assert int(r.headers["retry-after"]) > 0
+            assert c.get("/v1/sandboxes").json() == {"sandboxes": []}
+        assert server.stop() == 0
+        assert qemu_processes_under(root) == []
+        assert sorted(sandboxes_dir(root).iterdir()) == []
+        check_no_leftovers(root, ids.all())
+    finally:
+        server.close()
+        ids.close()
+        shutil.rmtree(root, ignore_errors=True)

@@ -416,6 +416,27 @@ def test_pause_resume_lifetime_and_filters(setup: Setup) -> None:
     c.delete(f"/v1/sandboxes/{a}")
 
 
+def test_a_crashed_sandbox_says_so_and_is_released(setup: Setup) -> None:
+    sid = setup.create()["id"]
+    [agent] = pids_matching(vmm_marker(sid))  # the in-process provider's "VM"
+    os.kill(agent, signal.SIGKILL)
+    for _ in iter_wait("the crash to show"):
+        body = setup.alice.get(f"/v1/sandboxes/{sid}").json()
+        if body["state"] != "running":
+            break
+    assert body["state"] == "crashed" and body["crash_reason"]
+    r = setup.alice.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "true"})
+    assert r.status_code == 409 and error_of(r)["code"] == "sandbox-crashed"
+    r = setup.alice.get(f"/v1/sandboxes/{sid}/files", params={"path": "/etc/hostname"})
+    assert r.status_code == 409 and error_of(r)["code"] == "sandbox-crashed"
+    for _ in iter_wait("the server to release it"):
+        if sid not in setup.entries():
+            break
+    assert setup.alice.get(f"/v1/sandboxes/{sid}").json()["state"] == "crashed"
+    assert setup.alice.delete(f"/v1/sandboxes/{sid}").status_code == 204
+    assert setup.alice.get(f"/v1/sandboxes/{sid}").status_code == 404
+
+
 # --------------------------------------------------------------------------- files
 
 
