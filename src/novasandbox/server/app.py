@@ -208,8 +208,11 @@ class Guard:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no WebSocket routes (yet): refused before anything
+            await send({"type": "websocket.close", "code": 1008})
             return
         started = time.monotonic()
         status = 0
