@@ -38,6 +38,7 @@ from .host import cgroups, tap
 from .paths import cache_dir, state_dir
 from .records import list_sandboxes, read_network_log, resolve_sandbox_id
 from .sandbox import DEFAULT_LIFETIME
+from .server.keys import KeyStore
 from .snapshots import delete_snapshot, list_snapshots
 from .sync import CommandHandle, Sandbox
 from .templates import TemplateManager, backing_chain, paths_held_by_processes
@@ -643,6 +644,124 @@ def doctor(as_json: bool) -> None:
         c.print(f"sandboxes:    {report['sandboxes_alive']} alive")
     ok = not report["missing_packages"]["runtime"] and all(t["built"] for t in templates[:1])
     sys.exit(0 if ok else 1)
+
+
+# --- the server: API keys and serve
+
+
+def _state_option(fn: F) -> F:
+    return click.option(
+        "--state-dir",
+        "state_path",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The state directory.  [default: NOVASANDBOX_STATE_DIR, else the usual one]",
+    )(fn)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys of the server (novasandbox serve); only their hashes are stored."""
+
+
+@keys_group.command("create")
+@click.argument("name")
+@_state_option
+@handle_errors
+def keys_create(name: str, state_path: Path | None) -> None:
+    """Make a key named NAME and print it (once: it is not stored, only its hash)."""
+    key, secret = KeyStore(state_path or state_dir()).create(name)
+    click.echo(secret)
+    err_console.print(
+        f"API key {key.name!r} ({key.id}) created; store it now, it is not shown again",
+        markup=False,
+        highlight=False,
+    )
+
+
+@keys_group.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@_state_option
+@handle_errors
+def keys_ls(as_json: bool, state_path: Path | None) -> None:
+    """The keys: name, public id, when made (never the key or its hash)."""
+    keys = KeyStore(state_path or state_dir()).all()
+    if as_json:
+        click.echo(json.dumps([k.public() for k in keys], indent=2))
+        return
+    table = Table("name", "id", "created")
+    for k in keys:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created_at))
+        table.add_row(k.name, k.id, created)
+    out_console().print(table)
+
+
+@keys_group.command("rm")
+@click.argument("name")
+@_state_option
+@handle_errors
+def keys_rm(name: str, state_path: Path | None) -> None:
+    """Remove the key NAME: a running server refuses it from its next request on."""
+    key = KeyStore(state_path or state_dir()).remove(name)
+    click.echo(f"removed {key.name} ({key.id})")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7070, show_default=True)
+@_state_option
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow plain HTTP on an address other than loopback (keys cross the network in "
+    "clear text).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--max-file-mib",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Largest file upload or download.",
+)
+@handle_errors
+def serve(
+    host: str,
+    port: int,
+    state_path: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    insecure: bool,
+    log_level: str,
+    max_file_mib: int,
+) -> None:
+    """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
+    'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
+    SIGINT kills its sandboxes and exits 0. With --state-dir, the keys and the
+    sandboxes' state live there."""
+    from .server.app import Settings
+    from .server.serve import serve as run_server
+
+    if state_path is not None:
+        state_path = state_path.absolute()
+        os.environ["NOVASANDBOX_STATE_DIR"] = str(state_path)
+    run_server(
+        state=state_path or state_dir(),
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure=insecure,
+        log_level=log_level,
+        settings=Settings(max_file_bytes=max_file_mib << 20),
+    )
 
 
 # --- the template cache: what it holds (doctor) and pruning what nothing uses

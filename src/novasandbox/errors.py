@@ -10,6 +10,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── TemplateNotBuilt            template-not-built
     │   └── TemplateBuildError          template-build-failed
     ├── HostToolMissing                 host-tool-missing
+    ├── AuthenticationError             unauthorized
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
     │   ├── NetworkError                network-error
@@ -122,6 +123,12 @@ class HostToolMissing(NovaSandboxError):
         )
         self.tool = tool
         self.package = package
+
+
+class AuthenticationError(NovaSandboxError):
+    """A request to the server without a valid API key (HTTP 401)."""
+
+    code = "unauthorized"
 
 
 class ProviderError(NovaSandboxError):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import io
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -60,27 +61,13 @@ class AsyncFiles:
     ) -> int:
         """Write ``data`` to ``path`` (parents created, file replaced); returns the size.
         The whole transfer must end within ``timeout`` seconds (None: no limit)."""
-        path = resolve_guest_path(path)
-        timeout = validate_timeout(timeout)
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ConfigError("data must be str or bytes")
-        deadline = deadline_after(timeout)
-        agent = self._sb._require_agent()
-        req = agent.open()
-        try:
-            await req.send_message("write_file", deadline, path=path, mode=mode, parents=True)
-            view = memoryview(data)
-            for i in range(0, len(view), CHUNK_SIZE):
-                await req.send(Kind.DATA, bytes(view[i : i + CHUNK_SIZE]), deadline)
-                if (msg := req.take_message(path=path)) is not None:  # an early error
-                    raise AgentProtocolError(f"unexpected {msg['op']!r} during an upload")
-            await req.send_message("end", deadline)
-            reply = await req.reply(deadline, what=f"write {path}{within(timeout)}", path=path)
-        finally:
-            req.close()
-        return int(reply["size"])
+        view = memoryview(data)
+        chunks = (bytes(view[i : i + CHUNK_SIZE]) for i in range(0, len(view), CHUNK_SIZE))
+        return await write_stream(self._sb, path, _aiter(chunks), mode=mode, timeout=timeout)
 
     @overload
     async def read(
@@ -180,4 +167,100 @@ class AsyncFiles:
         await self._sb._require_agent().call("remove", path=path, recursive=True)
 
 
-__all__ = ["AsyncFiles", "EntryInfo"]
+async def _aiter(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def write_stream(
+    sandbox: AgentHolder,
+    path: str,
+    chunks: AsyncIterable[bytes],
+    *,
+    mode: int | None = None,
+    timeout: float | None = DEFAULT_FILE_TIMEOUT,
+) -> int:
+    """Write what ``chunks`` yields to ``path`` as it comes (parents created, file
+    replaced), holding at most a chunk of it; returns the size. ``files.write`` with data
+    that arrives over time (an HTTP upload). An error the source raises ends the transfer
+    and propagates; the file then holds what was written so far."""
+    path = resolve_guest_path(path)
+    timeout = validate_timeout(timeout)
+    deadline = deadline_after(timeout)
+    agent = sandbox._require_agent()
+    req = agent.open()
+    try:
+        await req.send_message("write_file", deadline, path=path, mode=mode, parents=True)
+        pending = bytearray()
+        async for chunk in chunks:
+            pending += chunk
+            while len(pending) >= CHUNK_SIZE:
+                await req.send(Kind.DATA, bytes(pending[:CHUNK_SIZE]), deadline)
+                del pending[:CHUNK_SIZE]
+                if (msg := req.take_message(path=path)) is not None:  # an early error
+                    raise AgentProtocolError(f"unexpected {msg['op']!r} during an upload")
+        if pending:
+            await req.send(Kind.DATA, bytes(pending), deadline)
+        await req.send_message("end", deadline)
+        reply = await req.reply(deadline, what=f"write {path}{within(timeout)}", path=path)
+    finally:
+        req.close()
+    return int(reply["size"])
+
+
+async def read_stream(
+    sandbox: AgentHolder,
+    path: str,
+    *,
+    max_size: int | None = DEFAULT_MAX_READ,
+    timeout: float | None = DEFAULT_FILE_TIMEOUT,
+) -> AsyncGenerator[bytes, None]:
+    """The bytes of a regular file as they come from the guest, in chunks; the guest
+    runs at most a flow-control window ahead of the consumer, so the host holds no more
+    than that of the file whatever its size. ``files.read`` for a consumer that passes
+    the data on (an HTTP download). Errors are ``files.read``'s; one raised before the
+    first chunk means nothing was sent. Closing the iterator early (``aclose``) cancels
+    the read in the guest."""
+    path = resolve_guest_path(path)
+    timeout = validate_timeout(timeout)
+    max_size = validate_byte_count(max_size, "max_size")
+    deadline = deadline_after(timeout)
+    agent = sandbox._require_agent()
+    waiting: collections.deque[bytes] = collections.deque()
+    received = 0
+    req: AgentRequest | None = None
+
+    def sink(frame: Frame) -> None:
+        nonlocal received
+        if frame.kind is not Kind.DATA:
+            raise AgentProtocolError(f"the guest agent sent {frame.kind.name} for a file")
+        received += len(frame.payload)
+        if max_size is not None and received > max_size:
+            raise FileTooLarge(f"{path} is larger than the {max_size}-byte limit", path)
+        waiting.append(frame.payload)
+        assert req is not None
+        req.notify()
+
+    req = agent.open(sink)
+    try:
+        await req.send_message("read_file", deadline, path=path, max_size=max_size)
+        what = f"send {path}{within(timeout)}"
+        while True:
+            if waiting:
+                chunk = waiting.popleft()
+                yield chunk
+                req.consumed(len(chunk) + FRAME_COST)
+                continue
+            reply = req.take_message(path=path)
+            if reply is not None:
+                break
+            await req.wait(deadline, what)
+    finally:
+        req.close()
+    if reply["size"] != received:
+        raise AgentProtocolError(
+            f"the guest agent sent {received} bytes of {path} but said {reply['size']}"
+        )
+
+
+__all__ = ["AsyncFiles", "EntryInfo", "read_stream", "write_stream"]

@@ -14,7 +14,10 @@ is one test, named ``<file>:<line of its opening fence>``:
 - ```` ```text ```` (and ``toml``, ``json``, ``diff``): not code (usage synopses,
   diagrams, file contents): not run. A fence without a language fails the test: tag it.
 
-Every block runs in a fresh temporary directory that stands for the repository's root:
+Every block runs in a fresh temporary directory that stands for the repository's root,
+in a session of its own: what it leaves running (a server it started with ``&``) gets
+SIGTERM when it ends, then SIGKILL if it does not stop. Its output goes to files, so a
+process left in the background cannot keep the block from ending. In the directory,
 its top-level entries (``scripts``, ``examples``, ``benchmarks``, ``src``, ...) are
 symlinks to this checkout's, and ``.venv/bin/python`` and ``.venv/bin/novasandbox`` are
 this test's interpreter and the CLI of the code under test (``python -m
@@ -67,6 +70,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +93,8 @@ KEYS = {"setup", "stub", "needs", "env", "expect", "exit", "timeout", "continues
 NEEDS = {"root", "netns"}
 MAX_SKIPS = 2
 DEFAULT_TIMEOUT = 300.0
+STOP_GRACE = 30.0
+"""Seconds what a block left running gets after SIGTERM before SIGKILL."""
 EXIT_HANDLER_KILL = "left running at exit"
 """What the library logs when its exit handler kills a sandbox the program left running."""
 PYTHON_RUNNER = """\
@@ -422,16 +428,7 @@ def run_block(block: Block, state_root: Path) -> subprocess.CompletedProcess[str
                 script.write_text(code)
                 argv = ["bash", "-euo", "pipefail", str(script)]
             timeout = float(block.one("timeout") or DEFAULT_TIMEOUT)
-            try:
-                return subprocess.run(
-                    argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
-                )
-            except subprocess.TimeoutExpired as exc:
-                raw = exc.stdout or b""
-                out = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-                raise AssertionError(
-                    f"{block.id} ran past {timeout:.0f} s:\n{_tail(out)}"
-                ) from None
+            return _run_in_session(block, argv, workdir, env, timeout)
         finally:
             for proc in background:
                 _killpg(proc)
@@ -441,6 +438,49 @@ def run_block(block: Block, state_root: Path) -> subprocess.CompletedProcess[str
                 finally:
                     netns.close()
                 assert taps == [], f"{block.id} left TAP devices {taps}"
+
+
+def _stop_session(pgid: int) -> None:
+    """SIGTERM what is left of a block's process group (a server it started with ``&``),
+    then SIGKILL what has not ended after ``STOP_GRACE`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def _run_in_session(
+    block: Block, argv: list[str], workdir: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a block in a session of its own, its output in files (not pipes, which a
+    process it leaves in the background would hold open), and stop what it left."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            argv, cwd=workdir, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_session(proc.pid)
+            proc.wait()
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+            raise AssertionError(f"{block.id} ran past {timeout:.0f} s:\n{_tail(text)}") from None
+        finally:
+            _stop_session(proc.pid)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
+            argv, status, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        )
 
 
 def judge(block: Block, done: subprocess.CompletedProcess[str], left: list[str]) -> list[str]:

@@ -1,0 +1,565 @@
+"""The HTTP API (FastAPI): ``create_app(keys, registry)``.
+
+Every route but ``/healthz`` needs ``Authorization: Bearer KEY``; without a valid key the
+answer is 401 and the error body, whatever the path (so nothing tells which routes or
+sandboxes exist). Every error has one shape, ``{"error": {"code": CODE, "message": ...}}``,
+where CODE is the stable code of the NovaSandbox error (``ERROR_STATUS`` gives the HTTP
+status of each class; none of our typed errors is a 500).
+
+Routes (under ``/v1``; ``ID`` a sandbox id, ``PATH`` a guest path as the Python API takes
+it: absolute, or relative to /root):
+
+    POST   /v1/sandboxes                      create (CreateSandbox) -> 201 SandboxOut
+    GET    /v1/sandboxes?label=K=V&state=S    the caller's sandboxes -> SandboxList
+    GET    /v1/sandboxes/ID                   -> SandboxOut
+    DELETE /v1/sandboxes/ID                   kill -> 204
+    PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
+    POST   /v1/sandboxes/ID/pause | /resume   -> SandboxOut
+    POST   /v1/sandboxes/ID/commands          run (RunCommand) -> NDJSON events (streams.py)
+    PUT    /v1/sandboxes/ID/files?path=PATH   upload: the raw request body -> Written
+    GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes
+    DELETE /v1/sandboxes/ID/files?path=PATH   remove (recursively) -> 204
+    GET    /v1/sandboxes/ID/files/list?path=PATH    -> EntryList
+    GET    /v1/sandboxes/ID/files/stat?path=PATH    -> EntryOut
+    GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
+    POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
+
+Bodies are bounded: JSON requests by ``Settings.max_json_bytes``, uploads and downloads by
+``Settings.max_file_bytes`` (413, ``file-too-large``). Uploads are streamed into the
+sandbox as they arrive, downloads out of it as the client reads them.
+
+Logs: one line per request (method, path, status, milliseconds, the key's public id);
+never a key, a request or response body, an environment or file data (the library's own
+DEBUG lines name the commands it starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..config import resolve_guest_path
+from ..errors import (
+    AgentError,
+    AgentTimeout,
+    AmbiguousSandboxId,
+    AuthenticationError,
+    CommandError,
+    CommandNotFound,
+    ConfigError,
+    FileTooLarge,
+    HostMemoryExhausted,
+    HostToolMissing,
+    InvalidWorkingDirectory,
+    NetworkError,
+    NoSpaceLeft,
+    NovaSandboxError,
+    PoolClosed,
+    ProviderError,
+    SandboxError,
+    SandboxFileError,
+    SandboxFileNotFound,
+    SandboxNotFound,
+    SandboxNotRunning,
+    SandboxPermissionError,
+    SnapshotError,
+    SnapshotNotFound,
+    TemplateError,
+    TemplateNotFound,
+    VMStartError,
+)
+from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
+from ..sandbox import SandboxState
+from .keys import ApiKey, KeyStore
+from .models import (
+    CreateSandbox,
+    EntryList,
+    EntryOut,
+    ErrorOut,
+    Exists,
+    PathOut,
+    RunCommand,
+    SandboxList,
+    SandboxOut,
+    SetTimeout,
+    Written,
+    check_labels,
+    parse_label_filter,
+)
+from .registry import Registry, ShuttingDown
+from .streams import NDJSON, CommandStream, Streamed, error_body
+
+log = logging.getLogger("novasandbox.server")
+access_log = logging.getLogger("novasandbox.server.access")
+
+OPEN_PATHS = frozenset({"/healthz"})
+"""The only paths served without an API key."""
+UPLOAD_PATH = re.compile(r"/v1/sandboxes/[^/]+/files")
+RETRY_AFTER = 5
+"""Seconds a client refused for lack of host memory is told to wait (``Retry-After``)."""
+
+ERROR_STATUS: dict[type[NovaSandboxError], int] = {
+    NovaSandboxError: 400,
+    ConfigError: 422,
+    AuthenticationError: 401,
+    TemplateError: 409,
+    TemplateNotFound: 422,
+    HostToolMissing: 503,
+    ProviderError: 502,
+    HostMemoryExhausted: 503,
+    NetworkError: 422,
+    VMStartError: 502,
+    SandboxError: 409,
+    SandboxNotFound: 404,
+    AmbiguousSandboxId: 404,
+    SandboxNotRunning: 409,
+    ShuttingDown: 503,
+    PoolClosed: 503,
+    AgentError: 502,
+    AgentTimeout: 504,
+    CommandError: 409,
+    CommandNotFound: 422,
+    InvalidWorkingDirectory: 422,
+    SnapshotError: 409,
+    SnapshotNotFound: 404,
+    SandboxFileError: 409,
+    SandboxFileNotFound: 404,
+    SandboxPermissionError: 403,
+    FileTooLarge: 413,
+    NoSpaceLeft: 507,
+}
+"""The HTTP status of each error class (the closest class in its MRO decides)."""
+
+HTTP_CODES = {404: "not-found", 405: "method-not-allowed"}
+"""Codes of the errors that are HTTP's own (a path or method the API does not have)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    max_file_bytes: int = 1 << 30
+    """Largest upload or download (bytes)."""
+    max_json_bytes: int = 16 << 20
+    """Largest JSON request body (bytes)."""
+
+
+class ApiError(HTTPException):
+    """A NovaSandbox error sent with a status of its own (not its class's). An
+    ``HTTPException``, so that FastAPI passes it on when reading a body raises it."""
+
+    def __init__(self, status: int, error: NovaSandboxError) -> None:
+        super().__init__(status, error.message)
+        self.error = error
+
+
+def status_of(exc: NovaSandboxError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 400
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if status == 503:
+        headers["retry-after"] = str(RETRY_AFTER)
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _error(exc: NovaSandboxError, status: int | None = None) -> JSONResponse:
+    return error_response(status or status_of(exc), exc.code, exc.message)
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _bearer(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                return str(token).strip()
+    return ""
+
+
+class Guard:
+    """ASGI middleware in front of everything: the API key (401 for any path but
+    ``OPEN_PATHS`` without a valid one), the size of JSON bodies, and the access log."""
+
+    def __init__(self, app: ASGIApp, keys: KeyStore, settings: Settings) -> None:
+        self.app = app
+        self.keys = keys
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no WebSocket routes (yet): refused before anything
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        started = time.monotonic()
+        status = 0
+        key: ApiKey | None = None
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if scope["path"] not in OPEN_PATHS:
+                key = self.keys.verify(_bearer(scope))
+                if key is None:
+                    denied = AuthenticationError(
+                        "a valid API key is required: Authorization: Bearer KEY"
+                    )
+                    await _error(denied)(scope, receive, sending)
+                    return
+                scope.setdefault("state", {})["api_key"] = key
+            is_upload = scope["method"] == "PUT" and UPLOAD_PATH.fullmatch(scope["path"])
+            if not is_upload:
+                limit = self.settings.max_json_bytes
+                if _content_length(scope) > limit:
+                    too_large = ConfigError(f"the request body is over {limit} bytes")
+                    await _error(too_large, 413)(scope, receive, sending)
+                    return
+                receive = _bounded(receive, limit)
+            await self.app(scope, receive, sending)
+        finally:
+            query = scope.get("query_string", b"").decode("latin-1")
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": scope["path"] + (f"?{query}" if query else ""),
+                        "status": status,
+                        "ms": round((time.monotonic() - started) * 1000, 1),
+                        "key": key.id if key else None,
+                    }
+                },
+            )
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, ConfigError(f"the request body is over {limit} bytes"))
+        return message
+
+    return bounded
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def caller(request: Request) -> ApiKey:
+    key: ApiKey = request.state.api_key
+    return key
+
+
+Caller = Annotated[ApiKey, Depends(caller)]
+GuestPath = Annotated[str, Query(description="A guest path: absolute, or under /root.")]
+Seconds = Annotated[
+    float, Query(allow_inf_nan=False, description="Seconds the whole transfer may take.")
+]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut} for status in (401, 404, 409, 413, 422, 502, 503)
+}
+
+
+def _entry(e: EntryInfo) -> EntryOut:
+    return EntryOut(name=e.name, path=e.path, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    parts = []
+    status = 422
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            status = 400
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return status, "; ".join(parts) or "invalid request"
+
+
+def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = None) -> FastAPI:
+    """The API over ``registry``'s sandboxes, for the keys of ``keys``."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.ensure_future(registry.sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await registry.close()
+
+    app = FastAPI(
+        title="NovaSandbox",
+        version=__version__,
+        description="Sandboxes (microVMs) owned by this server, per API key. "
+        "Authenticate with `Authorization: Bearer KEY`.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+
+    @app.exception_handler(NovaSandboxError)
+    async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.error, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return error_response(status, ConfigError.code, message)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http-error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return error_response(500, "internal-error", "internal server error")
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, str]:
+        """Unauthenticated: whether the server answers."""
+        return {"status": "ok"}
+
+    # --- sandboxes
+
+    @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"])
+    async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
+        labels = check_labels(body.labels)
+        owned = await registry.create(
+            key.id,
+            labels,
+            template=body.template,
+            vcpus=body.vcpus,
+            memory_mib=body.memory_mib,
+            env=body.env,
+            timeout=body.timeout,
+            network=body.network,
+            allow=body.allow,
+            ports=body.ports,
+            cold=body.cold,
+        )
+        return SandboxOut(**owned.to_json())
+
+    @app.get("/v1/sandboxes", tags=["sandboxes"])
+    async def list_sandboxes(
+        key: Caller,
+        label: Annotated[list[str], Query(description="KEY=VALUE; all must match.")] = [],  # noqa: B006
+        state: Annotated[list[str], Query(description="Only sandboxes in these states.")] = [],  # noqa: B006
+    ) -> SandboxList:
+        wanted = parse_label_filter(label)
+        states = []
+        for s in state:
+            try:
+                states.append(SandboxState(s))
+            except ValueError:
+                names = ", ".join(m.value for m in SandboxState)
+                raise ConfigError(f"state must be one of {names}, got {s!r}") from None
+        found = registry.list(key.id, wanted, states)
+        return SandboxList(sandboxes=[SandboxOut(**o.to_json()) for o in found])
+
+    @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"])
+    async def get(sandbox_id: str, key: Caller) -> SandboxOut:
+        return SandboxOut(**registry.get(key.id, sandbox_id).to_json())
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
+    async def kill(sandbox_id: str, key: Caller) -> Response:
+        await registry.kill(key.id, sandbox_id)
+        return Response(status_code=204)
+
+    @app.put("/v1/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"])
+    async def set_timeout(sandbox_id: str, body: SetTimeout, key: Caller) -> SandboxOut:
+        owned = registry.get(key.id, sandbox_id)
+        await owned.live().set_timeout(body.timeout)
+        return SandboxOut(**owned.to_json())
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pause", tags=["sandboxes"])
+    async def pause(sandbox_id: str, key: Caller) -> SandboxOut:
+        owned = registry.get(key.id, sandbox_id)
+        await owned.live().pause()
+        return SandboxOut(**owned.to_json())
+
+    @app.post("/v1/sandboxes/{sandbox_id}/resume", tags=["sandboxes"])
+    async def resume(sandbox_id: str, key: Caller) -> SandboxOut:
+        owned = registry.get(key.id, sandbox_id)
+        await owned.live().resume()
+        return SandboxOut(**owned.to_json())
+
+    # --- commands
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/commands",
+        tags=["commands"],
+        status_code=200,
+        response_class=Streamed,
+        responses={200: {"content": {NDJSON: {}}, "description": "One JSON event per line."}},
+    )
+    async def run_command(sandbox_id: str, body: RunCommand, key: Caller) -> Streamed:
+        """Run a command; its events stream back while it runs, one JSON object per
+        line: `started` (pid), `stdout`/`stderr` (data, as it comes), then `exit`
+        (exit_code, signal, timed_out, duration) or `error` (code, message). A client
+        that disconnects gets its command killed. Errors before the command started
+        (bad input, command not found) are ordinary error responses."""
+        sb = registry.get(key.id, sandbox_id).live()
+        stream = CommandStream(sb.id)
+        stream.handle = await sb.commands.start(
+            body.cmd,
+            env=body.env,
+            cwd=body.cwd,
+            timeout=body.timeout,
+            stdin=body.stdin,
+            on_stdout=stream.stdout,
+            on_stderr=stream.stderr,
+            max_output=0,  # streamed, not kept
+        )
+        return Streamed(stream.events(), NDJSON, on_abort=stream.abort)
+
+    # --- files
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files", tags=["files"])
+    async def upload(
+        sandbox_id: str,
+        path: GuestPath,
+        request: Request,
+        key: Caller,
+        mode: Annotated[
+            str | None, Query(pattern=r"^0?[0-7]{3,4}$", description="Octal, e.g. 755.")
+        ] = None,
+        timeout: Seconds = DEFAULT_FILE_TIMEOUT,
+    ) -> Written:
+        """Write the raw request body to PATH (parents created, file replaced), streamed
+        into the sandbox as it arrives."""
+        sb = registry.get(key.id, sandbox_id).live()
+        limit = settings.max_file_bytes
+        if _content_length(request.scope) > limit:
+            raise FileTooLarge(f"uploads are at most {limit} bytes", path)
+
+        async def body() -> AsyncGenerator[bytes, None]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    raise FileTooLarge(f"uploads are at most {limit} bytes", path)
+                if chunk:
+                    yield chunk
+
+        size = await write_stream(
+            sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
+        )
+        return Written(path=resolve_guest_path(path), size=size)
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files",
+        tags=["files"],
+        status_code=200,
+        response_class=Streamed,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+    async def download(
+        sandbox_id: str, path: GuestPath, key: Caller, timeout: Seconds = DEFAULT_FILE_TIMEOUT
+    ) -> Streamed:
+        """The raw bytes of the regular file PATH, streamed out of the sandbox as the
+        client reads them."""
+        sb = registry.get(key.id, sandbox_id).live()
+        chunks = read_stream(sb, path, max_size=settings.max_file_bytes, timeout=timeout)
+        try:
+            first = await anext(chunks, b"")  # errors before any byte: a proper response
+        except BaseException:
+            await chunks.aclose()
+            raise
+
+        async def body() -> AsyncGenerator[bytes, None]:
+            try:
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+
+        return Streamed(body(), "application/octet-stream")
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"])
+    async def remove(sandbox_id: str, path: GuestPath, key: Caller) -> Response:
+        await registry.get(key.id, sandbox_id).live().files.remove(path)
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"])
+    async def list_dir(sandbox_id: str, path: GuestPath, key: Caller) -> EntryList:
+        entries = await registry.get(key.id, sandbox_id).live().files.list(path)
+        return EntryList(entries=[_entry(e) for e in entries])
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"])
+    async def stat(sandbox_id: str, path: GuestPath, key: Caller) -> EntryOut:
+        return _entry(await registry.get(key.id, sandbox_id).live().files.stat(path))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/exists", tags=["files"])
+    async def exists(sandbox_id: str, path: GuestPath, key: Caller) -> Exists:
+        return Exists(exists=await registry.get(key.id, sandbox_id).live().files.exists(path))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=201, tags=["files"])
+    async def make_dir(sandbox_id: str, path: GuestPath, key: Caller) -> PathOut:
+        await registry.get(key.id, sandbox_id).live().files.make_dir(path)
+        return PathOut(path=resolve_guest_path(path))
+
+    app.add_middleware(Guard, keys=keys, settings=settings)
+    return app
+
+
+__all__ = [
+    "ERROR_STATUS",
+    "ApiError",
+    "Guard",
+    "Settings",
+    "create_app",
+    "error_body",
+    "status_of",
+]

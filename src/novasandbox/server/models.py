@@ -1,0 +1,179 @@
+"""The JSON the server takes and gives (pydantic models, which are also its OpenAPI
+description).
+
+Requests are strict: unknown fields and values of the wrong type are refused (HTTP 422,
+code ``invalid-config``) before anything happens. The values themselves (vcpus, memory,
+network, environment, paths, timeouts...) are checked once, by the library, as the
+Python API checks them; the server does not repeat those rules. Labels are the server's
+own and are checked here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..commands import DEFAULT_COMMAND_TIMEOUT
+from ..errors import ConfigError
+from ..sandbox import DEFAULT_LIFETIME
+
+MAX_LABELS = 32
+LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})")
+MAX_LABEL_VALUE = 256
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class CreateSandbox(_Request):
+    """``Sandbox.create``'s arguments."""
+
+    template: str = "python"
+    vcpus: int | None = Field(None, description="Default: the template's.")
+    memory_mib: int | None = Field(None, description="Default: the template's.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Default environment of its commands."
+    )
+    timeout: float | None = Field(
+        DEFAULT_LIFETIME,
+        description="The sandbox's lifetime in seconds, then it is killed (null: no limit).",
+    )
+    network: str = Field("none", description="none, nat or tap.")
+    allow: list[str] | None = Field(
+        None,
+        description="With a network: the destinations the guest may reach (null: the public "
+        "internet; []: none).",
+    )
+    ports: list[int] = Field(
+        default_factory=list, description="Guest TCP ports reachable from the server's host."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"Metadata kept by the server (at most {MAX_LABELS}); lists filter on it.",
+    )
+    cold: bool = Field(False, description="Boot the kernel instead of restoring a snapshot.")
+
+
+class SetTimeout(_Request):
+    timeout: float | None = Field(
+        description="The remaining lifetime in seconds, from now (null: no limit)."
+    )
+
+
+class RunCommand(_Request):
+    """``commands.run``'s arguments; the output is streamed (see the route)."""
+
+    cmd: str | list[str] = Field(description="A shell string (/bin/sh -c) or an argv list.")
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, description="Default: /root; relative: under /root.")
+    timeout: float | None = Field(
+        DEFAULT_COMMAND_TIMEOUT,
+        description="Seconds before the command's process group is killed (null: no limit).",
+    )
+    stdin: str | None = Field(None, description="Sent to the command's stdin, then closed.")
+
+
+class SandboxOut(BaseModel):
+    id: str
+    template: str
+    state: str = Field(description="starting, running, paused, broken, killed, crashed or error.")
+    expired: bool = Field(description="Killed because its lifetime ended.")
+    crash_reason: str | None
+    labels: dict[str, str]
+    created_at: float = Field(description="Unix time.")
+    expires_at: float | None = Field(description="Unix time its lifetime ends (null: never).")
+    vcpus: int
+    memory_mib: int
+    network: str
+    ports: dict[str, str] = Field(
+        description="Guest port -> ADDRESS:PORT where the server's host reaches it."
+    )
+    restored: bool
+    provider: str
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxOut]
+
+
+class EntryOut(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime: float
+
+
+class EntryList(BaseModel):
+    entries: list[EntryOut]
+
+
+class Exists(BaseModel):
+    exists: bool
+
+
+class Written(BaseModel):
+    path: str
+    size: int
+
+
+class PathOut(BaseModel):
+    path: str
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="The stable code of the NovaSandbox error.")
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Labels as the server keeps them; ``ConfigError`` for too many, a bad key or a long
+    value."""
+    if len(labels) > MAX_LABELS:
+        raise ConfigError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ConfigError(
+                f"a label key is 1 to 63 letters, digits, '.', '_', '/' or '-', got {key!r}"
+            )
+        if len(value) > MAX_LABEL_VALUE or "\0" in value:
+            raise ConfigError(
+                f"label {key!r}: a value is at most {MAX_LABEL_VALUE} characters, without NUL"
+            )
+    return dict(labels)
+
+
+def parse_label_filter(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` query values (``?label=team=ml``) as a dict."""
+    wanted: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"label filters are KEY=VALUE, got {item!r}")
+        wanted[key] = value
+    return wanted
+
+
+__all__ = [
+    "CreateSandbox",
+    "EntryList",
+    "EntryOut",
+    "ErrorOut",
+    "Exists",
+    "PathOut",
+    "RunCommand",
+    "SandboxList",
+    "SandboxOut",
+    "SetTimeout",
+    "Written",
+    "check_labels",
+    "parse_label_filter",
+]

@@ -1,0 +1,213 @@
+"""``novasandbox serve``: the API on uvicorn, with structured logs and a clean stop.
+
+- Binding: loopback by default; any other address needs TLS (``tls_cert``/``tls_key``)
+  or an explicit ``insecure`` (API keys would cross the network in clear text):
+  ``ConfigError`` otherwise, before anything listens. The socket is bound here, so a
+  port in use is a typed error too, and port 0 takes a free port (logged).
+- Logs: one JSON object per line on stderr (``JsonFormatter``): ``time``, ``level``,
+  ``logger``, ``message`` and the event's own fields (``sandbox``, ``key`` as the key's
+  public id, ``status``...). Never a key, a body or file data (at ``debug`` the
+  library's own lines name the commands it starts).
+- Stopping: SIGTERM or SIGINT kills the server's sandboxes first (their command streams
+  end with an ``error`` event), then uvicorn closes the connections; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from ..errors import ConfigError
+from .app import Settings, create_app
+from .keys import KeyStore
+from .registry import Registry
+
+log = logging.getLogger("novasandbox.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7070
+GRACEFUL_SECONDS = 10
+"""Seconds connections get to end after the sandboxes were killed at a stop."""
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({})))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("qemu").setLevel(logging.CRITICAL)  # reported as typed errors
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, tls_cert: Path | None, tls_key: Path | None, insecure: bool) -> None:
+    """``ConfigError`` unless serving ``host`` this way is allowed."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
+    if not is_loopback(host) and tls_cert is None and not insecure:
+        raise ConfigError(
+            f"--host {host} is not a loopback address: serving it needs TLS (--tls-cert "
+            "and --tls-key) or --insecure (API keys would cross the network in clear text)"
+        )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopping our way: the sandboxes go first, and a stop by signal
+    is a clean exit (uvicorn would re-raise the signal once it is done)."""
+
+    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
+        super().__init__(config)
+        self.registry = registry
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log.info("stopping: killing the server's sandboxes", extra={"fields": {}})
+        await self.registry.close()
+        await super().shutdown(sockets)
+
+
+def serve(
+    *,
+    state: Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    insecure: bool = False,
+    log_level: str = "info",
+    settings: Settings | None = None,
+) -> None:
+    """Serve the API until SIGTERM/SIGINT. The sandboxes live in the process's state
+    directory (``NOVASANDBOX_STATE_DIR``); the keys in ``state``."""
+    check_bind(host, tls_cert, tls_key, insecure)
+    keys = KeyStore(state)
+    known = keys.current()  # a damaged key file fails here, not at the first request
+    sock = bind(host, port)
+    configure_logging(log_level)
+    registry = Registry()
+    app = create_app(keys, registry, settings)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        server_header=False,
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    scheme = "https" if tls_cert else "http"
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "url": f"{scheme}://{shown}:{bound_port}",
+                "keys": len(known),
+                "state_dir": str(state),
+            }
+        },
+    )
+    if not known:
+        log.warning(
+            "no API keys yet: every request is refused; make one with "
+            "'novasandbox keys create NAME'",
+            extra={"fields": {"keys_file": str(keys.path)}},
+        )
+    try:
+        _Server(config, registry).run(sockets=[sock])
+    finally:
+        sock.close()
+    log.info("stopped", extra={"fields": {}})
+
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "JsonFormatter",
+    "check_bind",
+    "configure_logging",
+    "is_loopback",
+    "serve",
+]
