@@ -23,10 +23,14 @@ it: absolute, or relative to /root):
     GET    /v1/sandboxes/ID/files/stat?path=PATH    -> EntryOut
     GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
     POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
+    GET    /metrics                           Prometheus text format (metrics.py)
 
 Bodies are bounded: JSON requests by ``Settings.max_json_bytes``, uploads and downloads by
 ``Settings.max_file_bytes`` (413, ``file-too-large``). Uploads are streamed into the
 sandbox as they arrive, downloads out of it as the client reads them.
+
+Metrics (``metrics.py``): every request counts (method, route template, status), every
+error response by its code, creates and commands where the routes run them.
 
 Logs: one line per request (method, path, status, milliseconds, the key's public id);
 never a key, a request or response body, an environment or file data (the library's own
@@ -40,7 +44,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -48,6 +52,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -84,6 +89,7 @@ from ..errors import (
 from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
 from .keys import ApiKey, KeyStore
+from .metrics import CONTENT_TYPE, Metrics, route_template
 from .models import (
     CreateSandbox,
     EntryList,
@@ -200,12 +206,22 @@ def _bearer(scope: Scope) -> str:
 
 class Guard:
     """ASGI middleware in front of everything: the API key (401 for any path but
-    ``OPEN_PATHS`` without a valid one), the size of JSON bodies, and the access log."""
+    ``OPEN_PATHS`` without a valid one), the size of JSON bodies, the access log and the
+    count of requests (by the template of the route of ``routes`` they go to)."""
 
-    def __init__(self, app: ASGIApp, keys: KeyStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyStore,
+        settings: Settings,
+        metrics: Metrics,
+        routes: Sequence[BaseRoute],
+    ) -> None:
         self.app = app
         self.keys = keys
         self.settings = settings
+        self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -231,6 +247,7 @@ class Guard:
                     denied = AuthenticationError(
                         "a valid API key is required: Authorization: Bearer KEY"
                     )
+                    self.metrics.error(denied.code)
                     await _error(denied)(scope, receive, sending)
                     return
                 scope.setdefault("state", {})["api_key"] = key
@@ -239,11 +256,13 @@ class Guard:
                 limit = self.settings.max_json_bytes
                 if _content_length(scope) > limit:
                     too_large = ConfigError(f"the request body is over {limit} bytes")
+                    self.metrics.error(too_large.code)
                     await _error(too_large, 413)(scope, receive, sending)
                     return
                 receive = _bounded(receive, limit)
             await self.app(scope, receive, sending)
         finally:
+            self.metrics.request(scope["method"], route_template(self.routes, scope), status)
             query = scope.get("query_string", b"").decode("latin-1")
             access_log.info(
                 "request",
@@ -317,9 +336,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts) or "invalid request"
 
 
-def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = None) -> FastAPI:
-    """The API over ``registry``'s sandboxes, for the keys of ``keys``."""
+def create_app(
+    keys: KeyStore,
+    registry: Registry,
+    settings: Settings | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The API over ``registry``'s sandboxes, for the keys of ``keys`` (its metrics in
+    ``metrics``, by default a registry of its own; ``app.state.metrics`` either way)."""
     settings = settings or Settings()
+    metrics = metrics or Metrics(registry)
+
+    def failed(status: int, code: str, message: str) -> JSONResponse:
+        metrics.error(code)
+        return error_response(status, code, message)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -341,52 +371,66 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
         responses=ERRORS,
     )
 
+    app.state.metrics = metrics
+
     @app.exception_handler(NovaSandboxError)
     async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
-        return _error(exc)
+        return failed(status_of(exc), exc.code, exc.message)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.error, exc.status_code)
+        return failed(exc.status_code, exc.error.code, exc.error.message)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc)
-        return error_response(status, ConfigError.code, message)
+        return failed(status, ConfigError.code, message)
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http-error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return failed(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error", exc_info=exc)
-        return error_response(500, "internal-error", "internal server error")
+        return failed(500, "internal-error", "internal server error")
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, str]:
         """Unauthenticated: whether the server answers."""
         return {"status": "ok"}
 
+    @app.get(
+        "/metrics",
+        tags=["server"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Text format."}},
+    )
+    async def get_metrics(key: Caller) -> Response:
+        """Prometheus metrics of the whole server (every key's sandboxes, counted
+        together; no label names a key or a sandbox)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     # --- sandboxes
 
     @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"])
     async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
         labels = check_labels(body.labels)
-        owned = await registry.create(
-            key.id,
-            labels,
-            template=body.template,
-            vcpus=body.vcpus,
-            memory_mib=body.memory_mib,
-            env=body.env,
-            timeout=body.timeout,
-            network=body.network,
-            allow=body.allow,
-            ports=body.ports,
-            cold=body.cold,
-        )
+        with metrics.creating_one():
+            owned = await registry.create(
+                key.id,
+                labels,
+                template=body.template,
+                vcpus=body.vcpus,
+                memory_mib=body.memory_mib,
+                env=body.env,
+                timeout=body.timeout,
+                network=body.network,
+                allow=body.allow,
+                ports=body.ports,
+                cold=body.cold,
+            )
         return SandboxOut(**owned.to_json())
 
     @app.get("/v1/sandboxes", tags=["sandboxes"])
@@ -448,18 +492,23 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
         (exit_code, signal, timed_out, duration) or `error` (code, message). A client
         that disconnects gets its command killed. Errors before the command started
         (bad input, command not found) are ordinary error responses."""
-        sb = registry.get(key.id, sandbox_id).live()
-        stream = CommandStream(sb.id)
-        stream.handle = await sb.commands.start(
-            body.cmd,
-            env=body.env,
-            cwd=body.cwd,
-            timeout=body.timeout,
-            stdin=body.stdin,
-            on_stdout=stream.stdout,
-            on_stderr=stream.stderr,
-            max_output=0,  # streamed, not kept
-        )
+        try:
+            sb = registry.get(key.id, sandbox_id).live()
+            stream = CommandStream(sb.id, on_error=metrics.command_error)
+            stream.handle = await sb.commands.start(
+                body.cmd,
+                env=body.env,
+                cwd=body.cwd,
+                timeout=body.timeout,
+                stdin=body.stdin,
+                on_stdout=stream.stdout,
+                on_stderr=stream.stderr,
+                max_output=0,  # streamed, not kept
+            )
+        except NovaSandboxError as exc:
+            metrics.command_error(exc.code)
+            raise
+        metrics.commands.inc()
         return Streamed(stream.events(), NDJSON, on_abort=stream.abort)
 
     # --- files
@@ -550,7 +599,7 @@ def create_app(keys: KeyStore, registry: Registry, settings: Settings | None = N
         await registry.get(key.id, sandbox_id).live().files.make_dir(path)
         return PathOut(path=resolve_guest_path(path))
 
-    app.add_middleware(Guard, keys=keys, settings=settings)
+    app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,14 @@ class Registry:
                 continue
             found.append(owned)
         return sorted(found, key=lambda o: o.created_at)
+
+    def states(self) -> Counter[SandboxState]:
+        """How many sandboxes (of every owner) are in each state."""
+        counts: Counter[SandboxState] = Counter()
+        for owned in list(self._owned.values()):
+            self._observe(owned)
+            counts[owned.state] += 1
+        return counts
 
     async def kill(self, owner: str, sandbox_id: str) -> None:
         owned = self.get(owner, sandbox_id)

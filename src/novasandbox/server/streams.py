@@ -103,8 +103,10 @@ class CommandStream:
     """A running command's events, for ``Streamed``: the output callbacks queue them,
     ``events`` yields them as lines."""
 
-    def __init__(self, sandbox_id: str) -> None:
+    def __init__(self, sandbox_id: str, on_error: Callable[[str], None] | None = None) -> None:
         self.sandbox_id = sandbox_id
+        self.on_error = on_error
+        """Called with the code of the error that ends the stream (if one does)."""
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUED_EVENTS)
         self._closed = False
         self.handle: AsyncCommandHandle | None = None
@@ -141,6 +143,8 @@ class CommandStream:
             event = exit_event(exc.result, timed_out=True)
         except NovaSandboxError as exc:
             event = {"type": "error", "error": error_body(exc)}
+            if self.on_error is not None:
+                self.on_error(exc.code)
         await self._put(event)
         await self._put(None)
 
