@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -234,3 +236,33 @@ def test_unknown_paths_and_methods_do_not_become_labels(setup: Setup) -> None:
     )
     assert "sb-0123456789" not in after.text and "BREW" not in after.text
     assert "/v1/nothing" not in after.text
+
+
+def test_a_command_ended_by_its_sandbox_dying_is_a_command_error(setup: Setup) -> None:
+    c = setup.client
+    r = c.post("/v1/sandboxes", json={"timeout": 120})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    before = setup.scrape()
+    got: list[dict[str, Any]] = []
+
+    def run() -> None:
+        stream_events(c, sid, got, cmd="echo go; sleep 600", timeout=None)
+
+    t = threading.Thread(target=run)
+    t.start()
+    for _ in iter_wait("the command to start"):
+        if len(got) >= 2:
+            break
+    assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204
+    t.join(60)
+    assert not t.is_alive()
+    assert got[-1]["type"] == "error"
+    code = got[-1]["error"]["code"]
+    after = setup.scrape()
+    name = "novasandbox_command_errors_total"
+    assert after.get(name, code=code) - before.get(name, code=code) == 1
+    assert after.get("novasandbox_commands_total") - before.get("novasandbox_commands_total") == 1
+    # an error event in a stream is no error response
+    name = "novasandbox_errors_total"
+    assert after.get(name, code=code) == before.get(name, code=code)
