@@ -8,6 +8,8 @@
   ``logger``, ``message`` and the event's own fields (``sandbox``, ``key`` as the key's
   public id, ``status``...). Never a key, a body or file data (at ``debug`` the
   library's own lines name the commands it starts).
+- Metrics: ``/metrics`` without prometheus_client's ``_created`` series (switched off for
+  the process here, not in ``create_app``: the switch is process-wide).
 - Stopping: SIGTERM or SIGINT kills the server's sandboxes first (their command streams
   end with an ``error`` event), then uvicorn closes the connections; the process exits 0.
 """
@@ -27,6 +29,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import uvicorn
 
 from ..errors import ConfigError
@@ -165,6 +168,9 @@ def serve(
     sock = bind(host, port)
     configure_logging(log_level)
     registry = Registry()
+    # no "_created" series beside each counter and histogram (they double what a scrape
+    # stores); a switch of the whole process, which is this server's own
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     app = create_app(keys, registry, settings)
     config = uvicorn.Config(
         app,
