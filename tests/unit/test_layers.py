@@ -46,7 +46,14 @@ LAYERS: list[list[str]] = [
     ["sync"],
     [""],  # the package itself (novasandbox/__init__.py)
     # the HTTP service: may use all of the library; nothing of it uses the service
-    ["server", "server.keys", "server.models", "server.registry", "server.streams"],
+    [
+        "server",
+        "server.keys",
+        "server.models",
+        "server.registry",
+        "server.streams",
+        "server.metrics",
+    ],
     ["server.app"],
     ["server.serve"],
     ["cli"],

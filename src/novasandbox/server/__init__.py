@@ -5,6 +5,7 @@ event loop) on behalf of API keys and serves them over HTTP.
 - ``models``: the JSON it takes and gives (its OpenAPI description);
 - ``registry``: the sandboxes it owns, by owner;
 - ``streams``: bodies sent while they are made (command events as NDJSON, downloads);
+- ``metrics``: its Prometheus metrics (a registry per app);
 - ``app``: the FastAPI application (routes, authentication, errors);
 - ``serve``: uvicorn, binding rules, structured logs, a clean stop.
 

@@ -22,6 +22,9 @@ several apps in one process do not share or collide. Names and what they count:
 - ``novasandbox_pool_size{template}`` (gauge): warm sandboxes ready per template. The
   server has no pools yet: the family is exported without samples.
 
+``novasandbox serve`` switches off prometheus_client's ``_created`` series (a switch of
+the whole process, so not here).
+
 Label values come from fixed sets (states, outcomes, error codes, route templates,
 methods, statuses) or, for pools, template names: never a key or its id, a sandbox id,
 an environment or a path.
