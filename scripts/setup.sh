@@ -12,6 +12,7 @@ packages=(
   mmdebstrap e2fsprogs                  # guest root file system
   python3 python3-venv python3-pip      # the library
   tmux                                  # the tests: the CLI in a real terminal
+  curl                                  # the README's examples of the HTTP API
 )
 missing=()
 for p in "${packages[@]}"; do
