@@ -918,7 +918,8 @@ class AsyncSandbox:
 
     async def fork(self, n: int = 1) -> list[AsyncSandbox]:
         """``n`` new, independent sandboxes that continue from this one's current state
-        (memory, processes, files). They outlive this sandbox."""
+        (memory, processes, files). They outlive this sandbox, and are adoptable if it
+        is."""
         check_int("fork count", n, 1, 64)
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
@@ -929,6 +930,7 @@ class AsyncSandbox:
                     network=self.config.network.mode,
                     allow=self.config.network.allow,
                     ports=self.config.network.ports,
+                    adoptable=self._adoptable,
                 )
                 for _ in range(n)
             ),
