@@ -436,6 +436,7 @@ class AsyncSandbox:
             sb._vm = await vmm.adopt(spec, info.pid, info.pid_start_time)
             remaining = None if info.deadline is None else info.deadline - time.time()
             sb._arm_lifetime(None if remaining is None else max(0.001, remaining))
+            sb._deadline = info.deadline  # the same instant, not one recomputed from now
             sb._agent = await AgentClient.over(
                 *await sb._vm.open_channel(deadline),
                 deadline=deadline,

@@ -163,9 +163,9 @@ def test_only_the_owner_gets_urls_and_a_removed_key_revokes_them(setup: Setup) -
         made = carol.post("/v1/sandboxes", json={"timeout": 120})
         assert made.status_code == 201, made.text
         sid = made.json()["id"]
-        url = carol.post(
-            f"/v1/sandboxes/{sid}/files/download-url", params={"path": path}
-        ).json()["url"]
+        url = carol.post(f"/v1/sandboxes/{sid}/files/download-url", params={"path": path}).json()[
+            "url"
+        ]
         assert httpx.get(url).content == b"mine"
         done = cli("keys", "rm", "carol", "--state-dir", str(setup.state))
         assert done.returncode == 0, done.stderr
