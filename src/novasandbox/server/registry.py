@@ -306,8 +306,13 @@ class Registry:
         if self.store is None:
             return [], []
         records, damaged = self.store.sandboxes()
-        for name in damaged:
-            log.error("a damaged sandbox record was removed", extra={"fields": {"file": name}})
+        for name in damaged:  # whose it was is lost: its sandbox (if any) is reaped
+            with contextlib.suppress(NovaSandboxError):
+                await asyncio.to_thread(kill_sandbox, name.removesuffix(".json"))
+            log.error(
+                "a damaged sandbox record was removed and its sandbox reaped",
+                extra={"fields": {"file": name}},
+            )
         results = await asyncio.gather(
             *(AsyncSandbox.adopt(r.id) for r in records), return_exceptions=True
         )
