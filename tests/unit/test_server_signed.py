@@ -89,6 +89,13 @@ def test_upload_and_download_without_the_key(setup: Setup) -> None:
     r = httpx.get(down["url"], timeout=60)
     assert r.status_code == 200 and r.content == blob
     assert r.headers["content-type"] == "application/octet-stream"
+    # any web page may use it: a browser's preflight and the answer's header say so
+    assert r.headers["access-control-allow-origin"] == "*"
+    r = httpx.options(up["url"], headers={"origin": "https://x.example"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["access-control-allow-methods"] == "GET, PUT"
+    r = setup.alice.get(f"/v1/sandboxes/{setup.sid}/files", params={"path": path})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     # relative paths are the guest's home, as in the API
     assert setup.url("download", "x.txt").json()["path"] == "/root/x.txt"
 
@@ -120,6 +127,7 @@ def test_a_url_is_for_one_method_sandbox_and_path(setup: Setup) -> None:
         r = httpx.request(method, url, content=b"evil" if method == "PUT" else None)
         assert r.status_code == 403, (url, method, r.text)
         assert error_of(r)["code"] == "signature-invalid"
+        assert r.headers["access-control-allow-origin"] == "*"  # a page may read why
     assert other.read_text() == "other" and Path(path).read_text() == "one"
     # a method the signed path does not have at all
     r = httpx.delete(down)

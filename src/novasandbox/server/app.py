@@ -263,15 +263,24 @@ class Guard:
         started = time.monotonic()
         status = 0
         key: ApiKey | None = None
+        signed = SIGNED_PATH.fullmatch(scope["path"]) is not None
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if signed:
+                    message = {**message, "headers": [*message.get("headers", []), CORS_ORIGIN]}
             await send(message)
 
         try:
-            if scope["path"] not in OPEN_PATHS and not SIGNED_PATH.fullmatch(scope["path"]):
+            if signed:  # no key: the route checks the URL
+                if scope["method"] == "OPTIONS":
+                    await send(_cors_preflight())
+                    await send({"type": "http.response.body", "body": b""})
+                    status = 204
+                    return
+            elif scope["path"] not in OPEN_PATHS:
                 key = self.keys.verify(_bearer(scope))
                 if key is None:
                     denied = AuthenticationError(
@@ -307,6 +316,24 @@ class Guard:
                     }
                 },
             )
+
+
+CORS_ORIGIN = (b"access-control-allow-origin", b"*")
+"""Signed URLs are their own credential (no cookie, no key): any web page may use one."""
+
+
+def _cors_preflight() -> Message:
+    """The answer to a browser's preflight of a signed URL (a cross-origin PUT)."""
+    return {
+        "type": "http.response.start",
+        "status": 204,
+        "headers": [
+            CORS_ORIGIN,
+            (b"access-control-allow-methods", b"GET, PUT"),
+            (b"access-control-allow-headers", b"content-type"),
+            (b"access-control-max-age", b"600"),
+        ],
+    }
 
 
 def _content_length(scope: Scope) -> int:

@@ -7,6 +7,8 @@ path, the owning key's public id, expiry). The URL works without ``Authorization
 that one method (PUT: upload, GET: download), sandbox and path, until it expires; the
 key it was made with must still exist and own the sandbox. Anything changed in it fails
 the signature (403, ``signature-invalid``), an expired one is 403 ``signed-url-expired``.
+Any web page may use one (``Access-Control-Allow-Origin: *`` and an answer to a
+browser's preflight, from ``app.Guard``): the URL is its own credential, no cookie.
 
 The secret is 32 random bytes in ``<state dir>/server/url-secret`` (mode 0600), made at
 the first start and kept, so URLs survive a restart of the server; removing the file
