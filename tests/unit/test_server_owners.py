@@ -1,16 +1,21 @@
 """What a server keeps across restarts (``server/owners.py``) and its URL signer
-(``server/signed.py``), on their own."""
+(``server/signed.py``), on their own; and a real server (in-process provider) whose
+sandboxes cannot be adopted."""
 
 from __future__ import annotations
 
+import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
 from novasandbox.errors import ConfigError, SignatureInvalid, SignedUrlExpired
+from novasandbox.records import sandboxes_dir
 from novasandbox.server.owners import OwnerStore, SandboxRecord, SnapshotRecord
 from novasandbox.server.signed import UrlSigner, load_secret, secret_path
+from tests.server_support import Server, error_of, make_key
 
 
 def mode(path: Path) -> int:
@@ -86,3 +91,50 @@ def test_a_signature_covers_every_part(tmp_path: Path) -> None:
         UrlSigner(b"t" * 32).check(*parts, sig, now=0.0)
     with pytest.raises(SignatureInvalid):
         signer.check(*parts, sig.upper() + "é", now=0.0)
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+def inprocess_env() -> dict[str, str]:
+    env = {**os.environ, "NOVASANDBOX_ALLOW_INPROCESS": "1", "NOVASANDBOX_PROVIDER": "inprocess"}
+    env.pop("NOVASANDBOX_STATE_DIR", None)
+    return env
+
+
+def test_sandboxes_that_cannot_be_adopted_are_killed_or_reaped(tmp_path: Path) -> None:
+    """The in-process provider's sandboxes live in the server's process: ``--on-stop
+    keep`` cannot keep them (they are killed), and after a SIGKILL the next start reaps
+    what the records name."""
+    state = tmp_path / "state"
+    key = make_key(state, "alice")
+    owned = state / "server" / "sandboxes"
+    server = Server(state, "--on-stop", "keep", env=inprocess_env())
+    try:
+        with server.client(key) as c:
+            sid = c.post("/v1/sandboxes", json={"timeout": 60}).json()["id"]
+            assert [p.name for p in owned.iterdir()] == [f"{sid}.json"]
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.close()
+    assert list(owned.iterdir()) == [] and list(sandboxes_dir(state).iterdir()) == []
+
+    server = Server(state, env=inprocess_env())
+    try:
+        with server.client(key) as c:
+            sid = c.post("/v1/sandboxes", json={"timeout": 60}).json()["id"]
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    finally:
+        server.close()
+    assert [p.name for p in owned.iterdir()] == [f"{sid}.json"]
+
+    server = Server(state, env=inprocess_env())
+    try:
+        with server.client(key) as c:
+            r = c.get(f"/v1/sandboxes/{sid}")
+            assert r.status_code == 404 and error_of(r)["code"] == "sandbox-not-found"
+        reaped = [e for e in server.events() if e.get("message", "").startswith("sandbox reaped")]
+        assert [e["sandbox"] for e in reaped] == [sid]
+        assert list(owned.iterdir()) == [] and list(sandboxes_dir(state).iterdir()) == []
+    finally:
+        server.close()

@@ -690,8 +690,7 @@ def create_app(
         """`n` new sandboxes of the caller's that continue from this one's current state
         (memory, processes, files); they outlive it."""
         labels = None if body.labels is None else check_labels(body.labels)
-        with metrics.creating_one():
-            made = await registry.fork(key.id, sandbox_id, body.n, labels)
+        made = await registry.fork(key.id, sandbox_id, body.n, labels)
         return SandboxList(sandboxes=[SandboxOut(**o.to_json()) for o in made])
 
     @app.get("/v1/snapshots", tags=["snapshots"])

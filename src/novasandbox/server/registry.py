@@ -259,12 +259,11 @@ class Registry:
         self._closing = True
         owned = list(self._owned.values())
         self._owned.clear()
-        if self.on_stop == "keep" and self.store is not None:
-            if owned:
-                log.info(
-                    "left the server's sandboxes running, for the next start to adopt",
-                    extra={"fields": {"count": len(owned), "sandboxes": [o.id for o in owned]}},
-                )
+        if owned and self.on_stop == "keep" and self._adoptable():  # else they die with us
+            log.info(
+                "left the server's sandboxes running, for the next start to adopt",
+                extra={"fields": {"count": len(owned), "sandboxes": [o.id for o in owned]}},
+            )
             return
         results = await asyncio.gather(*(o.sandbox.kill() for o in owned), return_exceptions=True)
         for o, result in zip(owned, results, strict=True):
