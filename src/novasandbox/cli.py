@@ -731,6 +731,14 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     show_default=True,
     help="Largest file upload or download.",
 )
+@click.option(
+    "--on-stop",
+    type=click.Choice(["kill", "keep"]),
+    default="kill",
+    show_default=True,
+    help="What SIGTERM/SIGINT does with the sandboxes: kill them, or keep them running "
+    "for the next start (which adopts them).",
+)
 @handle_errors
 def serve(
     host: str,
@@ -741,11 +749,13 @@ def serve(
     insecure: bool,
     log_level: str,
     max_file_mib: int,
+    on_stop: str,
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
-    SIGINT kills its sandboxes and exits 0. With --state-dir, the keys and the
-    sandboxes' state live there."""
+    SIGINT kills its sandboxes (or, with --on-stop keep, leaves them running) and exits
+    0. A start adopts the sandboxes the last run left running and reaps the rest. With
+    --state-dir, the keys and the sandboxes' state live there."""
     from .server.app import Settings
     from .server.serve import serve as run_server
 
@@ -761,6 +771,7 @@ def serve(
         insecure=insecure,
         log_level=log_level,
         settings=Settings(max_file_bytes=max_file_mib << 20),
+        on_stop=on_stop,
     )
 
 

@@ -11,6 +11,8 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   └── TemplateBuildError          template-build-failed
     ├── HostToolMissing                 host-tool-missing
     ├── AuthenticationError             unauthorized
+    │   ├── SignatureInvalid            signature-invalid
+    │   └── SignedUrlExpired            signed-url-expired
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
     │   ├── NetworkError                network-error
@@ -129,6 +131,19 @@ class AuthenticationError(NovaSandboxError):
     """A request to the server without a valid API key (HTTP 401)."""
 
     code = "unauthorized"
+
+
+class SignatureInvalid(AuthenticationError):
+    """A signed URL of the server whose signature does not match it: changed, or used
+    with another method (HTTP 403)."""
+
+    code = "signature-invalid"
+
+
+class SignedUrlExpired(AuthenticationError):
+    """A signed URL of the server used after its expiry (HTTP 403)."""
+
+    code = "signed-url-expired"
 
 
 class ProviderError(NovaSandboxError):

@@ -436,6 +436,7 @@ class AsyncSandbox:
             sb._vm = await vmm.adopt(spec, info.pid, info.pid_start_time)
             remaining = None if info.deadline is None else info.deadline - time.time()
             sb._arm_lifetime(None if remaining is None else max(0.001, remaining))
+            sb._deadline = info.deadline  # the same instant, not one recomputed from now
             sb._agent = await AgentClient.over(
                 *await sb._vm.open_channel(deadline),
                 deadline=deadline,
@@ -918,7 +919,8 @@ class AsyncSandbox:
 
     async def fork(self, n: int = 1) -> list[AsyncSandbox]:
         """``n`` new, independent sandboxes that continue from this one's current state
-        (memory, processes, files). They outlive this sandbox."""
+        (memory, processes, files). They outlive this sandbox, and are adoptable if it
+        is."""
         check_int("fork count", n, 1, 64)
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
@@ -929,6 +931,7 @@ class AsyncSandbox:
                     network=self.config.network.mode,
                     allow=self.config.network.allow,
                     ports=self.config.network.ports,
+                    adoptable=self._adoptable,
                 )
                 for _ in range(n)
             ),

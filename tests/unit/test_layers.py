@@ -53,6 +53,8 @@ LAYERS: list[list[str]] = [
         "server.registry",
         "server.streams",
         "server.metrics",
+        "server.owners",
+        "server.signed",
     ],
     ["server.app"],
     ["server.serve"],

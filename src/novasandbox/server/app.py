@@ -25,6 +25,21 @@ it: absolute, or relative to /root):
     POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
     GET    /metrics                           Prometheus text format (metrics.py)
 
+Snapshots and forks (a snapshot belongs to the key that made it, like a sandbox):
+
+    POST   /v1/sandboxes/ID/snapshot          -> 201 SnapshotOut
+    POST   /v1/sandboxes  {"snapshot": SNAP}  restore one of the key's snapshots
+    POST   /v1/sandboxes/ID/fork  (ForkSandbox {"n": N})  -> 201 SandboxList
+    GET    /v1/snapshots                      the key's snapshots -> SnapshotList
+    DELETE /v1/snapshots/SNAP                 -> 204
+
+Signed URLs (``signed.py``): one file of one sandbox, without the key, for a while:
+
+    POST   /v1/sandboxes/ID/files/upload-url?path=PATH&expires=S    -> SignedUrl (PUT)
+    POST   /v1/sandboxes/ID/files/download-url?path=PATH&expires=S  -> SignedUrl (GET)
+    PUT|GET /v1/signed/sandboxes/ID/files?path=..&owner=..&expires=..&signature=..
+           (no Authorization; 403 signature-invalid / signed-url-expired)
+
 Bodies are bounded: JSON requests by ``Settings.max_json_bytes``, uploads and downloads by
 ``Settings.max_file_bytes`` (413, ``file-too-large``). Uploads are streamed into the
 sandbox as they arrive, downloads out of it as the client reads them.
@@ -43,10 +58,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +97,8 @@ from ..errors import (
     SandboxNotFound,
     SandboxNotRunning,
     SandboxPermissionError,
+    SignatureInvalid,
+    SignedUrlExpired,
     SnapshotError,
     SnapshotNotFound,
     TemplateError,
@@ -88,6 +107,7 @@ from ..errors import (
 )
 from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
+from ..snapshots import Snapshot
 from .keys import ApiKey, KeyStore
 from .metrics import CONTENT_TYPE, Metrics, route_template
 from .models import (
@@ -96,16 +116,21 @@ from .models import (
     EntryOut,
     ErrorOut,
     Exists,
+    ForkSandbox,
     PathOut,
     RunCommand,
     SandboxList,
     SandboxOut,
     SetTimeout,
+    SignedUrl,
+    SnapshotList,
+    SnapshotOut,
     Written,
     check_labels,
     parse_label_filter,
 )
 from .registry import Registry, ShuttingDown
+from .signed import DEFAULT_EXPIRES, UrlSigner, check_expires
 from .streams import NDJSON, CommandStream, Streamed, error_body
 
 log = logging.getLogger("novasandbox.server")
@@ -113,7 +138,10 @@ access_log = logging.getLogger("novasandbox.server.access")
 
 OPEN_PATHS = frozenset({"/healthz"})
 """The only paths served without an API key."""
-UPLOAD_PATH = re.compile(r"/v1/sandboxes/[^/]+/files")
+UPLOAD_PATH = re.compile(r"/v1/(signed/)?sandboxes/[^/]+/files")
+SIGNED_PATH = re.compile(r"/v1/signed/sandboxes/[^/]+/files")
+"""Signed URLs (``signed.py``): served without an API key, their route checks the
+signature."""
 RETRY_AFTER = 5
 """Seconds a client refused for lack of host memory is told to wait (``Retry-After``)."""
 
@@ -121,6 +149,8 @@ ERROR_STATUS: dict[type[NovaSandboxError], int] = {
     NovaSandboxError: 400,
     ConfigError: 422,
     AuthenticationError: 401,
+    SignatureInvalid: 403,
+    SignedUrlExpired: 403,
     TemplateError: 409,
     TemplateNotFound: 422,
     HostToolMissing: 503,
@@ -233,15 +263,24 @@ class Guard:
         started = time.monotonic()
         status = 0
         key: ApiKey | None = None
+        signed = SIGNED_PATH.fullmatch(scope["path"]) is not None
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if signed:
+                    message = {**message, "headers": [*message.get("headers", []), CORS_ORIGIN]}
             await send(message)
 
         try:
-            if scope["path"] not in OPEN_PATHS:
+            if signed:  # no key: the route checks the URL
+                if scope["method"] == "OPTIONS":
+                    await send(_cors_preflight())
+                    await send({"type": "http.response.body", "body": b""})
+                    status = 204
+                    return
+            elif scope["path"] not in OPEN_PATHS:
                 key = self.keys.verify(_bearer(scope))
                 if key is None:
                     denied = AuthenticationError(
@@ -264,6 +303,7 @@ class Guard:
         finally:
             self.metrics.request(scope["method"], route_template(self.routes, scope), status)
             query = scope.get("query_string", b"").decode("latin-1")
+            query = re.sub(r"(^|&)signature=[^&]*", r"\1signature=-", query)  # a credential
             access_log.info(
                 "request",
                 extra={
@@ -276,6 +316,24 @@ class Guard:
                     }
                 },
             )
+
+
+CORS_ORIGIN = (b"access-control-allow-origin", b"*")
+"""Signed URLs are their own credential (no cookie, no key): any web page may use one."""
+
+
+def _cors_preflight() -> Message:
+    """The answer to a browser's preflight of a signed URL (a cross-origin PUT)."""
+    return {
+        "type": "http.response.start",
+        "status": 204,
+        "headers": [
+            CORS_ORIGIN,
+            (b"access-control-allow-methods", b"GET, PUT"),
+            (b"access-control-allow-headers", b"content-type"),
+            (b"access-control-max-age", b"600"),
+        ],
+    }
 
 
 def _content_length(scope: Scope) -> int:
@@ -316,8 +374,9 @@ GuestPath = Annotated[str, Query(description="A guest path: absolute, or under /
 Seconds = Annotated[
     float, Query(allow_inf_nan=False, description="Seconds the whole transfer may take.")
 ]
+Expires = Annotated[int, Query(description="Seconds the URL works (at most an hour).")]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut} for status in (401, 404, 409, 413, 422, 502, 503)
+    status: {"model": ErrorOut} for status in (401, 403, 404, 409, 413, 422, 502, 503)
 }
 
 
@@ -341,11 +400,14 @@ def create_app(
     registry: Registry,
     settings: Settings | None = None,
     metrics: Metrics | None = None,
+    signer: UrlSigner | None = None,
 ) -> FastAPI:
     """The API over ``registry``'s sandboxes, for the keys of ``keys`` (its metrics in
-    ``metrics``, by default a registry of its own; ``app.state.metrics`` either way)."""
+    ``metrics``, by default a registry of its own; ``app.state.metrics`` either way;
+    signed URLs signed by ``signer``, by default with a secret of this app's own)."""
     settings = settings or Settings()
     metrics = metrics or Metrics(registry)
+    signer = signer or UrlSigner(secrets.token_bytes(32))
 
     def failed(status: int, code: str, message: str) -> JSONResponse:
         metrics.error(code)
@@ -353,6 +415,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.adopt_all()  # what the last run left (restarts.)
         sweeper = asyncio.ensure_future(registry.sweep_forever())
         try:
             yield
@@ -430,6 +493,9 @@ def create_app(
                 allow=body.allow,
                 ports=body.ports,
                 cold=body.cold,
+                from_snapshot=registry.get_snapshot(key.id, body.snapshot)
+                if body.snapshot is not None
+                else None,
             )
         return SandboxOut(**owned.to_json())
 
@@ -598,6 +664,127 @@ def create_app(
     async def make_dir(sandbox_id: str, path: GuestPath, key: Caller) -> PathOut:
         await registry.get(key.id, sandbox_id).live().files.make_dir(path)
         return PathOut(path=resolve_guest_path(path))
+
+    # --- snapshots and forks
+
+    def _snapshot_out(snap: Snapshot) -> SnapshotOut:
+        return SnapshotOut(
+            id=snap.id,
+            template=snap.template,
+            created_at=snap.created_at,
+            source_sandbox=snap.source_sandbox,
+            vcpus=snap.vcpus,
+            memory_mib=snap.memory_mib,
+            network=snap.network,
+            size_bytes=snap.size_bytes,
+        )
+
+    @app.post("/v1/sandboxes/{sandbox_id}/snapshot", status_code=201, tags=["snapshots"])
+    async def snapshot(sandbox_id: str, key: Caller) -> SnapshotOut:
+        """Save the sandbox (memory, processes, files) as a snapshot of the caller's; it
+        goes on running. Restore it with `POST /v1/sandboxes {"snapshot": ID}`."""
+        return _snapshot_out(await registry.snapshot(key.id, sandbox_id))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
+    async def fork(sandbox_id: str, body: ForkSandbox, key: Caller) -> SandboxList:
+        """`n` new sandboxes of the caller's that continue from this one's current state
+        (memory, processes, files); they outlive it."""
+        labels = None if body.labels is None else check_labels(body.labels)
+        made = await registry.fork(key.id, sandbox_id, body.n, labels)
+        return SandboxList(sandboxes=[SandboxOut(**o.to_json()) for o in made])
+
+    @app.get("/v1/snapshots", tags=["snapshots"])
+    async def list_snapshots(key: Caller) -> SnapshotList:
+        return SnapshotList(snapshots=[_snapshot_out(s) for s in registry.snapshots(key.id)])
+
+    @app.delete("/v1/snapshots/{snapshot_id}", status_code=204, tags=["snapshots"])
+    async def delete_snapshot(snapshot_id: str, key: Caller) -> Response:
+        """Sandboxes restored from it go on running."""
+        registry.delete_snapshot(key.id, snapshot_id)
+        return Response(status_code=204)
+
+    # --- signed URLs (signed.py)
+
+    def signed_url(
+        method: Literal["PUT", "GET"],
+        sandbox_id: str,
+        path: str,
+        expires: int,
+        request: Request,
+        key: ApiKey,
+    ) -> SignedUrl:
+        registry.get(key.id, sandbox_id).live()
+        resolved = resolve_guest_path(path)
+        expires_at = int(time.time()) + check_expires(expires)
+        query = {
+            "path": resolved,
+            "owner": key.id,
+            "expires": expires_at,
+            "signature": signer.signature(method, sandbox_id, resolved, key.id, expires_at),
+        }
+        base = str(request.base_url).rstrip("/")
+        url = f"{base}/v1/signed/sandboxes/{sandbox_id}/files?{urlencode(query)}"
+        return SignedUrl(url=url, method=method, path=resolved, expires_at=expires_at)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/upload-url", tags=["files"])
+    async def upload_url(
+        sandbox_id: str,
+        path: GuestPath,
+        request: Request,
+        key: Caller,
+        expires: Expires = DEFAULT_EXPIRES,
+    ) -> SignedUrl:
+        """A URL that uploads PATH (PUT, the raw body) without the API key, until it
+        expires."""
+        return signed_url("PUT", sandbox_id, path, expires, request, key)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/download-url", tags=["files"])
+    async def download_url(
+        sandbox_id: str,
+        path: GuestPath,
+        request: Request,
+        key: Caller,
+        expires: Expires = DEFAULT_EXPIRES,
+    ) -> SignedUrl:
+        """A URL that downloads PATH (GET) without the API key, until it expires."""
+        return signed_url("GET", sandbox_id, path, expires, request, key)
+
+    def signed_key(
+        method: str, sandbox_id: str, path: str, owner: str, expires: int, signature: str
+    ) -> ApiKey:
+        """The key a signed URL acts for, once its signature and expiry are checked."""
+        signer.check(method, sandbox_id, path, owner, expires, signature)
+        for k in keys.current():
+            if k.id == owner:
+                return k
+        raise SignatureInvalid("the API key that signed this URL was removed")
+
+    @app.put("/v1/signed/sandboxes/{sandbox_id}/files", tags=["signed"])
+    async def signed_upload(
+        sandbox_id: str,
+        path: str,
+        owner: str,
+        expires: int,
+        signature: str,
+        request: Request,
+    ) -> Written:
+        """Upload (a URL from `upload-url`; no API key)."""
+        k = signed_key("PUT", sandbox_id, path, owner, expires, signature)
+        return await upload(sandbox_id, path, request, k, None, DEFAULT_FILE_TIMEOUT)
+
+    @app.get(
+        "/v1/signed/sandboxes/{sandbox_id}/files",
+        tags=["signed"],
+        status_code=200,
+        response_class=Streamed,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+    async def signed_download(
+        sandbox_id: str, path: str, owner: str, expires: int, signature: str
+    ) -> Streamed:
+        """Download (a URL from `download-url`; no API key)."""
+        k = signed_key("GET", sandbox_id, path, owner, expires, signature)
+        return await download(sandbox_id, path, k, DEFAULT_FILE_TIMEOUT)
 
     app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app

@@ -55,6 +55,11 @@ class CreateSandbox(_Request):
         description=f"Metadata kept by the server (at most {MAX_LABELS}); lists filter on it.",
     )
     cold: bool = Field(False, description="Boot the kernel instead of restoring a snapshot.")
+    snapshot: str | None = Field(
+        None,
+        description="Restore this snapshot of the caller's (POST /v1/sandboxes/ID/snapshot): "
+        "files and running processes included; it brings its own template, vcpus and memory.",
+    )
 
 
 class SetTimeout(_Request):
@@ -74,6 +79,37 @@ class RunCommand(_Request):
         description="Seconds before the command's process group is killed (null: no limit).",
     )
     stdin: str | None = Field(None, description="Sent to the command's stdin, then closed.")
+
+
+class ForkSandbox(_Request):
+    """``sandbox.fork(n)``'s arguments."""
+
+    n: int = Field(1, description="How many forks (1 to 64).")
+    labels: dict[str, str] | None = Field(
+        None, description="The forks' labels (null: the parent's)."
+    )
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    template: str
+    created_at: float = Field(description="Unix time.")
+    source_sandbox: str | None
+    vcpus: int
+    memory_mib: int
+    network: str = Field(description="The network mode it restores into.")
+    size_bytes: int
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotOut]
+
+
+class SignedUrl(BaseModel):
+    url: str = Field(description="Absolute; used without the Authorization header.")
+    method: Literal["PUT", "GET"] = Field(description="PUT: upload the raw body; GET: download.")
+    path: str = Field(description="The guest path it is for (normalized).")
+    expires_at: int = Field(description="Unix time after which it is refused.")
 
 
 class SandboxOut(BaseModel):
@@ -168,11 +204,15 @@ __all__ = [
     "EntryOut",
     "ErrorOut",
     "Exists",
+    "ForkSandbox",
     "PathOut",
     "RunCommand",
     "SandboxList",
     "SandboxOut",
     "SetTimeout",
+    "SignedUrl",
+    "SnapshotList",
+    "SnapshotOut",
     "Written",
     "check_labels",
     "parse_label_filter",

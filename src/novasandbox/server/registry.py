@@ -5,12 +5,23 @@ included) and belongs to the API key that created it: for any other key it does 
 exist (``SandboxNotFound``, the same error as for an id nobody has). A sandbox that ended
 on its own (lifetime over, crashed) stays listed with that state for ``ENDED_KEPT``
 seconds, so its owner learns what happened, then is forgotten; a crashed one is killed
-at once to release what it held. ``close`` kills them all (the server's shutdown).
+at once to release what it held. ``close`` kills them all (the server's shutdown), or,
+with ``on_stop = "keep"``, leaves them running for the next start to adopt.
+
+Restarts: with a ``store`` (``owners.py``), the registry creates its sandboxes
+``adoptable`` (where the provider can) and keeps, per sandbox, whose it is, its labels
+and when it was made, from its create until it is killed or seen ended. ``adopt_all``,
+at the start of the server, takes back every sandbox the store names whose VMM still
+runs (``AsyncSandbox.adopt``: agent and control sockets reconnected, the lifetime's
+deadline kept and enforced here again) and reaps the others. Snapshots made through the
+server (``snapshot``, ``fork``'s children, ``create(from_snapshot=...)``) belong to keys
+the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
@@ -25,8 +36,15 @@ from ..errors import (
     SandboxExpired,
     SandboxNotFound,
     SandboxNotRunning,
+    SandboxOwned,
+    SnapshotNotFound,
 )
+from ..gc import kill_sandbox
+from ..records import read_record, sandboxes_dir
 from ..sandbox import AsyncSandbox, SandboxState
+from ..snapshots import Snapshot, delete_snapshot, get_snapshot
+from ..vm import get_provider
+from .owners import OwnerStore, SandboxRecord, SnapshotRecord
 
 log = logging.getLogger("novasandbox.server")
 
@@ -34,6 +52,12 @@ ENDED_KEPT = 600.0
 """Seconds a sandbox that ended on its own stays visible to its owner."""
 SWEEP_EVERY = 5.0
 ENDED_STATES = (SandboxState.KILLED, SandboxState.CRASHED, SandboxState.ERROR)
+
+
+def _owner_alive(sandbox_id: str) -> bool:
+    """Whether a live process owns the sandbox (its record says so)."""
+    info = read_record(sandboxes_dir() / sandbox_id)
+    return info is not None and info.owner_alive
 
 
 class ShuttingDown(SandboxNotRunning):
@@ -114,23 +138,29 @@ class Owned:
 class Registry:
     """The server's sandboxes by id, with their owner and labels."""
 
-    def __init__(self, provider: str | None = None) -> None:
+    def __init__(self, provider: str | None = None, store: OwnerStore | None = None) -> None:
         self.provider = provider
         """The provider its sandboxes run on (None: ``NOVASANDBOX_PROVIDER`` or the
         default)."""
         self._owned: dict[str, Owned] = {}
         self._closing = False
+        self.store = store
+        """Where whose each sandbox is survives a restart (None: nowhere)."""
+        self.on_stop = "kill"
+        """What ``close`` does with the sandboxes: "kill", or "keep" (left running for
+        the next start, which adopts them; needs a ``store``)."""
 
     async def create(self, owner: str, labels: Mapping[str, str], **arguments: Any) -> Owned:
         """A new sandbox for ``owner`` (``AsyncSandbox.create``'s ``arguments``)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        sb = await AsyncSandbox.create(provider=self.provider, **arguments)
+        sb = await AsyncSandbox.create(
+            provider=self.provider, adoptable=self._adoptable(), **arguments
+        )
         if self._closing:
             await sb.kill()
             raise ShuttingDown(f"the server is shutting down: sandbox {sb.id} was killed")
-        owned = Owned(sb, owner, dict(labels))
-        self._owned[sb.id] = owned
+        owned = self._own(sb, owner, labels)
         log.info(
             "sandbox created",
             extra={"fields": {"sandbox": sb.id, "key": owner, "restored": sb.restored}},
@@ -176,6 +206,7 @@ class Registry:
         owned = self.get(owner, sandbox_id)
         self._owned.pop(sandbox_id, None)
         await owned.sandbox.kill()
+        self._forget(sandbox_id)
         log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
 
     def _observe(self, owned: Owned) -> None:
@@ -189,6 +220,7 @@ class Registry:
         elif not (state is SandboxState.KILLED and owned.sandbox.expired):
             return
         owned.ended, owned.ended_at = state, time.time()
+        self._forget(owned.id)
         log.warning(
             "sandbox ended",
             extra={
@@ -222,10 +254,17 @@ class Registry:
                 log.exception("sweeping sandboxes failed")
 
     async def close(self) -> None:
-        """Kill every sandbox (and refuse new ones). Idempotent."""
+        """Kill every sandbox (and refuse new ones), or leave them running if
+        ``on_stop`` is "keep". Idempotent."""
         self._closing = True
         owned = list(self._owned.values())
         self._owned.clear()
+        if owned and self.on_stop == "keep" and self._adoptable():  # else they die with us
+            log.info(
+                "left the server's sandboxes running, for the next start to adopt",
+                extra={"fields": {"count": len(owned), "sandboxes": [o.id for o in owned]}},
+            )
+            return
         results = await asyncio.gather(*(o.sandbox.kill() for o in owned), return_exceptions=True)
         for o, result in zip(owned, results, strict=True):
             if isinstance(result, BaseException):
@@ -233,11 +272,149 @@ class Registry:
                     "could not kill a sandbox at shutdown",
                     extra={"fields": {"sandbox": o.id, "error": str(result)}},
                 )
+            else:
+                self._forget(o.id)
         if owned:
             log.info("killed the server's sandboxes", extra={"fields": {"count": len(owned)}})
 
     def __len__(self) -> int:
         return len(self._owned)
+
+    # --- ownership across restarts, snapshots and forks
+
+    def _adoptable(self) -> bool:
+        """Whether new sandboxes are made adoptable: with a store, where the provider
+        can."""
+        return self.store is not None and get_provider(self.provider).capabilities.adoptable
+
+    def _own(self, sb: AsyncSandbox, owner: str, labels: Mapping[str, str]) -> Owned:
+        owned = Owned(sb, owner, dict(labels))
+        self._owned[sb.id] = owned
+        if self.store is not None:
+            self.store.save_sandbox(SandboxRecord(sb.id, owner, owned.labels, owned.created_at))
+        return owned
+
+    def _forget(self, sandbox_id: str) -> None:
+        if self.store is not None:
+            self.store.forget_sandbox(sandbox_id)
+
+    async def adopt_all(self) -> tuple[builtins.list[str], builtins.list[str]]:
+        """Take back the sandboxes the store names (the server's start): each one whose
+        VMM runs is adopted, every other one is reaped (what it left released, its
+        record removed). Returns the ids adopted and the ids reaped; logs each."""
+        if self.store is None:
+            return [], []
+        records, damaged = self.store.sandboxes()
+        for name in damaged:  # whose it was is lost: its sandbox (if any) is reaped
+            with contextlib.suppress(NovaSandboxError):
+                await asyncio.to_thread(kill_sandbox, name.removesuffix(".json"))
+            log.error(
+                "a damaged sandbox record was removed and its sandbox reaped",
+                extra={"fields": {"file": name}},
+            )
+        results = await asyncio.gather(
+            *(AsyncSandbox.adopt(r.id) for r in records), return_exceptions=True
+        )
+        adopted: builtins.list[str] = []
+        reaped: builtins.list[str] = []
+        for record, result in zip(records, results, strict=True):
+            fields: dict[str, Any] = {"sandbox": record.id, "key": record.owner}
+            if isinstance(result, AsyncSandbox):
+                owned = Owned(result, record.owner, record.labels, record.created_at)
+                self._owned[record.id] = owned
+                adopted.append(record.id)
+                log.info(
+                    "sandbox adopted",
+                    extra={"fields": {**fields, "expires_at": result.deadline}},
+                )
+                continue
+            if isinstance(result, SandboxOwned) and _owner_alive(record.id):
+                # another live process owns it (a second server on this state
+                # directory?): not ours to kill; tried again at the next start
+                log.error(
+                    "sandbox not adopted: another process owns it",
+                    extra={"fields": {**fields, "error": result.message}},
+                )
+                continue
+            if not isinstance(result, Exception):
+                raise result
+            if not isinstance(result, SandboxNotFound):  # there but unusable: kill it
+                with contextlib.suppress(NovaSandboxError):
+                    await asyncio.to_thread(kill_sandbox, record.id)
+            self.store.forget_sandbox(record.id)
+            reaped.append(record.id)
+            log.warning(
+                "sandbox reaped: it could not be adopted",
+                extra={"fields": {**fields, "reason": str(result)}},
+            )
+        if records:
+            log.info(
+                "adopted the sandboxes of the last run",
+                extra={"fields": {"adopted": len(adopted), "reaped": len(reaped)}},
+            )
+        return adopted, reaped
+
+    async def snapshot(self, owner: str, sandbox_id: str) -> Snapshot:
+        """Save ``owner``'s sandbox as a snapshot that belongs to ``owner``."""
+        sb = self.get(owner, sandbox_id).live()
+        snap = await sb.snapshot()
+        if self.store is not None:
+            self.store.save_snapshot(SnapshotRecord(snap.id, owner, snap.created_at, sb.id))
+        log.info(
+            "snapshot saved",
+            extra={"fields": {"sandbox": sandbox_id, "snapshot": snap.id, "key": owner}},
+        )
+        return snap
+
+    def get_snapshot(self, owner: str, snapshot_id: str) -> Snapshot:
+        """``owner``'s snapshot; ``SnapshotNotFound`` whether it does not exist or is
+        someone else's (the same message)."""
+        record = self.store.snapshot(snapshot_id) if self.store is not None else None
+        if record is None or record.owner != owner:
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+        try:
+            return get_snapshot(snapshot_id)
+        except SnapshotNotFound:
+            if self.store is not None:
+                self.store.forget_snapshot(snapshot_id)  # its files went (gc, by hand)
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}") from None
+
+    def snapshots(self, owner: str) -> builtins.list[Snapshot]:
+        if self.store is None:
+            return []
+        found = []
+        for record in self.store.snapshots():
+            if record.owner == owner:
+                with contextlib.suppress(SnapshotNotFound):
+                    found.append(self.get_snapshot(owner, record.id))
+        return found
+
+    def delete_snapshot(self, owner: str, snapshot_id: str) -> None:
+        snap = self.get_snapshot(owner, snapshot_id)
+        delete_snapshot(snap)
+        if self.store is not None:
+            self.store.forget_snapshot(snapshot_id)
+        log.info("snapshot deleted", extra={"fields": {"snapshot": snapshot_id, "key": owner}})
+
+    async def fork(
+        self, owner: str, sandbox_id: str, n: int, labels: Mapping[str, str] | None
+    ) -> builtins.list[Owned]:
+        """``n`` new sandboxes of ``owner`` continuing from its sandbox ``sandbox_id``
+        (labels: the parent's unless given)."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        parent = self.get(owner, sandbox_id)
+        children = await parent.live().fork(n)
+        if self._closing:
+            await asyncio.gather(*(c.kill() for c in children), return_exceptions=True)
+            raise ShuttingDown("the server is shutting down: the forks were killed")
+        kept = parent.labels if labels is None else labels
+        made = [self._own(child, owner, kept) for child in children]
+        log.info(
+            "sandbox forked",
+            extra={"fields": {"sandbox": sandbox_id, "key": owner, "forks": [o.id for o in made]}},
+        )
+        return made
 
 
 __all__ = ["ENDED_KEPT", "Owned", "Registry", "ShuttingDown"]

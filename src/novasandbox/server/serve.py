@@ -12,6 +12,11 @@
   the process here, not in ``create_app``: the switch is process-wide).
 - Stopping: SIGTERM or SIGINT kills the server's sandboxes first (their command streams
   end with an ``error`` event), then uvicorn closes the connections; the process exits 0.
+  With ``on_stop="keep"`` the sandboxes are left running instead, for the next start.
+- Restarts: the state directory keeps whose each sandbox is (``owners.py``); a start
+  adopts the ones still running and reaps the rest (``Registry.adopt_all``), whether the
+  last run stopped with ``keep`` or was killed. The signing secret of signed URLs is
+  kept there too (``signed.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import uvicorn
 from ..errors import ConfigError
 from .app import Settings, create_app
 from .keys import KeyStore
+from .owners import OwnerStore
 from .registry import Registry
+from .signed import UrlSigner, load_secret
 
 log = logging.getLogger("novasandbox.server")
 
@@ -144,7 +151,10 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        log.info("stopping: killing the server's sandboxes", extra={"fields": {}})
+        if self.registry.on_stop == "keep":
+            log.info("stopping: leaving the server's sandboxes running", extra={"fields": {}})
+        else:
+            log.info("stopping: killing the server's sandboxes", extra={"fields": {}})
         await self.registry.close()
         await super().shutdown(sockets)
 
@@ -159,19 +169,26 @@ def serve(
     insecure: bool = False,
     log_level: str = "info",
     settings: Settings | None = None,
+    on_stop: str = "kill",
 ) -> None:
     """Serve the API until SIGTERM/SIGINT. The sandboxes live in the process's state
-    directory (``NOVASANDBOX_STATE_DIR``); the keys in ``state``."""
+    directory (``NOVASANDBOX_STATE_DIR``); the keys, whose each sandbox is and the URL
+    signing secret in ``state``. ``on_stop``: what a stop does with the sandboxes,
+    "kill" or "keep" (left running, adopted by the next start)."""
     check_bind(host, tls_cert, tls_key, insecure)
+    if on_stop not in ("kill", "keep"):
+        raise ConfigError(f"on_stop must be kill or keep, got {on_stop!r}")
+    signer = UrlSigner(load_secret(state))
     keys = KeyStore(state)
     known = keys.current()  # a damaged key file fails here, not at the first request
     sock = bind(host, port)
     configure_logging(log_level)
-    registry = Registry()
+    registry = Registry(store=OwnerStore(state))
+    registry.on_stop = on_stop
     # no "_created" series beside each counter and histogram (they double what a scrape
     # stores); a switch of the whole process, which is this server's own
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    app = create_app(keys, registry, settings)
+    app = create_app(keys, registry, settings, signer=signer)
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -192,6 +209,7 @@ def serve(
                 "url": f"{scheme}://{shown}:{bound_port}",
                 "keys": len(known),
                 "state_dir": str(state),
+                "on_stop": on_stop,
             }
         },
     )
