@@ -54,6 +54,7 @@ LAYERS: list[list[str]] = [
         "server.streams",
         "server.metrics",
     ],
+    ["server.mcp"],
     ["server.app"],
     ["server.serve"],
     ["cli"],

@@ -24,6 +24,7 @@ it: absolute, or relative to /root):
     GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
     POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
     GET    /metrics                           Prometheus text format (metrics.py)
+    *      /mcp                               MCP over streamable HTTP (mcp.py)
 
 Bodies are bounded: JSON requests by ``Settings.max_json_bytes``, uploads and downloads by
 ``Settings.max_file_bytes`` (413, ``file-too-large``). Uploads are streamed into the
@@ -52,7 +53,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -89,6 +90,7 @@ from ..errors import (
 from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
 from .keys import ApiKey, KeyStore
+from .mcp import McpHttp
 from .metrics import CONTENT_TYPE, Metrics, route_template
 from .models import (
     CreateSandbox,
@@ -351,11 +353,14 @@ def create_app(
         metrics.error(code)
         return error_response(status, code, message)
 
+    mcp = McpHttp(registry)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.ensure_future(registry.sweep_forever())
         try:
-            yield
+            async with mcp.run():  # MCP sessions end (their sandboxes killed) first
+                yield
         finally:
             sweeper.cancel()
             await registry.close()
@@ -598,6 +603,9 @@ def create_app(
     async def make_dir(sandbox_id: str, path: GuestPath, key: Caller) -> PathOut:
         await registry.get(key.id, sandbox_id).live().files.make_dir(path)
         return PathOut(path=resolve_guest_path(path))
+
+    # MCP over streamable HTTP (mcp.py): behind the Guard like every route
+    app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
 
     app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app
