@@ -31,6 +31,7 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -663,28 +664,40 @@ class McpHttp:
 
 
 async def serve_stdio(provider: str | None = None) -> None:
-    """``novasandbox mcp``: the tools over stdin and stdout until stdin closes (or
-    SIGTERM, SIGINT); then every sandbox made through them is killed."""
+    """``novasandbox mcp``: the tools over stdin and stdout until stdin closes, then
+    every sandbox made through them is killed. On SIGTERM or SIGINT the sandboxes are
+    killed and the process exits at once (status 0): the SDK reads stdin in a thread
+    that nothing can interrupt, so waiting for it would wait for the client."""
     registry = Registry(provider)
     tools = McpTools(registry, local=True)
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    sweeper = asyncio.ensure_future(registry.sweep_forever())
-    try:
+        loop.add_signal_handler(sig, stop.set)
+
+    async def serve() -> None:
         async with stdio_server() as (read_stream, write_stream):
             await tools.server.run(
                 read_stream, write_stream, tools.server.create_initialization_options()
             )
-    except asyncio.CancelledError:
-        log.info("stopping on a signal")
+
+    sweeper = asyncio.ensure_future(registry.sweep_forever())
+    serving = asyncio.ensure_future(serve())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         sweeper.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        stopping.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the kills
+            loop.add_signal_handler(sig, lambda: None)
         await registry.close()
+    if serving.done():
+        serving.result()  # its error, if it failed
+        return
+    log.info("stopped on a signal; the sandboxes were killed")
+    logging.shutdown()
+    os._exit(0)
 
 
 __all__ = [
