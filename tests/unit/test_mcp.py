@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mcp import Client
+from mcp import Client, MCPError
 
 from novasandbox.records import sandboxes_dir
 from tests.mcp_support import check_tools, exercise, fails, http_client, ok, stdio_params
@@ -54,6 +54,16 @@ def test_stdio_tools_and_the_session_sandbox_dies_with_the_session(tmp_path: Pat
             await ok(client, "kill_sandbox", {"sandbox_id": session})
             r = await ok(client, "run_command", {"command": "true"})
             assert r["sandbox_id"] not in (session, other)
+            # a call the client abandons (its timeout) is cancelled: so is its command
+            marker = where / "marker"
+            with pytest.raises(MCPError):
+                await client.call_tool(
+                    "run_command",
+                    {"command": f"echo $$ > {where}/pid; sleep 3; touch {marker}"},
+                    read_timeout_seconds=1.0,
+                )
+            await asyncio.sleep(4)
+            assert (where / "pid").exists() and not marker.exists()
             kept = await ok(client, "create_sandbox", {})  # left for the end of the session
             assert sorted(entries(state)) == sorted([r["sandbox_id"], kept["sandbox_id"]])
             return r["sandbox_id"], kept["sandbox_id"]
@@ -178,8 +188,18 @@ def test_http_session_sandbox_is_the_keys_and_dies_with_the_session(setup: Setup
     assert setup.listed(setup.alice) == {}
 
 
+def metric(setup: Setup, line_start: str) -> float:
+    for line in setup.alice.get("/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {line_start}")
+
+
 def test_http_sessionless_clients_pass_a_sandbox_id(setup: Setup) -> None:
-    """The SDK's default client speaks the 2026-07-28 revision: no MCP session."""
+    """The SDK's default client speaks the 2026-07-28 revision: no MCP session. Creates
+    and commands count in the server's metrics."""
+    creates = 'novasandbox_sandbox_creates_total{outcome="ok"}'
+    before = metric(setup, creates), metric(setup, "novasandbox_commands_total")
 
     async def main() -> None:
         async with http_client(setup.url, setup.alice_key, mode="auto") as client:
@@ -195,3 +215,6 @@ def test_http_sessionless_clients_pass_a_sandbox_id(setup: Setup) -> None:
 
     asyncio.run(main())
     assert setup.listed(setup.alice) == {}
+    after = metric(setup, creates), metric(setup, "novasandbox_commands_total")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert 'route="/mcp"' in setup.alice.get("/metrics").text

@@ -353,7 +353,7 @@ def create_app(
         metrics.error(code)
         return error_response(status, code, message)
 
-    mcp = McpHttp(registry)
+    mcp = McpHttp(registry, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 import mcp_types as types
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -60,6 +61,7 @@ from ..errors import (
     SandboxNotRunning,
 )
 from ..sandbox import DEFAULT_LIFETIME, AsyncSandbox
+from .metrics import Metrics
 from .registry import Owned, Registry
 
 log = logging.getLogger("novasandbox.server.mcp")
@@ -389,9 +391,13 @@ class McpTools:
     owner ``LOCAL_OWNER`` and the process is the session; otherwise (HTTP) the owner is
     the request's API key and the session is the MCP session of the connection."""
 
-    def __init__(self, registry: Registry, *, local: bool = False) -> None:
+    def __init__(
+        self, registry: Registry, *, local: bool = False, metrics: Metrics | None = None
+    ) -> None:
         self.registry = registry
         self.local = local
+        self.metrics = metrics
+        """Where creates and commands are counted (the server's), if anywhere."""
         self.process_scope = SessionScope(LOCAL_OWNER) if local else None
         self.server: Server[Any] = Server(
             "novasandbox",
@@ -480,9 +486,10 @@ class McpTools:
                 if sb is not None:
                     await self._keep_alive(sb)
                     return sb
-            owned = await self.registry.create(
-                owner, SESSION_LABELS, template="python", timeout=SESSION_LIFETIME
-            )
+            with self._creating():
+                owned = await self.registry.create(
+                    owner, SESSION_LABELS, template="python", timeout=SESSION_LIFETIME
+                )
             if scope.closed:  # the session ended while it started
                 await self.registry.kill(owner, owned.id)
                 raise SandboxNotRunning("the MCP session has ended")
@@ -510,6 +517,13 @@ class McpTools:
             )
         return owned
 
+    def _command_error(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.command_error(code)
+
+    def _creating(self) -> contextlib.AbstractContextManager[None]:
+        return self.metrics.creating_one() if self.metrics is not None else contextlib.nullcontext()
+
     @staticmethod
     async def _keep_alive(sb: AsyncSandbox) -> None:
         deadline = sb.deadline
@@ -535,17 +549,18 @@ class McpTools:
     async def _create_sandbox(
         self, a: CreateSandboxInput, owner: str, ctx: ServerRequestContext[Any, Any]
     ) -> SandboxCreated:
-        owned = await self.registry.create(
-            owner,
-            CREATED_LABELS,
-            template=a.template,
-            timeout=a.timeout_seconds,
-            network=a.network,
-            allow=a.allow,
-            env=a.env,
-            vcpus=a.vcpus,
-            memory_mib=a.memory_mib,
-        )
+        with self._creating():
+            owned = await self.registry.create(
+                owner,
+                CREATED_LABELS,
+                template=a.template,
+                timeout=a.timeout_seconds,
+                network=a.network,
+                allow=a.allow,
+                env=a.env,
+                vcpus=a.vcpus,
+                memory_mib=a.memory_mib,
+            )
         sb = owned.sandbox
         return SandboxCreated(sandbox_id=sb.id, template=sb.template, expires_at=sb.deadline)
 
@@ -553,14 +568,32 @@ class McpTools:
         self, a: RunCommandInput, owner: str, ctx: ServerRequestContext[Any, Any]
     ) -> CommandOutput:
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
-        r = await sb.commands.run(
-            a.command,
-            env=a.env,
-            cwd=a.cwd,
-            stdin=a.stdin,
-            timeout=a.timeout_seconds,
-            max_output=a.max_output_bytes,
-        )
+        try:
+            handle = await sb.commands.start(
+                a.command,
+                env=a.env,
+                cwd=a.cwd,
+                stdin=a.stdin,
+                timeout=a.timeout_seconds,
+                max_output=a.max_output_bytes,
+            )
+        except NovaSandboxError as exc:
+            self._command_error(exc.code)
+            raise
+        if self.metrics is not None:
+            self.metrics.commands.inc()
+        try:
+            r = await handle.wait()
+        except (asyncio.CancelledError, anyio.get_cancelled_exc_class()):
+            # the call was cancelled (by the client, or its session ended): so is the command
+            with anyio.CancelScope(shield=True), contextlib.suppress(NovaSandboxError):
+                await handle.kill()
+            raise
+        except CommandTimeout:
+            raise
+        except NovaSandboxError as exc:
+            self._command_error(exc.code)
+            raise
         return CommandOutput(
             sandbox_id=sb.id,
             exit_code=r.exit_code,
@@ -642,8 +675,8 @@ class McpHttp:
     be used with the key that opened it (the SDK answers 404 to any other). ``run`` is
     the session manager's lifespan: the app's lifespan enters it."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.tools = McpTools(registry)
+    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
+        self.tools = McpTools(registry, metrics=metrics)
         self.manager = StreamableHTTPSessionManager(
             app=self.tools.server,
             security_settings=None,  # no Host/Origin checks: every request needs the key
