@@ -17,6 +17,8 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, ListToolsResult, TextContent
 
+from novasandbox.server.mcp import MAX_OUTPUT, MAX_READ
+
 TOOL_NAMES = {
     "create_sandbox",
     "run_command",
@@ -92,7 +94,7 @@ def check_tools(listed: ListToolsResult) -> None:
     assert run["properties"]["command"]["type"] == "string"
     assert run["properties"]["timeout_seconds"]["type"] == "number"
     assert run["properties"]["max_output_bytes"]["type"] == "integer"
-    assert run["properties"]["max_output_bytes"]["maximum"] == 1 << 20
+    assert run["properties"]["max_output_bytes"]["maximum"] == MAX_OUTPUT
     assert tools["kill_sandbox"].input_schema["required"] == ["sandbox_id"]
     assert set(tools["write_file"].input_schema["required"]) == {"path", "content"}
     assert tools["read_file"].annotations is not None
@@ -137,6 +139,30 @@ async def exercise(client: Client, where: str, sandbox_id: str | None = None) ->
         {"command": "head -c 100000 /dev/zero | tr '\\0' a", "max_output_bytes": 1000, **pick},
     )
     assert r["stdout"] == "a" * 1000 and r["stdout_truncated_bytes"] == 99000
+
+    # the largest results pass the SDK client's limits (1 MiB per event over HTTP)
+    r = await ok(
+        client,
+        "run_command",
+        {
+            "command": f"head -c {MAX_OUTPUT + 5} /dev/zero | tr '\\0' a | tee /dev/stderr",
+            "max_output_bytes": MAX_OUTPUT,
+            **pick,
+        },
+    )
+    assert r["stdout"] == r["stderr"] == "a" * MAX_OUTPUT
+    assert r["stdout_truncated_bytes"] == r["stderr_truncated_bytes"] == 5
+    await ok(
+        client,
+        "run_command",
+        {"command": f"mkdir -p {where}; head -c {MAX_READ} /dev/urandom > {where}/big", **pick},
+    )
+    rd = await ok(
+        client,
+        "read_file",
+        {"path": f"{where}/big", "encoding": "base64", "max_bytes": MAX_READ, **pick},
+    )
+    assert len(base64.b64decode(rd["content"])) == MAX_READ
 
     # files: text, binary (base64), listing
     w = await ok(

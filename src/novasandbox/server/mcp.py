@@ -68,11 +68,13 @@ log = logging.getLogger("novasandbox.server.mcp")
 
 KiB = 1 << 10
 MiB = 1 << 20
-DEFAULT_MAX_OUTPUT = 64 * KiB
+# A result is sent twice (its JSON as text for the model, and as structured content), and
+# the SDK's HTTP client takes events of at most 1 MiB: the largest results stay under it.
+DEFAULT_MAX_OUTPUT = 32 * KiB
 """Bytes of each of stdout and stderr ``run_command`` returns unless asked otherwise."""
-MAX_OUTPUT = 1 * MiB
-DEFAULT_MAX_READ = 256 * KiB
-MAX_READ = 1 * MiB
+MAX_OUTPUT = 192 * KiB
+DEFAULT_MAX_READ = 128 * KiB
+MAX_READ = 256 * KiB
 MAX_WRITE = 2 * MiB
 """Largest ``write_file`` content (bytes, once decoded); the HTTP body limit is 4 MiB."""
 MAX_ENTRIES = 1000
@@ -531,9 +533,10 @@ class McpTools:
             await sb.set_timeout(SESSION_LIFETIME)
 
     async def end_session(self, scope: SessionScope) -> None:
-        """Kill the session's sandbox (the session ended)."""
+        """Kill the session's sandbox (the session ended). One being made now is killed
+        by its maker when it is ready."""
+        scope.closed = True
         async with scope.lock:
-            scope.closed = True
             sandbox_id, scope.sandbox_id = scope.sandbox_id, None
         if sandbox_id is None:
             return
