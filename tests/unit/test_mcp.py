@@ -89,6 +89,10 @@ class Setup:
     def listed(self, client: httpx.Client) -> dict[str, dict[str, object]]:
         return {sb["id"]: sb for sb in client.get("/v1/sandboxes").json()["sandboxes"]}
 
+    def running(self, client: httpx.Client) -> list[str]:
+        """The ids listed that did not end (ones that ended on their own stay listed)."""
+        return [i for i, sb in self.listed(client).items() if sb["state"] != "killed"]
+
     def close(self) -> None:
         self.alice.close()
         self.bob.close()
@@ -179,13 +183,24 @@ def test_http_session_sandbox_is_the_keys_and_dies_with_the_session(setup: Setup
             assert session in setup.listed(setup.alice)
             r = setup.alice.delete(f"/v1/sandboxes/{made['sandbox_id']}")
             assert r.status_code == 204
-            return session
+
+            # the session's sandbox reaches the end of its lifetime: said once, then a new one
+            r = setup.alice.put(f"/v1/sandboxes/{session}/timeout", json={"timeout": 0.2})
+            assert r.status_code == 200, r.text
+            for _ in iter_wait("the session sandbox expired"):
+                if setup.listed(setup.alice)[session]["state"] == "killed":
+                    break
+            said = await fails(client, "run_command", {"command": "true"}, "sandbox-expired")
+            assert "new session sandbox" in said
+            r = await ok(client, "run_command", {"command": "true"})
+            assert r["sandbox_id"] != session
+            return str(r["sandbox_id"])
 
     session = asyncio.run(main())
     for _ in iter_wait("the session sandbox killed when the session ended"):
         if session not in setup.listed(setup.alice):
             break
-    assert setup.listed(setup.alice) == {}
+    assert setup.running(setup.alice) == []
 
 
 def metric(setup: Setup, line_start: str) -> float:
@@ -214,7 +229,7 @@ def test_http_sessionless_clients_pass_a_sandbox_id(setup: Setup) -> None:
             await ok(client, "kill_sandbox", {"sandbox_id": sid})
 
     asyncio.run(main())
-    assert setup.listed(setup.alice) == {}
+    assert setup.running(setup.alice) == []
     after = metric(setup, creates), metric(setup, "novasandbox_commands_total")
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
     assert 'route="/mcp"' in setup.alice.get("/metrics").text

@@ -514,9 +514,9 @@ class McpTools:
         error = owned.ended_error()
         if error is not None:
             scope.sandbox_id = None
-            raise type(error)(
-                f"{error.message}; the next call without sandbox_id makes a new session sandbox"
-            )
+            error.message += "; the next call without sandbox_id makes a new session sandbox"
+            error.args = (error.message,)
+            raise error
         return owned
 
     def _command_error(self, code: str) -> None:
