@@ -81,7 +81,7 @@ class Setup:
         self.bob_key = make_key(self.state, "bob")
         env = {**os.environ, **INPROCESS}
         env.pop("NOVASANDBOX_STATE_DIR", None)
-        self.server = Server(self.state, env=env)
+        self.server = Server(self.state, "--log-level", "debug", env=env)
         self.url = self.server.url
         self.alice = self.server.client(self.alice_key)
         self.bob = self.server.client(self.bob_key)
@@ -148,6 +148,11 @@ def test_http_session_sandbox_is_the_keys_and_dies_with_the_session(setup: Setup
         async with http_client(setup.url, setup.alice_key) as client:
             check_tools(await client.list_tools())
             session = await exercise(client, where)
+            secret = {"path": f"{where}/secret", "content": "file-data-never-logged"}
+            await ok(client, "write_file", secret)
+            r = await ok(
+                client, "run_command", {"command": "true", "env": {"T": "env-never-logged"}}
+            )
             mine = setup.listed(setup.alice)
             assert mine[session]["labels"] == {"mcp": "session"}
             assert mine[session]["state"] == "running"
@@ -201,6 +206,10 @@ def test_http_session_sandbox_is_the_keys_and_dies_with_the_session(setup: Setup
         if session not in setup.listed(setup.alice):
             break
     assert setup.running(setup.alice) == []
+    logged = setup.server.log()  # at debug level
+    assert "mcp" in logged and "tool failed" in logged
+    for never in ("file-data-never-logged", "env-never-logged", setup.alice_key, setup.bob_key):
+        assert never not in logged
 
 
 def metric(setup: Setup, line_start: str) -> float:
