@@ -775,6 +775,22 @@ def serve(
     )
 
 
+@main.command("mcp")
+@handle_errors
+def mcp_command() -> None:
+    """Serve MCP (Model Context Protocol) tools for AI agents over stdin and stdout:
+    create_sandbox, run_command, write_file, read_file, list_files, kill_sandbox. The
+    agent starts this command as its MCP server (command "novasandbox", args ["mcp"]).
+    Without a sandbox_id the tools use one sandbox of this process, made on first use;
+    every sandbox made here is killed when stdin closes (or on SIGTERM). The same tools
+    are served by 'novasandbox serve' at /mcp (streamable HTTP, with an API key)."""
+    import asyncio
+
+    from .server.mcp import serve_stdio
+
+    asyncio.run(serve_stdio())
+
+
 # --- the template cache: what it holds (doctor) and pruning what nothing uses
 
 

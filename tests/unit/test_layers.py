@@ -56,6 +56,7 @@ LAYERS: list[list[str]] = [
         "server.owners",
         "server.signed",
     ],
+    ["server.mcp"],
     ["server.app"],
     ["server.serve"],
     ["cli"],

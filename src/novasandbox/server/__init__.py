@@ -6,6 +6,8 @@ event loop) on behalf of API keys and serves them over HTTP.
 - ``registry``: the sandboxes it owns, by owner;
 - ``streams``: bodies sent while they are made (command events as NDJSON, downloads);
 - ``metrics``: its Prometheus metrics (a registry per app);
+- ``mcp``: MCP tools for AI agents over a registry (stdio for ``novasandbox mcp``,
+  streamable HTTP at ``/mcp``);
 - ``app``: the FastAPI application (routes, authentication, errors);
 - ``serve``: uvicorn, binding rules, structured logs, a clean stop.
 

@@ -24,6 +24,7 @@ it: absolute, or relative to /root):
     GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
     POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
     GET    /metrics                           Prometheus text format (metrics.py)
+    *      /mcp                               MCP over streamable HTTP (mcp.py)
 
 Snapshots and forks (a snapshot belongs to the key that made it, like a sandbox):
 
@@ -69,7 +70,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -109,6 +110,7 @@ from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
 from ..snapshots import Snapshot
 from .keys import ApiKey, KeyStore
+from .mcp import McpHttp
 from .metrics import CONTENT_TYPE, Metrics, route_template
 from .models import (
     CreateSandbox,
@@ -413,12 +415,15 @@ def create_app(
         metrics.error(code)
         return error_response(status, code, message)
 
+    mcp = McpHttp(registry, metrics)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.adopt_all()  # what the last run left (restarts.)
         sweeper = asyncio.ensure_future(registry.sweep_forever())
         try:
-            yield
+            async with mcp.run():  # MCP sessions end (their sandboxes killed) first
+                yield
         finally:
             sweeper.cancel()
             await registry.close()
@@ -785,6 +790,8 @@ def create_app(
         """Download (a URL from `download-url`; no API key)."""
         k = signed_key("GET", sandbox_id, path, owner, expires, signature)
         return await download(sandbox_id, path, k, DEFAULT_FILE_TIMEOUT)
+    # MCP over streamable HTTP (mcp.py): behind the Guard like every route
+    app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
 
     app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app
