@@ -790,6 +790,7 @@ def create_app(
         """Download (a URL from `download-url`; no API key)."""
         k = signed_key("GET", sandbox_id, path, owner, expires, signature)
         return await download(sandbox_id, path, k, DEFAULT_FILE_TIMEOUT)
+
     # MCP over streamable HTTP (mcp.py): behind the Guard like every route
     app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
 
