@@ -11,6 +11,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   └── TemplateBuildError          template-build-failed
     ├── HostToolMissing                 host-tool-missing
     ├── AuthenticationError             unauthorized
+    ├── ServerBusy                      server-busy
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
     │   ├── NetworkError                network-error
@@ -129,6 +130,13 @@ class AuthenticationError(NovaSandboxError):
     """A request to the server without a valid API key (HTTP 401)."""
 
     code = "unauthorized"
+
+
+class ServerBusy(NovaSandboxError):
+    """The server refused a request it cannot take now (too many sandboxes, creates or
+    requests at once): HTTP 503 with ``Retry-After``; nothing was changed."""
+
+    code = "server-busy"
 
 
 class ProviderError(NovaSandboxError):

@@ -53,6 +53,7 @@ LAYERS: list[list[str]] = [
         "server.registry",
         "server.streams",
         "server.metrics",
+        "server.admission",
     ],
     ["server.app"],
     ["server.serve"],

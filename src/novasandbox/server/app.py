@@ -45,7 +45,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -80,6 +80,7 @@ from ..errors import (
     SandboxNotFound,
     SandboxNotRunning,
     SandboxPermissionError,
+    ServerBusy,
     SnapshotError,
     SnapshotNotFound,
     TemplateError,
@@ -88,6 +89,7 @@ from ..errors import (
 )
 from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
+from .admission import Admission, Limits, RequestLimit
 from .keys import ApiKey, KeyStore
 from .metrics import CONTENT_TYPE, Metrics, route_template
 from .models import (
@@ -105,7 +107,7 @@ from .models import (
     check_labels,
     parse_label_filter,
 )
-from .registry import Registry, ShuttingDown
+from .registry import ENDED_STATES, Registry, ShuttingDown
 from .streams import NDJSON, CommandStream, Streamed, error_body
 
 log = logging.getLogger("novasandbox.server")
@@ -134,6 +136,7 @@ ERROR_STATUS: dict[type[NovaSandboxError], int] = {
     SandboxNotRunning: 409,
     ShuttingDown: 503,
     PoolClosed: 503,
+    ServerBusy: 503,
     AgentError: 502,
     AgentTimeout: 504,
     CommandError: 409,
@@ -159,6 +162,8 @@ class Settings:
     """Largest upload or download (bytes)."""
     max_json_bytes: int = 16 << 20
     """Largest JSON request body (bytes)."""
+    limits: Limits = field(default_factory=Limits.default)
+    """Admission control: sandboxes, creates and requests at once (admission.py)."""
 
 
 class ApiError(HTTPException):
@@ -317,7 +322,8 @@ Seconds = Annotated[
     float, Query(allow_inf_nan=False, description="Seconds the whole transfer may take.")
 ]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut} for status in (401, 404, 409, 413, 422, 502, 503)
+    status: {"model": ErrorOut}
+    for status in (400, 401, 403, 404, 409, 413, 422, 502, 503, 504, 507)
 }
 
 
@@ -373,6 +379,13 @@ def create_app(
 
     app.state.metrics = metrics
 
+    def alive() -> int:
+        return sum(n for state, n in registry.states().items() if state not in ENDED_STATES)
+
+    admission = Admission(settings.limits, alive)
+    app.state.admission = admission
+    create_sandbox = admission.limit(registry.create)
+
     @app.exception_handler(NovaSandboxError)
     async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
         return failed(status_of(exc), exc.code, exc.message)
@@ -418,7 +431,7 @@ def create_app(
     async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
         labels = check_labels(body.labels)
         with metrics.creating_one():
-            owned = await registry.create(
+            owned = await create_sandbox(
                 key.id,
                 labels,
                 template=body.template,
@@ -599,6 +612,12 @@ def create_app(
         await registry.get(key.id, sandbox_id).live().files.make_dir(path)
         return PathOut(path=resolve_guest_path(path))
 
+    app.add_middleware(
+        RequestLimit,
+        admission=admission,
+        refuse=lambda busy: failed(503, busy.code, busy.message),
+        open_paths=OPEN_PATHS,
+    )
     app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app
 
