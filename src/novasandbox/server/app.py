@@ -327,6 +327,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+RAW_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+"""The upload's body as the OpenAPI description has it: raw bytes (FastAPI cannot see
+a body read from the request's stream)."""
+
+
 def _entry(e: EntryInfo) -> EntryOut:
     return EntryOut(name=e.name, path=e.path, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)
 
@@ -526,7 +536,7 @@ def create_app(
 
     # --- files
 
-    @app.put("/v1/sandboxes/{sandbox_id}/files", tags=["files"])
+    @app.put("/v1/sandboxes/{sandbox_id}/files", tags=["files"], openapi_extra=RAW_BODY)
     async def upload(
         sandbox_id: str,
         path: GuestPath,
