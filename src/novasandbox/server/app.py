@@ -563,9 +563,16 @@ def create_app(
                 if chunk:
                     yield chunk
 
-        size = await write_stream(
-            sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
-        )
+        try:
+            size = await write_stream(
+                sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
+            )
+        except FileTooLarge:
+            # over the bound mid-stream: the guest wrote what came before; a refused
+            # upload leaves no partial file behind
+            with contextlib.suppress(NovaSandboxError):
+                await sb.files.remove(path)
+            raise
         return Written(path=resolve_guest_path(path), size=size)
 
     @app.get(
