@@ -323,26 +323,36 @@ def main() -> int:
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--sandboxes", type=int, default=50)
+    parser.add_argument(
+        "--parts",
+        default="create,memory,commands",
+        help="which measurements, comma-separated (create, memory, commands)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("-v", action="store_true")
     args = parser.parse_args()
     setup_logging(args.v)
+    host = host_info()
     loop = asyncio.new_event_loop()
     started = time.monotonic()
     served = Served("--max-sandboxes", str(max(args.sandboxes, 2)))
     try:
         metrics: dict[str, Any] = {"server_memory_fresh": {"unit": "MiB", **served.memory_mib()}}
-        log.info("create -> first output, remote and in-process, %d pairs", args.runs)
-        metrics |= bench_create(served, loop, args.runs)
-        log.info("memory with up to %d sandboxes", args.sandboxes)
-        metrics |= bench_memory(served, args.sandboxes)
-        log.info("commands per second (%d commands)", args.commands)
-        metrics |= bench_commands(served, loop, args.commands, args.concurrency)
+        parts = set(args.parts.split(","))
+        if "create" in parts:
+            log.info("create -> first output, remote and in-process, %d pairs", args.runs)
+            metrics |= bench_create(served, loop, args.runs)
+        if "memory" in parts:
+            log.info("memory with up to %d sandboxes", args.sandboxes)
+            metrics |= bench_memory(served, args.sandboxes)
+        if "commands" in parts:
+            log.info("commands per second (%d commands)", args.commands)
+            metrics |= bench_commands(served, loop, args.commands, args.concurrency)
     finally:
         served.close()
         loop.close()
     report = {
-        "host": host_info(),
+        "host": host | {"loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "params": vars(args) | {"out": str(args.out)},
         "metrics": metrics,
         "total_wall_s": round(time.monotonic() - started, 1),
