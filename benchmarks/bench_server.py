@@ -259,12 +259,16 @@ def bench_commands(
                 await sb.commands.run(["true"])
             t0 = time.monotonic()
             for _ in range(count):
+                t = time.monotonic()
                 await sb.commands.run(["true"])
+                each.append((time.monotonic() - t) * 1000)
             return count / (time.monotonic() - t0)
         finally:
             await sb.kill()
 
+    each: list[float] = []
     rate = loop.run_until_complete(inprocess())
+    metrics["inprocess_command_true_ms"] = summarize(each, "ms")
     metrics["inprocess_commands_per_s_sequential"] = {"unit": "1/s", "value": round(rate, 1)}
     return metrics
 
