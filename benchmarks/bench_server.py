@@ -12,8 +12,10 @@ port) and measures, over real HTTP (httpx, one keep-alive client per thread):
   ``commands.run("echo hi")`` until its first ``on_stdout``; the kill is not timed.
   ``remote_over_inprocess_p50`` is the ratio of their medians.
 - commands per second on one sandbox (``true``, argv form, the NDJSON stream read to its
-  ``exit`` event): one client in sequence, and ``--concurrency`` clients at once; the
-  in-process ``commands.run(["true"])`` in sequence for reference.
+  ``exit`` event): one client in sequence, and ``--concurrency`` clients at once (a
+  thread and a keep-alive connection each), against ``commands.run(["true"])`` in
+  process (in sequence, interleaved one by one with the remote ones; and
+  ``--concurrency`` coroutines at once).
 - memory of the server process (``/proc/PID/smaps_rollup``: RSS and PSS, MiB): idle
   (after the first sandbox was created and killed, so the imports are done), then with
   ``--sandboxes`` sandboxes alive (or the most that fit: the report says how many), with
@@ -111,6 +113,11 @@ class Served:
                 found[name.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
         return found
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         try:
             if self.proc.poll() is None:
@@ -182,7 +189,9 @@ def bench_create(served: Served, loop: asyncio.AbstractEventLoop, runs: int) -> 
             await sb.kill()
 
     with served.client() as c:
+        cpu = 0.0
         for i in range(runs + 1):  # the first pair warms up (imports, page cache)
+            cpu0 = served.cpu_s()
             t0 = time.monotonic()
             sid = create(c)
             out = run_command(c, sid, "echo hi", first=True)
@@ -191,6 +200,8 @@ def bench_create(served: Served, loop: asyncio.AbstractEventLoop, runs: int) -> 
                 raise BenchError(f"echo hi gave {out!r}")
             if c.delete(f"/v1/sandboxes/{sid}").status_code != 204:
                 raise BenchError("kill failed")
+            if i:
+                cpu += served.cpu_s() - cpu0
             here = loop.run_until_complete(inprocess())
             if i:
                 remote.append(took)
@@ -201,29 +212,45 @@ def bench_create(served: Served, loop: asyncio.AbstractEventLoop, runs: int) -> 
         "remote_create_to_first_output": r,
         "inprocess_create_to_first_output": l_,
         "remote_over_inprocess_p50": {"unit": "ratio", "value": round(r["p50"] / l_["p50"], 3)},
+        "server_cpu_per_create_run_kill": {"unit": "ms", "value": round(cpu * 1000 / runs, 1)},
     }
 
 
 def bench_commands(
     served: Served, loop: asyncio.AbstractEventLoop, count: int, concurrency: int
 ) -> dict[str, Any]:
+    """``true`` (argv) in one sandbox: remote and in-process interleaved one by one, then
+    ``concurrency`` at once each way."""
     metrics: dict[str, Any] = {}
+    sb = loop.run_until_complete(AsyncSandbox.create("python"))
     with served.client() as c:
         sid = create(c)
         try:
-            for _ in range(10):
+            for _ in range(10):  # warm-up: both paths, TCG's translation cache
                 run_command(c, sid, ["true"])
-            each = []
-            t0 = time.monotonic()
+                loop.run_until_complete(sb.commands.run(["true"]))
+            remote, local = [], []
+            cpu0 = served.cpu_s()
             for _ in range(count):
                 t = time.monotonic()
                 run_command(c, sid, ["true"])
-                each.append((time.monotonic() - t) * 1000)
-            wall = time.monotonic() - t0
-            metrics["remote_command_true_ms"] = summarize(each, "ms")
+                remote.append((time.monotonic() - t) * 1000)
+                t = time.monotonic()
+                loop.run_until_complete(sb.commands.run(["true"]))
+                local.append((time.monotonic() - t) * 1000)
+            metrics["server_cpu_per_command"] = {
+                "unit": "ms",
+                "value": round((served.cpu_s() - cpu0) * 1000 / count, 2),
+            }
+            metrics["remote_command_true_ms"] = summarize(remote, "ms")
+            metrics["inprocess_command_true_ms"] = summarize(local, "ms")
             metrics["remote_commands_per_s_sequential"] = {
                 "unit": "1/s",
-                "value": round(count / wall, 1),
+                "value": round(count / (sum(remote) / 1000), 1),
+            }
+            metrics["inprocess_commands_per_s_sequential"] = {
+                "unit": "1/s",
+                "value": round(count / (sum(local) / 1000), 1),
             }
             errors: list[BaseException] = []
             per = max(1, count // concurrency)
@@ -249,27 +276,24 @@ def bench_commands(
                 "unit": "1/s",
                 "value": round(per * concurrency / wall, 1),
             }
+
+            async def local_workers() -> float:
+                async def one() -> None:
+                    for _ in range(per):
+                        await sb.commands.run(["true"])
+
+                t0 = time.monotonic()
+                await asyncio.gather(*(one() for _ in range(concurrency)))
+                return time.monotonic() - t0
+
+            wall = loop.run_until_complete(local_workers())
+            metrics[f"inprocess_commands_per_s_concurrency{concurrency}"] = {
+                "unit": "1/s",
+                "value": round(per * concurrency / wall, 1),
+            }
         finally:
             c.delete(f"/v1/sandboxes/{sid}")
-
-    async def inprocess() -> float:
-        sb = await AsyncSandbox.create("python")
-        try:
-            for _ in range(10):
-                await sb.commands.run(["true"])
-            t0 = time.monotonic()
-            for _ in range(count):
-                t = time.monotonic()
-                await sb.commands.run(["true"])
-                each.append((time.monotonic() - t) * 1000)
-            return count / (time.monotonic() - t0)
-        finally:
-            await sb.kill()
-
-    each: list[float] = []
-    rate = loop.run_until_complete(inprocess())
-    metrics["inprocess_command_true_ms"] = summarize(each, "ms")
-    metrics["inprocess_commands_per_s_sequential"] = {"unit": "1/s", "value": round(rate, 1)}
+            loop.run_until_complete(sb.kill())
     return metrics
 
 
