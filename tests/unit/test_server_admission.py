@@ -69,6 +69,36 @@ def test_creates_beyond_the_start_slots_queue_then_are_refused() -> None:
     asyncio.run(main())
 
 
+def test_a_create_cancelled_while_queued_gives_back_its_place() -> None:
+    async def main() -> None:
+        admission = Admission(Limits(max_sandboxes=10, max_starting=1), alive=lambda: 0)
+        release = asyncio.Event()
+
+        async def create() -> None:
+            async with admission.create():
+                await release.wait()
+
+        holder = asyncio.ensure_future(create())
+        await asyncio.sleep(0)
+        queued = asyncio.ensure_future(create())
+        await asyncio.sleep(0)
+        assert (admission.starting, admission.queued) == (2, 1)
+        release.set()  # the slot comes free while the queued one is cancelled
+        queued.cancel()
+        await holder
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert (admission.starting, admission.queued) == (0, 0)
+        release.clear()
+        first = asyncio.ensure_future(create())
+        await asyncio.sleep(0)
+        assert admission.starting == 1 and admission.queued == 0  # the slot was not lost
+        release.set()
+        await first
+
+    asyncio.run(main())
+
+
 def test_the_sandbox_bound_counts_the_creates_in_flight() -> None:
     async def main() -> None:
         alive = [1]

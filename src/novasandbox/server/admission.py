@@ -111,7 +111,9 @@ class Admission:
             if waiting:
                 self.queued += 1
                 try:
-                    await asyncio.wait_for(self._slots.acquire(), limits.max_queue_wait)
+                    # (not wait_for: on 3.11 it can lose a slot it acquired when cancelled)
+                    async with asyncio.timeout(limits.max_queue_wait):
+                        await self._slots.acquire()
                 except TimeoutError:
                     raise self._refuse(
                         f"no start slot came free in {limits.max_queue_wait:g} s"
