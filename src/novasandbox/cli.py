@@ -739,6 +739,27 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     help="What SIGTERM/SIGINT does with the sandboxes: kill them, or keep them running "
     "for the next start (which adopts them).",
 )
+@click.option(
+    "--max-sandboxes",
+    type=click.IntRange(1),
+    default=None,
+    help="Sandboxes alive at once; more creates get 503 server-busy.  [default: one per "
+    "256 MiB of host memory]",
+)
+@click.option(
+    "--max-starting",
+    type=click.IntRange(1),
+    default=None,
+    help="Creates running at once (more wait in a short queue, then 503 server-busy).  "
+    "[default: the CPU count]",
+)
+@click.option(
+    "--max-requests",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="HTTP requests in progress at once (streams included); more get 503 server-busy.",
+)
 @handle_errors
 def serve(
     host: str,
@@ -750,12 +771,16 @@ def serve(
     log_level: str,
     max_file_mib: int,
     on_stop: str,
+    max_sandboxes: int | None,
+    max_starting: int | None,
+    max_requests: int,
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
     SIGINT kills its sandboxes (or, with --on-stop keep, leaves them running) and exits
     0. A start adopts the sandboxes the last run left running and reaps the rest. With
     --state-dir, the keys and the sandboxes' state live there."""
+    from .server.admission import Limits, default_max_sandboxes, default_max_starting
     from .server.app import Settings
     from .server.serve import serve as run_server
 
@@ -770,7 +795,14 @@ def serve(
         tls_key=tls_key,
         insecure=insecure,
         log_level=log_level,
-        settings=Settings(max_file_bytes=max_file_mib << 20),
+        settings=Settings(
+            max_file_bytes=max_file_mib << 20,
+            limits=Limits(
+                max_sandboxes=max_sandboxes or default_max_sandboxes(),
+                max_starting=max_starting or default_max_starting(),
+                max_requests=max_requests,
+            ),
+        ),
         on_stop=on_stop,
     )
 

@@ -13,6 +13,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     ├── AuthenticationError             unauthorized
     │   ├── SignatureInvalid            signature-invalid
     │   └── SignedUrlExpired            signed-url-expired
+    ├── ServerBusy                      server-busy
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
     │   ├── NetworkError                network-error
@@ -144,6 +145,13 @@ class SignedUrlExpired(AuthenticationError):
     """A signed URL of the server used after its expiry (HTTP 403)."""
 
     code = "signed-url-expired"
+
+
+class ServerBusy(NovaSandboxError):
+    """The server refused a request it cannot take now (too many sandboxes, creates or
+    requests at once): HTTP 503 with ``Retry-After``; nothing was changed."""
+
+    code = "server-busy"
 
 
 class ProviderError(NovaSandboxError):

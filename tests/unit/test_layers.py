@@ -55,6 +55,7 @@ LAYERS: list[list[str]] = [
         "server.metrics",
         "server.owners",
         "server.signed",
+        "server.admission",
     ],
     ["server.mcp"],
     ["server.app"],

@@ -492,6 +492,7 @@ def test_uploads_and_downloads_are_bounded(tmp_path: Path) -> None:
 
         r = c.put(base, params={"path": str(target)}, content=chunks())
         assert r.status_code == 413 and error_of(r)["code"] == "file-too-large"
+        assert not target.exists()  # what came before the bound was removed
         target.write_bytes(b"z" * ((1 << 20) + 1))  # a file the guest made
         r = c.get(base, params={"path": str(target)})
         assert r.status_code == 413 and error_of(r)["code"] == "file-too-large"

@@ -62,7 +62,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
@@ -98,6 +98,7 @@ from ..errors import (
     SandboxNotFound,
     SandboxNotRunning,
     SandboxPermissionError,
+    ServerBusy,
     SignatureInvalid,
     SignedUrlExpired,
     SnapshotError,
@@ -109,6 +110,7 @@ from ..errors import (
 from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
 from ..sandbox import SandboxState
 from ..snapshots import Snapshot
+from .admission import Admission, Limits, RequestLimit
 from .keys import ApiKey, KeyStore
 from .mcp import McpHttp
 from .metrics import CONTENT_TYPE, Metrics, route_template
@@ -131,7 +133,7 @@ from .models import (
     check_labels,
     parse_label_filter,
 )
-from .registry import Registry, ShuttingDown
+from .registry import ENDED_STATES, Registry, ShuttingDown
 from .signed import DEFAULT_EXPIRES, UrlSigner, check_expires
 from .streams import NDJSON, CommandStream, Streamed, error_body
 
@@ -166,6 +168,7 @@ ERROR_STATUS: dict[type[NovaSandboxError], int] = {
     SandboxNotRunning: 409,
     ShuttingDown: 503,
     PoolClosed: 503,
+    ServerBusy: 503,
     AgentError: 502,
     AgentTimeout: 504,
     CommandError: 409,
@@ -191,6 +194,8 @@ class Settings:
     """Largest upload or download (bytes)."""
     max_json_bytes: int = 16 << 20
     """Largest JSON request body (bytes)."""
+    limits: Limits = field(default_factory=Limits.default)
+    """Admission control: sandboxes, creates and requests at once (admission.py)."""
 
 
 class ApiError(HTTPException):
@@ -378,8 +383,19 @@ Seconds = Annotated[
 ]
 Expires = Annotated[int, Query(description="Seconds the URL works (at most an hour).")]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorOut} for status in (401, 403, 404, 409, 413, 422, 502, 503)
+    status: {"model": ErrorOut}
+    for status in (400, 401, 403, 404, 409, 413, 422, 502, 503, 504, 507)
 }
+
+
+RAW_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+"""The upload's body as the OpenAPI description has it: raw bytes (FastAPI cannot see
+a body read from the request's stream)."""
 
 
 def _entry(e: EntryInfo) -> EntryOut:
@@ -441,6 +457,13 @@ def create_app(
 
     app.state.metrics = metrics
 
+    def alive() -> int:
+        return sum(n for state, n in registry.states().items() if state not in ENDED_STATES)
+
+    admission = Admission(settings.limits, alive)
+    app.state.admission = admission
+    create_sandbox = admission.limit(registry.create)
+
     @app.exception_handler(NovaSandboxError)
     async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
         return failed(status_of(exc), exc.code, exc.message)
@@ -486,7 +509,7 @@ def create_app(
     async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
         labels = check_labels(body.labels)
         with metrics.creating_one():
-            owned = await registry.create(
+            owned = await create_sandbox(
                 key.id,
                 labels,
                 template=body.template,
@@ -584,7 +607,7 @@ def create_app(
 
     # --- files
 
-    @app.put("/v1/sandboxes/{sandbox_id}/files", tags=["files"])
+    @app.put("/v1/sandboxes/{sandbox_id}/files", tags=["files"], openapi_extra=RAW_BODY)
     async def upload(
         sandbox_id: str,
         path: GuestPath,
@@ -611,9 +634,16 @@ def create_app(
                 if chunk:
                     yield chunk
 
-        size = await write_stream(
-            sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
-        )
+        try:
+            size = await write_stream(
+                sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
+            )
+        except FileTooLarge:
+            # over the bound mid-stream: the guest wrote what came before; a refused
+            # upload leaves no partial file behind
+            with contextlib.suppress(NovaSandboxError):
+                await sb.files.remove(path)
+            raise
         return Written(path=resolve_guest_path(path), size=size)
 
     @app.get(
@@ -794,6 +824,12 @@ def create_app(
     # MCP over streamable HTTP (mcp.py): behind the Guard like every route
     app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
 
+    app.add_middleware(
+        RequestLimit,
+        admission=admission,
+        refuse=lambda busy: failed(503, busy.code, busy.message),
+        open_paths=OPEN_PATHS,
+    )
     app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
     return app
 
