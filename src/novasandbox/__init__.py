@@ -40,8 +40,11 @@ from .errors import (
     NotARegularFile,
     NovaSandboxError,
     PoolClosed,
+    ProcessNotFound,
     ProviderError,
     ReadOnlyFilesystem,
+    RemoteError,
+    RemoteUnsupported,
     SandboxCrashed,
     SandboxError,
     SandboxExpired,
@@ -51,6 +54,7 @@ from .errors import (
     SandboxNotRunning,
     SandboxOwned,
     SandboxPermissionError,
+    ServerUnreachable,
     SnapshotError,
     SnapshotIncompatible,
     SnapshotNotFound,
@@ -64,6 +68,7 @@ from .files import EntryInfo
 from .network import NetworkLog, NetworkMode, RefusedConnection
 from .pool import AsyncPool
 from .records import SandboxInfo
+from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
 from .sync import CommandHandle, Pool, Sandbox
@@ -104,9 +109,15 @@ __all__ = [
     "NovaSandboxError",
     "Pool",
     "PoolClosed",
+    "ProcessNotFound",
     "ProviderError",
     "ReadOnlyFilesystem",
     "RefusedConnection",
+    "RemoteCommandHandle",
+    "RemoteError",
+    "RemoteSandbox",
+    "RemoteSandboxInfo",
+    "RemoteUnsupported",
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",
@@ -119,6 +130,7 @@ __all__ = [
     "SandboxOwned",
     "SandboxPermissionError",
     "SandboxState",
+    "ServerUnreachable",
     "Snapshot",
     "SnapshotError",
     "SnapshotIncompatible",

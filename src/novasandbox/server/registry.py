@@ -125,7 +125,7 @@ class Registry:
         """A new sandbox for ``owner`` (``AsyncSandbox.create``'s ``arguments``)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        sb = await AsyncSandbox.create(provider=self.provider, **arguments)
+        sb = await AsyncSandbox._create_local(provider=self.provider, **arguments)
         if self._closing:
             await sb.kill()
             raise ShuttingDown(f"the server is shutting down: sandbox {sb.id} was killed")
