@@ -29,6 +29,7 @@ This module does not import the server (no FastAPI on the client's path).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -68,6 +69,7 @@ from .errors import (
     ServerUnreachable,
 )
 from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, EntryInfo
+from .guest.protocol import ErrorCode
 from .results import CommandResult, SandboxState
 
 ENV_SERVER = "NOVASANDBOX_SERVER"
@@ -156,7 +158,19 @@ def error_of(code: str, message: str, status: int = 0, path: str = "") -> NovaSa
         message = f"{message} [{code}]"
     error = _instance(cls, message, path)
     error.remote_code = code
+    error.agent_code = _agent_code(code, message)
     return error
+
+
+def _agent_code(code: str, message: str) -> ErrorCode | None:
+    """The guest agent's code an error stands for, as ``from_agent`` leaves it readable:
+    the code itself, or ``[CODE]`` at the end of the message where the class's is wider."""
+    if message.endswith("]") and "[" in message:
+        with contextlib.suppress(ValueError):
+            return ErrorCode(message[message.rindex("[") + 1 : -1])
+    with contextlib.suppress(ValueError):
+        return ErrorCode(code)
+    return None
 
 
 def _instance(cls: type[NovaSandboxError], message: str, path: str) -> NovaSandboxError:
@@ -386,7 +400,7 @@ class RemoteSandbox:
             "template": template,
             "vcpus": vcpus,
             "memory_mib": memory_mib,
-            "env": validate_env(env),
+            "env": dict(validate_env(env)),
             "timeout": timeout,
             "network": str(network),
             "allow": None if allow is None else list(allow),
@@ -469,6 +483,11 @@ class RemoteSandbox:
     async def refresh(self) -> None:
         """Ask the server for the sandbox's state, lifetime and labels now."""
         self._update(await self._call("GET", ""))
+
+    @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it."""
+        return self._http.server.url
 
     @property
     def labels(self) -> dict[str, str]:
@@ -809,7 +828,7 @@ class RemoteCommands:
         argv = _normalize_argv(cmd)
         if not isinstance(background, bool):
             raise ConfigError(f"background must be True or False, got {background!r}")
-        env = validate_env(env)
+        env_vars = dict(validate_env(env))
         if cwd is not None:
             cwd = resolve_guest_path(cwd, "cwd")
         timeout = validate_timeout(timeout)
@@ -820,7 +839,7 @@ class RemoteCommands:
         raw = stdin if isinstance(stdin, bytes) else None
         body: dict[str, Any] = {
             "cmd": argv,
-            "env": env,
+            "env": env_vars,
             "cwd": cwd,
             "timeout": None if timeout is None else float(timeout),
             "stdin": stdin if isinstance(stdin, str) else None,

@@ -192,6 +192,12 @@ class AsyncSandbox:
         return self._provider.name
 
     @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it: None, this process does
+        (``RemoteSandbox.server`` is its server's)."""
+        return None
+
+    @property
     def accel(self) -> str:
         """How its guest code runs ("kvm", "tcg", or the provider's own word)."""
         return self.engine.accel

@@ -327,6 +327,11 @@ class Sandbox:
     def id(self) -> str:
         return self._inner.id
 
+    @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it (None: this process does)."""
+        return self._inner.server
+
     def get_host(self, port: int) -> str:
         return self._inner.get_host(port)
 

@@ -13,6 +13,12 @@ from novasandbox.guest.protocol import ErrorCode
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def sb(sandbox: Sandbox) -> Sandbox:
+    """Every test here runs local (restored, cold) and remote (through a server)."""
+    return sandbox
+
+
 def test_20_mb_binary_round_trip(sb: Sandbox) -> None:
     blob = os.urandom(20 * 1024 * 1024)
     digest = hashlib.sha256(blob).hexdigest()
