@@ -291,7 +291,7 @@ async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
 
 async def _bytes(response: httpx.Response) -> AsyncIterator[bytes]:
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             yield chunk
     except httpx.TransportError as exc:
         raise ServerUnreachable(f"lost the connection to the NovaSandbox server: {exc}") from exc
