@@ -38,7 +38,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, NoReturn, overload
+from typing import Any, BinaryIO, Literal, NoReturn, overload
 
 import httpx
 
@@ -68,7 +68,7 @@ from .errors import (
     SandboxNotRunning,
     ServerUnreachable,
 )
-from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, EntryInfo
+from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, EntryInfo, is_reader, read_chunks
 from .guest.protocol import ErrorCode
 from .results import CommandResult, SandboxState
 
@@ -914,16 +914,22 @@ class RemoteFiles:
     async def write(
         self,
         path: str,
-        data: str | bytes,
+        data: str | bytes | BinaryIO,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
     ) -> int:
-        """``AsyncFiles.write``."""
+        """``AsyncFiles.write``: the bytes go up raw in one request, a file's streamed as
+        it is read."""
+        content: bytes | AsyncIterator[bytes]
         if isinstance(data, str):
-            data = data.encode()
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ConfigError("data must be str or bytes")
+            content = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            content = bytes(data)
+        elif is_reader(data):
+            content = read_chunks(data)
+        else:
+            raise ConfigError("data must be str, bytes or a binary file open for reading")
         path = resolve_guest_path(path)
         timeout = validate_timeout(timeout)
         params: dict[str, str] = {"path": path}
@@ -933,7 +939,7 @@ class RemoteFiles:
             params["mode"] = f"{mode:04o}"
         if timeout is not None:
             params["timeout"] = str(float(timeout))
-        reply = await self._sb._call("PUT", "/files", path=path, params=params, content=bytes(data))
+        reply = await self._sb._call("PUT", "/files", path=path, params=params, content=content)
         return int(reply["size"])
 
     @overload

@@ -7,7 +7,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast, overload
+from typing import Any, BinaryIO, Literal, TypeVar, cast, overload
 
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -187,7 +187,7 @@ class Files:
     def write(
         self,
         path: str,
-        data: str | bytes,
+        data: str | bytes | BinaryIO,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
