@@ -198,6 +198,15 @@ class AsyncSandbox:
         return None
 
     @property
+    def labels(self) -> dict[str, str]:
+        """What a server keeps with its sandboxes; a local one has none."""
+        return {}
+
+    async def refresh(self) -> None:
+        """Nothing to do: a local sandbox's state is always current (a remote one asks
+        its server)."""
+
+    @property
     def accel(self) -> str:
         """How its guest code runs ("kvm", "tcg", or the provider's own word)."""
         return self.engine.accel

@@ -332,6 +332,15 @@ class Sandbox:
         """The URL of the server that owns it (None: this process does)."""
         return self._inner.server
 
+    @property
+    def labels(self) -> dict[str, str]:
+        return self._inner.labels
+
+    def refresh(self) -> None:
+        _Portal.call(self._inner.refresh())
+
+    refresh.__doc__ = RemoteSandbox.refresh.__doc__
+
     def get_host(self, port: int) -> str:
         return self._inner.get_host(port)
 

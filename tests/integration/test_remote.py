@@ -72,6 +72,15 @@ def test_connect_from_another_process_and_list_by_labels(remote_server: RemoteSe
     assert done.stdout == f"hello {tag}\n"
     # the sandbox outlived that client
     assert sb.files.read("/tmp/from-child") == "child was here"
+    assert sb.labels == {"suite": "remote", "run": tag}
+    # another client pauses it: this one learns it when it asks
+    with remote_server.server.client(remote_server.key) as c:
+        assert c.post(f"/v1/sandboxes/{sb.id}/pause").status_code == 200
+    assert sb.state is SandboxState.RUNNING  # as last seen
+    sb.refresh()
+    assert sb.state is SandboxState.PAUSED
+    sb.resume()
+    assert sb.state is SandboxState.RUNNING
 
     kw: dict[str, Any] = {"server": remote_server.url, "api_key": remote_server.key}
     listed = Sandbox.list(labels={"run": tag}, **kw)
