@@ -203,6 +203,8 @@ class _Http:
             base_url=server.url,
             headers={"Authorization": f"Bearer {server.api_key}"},
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+            # every running command holds a connection (its stream): no pool limit
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
             follow_redirects=False,
         )
 
@@ -252,6 +254,8 @@ class _Streaming:
 
     async def __aenter__(self) -> httpx.Response:
         method, url = self._args
+        if self._http._client.is_closed:
+            raise RemoteError("this client of the sandbox was closed: connect to it again")
         self._cm = self._http._client.stream(method, url, **self._kwargs)
         try:
             response: httpx.Response = await self._cm.__aenter__()
@@ -562,9 +566,9 @@ class RemoteSandbox:
             await self._http.call("DELETE", self._base)
         except (errors.SandboxNotFound, SandboxNotRunning):
             pass  # ended meanwhile, or forgotten by the server: killed either way
-        finally:
-            self._killed = True
-            await self._http.aclose()
+        # (any other error, ServerUnreachable say, leaves it as it was: call kill again)
+        self._killed = True
+        await self._http.aclose()
 
     async def close(self) -> None:
         """Drop this client's connection; the sandbox runs on (``connect`` again)."""

@@ -246,3 +246,32 @@ def test_a_server_nobody_listens_on_is_unreachable() -> None:
     with pytest.raises(ServerUnreachable) as info:
         asyncio.run(AsyncSandbox.list(server=f"http://127.0.0.1:{port}", api_key="k"))
     assert info.value.code == "server-unreachable"
+
+
+def _offline_sandbox() -> RemoteSandbox:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    http = _Http(Server("http://test", "k"))
+    http._client = httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(refuse))
+    return RemoteSandbox(http, RemoteSandboxInfo.from_json(INFO))
+
+
+def test_a_kill_that_did_not_reach_the_server_can_be_retried() -> None:
+    sb = _offline_sandbox()
+    with pytest.raises(ServerUnreachable):
+        asyncio.run(sb.kill())
+    assert sb.state.value == "running"  # not killed: kill again later
+
+
+def test_a_closed_or_killed_client_says_so_without_a_request() -> None:
+    async def main() -> None:
+        sb = _offline_sandbox()
+        await sb.close()
+        with pytest.raises(RemoteError, match="closed"):
+            await sb.files.exists("/tmp")
+        sb._killed = True
+        with pytest.raises(errors.SandboxNotRunning):
+            await sb.commands.run("true")
+
+    asyncio.run(main())
