@@ -643,6 +643,10 @@ def _replace(info: RemoteSandboxInfo, **changes: Any) -> RemoteSandboxInfo:
 # --------------------------------------------------------------------------- commands
 
 
+_STREAMING: set[asyncio.Task[Any]] = set()
+"""The tasks reading command streams (the event loop keeps only weak references)."""
+
+
 class RemoteCommandHandle:
     """A command running in a server's sandbox (from ``commands.start``): its output comes
     as NDJSON events read by a task of this client; ``wait()`` returns the result."""
@@ -668,9 +672,12 @@ class RemoteCommandHandle:
         self._task: asyncio.Task[tuple[CommandResult, bool]] | None = None
 
     async def _start(self, body: dict[str, Any]) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._pump(body))
-        # a handle nobody waits for must not log "exception never retrieved"
-        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task = self._task = asyncio.get_running_loop().create_task(self._pump(body))
+        # a handle nobody keeps still reads its stream (the command runs on as long as
+        # this client does), and nobody waiting must not log "exception never retrieved"
+        _STREAMING.add(task)
+        task.add_done_callback(_STREAMING.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await asyncio.shield(self._started)
         except asyncio.CancelledError:

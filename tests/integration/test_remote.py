@@ -260,6 +260,10 @@ def test_a_dropped_client_kills_its_commands_but_not_background_ones(
         if not guest_processes_matching(sb, fg):
             break
     assert guest_processes_matching(sb, bg)  # the background one runs on
+    # another key cannot reach it, not even by pid
+    with remote_server.server.client(remote_server.other_key) as c:
+        r = c.post(f"/v1/sandboxes/{sb.id}/commands/{bg_pid}/signal", json={"signal": 9})
+        assert r.status_code == 404 and error_of(r)["code"] == "sandbox-not-found"
     # ... and is reached by pid from anywhere; an ended or unknown pid is a 404
     with remote_server.server.client(remote_server.key) as c:
         base = f"/v1/sandboxes/{sb.id}/commands"
