@@ -13,7 +13,9 @@ The architecture, in the order a sandbox comes to life: config (``MachineConfig`
 template or snapshot (``TemplateManager``, ``snapshots``) -> provider (``vm``: QEMU by
 default) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent (``guest.agent``,
 spoken to over ``guest.protocol``). Above the sandbox: ``gc``, ``warmup`` (template
-snapshots), ``pool``, ``sync``, ``cli``.
+snapshots), ``pool``, ``sync``, ``cli``. A sandbox that a ``novasandbox serve`` owns is
+used through ``remote`` (``Sandbox.create(..., server=URL, api_key=KEY)``, or
+``NOVASANDBOX_SERVER``): the same API, over HTTP.
 """
 
 import logging
