@@ -17,6 +17,7 @@ from .errors import (
     FileTooLarge,
     SandboxFileError,
     SandboxFileNotFound,
+    check_int,
 )
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
 
@@ -172,6 +173,11 @@ class AsyncFiles:
         await self._sb._require_agent().call("remove", path=path, recursive=True)
 
 
+def validate_mode(mode: int | None) -> int | None:
+    """A file's permission bits (``0o755``): 0 to 0o7777, or None (the default)."""
+    return None if mode is None else check_int("mode", mode, 0, 0o7777)
+
+
 def is_reader(data: object) -> TypeGuard[BinaryIO]:
     """Whether ``data`` is a binary file to read from; ``ConfigError`` for a file open in
     text mode (refused before anything is sent)."""
@@ -213,6 +219,7 @@ async def write_stream(
     and propagates; the file then holds what was written so far."""
     path = resolve_guest_path(path)
     timeout = validate_timeout(timeout)
+    mode = validate_mode(mode)
     deadline = deadline_after(timeout)
     agent = sandbox._require_agent()
     req = agent.open()
@@ -296,5 +303,6 @@ __all__ = [
     "is_reader",
     "read_chunks",
     "read_stream",
+    "validate_mode",
     "write_stream",
 ]

@@ -68,7 +68,14 @@ from .errors import (
     SandboxNotRunning,
     ServerUnreachable,
 )
-from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, EntryInfo, is_reader, read_chunks
+from .files import (
+    DEFAULT_FILE_TIMEOUT,
+    DEFAULT_MAX_READ,
+    EntryInfo,
+    is_reader,
+    read_chunks,
+    validate_mode,
+)
 from .guest.protocol import ErrorCode
 from .results import CommandResult, SandboxState
 
@@ -769,14 +776,26 @@ class RemoteCommandHandle:
         return f"/commands/{self.pid}"
 
     async def send_stdin(self, data: str | bytes) -> None:
-        """Feed the command's stdin (started with ``open_stdin=True``)."""
+        """Feed the command's stdin (started with ``open_stdin=True``). Input for a
+        command that has ended goes nowhere, without an error (as locally)."""
         blob = data.encode() if isinstance(data, str) else bytes(data)
-        for i in range(0, len(blob), STDIN_CHUNK):
-            await self._sb._call("POST", f"{self._url}/stdin", content=blob[i : i + STDIN_CHUNK])
+        try:
+            for i in range(0, len(blob), STDIN_CHUNK):
+                if self.done():
+                    return
+                chunk = blob[i : i + STDIN_CHUNK]
+                await self._sb._call("POST", f"{self._url}/stdin", content=chunk)
+        except ProcessNotFound:
+            pass  # it ended meanwhile
 
     async def close_stdin(self) -> None:
         """Signal end of input to the command."""
-        await self._sb._call("POST", f"{self._url}/close-stdin")
+        if self.done():
+            return
+        try:
+            await self._sb._call("POST", f"{self._url}/close-stdin")
+        except ProcessNotFound:
+            pass
 
     async def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the command's process group (no error if it already ended)."""
@@ -944,9 +963,8 @@ class RemoteFiles:
         path = resolve_guest_path(path)
         timeout = validate_timeout(timeout)
         params: dict[str, str] = {"path": path}
+        mode = validate_mode(mode)
         if mode is not None:
-            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-                raise ConfigError(f"mode must be an integer from 0 to 0o7777, got {mode!r}")
             params["mode"] = f"{mode:04o}"
         if timeout is not None:
             params["timeout"] = str(float(timeout))
@@ -989,6 +1007,8 @@ class RemoteFiles:
         params = {"path": path}
         if timeout is not None:
             params["timeout"] = str(float(timeout))
+        if max_size is not None:  # the guest refuses a larger file before sending it
+            params["max_size"] = str(max_size)
         sb = self._sb
         sb._check()
         blob = bytearray()

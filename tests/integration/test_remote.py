@@ -120,11 +120,24 @@ def test_errors_are_the_same_local_and_remote(
         "bad path": lambda sb: sb.files.read("../etc/passwd"),
         "bad timeout": lambda sb: sb.commands.run("true", timeout=-1),
         "resume a running one": lambda sb: sb.resume(),
+        "a mode out of range": lambda sb: sb.files.write("/tmp/m", "x", mode=0o17777),
+        "over max_size": lambda sb: sb.files.read("/etc/passwd", max_size=10),
+        "not a regular file": lambda sb: sb.files.read("/dev/null"),
+        "a port not forwarded": lambda sb: sb.get_host(80),
+        "an empty command": lambda sb: sb.commands.run(""),
     }
     for what, action in actions.items():
         here = _codes(lambda a=action: a(local))  # type: ignore[misc]
         there = _codes(lambda a=action: a(remote))  # type: ignore[misc]
         assert here == there, what
+    assert not local.files.exists("/tmp/m") and not remote.files.exists("/tmp/m")
+    for sb in (local, remote):  # a command that ended: what is sent to it goes nowhere
+        handle = sb.commands.start("true")
+        assert handle.wait().exit_code == 0
+        handle.send_stdin("late")
+        handle.close_stdin()
+        handle.send_signal(15)
+        handle.kill()
     for sb in (local, remote):
         sb.kill()
         assert sb.state is SandboxState.KILLED

@@ -21,7 +21,7 @@ it: absolute, or relative to /root):
     POST   /v1/sandboxes/ID/commands/PID/signal       (SendSignal) to its group -> 204
     DELETE /v1/sandboxes/ID/commands/PID              SIGKILL its group -> 204
     PUT    /v1/sandboxes/ID/files?path=PATH   upload: the raw request body -> Written
-    GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes
+    GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes (&max_size=N: refuse more)
     DELETE /v1/sandboxes/ID/files?path=PATH   remove (recursively) -> 204
     GET    /v1/sandboxes/ID/files/list?path=PATH    -> EntryList
     GET    /v1/sandboxes/ID/files/stat?path=PATH    -> EntryOut
@@ -625,12 +625,21 @@ def create_app(
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
     async def download(
-        sandbox_id: str, path: GuestPath, key: Caller, timeout: Seconds = DEFAULT_FILE_TIMEOUT
+        sandbox_id: str,
+        path: GuestPath,
+        key: Caller,
+        timeout: Seconds = DEFAULT_FILE_TIMEOUT,
+        max_size: Annotated[
+            int | None, Query(ge=0, description="Refuse a larger file (file-too-large).")
+        ] = None,
     ) -> Streamed:
         """The raw bytes of the regular file PATH, streamed out of the sandbox as the
         client reads them."""
         sb = registry.get(key.id, sandbox_id).live()
-        chunks = read_stream(sb, path, max_size=settings.max_file_bytes, timeout=timeout)
+        limit = (
+            settings.max_file_bytes if max_size is None else min(max_size, settings.max_file_bytes)
+        )
+        chunks = read_stream(sb, path, max_size=limit, timeout=timeout)
         try:
             first = await anext(chunks, b"")  # errors before any byte: a proper response
         except BaseException:
