@@ -261,6 +261,30 @@ class AsyncSandbox:
         api_key: str | None = None,
         server: None = None,
     ) -> AsyncSandbox: ...
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+    ) -> AsyncSandbox | RemoteSandbox: ...
 
     @classmethod
     async def create(
