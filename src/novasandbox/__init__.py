@@ -13,7 +13,9 @@ The architecture, in the order a sandbox comes to life: config (``MachineConfig`
 template or snapshot (``TemplateManager``, ``snapshots``) -> provider (``vm``: QEMU by
 default) -> sandbox (``Sandbox``/``AsyncSandbox``) -> guest agent (``guest.agent``,
 spoken to over ``guest.protocol``). Above the sandbox: ``gc``, ``warmup`` (template
-snapshots), ``pool``, ``sync``, ``cli``.
+snapshots), ``pool``, ``sync``, ``cli``. A sandbox that a ``novasandbox serve`` owns is
+used through ``remote`` (``Sandbox.create(..., server=URL, api_key=KEY)``, or
+``NOVASANDBOX_SERVER``): the same API, over HTTP.
 """
 
 import logging
@@ -40,8 +42,11 @@ from .errors import (
     NotARegularFile,
     NovaSandboxError,
     PoolClosed,
+    ProcessNotFound,
     ProviderError,
     ReadOnlyFilesystem,
+    RemoteError,
+    RemoteUnsupported,
     SandboxCrashed,
     SandboxError,
     SandboxExpired,
@@ -52,6 +57,7 @@ from .errors import (
     SandboxOwned,
     SandboxPermissionError,
     ServerBusy,
+    ServerUnreachable,
     SignatureInvalid,
     SignedUrlExpired,
     SnapshotError,
@@ -67,6 +73,7 @@ from .files import EntryInfo
 from .network import NetworkLog, NetworkMode, RefusedConnection
 from .pool import AsyncPool
 from .records import SandboxInfo
+from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
 from .sync import CommandHandle, Pool, Sandbox
@@ -107,9 +114,15 @@ __all__ = [
     "NovaSandboxError",
     "Pool",
     "PoolClosed",
+    "ProcessNotFound",
     "ProviderError",
     "ReadOnlyFilesystem",
     "RefusedConnection",
+    "RemoteCommandHandle",
+    "RemoteError",
+    "RemoteSandbox",
+    "RemoteSandboxInfo",
+    "RemoteUnsupported",
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",
@@ -123,6 +136,7 @@ __all__ = [
     "SandboxPermissionError",
     "SandboxState",
     "ServerBusy",
+    "ServerUnreachable",
     "SignatureInvalid",
     "SignedUrlExpired",
     "Snapshot",

@@ -285,10 +285,18 @@ class AsyncCommands:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` and return at once with a handle (``wait``, ``send_signal``,
         ``kill``, ``send_stdin``). ``stdin`` data is sent and then closed; with
-        ``open_stdin`` stdin stays open for ``send_stdin``; otherwise it is empty."""
+        ``open_stdin`` stdin stays open for ``send_stdin``; otherwise it is empty.
+
+        ``background``: through a server, the command runs on when this client's stream
+        of it ends early (the process exits, the connection breaks); without it the
+        server kills it then. Locally a command never depends on its handle (it runs
+        until it ends, its timeout, or the sandbox's end), so it changes nothing here."""
+        if not isinstance(background, bool):
+            raise ConfigError(f"background must be True or False, got {background!r}")
         argv = _normalize_argv(cmd)
         merged = {**self._sb.config.env, **validate_env(env)}
         if cwd is not None:
@@ -327,6 +335,7 @@ class AsyncCommands:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
     ) -> CommandResult:
         """Run ``cmd`` (a shell string, or an argv list) and wait for it to finish.
 
@@ -344,6 +353,7 @@ class AsyncCommands:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             max_output=max_output,
+            background=background,
         )
         return await handle.wait(check=check)
 

@@ -14,6 +14,9 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── SignatureInvalid            signature-invalid
     │   └── SignedUrlExpired            signed-url-expired
     ├── ServerBusy                      server-busy
+    ├── RemoteError                     remote-error
+    │   ├── ServerUnreachable           server-unreachable
+    │   └── RemoteUnsupported           remote-unsupported
     ├── ProviderError                   provider-error
     │   ├── HostMemoryExhausted         host-memory-exhausted
     │   ├── NetworkError                network-error
@@ -33,6 +36,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── CommandNotFound             command-not-found
     │   ├── CommandTimeout              command-timeout
     │   ├── CommandFailed               command-failed
+    │   ├── ProcessNotFound             process-not-found
     │   └── InvalidWorkingDirectory     invalid-cwd
     ├── SnapshotError                   snapshot-error
     │   ├── SnapshotNotFound            snapshot-not-found
@@ -67,6 +71,9 @@ class NovaSandboxError(Exception):
     agent_code: ErrorCode | None = None
     """The code of the guest agent's error reply this error stands for (None: it did not
     come from the agent). Set by ``from_agent``."""
+    remote_code: str | None = None
+    """The code a NovaSandbox server sent for this error (None: not from a server): the
+    same as ``code`` unless this client has no class of its own for it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -152,6 +159,26 @@ class ServerBusy(NovaSandboxError):
     requests at once): HTTP 503 with ``Retry-After``; nothing was changed."""
 
     code = "server-busy"
+
+
+class RemoteError(NovaSandboxError):
+    """Talking to a NovaSandbox server failed, or it answered with an error this client
+    has no class for (``remote_code`` keeps the server's code)."""
+
+    code = "remote-error"
+
+
+class ServerUnreachable(RemoteError, ConnectionError):
+    """The server could not be reached, or the connection to it broke mid-request."""
+
+    code = "server-unreachable"
+
+
+class RemoteUnsupported(RemoteError):
+    """What a sandbox on a server does not offer to its clients (its host paths, its
+    console, snapshots through this client...)."""
+
+    code = "remote-unsupported"
 
 
 class ProviderError(NovaSandboxError):
@@ -282,6 +309,12 @@ class CommandFailed(CommandError):
     @property
     def exit_code(self) -> int:
         return self.result.exit_code
+
+
+class ProcessNotFound(CommandError, LookupError):
+    """No running command has that pid in the sandbox (it ended, or never was)."""
+
+    code = "process-not-found"
 
 
 class SnapshotError(NovaSandboxError):

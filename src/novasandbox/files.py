@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import io
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, BinaryIO, Literal, TypeGuard, overload
 
 from .agent_client import AgentHolder, AgentRequest, deadline_after, within
 from .config import resolve_guest_path, validate_byte_count, validate_timeout
@@ -16,6 +17,7 @@ from .errors import (
     FileTooLarge,
     SandboxFileError,
     SandboxFileNotFound,
+    check_int,
 )
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
 
@@ -54,17 +56,21 @@ class AsyncFiles:
     async def write(
         self,
         path: str,
-        data: str | bytes,
+        data: str | bytes | BinaryIO,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
     ) -> int:
         """Write ``data`` to ``path`` (parents created, file replaced); returns the size.
-        The whole transfer must end within ``timeout`` seconds (None: no limit)."""
+        ``data`` is text (UTF-8), bytes, or a binary file open for reading (``open(p,
+        "rb")``), read and sent a chunk at a time from where it stands. The whole
+        transfer must end within ``timeout`` seconds (None: no limit)."""
+        if is_reader(data):
+            return await write_stream(self._sb, path, read_chunks(data), mode=mode, timeout=timeout)
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ConfigError("data must be str or bytes")
+            raise ConfigError("data must be str, bytes or a binary file open for reading")
         view = memoryview(data)
         chunks = (bytes(view[i : i + CHUNK_SIZE]) for i in range(0, len(view), CHUNK_SIZE))
         return await write_stream(self._sb, path, _aiter(chunks), mode=mode, timeout=timeout)
@@ -167,6 +173,33 @@ class AsyncFiles:
         await self._sb._require_agent().call("remove", path=path, recursive=True)
 
 
+def validate_mode(mode: int | None) -> int | None:
+    """A file's permission bits (``0o755``): 0 to 0o7777, or None (the default)."""
+    return None if mode is None else check_int("mode", mode, 0, 0o7777)
+
+
+def is_reader(data: object) -> TypeGuard[BinaryIO]:
+    """Whether ``data`` is a binary file to read from; ``ConfigError`` for a file open in
+    text mode (refused before anything is sent)."""
+    if isinstance(data, io.TextIOBase):
+        raise ConfigError("data must be a file open in binary mode ('rb'), not text mode")
+    return not isinstance(data, (str, bytes, bytearray, memoryview)) and callable(
+        getattr(data, "read", None)
+    )
+
+
+async def read_chunks(reader: BinaryIO) -> AsyncIterator[bytes]:
+    """What a binary file holds from where it stands, a chunk at a time (read in a
+    thread: a file may be slow)."""
+    while True:
+        chunk = await asyncio.to_thread(reader.read, CHUNK_SIZE)
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise ConfigError("data must be a file open in binary mode ('rb')")
+        if not chunk:
+            return
+        yield bytes(chunk)
+
+
 async def _aiter(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
@@ -186,6 +219,7 @@ async def write_stream(
     and propagates; the file then holds what was written so far."""
     path = resolve_guest_path(path)
     timeout = validate_timeout(timeout)
+    mode = validate_mode(mode)
     deadline = deadline_after(timeout)
     agent = sandbox._require_agent()
     req = agent.open()
@@ -263,4 +297,12 @@ async def read_stream(
         )
 
 
-__all__ = ["AsyncFiles", "EntryInfo", "read_stream", "write_stream"]
+__all__ = [
+    "AsyncFiles",
+    "EntryInfo",
+    "is_reader",
+    "read_chunks",
+    "read_stream",
+    "validate_mode",
+    "write_stream",
+]

@@ -91,7 +91,7 @@ class AsyncPool:
     async def _fill_one(self) -> None:
         sb: AsyncSandbox | None = None
         try:
-            sb = await AsyncSandbox.create(
+            sb = await AsyncSandbox._create_local(
                 self.template,
                 env=self.env,
                 timeout=IDLE_LIFETIME,

@@ -3,6 +3,7 @@ so that ``errors`` stays the bottom of the package."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -25,4 +26,19 @@ class CommandResult:
         return self.exit_code == 0
 
 
-__all__ = ["CommandResult"]
+class SandboxState(enum.StrEnum):
+    """The lifecycle state of a sandbox (``sandbox.py`` has the state machine); here,
+    below ``sandbox``, so that the remote client has it too."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    KILLED = "killed"
+    CRASHED = "crashed"
+    BROKEN = "broken"
+    """The VM runs but its agent channel broke (bytes that are not the protocol): calls
+    raise ``AgentProtocolError`` until a new agent answers a fresh connection."""
+    ERROR = "error"
+
+
+__all__ = ["CommandResult", "SandboxState"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import enum
 import logging
 import os
 import secrets
@@ -36,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, overload
 
 from .agent_client import AgentClient
 from .commands import AsyncCommands
@@ -71,6 +70,8 @@ from .records import (
     sandboxes_dir,
     write_record,
 )
+from .remote import RemoteSandbox, RemoteSandboxInfo, resolve_server
+from .results import SandboxState
 from .snapshots import (
     DISK,
     MANIFEST,
@@ -95,18 +96,6 @@ log = logging.getLogger("novasandbox")
 DEFAULT_BOOT_TIMEOUT = 120.0
 DEFAULT_LIFETIME = 300.0
 """Seconds a sandbox lives unless ``timeout=`` or ``set_timeout`` says otherwise."""
-
-
-class SandboxState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    KILLED = "killed"
-    CRASHED = "crashed"
-    BROKEN = "broken"
-    """The VM runs but its agent channel broke (bytes that are not the protocol): calls
-    raise ``AgentProtocolError`` until a new agent answers a fresh connection."""
-    ERROR = "error"
 
 
 # Sandboxes of this process, killed at interpreter exit if their owner forgot.
@@ -203,11 +192,99 @@ class AsyncSandbox:
         return self._provider.name
 
     @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it: None, this process does
+        (``RemoteSandbox.server`` is its server's)."""
+        return None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """What a server keeps with its sandboxes; a local one has none."""
+        return {}
+
+    async def refresh(self) -> None:
+        """Nothing to do: a local sandbox's state is always current (a remote one asks
+        its server)."""
+
+    @property
     def accel(self) -> str:
         """How its guest code runs ("kvm", "tcg", or the provider's own word)."""
         return self.engine.accel
 
     # --- creation
+
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str,
+    ) -> RemoteSandbox: ...
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: None = None,
+    ) -> AsyncSandbox: ...
+    @overload
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+    ) -> AsyncSandbox | RemoteSandbox: ...
 
     @classmethod
     async def create(
@@ -228,7 +305,10 @@ class AsyncSandbox:
         ports: Sequence[int] = (),
         provider: str | None = None,
         adoptable: bool = False,
-    ) -> AsyncSandbox:
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+    ) -> AsyncSandbox | RemoteSandbox:
         """Start a sandbox and wait until its agent answers.
 
         By default the template's snapshot is restored (fast); ``cold=True`` boots the
@@ -256,7 +336,142 @@ class AsyncSandbox:
         ``adoptable=True``: the sandbox outlives this process (it is not killed at exit,
         nor reaped for its owner being gone, until its lifetime ends) and another process
         can take it over with ``AsyncSandbox.adopt(id)``.
+
+        ``server`` (a URL; else ``NOVASANDBOX_SERVER``) creates it on a ``novasandbox
+        serve`` with ``api_key`` (else ``NOVASANDBOX_API_KEY``) and returns a
+        ``RemoteSandbox`` (``novasandbox.remote``): the same methods, results and errors.
+        ``labels`` are kept by the server (``list(labels=...)`` filters on them). The
+        arguments about this host (``drives``, ``from_snapshot``, ``boot_timeout``,
+        ``templates``, ``provider``, ``adoptable``) are for local sandboxes only.
         """
+        return await cls._open(
+            template,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            env=env,
+            drives=drives,
+            cold=cold,
+            from_snapshot=from_snapshot,
+            timeout=timeout,
+            boot_timeout=boot_timeout,
+            templates=templates,
+            network=network,
+            allow=allow,
+            ports=ports,
+            provider=provider,
+            adoptable=adoptable,
+            labels=labels,
+            api_key=api_key,
+            server=server,
+        )
+
+    @classmethod
+    async def _open(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
+    ) -> AsyncSandbox | RemoteSandbox:
+        """``create`` for a caller that does not know which kind it gets (``sync``)."""
+        where = resolve_server(server, api_key)
+        if where is None:
+            if labels:
+                raise ConfigError("labels are kept by a server: give server= to use them")
+            return await cls._create_local(
+                template,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                env=env,
+                drives=drives,
+                cold=cold,
+                from_snapshot=from_snapshot,
+                timeout=timeout,
+                boot_timeout=boot_timeout,
+                templates=templates,
+                network=network,
+                allow=allow,
+                ports=ports,
+                provider=provider,
+                adoptable=adoptable,
+            )
+        local_only = {
+            "drives": bool(drives),
+            "from_snapshot": from_snapshot is not None,
+            "boot_timeout": boot_timeout != DEFAULT_BOOT_TIMEOUT,
+            "templates": templates is not None,
+            "provider": provider is not None,
+            "adoptable": adoptable is not False,
+        }
+        for name, given in local_only.items():
+            if given:
+                raise ConfigError(f"{name}= is for local sandboxes, not through a server")
+        return await RemoteSandbox.create(
+            template,
+            server=where,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            env=env,
+            cold=cold,
+            timeout=timeout,
+            network=network,
+            allow=allow,
+            ports=ports,
+            labels=labels,
+        )
+
+    @classmethod
+    async def connect(
+        cls, sandbox_id: str, *, server: str | None = None, api_key: str | None = None
+    ) -> RemoteSandbox:
+        """Reattach to the sandbox ``sandbox_id`` on a server (``server``/``api_key``,
+        else ``NOVASANDBOX_SERVER``/``NOVASANDBOX_API_KEY``), from any process: the key's
+        sandboxes only. Local sandboxes are taken over with ``adopt``."""
+        where = resolve_server(server, api_key)
+        if where is None:
+            raise ConfigError(
+                "connect needs a server (server= or NOVASANDBOX_SERVER); a local sandbox "
+                "made with adoptable=True is taken over with adopt(id)"
+            )
+        return await RemoteSandbox.connect(sandbox_id, server=where)
+
+    @classmethod
+    async def _create_local(
+        cls,
+        template: str = "python",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: Mapping[str, str] | None = None,
+        drives: Sequence[Drive] = (),
+        cold: bool = False,
+        from_snapshot: Snapshot | None = None,
+        timeout: float | None = DEFAULT_LIFETIME,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        templates: TemplateManager | None = None,
+        network: NetworkMode | str = NetworkMode.NONE,
+        allow: Sequence[str] | None = None,
+        ports: Sequence[int] = (),
+        provider: str | None = None,
+        adoptable: bool = False,
+    ) -> AsyncSandbox:
+        """``create`` on this host (whatever ``NOVASANDBOX_SERVER`` says): the
+        library's own callers (pools, forks, warm-up, the server)."""
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
         vmm = get_provider(provider)
@@ -925,7 +1140,7 @@ class AsyncSandbox:
         snap = await self._snapshot("fork")
         results = await asyncio.gather(
             *(
-                AsyncSandbox.create(
+                AsyncSandbox._create_local(
                     from_snapshot=snap,
                     provider=self._provider.name,
                     network=self.config.network.mode,
@@ -1074,8 +1289,20 @@ class AsyncSandbox:
         await self.kill()
 
     @staticmethod
-    async def list() -> list[SandboxInfo]:
-        """Sandboxes recorded on this host whose VM is alive."""
+    async def list(
+        *,
+        labels: Mapping[str, str] | None = None,
+        server: str | None = None,
+        api_key: str | None = None,
+    ) -> list[SandboxInfo] | list[RemoteSandboxInfo]:
+        """Sandboxes recorded on this host whose VM is alive; with a server (``server``,
+        else ``NOVASANDBOX_SERVER``) the key's sandboxes there that have all of
+        ``labels``."""
+        where = resolve_server(server, api_key)
+        if where is not None:
+            return await RemoteSandbox.list_on(where, labels)
+        if labels:
+            raise ConfigError("labels are kept by a server: give server= to filter on them")
         return [info for info in list_sandboxes() if info.alive]
 
     def __repr__(self) -> str:

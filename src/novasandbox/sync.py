@@ -7,7 +7,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, BinaryIO, Literal, TypeVar, cast, overload
 
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -23,6 +23,13 @@ from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
 from .network import NetworkLog, NetworkMode
 from .pool import AsyncPool
 from .records import SandboxInfo
+from .remote import (
+    RemoteCommandHandle,
+    RemoteCommands,
+    RemoteFiles,
+    RemoteSandbox,
+    RemoteSandboxInfo,
+)
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
 from .templates import TemplateManager
@@ -70,7 +77,7 @@ class _Portal:
 class CommandHandle:
     """Sync twin of ``AsyncCommandHandle``."""
 
-    def __init__(self, inner: AsyncCommandHandle) -> None:
+    def __init__(self, inner: AsyncCommandHandle | RemoteCommandHandle) -> None:
         self._inner = inner
 
     @property
@@ -103,7 +110,7 @@ class CommandHandle:
 class Commands:
     """Sync twin of ``AsyncCommands``; callbacks run on the library's event-loop thread."""
 
-    def __init__(self, inner: AsyncCommands) -> None:
+    def __init__(self, inner: AsyncCommands | RemoteCommands) -> None:
         self._inner = inner
 
     def start(
@@ -118,22 +125,24 @@ class Commands:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
     ) -> CommandHandle:
-        return CommandHandle(
-            _Portal.call(
-                self._inner.start(
-                    cmd,
-                    env=env,
-                    cwd=cwd,
-                    timeout=timeout,
-                    stdin=stdin,
-                    open_stdin=open_stdin,
-                    on_stdout=on_stdout,
-                    on_stderr=on_stderr,
-                    max_output=max_output,
-                )
-            )
+        starting = cast(  # either kind of handle: the join of the two is ``object``
+            "Coroutine[Any, Any, AsyncCommandHandle | RemoteCommandHandle]",
+            self._inner.start(
+                cmd,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=stdin,
+                open_stdin=open_stdin,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                max_output=max_output,
+                background=background,
+            ),
         )
+        return CommandHandle(_Portal.call(starting))
 
     start.__doc__ = AsyncCommands.start.__doc__
 
@@ -149,6 +158,7 @@ class Commands:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
     ) -> CommandResult:
         return _Portal.call(
             self._inner.run(
@@ -161,6 +171,7 @@ class Commands:
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
                 max_output=max_output,
+                background=background,
             )
         )
 
@@ -170,13 +181,13 @@ class Commands:
 class Files:
     """Sync twin of ``AsyncFiles``."""
 
-    def __init__(self, inner: AsyncFiles) -> None:
+    def __init__(self, inner: AsyncFiles | RemoteFiles) -> None:
         self._inner = inner
 
     def write(
         self,
         path: str,
-        data: str | bytes,
+        data: str | bytes | BinaryIO,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
@@ -243,7 +254,7 @@ class Files:
 class Sandbox:
     """A running microVM sandbox (blocking API, thread-safe). Create with ``Sandbox.create``."""
 
-    def __init__(self, inner: AsyncSandbox) -> None:
+    def __init__(self, inner: AsyncSandbox | RemoteSandbox) -> None:
         self._inner = inner
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
@@ -267,10 +278,13 @@ class Sandbox:
         ports: Sequence[int] = (),
         provider: str | None = None,
         adoptable: bool = False,
+        labels: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        server: str | None = None,
     ) -> Sandbox:
         return cls(
             _Portal.call(
-                AsyncSandbox.create(
+                AsyncSandbox._open(
                     template,
                     vcpus=vcpus,
                     memory_mib=memory_mib,
@@ -286,11 +300,22 @@ class Sandbox:
                     ports=ports,
                     provider=provider,
                     adoptable=adoptable,
+                    labels=labels,
+                    api_key=api_key,
+                    server=server,
                 )
             )
         )
 
     create.__func__.__doc__ = AsyncSandbox.create.__doc__  # type: ignore[attr-defined]
+
+    @classmethod
+    def connect(
+        cls, sandbox_id: str, *, server: str | None = None, api_key: str | None = None
+    ) -> Sandbox:
+        return cls(_Portal.call(AsyncSandbox.connect(sandbox_id, server=server, api_key=api_key)))
+
+    connect.__func__.__doc__ = AsyncSandbox.connect.__doc__  # type: ignore[attr-defined]
 
     @classmethod
     def adopt(cls, sandbox_id: str, *, timeout: float = 30.0) -> Sandbox:
@@ -301,6 +326,20 @@ class Sandbox:
     @property
     def id(self) -> str:
         return self._inner.id
+
+    @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it (None: this process does)."""
+        return self._inner.server
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self._inner.labels
+
+    def refresh(self) -> None:
+        _Portal.call(self._inner.refresh())
+
+    refresh.__doc__ = RemoteSandbox.refresh.__doc__
 
     def get_host(self, port: int) -> str:
         return self._inner.get_host(port)
@@ -410,8 +449,13 @@ class Sandbox:
         self.kill()
 
     @staticmethod
-    def list() -> list[SandboxInfo]:
-        return _Portal.call(AsyncSandbox.list())
+    def list(
+        *,
+        labels: Mapping[str, str] | None = None,
+        server: str | None = None,
+        api_key: str | None = None,
+    ) -> list[SandboxInfo] | list[RemoteSandboxInfo]:
+        return _Portal.call(AsyncSandbox.list(labels=labels, server=server, api_key=api_key))
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} template={self.template} state={self.state.value}>"

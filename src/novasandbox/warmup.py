@@ -105,7 +105,7 @@ async def _build_snapshot(
     dest = template_snapshot_dir(manager, tpl, tpl.vcpus, tpl.memory_mib, engine, nic=nic)
     partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sb = await AsyncSandbox.create(
+    sb = await AsyncSandbox._create_local(
         tpl.name,
         cold=True,
         timeout=None,

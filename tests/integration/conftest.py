@@ -26,6 +26,7 @@ from novasandbox.host import tap
 
 from .helpers import Namespaces
 from .leftovers import SandboxIds, check_no_leftovers
+from .served import RemoteServer
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +176,32 @@ def sb(request: pytest.FixtureRequest, module_factory: SandboxFactory) -> Sandbo
     snapshot (the default) and once booted cold: both must behave the same."""
     sandbox = module_factory.create(env={"SANDBOX_LEVEL": "yes"}, cold=request.param == "cold")
     assert sandbox.restored is (request.param == "restored")
+    return sandbox
+
+
+@pytest.fixture(scope="module")
+def remote_server() -> Iterator[RemoteServer]:
+    """One ``novasandbox serve`` per test module that needs it (see ``served.py``)."""
+    server = RemoteServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module", params=["restored", "cold", "remote"])
+def sandbox(request: pytest.FixtureRequest, module_factory: SandboxFactory) -> Sandbox:
+    """``sb`` in both modes: local (restored, cold) and through a server's remote client
+    (``Sandbox.create(server=..., api_key=...)``; the module's server starts only then).
+    The behaviour tests of commands and files take it: one source, every mode."""
+    if request.param == "remote":
+        server: RemoteServer = request.getfixturevalue("remote_server")
+        sandbox = server.create(env={"SANDBOX_LEVEL": "yes"})
+        assert sandbox.server == server.url
+        return sandbox
+    sandbox = module_factory.create(env={"SANDBOX_LEVEL": "yes"}, cold=request.param == "cold")
+    assert sandbox.restored is (request.param == "restored")
+    assert sandbox.server is None
     return sandbox
 
 

@@ -14,10 +14,17 @@ from novasandbox import (
     CommandNotFound,
     CommandTimeout,
     InvalidWorkingDirectory,
+    RemoteUnsupported,
     Sandbox,
 )
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sb(sandbox: Sandbox) -> Sandbox:
+    """Every test here runs local (restored, cold) and remote (through a server)."""
+    return sandbox
 
 
 def guest_processes_matching(sb: Sandbox, marker: str) -> list[str]:
@@ -41,7 +48,12 @@ def test_guest_kernel_is_not_the_hosts(sb: Sandbox) -> None:
     release = sb.commands.run(["uname", "-r"]).stdout.strip()
     assert release.endswith("-novasandbox")
     assert release != os.uname().release
-    assert sb.guest_kernel == release
+    if sb.server is None:
+        assert sb.guest_kernel == release
+    else:  # what the server's host knows of the guest is not the client's
+        with pytest.raises(RemoteUnsupported) as info:
+            _ = sb.guest_kernel
+        assert info.value.code == "remote-unsupported"
 
 
 def test_stdout_stderr_and_exit_code_of_shell_string(sb: Sandbox) -> None:

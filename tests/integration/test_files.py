@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
-from novasandbox import Sandbox, SandboxFileError, SandboxFileNotFound
+from novasandbox import ConfigError, Sandbox, SandboxFileError, SandboxFileNotFound
 from novasandbox.guest.protocol import ErrorCode
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sb(sandbox: Sandbox) -> Sandbox:
+    """Every test here runs local (restored, cold) and remote (through a server)."""
+    return sandbox
 
 
 def test_20_mb_binary_round_trip(sb: Sandbox) -> None:
@@ -95,3 +102,19 @@ def test_relative_paths_are_in_the_home_where_commands_run(sb: Sandbox) -> None:
     assert sb.commands.run("pwd", cwd="work/in").stdout == "/root/work/in\n"
     sb.files.remove("data.csv")
     assert not sb.files.exists("data.csv")
+
+
+def test_write_streams_a_binary_file_from_where_it_stands(sb: Sandbox, tmp_path: Path) -> None:
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"skipped" + blob)
+    with src.open("rb") as f:
+        f.seek(len(b"skipped"))
+        assert sb.files.write("/tmp/streamed.bin", f) == len(blob)
+    assert sb.files.read("/tmp/streamed.bin", format="bytes") == blob
+    with src.open("r", encoding="latin-1") as text, pytest.raises(ConfigError):
+        sb.files.write("/tmp/streamed.bin", text)  # type: ignore[arg-type]
+    assert sb.files.stat("/tmp/streamed.bin").size == len(blob)  # refused: unchanged
+    with pytest.raises(ConfigError):
+        sb.files.write("/tmp/streamed.bin", 42)  # type: ignore[arg-type]
+    sb.files.remove("/tmp/streamed.bin")

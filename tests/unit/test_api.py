@@ -248,10 +248,13 @@ PAIRS = [
 
 
 def sync_name(annotation: Any) -> Any:
-    """``"AsyncSandbox"`` -> ``"Sandbox"`` in a (string) annotation."""
-    return (
-        re.sub(r"\bAsync(?=[A-Z])", "", annotation) if isinstance(annotation, str) else annotation
-    )
+    """``"AsyncSandbox"`` -> ``"Sandbox"`` in a (string) annotation (and the remote
+    sandbox that ``create`` and ``connect`` may give: the sync twin wraps either)."""
+    if not isinstance(annotation, str):
+        return annotation
+    name = re.sub(r"\bAsync(?=[A-Z])", "", annotation)
+    name = re.sub(r"\bRemoteSandbox\b", "Sandbox", name)
+    return "Sandbox" if name == "Sandbox | Sandbox" else name
 
 
 def public_methods(cls: type) -> dict[str, Any]:

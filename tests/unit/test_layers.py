@@ -40,6 +40,7 @@ LAYERS: list[list[str]] = [
     ["vm", "vm.base", "vm.qemu_argv", "vm.qemu", "vm.inprocess"],
     ["agent_client"],
     ["commands", "files"],
+    ["remote"],  # the client of a server: below the sandbox, which dispatches to it
     ["sandbox"],
     # above the sandbox: what acts on sandboxes or their records
     ["gc", "warmup", "pool"],

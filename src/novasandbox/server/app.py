@@ -16,8 +16,12 @@ it: absolute, or relative to /root):
     PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
     POST   /v1/sandboxes/ID/pause | /resume   -> SandboxOut
     POST   /v1/sandboxes/ID/commands          run (RunCommand) -> NDJSON events (streams.py)
+    POST   /v1/sandboxes/ID/commands/PID/stdin        the raw body to its stdin -> 204
+    POST   /v1/sandboxes/ID/commands/PID/close-stdin  end its stdin -> 204
+    POST   /v1/sandboxes/ID/commands/PID/signal       (SendSignal) to its group -> 204
+    DELETE /v1/sandboxes/ID/commands/PID              SIGKILL its group -> 204
     PUT    /v1/sandboxes/ID/files?path=PATH   upload: the raw request body -> Written
-    GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes
+    GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes (&max_size=N: refuse more)
     DELETE /v1/sandboxes/ID/files?path=PATH   remove (recursively) -> 204
     GET    /v1/sandboxes/ID/files/list?path=PATH    -> EntryList
     GET    /v1/sandboxes/ID/files/stat?path=PATH    -> EntryOut
@@ -74,6 +78,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..commands import AsyncCommandHandle
 from ..config import resolve_guest_path
 from ..errors import (
     AgentError,
@@ -91,6 +96,7 @@ from ..errors import (
     NoSpaceLeft,
     NovaSandboxError,
     PoolClosed,
+    ProcessNotFound,
     ProviderError,
     SandboxError,
     SandboxFileError,
@@ -125,6 +131,7 @@ from .models import (
     RunCommand,
     SandboxList,
     SandboxOut,
+    SendSignal,
     SetTimeout,
     SignedUrl,
     SnapshotList,
@@ -173,6 +180,7 @@ ERROR_STATUS: dict[type[NovaSandboxError], int] = {
     AgentTimeout: 504,
     CommandError: 409,
     CommandNotFound: 422,
+    ProcessNotFound: 404,
     InvalidWorkingDirectory: 422,
     SnapshotError: 409,
     SnapshotNotFound: 404,
@@ -413,6 +421,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts) or "invalid request"
 
 
+class RunningCommands:
+    """The commands started through the API that still run, by sandbox and guest pid (so
+    that stdin, signals and kill reach them by pid, also from another client)."""
+
+    def __init__(self) -> None:
+        self._handles: dict[tuple[str, int], AsyncCommandHandle] = {}
+
+    def _forget_ended(self) -> None:
+        for where in [w for w, h in self._handles.items() if h.done()]:
+            del self._handles[where]
+
+    def add(self, sandbox_id: str, handle: AsyncCommandHandle) -> None:
+        self._forget_ended()
+        self._handles[(sandbox_id, handle.pid)] = handle
+
+    def get(self, sandbox_id: str, pid: int) -> AsyncCommandHandle:
+        """The running command; ``ProcessNotFound`` if it ended or never was."""
+        self._forget_ended()
+        handle = self._handles.get((sandbox_id, pid))
+        if handle is None:
+            raise ProcessNotFound(f"no running command with pid {pid} in sandbox {sandbox_id}")
+        return handle
+
+
 def create_app(
     keys: KeyStore,
     registry: Registry,
@@ -426,6 +458,7 @@ def create_app(
     settings = settings or Settings()
     metrics = metrics or Metrics(registry)
     signer = signer or UrlSigner(secrets.token_bytes(32))
+    running = RunningCommands()
 
     def failed(status: int, code: str, message: str) -> JSONResponse:
         metrics.error(code)
@@ -595,6 +628,7 @@ def create_app(
                 cwd=body.cwd,
                 timeout=body.timeout,
                 stdin=body.stdin,
+                open_stdin=body.open_stdin,
                 on_stdout=stream.stdout,
                 on_stderr=stream.stderr,
                 max_output=0,  # streamed, not kept
@@ -603,7 +637,45 @@ def create_app(
             metrics.command_error(exc.code)
             raise
         metrics.commands.inc()
-        return Streamed(stream.events(), NDJSON, on_abort=stream.abort)
+        running.add(sb.id, stream.handle)
+        on_abort = None if body.background else stream.abort
+        return Streamed(stream.events(), NDJSON, on_abort=on_abort)
+
+    def running_command(key: ApiKey, sandbox_id: str, pid: int) -> AsyncCommandHandle:
+        sb = registry.get(key.id, sandbox_id).live()
+        return running.get(sb.id, pid)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin", status_code=204, tags=["commands"])
+    async def command_stdin(sandbox_id: str, pid: int, request: Request, key: Caller) -> Response:
+        """Send the raw request body to the stdin of running command PID (started with
+        `open_stdin`)."""
+        handle = running_command(key, sandbox_id, pid)
+        await handle.send_stdin(await request.body())
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/commands/{pid}/close-stdin",
+        status_code=204,
+        tags=["commands"],
+    )
+    async def command_close_stdin(sandbox_id: str, pid: int, key: Caller) -> Response:
+        """End the stdin of running command PID."""
+        await running_command(key, sandbox_id, pid).close_stdin()
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/commands/{pid}/signal", status_code=204, tags=["commands"]
+    )
+    async def command_signal(sandbox_id: str, pid: int, body: SendSignal, key: Caller) -> Response:
+        """Send a signal to the process group of running command PID."""
+        await running_command(key, sandbox_id, pid).send_signal(body.signal)
+        return Response(status_code=204)
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/commands/{pid}", status_code=204, tags=["commands"])
+    async def command_kill(sandbox_id: str, pid: int, key: Caller) -> Response:
+        """SIGKILL the process group of running command PID."""
+        await running_command(key, sandbox_id, pid).kill()
+        return Response(status_code=204)
 
     # --- files
 
@@ -654,12 +726,21 @@ def create_app(
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
     async def download(
-        sandbox_id: str, path: GuestPath, key: Caller, timeout: Seconds = DEFAULT_FILE_TIMEOUT
+        sandbox_id: str,
+        path: GuestPath,
+        key: Caller,
+        timeout: Seconds = DEFAULT_FILE_TIMEOUT,
+        max_size: Annotated[
+            int | None, Query(ge=0, description="Refuse a larger file (file-too-large).")
+        ] = None,
     ) -> Streamed:
         """The raw bytes of the regular file PATH, streamed out of the sandbox as the
         client reads them."""
         sb = registry.get(key.id, sandbox_id).live()
-        chunks = read_stream(sb, path, max_size=settings.max_file_bytes, timeout=timeout)
+        limit = (
+            settings.max_file_bytes if max_size is None else min(max_size, settings.max_file_bytes)
+        )
+        chunks = read_stream(sb, path, max_size=limit, timeout=timeout)
         try:
             first = await anext(chunks, b"")  # errors before any byte: a proper response
         except BaseException:

@@ -79,6 +79,20 @@ class RunCommand(_Request):
         description="Seconds before the command's process group is killed (null: no limit).",
     )
     stdin: str | None = Field(None, description="Sent to the command's stdin, then closed.")
+    open_stdin: bool = Field(
+        False,
+        description="Keep stdin open after `stdin` for POST .../commands/PID/stdin "
+        "(ended by .../close-stdin).",
+    )
+    background: bool = Field(
+        False,
+        description="Keep the command running if this stream's client disconnects "
+        "(otherwise it is killed then).",
+    )
+
+
+class SendSignal(_Request):
+    signal: int = Field(ge=1, le=64, description="A signal number, e.g. 15 (SIGTERM).")
 
 
 class ForkSandbox(_Request):
@@ -209,6 +223,7 @@ __all__ = [
     "RunCommand",
     "SandboxList",
     "SandboxOut",
+    "SendSignal",
     "SetTimeout",
     "SignedUrl",
     "SnapshotList",

@@ -154,7 +154,7 @@ class Registry:
         """A new sandbox for ``owner`` (``AsyncSandbox.create``'s ``arguments``)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        sb = await AsyncSandbox.create(
+        sb = await AsyncSandbox._create_local(
             provider=self.provider, adoptable=self._adoptable(), **arguments
         )
         if self._closing:

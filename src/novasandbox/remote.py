@@ -1,0 +1,1066 @@
+"""The remote client: a sandbox that a ``novasandbox serve`` process owns, used through its
+HTTP API with the Python API of a local one.
+
+``AsyncSandbox.create(..., server=URL, api_key=KEY)`` (or ``NOVASANDBOX_SERVER`` and
+``NOVASANDBOX_API_KEY`` in the environment; explicit arguments win) returns a
+``RemoteSandbox``; ``Sandbox`` (``sync.py``) wraps it as it wraps ``AsyncSandbox``, so this
+one async implementation (on ``httpx.AsyncClient``) serves both. Same methods, same
+results (``CommandResult``, ``EntryInfo``), same exceptions with the same ``code``: the
+server's ``{"error": {"code", "message"}}`` becomes the class of ``errors`` with that code
+(``remote_code`` keeps the server's code; one this client does not know becomes the
+closest family, e.g. ``file-*`` a ``SandboxFileError``, else ``RemoteError``). A server
+that cannot be reached, or a connection that breaks mid-request, is
+``ServerUnreachable``; a missing or wrong key ``AuthenticationError``.
+
+Commands stream their output as NDJSON (``server/streams.py``); callbacks are called as
+the lines arrive. The server kills a command whose stream is dropped (this process exits
+or loses its connection) unless it was started with ``background=True``. Stdin, signals
+and kill go to ``/commands/PID/...``. Files move as raw bytes.
+
+What a sandbox on a server does not offer its clients raises ``RemoteUnsupported``:
+``paths``, ``config``, ``accel``, ``guest_kernel``, ``console_tail``, ``timings``,
+``cold_reason``, ``source_snapshot``, ``network_log``, ``snapshot``, ``fork``. ``state``,
+``expired``, ``crash_reason`` and ``deadline`` are what the server said last, refreshed by
+every call of this client that returns the sandbox (``refresh()`` asks).
+
+This module does not import the server (no FastAPI on the client's path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, BinaryIO, Literal, NoReturn, overload
+
+import httpx
+
+from . import errors
+from .commands import (
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MAX_OUTPUT,
+    OutputCallback,
+    _call_back,
+    _normalize_argv,
+)
+from .config import resolve_guest_path, validate_byte_count, validate_env, validate_timeout
+from .errors import (
+    AuthenticationError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    FileTooLarge,
+    HostToolMissing,
+    NovaSandboxError,
+    ProcessNotFound,
+    RemoteError,
+    RemoteUnsupported,
+    SandboxCrashed,
+    SandboxExpired,
+    SandboxFileError,
+    SandboxNotRunning,
+    ServerUnreachable,
+)
+from .files import (
+    DEFAULT_FILE_TIMEOUT,
+    DEFAULT_MAX_READ,
+    EntryInfo,
+    is_reader,
+    read_chunks,
+    validate_mode,
+)
+from .guest.protocol import ErrorCode
+from .results import CommandResult, SandboxState
+
+ENV_SERVER = "NOVASANDBOX_SERVER"
+ENV_API_KEY = "NOVASANDBOX_API_KEY"
+CONNECT_TIMEOUT = 10.0
+"""Seconds to open a connection to the server before ``ServerUnreachable``."""
+REQUEST_TIMEOUT = 600.0
+"""Seconds the server may stay silent in a request that is not a stream (a create under
+load restores a snapshot or boots a kernel)."""
+MAX_REPLY = 64 << 20
+"""Bytes of a JSON reply (a listing) or of one NDJSON event line this client accepts."""
+STDIN_CHUNK = 1 << 20
+"""Bytes of stdin sent per request (the server bounds request bodies)."""
+_FAMILIES = (
+    ("file-", SandboxFileError),
+    ("sandbox-", errors.SandboxError),
+    ("command-", errors.CommandError),
+    ("agent-", errors.AgentError),
+    ("snapshot-", errors.SnapshotError),
+    ("template-", errors.TemplateError),
+)
+"""The class of a code this client does not know, by the code's first word."""
+
+
+def _error_classes() -> dict[str, type[NovaSandboxError]]:
+    found: dict[str, type[NovaSandboxError]] = {}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        found.setdefault(cls.code, cls)
+    return found
+
+
+ERROR_CLASSES = _error_classes()
+"""Every public error class by its code."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """Where a server is and the key to use there."""
+
+    url: str
+    api_key: str = field(repr=False)
+
+
+def resolve_server(server: str | None, api_key: str | None) -> Server | None:
+    """The server to use: ``server``/``api_key``, else ``NOVASANDBOX_SERVER`` and
+    ``NOVASANDBOX_API_KEY``; None (no server anywhere): local sandboxes. The one place
+    that decides between local and remote."""
+    url = server if server is not None else os.environ.get(ENV_SERVER, "")
+    if not url:
+        if api_key is not None:
+            raise ConfigError(f"api_key is for a server: give server= or set {ENV_SERVER}")
+        return None
+    if not isinstance(url, str):
+        raise ConfigError(f"server must be a URL string, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"server must be an http:// or https:// URL, got {url!r}")
+    key = api_key if api_key is not None else os.environ.get(ENV_API_KEY, "")
+    if not isinstance(key, str) or not key:
+        raise AuthenticationError(f"a server needs an API key: give api_key= or set {ENV_API_KEY}")
+    return Server(url.rstrip("/"), key)
+
+
+def error_from(status: int, body: bytes, path: str = "") -> NovaSandboxError:
+    """The exception for an error response (``path``: the guest path of a file request)."""
+    try:
+        err = json.loads(body)["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        text = body[:300].decode("utf-8", "replace")
+        if status == 401:
+            return AuthenticationError(f"the server refused the API key: {text}")
+        return RemoteError(f"the server answered HTTP {status}: {text}")
+    return error_of(code, message, status, path)
+
+
+def error_of(code: str, message: str, status: int = 0, path: str = "") -> NovaSandboxError:
+    """The exception with code ``code`` (or the closest class for a code this client does
+    not know; ``remote_code`` keeps the server's)."""
+    cls = ERROR_CLASSES.get(code)
+    if cls is None:
+        cls = next((c for prefix, c in _FAMILIES if code.startswith(prefix)), None)
+        if cls is None:
+            cls = AuthenticationError if status == 401 else RemoteError
+        message = f"{message} [{code}]"
+    error = _instance(cls, message, path)
+    error.remote_code = code
+    error.agent_code = _agent_code(code, message)
+    return error
+
+
+def _agent_code(code: str, message: str) -> ErrorCode | None:
+    """The guest agent's code an error stands for, as ``from_agent`` leaves it readable:
+    the code itself, or ``[CODE]`` at the end of the message where the class's is wider."""
+    if message.endswith("]") and "[" in message:
+        with contextlib.suppress(ValueError):
+            return ErrorCode(message[message.rindex("[") + 1 : -1])
+    with contextlib.suppress(ValueError):
+        return ErrorCode(code)
+    return None
+
+
+def _instance(cls: type[NovaSandboxError], message: str, path: str) -> NovaSandboxError:
+    if issubclass(cls, SandboxFileError):
+        return cls(message, path)
+    if issubclass(cls, HostToolMissing):
+        tool = HostToolMissing.__new__(HostToolMissing)
+        NovaSandboxError.__init__(tool, message)
+        tool.tool = tool.package = ""
+        return tool
+    if cls in (CommandTimeout, CommandFailed):  # results, not errors, on the wire
+        return errors.CommandError(message)
+    return cls(message)
+
+
+def _ended_state(error: NovaSandboxError) -> SandboxState | None:
+    if isinstance(error, SandboxCrashed):
+        return SandboxState.CRASHED
+    if isinstance(error, SandboxNotRunning):
+        return SandboxState.KILLED
+    return None
+
+
+class _Http:
+    """The HTTP client of one sandbox (or one call): errors mapped, bodies bounded."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._client = httpx.AsyncClient(
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {server.api_key}"},
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+            # every running command holds a connection (its stream): no pool limit
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
+            follow_redirects=False,
+        )
+
+    def _unreachable(self, exc: httpx.TransportError) -> ServerUnreachable:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            what = "cannot reach the NovaSandbox server at"
+        else:
+            what = "lost the connection to the NovaSandbox server at"
+        return ServerUnreachable(f"{what} {self.server.url}: {exc or type(exc).__name__}")
+
+    async def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        path: str = "",
+        **kwargs: Any,
+    ) -> Any:
+        """A request with a JSON answer (None for 204); errors raised."""
+        async with self.stream(method, url, path=path, **kwargs) as response:
+            body = await _read_bounded(response, MAX_REPLY)
+        if response.status_code == 204 or not body:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise RemoteError("the server sent a reply that is not JSON") from None
+
+    def stream(self, method: str, url: str, *, path: str = "", **kwargs: Any) -> _Streaming:
+        """A request whose answer is read as it comes (``async with``); an error response
+        is raised on entry."""
+        return _Streaming(self, method, url, path, kwargs)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _Streaming:
+    def __init__(
+        self, http: _Http, method: str, url: str, path: str, kwargs: dict[str, Any]
+    ) -> None:
+        self._http = http
+        self._args = (method, url)
+        self._path = path
+        self._kwargs = kwargs
+        self._cm: Any = None
+
+    async def __aenter__(self) -> httpx.Response:
+        method, url = self._args
+        if self._http._client.is_closed:
+            raise RemoteError("this client of the sandbox was closed: connect to it again")
+        self._cm = self._http._client.stream(method, url, **self._kwargs)
+        try:
+            response: httpx.Response = await self._cm.__aenter__()
+        except httpx.TransportError as exc:
+            raise self._http._unreachable(exc) from exc
+        if response.status_code >= 400:
+            try:
+                body = await _read_bounded(response, MAX_REPLY)
+            except NovaSandboxError:
+                body = b""
+            finally:
+                await self._cm.__aexit__(None, None, None)
+            raise error_from(response.status_code, body, self._path)
+        return response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._cm.__aexit__(exc_type, exc, tb)
+        except httpx.TransportError as error:
+            if exc is None:
+                raise self._http._unreachable(error) from error
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    chunks = bytearray()
+    async for chunk in _bytes(response):
+        chunks += chunk
+        if len(chunks) > limit:
+            raise RemoteError(f"the server's reply is over {limit} bytes")
+    return bytes(chunks)
+
+
+async def _bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"lost the connection to the NovaSandbox server: {exc}") from exc
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The lines of an NDJSON body, each bounded by ``MAX_REPLY``."""
+    pending = bytearray()
+    async for chunk in _bytes(response):
+        pending += chunk
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end])
+            del pending[: end + 1]
+            if line.strip():
+                yield line
+        if len(pending) > MAX_REPLY:
+            raise RemoteError(f"an event line of the server is over {MAX_REPLY} bytes")
+    if pending.strip():
+        yield bytes(pending)
+
+
+# --------------------------------------------------------------------------- sandboxes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSandboxInfo:
+    """A sandbox of a server, as ``Sandbox.list(server=...)`` returns it."""
+
+    id: str
+    template: str
+    state: str
+    labels: dict[str, str]
+    created_at: float
+    deadline: float | None
+    """When its lifetime ends (epoch seconds); None: no limit."""
+    expired: bool
+    crash_reason: str | None
+    vcpus: int
+    memory_mib: int
+    network: str
+    ports: dict[str, str]
+    restored: bool
+    provider: str
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RemoteSandboxInfo:
+        try:
+            return cls(
+                id=str(d["id"]),
+                template=str(d["template"]),
+                state=str(d["state"]),
+                labels=dict(d["labels"]),
+                created_at=float(d["created_at"]),
+                deadline=None if d["expires_at"] is None else float(d["expires_at"]),
+                expired=bool(d["expired"]),
+                crash_reason=d["crash_reason"],
+                vcpus=int(d["vcpus"]),
+                memory_mib=int(d["memory_mib"]),
+                network=str(d["network"]),
+                ports=dict(d["ports"]),
+                restored=bool(d["restored"]),
+                provider=str(d["provider"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"the server described a sandbox in an unknown shape: {exc}") from exc
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "running", "paused", "broken")
+
+
+class RemoteSandbox:
+    """A sandbox owned by a NovaSandbox server (see the module's docstring). Made by
+    ``AsyncSandbox.create(..., server=...)`` or ``AsyncSandbox.connect(id, ...)``."""
+
+    def __init__(self, http: _Http, info: RemoteSandboxInfo) -> None:
+        self._http = http
+        self._info = info
+        self._killed = False
+        self.id = info.id
+        self.template = info.template
+        self.commands = RemoteCommands(self)
+        self.files = RemoteFiles(self)
+        self._since = time.monotonic() - max(0.0, time.time() - info.created_at)
+
+    # --- creation
+
+    @classmethod
+    async def create(
+        cls,
+        template: str,
+        *,
+        server: Server,
+        vcpus: int | None,
+        memory_mib: int | None,
+        env: Mapping[str, str] | None,
+        cold: bool,
+        timeout: float | None,
+        network: str,
+        allow: Sequence[str] | None,
+        ports: Sequence[int],
+        labels: Mapping[str, str] | None,
+    ) -> RemoteSandbox:
+        """A new sandbox on ``server`` (``AsyncSandbox.create``'s arguments)."""
+        body = {
+            "template": template,
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "env": dict(validate_env(env)),
+            "timeout": timeout,
+            "network": str(network),
+            "allow": None if allow is None else list(allow),
+            "ports": list(ports),
+            "labels": dict(labels or {}),
+            "cold": cold,
+        }
+        http = _Http(server)
+        try:
+            reply = await http.call("POST", "/v1/sandboxes", json=body)
+        except BaseException:
+            await http.aclose()
+            raise
+        return cls(http, RemoteSandboxInfo.from_json(reply))
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, server: Server) -> RemoteSandbox:
+        """The sandbox ``sandbox_id`` of this key on ``server``."""
+        if not isinstance(sandbox_id, str) or not sandbox_id or "/" in sandbox_id:
+            raise ConfigError(f"a sandbox id is a non-empty string, got {sandbox_id!r}")
+        http = _Http(server)
+        try:
+            reply = await http.call("GET", f"/v1/sandboxes/{sandbox_id}")
+            info = RemoteSandboxInfo.from_json(reply)
+            if info.state in ("killed", "crashed", "error"):
+                raise error_of("sandbox-not-running", f"sandbox {sandbox_id} is {info.state}")
+        except BaseException:
+            await http.aclose()
+            raise
+        return cls(http, info)
+
+    @staticmethod
+    async def list_on(
+        server: Server,
+        labels: Mapping[str, str] | None = None,
+        states: Sequence[str] = (),
+    ) -> list[RemoteSandboxInfo]:
+        """The key's sandboxes on ``server`` with all of ``labels`` (and in one of
+        ``states``, if given)."""
+        params: list[tuple[str, str]] = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+        params += [("state", str(s)) for s in states]
+        http = _Http(server)
+        try:
+            reply = await http.call("GET", "/v1/sandboxes", params=params)
+        finally:
+            await http.aclose()
+        try:
+            return [RemoteSandboxInfo.from_json(d) for d in reply["sandboxes"]]
+        except (KeyError, TypeError) as exc:
+            raise RemoteError("the server sent a list in an unknown shape") from exc
+
+    # --- what the server said
+
+    @property
+    def _base(self) -> str:
+        return f"/v1/sandboxes/{self.id}"
+
+    def _update(self, reply: Any) -> None:
+        self._info = RemoteSandboxInfo.from_json(reply)
+
+    def _check(self) -> None:
+        """What ``_require_agent`` says locally once this client killed it."""
+        if self._killed:
+            raise SandboxNotRunning(f"sandbox {self.id} is killed")
+
+    async def _call(self, method: str, url: str, *, path: str = "", **kwargs: Any) -> Any:
+        self._check()
+        try:
+            return await self._http.call(method, self._base + url, path=path, **kwargs)
+        except NovaSandboxError as exc:
+            self._saw(exc)
+            raise
+
+    def _saw(self, exc: NovaSandboxError) -> None:
+        ended = _ended_state(exc)
+        if ended is not None and self._info.state != ended.value:
+            expired = isinstance(exc, SandboxExpired) or self._info.expired
+            self._info = _replace(self._info, state=ended.value, expired=expired)
+
+    async def refresh(self) -> None:
+        """Ask the server for the sandbox's state, lifetime and labels now."""
+        self._update(await self._call("GET", ""))
+
+    @property
+    def server(self) -> str | None:
+        """The URL of the server that owns it."""
+        return self._http.server.url
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self._info.labels)
+
+    @property
+    def state(self) -> SandboxState:
+        """Its state as the server last said (``killed`` at once after ``kill``)."""
+        if self._killed:
+            return SandboxState.KILLED
+        try:
+            return SandboxState(self._info.state)
+        except ValueError:
+            return SandboxState.ERROR
+
+    def is_running(self) -> bool:
+        return self.state is SandboxState.RUNNING
+
+    @property
+    def expired(self) -> bool:
+        return self._info.expired
+
+    @property
+    def crash_reason(self) -> str | None:
+        return self._info.crash_reason
+
+    @property
+    def deadline(self) -> float | None:
+        """When the lifetime ends (``time.time()`` seconds), or None for no limit."""
+        return self._info.deadline
+
+    @property
+    def restored(self) -> bool:
+        return self._info.restored
+
+    @property
+    def provider(self) -> str:
+        return self._info.provider
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._since
+
+    def get_host(self, port: int) -> str:
+        """``ADDRESS:PORT`` where the server's host reaches guest TCP ``port``."""
+        self._check()
+        where = self._info.ports.get(str(port))
+        if where is None:
+            raise ConfigError(
+                f"port {port} is not forwarded (create with ports=[{port}]), or the "
+                "sandbox is not running"
+            )
+        return where
+
+    # --- lifecycle
+
+    async def set_timeout(self, timeout: float | None) -> None:
+        """Set the remaining lifetime to ``timeout`` seconds from now (None: no limit)."""
+        self._update(await self._call("PUT", "/timeout", json={"timeout": timeout}))
+
+    async def pause(self) -> None:
+        self._update(await self._call("POST", "/pause"))
+
+    async def resume(self) -> None:
+        self._update(await self._call("POST", "/resume"))
+
+    async def kill(self) -> None:
+        """Kill it on the server. Safe to call twice; it also ends this client."""
+        if self._killed:
+            return
+        try:
+            await self._http.call("DELETE", self._base)
+        except (errors.SandboxNotFound, SandboxNotRunning):
+            pass  # ended meanwhile, or forgotten by the server: killed either way
+        # (any other error, ServerUnreachable say, leaves it as it was: call kill again)
+        self._killed = True
+        await self._http.aclose()
+
+    async def close(self) -> None:
+        """Drop this client's connection; the sandbox runs on (``connect`` again)."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> RemoteSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
+
+    # --- what a client does not get
+
+    def _unsupported(self, what: str) -> NoReturn:
+        raise RemoteUnsupported(f"{what} of a sandbox is not available through a server")
+
+    @property
+    def paths(self) -> NoReturn:
+        self._unsupported("the host paths")
+
+    @property
+    def config(self) -> NoReturn:
+        self._unsupported("the machine config")
+
+    @property
+    def accel(self) -> NoReturn:
+        self._unsupported("the accelerator")
+
+    @property
+    def guest_kernel(self) -> NoReturn:
+        self._unsupported("the guest kernel")
+
+    @property
+    def timings(self) -> NoReturn:
+        self._unsupported("the boot timings")
+
+    @property
+    def cold_reason(self) -> NoReturn:
+        self._unsupported("the cold-boot reason")
+
+    @property
+    def source_snapshot(self) -> NoReturn:
+        self._unsupported("the source snapshot")
+
+    def console_tail(self, lines: int = 40) -> NoReturn:
+        self._unsupported("the console")
+
+    async def network_log(self) -> NoReturn:
+        self._unsupported("the network log")
+
+    async def snapshot(self) -> NoReturn:
+        self._unsupported("snapshot()")
+
+    async def fork(self, n: int = 1) -> NoReturn:
+        self._unsupported("fork()")
+
+    def __repr__(self) -> str:
+        return f"<RemoteSandbox {self.id} template={self.template} state={self.state.value}>"
+
+
+def _replace(info: RemoteSandboxInfo, **changes: Any) -> RemoteSandboxInfo:
+    values = {name: getattr(info, name) for name in RemoteSandboxInfo.__dataclass_fields__}
+    values.update(changes)
+    return RemoteSandboxInfo(**values)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+_STREAMING: set[asyncio.Task[Any]] = set()
+"""The tasks reading command streams (the event loop keeps only weak references)."""
+
+
+class RemoteCommandHandle:
+    """A command running in a server's sandbox (from ``commands.start``): its output comes
+    as NDJSON events read by a task of this client; ``wait()`` returns the result."""
+
+    def __init__(
+        self,
+        sandbox: RemoteSandbox,
+        argv: list[str],
+        timeout: float | None,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        max_output: int | None,
+    ) -> None:
+        self._sb = sandbox
+        self.argv = tuple(argv)
+        self.pid = 0
+        self._timeout = timeout
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        self._dropped = {"stdout": 0, "stderr": 0}
+        self._max_output = max_output
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[tuple[CommandResult, bool]] | None = None
+
+    async def _start(self, body: dict[str, Any]) -> None:
+        task = self._task = asyncio.get_running_loop().create_task(self._pump(body))
+        # a handle nobody keeps still reads its stream (the command runs on as long as
+        # this client does), and nobody waiting must not log "exception never retrieved"
+        _STREAMING.add(task)
+        task.add_done_callback(_STREAMING.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            await asyncio.shield(self._started)
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+
+    async def _pump(self, body: dict[str, Any]) -> tuple[CommandResult, bool]:
+        sb = self._sb
+        t0 = time.monotonic()
+        try:
+            async with sb._http.stream(
+                "POST", f"{sb._base}/commands", json=body, timeout=_stream_timeout()
+            ) as response:
+                async for line in _lines(response):
+                    event = _event(line)
+                    kind = event.get("type")
+                    if kind == "started":
+                        self.pid = int(event["pid"])
+                        if not self._started.done():
+                            self._started.set_result(None)
+                    elif kind in ("stdout", "stderr"):
+                        text = str(event.get("data", ""))
+                        self._keep(kind, text)
+                        await _call_back(self._callbacks[kind], text)
+                    elif kind == "exit":
+                        return self._result(event, time.monotonic() - t0), bool(
+                            event.get("timed_out")
+                        )
+                    elif kind == "error":
+                        err = event.get("error") or {}
+                        raise error_of(str(err.get("code")), str(err.get("message")))
+            raise ServerUnreachable("the server ended a command's stream before its end")
+        except NovaSandboxError as exc:
+            sb._saw(exc)
+            if not self._started.done():
+                self._started.set_exception(exc)
+            raise
+        except BaseException as exc:
+            if not self._started.done():
+                self._started.set_exception(exc)
+            raise
+
+    def _keep(self, kind: str, text: str) -> None:
+        data = text.encode()
+        buf = self._buffers[kind]
+        room = len(data) if self._max_output is None else self._max_output - len(buf)
+        if room >= len(data):
+            buf += data
+            return
+        if room > 0:
+            buf += data[:room]
+        self._dropped[kind] += len(data) - max(room, 0)
+
+    def _result(self, event: Mapping[str, Any], elapsed: float) -> CommandResult:
+        try:
+            return CommandResult(
+                argv=self.argv,
+                exit_code=int(event["exit_code"]),
+                stdout=self._buffers["stdout"].decode("utf-8", "replace"),
+                stderr=self._buffers["stderr"].decode("utf-8", "replace"),
+                stdout_dropped=self._dropped["stdout"],
+                stderr_dropped=self._dropped["stderr"],
+                signal=None if event.get("signal") is None else int(event["signal"]),
+                duration=float(event.get("duration", elapsed)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"the server sent an exit event in an unknown shape: {exc}") from exc
+
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def wait(self, *, check: bool = False) -> CommandResult:
+        """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
+        and, with ``check``, ``CommandFailed`` if it exited non-zero."""
+        assert self._task is not None
+        result, timed_out = await asyncio.shield(self._task)
+        if timed_out:
+            raise CommandTimeout(
+                f"command {shlex.join(self.argv)} ran past its {self._timeout} s timeout; "
+                "its process group was killed",
+                result,
+            )
+        if check and result.exit_code != 0:
+            raise CommandFailed(result)
+        return result
+
+    @property
+    def _url(self) -> str:
+        return f"/commands/{self.pid}"
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Feed the command's stdin (started with ``open_stdin=True``). Input for a
+        command that has ended goes nowhere, without an error (as locally)."""
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        try:
+            for i in range(0, len(blob), STDIN_CHUNK):
+                if self.done():
+                    return
+                chunk = blob[i : i + STDIN_CHUNK]
+                await self._sb._call("POST", f"{self._url}/stdin", content=chunk)
+        except ProcessNotFound:
+            pass  # it ended meanwhile
+
+    async def close_stdin(self) -> None:
+        """Signal end of input to the command."""
+        if self.done():
+            return
+        try:
+            await self._sb._call("POST", f"{self._url}/close-stdin")
+        except ProcessNotFound:
+            pass
+
+    async def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the command's process group (no error if it already ended)."""
+        if self.done():
+            return
+        try:
+            await self._sb._call("POST", f"{self._url}/signal", json={"signal": int(sig)})
+        except ProcessNotFound:
+            pass  # it ended meanwhile
+
+    async def kill(self) -> None:
+        """SIGKILL the command's whole process group."""
+        if self.done():
+            return
+        try:
+            await self._sb._call("DELETE", self._url)
+        except ProcessNotFound:
+            pass
+
+
+def _stream_timeout() -> httpx.Timeout:
+    """A command may stay silent as long as it runs: no read timeout on its stream (the
+    server ends it at the command's timeout)."""
+    return httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT, read=None)
+
+
+def _event(line: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise RemoteError("the server sent a command event that is not JSON") from None
+    if not isinstance(event, dict):
+        raise RemoteError("the server sent a command event that is not an object")
+    return event
+
+
+class RemoteCommands:
+    """``sandbox.commands`` of a ``RemoteSandbox``: ``AsyncCommands``'s methods."""
+
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sb = sandbox
+
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        open_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
+    ) -> RemoteCommandHandle:
+        """``AsyncCommands.start``. Without ``background`` the server kills the command
+        if this client's stream of it ends early (the process exits, the connection
+        breaks); with it the command runs on (signal or kill it by pid)."""
+        argv = _normalize_argv(cmd)
+        if not isinstance(background, bool):
+            raise ConfigError(f"background must be True or False, got {background!r}")
+        env_vars = dict(validate_env(env))
+        if cwd is not None:
+            cwd = resolve_guest_path(cwd, "cwd")
+        timeout = validate_timeout(timeout)
+        if stdin is not None and not isinstance(stdin, (str, bytes)):
+            raise ConfigError("stdin must be str or bytes")
+        max_output = validate_byte_count(max_output, "max_output")
+        self._sb._check()
+        raw = stdin if isinstance(stdin, bytes) else None
+        body: dict[str, Any] = {
+            "cmd": argv,
+            "env": env_vars,
+            "cwd": cwd,
+            "timeout": None if timeout is None else float(timeout),
+            "stdin": stdin if isinstance(stdin, str) else None,
+            "open_stdin": open_stdin or raw is not None,
+            "background": bool(background),
+        }
+        handle = RemoteCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
+        await handle._start(body)
+        if raw is not None:  # bytes go up raw, then stdin closes (as locally)
+            try:
+                if raw:
+                    await handle.send_stdin(raw)
+                if not open_stdin:
+                    await handle.close_stdin()
+            except ProcessNotFound:
+                pass  # it ended without reading them
+        return handle
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        stdin: str | bytes | None = None,
+        check: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        background: bool = False,
+    ) -> CommandResult:
+        """``AsyncCommands.run``."""
+        handle = await self.start(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            max_output=max_output,
+            background=background,
+        )
+        return await handle.wait(check=check)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _entry(d: Any) -> EntryInfo:
+    try:
+        return EntryInfo(
+            str(d["name"]),
+            str(d["path"]),
+            d["type"],
+            int(d["size"]),
+            int(d["mode"]),
+            float(d["mtime"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError(f"the server sent a file entry in an unknown shape: {exc}") from exc
+
+
+class RemoteFiles:
+    """``sandbox.files`` of a ``RemoteSandbox``: ``AsyncFiles``'s methods, bytes moved
+    raw over HTTP."""
+
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sb = sandbox
+
+    async def write(
+        self,
+        path: str,
+        data: str | bytes | BinaryIO,
+        *,
+        mode: int | None = None,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> int:
+        """``AsyncFiles.write``: the bytes go up raw in one request, a file's streamed as
+        it is read."""
+        content: bytes | AsyncIterator[bytes]
+        if isinstance(data, str):
+            content = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            content = bytes(data)
+        elif is_reader(data):
+            content = read_chunks(data)
+        else:
+            raise ConfigError("data must be str, bytes or a binary file open for reading")
+        path = resolve_guest_path(path)
+        timeout = validate_timeout(timeout)
+        params: dict[str, str] = {"path": path}
+        mode = validate_mode(mode)
+        if mode is not None:
+            params["mode"] = f"{mode:04o}"
+        if timeout is not None:
+            params["timeout"] = str(float(timeout))
+        reply = await self._sb._call("PUT", "/files", path=path, params=params, content=content)
+        return int(reply["size"])
+
+    @overload
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = "text",
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> str: ...
+    @overload
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["bytes"],
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+    ) -> bytes: ...
+
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        max_size: int | None = DEFAULT_MAX_READ,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    ) -> str | bytes:
+        """``AsyncFiles.read``: streamed down, stopped at ``max_size``."""
+        if format not in ("text", "bytes"):
+            raise ConfigError("format must be 'text' or 'bytes'")
+        path = resolve_guest_path(path)
+        timeout = validate_timeout(timeout)
+        max_size = validate_byte_count(max_size, "max_size")
+        params = {"path": path}
+        if timeout is not None:
+            params["timeout"] = str(float(timeout))
+        if max_size is not None:  # the guest refuses a larger file before sending it
+            params["max_size"] = str(max_size)
+        sb = self._sb
+        sb._check()
+        blob = bytearray()
+        try:
+            async with sb._http.stream(
+                "GET", f"{sb._base}/files", path=path, params=params
+            ) as response:
+                async for chunk in _bytes(response):
+                    blob += chunk
+                    if max_size is not None and len(blob) > max_size:
+                        raise FileTooLarge(f"{path} is larger than the {max_size}-byte limit", path)
+        except NovaSandboxError as exc:
+            sb._saw(exc)
+            raise
+        data = bytes(blob)
+        return data if format == "bytes" else data.decode("utf-8", "replace")
+
+    async def list(self, path: str) -> list[EntryInfo]:
+        path = resolve_guest_path(path)
+        reply = await self._sb._call("GET", "/files/list", path=path, params={"path": path})
+        return [_entry(e) for e in reply["entries"]]
+
+    async def stat(self, path: str) -> EntryInfo:
+        path = resolve_guest_path(path)
+        return _entry(await self._sb._call("GET", "/files/stat", path=path, params={"path": path}))
+
+    async def exists(self, path: str) -> bool:
+        path = resolve_guest_path(path)
+        reply = await self._sb._call("GET", "/files/exists", path=path, params={"path": path})
+        return bool(reply["exists"])
+
+    async def make_dir(self, path: str) -> None:
+        """Create a directory and its parents (no error if it exists)."""
+        path = resolve_guest_path(path)
+        await self._sb._call("POST", "/files/mkdir", path=path, params={"path": path})
+
+    async def remove(self, path: str) -> None:
+        """Remove a file, or a directory with its contents."""
+        path = resolve_guest_path(path)
+        await self._sb._call("DELETE", "/files", path=path, params={"path": path})
+
+
+__all__ = [
+    "ENV_API_KEY",
+    "ENV_SERVER",
+    "RemoteCommandHandle",
+    "RemoteCommands",
+    "RemoteFiles",
+    "RemoteSandbox",
+    "RemoteSandboxInfo",
+    "Server",
+    "error_from",
+    "error_of",
+    "resolve_server",
+]
