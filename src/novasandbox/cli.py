@@ -731,6 +731,14 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     show_default=True,
     help="Largest file upload or download.",
 )
+@click.option(
+    "--pool",
+    "pool_specs",
+    multiple=True,
+    metavar="TEMPLATE=N",
+    help="Keep N warm sandboxes of TEMPLATE ready for creates that ask for its default "
+    "shape without env, network or --cold (repeatable).",
+)
 @handle_errors
 def serve(
     host: str,
@@ -741,14 +749,17 @@ def serve(
     insecure: bool,
     log_level: str,
     max_file_mib: int,
+    pool_specs: tuple[str, ...],
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
     SIGINT kills its sandboxes and exits 0. With --state-dir, the keys and the
     sandboxes' state live there."""
     from .server.app import Settings
+    from .server.pools import parse_pool_specs
     from .server.serve import serve as run_server
 
+    pools = parse_pool_specs(pool_specs)
     if state_path is not None:
         state_path = state_path.absolute()
         os.environ["NOVASANDBOX_STATE_DIR"] = str(state_path)
@@ -761,6 +772,7 @@ def serve(
         insecure=insecure,
         log_level=log_level,
         settings=Settings(max_file_bytes=max_file_mib << 20),
+        pools=pools,
     )
 
 

@@ -125,6 +125,12 @@ class AsyncPool:
     async def acquire(self, timeout: float | None = None) -> AsyncSandbox:
         """Take a ready sandbox (waiting for one if none is ready yet). The caller owns
         it from now on; the pool starts a replacement."""
+        return await self._acquire(timeout, self.timeout)
+
+    async def _acquire(self, timeout: float | None, lifetime: float | None) -> AsyncSandbox:
+        """``acquire``, the sandbox getting ``lifetime`` (seconds; None: no limit) instead
+        of the pool's ``timeout`` (the server's pools: each create has its own)."""
+        lifetime = validate_lifetime(lifetime)
         await self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         async with self._changed:
@@ -137,7 +143,7 @@ class AsyncPool:
                         self._refill()
                         # the caller's lifetime starts now; it is set in the background so
                         # that the hand-over does not wait for the guest's answer
-                        task = asyncio.get_running_loop().create_task(self._retime(sb))
+                        task = asyncio.get_running_loop().create_task(self._retime(sb, lifetime))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
                         return sb
@@ -150,9 +156,9 @@ class AsyncPool:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def _retime(self, sb: AsyncSandbox) -> None:
+    async def _retime(self, sb: AsyncSandbox, lifetime: float | None) -> None:
         try:
-            await sb.set_timeout(self.timeout)
+            await sb.set_timeout(lifetime)
         except NovaSandboxError as exc:  # e.g. the new owner killed it at once
             log.debug("pool %s: lifetime of %s not set: %s", self.template, sb.id, exc)
 

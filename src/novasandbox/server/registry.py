@@ -27,6 +27,7 @@ from ..errors import (
     SandboxNotRunning,
 )
 from ..sandbox import AsyncSandbox, SandboxState
+from .pools import WarmPools
 
 log = logging.getLogger("novasandbox.server")
 
@@ -54,6 +55,8 @@ class Owned:
     """The state it ended in on its own (crashed, killed by its lifetime), once seen."""
     ended_at: float = 0.0
     crash_reason: str | None = None
+    pooled: bool = False
+    """Handed over from the server's warm pool (not made for this create)."""
 
     @property
     def id(self) -> str:
@@ -108,32 +111,47 @@ class Owned:
             "ports": ports,
             "restored": sb.restored,
             "provider": sb.provider,
+            "pooled": self.pooled,
         }
 
 
 class Registry:
     """The server's sandboxes by id, with their owner and labels."""
 
-    def __init__(self, provider: str | None = None) -> None:
+    def __init__(self, provider: str | None = None, pools: WarmPools | None = None) -> None:
         self.provider = provider
         """The provider its sandboxes run on (None: ``NOVASANDBOX_PROVIDER`` or the
         default)."""
         self._owned: dict[str, Owned] = {}
         self._closing = False
+        self.pools = pools or WarmPools({}, provider)
+        """The warm pools creates are served from when they can be (``pools.py``)."""
+        self._killing: set[asyncio.Task[None]] = set()
 
     async def create(self, owner: str, labels: Mapping[str, str], **arguments: Any) -> Owned:
         """A new sandbox for ``owner`` (``AsyncSandbox.create``'s ``arguments``)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        sb = await AsyncSandbox.create(provider=self.provider, **arguments)
+        pooled = await self.pools.take(arguments)
+        if pooled is not None:
+            sb = pooled
+        else:
+            sb = await AsyncSandbox.create(provider=self.provider, **arguments)
         if self._closing:
             await sb.kill()
             raise ShuttingDown(f"the server is shutting down: sandbox {sb.id} was killed")
-        owned = Owned(sb, owner, dict(labels))
+        owned = Owned(sb, owner, dict(labels), pooled=pooled is not None)
         self._owned[sb.id] = owned
         log.info(
             "sandbox created",
-            extra={"fields": {"sandbox": sb.id, "key": owner, "restored": sb.restored}},
+            extra={
+                "fields": {
+                    "sandbox": sb.id,
+                    "key": owner,
+                    "restored": sb.restored,
+                    "pooled": owned.pooled,
+                }
+            },
         )
         return owned
 
@@ -172,11 +190,26 @@ class Registry:
             counts[owned.state] += 1
         return counts
 
-    async def kill(self, owner: str, sandbox_id: str) -> None:
+    async def kill(self, owner: str, sandbox_id: str, wait: bool = True) -> None:
+        """Kill ``owner``'s sandbox; ``wait=False``: it is gone from the registry at
+        once and the VM is killed in the background (``close`` waits for those)."""
         owned = self.get(owner, sandbox_id)
         self._owned.pop(sandbox_id, None)
+        if not wait:
+            task = asyncio.get_running_loop().create_task(owned.sandbox.kill())
+            self._killing.add(task)
+            task.add_done_callback(self._killed_in_background)
+            log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
+            return
         await owned.sandbox.kill()
         log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
+
+    def _killed_in_background(self, task: asyncio.Task[None]) -> None:
+        self._killing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "could not kill a sandbox", extra={"fields": {"error": str(task.exception())}}
+            )
 
     def _observe(self, owned: Owned) -> None:
         """Note once that a sandbox ended on its own (the first look at ``state`` after
@@ -222,8 +255,11 @@ class Registry:
                 log.exception("sweeping sandboxes failed")
 
     async def close(self) -> None:
-        """Kill every sandbox (and refuse new ones). Idempotent."""
+        """Kill every sandbox (and refuse new ones), the pooled ones too. Idempotent."""
         self._closing = True
+        await self.pools.close()
+        if self._killing:
+            await asyncio.gather(*list(self._killing), return_exceptions=True)
         owned = list(self._owned.values())
         self._owned.clear()
         results = await asyncio.gather(*(o.sandbox.kill() for o in owned), return_exceptions=True)

@@ -35,6 +35,7 @@ import uvicorn
 from ..errors import ConfigError
 from .app import Settings, create_app
 from .keys import KeyStore
+from .pools import WarmPools
 from .registry import Registry
 
 log = logging.getLogger("novasandbox.server")
@@ -159,15 +160,18 @@ def serve(
     insecure: bool = False,
     log_level: str = "info",
     settings: Settings | None = None,
+    pools: dict[str, int] | None = None,
 ) -> None:
     """Serve the API until SIGTERM/SIGINT. The sandboxes live in the process's state
-    directory (``NOVASANDBOX_STATE_DIR``); the keys in ``state``."""
+    directory (``NOVASANDBOX_STATE_DIR``); the keys in ``state``. ``pools``: {template:
+    N} warm sandboxes kept ready (``pools.py``; a template not built fails here)."""
     check_bind(host, tls_cert, tls_key, insecure)
     keys = KeyStore(state)
     known = keys.current()  # a damaged key file fails here, not at the first request
+    warm = WarmPools(pools or {})
     sock = bind(host, port)
     configure_logging(log_level)
-    registry = Registry()
+    registry = Registry(pools=warm)
     # no "_created" series beside each counter and histogram (they double what a scrape
     # stores); a switch of the whole process, which is this server's own
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
