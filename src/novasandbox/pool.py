@@ -66,6 +66,9 @@ class AsyncPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._started = False
+        self._refill_delay = 0.0
+        """Seconds a refill started by an acquire waits before it creates (the server's
+        pools: the new owner's first command does not share the CPUs with a restore)."""
         self.last_error: BaseException | None = None
 
     @property
@@ -79,18 +82,22 @@ class AsyncPool:
             self._refill()
         return self
 
-    def _refill(self) -> None:
+    def _refill(self, delay: float = 0.0) -> None:
         while not self._closed and len(self._ready) + self._filling < self.size:
             if self._filling >= self.parallel:
                 break
             self._filling += 1
-            task = asyncio.get_running_loop().create_task(self._fill_one())
+            task = asyncio.get_running_loop().create_task(self._fill_one(delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _fill_one(self) -> None:
+    async def _fill_one(self, delay: float = 0.0) -> None:
         sb: AsyncSandbox | None = None
         try:
+            if delay:
+                await asyncio.sleep(delay)
+                if self._closed:
+                    return
             sb = await AsyncSandbox.create(
                 self.template,
                 env=self.env,
@@ -140,7 +147,7 @@ class AsyncPool:
                 while self._ready:
                     sb = self._ready.popleft()
                     if sb.is_running():
-                        self._refill()
+                        self._refill(self._refill_delay)
                         # the caller's lifetime starts now; it is set in the background so
                         # that the hand-over does not wait for the guest's answer
                         task = asyncio.get_running_loop().create_task(self._retime(sb, lifetime))

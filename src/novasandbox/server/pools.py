@@ -8,6 +8,7 @@ sandbox was not made with (``poolable``): the template's own shape (``vcpus`` an
 (``timeout``) may be anything: they are set on the pooled sandbox as on a fresh one (the
 lifetime counts from the hand-over). Any other create, or one that finds no ready
 sandbox in the pool, is an ordinary create (it does not wait for the pool to refill).
+A pool starts refilling ``REFILL_DELAY`` after a hand-over.
 
 Each pool is an ``AsyncPool``: it refills in the background, replaces a pooled sandbox
 that died while waiting, and ``close`` (the server's stop) kills what it still holds.
@@ -30,6 +31,10 @@ log = logging.getLogger("novasandbox.server")
 
 MAX_POOL = 64
 """Largest warm pool of one template."""
+REFILL_DELAY = 1.0
+"""Seconds a pool waits after handing a sandbox over before it restores the next: the
+new owner's first command (``novasandbox run``'s only one) then has the CPUs to itself,
+not shared with a restore and its warm-up."""
 _SPEC = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)=([0-9]+)")
 
 
@@ -65,9 +70,9 @@ class WarmPools:
             assert manager is not None
             tpl = manager.get(name)
             self._shapes[name] = (tpl.vcpus, tpl.memory_mib)
-            self._pools[name] = AsyncPool(
-                name, size, timeout=None, templates=manager, provider=provider
-            )
+            pool = AsyncPool(name, size, timeout=None, templates=manager, provider=provider)
+            pool._refill_delay = REFILL_DELAY
+            self._pools[name] = pool
 
     def __bool__(self) -> bool:
         return bool(self._pools)
