@@ -112,6 +112,8 @@ class Served:
         try:
             conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {self.key}"})
             text = conn.getresponse().read().decode()
+        except ConnectionRefusedError:  # logged "listening" before uvicorn listens
+            return 0
         finally:
             conn.close()
         m = re.search(r'^novasandbox_pool_size\{template="python"\} ([0-9.]+)$', text, re.M)

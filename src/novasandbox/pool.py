@@ -66,6 +66,9 @@ class AsyncPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._started = False
+        self._adoptable = False
+        """Whether its sandboxes are made adoptable (``AsyncSandbox.create``; the server's
+        pools when its sandboxes outlive it)."""
         self._refill_delay = 0.0
         """Seconds a refill started by an acquire waits before it creates (the server's
         pools: the new owner's first command does not share the CPUs with a restore)."""
@@ -104,6 +107,7 @@ class AsyncPool:
                 timeout=IDLE_LIFETIME,
                 templates=self._templates,
                 provider=self._provider,
+                adoptable=self._adoptable,
             )
             try:
                 # A restored VM translates its code afresh (TCG): run the command path once

@@ -55,13 +55,16 @@ def parse_pool_specs(specs: list[str] | tuple[str, ...]) -> dict[str, int]:
 
 class WarmPools:
     """One ``AsyncPool`` per template of ``sizes`` ({template: N}). Made before the
-    server listens (a template that is not built fails there); ``start`` fills them."""
+    server listens (a template that is not built fails there); ``start`` fills them.
+    ``adoptable``: the pooled sandboxes are made adoptable (when the server's sandboxes
+    outlive it, a pooled one handed over must too)."""
 
     def __init__(
         self,
         sizes: Mapping[str, int],
         provider: str | None = None,
         templates: TemplateManager | None = None,
+        adoptable: bool = False,
     ) -> None:
         self._pools: dict[str, AsyncPool] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -72,6 +75,7 @@ class WarmPools:
             self._shapes[name] = (tpl.vcpus, tpl.memory_mib)
             pool = AsyncPool(name, size, timeout=None, templates=manager, provider=provider)
             pool._refill_delay = REFILL_DELAY
+            pool._adoptable = adoptable  # as the server's other sandboxes
             self._pools[name] = pool
 
     def __bool__(self) -> bool:
