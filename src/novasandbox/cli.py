@@ -263,6 +263,10 @@ def run(
 
     Exit status: the command's; 124 if it ran past --timeout or the sandbox past
     --lifetime; 127 if it was not found in the guest; 125 for NovaSandbox's own errors.
+
+    With a server (novasandbox --server URL run ..., or NOVASANDBOX_SERVER) the sandbox
+    is the server's (from its warm pool when the options allow), and stdin is read to
+    its end first and sent whole (at most 8 MiB of UTF-8 text).
     """
     env = _parse_env(env_pairs)
     if no_egress and allow:
@@ -486,7 +490,8 @@ def tap_ls() -> None:
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include records of dead VMs.")
 def ls(as_json: bool, show_all: bool) -> None:
     """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
-    until ``gc`` (or the next create) reaps it."""
+    until ``gc`` (or the next create) reaps it. With a server (--server or
+    NOVASANDBOX_SERVER): the key's sandboxes on the server (-a: also ended ones)."""
     infos = [i for i in list_sandboxes() if show_all or i.alive]
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
@@ -532,7 +537,8 @@ def network_log(sandbox_id: str, as_json: bool) -> None:
 @handle_errors
 def kill(ids: tuple[str, ...], kill_all: bool) -> None:
     """Kill sandboxes by id (or --all) and remove their state. Any unique prefix of an
-    id will do (``sb-6267`` or ``6267``)."""
+    id will do (``sb-6267`` or ``6267``). With a server (--server or
+    NOVASANDBOX_SERVER): the key's sandboxes on the server."""
     if kill_all == bool(ids):
         raise click.UsageError("give sandbox ids or --all (not both)")
     targets = [i.id for i in list_sandboxes()] if kill_all else [resolve_sandbox_id(i) for i in ids]

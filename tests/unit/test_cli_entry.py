@@ -40,7 +40,7 @@ def test_the_server_path_imports_neither_the_library_nor_its_dependencies() -> N
     code = (
         "import sys; from novasandbox_entry import remote_main; "
         f"status = remote_main(['--server', 'http://127.0.0.1:{_free_port()}', 'ls']); "
-        "heavy = {'novasandbox', 'click', 'rich', 'asyncio', 'httpx', 'fastapi', 'typing'}; "
+        "heavy = {'novasandbox', 'click', 'rich', 'asyncio', 'httpx', 'fastapi'}; "
         "print(status, sorted(heavy & set(sys.modules)))"
     )
     done = subprocess.run(
