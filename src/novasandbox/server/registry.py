@@ -193,14 +193,15 @@ class Registry:
     async def kill(self, owner: str, sandbox_id: str, wait: bool = True) -> None:
         """Kill ``owner``'s sandbox; ``wait=False``: it is gone from the registry at
         once and the VM is killed in the background (``close`` waits for those)."""
-        owned = self.get(owner, sandbox_id)
-        self._owned.pop(sandbox_id, None)
         if not wait:
-            task = asyncio.get_running_loop().create_task(owned.sandbox.kill())
+            self.get(owner, sandbox_id)  # not found: the caller's error, not the task's
+            task = asyncio.get_running_loop().create_task(self.kill(owner, sandbox_id))
             self._killing.add(task)
             task.add_done_callback(self._killed_in_background)
-            log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
+            await asyncio.sleep(0)  # its first step runs now: out of the registry at once
             return
+        owned = self.get(owner, sandbox_id)
+        self._owned.pop(sandbox_id, None)
         await owned.sandbox.kill()
         log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
 
