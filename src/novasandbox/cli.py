@@ -1,5 +1,10 @@
 """The ``novasandbox`` command: a thin layer over the sync API.
 
+With a server (``--server`` or ``NOVASANDBOX_SERVER``), ``run``, ``ls``, ``kill``,
+``exec`` and ``cp`` go through its HTTP API instead, from ``novasandbox_entry`` (the
+console script's module: the standard library only, so that they start fast); this
+module has their help, and ``exec`` and ``cp`` refuse to run without a server.
+
 Exit status of ``run`` is the command's own; errors of NovaSandbox itself exit 125,
 a command not found in the guest 127, a timeout 124 (as ``timeout(1)`` does).
 """
@@ -9,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -22,6 +26,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+import novasandbox_entry
+from novasandbox_entry import REMOTE_COMMANDS, cli_terms
 
 from . import __version__, warmup
 from .config import validate_env
@@ -58,35 +65,11 @@ EXIT_TIMEOUT = 124
 err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-CLI_TERMS = [
-    # what the library's messages call a parameter -> the flag of ``novasandbox run``
-    (
-        r"Sandbox\.create\(\.\.\., timeout=SECONDS\) or sb\.set_timeout\(SECONDS\) "
-        r"\(None: no limit\)",
-        "--lifetime SECONDS (0: no limit)",
-    ),
-    (r'network="(none|nat|tap)"', r"--network \1"),
-    (r"^network must be", "--network must be"),
-    (r'"(nat|tap)"', r"--network \1"),
-    (r"\ballow=\[\]", "--no-egress"),
-    (r"\ballow\b", "--allow"),
-    (r"\bmemory_mib\b", "--memory"),
-    (r"\bvcpus\b", "--vcpus"),
-    (r"\bcold=True\b", "--cold"),
-]
-
 
 def out_console() -> Console:
     """stdout: the terminal's width, or (a pipe, a file) wide enough that tables and lines
     are neither cut nor wrapped at 80 columns."""
     return Console() if sys.stdout.isatty() else Console(width=400, soft_wrap=True)
-
-
-def cli_terms(message: str) -> str:
-    """A library message in the CLI's terms: flags instead of Python parameters."""
-    for pattern, replacement in CLI_TERMS:
-        message = re.sub(pattern, replacement, message)
-    return message
 
 
 def _fail(exc: NovaSandboxError, status: int = EXIT_ERROR) -> NoReturn:
@@ -111,9 +94,25 @@ def handle_errors(fn: F) -> F:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="Log what happens (-vv: debug timings).")
+@click.option(
+    "--server",
+    metavar="URL",
+    default=None,
+    help="A novasandbox server: run, ls, kill, exec and cp go through its HTTP API.  "
+    "[default: NOVASANDBOX_SERVER]",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    default=None,
+    help="The server's API key.  [default: NOVASANDBOX_API_KEY]",
+)
 @click.version_option(__version__, prog_name="novasandbox")
-def main(verbose: int) -> None:
+@click.pass_context
+def cli_group(ctx: click.Context, verbose: int, server: str | None, api_key: str | None) -> None:
     """Secure microVM sandboxes for untrusted code."""
+    if (server or api_key) and ctx.invoked_subcommand not in REMOTE_COMMANDS:
+        raise click.UsageError(f"--server and --api-key apply to {', '.join(REMOTE_COMMANDS)} only")
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
@@ -168,7 +167,7 @@ def _seconds_or_none(value: float | None) -> float | None:
     return None if value is None or value == 0 else value
 
 
-@main.command(context_settings={"allow_interspersed_args": False})
+@cli_group.command(context_settings={"allow_interspersed_args": False})
 @click.option("-t", "--template", default="python", show_default=True)
 @click.option(
     "-e",
@@ -264,6 +263,10 @@ def run(
 
     Exit status: the command's; 124 if it ran past --timeout or the sandbox past
     --lifetime; 127 if it was not found in the guest; 125 for NovaSandbox's own errors.
+
+    With a server (novasandbox --server URL run ..., or NOVASANDBOX_SERVER) the sandbox
+    is the server's (from its warm pool when the options allow), and stdin is read to
+    its end first and sent whole (at most 8 MiB of UTF-8 text).
     """
     env = _parse_env(env_pairs)
     if no_egress and allow:
@@ -328,7 +331,7 @@ def _refusal_summary(sb: Sandbox) -> None:
         err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-@main.group()
+@cli_group.group()
 def template() -> None:
     """List, build and remove templates."""
 
@@ -419,7 +422,7 @@ def template_rm(name: str) -> None:
     click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
 
 
-@main.group()
+@cli_group.group()
 def snapshot() -> None:
     """List and delete snapshots made with sandbox.snapshot()."""
 
@@ -452,7 +455,7 @@ def snapshot_rm(ids: tuple[str, ...]) -> None:
         click.echo(f"deleted {snapshot_id}")
 
 
-@main.group("tap")
+@cli_group.group("tap")
 def tap_group() -> None:
     """The pool of TAP devices that network="tap" sandboxes lease (root)."""
 
@@ -482,12 +485,13 @@ def tap_ls() -> None:
         click.echo(f"{t.name} {t.guest_address} {holder or 'free'}")
 
 
-@main.command("ls")
+@cli_group.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include records of dead VMs.")
 def ls(as_json: bool, show_all: bool) -> None:
     """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
-    until ``gc`` (or the next create) reaps it."""
+    until ``gc`` (or the next create) reaps it. With a server (--server or
+    NOVASANDBOX_SERVER): the key's sandboxes on the server (-a: also ended ones)."""
     infos = [i for i in list_sandboxes() if show_all or i.alive]
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
@@ -508,7 +512,7 @@ def ls(as_json: bool, show_all: bool) -> None:
     out_console().print(table)
 
 
-@main.command("network-log")
+@cli_group.command("network-log")
 @click.argument("sandbox_id")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -527,13 +531,14 @@ def network_log(sandbox_id: str, as_json: bool) -> None:
     click.echo(f"{sandbox_id}: {refused.refused} refused{unlisted}")
 
 
-@main.command("kill")
+@cli_group.command("kill")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "kill_all", is_flag=True, help="Kill every sandbox on this host.")
 @handle_errors
 def kill(ids: tuple[str, ...], kill_all: bool) -> None:
     """Kill sandboxes by id (or --all) and remove their state. Any unique prefix of an
-    id will do (``sb-6267`` or ``6267``)."""
+    id will do (``sb-6267`` or ``6267``). With a server (--server or
+    NOVASANDBOX_SERVER): the key's sandboxes on the server."""
     if kill_all == bool(ids):
         raise click.UsageError("give sandbox ids or --all (not both)")
     targets = [i.id for i in list_sandboxes()] if kill_all else [resolve_sandbox_id(i) for i in ids]
@@ -542,7 +547,82 @@ def kill(ids: tuple[str, ...], kill_all: bool) -> None:
         click.echo(f"killed {sandbox_id}")
 
 
-@main.command()
+def _needs_server(command: str) -> NoReturn:
+    raise ConfigError(
+        f"{command} works through a server: give --server URL (before {command}) or set "
+        "NOVASANDBOX_SERVER, with the key in --api-key or NOVASANDBOX_API_KEY"
+    )
+
+
+@cli_group.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-e",
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="K=V",
+    help="Environment variable (repeatable).",
+)
+@click.option(
+    "--cwd", default=None, metavar="DIR", help="Working directory in the guest.  [default: /root]"
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="S",
+    help="Kill the command after S seconds.",
+)
+@click.option("-i", "--interactive", is_flag=True, help="Pass stdin on even from a terminal.")
+@click.option("--no-stdin", is_flag=True, help="Do not pass stdin on (the command reads EOF).")
+@click.argument("sandbox_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@handle_errors
+def exec_(
+    env_pairs: tuple[str, ...],
+    cwd: str | None,
+    timeout: float | None,
+    interactive: bool,
+    no_stdin: bool,
+    sandbox_id: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in the existing sandbox SANDBOX_ID of a server (any unique prefix of
+    its id), stream its stdout and stderr, exit with its status (as run). Through a
+    server only (--server or NOVASANDBOX_SERVER).
+
+    \b
+    Examples:
+      novasandbox exec sb-1a2b3c4d5e -- python3 -c 'print(6 * 7)'
+      echo 'print(1)' | novasandbox exec 1a2b -- python3 -
+
+    stdin (a pipe or a file; a terminal with -i) is read to its end before the command
+    starts and sent with it: at most 8 MiB of UTF-8 text (binary data: cp - ID:PATH).
+    """
+    _needs_server("exec")
+
+
+@cli_group.command("cp")
+@click.argument("src")
+@click.argument("dst")
+@handle_errors
+def cp(src: str, dst: str) -> None:
+    """Copy a file into a server's sandbox (cp FILE ID:PATH) or out of it (cp ID:PATH
+    FILE); '-' is stdin or stdout. ID is any unique prefix of the sandbox's id; PATH is
+    absolute or under /root. A PATH ending in '/' (a FILE that is a directory) takes the
+    other side's file name. Uploads keep the file's permission bits. Through a server
+    only (--server or NOVASANDBOX_SERVER).
+
+    \b
+    Examples:
+      novasandbox cp data.csv sb-1a2b3c4d5e:/root/data.csv
+      novasandbox cp sb-1a2b3c4d5e:/root/out.png .
+      tar c src | novasandbox cp - 1a2b:/tmp/src.tar
+    """
+    _needs_server("cp")
+
+
+@cli_group.command()
 def gc() -> None:
     """Reap sandboxes past their lifetime or whose owner process is gone, and host
     resources (egress policies) that no VMM uses any more."""
@@ -553,7 +633,7 @@ def gc() -> None:
             click.echo(f"removed {SWEPT[kind]} {name}")
 
 
-@main.command()
+@cli_group.command()
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:
     """Check this host: QEMU, accelerator, templates, missing packages."""
@@ -659,7 +739,7 @@ def _state_option(fn: F) -> F:
     )(fn)
 
 
-@main.group("keys")
+@cli_group.group("keys")
 def keys_group() -> None:
     """API keys of the server (novasandbox serve); only their hashes are stored."""
 
@@ -706,7 +786,7 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     click.echo(f"removed {key.name} ({key.id})")
 
 
-@main.command()
+@cli_group.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=7070, show_default=True)
 @_state_option
@@ -760,6 +840,14 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     show_default=True,
     help="HTTP requests in progress at once (streams included); more get 503 server-busy.",
 )
+@click.option(
+    "--pool",
+    "pool_specs",
+    multiple=True,
+    metavar="TEMPLATE=N",
+    help="Keep N warm sandboxes of TEMPLATE ready for creates that ask for its default "
+    "shape without env, network or --cold (repeatable).",
+)
 @handle_errors
 def serve(
     host: str,
@@ -774,6 +862,7 @@ def serve(
     max_sandboxes: int | None,
     max_starting: int | None,
     max_requests: int,
+    pool_specs: tuple[str, ...],
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
@@ -782,8 +871,10 @@ def serve(
     --state-dir, the keys and the sandboxes' state live there."""
     from .server.admission import Limits, default_max_sandboxes, default_max_starting
     from .server.app import Settings
+    from .server.pools import parse_pool_specs
     from .server.serve import serve as run_server
 
+    pools = parse_pool_specs(pool_specs)
     if state_path is not None:
         state_path = state_path.absolute()
         os.environ["NOVASANDBOX_STATE_DIR"] = str(state_path)
@@ -804,6 +895,7 @@ def serve(
             ),
         ),
         on_stop=on_stop,
+        pools=pools,
     )
 
 
@@ -846,7 +938,7 @@ def cache_in_use(manager: TemplateManager) -> set[Path]:
     return paths
 
 
-@main.group("cache")
+@cli_group.group("cache")
 def cache_group() -> None:
     """The template cache: kernels, root file systems (bases), images and snapshots."""
 
@@ -876,5 +968,11 @@ def cache_prune(dry_run: bool, as_json: bool) -> None:
         click.echo(f"freed {freed} bytes ({_mb(freed)})")
 
 
+def main() -> Any:
+    """The CLI, through the server when one is set for the command (``novasandbox_entry``
+    decides), else ``cli_group``."""
+    return novasandbox_entry.main(local=cli_group)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -66,6 +66,12 @@ class AsyncPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._started = False
+        self._adoptable = False
+        """Whether its sandboxes are made adoptable (``AsyncSandbox.create``; the server's
+        pools when its sandboxes outlive it)."""
+        self._refill_delay = 0.0
+        """Seconds a refill started by an acquire waits before it creates (the server's
+        pools: the new owner's first command does not share the CPUs with a restore)."""
         self.last_error: BaseException | None = None
 
     @property
@@ -79,24 +85,29 @@ class AsyncPool:
             self._refill()
         return self
 
-    def _refill(self) -> None:
+    def _refill(self, delay: float = 0.0) -> None:
         while not self._closed and len(self._ready) + self._filling < self.size:
             if self._filling >= self.parallel:
                 break
             self._filling += 1
-            task = asyncio.get_running_loop().create_task(self._fill_one())
+            task = asyncio.get_running_loop().create_task(self._fill_one(delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _fill_one(self) -> None:
+    async def _fill_one(self, delay: float = 0.0) -> None:
         sb: AsyncSandbox | None = None
         try:
+            if delay:
+                await asyncio.sleep(delay)
+                if self._closed:
+                    return
             sb = await AsyncSandbox._create_local(
                 self.template,
                 env=self.env,
                 timeout=IDLE_LIFETIME,
                 templates=self._templates,
                 provider=self._provider,
+                adoptable=self._adoptable,
             )
             try:
                 # A restored VM translates its code afresh (TCG): run the command path once
@@ -125,6 +136,12 @@ class AsyncPool:
     async def acquire(self, timeout: float | None = None) -> AsyncSandbox:
         """Take a ready sandbox (waiting for one if none is ready yet). The caller owns
         it from now on; the pool starts a replacement."""
+        return await self._acquire(timeout, self.timeout)
+
+    async def _acquire(self, timeout: float | None, lifetime: float | None) -> AsyncSandbox:
+        """``acquire``, the sandbox getting ``lifetime`` (seconds; None: no limit) instead
+        of the pool's ``timeout`` (the server's pools: each create has its own)."""
+        lifetime = validate_lifetime(lifetime)
         await self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         async with self._changed:
@@ -134,10 +151,10 @@ class AsyncPool:
                 while self._ready:
                     sb = self._ready.popleft()
                     if sb.is_running():
-                        self._refill()
+                        self._refill(self._refill_delay)
                         # the caller's lifetime starts now; it is set in the background so
                         # that the hand-over does not wait for the guest's answer
-                        task = asyncio.get_running_loop().create_task(self._retime(sb))
+                        task = asyncio.get_running_loop().create_task(self._retime(sb, lifetime))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
                         return sb
@@ -150,9 +167,9 @@ class AsyncPool:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def _retime(self, sb: AsyncSandbox) -> None:
+    async def _retime(self, sb: AsyncSandbox, lifetime: float | None) -> None:
         try:
-            await sb.set_timeout(self.timeout)
+            await sb.set_timeout(lifetime)
         except NovaSandboxError as exc:  # e.g. the new owner killed it at once
             log.debug("pool %s: lifetime of %s not set: %s", self.template, sb.id, exc)
 

@@ -51,6 +51,7 @@ LAYERS: list[list[str]] = [
         "server",
         "server.keys",
         "server.models",
+        "server.pools",
         "server.registry",
         "server.streams",
         "server.metrics",

@@ -12,7 +12,8 @@ it: absolute, or relative to /root):
     POST   /v1/sandboxes                      create (CreateSandbox) -> 201 SandboxOut
     GET    /v1/sandboxes?label=K=V&state=S    the caller's sandboxes -> SandboxList
     GET    /v1/sandboxes/ID                   -> SandboxOut
-    DELETE /v1/sandboxes/ID                   kill -> 204
+    DELETE /v1/sandboxes/ID                   kill -> 204 (?wait=false: 202 at once, the
+                                              VM is killed in the background)
     PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
     POST   /v1/sandboxes/ID/pause | /resume   -> SandboxOut
     POST   /v1/sandboxes/ID/commands          run (RunCommand) -> NDJSON events (streams.py)
@@ -470,6 +471,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.adopt_all()  # what the last run left (restarts.)
         sweeper = asyncio.ensure_future(registry.sweep_forever())
+        await registry.pools.start()  # warm pools (serve --pool) fill in the background
         try:
             async with mcp.run():  # MCP sessions end (their sandboxes killed) first
                 yield
@@ -581,10 +583,21 @@ def create_app(
     async def get(sandbox_id: str, key: Caller) -> SandboxOut:
         return SandboxOut(**registry.get(key.id, sandbox_id).to_json())
 
-    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
-    async def kill(sandbox_id: str, key: Caller) -> Response:
-        await registry.kill(key.id, sandbox_id)
-        return Response(status_code=204)
+    @app.delete(
+        "/v1/sandboxes/{sandbox_id}",
+        status_code=204,
+        tags=["sandboxes"],
+        responses={202: {"description": "wait=false: killed in the background."}},
+    )
+    async def kill(
+        sandbox_id: str,
+        key: Caller,
+        wait: Annotated[
+            bool, Query(description="false: answer 202 at once, kill in the background.")
+        ] = True,
+    ) -> Response:
+        await registry.kill(key.id, sandbox_id, wait=wait)
+        return Response(status_code=204 if wait else 202)
 
     @app.put("/v1/sandboxes/{sandbox_id}/timeout", tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: SetTimeout, key: Caller) -> SandboxOut:

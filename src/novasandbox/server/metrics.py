@@ -19,8 +19,8 @@ several apps in one process do not share or collide. Names and what they count:
 - ``novasandbox_http_requests_total{method,route,status}`` (counter): every request, with
   the route's path template (``/v1/sandboxes/{sandbox_id}``), ``unmatched`` for a path
   no route has, and methods outside the standard ones as ``other``;
-- ``novasandbox_pool_size{template}`` (gauge): warm sandboxes ready per template. The
-  server has no pools yet: the family is exported without samples.
+- ``novasandbox_pool_size{template}`` (gauge): warm sandboxes ready per template of
+  ``serve --pool`` (counted at scrape time; no sample without pools).
 
 ``novasandbox serve`` switches off prometheus_client's ``_created`` series (a switch of
 the whole process, so not here).
@@ -72,6 +72,21 @@ class _SandboxStates(Collector):
         counts = self.registry.states()
         for state in SandboxState:
             family.add_metric([state.value], counts.get(state, 0))
+        yield family
+
+
+class _PoolSizes(Collector):
+    """``novasandbox_pool_size{template}``, counted when scraped."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "novasandbox_pool_size", "Warm sandboxes ready, by template.", labels=["template"]
+        )
+        for template, ready in self.registry.pools.ready().items():
+            family.add_metric([template], ready)
         yield family
 
 
@@ -130,12 +145,7 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
-        self.pool_size = Gauge(
-            "novasandbox_pool_size",
-            "Warm sandboxes ready, by template (the server has no pools yet).",
-            ["template"],
-            registry=r,
-        )
+        r.register(_PoolSizes(registry))
         for outcome in ("ok", "error"):
             self.creates.labels(outcome)
 

@@ -143,6 +143,9 @@ class SandboxOut(BaseModel):
     )
     restored: bool
     provider: str
+    pooled: bool = Field(
+        False, description="Handed over from the server's warm pool (serve --pool)."
+    )
 
 
 class SandboxList(BaseModel):

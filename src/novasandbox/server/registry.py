@@ -45,6 +45,7 @@ from ..sandbox import AsyncSandbox, SandboxState
 from ..snapshots import Snapshot, delete_snapshot, get_snapshot
 from ..vm import get_provider
 from .owners import OwnerStore, SandboxRecord, SnapshotRecord
+from .pools import WarmPools
 
 log = logging.getLogger("novasandbox.server")
 
@@ -78,6 +79,8 @@ class Owned:
     """The state it ended in on its own (crashed, killed by its lifetime), once seen."""
     ended_at: float = 0.0
     crash_reason: str | None = None
+    pooled: bool = False
+    """Handed over from the server's warm pool (not made for this create)."""
 
     @property
     def id(self) -> str:
@@ -132,13 +135,19 @@ class Owned:
             "ports": ports,
             "restored": sb.restored,
             "provider": sb.provider,
+            "pooled": self.pooled,
         }
 
 
 class Registry:
     """The server's sandboxes by id, with their owner and labels."""
 
-    def __init__(self, provider: str | None = None, store: OwnerStore | None = None) -> None:
+    def __init__(
+        self,
+        provider: str | None = None,
+        store: OwnerStore | None = None,
+        pools: WarmPools | None = None,
+    ) -> None:
         self.provider = provider
         """The provider its sandboxes run on (None: ``NOVASANDBOX_PROVIDER`` or the
         default)."""
@@ -149,21 +158,36 @@ class Registry:
         self.on_stop = "kill"
         """What ``close`` does with the sandboxes: "kill", or "keep" (left running for
         the next start, which adopts them; needs a ``store``)."""
+        self.pools = pools or WarmPools({}, provider)
+        """The warm pools creates are served from when they can be (``pools.py``)."""
+        self._killing: set[asyncio.Task[None]] = set()
 
     async def create(self, owner: str, labels: Mapping[str, str], **arguments: Any) -> Owned:
         """A new sandbox for ``owner`` (``AsyncSandbox.create``'s ``arguments``)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        sb = await AsyncSandbox._create_local(
-            provider=self.provider, adoptable=self._adoptable(), **arguments
-        )
+        pooled = await self.pools.take(arguments)
+        if pooled is not None:
+            sb = pooled
+        else:
+            sb = await AsyncSandbox._create_local(
+                provider=self.provider, adoptable=self._adoptable(), **arguments
+            )
         if self._closing:
             await sb.kill()
             raise ShuttingDown(f"the server is shutting down: sandbox {sb.id} was killed")
         owned = self._own(sb, owner, labels)
+        owned.pooled = pooled is not None
         log.info(
             "sandbox created",
-            extra={"fields": {"sandbox": sb.id, "key": owner, "restored": sb.restored}},
+            extra={
+                "fields": {
+                    "sandbox": sb.id,
+                    "key": owner,
+                    "restored": sb.restored,
+                    "pooled": owned.pooled,
+                }
+            },
         )
         return owned
 
@@ -202,12 +226,28 @@ class Registry:
             counts[owned.state] += 1
         return counts
 
-    async def kill(self, owner: str, sandbox_id: str) -> None:
+    async def kill(self, owner: str, sandbox_id: str, wait: bool = True) -> None:
+        """Kill ``owner``'s sandbox; ``wait=False``: it is gone from the registry at
+        once and the VM is killed in the background (``close`` waits for those)."""
+        if not wait:
+            self.get(owner, sandbox_id)  # not found: the caller's error, not the task's
+            task = asyncio.get_running_loop().create_task(self.kill(owner, sandbox_id))
+            self._killing.add(task)
+            task.add_done_callback(self._killed_in_background)
+            await asyncio.sleep(0)  # its first step runs now: out of the registry at once
+            return
         owned = self.get(owner, sandbox_id)
         self._owned.pop(sandbox_id, None)
         await owned.sandbox.kill()
         self._forget(sandbox_id)
         log.info("sandbox killed", extra={"fields": {"sandbox": sandbox_id, "key": owner}})
+
+    def _killed_in_background(self, task: asyncio.Task[None]) -> None:
+        self._killing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "could not kill a sandbox", extra={"fields": {"error": str(task.exception())}}
+            )
 
     def _observe(self, owned: Owned) -> None:
         """Note once that a sandbox ended on its own (the first look at ``state`` after
@@ -254,9 +294,12 @@ class Registry:
                 log.exception("sweeping sandboxes failed")
 
     async def close(self) -> None:
-        """Kill every sandbox (and refuse new ones), or leave them running if
-        ``on_stop`` is "keep". Idempotent."""
+        """Kill every sandbox (and refuse new ones), the pooled ones too; or, if
+        ``on_stop`` is "keep", leave the owned ones running. Idempotent."""
         self._closing = True
+        await self.pools.close()
+        if self._killing:
+            await asyncio.gather(*list(self._killing), return_exceptions=True)
         owned = list(self._owned.values())
         self._owned.clear()
         if owned and self.on_stop == "keep" and self._adoptable():  # else they die with us

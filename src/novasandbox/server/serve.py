@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from .app import Settings, create_app
 from .keys import KeyStore
 from .owners import OwnerStore
+from .pools import WarmPools
 from .registry import Registry
 from .signed import UrlSigner, load_secret
 
@@ -170,21 +171,25 @@ def serve(
     log_level: str = "info",
     settings: Settings | None = None,
     on_stop: str = "kill",
+    pools: dict[str, int] | None = None,
 ) -> None:
     """Serve the API until SIGTERM/SIGINT. The sandboxes live in the process's state
     directory (``NOVASANDBOX_STATE_DIR``); the keys, whose each sandbox is and the URL
     signing secret in ``state``. ``on_stop``: what a stop does with the sandboxes,
-    "kill" or "keep" (left running, adopted by the next start)."""
+    "kill" or "keep" (left running, adopted by the next start). ``pools``: {template:
+    N} warm sandboxes kept ready (``pools.py``; a template not built fails here)."""
     check_bind(host, tls_cert, tls_key, insecure)
     if on_stop not in ("kill", "keep"):
         raise ConfigError(f"on_stop must be kill or keep, got {on_stop!r}")
     signer = UrlSigner(load_secret(state))
     keys = KeyStore(state)
     known = keys.current()  # a damaged key file fails here, not at the first request
-    sock = bind(host, port)
-    configure_logging(log_level)
     registry = Registry(store=OwnerStore(state))
     registry.on_stop = on_stop
+    # pooled sandboxes are adoptable like the others: one handed over must outlive us too
+    registry.pools = WarmPools(pools or {}, adoptable=registry._adoptable())
+    sock = bind(host, port)
+    configure_logging(log_level)
     # no "_created" series beside each counter and histogram (they double what a scrape
     # stores); a switch of the whole process, which is this server's own
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
