@@ -899,7 +899,7 @@ def serve(
     )
 
 
-@main.command("mcp")
+@cli_group.command("mcp")
 @handle_errors
 def mcp_command() -> None:
     """Serve MCP (Model Context Protocol) tools for AI agents over stdin and stdout:
