@@ -159,9 +159,20 @@ def exercise(case: Any, fuzzed: Fuzzed) -> None:
     try:
         case.validate_response(response, checks=CHECKS, headers=fuzzed.headers)
     finally:
-        if case.method == "POST" and case.path == "/v1/sandboxes" and response.status_code == 201:
-            made = response.json()["id"]
-            assert fuzzed.client.delete(f"/v1/sandboxes/{made}").status_code == 204
+        if response.status_code == 201:
+            release(response.json(), fuzzed)
+
+
+def release(made: Any, fuzzed: Fuzzed) -> None:
+    """Kill what a generated request made: a sandbox (create, restore), forks, a
+    snapshot."""
+    if not isinstance(made, dict):
+        return
+    for sb in made.get("sandboxes", [made]):
+        if str(sb.get("id", "")).startswith("sb-") and sb["id"] != fuzzed.sandbox:
+            assert fuzzed.client.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
+    if str(made.get("id", "")).startswith("snap-"):
+        assert fuzzed.client.delete(f"/v1/snapshots/{made['id']}").status_code == 204
 
 
 def fuzz_operation(operation: Any, fuzzed: Fuzzed) -> None:
@@ -211,4 +222,5 @@ def test_the_api_answers_every_generated_request_as_it_describes(fuzzed: Fuzzed)
 def test_nothing_was_left_but_the_kept_sandbox(fuzzed: Fuzzed) -> None:
     listed = [s["id"] for s in fuzzed.client.get("/v1/sandboxes").json()["sandboxes"]]
     assert set(listed) <= {fuzzed.sandbox}
+    assert fuzzed.client.get("/v1/snapshots").json()["snapshots"] == []
     assert isinstance(httpx.get(f"{fuzzed.server.url}/healthz").json(), dict)
