@@ -177,7 +177,7 @@ class ServerUnreachable(RemoteError, ConnectionError):
 
 class RemoteUnsupported(RemoteError):
     """What a sandbox on a server does not offer to its clients (its host paths, its
-    console, snapshots through this client...)."""
+    console, its network log...)."""
 
     code = "remote-unsupported"
 
