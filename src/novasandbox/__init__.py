@@ -57,6 +57,7 @@ from .errors import (
     SandboxOwned,
     SandboxPermissionError,
     ServerBusy,
+    ServerRequired,
     ServerUnreachable,
     SignatureInvalid,
     SignedUrlExpired,
@@ -73,7 +74,7 @@ from .files import EntryInfo
 from .network import NetworkLog, NetworkMode, RefusedConnection
 from .pool import AsyncPool
 from .records import SandboxInfo
-from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo
+from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo, RemoteSnapshot
 from .sandbox import AsyncSandbox, SandboxState
 from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
 from .sync import CommandHandle, Pool, Sandbox
@@ -122,6 +123,7 @@ __all__ = [
     "RemoteError",
     "RemoteSandbox",
     "RemoteSandboxInfo",
+    "RemoteSnapshot",
     "RemoteUnsupported",
     "Sandbox",
     "SandboxCrashed",
@@ -136,6 +138,7 @@ __all__ = [
     "SandboxPermissionError",
     "SandboxState",
     "ServerBusy",
+    "ServerRequired",
     "ServerUnreachable",
     "SignatureInvalid",
     "SignedUrlExpired",

@@ -5,6 +5,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
 
     NovaSandboxError                    error
     ├── ConfigError                     invalid-config
+    │   └── ServerRequired              server-required
     ├── TemplateError                   template-error
     │   ├── TemplateNotFound            template-not-found
     │   ├── TemplateNotBuilt            template-not-built
@@ -176,9 +177,16 @@ class ServerUnreachable(RemoteError, ConnectionError):
 
 class RemoteUnsupported(RemoteError):
     """What a sandbox on a server does not offer to its clients (its host paths, its
-    console, snapshots through this client...)."""
+    console, its network log...)."""
 
     code = "remote-unsupported"
+
+
+class ServerRequired(ConfigError):
+    """What only a sandbox on a server offers: a signed URL (``upload_url``,
+    ``download_url``) needs a server to serve it; a local sandbox has none."""
+
+    code = "server-required"
 
 
 class ProviderError(NovaSandboxError):

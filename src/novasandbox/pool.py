@@ -14,7 +14,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from .config import validate_env, validate_lifetime
@@ -69,6 +69,9 @@ class AsyncPool:
         self._adoptable = False
         """Whether its sandboxes are made adoptable (``AsyncSandbox.create``; the server's
         pools when its sandboxes outlive it)."""
+        self._on_made: Callable[[AsyncSandbox], None] | None = None
+        """Called with each sandbox it makes, before its warm-up (the server's pools:
+        recorded as pooled, so a restart after a crash reaps it)."""
         self._refill_delay = 0.0
         """Seconds a refill started by an acquire waits before it creates (the server's
         pools: the new owner's first command does not share the CPUs with a restore)."""
@@ -110,6 +113,8 @@ class AsyncPool:
                 adoptable=self._adoptable,
             )
             try:
+                if self._on_made is not None:
+                    self._on_made(sb)
                 # A restored VM translates its code afresh (TCG): run the command path once
                 # so that the first command of whoever acquires it is as fast as later ones.
                 await sb.commands.run(WARMUP, timeout=30, check=True)

@@ -19,9 +19,16 @@ and kill go to ``/commands/PID/...``. Files move as raw bytes.
 
 What a sandbox on a server does not offer its clients raises ``RemoteUnsupported``:
 ``paths``, ``config``, ``accel``, ``guest_kernel``, ``console_tail``, ``timings``,
-``cold_reason``, ``source_snapshot``, ``network_log``, ``snapshot``, ``fork``. ``state``,
-``expired``, ``crash_reason`` and ``deadline`` are what the server said last, refreshed by
-every call of this client that returns the sandbox (``refresh()`` asks).
+``cold_reason``, ``source_snapshot``, ``network_log``. ``state``, ``expired``,
+``crash_reason`` and ``deadline`` are what the server said last, refreshed by every call
+of this client that returns the sandbox (``refresh()`` asks).
+
+Snapshots stay on the server and belong to the key that made them: ``snapshot()``
+returns a ``RemoteSnapshot`` (its id and description, no host paths), which
+``create(from_snapshot=..., server=...)`` restores on the same server (the id alone
+does too); ``fork(n)`` returns new ``RemoteSandbox``es. What only a server offers:
+``upload_url(path)`` and ``download_url(path)``, signed URLs that move one file without
+the API key until they expire.
 
 This module does not import the server (no FastAPI on the client's path).
 """
@@ -67,6 +74,7 @@ from .errors import (
     SandboxFileError,
     SandboxNotRunning,
     ServerUnreachable,
+    check_int,
 )
 from .files import (
     DEFAULT_FILE_TIMEOUT,
@@ -78,6 +86,7 @@ from .files import (
 )
 from .guest.protocol import ErrorCode
 from .results import CommandResult, SandboxState
+from .snapshots import Snapshot
 
 ENV_SERVER = "NOVASANDBOX_SERVER"
 ENV_API_KEY = "NOVASANDBOX_API_KEY"
@@ -88,6 +97,8 @@ REQUEST_TIMEOUT = 600.0
 load restores a snapshot or boots a kernel)."""
 MAX_REPLY = 64 << 20
 """Bytes of a JSON reply (a listing) or of one NDJSON event line this client accepts."""
+DEFAULT_URL_EXPIRES = 300
+"""Seconds a signed URL lives by default (the server allows up to an hour)."""
 STDIN_CHUNK = 1 << 20
 """Bytes of stdin sent per request (the server bounds request bodies)."""
 _FAMILIES = (
@@ -374,6 +385,88 @@ class RemoteSandboxInfo:
         return self.state in ("starting", "running", "paused", "broken")
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteSnapshot:
+    """A snapshot a server keeps for the key that made it (``sandbox.snapshot()`` of a
+    ``RemoteSandbox``): the fields of ``Snapshot`` that say something off the server's
+    host. ``create(from_snapshot=..., server=...)`` restores it on ``server``."""
+
+    id: str
+    template: str
+    created_at: float
+    source_sandbox: str | None
+    vcpus: int
+    memory_mib: int
+    network: str
+    """The network mode it was saved with (it restores only into a compatible one)."""
+    size_bytes: int
+    server: str
+    """The URL of the server that keeps it."""
+    kind: Literal["user"] = "user"
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], server: str) -> RemoteSnapshot:
+        try:
+            source = d["source_sandbox"]
+            return cls(
+                id=str(d["id"]),
+                template=str(d["template"]),
+                created_at=float(d["created_at"]),
+                source_sandbox=None if source is None else str(source),
+                vcpus=int(d["vcpus"]),
+                memory_mib=int(d["memory_mib"]),
+                network=str(d["network"]),
+                size_bytes=int(d["size_bytes"]),
+                server=server,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(
+                f"the server described a snapshot in an unknown shape: {exc}"
+            ) from exc
+
+
+def snapshot_id_for(snapshot: Snapshot | RemoteSnapshot | str, server: Server) -> str:
+    """The id of ``snapshot`` to restore or delete on ``server``: a ``RemoteSnapshot`` of
+    that server or an id; ``ConfigError`` for a local snapshot or another server's."""
+    if isinstance(snapshot, Snapshot):
+        raise ConfigError(
+            f"snapshot {snapshot.id} is a local one (this host's): a server restores only "
+            "the snapshots it made (sandbox.snapshot() of one of its sandboxes)"
+        )
+    if isinstance(snapshot, RemoteSnapshot):
+        if snapshot.server != server.url:
+            raise ConfigError(
+                f"snapshot {snapshot.id} is kept by the server {snapshot.server}, not {server.url}"
+            )
+        return snapshot.id
+    if not isinstance(snapshot, str) or not snapshot or "/" in snapshot:
+        raise ConfigError(f"a snapshot is a Snapshot, a RemoteSnapshot or an id, got {snapshot!r}")
+    return snapshot
+
+
+async def list_snapshots_on(server: Server) -> list[RemoteSnapshot]:
+    """The key's snapshots on ``server`` (oldest first)."""
+    http = _Http(server)
+    try:
+        reply = await http.call("GET", "/v1/snapshots")
+    finally:
+        await http.aclose()
+    try:
+        return [RemoteSnapshot.from_json(d, server.url) for d in reply["snapshots"]]
+    except (KeyError, TypeError) as exc:
+        raise RemoteError("the server sent a list in an unknown shape") from exc
+
+
+async def delete_snapshot_on(server: Server, snapshot: Snapshot | RemoteSnapshot | str) -> None:
+    """Delete the key's snapshot on ``server`` (sandboxes restored from it run on)."""
+    snapshot_id = snapshot_id_for(snapshot, server)
+    http = _Http(server)
+    try:
+        await http.call("DELETE", f"/v1/snapshots/{urllib.parse.quote(snapshot_id, safe='')}")
+    finally:
+        await http.aclose()
+
+
 class RemoteSandbox:
     """A sandbox owned by a NovaSandbox server (see the module's docstring). Made by
     ``AsyncSandbox.create(..., server=...)`` or ``AsyncSandbox.connect(id, ...)``."""
@@ -405,8 +498,11 @@ class RemoteSandbox:
         allow: Sequence[str] | None,
         ports: Sequence[int],
         labels: Mapping[str, str] | None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
     ) -> RemoteSandbox:
-        """A new sandbox on ``server`` (``AsyncSandbox.create``'s arguments)."""
+        """A new sandbox on ``server`` (``AsyncSandbox.create``'s arguments;
+        ``from_snapshot``: one of the key's snapshots there, or its id)."""
+        snapshot = None if from_snapshot is None else snapshot_id_for(from_snapshot, server)
         body = {
             "template": template,
             "vcpus": vcpus,
@@ -419,6 +515,8 @@ class RemoteSandbox:
             "labels": dict(labels or {}),
             "cold": cold,
         }
+        if snapshot is not None:
+            body["snapshot"] = snapshot
         http = _Http(server)
         try:
             reply = await http.call("POST", "/v1/sandboxes", json=body)
@@ -592,6 +690,45 @@ class RemoteSandbox:
     ) -> None:
         await self.kill()
 
+    # --- snapshots, forks and signed URLs
+
+    async def snapshot(self) -> RemoteSnapshot:
+        """Save this sandbox (memory, processes, files) on the server as a snapshot of
+        the key's; ``create(from_snapshot=..., server=...)`` restores it. It goes on
+        running."""
+        return RemoteSnapshot.from_json(await self._call("POST", "/snapshot"), self.server or "")
+
+    async def fork(self, n: int = 1) -> list[RemoteSandbox]:
+        """``n`` new sandboxes of the key's on the server that continue from this one's
+        current state (memory, processes, files), with its labels; they outlive it."""
+        check_int("fork count", n, 1, 64)
+        reply = await self._call("POST", "/fork", json={"n": n})
+        try:
+            infos = [RemoteSandboxInfo.from_json(d) for d in reply["sandboxes"]]
+        except (KeyError, TypeError) as exc:
+            raise RemoteError("the server sent a list in an unknown shape") from exc
+        return [RemoteSandbox(_Http(self._http.server), info) for info in infos]
+
+    async def upload_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        """A URL that writes ``path`` in the sandbox (``PUT`` the file's bytes as the
+        body) without the API key, for ``expires`` seconds (1 to 3600)."""
+        return await self._signed_url("upload-url", path, expires)
+
+    async def download_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        """A URL that reads ``path`` of the sandbox (``GET``) without the API key, for
+        ``expires`` seconds (1 to 3600)."""
+        return await self._signed_url("download-url", path, expires)
+
+    async def _signed_url(self, kind: str, path: str, expires: int) -> str:
+        path = resolve_guest_path(path)
+        check_int("expires", expires, 1)  # the server has the upper bound
+        params = {"path": path, "expires": str(expires)}
+        reply = await self._call("POST", f"/files/{kind}", path=path, params=params)
+        try:
+            return str(reply["url"])
+        except (KeyError, TypeError) as exc:
+            raise RemoteError("the server sent a signed URL in an unknown shape") from exc
+
     # --- what a client does not get
 
     def _unsupported(self, what: str) -> NoReturn:
@@ -630,12 +767,6 @@ class RemoteSandbox:
 
     async def network_log(self) -> NoReturn:
         self._unsupported("the network log")
-
-    async def snapshot(self) -> NoReturn:
-        self._unsupported("snapshot()")
-
-    async def fork(self, n: int = 1) -> NoReturn:
-        self._unsupported("fork()")
 
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self.id} template={self.template} state={self.state.value}>"
@@ -1059,8 +1190,12 @@ __all__ = [
     "RemoteFiles",
     "RemoteSandbox",
     "RemoteSandboxInfo",
+    "RemoteSnapshot",
     "Server",
+    "delete_snapshot_on",
     "error_from",
     "error_of",
+    "list_snapshots_on",
     "resolve_server",
+    "snapshot_id_for",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import builtins
 import contextlib
 import logging
 import os
@@ -50,6 +51,7 @@ from .errors import (
     SandboxNotFound,
     SandboxNotRunning,
     SandboxOwned,
+    ServerRequired,
     SnapshotError,
     VMStartError,
     check_int,
@@ -70,7 +72,15 @@ from .records import (
     sandboxes_dir,
     write_record,
 )
-from .remote import RemoteSandbox, RemoteSandboxInfo, resolve_server
+from .remote import (
+    DEFAULT_URL_EXPIRES,
+    RemoteSandbox,
+    RemoteSandboxInfo,
+    RemoteSnapshot,
+    delete_snapshot_on,
+    list_snapshots_on,
+    resolve_server,
+)
 from .results import SandboxState
 from .snapshots import (
     DISK,
@@ -79,9 +89,11 @@ from .snapshots import (
     BootPlan,
     Engine,
     Snapshot,
+    delete_snapshot,
     drop_unused_fork_snapshot,
     drop_unused_fork_snapshots,
     get_snapshot,
+    list_snapshots,
     new_snapshot_id,
     plan_boot,
     saved,
@@ -224,7 +236,7 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -248,7 +260,7 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -272,7 +284,7 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -296,7 +308,7 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -316,8 +328,8 @@ class AsyncSandbox:
         memory) boots cold the first time and saves a snapshot of itself right after
         boot, before it is returned; later creates of that shape restore it
         (``sandbox.restored``; ``sandbox.cold_reason`` says why one booted cold).
-        ``from_snapshot`` restores a snapshot made by ``sandbox.snapshot()``: files and
-        running processes included.
+        ``from_snapshot`` restores a snapshot made by ``sandbox.snapshot()`` (or its id):
+        files and running processes included.
 
         ``timeout`` is the sandbox's lifetime in seconds (None: no limit): when it ends
         the VM is killed and its state removed, by this process's timer, by the guest
@@ -340,9 +352,10 @@ class AsyncSandbox:
         ``server`` (a URL; else ``NOVASANDBOX_SERVER``) creates it on a ``novasandbox
         serve`` with ``api_key`` (else ``NOVASANDBOX_API_KEY``) and returns a
         ``RemoteSandbox`` (``novasandbox.remote``): the same methods, results and errors.
-        ``labels`` are kept by the server (``list(labels=...)`` filters on them). The
-        arguments about this host (``drives``, ``from_snapshot``, ``boot_timeout``,
-        ``templates``, ``provider``, ``adoptable``) are for local sandboxes only.
+        ``labels`` are kept by the server (``list(labels=...)`` filters on them);
+        ``from_snapshot`` is one of the key's snapshots there (a ``RemoteSnapshot`` or its
+        id). The arguments about this host (``drives``, ``boot_timeout``, ``templates``,
+        ``provider``, ``adoptable``) are for local sandboxes only.
         """
         return await cls._open(
             template,
@@ -375,7 +388,7 @@ class AsyncSandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -393,6 +406,13 @@ class AsyncSandbox:
         if where is None:
             if labels:
                 raise ConfigError("labels are kept by a server: give server= to use them")
+            if isinstance(from_snapshot, RemoteSnapshot):
+                raise ConfigError(
+                    f"snapshot {from_snapshot.id} is kept by the server {from_snapshot.server}:"
+                    " give server= to restore it there"
+                )
+            if isinstance(from_snapshot, str):
+                from_snapshot = get_snapshot(from_snapshot)
             return await cls._create_local(
                 template,
                 vcpus=vcpus,
@@ -412,7 +432,6 @@ class AsyncSandbox:
             )
         local_only = {
             "drives": bool(drives),
-            "from_snapshot": from_snapshot is not None,
             "boot_timeout": boot_timeout != DEFAULT_BOOT_TIMEOUT,
             "templates": templates is not None,
             "provider": provider is not None,
@@ -433,6 +452,7 @@ class AsyncSandbox:
             allow=allow,
             ports=ports,
             labels=labels,
+            from_snapshot=from_snapshot,
         )
 
     @classmethod
@@ -1304,6 +1324,56 @@ class AsyncSandbox:
         if labels:
             raise ConfigError("labels are kept by a server: give server= to filter on them")
         return [info for info in list_sandboxes() if info.alive]
+
+    @staticmethod
+    async def list_snapshots(
+        *, server: str | None = None, api_key: str | None = None
+    ) -> builtins.list[Snapshot] | builtins.list[RemoteSnapshot]:
+        """The user snapshots on this host (``novasandbox.list_snapshots()``); with a
+        server (``server``, else ``NOVASANDBOX_SERVER``) the key's snapshots there."""
+        where = resolve_server(server, api_key)
+        if where is not None:
+            return await list_snapshots_on(where)
+        return list_snapshots()
+
+    @staticmethod
+    async def delete_snapshot(
+        snapshot: Snapshot | RemoteSnapshot | str,
+        *,
+        server: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """Delete a snapshot (or the one with this id) of this host
+        (``novasandbox.delete_snapshot``) or, with a server, one of the key's there.
+        Sandboxes restored from it run on."""
+        where = resolve_server(server, api_key)
+        if where is not None:
+            await delete_snapshot_on(where, snapshot)
+            return
+        if isinstance(snapshot, RemoteSnapshot):
+            raise ConfigError(
+                f"snapshot {snapshot.id} is kept by the server {snapshot.server}: give "
+                "server= to delete it there"
+            )
+        delete_snapshot(snapshot)
+
+    # --- what only a server offers
+
+    async def upload_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        """Only a sandbox on a server has signed URLs (``RemoteSandbox.upload_url``):
+        a local one raises ``ServerRequired``."""
+        raise ServerRequired(
+            "a signed URL needs a server to serve it: create the sandbox with server= "
+            "(novasandbox serve); a local sandbox moves files with sandbox.files"
+        )
+
+    async def download_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        """Only a sandbox on a server has signed URLs (``RemoteSandbox.download_url``):
+        a local one raises ``ServerRequired``."""
+        raise ServerRequired(
+            "a signed URL needs a server to serve it: create the sandbox with server= "
+            "(novasandbox serve); a local sandbox moves files with sandbox.files"
+        )
 
     def __repr__(self) -> str:
         return f"<AsyncSandbox {self.id} template={self.template} state={self.state.value}>"

@@ -4,6 +4,7 @@ event-loop thread. No logic lives here (a parity test keeps the signatures equal
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
@@ -24,11 +25,13 @@ from .network import NetworkLog, NetworkMode
 from .pool import AsyncPool
 from .records import SandboxInfo
 from .remote import (
+    DEFAULT_URL_EXPIRES,
     RemoteCommandHandle,
     RemoteCommands,
     RemoteFiles,
     RemoteSandbox,
     RemoteSandboxInfo,
+    RemoteSnapshot,
 )
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
@@ -269,7 +272,7 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         drives: Sequence[Drive] = (),
         cold: bool = False,
-        from_snapshot: Snapshot | None = None,
+        from_snapshot: Snapshot | RemoteSnapshot | str | None = None,
         timeout: float | None = DEFAULT_LIFETIME,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         templates: TemplateManager | None = None,
@@ -394,11 +397,29 @@ class Sandbox:
     def resume(self) -> None:
         _Portal.call(self._inner.resume())
 
-    def snapshot(self) -> Snapshot:
-        return _Portal.call(self._inner.snapshot())
+    def snapshot(self) -> Snapshot | RemoteSnapshot:
+        saving = cast(  # either kind of snapshot: the join of the two is ``object``
+            "Coroutine[Any, Any, Snapshot | RemoteSnapshot]", self._inner.snapshot()
+        )
+        return _Portal.call(saving)
+
+    snapshot.__doc__ = AsyncSandbox.snapshot.__doc__
+
+    def upload_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        return _Portal.call(self._inner.upload_url(path, expires))
+
+    upload_url.__doc__ = RemoteSandbox.upload_url.__doc__
+
+    def download_url(self, path: str, expires: int = DEFAULT_URL_EXPIRES) -> str:
+        return _Portal.call(self._inner.download_url(path, expires))
+
+    download_url.__doc__ = RemoteSandbox.download_url.__doc__
 
     def fork(self, n: int = 1) -> list[Sandbox]:
-        return [Sandbox(child) for child in _Portal.call(self._inner.fork(n))]
+        forking = cast(
+            "Coroutine[Any, Any, list[AsyncSandbox] | list[RemoteSandbox]]", self._inner.fork(n)
+        )
+        return [Sandbox(child) for child in _Portal.call(forking)]
 
     @property
     def template(self) -> str:
@@ -456,6 +477,25 @@ class Sandbox:
         api_key: str | None = None,
     ) -> list[SandboxInfo] | list[RemoteSandboxInfo]:
         return _Portal.call(AsyncSandbox.list(labels=labels, server=server, api_key=api_key))
+
+    @staticmethod
+    def list_snapshots(
+        *, server: str | None = None, api_key: str | None = None
+    ) -> builtins.list[Snapshot] | builtins.list[RemoteSnapshot]:
+        return _Portal.call(AsyncSandbox.list_snapshots(server=server, api_key=api_key))
+
+    list_snapshots.__doc__ = AsyncSandbox.list_snapshots.__doc__
+
+    @staticmethod
+    def delete_snapshot(
+        snapshot: Snapshot | RemoteSnapshot | str,
+        *,
+        server: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        _Portal.call(AsyncSandbox.delete_snapshot(snapshot, server=server, api_key=api_key))
+
+    delete_snapshot.__doc__ = AsyncSandbox.delete_snapshot.__doc__
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} template={self.template} state={self.state.value}>"

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from novasandbox import (
@@ -24,11 +25,13 @@ from novasandbox import (
     ConfigError,
     NovaSandboxError,
     RemoteSandbox,
+    RemoteSnapshot,
     Sandbox,
     SandboxNotFound,
     SandboxNotRunning,
     SandboxState,
     ServerUnreachable,
+    SnapshotNotFound,
 )
 from tests.server_support import error_of, iter_wait
 
@@ -295,3 +298,64 @@ def test_a_dropped_client_kills_its_commands_but_not_background_ones(
             assert r.status_code == 404 and error_of(r)["code"] == "process-not-found", r.text
         r = c.post(f"{base}/1/signal", json={"signal": 0})
         assert r.status_code == 422 and error_of(r)["code"] == "invalid-config"
+
+
+def test_snapshots_forks_and_signed_urls_through_the_client(remote_server: RemoteServer) -> None:
+    kw: dict[str, Any] = {"server": remote_server.url, "api_key": remote_server.key}
+    other: dict[str, Any] = {"server": remote_server.url, "api_key": remote_server.other_key}
+    sb = remote_server.create(labels={"suite": "snap"})
+    sb.files.write("/root/state.txt", "saved")
+    snap = sb.snapshot()
+    assert isinstance(snap, RemoteSnapshot) and snap.id.startswith("snap-")
+    assert (snap.source_sandbox, snap.template, snap.server) == (sb.id, "python", sb.server)
+    assert snap.size_bytes > 0 and snap.network == "none"
+    assert [s.id for s in Sandbox.list_snapshots(**kw)] == [snap.id]
+    assert Sandbox.list_snapshots(**other) == []  # another key's: not even listed
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.create(from_snapshot=snap.id, **other)
+    sb.files.write("/root/state.txt", "later")
+
+    restored = remote_server.create(from_snapshot=snap)
+    assert restored.restored and restored.id != sb.id
+    assert restored.files.read("/root/state.txt") == "saved"
+
+    [child] = sb.fork(1)
+    remote_server.sandboxes.append(child)
+    assert child.server == sb.server and child.labels == {"suite": "snap"}
+    assert child.files.read("/root/state.txt") == "later"
+    child.files.write("/root/state.txt", "child")
+    assert sb.files.read("/root/state.txt") == "later"  # independent
+
+    # signed URLs: one file, one method, no key
+    up = sb.upload_url("/tmp/up.bin", expires=60)
+    assert remote_server.key not in up
+    blob = os.urandom(100_000)
+    assert httpx.put(up, content=blob, timeout=60).status_code == 200
+    assert sb.files.read("/tmp/up.bin", format="bytes") == blob
+    got = httpx.get(sb.download_url("/tmp/up.bin"), timeout=60)
+    assert got.status_code == 200 and got.content == blob
+    with pytest.raises(ConfigError):
+        sb.download_url("/tmp/up.bin", expires=7200)
+
+    async def through_async() -> RemoteSnapshot:
+        inner = await AsyncSandbox.connect(child.id, **kw)
+        try:
+            url = await inner.download_url("/root/state.txt")
+            assert httpx.get(url, timeout=60).content == b"child"
+            return await inner.snapshot()
+        finally:
+            await inner.close()
+
+    second = asyncio.run(through_async())
+    assert second.source_sandbox == child.id
+    assert {s.id for s in Sandbox.list_snapshots(**kw)} == {snap.id, second.id}
+
+    # deleting: the key's own only; restored sandboxes run on
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.delete_snapshot(snap, **other)
+    Sandbox.delete_snapshot(snap, **kw)
+    asyncio.run(AsyncSandbox.delete_snapshot(second.id, **kw))
+    assert Sandbox.list_snapshots(**kw) == []
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.create(from_snapshot=snap, **kw)
+    assert restored.commands.run("cat /root/state.txt").stdout == "saved"

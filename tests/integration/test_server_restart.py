@@ -8,6 +8,7 @@ sandbox made under the state directory, learnt by inotify), whatever happened.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -235,3 +236,46 @@ def test_snapshot_restore_and_fork_per_key(restarts: Restarts) -> None:
     snapshots = restarts.root / "snapshots"
     assert not snapshots.is_dir() or list(snapshots.iterdir()) == []  # forks' went too
     check_no_leftovers(restarts.root, restarts.ids.all())
+
+
+def _pool_ready(client: httpx.Client) -> int:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('novasandbox_pool_size{template="python"}'):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no pool gauge")
+
+
+def _pooled_ids(restarts: Restarts) -> list[str]:
+    base = restarts.root / "server" / "sandboxes"
+    return sorted(
+        p.stem for p in base.glob("*.json") if json.loads(p.read_text()).get("pooled") is True
+    )
+
+
+def test_a_crashed_servers_idle_pooled_sandbox_is_reaped_and_the_pool_refilled(
+    restarts: Restarts,
+) -> None:
+    first, alice, _ = restarts.start("--pool", "python=1")
+    for _ in iter_wait("the warm pool to fill", limit=180):
+        if _pool_ready(alice) == 1:
+            break
+    [idle] = _pooled_ids(restarts)
+    assert restarts.entries() == [idle]
+    # the server dies without its stop: the idle pooled sandbox runs on (it is adoptable)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert len(qemu_processes_under(restarts.root)) == 1
+
+    second, alice, _ = restarts.start("--pool", "python=1")
+    said = [
+        e for e in second.events() if e.get("message") == "pooled sandbox of the last run reaped"
+    ]
+    assert [e["sandbox"] for e in said] == [idle]
+    assert leftovers_of(restarts.root, [idle]) == []  # its QEMU, state, resources: gone
+    assert alice.get("/v1/sandboxes").json() == {"sandboxes": []}  # nobody's, not adopted
+    for _ in iter_wait("the warm pool to refill", limit=180):
+        if _pool_ready(alice) == 1:
+            break
+    [fresh] = _pooled_ids(restarts)
+    assert fresh != idle and restarts.entries() == [fresh]
+    assert second.stop(signal.SIGTERM) == 0
+    assert qemu_processes_under(restarts.root) == [] and restarts.owned_files() == []

@@ -249,11 +249,14 @@ PAIRS = [
 
 def sync_name(annotation: Any) -> Any:
     """``"AsyncSandbox"`` -> ``"Sandbox"`` in a (string) annotation (and the remote
-    sandbox that ``create`` and ``connect`` may give: the sync twin wraps either)."""
+    sandbox that ``create`` and ``connect`` may give: the sync twin wraps either, and so
+    returns what either returns)."""
     if not isinstance(annotation, str):
         return annotation
     name = re.sub(r"\bAsync(?=[A-Z])", "", annotation)
     name = re.sub(r"\bRemoteSandbox\b", "Sandbox", name)
+    if name == "Snapshot":  # a remote sandbox's snapshot stays on its server
+        return "Snapshot | RemoteSnapshot"
     return "Sandbox" if name == "Sandbox | Sandbox" else name
 
 

@@ -23,6 +23,7 @@ from novasandbox.errors import (
     RemoteError,
     SandboxFileError,
     SandboxNotFound,
+    ServerRequired,
     ServerUnreachable,
 )
 from novasandbox.files import AsyncFiles
@@ -35,6 +36,7 @@ from novasandbox.remote import (
     RemoteFiles,
     RemoteSandbox,
     RemoteSandboxInfo,
+    RemoteSnapshot,
     Server,
     _Http,
     error_from,
@@ -43,6 +45,7 @@ from novasandbox.remote import (
 )
 from novasandbox.sandbox import AsyncSandbox
 from novasandbox.server.app import ERROR_STATUS, status_of
+from novasandbox.sync import Sandbox
 
 # --------------------------------------------------------------------------- where
 
@@ -128,7 +131,8 @@ def test_the_server_answers_a_pid_nobody_runs_with_404() -> None:
     ids=lambda c: c.__name__,
 )
 def test_the_remote_classes_have_the_local_surface(remote: type, local: type) -> None:
-    skip = {"create", "adopt", "connect", "list"}  # AsyncSandbox's own, dispatching
+    # AsyncSandbox's own, dispatching
+    skip = {"create", "adopt", "connect", "list", "list_snapshots", "delete_snapshot"}
     for name in dir(local):
         if name.startswith("_") or name in skip:
             continue
@@ -275,3 +279,101 @@ def test_a_closed_or_killed_client_says_so_without_a_request() -> None:
             await sb.commands.run("true")
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- snapshots, URLs
+
+SNAP = {
+    "id": "snap-0123456789",
+    "template": "python",
+    "created_at": 2.0,
+    "source_sandbox": "sb-0123456789",
+    "vcpus": 1,
+    "memory_mib": 512,
+    "network": "none",
+    "size_bytes": 1234,
+}
+
+
+def _answering(seen: list[httpx.Request]) -> RemoteSandbox:
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path.removeprefix("/v1/sandboxes/sb-0123456789")
+        if path == "/snapshot":
+            return httpx.Response(201, json=SNAP)
+        if path == "/fork":
+            n = json.loads(request.content)["n"]
+            kids = [{**INFO, "id": f"sb-child{i}"} for i in range(n)]
+            return httpx.Response(201, json={"sandboxes": kids})
+        if path.startswith("/files/") and path.endswith("-url"):
+            q = request.url.params
+            return httpx.Response(
+                200,
+                json={
+                    "url": f"http://test/v1/signed/x?path={q['path']}&e={q['expires']}",
+                    "method": "PUT" if "upload" in path else "GET",
+                    "path": q["path"],
+                    "expires_at": 9,
+                },
+            )
+        return httpx.Response(404, json={"error": {"code": "sandbox-not-found", "message": "?"}})
+
+    http = _Http(Server("http://test", "k"))
+    http._client = httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(answer))
+    return RemoteSandbox(http, RemoteSandboxInfo.from_json(INFO))
+
+
+def test_snapshot_fork_and_signed_urls_go_to_their_routes() -> None:
+    seen: list[httpx.Request] = []
+
+    async def main() -> None:
+        sb = _answering(seen)
+        snap = await sb.snapshot()
+        assert snap == RemoteSnapshot(**SNAP, server="http://test")  # type: ignore[arg-type]
+        assert snap.kind == "user"
+        kids = await sb.fork(2)
+        assert [k.id for k in kids] == ["sb-child0", "sb-child1"]
+        assert all(isinstance(k, RemoteSandbox) and k.server == "http://test" for k in kids)
+        up = await sb.upload_url("data.csv", expires=60)
+        assert up == "http://test/v1/signed/x?path=/root/data.csv&e=60"
+        assert (await sb.download_url("/tmp/out")).endswith("path=/tmp/out&e=300")
+        for bad in (0, -1, 1.5, True, "60"):
+            with pytest.raises(ConfigError):
+                await sb.upload_url("x", expires=bad)  # type: ignore[arg-type]
+        for n in (0, 65, 1.0):
+            with pytest.raises(ConfigError):
+                await sb.fork(n)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert [(r.method, r.url.path.rsplit("/", 1)[-1]) for r in seen] == [
+        ("POST", "snapshot"),
+        ("POST", "fork"),
+        ("POST", "upload-url"),
+        ("POST", "download-url"),
+    ]  # the refused arguments sent nothing
+
+
+def test_snapshots_of_one_place_are_refused_in_another(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("NOVASANDBOX_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv(ENV_SERVER, raising=False)
+    monkeypatch.delenv(ENV_API_KEY, raising=False)
+    there = RemoteSnapshot(**SNAP, server="http://elsewhere:1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="kept by the server http://elsewhere:1"):
+        Sandbox.create(from_snapshot=there)  # local: no server to restore it from
+    with pytest.raises(ConfigError, match=r"not http://127\.0\.0\.1:9"):
+        Sandbox.create(from_snapshot=there, server="http://127.0.0.1:9", api_key="k")
+    with pytest.raises(ConfigError, match="kept by the server"):
+        Sandbox.delete_snapshot(there)
+    with pytest.raises(errors.SnapshotNotFound):
+        Sandbox.create(from_snapshot="snap-nothere")  # a local id: looked up here
+    assert Sandbox.list_snapshots() == []
+    assert not (tmp_path / "state" / "sandboxes").exists()
+
+
+def test_a_local_sandbox_has_no_signed_urls() -> None:
+    local = object.__new__(AsyncSandbox)
+    for method in (AsyncSandbox.upload_url, AsyncSandbox.download_url):
+        with pytest.raises(ServerRequired) as info:
+            asyncio.run(method(local, "/x"))
+        assert info.value.code == "server-required"
+        assert isinstance(info.value, ConfigError)

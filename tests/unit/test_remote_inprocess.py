@@ -6,6 +6,7 @@ tests/integration (test_commands.py, test_files.py, test_remote.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,11 +16,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from novasandbox import (
+    AsyncSandbox,
     AuthenticationError,
     CommandTimeout,
+    ConfigError,
     InvalidWorkingDirectory,
     Sandbox,
     SandboxFileNotFound,
@@ -175,3 +179,34 @@ def test_a_wrong_key_an_unknown_pid_and_a_bad_signal(remote: Remote) -> None:
         for bad in ({"signal": 0}, {"signal": 65}, {"signal": "TERM"}, {}):
             r = c.post(f"{base}/1/signal", json=bad)
             assert r.status_code == 422 and error_of(r)["code"] == "invalid-config", bad
+
+
+def test_signed_urls_move_one_file_without_the_key(remote: Remote) -> None:
+    target = remote.files / "signed.bin"
+    blob = os.urandom(70_000)
+    with remote.create() as sb:
+        up = sb.upload_url(str(target), expires=60)
+        assert "/v1/signed/" in up and remote.key not in up
+        assert httpx.put(up, content=blob, timeout=30).status_code == 200  # no key
+        assert target.read_bytes() == blob
+        down = sb.download_url(str(target))
+        got = httpx.get(down, timeout=30)
+        assert got.status_code == 200 and got.content == blob
+        # each URL is for its own method and path
+        assert httpx.get(up, timeout=30).status_code == 403
+        assert httpx.put(down, content=b"x", timeout=30).status_code == 403
+        assert target.read_bytes() == blob
+        for bad in (0, 3601):
+            with pytest.raises(ConfigError):
+                sb.upload_url(str(target), expires=bad)
+
+        async def through_async() -> str:
+            inner = await AsyncSandbox.connect(sb.id, server=remote.url, api_key=remote.key)
+            try:
+                return await inner.download_url(str(target), expires=30)
+            finally:
+                await inner.close()
+
+        assert httpx.get(asyncio.run(through_async()), timeout=30).content == blob
+    # a killed sandbox's URL no longer works
+    assert httpx.get(down, timeout=30).status_code in (404, 409)

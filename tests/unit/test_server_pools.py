@@ -3,7 +3,9 @@ serve (the in-process provider: nothing is started until ``start``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,5 +106,53 @@ def test_a_served_pool_hands_over_refills_and_is_killed_at_stop(tmp_path: Path) 
         assert server.stop() == 0
     stopped = [e for e in server.events() if e.get("message") == "killed the server's sandboxes"]
     assert stopped and stopped[0]["count"] == 1  # the plain one; the pooled one went first
+    base = state / "sandboxes"
+    assert not base.is_dir() or list(base.iterdir()) == []
+
+
+def _records(state: Path) -> dict[str, dict[str, Any]]:
+    base = state / "server" / "sandboxes"
+    if not base.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in base.glob("*.json")}
+
+
+def test_idle_pooled_sandboxes_are_recorded_and_reaped_after_a_crash(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    key = make_key(state, "alice")
+    env = {**os.environ, **INPROCESS}
+    env.pop("NOVASANDBOX_STATE_DIR", None)
+    with Server(state, "--pool", "python=1", env=env) as first, first.client(key) as c:
+        for _ in iter_wait("the pool to fill"):
+            if _pool_gauge(c.get("/metrics").text) == 1.0:
+                break
+        [(idle, record)] = _records(state).items()
+        assert record["pooled"] is True and record["owner"] == "" and record["labels"] == {}
+        got = c.post("/v1/sandboxes", json={"labels": {"k": "v"}}).json()
+        assert got["pooled"] is True and got["id"] == idle
+        mine = _records(state)[idle]  # the hand-over made it the key's
+        assert mine["pooled"] is False and mine["owner"] and mine["labels"] == {"k": "v"}
+        for _ in iter_wait("the pool to refill"):
+            if _pool_gauge(c.get("/metrics").text) == 1.0:
+                break
+        [refilled] = [i for i, r in _records(state).items() if r["pooled"]]
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert (state / "sandboxes" / refilled).is_dir()  # what the crash left
+    with Server(state, "--pool", "python=1", env=env) as second, second.client(key) as c:
+        said = [
+            e
+            for e in second.events()
+            if e.get("message") == "pooled sandbox of the last run reaped"
+        ]
+        assert [e["sandbox"] for e in said] == [refilled]
+        assert not (state / "sandboxes" / refilled).exists()
+        for _ in iter_wait("the pool to fill again"):
+            if _pool_gauge(c.get("/metrics").text) == 1.0:
+                break
+        records = _records(state)
+        assert refilled not in records
+        assert [r["pooled"] for r in records.values()] == [True]  # the new one only
+        assert second.stop() == 0
+    assert _records(state) == {}  # the stop killed the idle one and forgot it
     base = state / "sandboxes"
     assert not base.is_dir() or list(base.iterdir()) == []

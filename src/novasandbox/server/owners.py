@@ -1,7 +1,8 @@
 """What a server remembers across restarts: whose each sandbox and snapshot is.
 
 One small JSON file per sandbox (``<state dir>/server/sandboxes/<id>.json``: the owning
-key's public id, the labels, when it was made) and per snapshot
+key's public id, the labels, when it was made; or, for a warm pool's sandbox not handed
+over yet, ``pooled``) and per snapshot
 (``<state dir>/server/snapshots/<id>.json``: the owner, when, from which sandbox), each
 mode 0600 in 0700 directories, written beside its place and renamed into it (a crash
 leaves the old file or the new one, never half of one). The sandboxes themselves are
@@ -31,6 +32,9 @@ class SandboxRecord:
     owner: str
     labels: dict[str, str]
     created_at: float
+    pooled: bool = False
+    """Made by a warm pool and not handed over yet (no key's: ``owner`` is empty). A
+    start after a crash reaps it; the hand-over rewrites the record with its owner."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +42,7 @@ class SandboxRecord:
             "owner": self.owner,
             "labels": self.labels,
             "created_at": self.created_at,
+            "pooled": self.pooled,
         }
 
 
@@ -120,6 +125,7 @@ class OwnerStore:
                     owner=str(data["owner"]),
                     labels={str(k): str(v) for k, v in labels.items()},
                     created_at=float(data["created_at"]),
+                    pooled=data.get("pooled", False) is True,
                 )
                 if not ID_RE.fullmatch(record.id) or path.stem != record.id:
                     raise ValueError("not the file of its id")

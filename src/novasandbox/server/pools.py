@@ -12,6 +12,12 @@ A pool starts refilling ``REFILL_DELAY`` after a hand-over.
 
 Each pool is an ``AsyncPool``: it refills in the background, replaces a pooled sandbox
 that died while waiting, and ``close`` (the server's stop) kills what it still holds.
+
+With the server's ``OwnerStore`` each pooled sandbox is recorded as ``pooled`` (no
+owner) as soon as it exists; the hand-over rewrites the record with its owner
+(``Registry._own``), ``close`` removes the records of those it killed. A server killed
+without its stop (SIGKILL, a crash) leaves the records of its idle pooled sandboxes,
+which the next start reaps (``Registry.adopt_all``) before it fills its pools anew.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +33,7 @@ from ..errors import ConfigError, NovaSandboxError, check_int
 from ..pool import AsyncPool
 from ..sandbox import AsyncSandbox
 from ..templates import TemplateManager
+from .owners import OwnerStore, SandboxRecord
 
 log = logging.getLogger("novasandbox.server")
 
@@ -57,7 +65,8 @@ class WarmPools:
     """One ``AsyncPool`` per template of ``sizes`` ({template: N}). Made before the
     server listens (a template that is not built fails there); ``start`` fills them.
     ``adoptable``: the pooled sandboxes are made adoptable (when the server's sandboxes
-    outlive it, a pooled one handed over must too)."""
+    outlive it, a pooled one handed over must too). ``store``: where the pooled sandboxes
+    are recorded until their hand-over (see the module's description)."""
 
     def __init__(
         self,
@@ -65,8 +74,12 @@ class WarmPools:
         provider: str | None = None,
         templates: TemplateManager | None = None,
         adoptable: bool = False,
+        store: OwnerStore | None = None,
     ) -> None:
         self._pools: dict[str, AsyncPool] = {}
+        self._store = store
+        self._recorded: set[str] = set()
+        """The ids recorded as pooled and not handed over."""
         self._shapes: dict[str, tuple[int, int]] = {}
         manager = templates or TemplateManager() if sizes else None
         for name, size in sizes.items():
@@ -76,7 +89,13 @@ class WarmPools:
             pool = AsyncPool(name, size, timeout=None, templates=manager, provider=provider)
             pool._refill_delay = REFILL_DELAY
             pool._adoptable = adoptable  # as the server's other sandboxes
+            pool._on_made = self._made
             self._pools[name] = pool
+
+    def _made(self, sb: AsyncSandbox) -> None:
+        if self._store is not None:
+            self._store.save_sandbox(SandboxRecord(sb.id, "", {}, time.time(), pooled=True))
+            self._recorded.add(sb.id)
 
     def __bool__(self) -> bool:
         return bool(self._pools)
@@ -117,6 +136,7 @@ class WarmPools:
             return None
         try:
             sb = await pool._acquire(0, arguments.get("timeout"))
+            self._recorded.discard(sb.id)  # its record is the new owner's now (_own)
             # the hand-over sets the lifetime in a task of its own: let its first (host)
             # part run, so that the create's answer shows the new expires_at
             await asyncio.sleep(0)
@@ -134,6 +154,10 @@ class WarmPools:
         """Stop refilling and kill every pooled sandbox. Idempotent."""
         for pool in self._pools.values():
             await pool.close()
+        if self._store is not None:  # each one killed (or dead before)
+            for sandbox_id in sorted(self._recorded):
+                self._store.forget_sandbox(sandbox_id)
+        self._recorded.clear()
 
 
 __all__ = ["MAX_POOL", "WarmPools", "parse_pool_specs"]

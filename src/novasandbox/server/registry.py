@@ -13,7 +13,8 @@ Restarts: with a ``store`` (``owners.py``), the registry creates its sandboxes
 and when it was made, from its create until it is killed or seen ended. ``adopt_all``,
 at the start of the server, takes back every sandbox the store names whose VMM still
 runs (``AsyncSandbox.adopt``: agent and control sockets reconnected, the lifetime's
-deadline kept and enforced here again) and reaps the others. Snapshots made through the
+deadline kept and enforced here again) and reaps the others, and a warm pool's idle
+sandboxes (recorded ``pooled`` by ``WarmPools``: nobody's yet). Snapshots made through the
 server (``snapshot``, ``fork``'s children, ``create(from_snapshot=...)``) belong to keys
 the same way.
 """
@@ -355,11 +356,23 @@ class Registry:
                 "a damaged sandbox record was removed and its sandbox reaped",
                 extra={"fields": {"file": name}},
             )
+        adopted: builtins.list[str] = []
+        reaped: builtins.list[str] = []
+        # a warm pool's idle sandboxes: nobody's, and the pools refill after this
+        for record in [r for r in records if r.pooled]:
+            if _owner_alive(record.id):  # another live server's pool: not ours
+                continue
+            with contextlib.suppress(NovaSandboxError):  # SandboxNotFound: gone already
+                await asyncio.to_thread(kill_sandbox, record.id)
+            self.store.forget_sandbox(record.id)
+            reaped.append(record.id)
+            log.info(
+                "pooled sandbox of the last run reaped", extra={"fields": {"sandbox": record.id}}
+            )
+        records = [r for r in records if not r.pooled]
         results = await asyncio.gather(
             *(AsyncSandbox.adopt(r.id) for r in records), return_exceptions=True
         )
-        adopted: builtins.list[str] = []
-        reaped: builtins.list[str] = []
         for record, result in zip(records, results, strict=True):
             fields: dict[str, Any] = {"sandbox": record.id, "key": record.owner}
             if isinstance(result, AsyncSandbox):
@@ -390,7 +403,7 @@ class Registry:
                 "sandbox reaped: it could not be adopted",
                 extra={"fields": {**fields, "reason": str(result)}},
             )
-        if records:
+        if records or reaped:
             log.info(
                 "adopted the sandboxes of the last run",
                 extra={"fields": {"adopted": len(adopted), "reaped": len(reaped)}},

@@ -187,7 +187,7 @@ def serve(
     registry = Registry(store=OwnerStore(state))
     registry.on_stop = on_stop
     # pooled sandboxes are adoptable like the others: one handed over must outlive us too
-    registry.pools = WarmPools(pools or {}, adoptable=registry._adoptable())
+    registry.pools = WarmPools(pools or {}, adoptable=registry._adoptable(), store=registry.store)
     sock = bind(host, port)
     configure_logging(log_level)
     # no "_created" series beside each counter and histogram (they double what a scrape
