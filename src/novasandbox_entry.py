@@ -526,7 +526,7 @@ def _stdin_ahead() -> Stdin:
         except UnicodeDecodeError:
             pass  # binary (or a character cut at the end): posted as bytes
     if text is not None:
-        return Stdin(text, b"", not eof)
+        return Stdin(text or None, b"", not eof)
     return Stdin(None, bytes(data), True)
 
 
