@@ -353,6 +353,16 @@ def test_run_python_from_stdin_and_a_stdin_left_open(pooled: PooledServer) -> No
         assert proc.wait(timeout=60) == 0
     finally:
         _reap(proc)
+    # a stdin that never ends does not keep the CLI once the command is done
+    proc = _popen(pooled, "run", "--", "sh", "-c", 'read l; echo "got $l"', stdin=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"once\n")
+        proc.stdin.flush()
+        assert _read_line(proc) == b"got once\n"
+        assert proc.wait(timeout=60) == 0  # stdin still open
+    finally:
+        _reap(proc)
     assert pooled.http.get("/v1/sandboxes").json() == {"sandboxes": []}
 
 
