@@ -692,6 +692,10 @@ class Remote:
             last = self._events(r, started)
         except BaseException as exc:
             self.http.close()  # mid-response: the server kills the command it streamed
+            if isinstance(exc, KeyboardInterrupt):
+                import signal
+
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a 2nd Ctrl-C: cleanup goes on
             if pid and isinstance(exc, (KeyboardInterrupt, BrokenPipeError)):
                 self._kill_command(sandbox_id, pid[0])
             raise
