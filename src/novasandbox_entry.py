@@ -16,10 +16,13 @@ guest; 124: command timeout or sandbox lifetime over; 2: usage). Errors of the
 connection itself have codes of their own: ``server-unreachable`` (nothing answers at
 the URL) and ``server-disconnected`` (the connection broke mid-way).
 
-stdin: the server's command route takes stdin as one UTF-8 string sent before the
-command starts (``RunCommand.stdin``), so ``run``/``exec`` read their whole stdin first
-(a pipe or a file; a terminal only with ``-i``), at most ``MAX_STDIN`` bytes of UTF-8
-text; binary data goes in with ``cp - ID:PATH``.
+stdin (a pipe or a file; a terminal only with ``-i``; never with ``--no-stdin``) is
+streamed as the local CLI streams it: what is there already when the command starts goes
+with it (all of it, when it is small UTF-8 text that has ended: no other request), the
+rest is posted to ``commands/PID/stdin`` as it arrives, on a second connection from a
+thread, while the output streams back on the first; at EOF ``close-stdin``. Ctrl-C kills
+the command (``DELETE commands/PID``; ``run`` kills its sandbox too) and exits 130; a
+closed stdout (``| head -1``) kills it too and exits 1 quietly, as click does.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from typing import Any
 
-REMOTE_COMMANDS = ("run", "ls", "kill", "exec", "cp")
+REMOTE_COMMANDS = ("run", "ls", "kill", "exec", "cp", "create")
 EXIT_USAGE = 2
 EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
@@ -44,8 +47,10 @@ EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 DEFAULT_LIFETIME = 300.0
 """``run --lifetime``'s default (the library's ``DEFAULT_LIFETIME``, checked by a test)."""
-MAX_STDIN = 8 << 20
-"""Bytes of stdin ``run``/``exec`` send through the server (in the JSON request)."""
+EXIT_BROKEN_PIPE = 1
+"""A closed stdout: click's status for it (the local CLI's)."""
+INLINE_STDIN = 1 << 20
+"""At most this much of stdin that is already there goes in the command's request."""
 MAX_HEADER_LINE = 64 * 1024
 MAX_HEADERS = 100
 MAX_EVENT_LINE = 64 << 20
@@ -104,6 +109,7 @@ USAGE = {
     "ls": "novasandbox ls [OPTIONS]",
     "kill": "novasandbox kill [OPTIONS] [IDS]...",
     "cp": "novasandbox cp [OPTIONS] SRC DST",
+    "create": "novasandbox create [OPTIONS] [TEMPLATE]",
 }
 
 
@@ -482,30 +488,46 @@ def _stdin_wanted(interactive: bool, no_stdin: bool) -> bool:
     return interactive or not _isatty(0)
 
 
-def _read_stdin() -> str | None:
+class Stdin:
+    """What of this process's stdin goes to a command: ``text`` in the command's request
+    (UTF-8 that was there already), then, when ``more``, ``head`` (bytes there already,
+    not in ``text``) and the rest of fd 0, posted as it arrives."""
+
+    def __init__(self, text: str | None, head: bytes, more: bool) -> None:
+        self.text, self.head, self.more = text, head, more
+
+
+NO_STDIN = Stdin(None, b"", False)
+
+
+def _stdin_ahead() -> Stdin:
+    """Reads what stdin holds already, without waiting for more: at EOF (a file,
+    /dev/null, a pipe whose writer is done) small UTF-8 text goes in the request alone
+    and an empty stdin is none at all (the fast path: one request)."""
+    import select
+
     data = bytearray()
+    eof = False
     try:
-        while chunk := os.read(0, CHUNK):
+        while len(data) <= INLINE_STDIN and select.select([0], [], [], 0)[0]:
+            chunk = os.read(0, CHUNK)
+            if not chunk:
+                eof = True
+                break
             data += chunk
-            if len(data) > MAX_STDIN:
-                raise Failed(
-                    "invalid-config",
-                    f"stdin through the server is at most {MAX_STDIN} bytes (it is sent whole, "
-                    "before the command starts); copy larger input in with 'novasandbox cp - "
-                    "ID:PATH'",
-                )
-    except OSError:
-        return None
-    if not data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Failed(
-            "invalid-config",
-            "stdin through the server must be UTF-8 text; copy binary input in with "
-            "'novasandbox cp - ID:PATH'",
-        ) from None
+    except (OSError, ValueError):
+        return NO_STDIN  # a closed or unreadable stdin: none
+    if eof and not data:
+        return NO_STDIN
+    text: str | None = None
+    if len(data) <= INLINE_STDIN:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # binary (or a character cut at the end): posted as bytes
+    if text is not None:
+        return Stdin(text or None, b"", not eof)
+    return Stdin(None, bytes(data), True)
 
 
 # --------------------------------------------------------------------------- commands
@@ -582,9 +604,9 @@ class Remote:
             create["allow"] = [] if no_egress else (list(allow) if allow else None)
         create["timeout"] = DEFAULT_LIFETIME if lifetime is None else (lifetime or None)
         stdin = (
-            _read_stdin()
+            _stdin_ahead()
             if _stdin_wanted(opts.get("interactive", False), opts.get("no_stdin", False))
-            else None
+            else NO_STDIN
         )
         try:
             r = self.call("POST", "/v1/sandboxes", ok=(201,), json_body=create)
@@ -623,9 +645,9 @@ class Remote:
         timeout = _number("exec", "--timeout", opts.get("timeout"), float, 0)
         env = _env(opts["env"])
         stdin = (
-            _read_stdin()
+            _stdin_ahead()
             if _stdin_wanted(opts.get("interactive", False), opts.get("no_stdin", False))
-            else None
+            else NO_STDIN
         )
         sandbox_id = self.resolve(sandbox_id)
         return self._command(sandbox_id, command, env, opts.get("cwd"), timeout, stdin)
@@ -637,15 +659,17 @@ class Remote:
         env: dict[str, str],
         cwd: str | None,
         timeout: float | None,
-        stdin: str | None,
+        stdin: Stdin,
     ) -> int:
         body: dict[str, Any] = {"cmd": command, "timeout": timeout or None}
         if env:
             body["env"] = env
         if cwd is not None:
             body["cwd"] = cwd
-        if stdin is not None:
-            body["stdin"] = stdin
+        if stdin.text is not None:
+            body["stdin"] = stdin.text
+        if stdin.more:
+            body["open_stdin"] = True
         try:
             r = self.call("POST", f"/v1/sandboxes/{sandbox_id}/commands", json_body=body)
         except Failed as exc:
@@ -656,10 +680,24 @@ class Remote:
                     )
                 exc.status = EXIT_NOT_FOUND
             raise
+        pid: list[int] = []
+
+        def started(event: dict[str, Any]) -> None:
+            if isinstance(event.get("pid"), int) and not pid:
+                pid.append(event["pid"])
+                if stdin.more:
+                    _start_thread(self._pump_stdin, sandbox_id, pid[0], stdin.head)
+
         try:
-            last = self._events(r)
-        except BaseException:
+            last = self._events(r, started)
+        except BaseException as exc:
             self.http.close()  # mid-response: the server kills the command it streamed
+            if isinstance(exc, KeyboardInterrupt):
+                import signal
+
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a 2nd Ctrl-C: cleanup goes on
+            if pid and isinstance(exc, (KeyboardInterrupt, BrokenPipeError)):
+                self._kill_command(sandbox_id, pid[0])
             raise
         if last is None:
             raise _broken("the command's events ended without its exit")
@@ -678,7 +716,38 @@ class Remote:
         exit_code = last.get("exit_code")
         return exit_code if isinstance(exit_code, int) else EXIT_ERROR
 
-    def _events(self, r: Response) -> dict[str, Any] | None:
+    def _kill_command(self, sandbox_id: str, pid: int) -> None:
+        """SIGKILL a command's process group, on a new connection (best effort: closing
+        its stream kills it as well)."""
+        try:
+            self.call(
+                "DELETE", f"/v1/sandboxes/{sandbox_id}/commands/{pid}", ok=(204, 404, 409)
+            ).read(MAX_ERROR_BODY)
+        except Failed:
+            pass
+
+    def _pump_stdin(self, sandbox_id: str, pid: int, head: bytes) -> None:
+        """Posts ``head``, then fd 0 as it arrives, to the command's stdin on a connection
+        of its own, and closes it at EOF. Ends quietly when the command is gone first."""
+        http = Http(self.http.url, self.http.key)
+        path = f"/v1/sandboxes/{sandbox_id}/commands/{pid}"
+        try:
+            data = head
+            while data or (data := os.read(0, CHUNK)):
+                r = http.request("POST", f"{path}/stdin", body=data)
+                r.read(MAX_ERROR_BODY)
+                if r.status != 204:
+                    return  # the command ended (or its sandbox): nothing to feed
+                data = b""
+            http.request("POST", f"{path}/close-stdin").read(MAX_ERROR_BODY)
+        except (Failed, OSError, ValueError):
+            pass
+        finally:
+            http.close()
+
+    def _events(
+        self, r: Response, on_started: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any] | None:
         """Writes the output events as they come; the last event (exit or error)."""
         out, err = sys.stdout.buffer, sys.stderr.buffer
         last: dict[str, Any] | None = None
@@ -696,6 +765,8 @@ class Remote:
             elif kind == "stderr":
                 err.write(str(event.get("data", "")).encode("utf-8", "surrogateescape"))
                 err.flush()
+            elif kind == "started":
+                on_started(event)
             elif kind in ("exit", "error"):
                 last = event
         return last
@@ -777,6 +848,36 @@ class Remote:
             sys.stdout.flush()
         return 0
 
+    # --- create
+
+    def create(self, args: Sequence[str]) -> int:
+        opts, rest = Options(
+            "create",
+            values={"--timeout": "timeout", "-l": "label", "--label": "label"},
+            flags={"--json": "json"},
+            multiple=("label",),
+        ).parse(args, stop_at_positional=False)
+        if len(rest) > 1:
+            raise Usage("create", f"Got unexpected extra argument ({rest[1]})")
+        timeout = _number("create", "--timeout", opts.get("timeout"), float, 0)
+        labels = {}
+        for pair in opts["label"]:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise Failed("invalid-config", f"--label takes KEY=VALUE, got {pair!r}")
+            labels[key] = value
+        body: dict[str, Any] = {"template": rest[0] if rest else "python"}
+        if timeout is not None:
+            body["timeout"] = timeout or None  # 0: no limit
+        if labels:
+            body["labels"] = labels
+        created = self.call("POST", "/v1/sandboxes", ok=(201,), json_body=body).json()
+        if opts.get("json"):
+            sys.stdout.write(json.dumps(created, indent=2) + "\n")
+        else:
+            sys.stdout.write(f"{created['id']}\n")
+        return 0
+
     # --- cp
 
     def cp(self, args: Sequence[str]) -> int:
@@ -847,6 +948,13 @@ class Remote:
             os.unlink(local)  # no partial file
             raise
         return 0
+
+
+def _start_thread(target: Callable[..., None], *args: Any) -> None:
+    """A daemon thread (one blocked on a stdin that never ends does not hold the exit)."""
+    import threading  # only when stdin is streamed
+
+    threading.Thread(target=target, args=args, daemon=True).start()
 
 
 def _remote_path(text: str) -> tuple[str, str] | None:
@@ -929,7 +1037,11 @@ def remote_main(args: Sequence[str]) -> int | None:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return EXIT_ERROR
+        # stdout's reader is gone (``| head -1``): quietly, and nothing more to flush there
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     finally:
         if http is not None:
             http.close()

@@ -265,8 +265,8 @@ def run(
     --lifetime; 127 if it was not found in the guest; 125 for NovaSandbox's own errors.
 
     With a server (novasandbox --server URL run ..., or NOVASANDBOX_SERVER) the sandbox
-    is the server's (from its warm pool when the options allow), and stdin is read to
-    its end first and sent whole (at most 8 MiB of UTF-8 text).
+    is the server's (from its warm pool when the options allow); stdin is streamed to it
+    the same way.
     """
     env = _parse_env(env_pairs)
     if no_egress and allow:
@@ -596,10 +596,35 @@ def exec_(
       novasandbox exec sb-1a2b3c4d5e -- python3 -c 'print(6 * 7)'
       echo 'print(1)' | novasandbox exec 1a2b -- python3 -
 
-    stdin (a pipe or a file; a terminal with -i) is read to its end before the command
-    starts and sent with it: at most 8 MiB of UTF-8 text (binary data: cp - ID:PATH).
+    stdin (a pipe or a file; a terminal with -i) is streamed to the command as it
+    arrives and closed at its end. Ctrl-C kills the command (exit 130).
     """
     _needs_server("exec")
+
+
+@cli_group.command("create")
+@click.argument("template", default="python")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="S",
+    help="The sandbox's lifetime in seconds (0: no limit).  [default: the server's, 300]",
+)
+@click.option("-l", "--label", "labels", multiple=True, metavar="K=V", help="A label (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
+@handle_errors
+def create(template: str, timeout: float | None, labels: tuple[str, ...], as_json: bool) -> None:
+    """Create a sandbox of TEMPLATE on a server and print its id, for exec, cp and kill
+    (it lives until killed or its lifetime ends). Through a server only (--server or
+    NOVASANDBOX_SERVER).
+
+    \b
+    Examples:
+      SB=$(novasandbox create --timeout 600 --label job=etl)
+      novasandbox exec $SB -- python3 -c 'print(6 * 7)'
+    """
+    _needs_server("create")
 
 
 @cli_group.command("cp")

@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,3 +246,161 @@ def test_wrong_key_unreachable_server_and_the_cli_module(pooled: PooledServer) -
         argv=[sys.executable, "-m", "novasandbox.cli"],
     )
     assert done.returncode == 0 and done.stdout == b"via-cli-module\n", _err(done)
+
+
+def _popen(
+    pooled: PooledServer, *args: str, stdin: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*ENTRY, *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=pooled.env(),
+    )
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+
+
+def _read_line(proc: subprocess.Popen[bytes], limit: float = 60.0) -> bytes:
+    """One line of the process's stdout as it comes (fails after ``limit`` seconds, a
+    bound on a hang, not on speed)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    line = b""
+    deadline = time.monotonic() + limit
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no line within {limit} s (so far {line!r})"
+        byte = os.read(fd, 1)
+        assert byte, f"stdout ended (so far {line!r}); stderr: {proc.communicate()[1]!r}"
+        line += byte
+    return line
+
+
+def _guest_processes(pooled: PooledServer, sid: str, name: str) -> int:
+    """How many processes named ``name`` the sandbox runs (from /proc)."""
+    code = (
+        "import os\n"
+        "n = 0\n"
+        "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try: n += open(f'/proc/{p}/comm').read().strip() == " + repr(name) + "\n"
+        "    except OSError: pass\n"
+        "print(n)\n"
+    )
+    done = pooled.cli("exec", "--no-stdin", sid, "--", "python3", "-c", code)
+    assert done.returncode == 0, _err(done)
+    return int(done.stdout)
+
+
+def test_create_then_stdin_streams_binary_past_8_mib_cp_and_kill(pooled: PooledServer) -> None:
+    done = pooled.cli("create", "--timeout", "600", "--label", "job=stdin", "--json")
+    assert done.returncode == 0, _err(done)
+    made = json.loads(done.stdout)
+    sid = made["id"]
+    assert made["labels"] == {"job": "stdin"} and made["state"] == "running", made
+    assert 595 < made["expires_at"] - made["created_at"] < 605, made
+    done = pooled.cli("create", "--label", "nolabel")
+    assert done.returncode == 125, _err(done)
+    assert _err(done).startswith("error [invalid-config]: --label takes KEY=VALUE"), _err(done)
+
+    blob = os.urandom(12 << 20) + b"\xff\x00"  # binary, past the old 8 MiB, not UTF-8
+    done = pooled.cli("exec", sid, "--", "sh", "-c", "tee /tmp/big | sha256sum", input=blob)
+    assert done.returncode == 0, _err(done)
+    assert done.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()
+    done = pooled.cli("cp", f"{sid}:/tmp/big", "-")
+    assert done.returncode == 0 and done.stdout == blob, _err(done)
+
+    # a small binary stdin that has ended, and an empty one (the command reads EOF)
+    done = pooled.cli("exec", sid, "--", "wc", "-c", input=b"\xff\xfe\x00abc")
+    assert (done.returncode, done.stdout.strip()) == (0, b"6"), _err(done)
+    done = pooled.cli("exec", sid, "--", "wc", "-c", input=b"")
+    assert (done.returncode, done.stdout.strip()) == (0, b"0"), _err(done)
+
+    done = pooled.cli("kill", sid)
+    assert done.returncode == 0 and done.stdout == f"killed {sid}\n".encode(), _err(done)
+    assert pooled.cli("ls", "--json").stdout.strip() == b"[]"
+
+
+def test_run_python_from_stdin_and_a_stdin_left_open(pooled: PooledServer) -> None:
+    done = pooled.cli("run", "--", "python3", "-", input=b"print(6 * 7)\n")
+    assert (done.returncode, done.stdout) == (0, b"42\n"), _err(done)
+
+    # stdin stays open: each line's answer comes back before the next is written
+    proc = _popen(
+        pooled,
+        "run",
+        "--",
+        "sh",
+        "-c",
+        'while read l; do echo "got $l"; done; echo eof',
+        stdin=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None
+        for word in (b"one", b"two"):
+            proc.stdin.write(word + b"\n")
+            proc.stdin.flush()
+            assert _read_line(proc) == b"got " + word + b"\n"
+        proc.stdin.close()  # EOF: the loop ends
+        assert _read_line(proc) == b"eof\n"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _reap(proc)
+    # a stdin that never ends does not keep the CLI once the command is done
+    proc = _popen(pooled, "run", "--", "sh", "-c", 'read l; echo "got $l"', stdin=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"once\n")
+        proc.stdin.flush()
+        assert _read_line(proc) == b"got once\n"
+        assert proc.wait(timeout=60) == 0  # stdin still open
+    finally:
+        _reap(proc)
+    assert pooled.http.get("/v1/sandboxes").json() == {"sandboxes": []}
+
+
+def test_ctrl_c_kills_the_command_and_runs_sandbox(pooled: PooledServer) -> None:
+    ready = "echo ready; exec sleep 60"
+    proc = _popen(pooled, "run", "--", "sh", "-c", ready)
+    try:
+        assert _read_line(proc) == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        _reap(proc)
+    assert pooled.http.get("/v1/sandboxes").json() == {"sandboxes": []}
+
+    sid = pooled.cli("create").stdout.decode().strip()
+    proc = _popen(pooled, "exec", sid, "--", "sh", "-c", ready)
+    try:
+        assert _read_line(proc) == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        _reap(proc)
+    for _ in iter_wait("the command to be killed"):
+        if _guest_processes(pooled, sid, "sleep") == 0:
+            break
+    assert pooled.http.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"  # exec: not it
+
+    # stdout's reader goes away (| head -1): a quiet exit 1, and the command is killed
+    proc = _popen(pooled, "exec", sid, "--", "yes")
+    try:
+        assert _read_line(proc) == b"y\n"
+        assert proc.stdout is not None
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1
+        assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        _reap(proc)
+    for _ in iter_wait("yes to be killed"):
+        if _guest_processes(pooled, sid, "yes") == 0:
+            break
+    assert pooled.cli("kill", sid).returncode == 0

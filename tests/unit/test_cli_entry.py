@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,64 @@ def test_the_server_path_imports_neither_the_library_nor_its_dependencies() -> N
     )
     assert done.stdout.split("\n")[0] == "125 []", done
     assert "error [server-unreachable]: cannot reach the server" in done.stderr
+
+
+def test_a_run_without_stdin_starts_no_thread() -> None:
+    """stdin at EOF from the start (/dev/null, an empty file): no stdin stream, so no
+    thread and no request but the create and the command (here: server-unreachable)."""
+    code = (
+        "import sys; from novasandbox_entry import remote_main; "
+        f"status = remote_main(['--server', 'http://127.0.0.1:{_free_port()}', 'run', 'true']); "
+        "print(status, 'threading' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split("\n")[0] == "125 False", done
+
+
+def test_stdin_read_ahead(tmp_path: Path) -> None:
+    """What of stdin goes in the command's request: small UTF-8 text at EOF alone; binary,
+    large or still open stdin streamed (``more``) after what was there."""
+    cases = [
+        (b"", (None, b"", False)),
+        (b"print(1)\n", ("print(1)\n", b"", False)),
+        (b"\xff\x00", (None, b"\xff\x00", True)),
+        (b"x" * (entry.INLINE_STDIN + 1), (None, None, True)),
+    ]
+    for data, (text, head, more) in cases:
+        path = tmp_path / "in"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        saved = os.dup(0)
+        try:
+            os.dup2(fd, 0)
+            got = entry._stdin_ahead()
+        finally:
+            os.dup2(saved, 0)
+            os.close(saved)
+            os.close(fd)
+        assert (got.text, got.more) == (text, more), data[:20]
+        if head is not None:
+            assert got.head == head
+        else:
+            assert data.startswith(got.head) and len(got.head) > entry.INLINE_STDIN
+    read, write = os.pipe()  # a pipe whose writer is not done: open, nothing read yet
+    saved = os.dup(0)
+    try:
+        os.write(write, b"first\n")
+        os.dup2(read, 0)
+        got = entry._stdin_ahead()
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read, write):
+            os.close(fd)
+    assert (got.text, got.head, got.more) == ("first\n", b"", True)
 
 
 def test_defaults_match_the_library() -> None:
@@ -123,6 +182,9 @@ def test_what_goes_to_the_local_cli() -> None:
     done = _run("exec", "sb-1", "--", "true")
     assert done.returncode == 125
     assert done.stderr.startswith("error [invalid-config]: exec works through a server")
+    done = _run("create", "--label", "a=b")
+    assert done.returncode == 125
+    assert done.stderr.startswith("error [invalid-config]: create works through a server")
     # --server with a command that is not the server's: a usage error
     done = _run("--server", "http://127.0.0.1:1", "template", "list")
     assert done.returncode == 2 and "--server and --api-key apply to run" in done.stderr
