@@ -1,7 +1,7 @@
 """The ``novasandbox`` command: a thin layer over the sync API.
 
 With a server (``--server`` or ``NOVASANDBOX_SERVER``), ``run``, ``ls``, ``kill``,
-``exec`` and ``cp`` go through its HTTP API instead, from ``novasandbox_entry`` (the
+``exec`` and ``cp`` go through its HTTP API instead, from ``novasandbox_servercli`` (the
 console script's module: the standard library only, so that they start fast); this
 module has their help, and ``exec`` and ``cp`` refuse to run without a server.
 
@@ -27,8 +27,8 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 from rich.text import Text
 
-import novasandbox_entry
-from novasandbox_entry import REMOTE_COMMANDS, cli_terms
+import novasandbox_servercli
+from novasandbox_servercli import REMOTE_COMMANDS, cli_terms
 
 from . import __version__, warmup
 from .config import validate_env
@@ -994,9 +994,9 @@ def cache_prune(dry_run: bool, as_json: bool) -> None:
 
 
 def main() -> Any:
-    """The CLI, through the server when one is set for the command (``novasandbox_entry``
+    """The CLI, through the server when one is set for the command (``novasandbox_servercli``
     decides), else ``cli_group``."""
-    return novasandbox_entry.main(local=cli_group)
+    return novasandbox_servercli.dispatch(lambda: cli_group)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The console script's module (``novasandbox_entry``) without a VM: what it imports on
-the server path, its option parsing, and which commands it leaves to ``novasandbox.cli``
-(real processes for the last)."""
+"""The console script (``novasandbox_entry``, ``novasandbox_servercli``) without a VM:
+what it imports on the server path, its option parsing, and which commands it leaves to
+``novasandbox.cli`` (real processes for the last)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import novasandbox_entry as entry
+import novasandbox_servercli as entry
 from novasandbox.sandbox import DEFAULT_LIFETIME
 
 ENTRY = [sys.executable, "-m", "novasandbox_entry"]
@@ -39,7 +39,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_the_server_path_imports_neither_the_library_nor_its_dependencies() -> None:
     code = (
-        "import sys; from novasandbox_entry import remote_main; "
+        "import sys, novasandbox_entry; from novasandbox_servercli import remote_main; "
         f"status = remote_main(['--server', 'http://127.0.0.1:{_free_port()}', 'ls']); "
         "heavy = {'novasandbox', 'click', 'rich', 'asyncio', 'httpx', 'fastapi'}; "
         "print(status, sorted(heavy & set(sys.modules)))"
@@ -55,7 +55,7 @@ def test_a_run_without_stdin_starts_no_thread() -> None:
     """stdin at EOF from the start (/dev/null, an empty file): no stdin stream, so no
     thread and no request but the create and the command (here: server-unreachable)."""
     code = (
-        "import sys; from novasandbox_entry import remote_main; "
+        "import sys, novasandbox_entry; from novasandbox_servercli import remote_main; "
         f"status = remote_main(['--server', 'http://127.0.0.1:{_free_port()}', 'run', 'true']); "
         "print(status, 'threading' in sys.modules)"
     )
