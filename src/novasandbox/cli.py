@@ -358,8 +358,6 @@ def template() -> None:
 @handle_errors
 def template_list(as_json: bool) -> None:
     """Templates and whether their image is built."""
-    from rich.table import Table
-
     from .templates import TemplateManager
 
     manager = TemplateManager()
@@ -379,6 +377,8 @@ def template_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table("name", "built", "digest", "description")
     for row in rows:
         table.add_row(
@@ -460,14 +460,14 @@ def snapshot() -> None:
 @handle_errors
 def snapshot_ls(as_json: bool) -> None:
     """Snapshots on this host."""
-    from rich.table import Table
-
     from .snapshots import list_snapshots
 
     snaps = list_snapshots()
     if as_json:
         click.echo(json.dumps([s.to_json() for s in snaps], indent=2))
         return
+    from rich.table import Table
+
     table = Table("id", "template", "from sandbox", "size", "created")
     for s in snaps:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
@@ -532,14 +532,14 @@ def ls(as_json: bool, show_all: bool) -> None:
     """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
     until ``gc`` (or the next create) reaps it. With a server (--server or
     NOVASANDBOX_SERVER): the key's sandboxes on the server (-a: also ended ones)."""
-    from rich.table import Table
-
     from .records import list_sandboxes
 
     infos = [i for i in list_sandboxes() if show_all or i.alive]
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
         return
+    from rich.table import Table
+
     table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "boot", "uptime")
     for i in infos:
         table.add_row(
@@ -856,8 +856,6 @@ def keys_create(name: str, state_path: Path | None) -> None:
 @handle_errors
 def keys_ls(as_json: bool, state_path: Path | None) -> None:
     """The keys: name, public id, when made (never the key or its hash)."""
-    from rich.table import Table
-
     from .paths import state_dir
     from .server.keys import KeyStore
 
@@ -865,6 +863,8 @@ def keys_ls(as_json: bool, state_path: Path | None) -> None:
     if as_json:
         click.echo(json.dumps([k.public() for k in keys], indent=2))
         return
+    from rich.table import Table
+
     table = Table("name", "id", "created")
     for k in keys:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created_at))
