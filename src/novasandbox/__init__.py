@@ -233,9 +233,17 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 if not TYPE_CHECKING:  # hidden from mypy: an unknown name stays an error there
 
     def __getattr__(name: str) -> object:
-        """A public name, from its module (imported now, once: the value is kept here)."""
+        """A public name, from its module (imported now, once: the value is kept here); or
+        a submodule named as an attribute (``novasandbox.config`` after ``import
+        novasandbox``, as when this file imported them all)."""
         module = _MODULE_OF.get(name)
         if module is None:
+            if not name.startswith("_"):
+                try:
+                    return importlib.import_module(f"{__name__}.{name}")
+                except ModuleNotFoundError as exc:
+                    if exc.name != f"{__name__}.{name}":
+                        raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
         globals()[name] = value

@@ -152,6 +152,18 @@ def test_the_lazy_names_are_the_typed_names_and_all() -> None:
         assert getattr(novasandbox, name) is getattr(source, name), name
 
 
+def test_submodules_are_attributes_as_before() -> None:
+    """``import novasandbox`` then ``novasandbox.config``, ``novasandbox.network``: each
+    submodule is imported when named (they all were, with the package, before)."""
+    got = _modules_after(
+        "import novasandbox\n"
+        "print(novasandbox.config.MachineConfig.__name__, novasandbox.network.__name__)\n"
+        "print(hasattr(novasandbox, 'nothing_of_that_name'))"
+    )
+    assert str(got["stdout"]).split("\n") == ["MachineConfig novasandbox.network", "False"]
+    assert "novasandbox.config" in _library(got["modules"])
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Sandboxx'"):
         _ = novasandbox.Sandboxx  # type: ignore[attr-defined]
