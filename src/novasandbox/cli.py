@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -28,6 +27,8 @@ from novasandbox_servercli import DEFAULT_LIFETIME, REMOTE_COMMANDS, cli_terms
 from . import __version__
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
@@ -817,11 +818,20 @@ def doctor(as_json: bool) -> None:
 # --- the server: API keys and serve
 
 
+def _as_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Path | None:
+    """A path option's value as a Path (pathlib imported when one is given: not for the
+    help)."""
+    from pathlib import Path
+
+    return None if value is None else Path(value)
+
+
 def _state_option(fn: F) -> F:
     return click.option(
         "--state-dir",
         "state_path",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(file_okay=False),
+        callback=_as_path,
         default=None,
         help="The state directory.  [default: NOVASANDBOX_STATE_DIR, else the usual one]",
     )(fn)
@@ -889,8 +899,8 @@ def keys_rm(name: str, state_path: Path | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=7070, show_default=True)
 @_state_option
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, callback=_as_path)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, callback=_as_path)
 @click.option(
     "--insecure",
     is_flag=True,
@@ -1027,6 +1037,8 @@ def cache_in_use(manager: TemplateManager) -> set[Path]:
     any process holds (every live VMM's disks and kernel, whatever its state directory;
     builds in progress), the disk chains of this state directory's sandboxes (alive or
     being created), and the disks and kernels of its user snapshots."""
+    from pathlib import Path
+
     from .records import list_sandboxes
     from .snapshots import list_snapshots
     from .templates import backing_chain, paths_held_by_processes
