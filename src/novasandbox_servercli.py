@@ -6,9 +6,9 @@ from ``--api-key`` or ``NOVASANDBOX_API_KEY``), ``run``, ``ls``, ``kill``, ``exe
 ``cp`` speak the server's HTTP API from here (``novasandbox.server.app`` documents the
 routes, ``novasandbox.server.streams`` the command events). This module is outside the
 ``novasandbox`` package and imports only ``os``, ``sys``, ``json`` and ``socket`` (``ssl``
-for https): importing the package (click, rich, the QEMU client, asyncio) costs about
-0.3 s, more than a pooled sandbox takes to run a command. Every other command, ``--help``
-and ``--version``, and everything without a server, goes to ``novasandbox.cli``.
+for https): importing the library's HTTP client (``novasandbox.remote``: httpx, asyncio)
+and click costs more than a pooled sandbox takes to run a command. Every other command,
+``--help`` and ``--version``, and everything without a server, goes to ``novasandbox.cli``.
 
 Exit statuses and errors are the local CLI's: the command's own status; ``error [CODE]:
 message`` on stderr with the error's stable code and 125 (127: command not found in the

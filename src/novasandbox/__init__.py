@@ -18,67 +18,71 @@ used through ``remote`` (``Sandbox.create(..., server=URL, api_key=KEY)``, or
 ``NOVASANDBOX_SERVER``): the same API, over HTTP.
 """
 
+import importlib
 import logging
 
-from .commands import AsyncCommandHandle, CommandResult
-from .config import Drive
-from .errors import (
-    AgentError,
-    AgentProtocolError,
-    AgentTimeout,
-    AmbiguousSandboxId,
-    AuthenticationError,
-    CommandError,
-    CommandFailed,
-    CommandNotFound,
-    CommandTimeout,
-    ConfigError,
-    FileTooLarge,
-    HostMemoryExhausted,
-    HostToolMissing,
-    InvalidWorkingDirectory,
-    NetworkError,
-    NoSpaceLeft,
-    NotARegularFile,
-    NovaSandboxError,
-    PoolClosed,
-    ProcessNotFound,
-    ProviderError,
-    ReadOnlyFilesystem,
-    RemoteError,
-    RemoteUnsupported,
-    SandboxCrashed,
-    SandboxError,
-    SandboxExpired,
-    SandboxFileError,
-    SandboxFileNotFound,
-    SandboxNotFound,
-    SandboxNotRunning,
-    SandboxOwned,
-    SandboxPermissionError,
-    ServerBusy,
-    ServerRequired,
-    ServerUnreachable,
-    SignatureInvalid,
-    SignedUrlExpired,
-    SnapshotError,
-    SnapshotIncompatible,
-    SnapshotNotFound,
-    TemplateBuildError,
-    TemplateError,
-    TemplateNotBuilt,
-    TemplateNotFound,
-    VMStartError,
-)
-from .files import EntryInfo
-from .network import NetworkLog, NetworkMode, RefusedConnection
-from .pool import AsyncPool
-from .records import SandboxInfo
-from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo, RemoteSnapshot
-from .sandbox import AsyncSandbox, SandboxState
-from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-from .sync import CommandHandle, Pool, Sandbox
-from .templates import BuiltTemplate, Template, TemplateManager
+TYPE_CHECKING = False  # typing's import costs milliseconds; mypy knows this name
+if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr__
+    from .commands import AsyncCommandHandle
+    from .config import Drive
+    from .errors import (
+        AgentError,
+        AgentProtocolError,
+        AgentTimeout,
+        AmbiguousSandboxId,
+        AuthenticationError,
+        CommandError,
+        CommandFailed,
+        CommandNotFound,
+        CommandTimeout,
+        ConfigError,
+        FileTooLarge,
+        HostMemoryExhausted,
+        HostToolMissing,
+        InvalidWorkingDirectory,
+        NetworkError,
+        NoSpaceLeft,
+        NotARegularFile,
+        NovaSandboxError,
+        PoolClosed,
+        ProcessNotFound,
+        ProviderError,
+        ReadOnlyFilesystem,
+        RemoteError,
+        RemoteUnsupported,
+        SandboxCrashed,
+        SandboxError,
+        SandboxExpired,
+        SandboxFileError,
+        SandboxFileNotFound,
+        SandboxNotFound,
+        SandboxNotRunning,
+        SandboxOwned,
+        SandboxPermissionError,
+        ServerBusy,
+        ServerRequired,
+        ServerUnreachable,
+        SignatureInvalid,
+        SignedUrlExpired,
+        SnapshotError,
+        SnapshotIncompatible,
+        SnapshotNotFound,
+        TemplateBuildError,
+        TemplateError,
+        TemplateNotBuilt,
+        TemplateNotFound,
+        VMStartError,
+    )
+    from .files import EntryInfo
+    from .network import NetworkLog, NetworkMode, RefusedConnection
+    from .pool import AsyncPool
+    from .records import SandboxInfo
+    from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo, RemoteSnapshot
+    from .results import CommandResult, SandboxState
+    from .sandbox import AsyncSandbox
+    from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
+    from .sync import CommandHandle, Pool, Sandbox
+    from .templates import BuiltTemplate, Template, TemplateManager
 
 __version__ = "0.1.0"
 
@@ -158,6 +162,92 @@ __all__ = [
     "get_snapshot",
     "list_snapshots",
 ]
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "commands": ("AsyncCommandHandle",),
+    "config": ("Drive",),
+    "errors": (
+        "AgentError",
+        "AgentProtocolError",
+        "AgentTimeout",
+        "AmbiguousSandboxId",
+        "AuthenticationError",
+        "CommandError",
+        "CommandFailed",
+        "CommandNotFound",
+        "CommandTimeout",
+        "ConfigError",
+        "FileTooLarge",
+        "HostMemoryExhausted",
+        "HostToolMissing",
+        "InvalidWorkingDirectory",
+        "NetworkError",
+        "NoSpaceLeft",
+        "NotARegularFile",
+        "NovaSandboxError",
+        "PoolClosed",
+        "ProcessNotFound",
+        "ProviderError",
+        "ReadOnlyFilesystem",
+        "RemoteError",
+        "RemoteUnsupported",
+        "SandboxCrashed",
+        "SandboxError",
+        "SandboxExpired",
+        "SandboxFileError",
+        "SandboxFileNotFound",
+        "SandboxNotFound",
+        "SandboxNotRunning",
+        "SandboxOwned",
+        "SandboxPermissionError",
+        "ServerBusy",
+        "ServerRequired",
+        "ServerUnreachable",
+        "SignatureInvalid",
+        "SignedUrlExpired",
+        "SnapshotError",
+        "SnapshotIncompatible",
+        "SnapshotNotFound",
+        "TemplateBuildError",
+        "TemplateError",
+        "TemplateNotBuilt",
+        "TemplateNotFound",
+        "VMStartError",
+    ),
+    "files": ("EntryInfo",),
+    "network": ("NetworkLog", "NetworkMode", "RefusedConnection"),
+    "pool": ("AsyncPool",),
+    "records": ("SandboxInfo",),
+    "remote": ("RemoteCommandHandle", "RemoteSandbox", "RemoteSandboxInfo", "RemoteSnapshot"),
+    "results": ("CommandResult", "SandboxState"),
+    "sandbox": ("AsyncSandbox",),
+    "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
+    "sync": ("CommandHandle", "Pool", "Sandbox"),
+    "templates": ("BuiltTemplate", "Template", "TemplateManager"),
+}
+"""Each public name's module (the one that defines it), imported on the name's first use:
+``import novasandbox`` imports none of them (asyncio, httpx, the QEMU client neither)."""
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+if not TYPE_CHECKING:  # hidden from mypy: an unknown name stays an error there
+
+    def __getattr__(name: str) -> object:
+        """A public name, from its module (imported now, once: the value is kept here); or
+        a submodule named as an attribute (``novasandbox.config`` after ``import
+        novasandbox``, as when this file imported them all)."""
+        module = _MODULE_OF.get(name)
+        if module is None:
+            if not name.startswith("_"):
+                try:
+                    return importlib.import_module(f"{__name__}.{name}")
+                except ModuleNotFoundError as exc:
+                    if exc.name != f"{__name__}.{name}":
+                        raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

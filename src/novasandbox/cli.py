@@ -15,45 +15,31 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 import novasandbox_servercli
-from novasandbox_servercli import REMOTE_COMMANDS, cli_terms
+from novasandbox_servercli import DEFAULT_LIFETIME, REMOTE_COMMANDS, cli_terms
 
-from . import __version__, warmup
-from .config import validate_env
-from .errors import (
-    CommandNotFound,
-    CommandTimeout,
-    ConfigError,
-    NovaSandboxError,
-    SandboxExpired,
-    TemplateNotFound,
-)
-from .gc import kill_sandbox, reap, sweep_host_resources
-from .host import cgroups, tap
-from .paths import cache_dir, state_dir
-from .records import list_sandboxes, read_network_log, resolve_sandbox_id
-from .sandbox import DEFAULT_LIFETIME
-from .server.keys import KeyStore
-from .snapshots import delete_snapshot, list_snapshots
-from .sync import CommandHandle, Sandbox
-from .templates import TemplateManager, backing_chain, paths_held_by_processes
-from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
-from .vm import PROVIDERS, get_provider, provider_name
-from .vm.base import VMPaths
-from .vm.qemu import choose_accel, qemu_version
-from .vm.qemu_argv import QEMU_BINARY, QEMU_IMG
+from . import __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from .errors import NovaSandboxError
+    from .sync import CommandHandle, Sandbox
+    from .templates import TemplateManager
+
+# What a command needs is imported in the command, when it runs: ``--help``, ``--version``
+# and every command's help import click alone (rich, the library, asyncio, httpx and the
+# QEMU client cost ~0.3 s, more than the help itself); the library's DEFAULT_LIFETIME is
+# novasandbox_servercli's (a test keeps them equal).
 
 SWEPT = {"egress_policies": "egress policy", "taps": "TAP"}
 """What ``gc`` says for each kind of host resource it removed."""
@@ -61,20 +47,33 @@ EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
 EXIT_TIMEOUT = 124
 
-# soft_wrap: a message is one line however narrow the terminal (or a pipe's 80 columns)
-err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
+_ERR_CONSOLE: list[Console] = []
+
+
+def err_console() -> Console:
+    """stderr (made on first use: rich is imported then); soft_wrap: a message is one line
+    however narrow the terminal (or a pipe's 80 columns)."""
+    if not _ERR_CONSOLE:
+        from rich.console import Console
+
+        _ERR_CONSOLE.append(Console(stderr=True, soft_wrap=True))
+    return _ERR_CONSOLE[0]
 
 
 def out_console() -> Console:
     """stdout: the terminal's width, or (a pipe, a file) wide enough that tables and lines
     are neither cut nor wrapped at 80 columns."""
+    from rich.console import Console
+
     return Console() if sys.stdout.isatty() else Console(width=400, soft_wrap=True)
 
 
 def _fail(exc: NovaSandboxError, status: int = EXIT_ERROR) -> NoReturn:
+    from rich.text import Text
+
     message = cli_terms(exc.message)
-    err_console.print(Text.assemble(("error", "bold red"), f" [{exc.code}]: {message}"))
+    err_console().print(Text.assemble(("error", "bold red"), f" [{exc.code}]: {message}"))
     sys.exit(status)
 
 
@@ -84,6 +83,8 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import NovaSandboxError
+
         try:
             return fn(*args, **kwargs)
         except NovaSandboxError as exc:
@@ -123,6 +124,9 @@ def cli_group(ctx: click.Context, verbose: int, server: str | None, api_key: str
 
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    from .config import validate_env
+    from .errors import ConfigError
+
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -144,6 +148,8 @@ def _writer(stream: Any) -> Callable[[str], None]:
 def _pump_stdin(handle: CommandHandle, fd: int) -> None:
     """Stream this process's stdin into the command as it arrives; close it at EOF. Ends
     quietly when the command (or the sandbox) is gone first."""
+    from .errors import NovaSandboxError
+
     try:
         while chunk := os.read(fd, 256 * 1024):
             handle.send_stdin(chunk)
@@ -268,6 +274,18 @@ def run(
     is the server's (from its warm pool when the options allow); stdin is streamed to it
     the same way.
     """
+    import threading
+
+    from .errors import (
+        CommandNotFound,
+        CommandTimeout,
+        ConfigError,
+        SandboxExpired,
+        TemplateNotFound,
+    )
+    from .sync import Sandbox
+    from .templates import TemplateManager
+
     env = _parse_env(env_pairs)
     if no_egress and allow:
         raise ConfigError("--no-egress and --allow exclude each other")
@@ -328,7 +346,7 @@ def _refusal_summary(sb: Sandbox) -> None:
     refused = sb.network_log()
     if refused.refused:
         text = f"novasandbox: {refused.summary()}; see --allow"
-        err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+        err_console().print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @cli_group.group()
@@ -341,6 +359,8 @@ def template() -> None:
 @handle_errors
 def template_list(as_json: bool) -> None:
     """Templates and whether their image is built."""
+    from .templates import TemplateManager
+
     manager = TemplateManager()
     rows: list[dict[str, Any]] = []
     for tpl in manager.list():
@@ -358,6 +378,8 @@ def template_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table("name", "built", "digest", "description")
     for row in rows:
         table.add_row(
@@ -396,6 +418,11 @@ class RichReporter:
 @handle_errors
 def template_build(name: str, force: bool) -> None:
     """Build NAME's kernel, root file system and image (cached; a no-op when up to date)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import warmup
+    from .templates import TemplateManager
+
     manager = TemplateManager()
     tpl = manager.get(name)
     if not force and warmup.up_to_date(manager, name):
@@ -406,7 +433,7 @@ def template_build(name: str, force: bool) -> None:
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
-        console=err_console,
+        console=err_console(),
         transient=False,
     ) as progress:
         built = warmup.build(manager, name, reporter=RichReporter(progress), force=force)
@@ -418,6 +445,8 @@ def template_build(name: str, force: bool) -> None:
 @handle_errors
 def template_rm(name: str) -> None:
     """Remove NAME's built images from the cache."""
+    from .templates import TemplateManager
+
     removed = TemplateManager().remove(name)
     click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
 
@@ -432,10 +461,14 @@ def snapshot() -> None:
 @handle_errors
 def snapshot_ls(as_json: bool) -> None:
     """Snapshots on this host."""
+    from .snapshots import list_snapshots
+
     snaps = list_snapshots()
     if as_json:
         click.echo(json.dumps([s.to_json() for s in snaps], indent=2))
         return
+    from rich.table import Table
+
     table = Table("id", "template", "from sandbox", "size", "created")
     for s in snaps:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
@@ -450,6 +483,8 @@ def snapshot_ls(as_json: bool) -> None:
 @handle_errors
 def snapshot_rm(ids: tuple[str, ...]) -> None:
     """Delete snapshots by id."""
+    from .snapshots import delete_snapshot
+
     for snapshot_id in ids:
         delete_snapshot(snapshot_id)
         click.echo(f"deleted {snapshot_id}")
@@ -465,6 +500,8 @@ def tap_group() -> None:
 @handle_errors
 def tap_up(size: int) -> None:
     """Make sure SIZE TAP devices exist (kept until 'novasandbox tap down')."""
+    from .host import tap
+
     for t in tap.prepare(size):
         click.echo(f"{t.name} {t.host_address} -> guest {t.guest_address}")
 
@@ -473,6 +510,8 @@ def tap_up(size: int) -> None:
 @handle_errors
 def tap_down() -> None:
     """Remove the TAP devices no sandbox uses, and the NAT table once none is left."""
+    from .host import tap
+
     for name in tap.release():
         click.echo(f"removed {name}")
 
@@ -481,6 +520,8 @@ def tap_down() -> None:
 @handle_errors
 def tap_ls() -> None:
     """TAP devices and which sandbox leases each."""
+    from .host import tap
+
     for t, holder in tap.leases():
         click.echo(f"{t.name} {t.guest_address} {holder or 'free'}")
 
@@ -492,10 +533,14 @@ def ls(as_json: bool, show_all: bool) -> None:
     """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
     until ``gc`` (or the next create) reaps it. With a server (--server or
     NOVASANDBOX_SERVER): the key's sandboxes on the server (-a: also ended ones)."""
+    from .records import list_sandboxes
+
     infos = [i for i in list_sandboxes() if show_all or i.alive]
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
         return
+    from rich.table import Table
+
     table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "boot", "uptime")
     for i in infos:
         table.add_row(
@@ -519,6 +564,8 @@ def ls(as_json: bool, show_all: bool) -> None:
 def network_log(sandbox_id: str, as_json: bool) -> None:
     """What the egress policy of a running sandbox refused (from any process). Any unique
     prefix of an id will do."""
+    from .records import read_network_log, resolve_sandbox_id
+
     sandbox_id = resolve_sandbox_id(sandbox_id)
     refused = read_network_log(sandbox_id)
     if as_json:
@@ -539,6 +586,9 @@ def kill(ids: tuple[str, ...], kill_all: bool) -> None:
     """Kill sandboxes by id (or --all) and remove their state. Any unique prefix of an
     id will do (``sb-6267`` or ``6267``). With a server (--server or
     NOVASANDBOX_SERVER): the key's sandboxes on the server."""
+    from .gc import kill_sandbox
+    from .records import list_sandboxes, resolve_sandbox_id
+
     if kill_all == bool(ids):
         raise click.UsageError("give sandbox ids or --all (not both)")
     targets = [i.id for i in list_sandboxes()] if kill_all else [resolve_sandbox_id(i) for i in ids]
@@ -548,6 +598,8 @@ def kill(ids: tuple[str, ...], kill_all: bool) -> None:
 
 
 def _needs_server(command: str) -> NoReturn:
+    from .errors import ConfigError
+
     raise ConfigError(
         f"{command} works through a server: give --server URL (before {command}) or set "
         "NOVASANDBOX_SERVER, with the key in --api-key or NOVASANDBOX_API_KEY"
@@ -651,6 +703,8 @@ def cp(src: str, dst: str) -> None:
 def gc() -> None:
     """Reap sandboxes past their lifetime or whose owner process is gone, and host
     resources (egress policies) that no VMM uses any more."""
+    from .gc import reap, sweep_host_resources
+
     for sandbox_id in reap():
         click.echo(f"reaped {sandbox_id}")
     for kind, names in sweep_host_resources().items():
@@ -662,6 +716,16 @@ def gc() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:
     """Check this host: QEMU, accelerator, templates, missing packages."""
+    from .errors import ConfigError, NovaSandboxError
+    from .host import cgroups
+    from .paths import cache_dir, state_dir
+    from .records import list_sandboxes
+    from .templates import TemplateManager
+    from .templates.build import IMAGE_TOOLS, KERNEL_TOOLS, missing_tools
+    from .vm import PROVIDERS, get_provider, provider_name
+    from .vm.qemu import choose_accel, qemu_version
+    from .vm.qemu_argv import QEMU_BINARY, QEMU_IMG
+
     report: dict[str, Any] = {}
     try:
         name = provider_name()
@@ -754,11 +818,20 @@ def doctor(as_json: bool) -> None:
 # --- the server: API keys and serve
 
 
+def _as_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Path | None:
+    """A path option's value as a Path (pathlib imported when one is given: not for the
+    help)."""
+    from pathlib import Path
+
+    return None if value is None else Path(value)
+
+
 def _state_option(fn: F) -> F:
     return click.option(
         "--state-dir",
         "state_path",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(file_okay=False),
+        callback=_as_path,
         default=None,
         help="The state directory.  [default: NOVASANDBOX_STATE_DIR, else the usual one]",
     )(fn)
@@ -775,9 +848,12 @@ def keys_group() -> None:
 @handle_errors
 def keys_create(name: str, state_path: Path | None) -> None:
     """Make a key named NAME and print it (once: it is not stored, only its hash)."""
+    from .paths import state_dir
+    from .server.keys import KeyStore
+
     key, secret = KeyStore(state_path or state_dir()).create(name)
     click.echo(secret)
-    err_console.print(
+    err_console().print(
         f"API key {key.name!r} ({key.id}) created; store it now, it is not shown again",
         markup=False,
         highlight=False,
@@ -790,10 +866,15 @@ def keys_create(name: str, state_path: Path | None) -> None:
 @handle_errors
 def keys_ls(as_json: bool, state_path: Path | None) -> None:
     """The keys: name, public id, when made (never the key or its hash)."""
+    from .paths import state_dir
+    from .server.keys import KeyStore
+
     keys = KeyStore(state_path or state_dir()).all()
     if as_json:
         click.echo(json.dumps([k.public() for k in keys], indent=2))
         return
+    from rich.table import Table
+
     table = Table("name", "id", "created")
     for k in keys:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.created_at))
@@ -807,6 +888,9 @@ def keys_ls(as_json: bool, state_path: Path | None) -> None:
 @handle_errors
 def keys_rm(name: str, state_path: Path | None) -> None:
     """Remove the key NAME: a running server refuses it from its next request on."""
+    from .paths import state_dir
+    from .server.keys import KeyStore
+
     key = KeyStore(state_path or state_dir()).remove(name)
     click.echo(f"removed {key.name} ({key.id})")
 
@@ -815,8 +899,8 @@ def keys_rm(name: str, state_path: Path | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=7070, show_default=True)
 @_state_option
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, callback=_as_path)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, callback=_as_path)
 @click.option(
     "--insecure",
     is_flag=True,
@@ -894,6 +978,7 @@ def serve(
     SIGINT kills its sandboxes (or, with --on-stop keep, leaves them running) and exits
     0. A start adopts the sandboxes the last run left running and reaps the rest. With
     --state-dir, the keys and the sandboxes' state live there."""
+    from .paths import state_dir
     from .server.admission import Limits, default_max_sandboxes, default_max_starting
     from .server.app import Settings
     from .server.pools import parse_pool_specs
@@ -952,6 +1037,13 @@ def cache_in_use(manager: TemplateManager) -> set[Path]:
     any process holds (every live VMM's disks and kernel, whatever its state directory;
     builds in progress), the disk chains of this state directory's sandboxes (alive or
     being created), and the disks and kernels of its user snapshots."""
+    from pathlib import Path
+
+    from .records import list_sandboxes
+    from .snapshots import list_snapshots
+    from .templates import backing_chain, paths_held_by_processes
+    from .vm.base import VMPaths
+
     paths = paths_held_by_processes(manager.cache)
     for info in list_sandboxes():
         paths.update(backing_chain(VMPaths(Path(info.state_dir)).overlay))
@@ -976,6 +1068,8 @@ def cache_prune(dry_run: bool, as_json: bool) -> None:
     """Remove the kernels, bases and images that no defined template keeps (left by
     'template rm' or by a changed template), except what a sandbox, a snapshot or a
     running process uses."""
+    from .templates import TemplateManager
+
     manager = TemplateManager()
     plan = manager.prune_plan(cache_in_use(manager))
     freed = 0 if dry_run else manager.prune(plan)
