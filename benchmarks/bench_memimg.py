@@ -5,7 +5,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_memimg.py \\
         --side old=/path/to/old/src:/path/to/old/cache \\
-        --side new=/path/to/new/src:/path/to/new/cache \\
+        --side new=/path/to/new/src:/path/to/new/cache[:VAR=VALUE,...] \\
         [--rounds 4] [--runs 5] [--memory-count 4] [--idle 2] [--out FILE]
 
 Each side is a source tree (put first on PYTHONPATH) and a cache directory
@@ -14,7 +14,8 @@ one worker process per side, alternating which side goes first; a worker restore
 ``--runs`` sandboxes one after the other (``create`` -> first stdout of ``echo hi``,
 then a second ``echo hi``), then ``--memory-count`` at once, lets them idle and reads
 each QEMU's ``/proc/PID/smaps_rollup``, and reports the template snapshot's files.
-Prints one JSON document (p50/p95/min/max per side and the new/old ratio of the p50s).
+Prints one JSON document (p50/p95/min/max per side and each side's p50s over the first
+side's). ``VAR=VALUE`` pairs go into that side's environment.
 Every sandbox a worker starts is killed before it exits.
 """
 
@@ -125,8 +126,11 @@ def summarize(values: list[float]) -> dict[str, float]:
     }
 
 
-def run_side(src: str, cache: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_side(src: str, cache: str, extra: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=src, NOVASANDBOX_CACHE_DIR=cache)
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        env[key] = value
     argv = [sys.executable, __file__, "--worker"]
     argv += ["--runs", str(args.runs), "--memory-count", str(args.memory_count)]
     argv += ["--idle", str(args.idle)]
@@ -139,7 +143,9 @@ def run_side(src: str, cache: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--side", action="append", default=[], help="NAME=SRC:CACHE (twice)")
+    p.add_argument(
+        "--side", action="append", default=[], help="NAME=SRC:CACHE[:VAR=VALUE,...] (repeat)"
+    )
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--runs", type=int, default=5, help="restores per worker (5)")
     p.add_argument("--memory-count", type=int, default=4, help="idle sandboxes per worker (4)")
@@ -150,13 +156,14 @@ def main() -> int:
     if args.worker:
         print(json.dumps(_worker(args.runs, args.memory_count, args.idle)))
         return 0
-    sides: dict[str, tuple[str, str]] = {}
+    sides: dict[str, tuple[str, str, str]] = {}
     for spec in args.side:
         name, _, rest = spec.partition("=")
-        src, _, cache = rest.partition(":")
+        src, _, rest = rest.partition(":")
+        cache, _, extra = rest.partition(":")
         if not (name and src and cache):
-            p.error(f"--side wants NAME=SRC:CACHE, got {spec!r}")
-        sides[name] = (src, cache)
+            p.error(f"--side wants NAME=SRC:CACHE[:VAR=VALUE,...], got {spec!r}")
+        sides[name] = (src, cache, extra)
     if not sides:
         p.error("give at least one --side")
     merged: dict[str, dict[str, list[float]]] = {name: {} for name in sides}
@@ -179,15 +186,15 @@ def main() -> int:
             for name in names
         },
     }
-    if len(names) == 2:
-        a, b = names
-        report["ratio_p50"] = {
-            f"{b}/{a} {key}": round(
-                report["sides"][b][key]["p50"] / report["sides"][a][key]["p50"], 3
-            )
-            for key in merged[a]
-            if report["sides"][a][key].get("p50")
-        }
+    # each side against the first
+    a = names[0]
+    report["ratio_p50"] = {}
+    for b in names[1:]:
+        for key in merged[a]:
+            if report["sides"][a][key].get("p50"):
+                report["ratio_p50"][f"{b}/{a} {key}"] = round(
+                    report["sides"][b][key]["p50"] / report["sides"][a][key]["p50"], 3
+                )
         report["ratio_p50"][f"{b}/{a} memory_bin_bytes"] = round(
             images[b]["memory_bin_bytes"] / images[a]["memory_bin_bytes"], 3
         )
