@@ -1,4 +1,5 @@
-"""The VMMs are started without transparent huge pages; the starting process keeps them."""
+"""NOVASANDBOX_QEMU_THP=0: the VMMs are started without transparent huge pages; the
+starting process keeps them."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def spawn_and_read() -> str:
 def test_children_spawned_inside_have_no_huge_pages_and_the_flag_is_cleared_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("NOVASANDBOX_QEMU_THP", raising=False)
+    monkeypatch.setenv("NOVASANDBOX_QEMU_THP", "0")
     assert qemu._LIBC.prctl(qemu.PR_GET_THP_DISABLE, 0, 0, 0, 0) == 0
     before = spawn_and_read()  # "1" where the kernel has THP at all
     with qemu.no_huge_pages():
@@ -40,8 +41,12 @@ def test_children_spawned_inside_have_no_huge_pages_and_the_flag_is_cleared_afte
     assert spawn_and_read() == before
 
 
-def test_opt_out_keeps_huge_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("value", [None, "1"])
+def test_by_default_huge_pages_stay(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
     before = spawn_and_read()
-    monkeypatch.setenv("NOVASANDBOX_QEMU_THP", "1")
+    if value is None:
+        monkeypatch.delenv("NOVASANDBOX_QEMU_THP", raising=False)
+    else:
+        monkeypatch.setenv("NOVASANDBOX_QEMU_THP", value)
     with qemu.no_huge_pages():
         assert spawn_and_read() == before

@@ -160,18 +160,21 @@ _thp_spawning = 0
 
 @contextlib.contextmanager
 def no_huge_pages() -> Iterator[None]:
-    """Start the VMMs spawned inside this block without transparent huge pages.
+    """With ``NOVASANDBOX_QEMU_THP=0``, start the VMMs spawned inside this block without
+    transparent huge pages (otherwise it does nothing).
 
     QEMU asks for huge pages for the guest's RAM; where the host grants them
     (``/sys/kernel/mm/transparent_hugepage/enabled`` "madvise" or "always"), each 4 KiB
-    page a restore writes costs a whole 2 MiB page, and an idle restored 256 MiB guest
-    holds ~54 MiB instead of the ~35 MiB its memory image has. ``prctl``
-    PR_SET_THP_DISABLE is a flag of this process's memory that a child keeps across exec:
-    set while spawning (this process has no huge pages meanwhile), cleared after the last
-    concurrent spawn, left alone where it was set already. ``NOVASANDBOX_QEMU_THP=1``
-    keeps huge pages."""
+    page a restore writes costs a whole 2 MiB page: an idle restored 256 MiB guest holds
+    ~54 MiB instead of the ~35 MiB its memory image has (PSS per idle sandbox 80 -> 59
+    MiB with 10 of them), but without huge pages a restore took ~35% longer (measured
+    under TCG on a 2-core VM host: ``benchmarks/bench_memimg.py``), so they stay on
+    unless asked. ``prctl`` PR_SET_THP_DISABLE is a flag of this process's memory that
+    a child keeps across exec: set while spawning (this process has no huge pages
+    meanwhile), cleared after the last concurrent spawn, left alone where it was set
+    already."""
     global _thp_spawning
-    if os.environ.get("NOVASANDBOX_QEMU_THP") == "1":
+    if os.environ.get("NOVASANDBOX_QEMU_THP", "1").strip() != "0":
         yield
         return
     with _THP_LOCK:
