@@ -45,7 +45,7 @@ from .templates import BuiltTemplate, Template, TemplateManager
 
 log = logging.getLogger("novasandbox.snapshots")
 
-SNAPSHOT_RECIPE = "7"
+SNAPSHOT_RECIPE = "8"
 """Bump when what a template snapshot contains changes."""
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"

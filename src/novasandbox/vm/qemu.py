@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -17,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +149,48 @@ def qemu_version(qemu: str | None = None) -> str:
 def _qemu_version(binary: str, mtime_ns: int) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0].strip()
+
+
+PR_SET_THP_DISABLE = 41
+PR_GET_THP_DISABLE = 42
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_THP_LOCK = threading.Lock()
+_thp_spawning = 0
+
+
+@contextlib.contextmanager
+def no_huge_pages() -> Iterator[None]:
+    """With ``NOVASANDBOX_QEMU_THP=0``, start the VMMs spawned inside this block without
+    transparent huge pages (otherwise it does nothing).
+
+    QEMU asks for huge pages for the guest's RAM; where the host grants them
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` "madvise" or "always"), each 4 KiB
+    page a restore writes costs a whole 2 MiB page: an idle restored 256 MiB guest holds
+    ~54 MiB instead of the ~35 MiB its memory image has (PSS per idle sandbox 80 -> 59
+    MiB with 10 of them), but without huge pages a restore took ~35% longer (measured
+    under TCG on a 2-core VM host: ``benchmarks/bench_memimg.py``), so they stay on
+    unless asked. ``prctl`` PR_SET_THP_DISABLE is a flag of this process's memory that
+    a child keeps across exec: set while spawning (this process has no huge pages
+    meanwhile), cleared after the last concurrent spawn, left alone where it was set
+    already."""
+    global _thp_spawning
+    if os.environ.get("NOVASANDBOX_QEMU_THP", "1").strip() != "0":
+        yield
+        return
+    with _THP_LOCK:
+        if _thp_spawning == 0 and _LIBC.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 0:
+            _LIBC.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+            _thp_spawning = 1
+        elif _thp_spawning:
+            _thp_spawning += 1
+    try:
+        yield
+    finally:
+        with _THP_LOCK:
+            if _thp_spawning:
+                _thp_spawning -= 1
+                if _thp_spawning == 0:
+                    _LIBC.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
 
 
 class AdoptedProcess:
@@ -412,7 +456,7 @@ class QemuProvider:
                 argv = netguard.stage_argv(sys.executable, stage_sock.fileno()) + argv
                 passed += (stage_sock.fileno(),)
             argv = held.spawn_prefix() + argv
-            with open(paths.vmm_log, "wb") as vmm_log:
+            with open(paths.vmm_log, "wb") as vmm_log, no_huge_pages():
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
