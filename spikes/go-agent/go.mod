@@ -1,0 +1,3 @@
+module novasandbox/spike/goagent
+
+go 1.19
