@@ -29,4 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# bytecode now: an editable install runs from src/, and where PYTHONDONTWRITEBYTECODE is
+# set every start would compile what it imports (the CLI's help: 65 ms -> 140 ms)
+.venv/bin/python -m compileall -q src
 .venv/bin/novasandbox template build python
