@@ -262,7 +262,9 @@ def test_a_legitimate_read_peaks_at_about_its_size(factory: SandboxFactory) -> N
     print(f"a {size // MIB} MiB read: owner peak +{growth:.0f} MiB, after {rss_mib() - base:.0f}")
     assert growth < size / MIB * 1.25 + 32
     gc.collect()
-    assert rss_mib() - base < 32  # released when done
+    # released when done: the allocator's arenas keep some freed pages (19-38 MiB seen
+    # after a whole suite in one process), keeping the data would be 96 MiB or more
+    assert rss_mib() - base < size / MIB / 2
 
 
 def test_a_stopped_agent_cannot_hang_an_upload_or_kill(pair: tuple[Sandbox, Sandbox]) -> None:
