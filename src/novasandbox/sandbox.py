@@ -57,6 +57,7 @@ from .errors import (
     check_int,
 )
 from .files import AsyncFiles
+from .guest.protocol import ErrorCode
 from .host.plan import HostPlan, confinement, make_plan
 from .host.resources import HostResources, free_loopback_ports
 from .network import EgressRule, NetworkConfig, NetworkLog, NetworkMode, resolve
@@ -734,7 +735,7 @@ class AsyncSandbox:
         dest.parent.mkdir(exist_ok=True)  # not its parents: a removed template stays removed
         partial = dest.with_name(f".{dest.name}.partial-{secrets.token_hex(4)}")
         try:
-            took = await self._capture(partial, resume=True, drop_caches=False)
+            took, frozen = await self._capture(partial, resume=True, drop_caches=False)
             snap = saved(
                 snapshot_id=f"shape-{built.name}-{dest.name}",
                 kind="template",
@@ -747,6 +748,7 @@ class AsyncSandbox:
                 engine=self.engine,
                 took=took,
                 network=self.config.network.mode,
+                frozen=frozen,
             )
             (partial / MANIFEST).write_text(snap.manifest_text())
             try:
@@ -794,12 +796,15 @@ class AsyncSandbox:
         resume: bool,
         drop_caches: bool = True,
         quiesce_timeout: float = 30,
-    ) -> float:
+    ) -> tuple[float, bool]:
         """Save the VM into ``directory`` (memory.bin + disk.qcow2); returns the seconds it
-        took. The guest's root file system is flushed and frozen first (optionally with
-        clean caches dropped, for a smaller memory image), so the disk cannot change while
-        the running VM's memory is saved (which leaves the VM paused); the disk is copied
-        after that. With ``resume`` the VM then continues and is thawed. On failure the
+        took and whether the guest's root file system was left frozen in it. The guest
+        flushes its file systems first (optionally dropping clean caches, for a smaller
+        memory image). The running VM's memory is saved live, which ends with the VM
+        paused and its disks flushed; the disk is copied then, so memory and disk are of
+        the same instant and nothing needs freezing (a restore then has no thaw to do).
+        An agent older than the ``sync`` request is frozen instead, as it was then. With
+        ``resume`` the VM continues afterwards (thawed if frozen). On failure the
         partial files are removed."""
         vm, agent = self._vm, self._agent
         if vm is None or agent is None:
@@ -807,7 +812,18 @@ class AsyncSandbox:
         if not self._provider.capabilities.snapshots:
             raise SnapshotError(f"the {self._provider.name} provider cannot save snapshots")
         directory.mkdir(parents=True, exist_ok=False)
-        await agent.call("freeze", drop_caches=drop_caches, timeout=quiesce_timeout)
+        frozen = False
+        try:
+            await agent.call("sync", drop_caches=drop_caches, timeout=quiesce_timeout)
+        except AgentProtocolError as exc:
+            if exc.agent_code != ErrorCode.UNKNOWN_OP:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            await agent.call("freeze", drop_caches=drop_caches, timeout=quiesce_timeout)
+            frozen = True
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         t0 = time.monotonic()
         try:
             await vm.save(directory / MEMORY, directory / DISK)
@@ -821,9 +837,10 @@ class AsyncSandbox:
             if resume and vm.is_running():
                 with contextlib.suppress(Exception):
                     await vm.resume()
-                with contextlib.suppress(Exception):
-                    await agent.call("thaw", timeout=quiesce_timeout)
-        return took
+                if frozen:
+                    with contextlib.suppress(Exception):
+                        await agent.call("thaw", timeout=quiesce_timeout)
+        return took, frozen
 
     async def _boot(
         self,
@@ -854,7 +871,9 @@ class AsyncSandbox:
             if snap is None or not snap.autostart:
                 await vm.wait_restored(deadline)
                 await vm.resume()
-            hello.update(thaw=True, entropy=secrets.token_hex(64), time_ns=time.time_ns())
+            hello.update(entropy=secrets.token_hex(64), time_ns=time.time_ns())
+            if snap is None or snap.frozen:
+                hello["thaw"] = True
             log.debug("%s: VMM started in %.1f ms", self.id, (t_vmm - t0) * 1000)
         self._agent = await AgentClient.over(
             *await vm.open_channel(deadline),
@@ -880,6 +899,10 @@ class AsyncSandbox:
             "agent_answered": (t_answered - t0) * 1000,
             "ready": (self._started - t0) * 1000,
         }
+        hello_us = self._agent.info.get("hello_us")
+        if type(hello_us) is int and 0 <= hello_us < 10**9:  # the guest says it: bounded
+            # what the agent spent on the hello itself (clock, RNG, network), guest time
+            self.timings["guest_hello"] = hello_us / 1000
         self._record()
         log.info(
             "sandbox %s ready in %.0f ms (%s, guest kernel %s)",
@@ -1109,7 +1132,7 @@ class AsyncSandbox:
     async def snapshot(self) -> Snapshot:
         """Save this sandbox (memory, processes, files) as a ``Snapshot`` that
         ``create(from_snapshot=...)`` restores, as often as wanted. The sandbox goes on
-        running (its file system is frozen for the moment of the save)."""
+        running (paused for the moment of the save)."""
         return await self._snapshot("user")
 
     async def _snapshot(self, kind: Literal["user", "fork"]) -> Snapshot:
@@ -1129,7 +1152,7 @@ class AsyncSandbox:
             directory = snapshots_dir() / snap_id
             kernel, rootfs = vm.spec.kernel, vm.spec.rootfs
             assert kernel is not None and rootfs is not None  # a provider with snapshots
-            took = await self._capture(directory, resume=True)
+            took, frozen = await self._capture(directory, resume=True)
             snap = saved(
                 snapshot_id=snap_id,
                 kind=kind,
@@ -1144,6 +1167,7 @@ class AsyncSandbox:
                 network=self.config.network.mode,
                 env=dict(self.config.env),
                 source_sandbox=self.id,
+                frozen=frozen,
             )
             snap.write_manifest()
             if was_paused:

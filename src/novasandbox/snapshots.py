@@ -45,7 +45,7 @@ from .templates import BuiltTemplate, Template, TemplateManager
 
 log = logging.getLogger("novasandbox.snapshots")
 
-SNAPSHOT_RECIPE = "8"
+SNAPSHOT_RECIPE = "9"
 """Bump when what a template snapshot contains changes."""
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"
@@ -75,6 +75,9 @@ class Snapshot:
     """Saved from a running guest: a restored VM runs as soon as its memory is loaded."""
     backing: str | None = None
     """The image ``disk.qcow2`` is layered on (a template image or snapshot disk)."""
+    frozen: bool = True
+    """Its guest's root file system was frozen when it was saved (every snapshot before
+    recipe 9 was): a restore thaws it. Newer snapshots are not frozen."""
     network: str = "none"
     """The network mode it was saved with: "none" restores only without a network; a
     "nat" one (whose user-mode network state is in it) only into "nat"; "tap" and the
@@ -178,6 +181,7 @@ def saved(
     network: str,
     env: dict[str, str] | None = None,
     source_sandbox: str | None = None,
+    frozen: bool = False,
 ) -> Snapshot:
     """The ``Snapshot`` of a VM just saved into ``files`` (``memory.bin`` and
     ``disk.qcow2``), to live at ``directory`` (the same, or where ``files`` is renamed to)."""
@@ -198,6 +202,7 @@ def saved(
         save_seconds=round(took, 3),
         backing=str(backing),
         network=network,
+        frozen=frozen,
     )
 
 

@@ -146,7 +146,7 @@ async def _build_snapshot(
         for warm in WARMUP_COMMANDS:
             await sb.commands.run(warm, timeout=60)
         await trim_guest_memory(sb)
-        took = await sb._capture(partial, resume=False, drop_caches=False)
+        took, frozen = await sb._capture(partial, resume=False, drop_caches=False)
         snap = saved(
             snapshot_id=f"template-{tpl.name}-{dest.name}",
             kind="template",
@@ -159,6 +159,7 @@ async def _build_snapshot(
             engine=engine,
             took=took,
             network=DETACHED if nic else "none",
+            frozen=frozen,
         )
     finally:
         await sb.kill()

@@ -232,12 +232,7 @@ def _interface_up(name: str) -> None:
 
 
 def _set_clock(epoch_ns: int) -> None:
-    class Timespec(ctypes.Structure):
-        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-    ts = Timespec(epoch_ns // 1_000_000_000, epoch_ns % 1_000_000_000)
-    if _libc.clock_settime(0, ctypes.byref(ts)) != 0:  # CLOCK_REALTIME
-        raise OSError(ctypes.get_errno(), "clock_settime failed")
+    time.clock_settime_ns(time.CLOCK_REALTIME, epoch_ns)
 
 
 def power_off() -> None:
@@ -479,6 +474,7 @@ class Agent:
         "remove": ("op_remove", True),
         "mount": ("op_mount", True),
         "release": ("op_release", True),
+        "sync": ("op_sync", False),
         "freeze": ("op_freeze", False),
         "lifetime": ("op_lifetime", False),
         "thaw": ("op_thaw", False),
@@ -494,6 +490,7 @@ class Agent:
                 message=f"agent speaks protocol {PROTOCOL_VERSION}, host {version}",
             )
             return
+        t_in = time.monotonic_ns()
         if _IN_VM:
             if isinstance(msg.get("time_ns"), int):
                 try:
@@ -534,6 +531,7 @@ class Agent:
             agent=AGENT_VERSION,
             kernel=os.uname().release,
             pid=os.getpid(),
+            hello_us=(time.monotonic_ns() - t_in) // 1000,
         )
 
     def op_ping(self, rid: int, msg: dict[str, Any]) -> None:
@@ -797,16 +795,18 @@ class Agent:
             _LIFETIME.set(seconds)
         self.reply(rid, "ok")
 
+    def op_sync(self, rid: int, msg: dict[str, Any]) -> None:
+        """Before a snapshot: flush the file systems and optionally drop clean caches (a
+        smaller memory image). Nothing is frozen: the VMM saves memory and disk at the
+        same paused instant, so the pair is consistent without it."""
+        _sync(bool(msg.get("drop_caches")))
+        self.reply(rid, "ok")
+
     def op_freeze(self, rid: int, msg: dict[str, Any]) -> None:
-        """Quiesce the root file system for a snapshot: flush, optionally drop clean caches
-        (a smaller memory image), freeze. Writers block until ``thaw``."""
-        os.sync()
-        if msg.get("drop_caches"):
-            try:
-                with open("/proc/sys/vm/drop_caches", "w") as f:
-                    f.write("3")
-            except OSError as exc:
-                _log(f"cannot drop caches: {exc}")
+        """Quiesce the root file system: flush, optionally drop clean caches, freeze.
+        Writers block until ``thaw``. (Hosts froze it for every snapshot before the
+        ``sync`` request existed.)"""
+        _sync(bool(msg.get("drop_caches")))
         fd = os.open("/", os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, FIFREEZE, 0)
@@ -873,6 +873,16 @@ def _reseed_rng(seed: bytes) -> None:
         fcntl.ioctl(fd, rndreseedcrng)
     finally:
         os.close(fd)
+
+
+def _sync(drop_caches: bool) -> None:
+    os.sync()
+    if drop_caches:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3")
+        except OSError as exc:
+            _log(f"cannot drop caches: {exc}")
 
 
 def _thaw(path: str) -> bool:

@@ -283,6 +283,7 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
     "remove": {"ok": OK},
     "mount": {"ok": {"device": str}},
     "release": {"ok": {"drives": {str: str}}},
+    "sync": {"ok": OK},
     "freeze": {"ok": OK},
     "thaw": {"ok": {"thawed": bool}},
     "lifetime": {"ok": OK},

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import logging
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -137,6 +138,44 @@ def find_tool(name: str, package: str) -> str:
     if path is None:
         raise HostToolMissing(name, package)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz, which TCG guests see as theirs (QEMU reads the host's
+    TSC for them); None when unknown. From ``/proc/cpuinfo``: x86 Linux derives
+    ``bogomips`` from the TSC (500 kHz per BogoMIPS, 10 kHz precision) where the TSC
+    runs at a constant rate; elsewhere (another architecture, a TSC that varies) None,
+    and the guest calibrates its clock itself."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return None
+    return tsc_khz_from_cpuinfo(text)
+
+
+def tsc_khz_from_cpuinfo(text: str) -> int | None:
+    """``host_tsc_khz`` from the text of ``/proc/cpuinfo`` (its first processor). Pure."""
+    flags: set[str] = set()
+    bogomips: float | None = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "bogomips" and bogomips is None:
+            try:
+                bogomips = float(value)
+            except ValueError:
+                return None
+        elif not key and (flags or bogomips is not None):
+            break  # the end of the first processor's block
+    if "constant_tsc" not in flags or bogomips is None or not 100 <= bogomips <= 20000:
+        return None
+    return round(bogomips * 500)
 
 
 def qemu_version(qemu: str | None = None) -> str:
@@ -448,7 +487,14 @@ class QemuProvider:
             if spec.incoming:
                 incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
             tap_fd = held.tap_fd
-            argv = build_argv(spec, disks, self.qemu, incoming_fd=incoming, tap_fd=tap_fd)
+            argv = build_argv(
+                spec,
+                disks,
+                self.qemu,
+                incoming_fd=incoming,
+                tap_fd=tap_fd,
+                tsc_khz=host_tsc_khz() if spec.accel == "tcg" else None,
+            )
             log.debug("starting %s: %s", spec.vm_id, " ".join(argv))
             passed = inherited_fds(disks, incoming) + ((tap_fd,) if tap_fd is not None else ())
             if held.guard_refuse is not None:

@@ -22,7 +22,12 @@ ROOT_SERIAL = "nsroot"
 GUEST_INIT = "/opt/novasandbox/init"
 
 
-def kernel_cmdline(spec: VMSpec) -> str:
+def kernel_cmdline(spec: VMSpec, tsc_khz: int | None = None) -> str:
+    """The guest kernel's command line. Under TCG the guest's TSC counts at the host's
+    TSC rate; with ``tsc_khz`` (that rate) the guest skips calibrating it, which fails
+    on a loaded host and then leaves the guest on the jiffies clock (4 ms resolution,
+    a timer tick every 4 ms even when idle), in every sandbox restored from a template
+    snapshot it booted."""
     args = [
         "console=ttyS0",
         "root=/dev/vda",
@@ -41,6 +46,8 @@ def kernel_cmdline(spec: VMSpec) -> str:
         # On a loaded host the emulated timer can miss the kernel's IO-APIC timer check,
         # which then panics ("IO-APIC + timer doesn't work!"); seen in the soak run.
         args.append("no_timer_check")
+        if tsc_khz:
+            args.append(f"tsc_early_khz={tsc_khz}")
     return " ".join(args)
 
 
@@ -88,6 +95,7 @@ def build_argv(
     *,
     incoming_fd: int | None = None,
     tap_fd: int | None = None,
+    tsc_khz: int | None = None,
 ) -> list[str]:
     """QEMU's argv for ``spec``, its disks open at the descriptors in ``disks``. Pure:
     touches no file and starts nothing.
@@ -135,7 +143,7 @@ def build_argv(
         "-kernel",
         str(spec.kernel),
         "-append",
-        kernel_cmdline(spec),
+        kernel_cmdline(spec, tsc_khz),
         "-serial",
         f"file:{_opt(p.console_log)}",
         "-qmp",
