@@ -53,6 +53,60 @@ def test_default_create_restores_and_cold_boots_on_request(factory: SandboxFacto
         assert sb.commands.run(["uname", "-r"]).stdout.strip().endswith("-novasandbox")
 
 
+def test_restored_guests_keep_the_tsc_clock_and_report_their_hello(
+    factory: SandboxFactory,
+) -> None:
+    """The template snapshot's guest runs on the TSC clocksource: a guest that failed to
+    calibrate it at boot would be on jiffies in every restored sandbox (4 ms clock
+    resolution, a tick every 4 ms when idle)."""
+    sb = factory.create()
+    assert sb.restored
+    clock = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+    expected = "tsc" if sb.accel == "tcg" else None
+    current = sb.commands.run(["cat", clock], check=True).stdout.strip()
+    if expected is not None:  # under KVM the guest picks kvm-clock or tsc itself
+        assert current == expected, sb.commands.run("dmesg | grep -i -E 'tsc|clocksource'").stdout
+    # the agent's own share of the handshake is measured in the guest and reported
+    assert 0 < sb.timings["guest_hello"] < sb.timings["agent_answered"]
+
+
+def test_snapshots_are_saved_unfrozen_and_a_frozen_one_is_thawed(
+    factory: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory and disk are saved at one paused instant, so nothing is frozen for a
+    snapshot (and a restore has nothing to thaw). An agent from before the ``sync``
+    request answers it "unknown-op": it is frozen as it was then, the snapshot says
+    so, and both the source (after the save) and the restored sandbox are thawed."""
+    sb = factory.create()
+    snap = sb.snapshot()
+    try:
+        assert not snap.frozen
+        assert json.loads((snap.directory / "manifest.json").read_text())["frozen"] is False
+    finally:
+        delete_snapshot(snap.id)
+
+    from novasandbox.agent_client import AgentClient
+
+    real_call = AgentClient.call
+
+    async def old_agent(self: AgentClient, op: str, /, **kwargs: object) -> object:
+        if op == "sync":  # what an agent without the request answers
+            return await real_call(self, "no-such-op-before-sync", **kwargs)
+        return await real_call(self, op, **kwargs)
+
+    monkeypatch.setattr(AgentClient, "call", old_agent)
+    legacy = sb.snapshot()
+    monkeypatch.undo()
+    try:
+        assert legacy.frozen
+        sb.files.write("/root/after-a-frozen-save", "ok")  # the source was thawed
+        clone = factory.create(from_snapshot=legacy)
+        clone.files.write("/root/written-after-restore", "ok")  # and the clone too
+        assert clone.commands.run("cat /root/written-after-restore").stdout == "ok"
+    finally:
+        delete_snapshot(legacy.id)
+
+
 def test_restored_sandboxes_get_their_own_identity(factory: SandboxFactory) -> None:
     a, b = factory.create(), factory.create()
     probe = "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
@@ -62,7 +116,7 @@ def test_restored_sandboxes_get_their_own_identity(factory: SandboxFactory) -> N
     assert out_a[1] != out_b[1], "clones share their RNG state"
     for out in (out_a, out_b):
         assert abs(int(out[2]) - time.time()) < 10, "the guest clock was not set after restore"
-    # the root file system was thawed: writes go through
+    # the root file system is writable (it was never frozen)
     a.files.write("/root/written-after-restore", "ok")
     assert a.commands.run("cat /root/written-after-restore").stdout == "ok"
 

@@ -284,6 +284,17 @@ def test_hello(agent: AgentConn) -> None:
     assert reply["version"] == PROTOCOL_VERSION
     assert reply["pid"] == agent.proc.pid
     assert reply["kernel"] == os.uname().release
+    assert type(reply["hello_us"]) is int and reply["hello_us"] >= 0
+
+
+def test_sync_flushes_without_freezing(agent: AgentConn, tmp_path: Path) -> None:
+    """Before a snapshot the host asks for a flush (``sync``), not a freeze (outside a
+    VM the agent never drops the caches); writes go on through it."""
+    assert agent.call("sync", drop_caches=False)["op"] == "ok"
+    assert agent.call("sync")["op"] == "ok"
+    target = tmp_path / "after-sync"
+    assert agent.exec(["sh", "-c", f"echo ok > {target}"]).exit["exit_code"] == 0
+    assert target.read_text() == "ok\n"
 
 
 @pytest.mark.parametrize("version", [PROTOCOL_VERSION + 1, 0, None, "1"])

@@ -18,7 +18,7 @@ from novasandbox.host.plan import (
 )
 from novasandbox.network import NetworkConfig
 from novasandbox.vm.base import VMPaths, VMSpec, drive_serial
-from novasandbox.vm.qemu import choose_accel
+from novasandbox.vm.qemu import choose_accel, tsc_khz_from_cpuinfo
 from novasandbox.vm.qemu_argv import (
     GUEST_INIT,
     ROOT_SERIAL,
@@ -415,3 +415,45 @@ def test_confinement_only_for_root_and_never_a_taken_uid() -> None:
     assert moved.uid not in (first.uid, first.uid + 1)
     ids = {c.uid for i in range(2000) if (c := confinement(f"sb-{i}", euid=0))}
     assert len(ids) > 1990  # spread over the range
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+cpu MHz\t\t: 2596.120
+flags\t\t: fpu vme tsc constant_tsc nonstop_tsc tsc_known_freq
+bogomips\t: 5192.24
+
+processor\t: 1
+flags\t\t: fpu
+bogomips\t: 1.00
+"""
+
+
+def test_the_hosts_tsc_rate_comes_from_its_first_processor() -> None:
+    assert tsc_khz_from_cpuinfo(CPUINFO) == 2_596_120
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CPUINFO.replace(" constant_tsc", ""),  # a TSC whose rate varies says nothing
+        CPUINFO.replace("bogomips\t: 5192.24\n", ""),
+        CPUINFO.replace("5192.24", "lots"),
+        CPUINFO.replace("5192.24", "0.5"),  # implausible
+        "",
+    ],
+)
+def test_an_unknown_tsc_rate_is_none(text: str) -> None:
+    assert tsc_khz_from_cpuinfo(text) is None
+
+
+def test_tcg_guests_are_told_the_tsc_rate_and_kvm_guests_are_not(tmp_path: Path) -> None:
+    tcg = kernel_cmdline(make_spec(tmp_path, accel="tcg"), 2_596_120).split()
+    assert "tsc_early_khz=2596120" in tcg
+    unknown = kernel_cmdline(make_spec(tmp_path, accel="tcg")).split()
+    assert not any(a.startswith("tsc_early_khz") for a in unknown)
+    kvm = kernel_cmdline(make_spec(tmp_path, accel="kvm"), 2_596_120).split()
+    assert not any(a.startswith("tsc_early_khz") for a in kvm)
+    argv = build(make_spec(tmp_path, accel="tcg"), tsc_khz=2_596_120)
+    assert "tsc_early_khz=2596120" in option(argv, "-append").split()
