@@ -470,6 +470,20 @@ class Sandbox:
         self.kill()
 
     @staticmethod
+    def prestart(
+        template: str = "python",
+        count: int = 1,
+        *,
+        templates: TemplateManager | None = None,
+        provider: str | None = None,
+    ) -> int:
+        return _Portal.call(
+            AsyncSandbox.prestart(template, count, templates=templates, provider=provider)
+        )
+
+    prestart.__doc__ = AsyncSandbox.prestart.__doc__
+
+    @staticmethod
     def list(
         *,
         labels: Mapping[str, str] | None = None,

@@ -85,6 +85,9 @@ class VMSpec:
     rootfs_format: str = "raw"
     incoming: Path | None = None
     """A memory snapshot to restore instead of booting (the VM starts paused)."""
+    defer_incoming: bool = False
+    """With ``incoming``: the VMM starts and waits; ``VM.load`` gives it the snapshot
+    later (a VMM started ahead of a create, ``Capabilities.prestart``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,8 @@ class Capabilities:
     """Guest code runs in a virtual machine (False: on the host, as this user)."""
     adoptable: bool = False
     """A VM it started can be taken over by another process (``Provider.adopt``)."""
+    prestart: bool = False
+    """It starts a VMM that waits for its snapshot (``VMSpec.defer_incoming``)."""
 
 
 @runtime_checkable
@@ -130,6 +135,10 @@ class VM(Protocol):
     async def wait_restored(self, deadline: float) -> None:
         """After a restore (``spec.incoming``): wait until the memory is loaded (the VM
         is then paused; ``resume`` runs it)."""
+
+    async def load(self, memory: Path, deadline: float) -> None:
+        """Start restoring ``memory`` into a VMM that was started waiting for it
+        (``spec.defer_incoming``); it runs once loaded. Only with ``Capabilities.prestart``."""
 
     async def pause(self) -> None: ...
 

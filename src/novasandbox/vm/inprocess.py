@@ -97,6 +97,9 @@ class InProcessVM:
             raise VMStartError(f"the agent exited: {self.exit_reason()}")
         return await asyncio.open_unix_connection(sock=channel)
 
+    async def load(self, memory: Path, deadline: float) -> None:
+        raise ProviderError("the inprocess provider cannot restore snapshots")
+
     async def wait_restored(self, deadline: float) -> None:
         raise ProviderError("the inprocess provider cannot restore snapshots")
 

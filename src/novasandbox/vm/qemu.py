@@ -333,6 +333,24 @@ class QemuVM:
     async def resume(self) -> None:
         await self._execute("cont")
 
+    async def load(self, memory: Path, deadline: float) -> None:
+        """Restore ``memory`` into this QEMU, started with ``-incoming defer``: the file is
+        opened here and handed over on the QMP socket (QEMU may not open files)."""
+        if not self.spec.defer_incoming:
+            raise ProviderError("this QEMU was not started to wait for a snapshot")
+        async with self._qmp_lock:
+            if self._qmp is None:
+                await self.connect_qmp(deadline)
+        fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            async with self._qmp_lock:
+                assert self._qmp is not None
+                self._qmp.send_fd_scm(fd)
+            await self._execute("getfd", {"fdname": "incoming"})
+        finally:
+            os.close(fd)
+        await self._execute("migrate-incoming", {"uri": "fd:incoming"})
+
     async def wait_restored(self, deadline: float) -> None:
         """Wait until a restore has loaded the memory snapshot (the VM is then paused)."""
         while (status := await self.query_status()) in ("inmigrate", "prelaunch"):
@@ -431,6 +449,7 @@ class QemuProvider:
         needs_image=True,
         isolated=True,
         adoptable=True,
+        prestart=True,
     )
 
     def __init__(self, qemu: str | None = None, qemu_img: str | None = None) -> None:
@@ -484,7 +503,7 @@ class QemuProvider:
         guard_sock: socket.socket | None = None
         stage_sock: socket.socket | None = None
         try:
-            if spec.incoming:
+            if spec.incoming and not spec.defer_incoming:
                 incoming = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
             tap_fd = held.tap_fd
             argv = build_argv(
@@ -533,7 +552,14 @@ class QemuProvider:
                 os.close(incoming)
         limits.limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
-        return QemuVM(spec, proc)
+        vm = QemuVM(spec, proc)
+        if spec.defer_incoming:  # connected now, so that ``load`` costs two QMP requests
+            try:
+                await vm.connect_qmp(time.monotonic() + 30.0)
+            except BaseException:
+                await vm.stop(timeout=0)
+                raise
+        return vm
 
     async def adopt(self, spec: VMSpec, pid: int, start_time: int) -> QemuVM:
         """Take over a QEMU that a dead process started: QMP and the agent's socket accept

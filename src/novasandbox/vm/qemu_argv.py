@@ -191,7 +191,9 @@ def build_argv(
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]
-    if incoming_fd is not None:
+    if spec.defer_incoming:
+        argv += ["-incoming", "defer"]  # the snapshot comes later, over QMP
+    elif incoming_fd is not None:
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
 
