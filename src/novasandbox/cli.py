@@ -957,6 +957,14 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     help="Keep N warm sandboxes of TEMPLATE ready for creates that ask for its default "
     "shape without env, network or --cold (repeatable).",
 )
+@click.option(
+    "--prestart",
+    "prestart_specs",
+    multiple=True,
+    metavar="TEMPLATE=N",
+    help="Keep N VMMs of TEMPLATE started ahead, waiting for its snapshot: creates of its "
+    "default shape without network or --cold skip the VMM's start (repeatable).",
+)
 @handle_errors
 def serve(
     host: str,
@@ -972,6 +980,7 @@ def serve(
     max_starting: int | None,
     max_requests: int,
     pool_specs: tuple[str, ...],
+    prestart_specs: tuple[str, ...],
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
@@ -985,6 +994,7 @@ def serve(
     from .server.serve import serve as run_server
 
     pools = parse_pool_specs(pool_specs)
+    prestart = parse_pool_specs(prestart_specs, "--prestart")
     if state_path is not None:
         state_path = state_path.absolute()
         os.environ["NOVASANDBOX_STATE_DIR"] = str(state_path)
@@ -1006,6 +1016,7 @@ def serve(
         ),
         on_stop=on_stop,
         pools=pools,
+        prestart=prestart,
     )
 
 

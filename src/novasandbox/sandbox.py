@@ -47,6 +47,7 @@ from .errors import (
     AgentProtocolError,
     ConfigError,
     NovaSandboxError,
+    ProviderError,
     SandboxCrashed,
     SandboxExpired,
     SandboxNotFound,
@@ -1062,7 +1063,10 @@ class AsyncSandbox:
         assert vm is not None
         if spec.defer_incoming:
             assert spec.incoming is not None
-            await vm.load(spec.incoming, deadline)
+            try:
+                await vm.load(spec.incoming, deadline)
+            except ProviderError as exc:  # e.g. it ended while it waited
+                raise VMStartError(f"the VMM could not take the snapshot: {exc}") from exc
         hello = self._hello()
         t_vmm = time.monotonic()
         if spec.incoming is not None:

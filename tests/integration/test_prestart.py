@@ -6,9 +6,11 @@ them, leaving nothing."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -17,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from novasandbox import ConfigError, Sandbox, SandboxState
-from novasandbox.records import list_sandboxes
+from novasandbox.gc import kill_sandbox
+from novasandbox.records import list_sandboxes, sandboxes_dir
+from tests.server_support import Server, iter_wait, make_key
 
 from .conftest import SandboxFactory, assert_no_leftovers, qemu_processes_under
+from .leftovers import SandboxIds, check_no_leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +139,64 @@ def test_a_provider_without_prestart_is_refused(
     with pytest.raises(ConfigError, match="cannot start VMMs ahead"):
         Sandbox.prestart("python", 1, provider="inprocess")
     assert waiting(state_root) == {}
+
+
+def test_a_server_started_with_prestart_restores_its_creates_into_them() -> None:
+    """``serve --prestart python=1``: the server's creates take the VMM that waits (the
+    sandbox gets its id) and another is started; a stop kills it too, leaving nothing."""
+    root = Path(tempfile.mkdtemp(prefix="nsp-", dir="/tmp"))
+    ids = SandboxIds(root)
+    server: Server | None = None
+    try:
+        key = make_key(root, "alice")
+        server = Server(root, "--prestart", "python=1", log=Path(f"{root}.log"))
+        for _ in iter_wait("the VMM started ahead", limit=60):
+            if len(waiting(root)) == 1:
+                break
+        (spare_id, _), *_ = waiting(root).items()
+        sb = Sandbox.create("python", server=server.url, api_key=key)
+        try:
+            assert sb.id == spare_id
+            assert sb.commands.run("echo hi").stdout == "hi\n"
+        finally:
+            sb.kill()
+        for _ in iter_wait("the replacement", limit=60):
+            if len(waiting(root)) == 1 and spare_id not in waiting(root):
+                break
+        server.close()
+        server = None
+        assert qemu_processes_under(root) == []
+        base = sandboxes_dir(root)
+        assert not base.is_dir() or list(base.iterdir()) == []
+        check_no_leftovers(root, ids.all())
+    finally:
+        if server is not None:
+            server.close()
+            for info in list_sandboxes(root):
+                kill_sandbox(info.id, root)
+        ids.close()
+        shutil.rmtree(root, ignore_errors=True)
+        Path(f"{root}.log").unlink(missing_ok=True)
+
+
+def test_serve_refuses_a_bad_prestart_spec(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "novasandbox.cli",
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path),
+            "--prestart",
+            "python",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "--prestart takes TEMPLATE=N" in out.stderr

@@ -46,18 +46,18 @@ not shared with a restore and its warm-up."""
 _SPEC = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)=([0-9]+)")
 
 
-def parse_pool_specs(specs: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """``TEMPLATE=N`` strings (``--pool``) as {template: N}; ``ConfigError`` for a bad
-    one or a template given twice."""
+def parse_pool_specs(specs: list[str] | tuple[str, ...], option: str = "--pool") -> dict[str, int]:
+    """``TEMPLATE=N`` strings (``--pool``, ``--prestart``) as {template: N};
+    ``ConfigError`` for a bad one or a template given twice."""
     sizes: dict[str, int] = {}
     for spec in specs:
         m = _SPEC.fullmatch(spec)
         if m is None:
-            raise ConfigError(f"--pool takes TEMPLATE=N (e.g. python=2), got {spec!r}")
+            raise ConfigError(f"{option} takes TEMPLATE=N (e.g. python=2), got {spec!r}")
         name, count = m.group(1), int(m.group(2))
         if name in sizes:
-            raise ConfigError(f"--pool {name} is given twice")
-        sizes[name] = check_int(f"--pool {name}", count, 1, MAX_POOL)
+            raise ConfigError(f"{option} {name} is given twice")
+        sizes[name] = check_int(f"{option} {name}", count, 1, MAX_POOL)
     return sizes
 
 
@@ -75,13 +75,21 @@ class WarmPools:
         templates: TemplateManager | None = None,
         adoptable: bool = False,
         store: OwnerStore | None = None,
+        prestart: Mapping[str, int] | None = None,
     ) -> None:
+        self._prestart = dict(prestart or {})
+        """{template: N} VMMs started ahead (``serve --prestart``, ``AsyncSandbox.prestart``)."""
+        self._provider = provider
+        self._templates = templates
         self._pools: dict[str, AsyncPool] = {}
         self._store = store
         self._recorded: set[str] = set()
         """The ids recorded as pooled and not handed over."""
         self._shapes: dict[str, tuple[int, int]] = {}
-        manager = templates or TemplateManager() if sizes else None
+        manager = templates or TemplateManager() if sizes or prestart else None
+        for name in self._prestart:
+            assert manager is not None
+            manager.require_built(name)  # a template that is not built fails here
         for name, size in sizes.items():
             assert manager is not None
             tpl = manager.get(name)
@@ -104,6 +112,11 @@ class WarmPools:
         for name, pool in self._pools.items():
             await pool.start()
             log.info("warm pool filling", extra={"fields": {"template": name, "size": pool.size}})
+        for name, count in self._prestart.items():
+            started = await AsyncSandbox.prestart(
+                name, count, templates=self._templates, provider=self._provider
+            )
+            log.info("VMMs started ahead", extra={"fields": {"template": name, "count": started}})
 
     def ready(self) -> dict[str, int]:
         """Sandboxes ready per template."""
@@ -151,7 +164,9 @@ class WarmPools:
             return None
 
     async def close(self) -> None:
-        """Stop refilling and kill every pooled sandbox. Idempotent."""
+        """Stop refilling and kill every pooled sandbox and VMM started ahead. Idempotent."""
+        for name in self._prestart:
+            await AsyncSandbox.prestart(name, 0, provider=self._provider)
         for pool in self._pools.values():
             await pool.close()
         if self._store is not None:  # each one killed (or dead before)

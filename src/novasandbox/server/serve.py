@@ -172,12 +172,14 @@ def serve(
     settings: Settings | None = None,
     on_stop: str = "kill",
     pools: dict[str, int] | None = None,
+    prestart: dict[str, int] | None = None,
 ) -> None:
     """Serve the API until SIGTERM/SIGINT. The sandboxes live in the process's state
     directory (``NOVASANDBOX_STATE_DIR``); the keys, whose each sandbox is and the URL
     signing secret in ``state``. ``on_stop``: what a stop does with the sandboxes,
     "kill" or "keep" (left running, adopted by the next start). ``pools``: {template:
-    N} warm sandboxes kept ready (``pools.py``; a template not built fails here)."""
+    N} warm sandboxes kept ready (``pools.py``; a template not built fails here);
+    ``prestart``: {template: N} VMMs started ahead for its other plain creates."""
     check_bind(host, tls_cert, tls_key, insecure)
     if on_stop not in ("kill", "keep"):
         raise ConfigError(f"on_stop must be kill or keep, got {on_stop!r}")
@@ -187,7 +189,9 @@ def serve(
     registry = Registry(store=OwnerStore(state))
     registry.on_stop = on_stop
     # pooled sandboxes are adoptable like the others: one handed over must outlive us too
-    registry.pools = WarmPools(pools or {}, adoptable=registry._adoptable(), store=registry.store)
+    registry.pools = WarmPools(
+        pools or {}, adoptable=registry._adoptable(), store=registry.store, prestart=prestart
+    )
     sock = bind(host, port)
     configure_logging(log_level)
     # no "_created" series beside each counter and histogram (they double what a scrape
