@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import stat
@@ -920,13 +921,18 @@ class _Credit:
             self.cancelled = True
             self._cond.notify_all()
 
-    def take(self, cost: int) -> bool:
+    def take(self, cost: int, deadline: float | None = None) -> bool | None:
         """Wait until ``cost`` bytes may be sent and count them; False once the host has
-        cancelled the stream (the data is then dropped)."""
+        cancelled the stream (the data is then dropped); None if ``deadline`` (monotonic)
+        came first (nothing counted)."""
         with self._cond:
             while self._left < cost and not self.cancelled:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.waiting = False
+                    return None
                 self.waiting = True
-                self._cond.wait()
+                self._cond.wait(left)
             self.waiting = False
             if self.cancelled:
                 return False
@@ -954,36 +960,69 @@ class _Exec:
             pass
 
     def run(self, agent: Agent, rid: int, timeout: float | None) -> None:
-        pumps = [
-            threading.Thread(
-                target=self._pump, args=(agent, rid, self.proc.stdout, Kind.STDOUT), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(agent, rid, self.proc.stderr, Kind.STDERR), daemon=True
-            ),
-        ]
+        """Forward the command's output until it ends, then reply its exit. One thread
+        (this one) polls both pipes and a pidfd of the leader: a thread per pipe costs
+        more than the rest of a short command's round trip under emulation. After the
+        leader ends, output is forwarded until both pipes close or stay quiet for
+        ``_OUTPUT_IDLE_GRACE`` (a sender blocked on the host is busy, not quiet); pipes
+        that a background child keeps open are then drained and dropped in a thread."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
         if self.proc.stdin is not None:
             threading.Thread(target=self._feed_stdin, daemon=True).start()
-        for t in pumps:
-            t.start()
+        pipes: dict[int, tuple[Any, Kind]] = {
+            self.proc.stdout.fileno(): (self.proc.stdout, Kind.STDOUT),
+            self.proc.stderr.fileno(): (self.proc.stderr, Kind.STDERR),
+        }
+        deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
+        pidfd = os.pidfd_open(self.proc.pid)
+        poller = select.poll()
         try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self.kill(signal.SIGKILL)
-            self.proc.wait()
-        self.last_output = time.monotonic()  # the grace period starts when the leader ends
-        while any(t.is_alive() for t in pumps):
-            idle = time.monotonic() - self.last_output
-            # a pump blocked sending to a slow host is busy, not idle
-            busy = self.send_lock.locked() or self.credit.waiting
-            if idle >= _OUTPUT_IDLE_GRACE and not busy:
-                break
-            for t in pumps:
-                t.join(max(0.01, _OUTPUT_IDLE_GRACE - idle))
+            poller.register(pidfd, select.POLLIN)
+            for fd in pipes:
+                poller.register(fd, select.POLLIN)
+            ended = False
+            while pipes or not ended:
+                now = time.monotonic()
+                if ended:
+                    quiet = now - self.last_output
+                    if quiet >= _OUTPUT_IDLE_GRACE:
+                        break
+                    wait: float | None = _OUTPUT_IDLE_GRACE - quiet
+                else:
+                    wait = None if deadline is None else deadline - now
+                    if wait is not None and wait <= 0:
+                        timed_out, deadline = True, None
+                        self.kill(signal.SIGKILL)
+                        continue
+                for fd, _events in poller.poll(None if wait is None else wait * 1000 + 1):
+                    if fd == pidfd:
+                        poller.unregister(pidfd)
+                        self.proc.wait()
+                        ended = True
+                        self.last_output = time.monotonic()  # the grace starts now
+                        continue
+                    pipe, kind = pipes[fd]
+                    try:
+                        chunk = os.read(fd, CHUNK_SIZE)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        poller.unregister(fd)
+                        del pipes[fd]
+                        pipe.close()
+                        continue
+                    if self._forward(agent, rid, kind, chunk, None if ended else deadline):
+                        continue
+                    timed_out, deadline = True, None  # the host held the stream past it
+                    self.kill(signal.SIGKILL)
+                    self._forward(agent, rid, kind, chunk, None)
+        finally:
+            os.close(pidfd)
+        if pipes:
+            threading.Thread(target=self._drain, args=(list(pipes.values()),), daemon=True).start()
         with self.send_lock:
-            self.abandoned = True  # from here on the pumps only drain
+            self.abandoned = True  # from here on the pipes are only drained
             self.credit.cancel()  # ...without waiting for the host
             self.stdin_queue.put(b"")
             rc = self.proc.returncode
@@ -992,25 +1031,38 @@ class _Exec:
                 rid, "exit", exit_code=128 + sig if sig else rc, signal=sig, timed_out=timed_out
             )
 
-    def _pump(self, agent: Agent, rid: int, pipe: Any, kind: Kind) -> None:
-        """Forward one output pipe until EOF. Only this thread closes the pipe, so its fd
-        number cannot be reused under it."""
-        fd = pipe.fileno()
-        try:
-            while chunk := os.read(fd, CHUNK_SIZE):
-                self.last_output = time.monotonic()
-                if self.credit.take(len(chunk) + FRAME_COST):
-                    with self.send_lock:
-                        if not self.abandoned:
-                            agent.send(encode_frame(rid, kind, chunk))
-                self.last_output = time.monotonic()
-        except (OSError, ValueError):
-            pass
-        finally:
-            try:
-                pipe.close()
-            except OSError:
-                pass
+    def _forward(
+        self, agent: Agent, rid: int, kind: Kind, chunk: bytes, deadline: float | None
+    ) -> bool:
+        """Send one chunk once the host's credit allows (dropped if it cancelled the
+        stream); False, unsent, if ``deadline`` came first."""
+        self.last_output = time.monotonic()
+        taken = self.credit.take(len(chunk) + FRAME_COST, deadline)
+        if taken is None:
+            return False
+        if taken:
+            with self.send_lock:
+                if not self.abandoned:
+                    agent.send(encode_frame(rid, kind, chunk))
+        self.last_output = time.monotonic()
+        return True
+
+    @staticmethod
+    def _drain(pipes: list[tuple[Any, Kind]]) -> None:
+        """Read and drop what background children still write, until they close."""
+        poller = select.poll()
+        left = {pipe.fileno(): pipe for pipe, _kind in pipes}
+        for fd in left:
+            poller.register(fd, select.POLLIN)
+        while left:
+            for fd, _events in poller.poll():
+                try:
+                    chunk = os.read(fd, CHUNK_SIZE)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    poller.unregister(fd)
+                    left.pop(fd).close()
 
     def _feed_stdin(self) -> None:
         stdin = self.proc.stdin

@@ -207,7 +207,7 @@ def no_huge_pages() -> Iterator[None]:
     page a restore writes costs a whole 2 MiB page: an idle restored 256 MiB guest holds
     ~54 MiB instead of the ~35 MiB its memory image has (PSS per idle sandbox 80 -> 59
     MiB with 10 of them), but without huge pages a restore took ~35% longer (measured
-    under TCG on a 2-core VM host: ``benchmarks/bench_memimg.py``), so they stay on
+    under TCG on a 2-core VM host: ``benchmarks/bench_speed.py``), so they stay on
     unless asked. ``prctl`` PR_SET_THP_DISABLE is a flag of this process's memory that
     a child keeps across exec: set while spawning (this process has no huge pages
     meanwhile), cleared after the last concurrent spawn, left alone where it was set
