@@ -118,20 +118,10 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     prestart = int(os.environ.get("NOVASANDBOX_BENCH_PRESTART", "0"))
 
     def wait_prestarted() -> None:
-        """Until this worker's VMMs started ahead are all up (the one a create took is
-        replaced in the background): what a create finds after a pause."""
-        deadline = time.monotonic() + 60
-        while True:
-            mine = [
-                i
-                for i in Sandbox.list()
-                if i.owner_pid == os.getpid() and i.state == "starting" and i.alive
-            ]
-            if len(mine) >= prestart:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{prestart} VMMs started ahead did not come up")
-            time.sleep(0.01)
+        """Until this worker's VMMs started ahead are all up again (the one a create took
+        is replaced in the background): ``prestart`` returns once they are."""
+        if Sandbox.prestart(TEMPLATE, prestart) != prestart:
+            raise BenchError(f"{prestart} VMMs started ahead did not come up")
 
     # 1. create (template snapshot restore) one after the other
     if prestart:
