@@ -159,6 +159,16 @@ class _SpareKind:
             self.filling += 1
             self.spawn(self._start_one())
 
+    def fill_later(self) -> None:
+        """``fill`` after ``SPARE_REFILL_DELAY``: the sandbox just handed over (and the
+        others of a burst of creates) first have the CPUs to themselves."""
+
+        async def later() -> None:
+            await asyncio.sleep(SPARE_REFILL_DELAY)
+            self.fill()
+
+        self.spawn(later())
+
     async def _start_one(self) -> None:
         try:
             sb = await AsyncSandbox._create_local(
@@ -177,10 +187,14 @@ class _SpareKind:
     async def stop(self) -> None:
         """Kill every VMM it started ahead, and those still starting once they are up."""
         self.wanted = 0
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
         ready, self.ready = self.ready, []
         await asyncio.gather(*(sb._teardown(SandboxState.KILLED) for sb in ready))
 
+
+SPARE_REFILL_DELAY = 0.5
+"""Seconds after a create took a VMM started ahead before its replacement starts."""
 
 _SPARES: dict[_SpareKey, _SpareKind] = {}
 """VMMs started ahead (``AsyncSandbox.prestart``), per kind of create they serve."""
@@ -199,7 +213,7 @@ def _take_spare(key: _SpareKey) -> AsyncSandbox | None:
         else:
             log.warning("VMM %s started ahead ended while waiting: %s", sb.id, sb.console_tail())
             kind.spawn(sb._teardown(SandboxState.ERROR))
-    kind.fill()
+    kind.fill_later()
     return taken
 
 
@@ -807,7 +821,8 @@ class AsyncSandbox:
         while len(kind.ready) > count:
             await kind.ready.pop()._teardown(SandboxState.KILLED)
         kind.fill()
-        await asyncio.gather(*kind.tasks, return_exceptions=True)
+        while kind.tasks:  # a delayed refill starts more on its way
+            await asyncio.gather(*list(kind.tasks), return_exceptions=True)
         return len(kind.ready)
 
     @classmethod
