@@ -154,9 +154,10 @@ class _SpareKind:
         task.add_done_callback(self.tasks.discard)
 
     def fill(self) -> None:
-        """Start VMMs in the background up to ``wanted``."""
-        while len(self.ready) + self.filling < self.wanted:
-            self.filling += 1
+        """Start VMMs in the background up to ``wanted``, one after the other (a start is
+        mostly CPU: several at once would only slow the sandboxes that run)."""
+        if self.filling == 0 and len(self.ready) < self.wanted:
+            self.filling = 1
             self.spawn(self._start_one())
 
     def fill_later(self) -> None:
@@ -183,6 +184,7 @@ class _SpareKind:
             await sb._teardown(SandboxState.KILLED)
         else:
             self.ready.append(sb)
+            self.fill()  # the next one
 
     async def stop(self) -> None:
         """Kill every VMM it started ahead, and those still starting once they are up."""
