@@ -203,7 +203,7 @@ _SPARES: dict[_SpareKey, _SpareKind] = {}
 
 
 def _take_spare(key: _SpareKey) -> AsyncSandbox | None:
-    """A VMM started ahead for ``key``'s creates (its replacement starts now), or None."""
+    """A VMM started ahead for ``key``'s creates (a replacement starts shortly), or None."""
     kind = _SPARES.get(key)
     if kind is None:
         return None
@@ -798,7 +798,7 @@ class AsyncSandbox:
         vmm = get_provider(provider)
         kinds = [
             (key, kind)
-            for key, kind in _SPARES.items()
+            for key, kind in list(_SPARES.items())  # other threads' loops may add theirs
             if key.loop == loop and key.provider == vmm.name and kind.template == template
         ]
         if count == 0:
