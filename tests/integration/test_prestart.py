@@ -163,6 +163,18 @@ def test_a_server_started_with_prestart_restores_its_creates_into_them() -> None
         for _ in iter_wait("the replacement", limit=60):
             if len(waiting(root)) == 1 and spare_id not in waiting(root):
                 break
+        # a server killed with one waiting: the next start reaps it and starts its own
+        (orphan, orphan_pid), *_ = waiting(root).items()
+        server.stop(signal.SIGKILL)
+        server.close()
+        assert waiting(root) == {orphan: orphan_pid}  # nobody killed it
+        server = Server(root, "--prestart", "python=1", log=Path(f"{root}.log"))
+        for _ in iter_wait("the orphan reaped and a new one waiting", limit=60):
+            now = waiting(root)
+            if orphan not in now and len(now) == 1:
+                break
+        assert not (sandboxes_dir(root) / orphan).exists()
+        assert orphan_pid not in qemu_processes_under(root)  # (a zombie of nobody's, at most)
         server.close()
         server = None
         assert qemu_processes_under(root) == []
