@@ -308,8 +308,11 @@ class AsyncSandbox:
         self._lifetime_timer: asyncio.TimerHandle | None = None
         self.timings: dict[str, float] = {}
         """Milliseconds from the start of the boot (or restore) to each step of it:
-        ``vmm_started``, ``agent_connected``, ``agent_answered``, ``ready``, and
-        ``shape_saved`` when its cold boot saved the snapshot of its machine shape."""
+        ``vmm_started`` (with a VMM started ahead: the snapshot handed to it),
+        ``agent_connected``, ``agent_answered``, ``ready``; ``guest_hello``, the guest
+        time the agent spent on the hello (clock, RNG, network; part of
+        ``agent_answered``); and ``shape_saved`` when its cold boot saved the snapshot
+        of its machine shape."""
         self._op_lock = asyncio.Lock()
         """Serializes lifecycle operations (pause, resume, snapshot); kill does not wait on it."""
         self._reconnecting: asyncio.Task[None] | None = None
