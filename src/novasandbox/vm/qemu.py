@@ -267,6 +267,8 @@ class QemuVM:
         self._qmp_lock = asyncio.Lock()
         self.start_time = process_start_time(proc.pid)
         self._stopped = False
+        self._handed_over: Path | None = None
+        """The snapshot file QEMU was given to restore (``hand_over``)."""
 
     @property
     def pid(self) -> int:
@@ -333,9 +335,10 @@ class QemuVM:
     async def resume(self) -> None:
         await self._execute("cont")
 
-    async def load(self, memory: Path, deadline: float) -> None:
-        """Restore ``memory`` into this QEMU, started with ``-incoming defer``: the file is
-        opened here and handed over on the QMP socket (QEMU may not open files)."""
+    async def hand_over(self, memory: Path, deadline: float) -> None:
+        """Give this QEMU, started with ``-incoming defer``, the snapshot file it will
+        restore (``load`` starts it): opened here and passed on the QMP socket (QEMU may
+        not open files). Done when it starts, so that ``load`` is one request."""
         if not self.spec.defer_incoming:
             raise ProviderError("this QEMU was not started to wait for a snapshot")
         async with self._qmp_lock:
@@ -349,6 +352,12 @@ class QemuVM:
             await self._execute("getfd", {"fdname": "incoming"})
         finally:
             os.close(fd)
+        self._handed_over = memory
+
+    async def load(self, memory: Path, deadline: float) -> None:
+        """Restore ``memory`` into this QEMU, started with ``-incoming defer``."""
+        if self._handed_over != memory:
+            await self.hand_over(memory, deadline)
         await self._execute("migrate-incoming", {"uri": "fd:incoming"})
 
     async def wait_restored(self, deadline: float) -> None:
@@ -553,9 +562,10 @@ class QemuProvider:
         limits.limit_vmm(proc.pid, spec.machine.memory_mib)
         log.debug("%s: QEMU pid %d started", spec.vm_id, proc.pid)
         vm = QemuVM(spec, proc)
-        if spec.defer_incoming:  # connected now, so that ``load`` costs two QMP requests
+        if spec.defer_incoming:  # connected and given the file now: ``load`` is one request
             try:
-                await vm.connect_qmp(time.monotonic() + 30.0)
+                assert spec.incoming is not None
+                await vm.hand_over(spec.incoming, time.monotonic() + 30.0)
             except BaseException:
                 await vm.stop(timeout=0)
                 raise
