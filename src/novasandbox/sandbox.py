@@ -145,7 +145,8 @@ class _SpareKind:
     provider: str | None
     wanted: int
     ready: list[AsyncSandbox] = field(default_factory=list)
-    filling: int = 0
+    starting: bool = False
+    """One is being started (they start one at a time)."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, work: Coroutine[object, object, None]) -> None:
@@ -156,8 +157,8 @@ class _SpareKind:
     def fill(self) -> None:
         """Start VMMs in the background up to ``wanted``, one after the other (a start is
         mostly CPU: several at once would only slow the sandboxes that run)."""
-        if self.filling == 0 and len(self.ready) < self.wanted:
-            self.filling = 1
+        if not self.starting and len(self.ready) < self.wanted:
+            self.starting = True
             self.spawn(self._start_one())
 
     def fill_later(self) -> None:
@@ -179,7 +180,7 @@ class _SpareKind:
             log.warning("could not start a VMM ahead for %s: %s", self.template, exc)
             return
         finally:
-            self.filling -= 1
+            self.starting = False
         if self.wanted == 0 or len(self.ready) >= self.wanted:
             await sb._teardown(SandboxState.KILLED)
         else:

@@ -876,6 +876,14 @@ def _reseed_rng(seed: bytes) -> None:
         os.close(fd)
 
 
+def _read_chunk(fd: int) -> bytes:
+    """What a pipe has (up to ``CHUNK_SIZE``); b"" at its end or on an error."""
+    try:
+        return os.read(fd, CHUNK_SIZE)
+    except OSError:
+        return b""
+
+
 def _sync(drop_caches: bool) -> None:
     os.sync()
     if drop_caches and _IN_VM:  # never the caches of a host (--stdio tests run as root)
@@ -1003,10 +1011,7 @@ class _Exec:
                         self.last_output = time.monotonic()  # the grace starts now
                         continue
                     pipe, kind = pipes[fd]
-                    try:
-                        chunk = os.read(fd, CHUNK_SIZE)
-                    except OSError:
-                        chunk = b""
+                    chunk = _read_chunk(fd)
                     if not chunk:
                         poller.unregister(fd)
                         del pipes[fd]
@@ -1056,11 +1061,7 @@ class _Exec:
             poller.register(fd, select.POLLIN)
         while left:
             for fd, _events in poller.poll():
-                try:
-                    chunk = os.read(fd, CHUNK_SIZE)
-                except OSError:
-                    chunk = b""
-                if not chunk:
+                if not _read_chunk(fd):
                     poller.unregister(fd)
                     left.pop(fd).close()
 

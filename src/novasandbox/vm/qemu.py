@@ -341,18 +341,22 @@ class QemuVM:
         not open files). Done when it starts, so that ``load`` is one request."""
         if not self.spec.defer_incoming:
             raise ProviderError("this QEMU was not started to wait for a snapshot")
-        async with self._qmp_lock:
-            if self._qmp is None:
-                await self.connect_qmp(deadline)
         fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            async with self._qmp_lock:
-                assert self._qmp is not None
-                self._qmp.send_fd_scm(fd)
-            await self._execute("getfd", {"fdname": "incoming"})
+            await self._give_fd(fd, "incoming", deadline)
         finally:
             os.close(fd)
         self._handed_over = memory
+
+    async def _give_fd(self, fd: int, name: str, deadline: float) -> None:
+        """Hand ``fd`` to QEMU as ``name`` (SCM_RIGHTS on the QMP socket, then ``getfd``):
+        QEMU may not open files (its seccomp filter). The caller closes its own copy."""
+        async with self._qmp_lock:
+            if self._qmp is None:
+                await self.connect_qmp(deadline)
+            assert self._qmp is not None
+            self._qmp.send_fd_scm(fd)
+        await self._execute("getfd", {"fdname": name})
 
     async def load(self, memory: Path, deadline: float) -> None:
         """Restore ``memory`` into this QEMU, started with ``-incoming defer``."""
@@ -381,10 +385,7 @@ class QemuVM:
         await self._execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            async with self._qmp_lock:
-                assert self._qmp is not None
-                self._qmp.send_fd_scm(fd)
-            await self._execute("getfd", {"fdname": "snapshot"})
+            await self._give_fd(fd, "snapshot", time.monotonic() + 10.0)
         finally:
             os.close(fd)
         await self._execute("migrate", {"uri": "fd:snapshot"})
