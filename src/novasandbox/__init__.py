@@ -71,6 +71,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         TemplateError,
         TemplateNotBuilt,
         TemplateNotFound,
+        UnknownUser,
         VMStartError,
     )
     from .files import EntryInfo
@@ -156,6 +157,7 @@ __all__ = [
     "TemplateManager",
     "TemplateNotBuilt",
     "TemplateNotFound",
+    "UnknownUser",
     "VMStartError",
     "__version__",
     "delete_snapshot",
@@ -212,6 +214,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "TemplateError",
         "TemplateNotBuilt",
         "TemplateNotFound",
+        "UnknownUser",
         "VMStartError",
     ),
     "files": ("EntryInfo",),

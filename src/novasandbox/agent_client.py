@@ -266,6 +266,13 @@ class AgentClient:
         self.connected_at = 0.0
         """When the socket connected (time.monotonic); the handshake followed."""
 
+    @property
+    def default_user(self) -> str:
+        """The account the guest's calls run as when they name none: the template's, as
+        the agent said in the handshake (an agent from before accounts: root)."""
+        user = self.info.get("user")
+        return user if isinstance(user, str) and user else "root"
+
     @classmethod
     async def connect(
         cls,

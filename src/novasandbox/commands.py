@@ -15,7 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .agent_client import AgentClient, AgentHolder, AgentRequest, deadline_after
-from .config import resolve_guest_path, validate_byte_count, validate_env, validate_timeout
+from .config import (
+    guest_home,
+    resolve_guest_path,
+    validate_byte_count,
+    validate_env,
+    validate_timeout,
+    validate_user,
+)
 from .errors import (
     AgentError,
     AgentProtocolError,
@@ -51,7 +58,7 @@ def _normalize_argv(cmd: str | Sequence[str]) -> list[str]:
     if isinstance(cmd, str):
         if not cmd.strip():
             raise ConfigError("command must not be empty")
-        return ["/bin/sh", "-c", cmd]
+        return ["/bin/bash", "-l", "-c", cmd]
     argv = list(cmd)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError("command must be a string or a non-empty sequence of strings")
@@ -286,6 +293,7 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` and return at once with a handle (``wait``, ``send_signal``,
         ``kill``, ``send_stdin``). ``stdin`` data is sent and then closed; with
@@ -294,19 +302,23 @@ class AsyncCommands:
         ``background``: through a server, the command runs on when this client's stream
         of it ends early (the process exits, the connection breaks); without it the
         server kills it then. Locally a command never depends on its handle (it runs
-        until it ends, its timeout, or the sandbox's end), so it changes nothing here."""
+        until it ends, its timeout, or the sandbox's end), so it changes nothing here.
+
+        ``user``: the account it runs as (None: the template's default user, ``user`` in
+        the ``python`` template); a relative ``cwd`` is under that account's home."""
         if not isinstance(background, bool):
             raise ConfigError(f"background must be True or False, got {background!r}")
         argv = _normalize_argv(cmd)
         merged = {**self._sb.config.env, **validate_env(env)}
+        user = validate_user(user)
+        agent = self._sb._require_agent()
         if cwd is not None:
-            cwd = resolve_guest_path(cwd, "cwd")
+            cwd = resolve_guest_path(cwd, "cwd", guest_home(user or agent.default_user))
         timeout = validate_timeout(timeout)
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError("stdin must be str or bytes")
         max_output = validate_byte_count(max_output, "max_output")
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        agent = self._sb._require_agent()
         handle = AsyncCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
         fields = {
             "argv": argv,
@@ -315,6 +327,8 @@ class AsyncCommands:
             "timeout": timeout,
             "stdin": data is not None or open_stdin,
         }
+        if user is not None:
+            fields["user"] = user
         try:
             await handle._start(agent, fields, data, open_stdin)
         except AgentError:
@@ -336,8 +350,11 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> CommandResult:
-        """Run ``cmd`` (a shell string, or an argv list) and wait for it to finish.
+        """Run ``cmd`` and wait for it to finish: a string runs in bash as a login shell
+        would start it (``bash -l -c``: ``/etc/profile`` and ``~/.profile`` are read), an
+        argv list runs without a shell. As ``user`` (default: the template's user).
 
         Output is streamed to ``on_stdout``/``on_stderr`` as it arrives (decoded UTF-8) and
         collected in the result. With a ``timeout`` (seconds) the command's whole process
@@ -354,6 +371,7 @@ class AsyncCommands:
             on_stderr=on_stderr,
             max_output=max_output,
             background=background,
+            user=user,
         )
         return await handle.wait(check=check)
 

@@ -42,6 +42,26 @@ def validate_env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def validate_user(user: str | None) -> str | None:
+    """An account name for a call's ``user=`` (None: the template's default user)."""
+    if user is None:
+        return None
+    if not isinstance(user, str) or not _USER_NAME.fullmatch(user):
+        raise ConfigError(
+            f"user must be an account name ([a-z_][a-z0-9_-]*, at most 32 characters), got {user!r}"
+        )
+    return user
+
+
+def guest_home(user: str) -> str:
+    """The home of a guest account, which relative guest paths of its calls are under:
+    ``/root`` for root, ``/home/NAME`` for any other (as ``useradd -m`` makes it)."""
+    return GUEST_HOME if user == "root" else f"/home/{user}"
+
+
 def validate_guest_path(path: str, what: str = "path") -> str:
     """An absolute, normalized guest path without NUL bytes or '..' components."""
     if not isinstance(path, str) or not path.startswith("/"):
@@ -55,9 +75,9 @@ def validate_guest_path(path: str, what: str = "path") -> str:
 
 
 def resolve_guest_path(path: str, what: str = "path", home: str = GUEST_HOME) -> str:
-    """A guest path as people type it: absolute, or relative to the home directory that
-    commands run in (``"data.csv"`` is ``/root/data.csv``, ``"."`` the home itself).
-    Normalized, as ``validate_guest_path``."""
+    """A guest path as people type it: absolute, or relative to ``home``, the home of the
+    account the call runs as (``"data.csv"`` is ``/home/user/data.csv`` for ``user``,
+    ``"."`` the home itself). Normalized, as ``validate_guest_path``."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str) or not path:
@@ -67,6 +87,14 @@ def resolve_guest_path(path: str, what: str = "path", home: str = GUEST_HOME) ->
     if ".." in path.split("/"):
         raise ConfigError(f"{what} must not contain '..' components, got {path!r}")
     return validate_guest_path(posixpath.join(home, path), what)
+
+
+def check_guest_path(path: str, what: str = "path") -> str:
+    """``resolve_guest_path``'s checks, a relative path kept relative (normalized): for a
+    client whose server resolves it against the home of the call's user."""
+    resolved = resolve_guest_path(path, what)
+    path = os.fspath(path)
+    return resolved if path.startswith("/") else posixpath.normpath(path)
 
 
 @dataclass(frozen=True, slots=True)

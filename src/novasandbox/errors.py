@@ -5,7 +5,8 @@ that the CLI prints and that survives JSON, so callers can branch on it.
 
     NovaSandboxError                    error
     ├── ConfigError                     invalid-config
-    │   └── ServerRequired              server-required
+    │   ├── ServerRequired              server-required
+    │   └── UnknownUser                 unknown-user
     ├── TemplateError                   template-error
     │   ├── TemplateNotFound            template-not-found
     │   ├── TemplateNotBuilt            template-not-built
@@ -319,6 +320,12 @@ class CommandFailed(CommandError):
         return self.result.exit_code
 
 
+class UnknownUser(ConfigError, LookupError):
+    """The call names an account (``user=``) the sandbox does not have."""
+
+    code = "unknown-user"
+
+
 class ProcessNotFound(CommandError, LookupError):
     """No running command has that pid in the sandbox (it ended, or never was)."""
 
@@ -390,6 +397,7 @@ _AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
     ErrorCode.MOUNT_FAILED: AgentError,
     ErrorCode.COMMAND_NOT_FOUND: CommandNotFound,
     ErrorCode.INVALID_CWD: InvalidWorkingDirectory,
+    ErrorCode.UNKNOWN_USER: UnknownUser,
     ErrorCode.NO_SUCH_PROCESS: CommandError,
     ErrorCode.FILE_NOT_FOUND: SandboxFileNotFound,
     ErrorCode.NOT_A_DIRECTORY: SandboxFileError,

@@ -9,8 +9,14 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterab
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal, TypeGuard, overload
 
-from .agent_client import AgentHolder, AgentRequest, deadline_after, within
-from .config import resolve_guest_path, validate_byte_count, validate_timeout
+from .agent_client import AgentClient, AgentHolder, AgentRequest, deadline_after, within
+from .config import (
+    guest_home,
+    resolve_guest_path,
+    validate_byte_count,
+    validate_timeout,
+    validate_user,
+)
 from .errors import (
     AgentProtocolError,
     ConfigError,
@@ -45,10 +51,26 @@ DEFAULT_MAX_READ = 100 * 1024 * 1024
 """Bytes ``files.read`` accepts by default (``max_size=``; None: no limit)."""
 
 
+def locate(
+    sandbox: AgentHolder, path: str, user: str | None
+) -> tuple[AgentClient, str, dict[str, Any]]:
+    """For a file call: the sandbox's agent, ``path`` resolved against the home of the
+    account the call runs as (``user``, or the template's default user), and the
+    request's ``user`` field. The input is checked before the sandbox is asked for its
+    agent, so bad input is refused the same whatever the sandbox's state."""
+    user = validate_user(user)
+    resolve_guest_path(path)  # its checks
+    agent = sandbox._require_agent()
+    home = guest_home(user or agent.default_user)
+    return agent, resolve_guest_path(path, home=home), ({} if user is None else {"user": user})
+
+
 class AsyncFiles:
-    """``sandbox.files``: the guest's file system. Paths are absolute, or relative to the
-    home directory commands run in (``GUEST_HOME``, ``/root``): ``"data.csv"`` is
-    ``/root/data.csv``."""
+    """``sandbox.files``: the guest's file system, as an account of the guest: every call
+    takes ``user`` (None: the template's default user, ``user`` in the ``python``
+    template), whose permissions apply and who owns what it creates. Paths are absolute,
+    or relative to that account's home: ``"data.csv"`` is ``/home/user/data.csv``
+    (``/root/data.csv`` with ``user="root"``)."""
 
     def __init__(self, sandbox: AgentHolder) -> None:
         self._sb = sandbox
@@ -60,20 +82,25 @@ class AsyncFiles:
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> int:
         """Write ``data`` to ``path`` (parents created, file replaced); returns the size.
         ``data`` is text (UTF-8), bytes, or a binary file open for reading (``open(p,
         "rb")``), read and sent a chunk at a time from where it stands. The whole
         transfer must end within ``timeout`` seconds (None: no limit)."""
         if is_reader(data):
-            return await write_stream(self._sb, path, read_chunks(data), mode=mode, timeout=timeout)
+            return await write_stream(
+                self._sb, path, read_chunks(data), mode=mode, timeout=timeout, user=user
+            )
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ConfigError("data must be str, bytes or a binary file open for reading")
         view = memoryview(data)
         chunks = (bytes(view[i : i + CHUNK_SIZE]) for i in range(0, len(view), CHUNK_SIZE))
-        return await write_stream(self._sb, path, _aiter(chunks), mode=mode, timeout=timeout)
+        return await write_stream(
+            self._sb, path, _aiter(chunks), mode=mode, timeout=timeout, user=user
+        )
 
     @overload
     async def read(
@@ -83,6 +110,7 @@ class AsyncFiles:
         format: Literal["text"] = "text",
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> str: ...
     @overload
     async def read(
@@ -92,6 +120,7 @@ class AsyncFiles:
         format: Literal["bytes"],
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> bytes: ...
 
     async def read(
@@ -101,6 +130,7 @@ class AsyncFiles:
         format: Literal["text", "bytes"] = "text",
         max_size: int | None = DEFAULT_MAX_READ,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> str | bytes:
         """Read a whole regular file, as text (UTF-8) or bytes.
 
@@ -110,11 +140,10 @@ class AsyncFiles:
         The host holds the file once (plus a chunk); text also needs the decoded copy."""
         if format not in ("text", "bytes"):
             raise ConfigError("format must be 'text' or 'bytes'")
-        path = resolve_guest_path(path)
         timeout = validate_timeout(timeout)
         max_size = validate_byte_count(max_size, "max_size")
+        agent, path, who = locate(self._sb, path, user)
         deadline = deadline_after(timeout)
-        agent = self._sb._require_agent()
         # BytesIO grows in place and hands its buffer over without a copy (getvalue).
         blob = io.BytesIO()
         req: AgentRequest | None = None
@@ -130,7 +159,7 @@ class AsyncFiles:
 
         req = agent.open(sink)
         try:
-            await req.send_message("read_file", deadline, path=path, max_size=max_size)
+            await req.send_message("read_file", deadline, path=path, max_size=max_size, **who)
             reply = await req.reply(deadline, what=f"send {path}{within(timeout)}", path=path)
         finally:
             req.close()
@@ -141,19 +170,19 @@ class AsyncFiles:
         data = blob.getvalue()
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def list(self, path: str) -> list[EntryInfo]:
-        path = resolve_guest_path(path)
-        reply = await self._sb._require_agent().call("list", path=path)
+    async def list(self, path: str, *, user: str | None = None) -> list[EntryInfo]:
+        agent, path, who = locate(self._sb, path, user)
+        reply = await agent.call("list", path=path, **who)
         return [EntryInfo.from_agent(e) for e in reply["entries"]]
 
-    async def stat(self, path: str) -> EntryInfo:
-        path = resolve_guest_path(path)
-        reply = await self._sb._require_agent().call("stat", path=path)
+    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        agent, path, who = locate(self._sb, path, user)
+        reply = await agent.call("stat", path=path, **who)
         return EntryInfo.from_agent(reply["stat"])
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
         try:
-            await self.stat(path)
+            await self.stat(path, user=user)
         except SandboxFileNotFound:
             return False
         except SandboxFileError as exc:
@@ -162,15 +191,15 @@ class AsyncFiles:
             raise
         return True
 
-    async def make_dir(self, path: str) -> None:
+    async def make_dir(self, path: str, *, user: str | None = None) -> None:
         """Create a directory and its parents (no error if it exists)."""
-        path = resolve_guest_path(path)
-        await self._sb._require_agent().call("mkdir", path=path, parents=True, exist_ok=True)
+        agent, path, who = locate(self._sb, path, user)
+        await agent.call("mkdir", path=path, parents=True, exist_ok=True, **who)
 
-    async def remove(self, path: str) -> None:
+    async def remove(self, path: str, *, user: str | None = None) -> None:
         """Remove a file, or a directory with its contents."""
-        path = resolve_guest_path(path)
-        await self._sb._require_agent().call("remove", path=path, recursive=True)
+        agent, path, who = locate(self._sb, path, user)
+        await agent.call("remove", path=path, recursive=True, **who)
 
 
 def validate_mode(mode: int | None) -> int | None:
@@ -212,19 +241,19 @@ async def write_stream(
     *,
     mode: int | None = None,
     timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    user: str | None = None,
 ) -> int:
     """Write what ``chunks`` yields to ``path`` as it comes (parents created, file
     replaced), holding at most a chunk of it; returns the size. ``files.write`` with data
     that arrives over time (an HTTP upload). An error the source raises ends the transfer
     and propagates; the file then holds what was written so far."""
-    path = resolve_guest_path(path)
     timeout = validate_timeout(timeout)
     mode = validate_mode(mode)
+    agent, path, who = locate(sandbox, path, user)
     deadline = deadline_after(timeout)
-    agent = sandbox._require_agent()
     req = agent.open()
     try:
-        await req.send_message("write_file", deadline, path=path, mode=mode, parents=True)
+        await req.send_message("write_file", deadline, path=path, mode=mode, parents=True, **who)
         pending = bytearray()
         async for chunk in chunks:
             pending += chunk
@@ -248,6 +277,7 @@ async def read_stream(
     *,
     max_size: int | None = DEFAULT_MAX_READ,
     timeout: float | None = DEFAULT_FILE_TIMEOUT,
+    user: str | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The bytes of a regular file as they come from the guest, in chunks; the guest
     runs at most a flow-control window ahead of the consumer, so the host holds no more
@@ -255,11 +285,10 @@ async def read_stream(
     the data on (an HTTP download). Errors are ``files.read``'s; one raised before the
     first chunk means nothing was sent. Closing the iterator early (``aclose``) cancels
     the read in the guest."""
-    path = resolve_guest_path(path)
     timeout = validate_timeout(timeout)
     max_size = validate_byte_count(max_size, "max_size")
+    agent, path, who = locate(sandbox, path, user)
     deadline = deadline_after(timeout)
-    agent = sandbox._require_agent()
     waiting: collections.deque[bytes] = collections.deque()
     received = 0
     req: AgentRequest | None = None
@@ -277,7 +306,7 @@ async def read_stream(
 
     req = agent.open(sink)
     try:
-        await req.send_message("read_file", deadline, path=path, max_size=max_size)
+        await req.send_message("read_file", deadline, path=path, max_size=max_size, **who)
         what = f"send {path}{within(timeout)}"
         while True:
             if waiting:
@@ -301,6 +330,7 @@ __all__ = [
     "AsyncFiles",
     "EntryInfo",
     "is_reader",
+    "locate",
     "read_chunks",
     "read_stream",
     "validate_mode",

@@ -25,7 +25,9 @@ from .vm import get_provider
 
 log = logging.getLogger("novasandbox.pool")
 
-WARMUP = ["/bin/sh", "-c", "/bin/true; echo warm"]
+WARMUP = ["/bin/bash", "-l", "-c", "/bin/true; echo warm"]
+"""Run in each new pooled sandbox before it is handed out: the path of a first command
+(a login shell as the template's user) is then warm in its VMM."""
 IDLE_LIFETIME = 3600.0
 """A sandbox waiting in the pool expires after this (and the pool replaces it); the
 pool's ``timeout`` starts when it is acquired."""

@@ -55,7 +55,13 @@ from .commands import (
     _call_back,
     _normalize_argv,
 )
-from .config import resolve_guest_path, validate_byte_count, validate_env, validate_timeout
+from .config import (
+    check_guest_path,
+    validate_byte_count,
+    validate_env,
+    validate_timeout,
+    validate_user,
+)
 from .errors import (
     AuthenticationError,
     CommandFailed,
@@ -731,7 +737,7 @@ class RemoteSandbox:
         return await self._signed_url("download-url", path, expires)
 
     async def _signed_url(self, kind: str, path: str, expires: int) -> str:
-        path = resolve_guest_path(path)
+        path = check_guest_path(path)
         check_int("expires", expires, 1)  # the server has the upper bound
         params = {"path": path, "expires": str(expires)}
         reply = await self._call("POST", f"/files/{kind}", path=path, params=params)
@@ -995,6 +1001,7 @@ class RemoteCommands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> RemoteCommandHandle:
         """``AsyncCommands.start``. Without ``background`` the server kills the command
         if this client's stream of it ends early (the process exits, the connection
@@ -1003,8 +1010,9 @@ class RemoteCommands:
         if not isinstance(background, bool):
             raise ConfigError(f"background must be True or False, got {background!r}")
         env_vars = dict(validate_env(env))
+        user = validate_user(user)
         if cwd is not None:
-            cwd = resolve_guest_path(cwd, "cwd")
+            cwd = check_guest_path(cwd, "cwd")
         timeout = validate_timeout(timeout)
         if stdin is not None and not isinstance(stdin, (str, bytes)):
             raise ConfigError("stdin must be str or bytes")
@@ -1019,6 +1027,7 @@ class RemoteCommands:
             "stdin": stdin if isinstance(stdin, str) else None,
             "open_stdin": open_stdin or raw is not None,
             "background": bool(background),
+            "user": user,
         }
         handle = RemoteCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
         await handle._start(body)
@@ -1045,6 +1054,7 @@ class RemoteCommands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> CommandResult:
         """``AsyncCommands.run``."""
         handle = await self.start(
@@ -1057,6 +1067,7 @@ class RemoteCommands:
             on_stderr=on_stderr,
             max_output=max_output,
             background=background,
+            user=user,
         )
         return await handle.wait(check=check)
 
@@ -1092,6 +1103,7 @@ class RemoteFiles:
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> int:
         """``AsyncFiles.write``: the bytes go up raw in one request, a file's streamed as
         it is read."""
@@ -1104,9 +1116,9 @@ class RemoteFiles:
             content = read_chunks(data)
         else:
             raise ConfigError("data must be str, bytes or a binary file open for reading")
-        path = resolve_guest_path(path)
+        path = check_guest_path(path)
         timeout = validate_timeout(timeout)
-        params: dict[str, str] = {"path": path}
+        params: dict[str, str] = _where(path, user)
         mode = validate_mode(mode)
         if mode is not None:
             params["mode"] = f"{mode:04o}"
@@ -1123,6 +1135,7 @@ class RemoteFiles:
         format: Literal["text"] = "text",
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> str: ...
     @overload
     async def read(
@@ -1132,6 +1145,7 @@ class RemoteFiles:
         format: Literal["bytes"],
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> bytes: ...
 
     async def read(
@@ -1141,14 +1155,15 @@ class RemoteFiles:
         format: Literal["text", "bytes"] = "text",
         max_size: int | None = DEFAULT_MAX_READ,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> str | bytes:
         """``AsyncFiles.read``: streamed down, stopped at ``max_size``."""
         if format not in ("text", "bytes"):
             raise ConfigError("format must be 'text' or 'bytes'")
-        path = resolve_guest_path(path)
+        path = check_guest_path(path)
         timeout = validate_timeout(timeout)
         max_size = validate_byte_count(max_size, "max_size")
-        params = {"path": path}
+        params = _where(path, user)
         if timeout is not None:
             params["timeout"] = str(float(timeout))
         if max_size is not None:  # the guest refuses a larger file before sending it
@@ -1170,29 +1185,37 @@ class RemoteFiles:
         data = bytes(blob)
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def list(self, path: str) -> list[EntryInfo]:
-        path = resolve_guest_path(path)
-        reply = await self._sb._call("GET", "/files/list", path=path, params={"path": path})
+    async def list(self, path: str, *, user: str | None = None) -> list[EntryInfo]:
+        path = check_guest_path(path)
+        reply = await self._sb._call("GET", "/files/list", path=path, params=_where(path, user))
         return [_entry(e) for e in reply["entries"]]
 
-    async def stat(self, path: str) -> EntryInfo:
-        path = resolve_guest_path(path)
-        return _entry(await self._sb._call("GET", "/files/stat", path=path, params={"path": path}))
+    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        path = check_guest_path(path)
+        reply = await self._sb._call("GET", "/files/stat", path=path, params=_where(path, user))
+        return _entry(reply)
 
-    async def exists(self, path: str) -> bool:
-        path = resolve_guest_path(path)
-        reply = await self._sb._call("GET", "/files/exists", path=path, params={"path": path})
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
+        path = check_guest_path(path)
+        reply = await self._sb._call("GET", "/files/exists", path=path, params=_where(path, user))
         return bool(reply["exists"])
 
-    async def make_dir(self, path: str) -> None:
+    async def make_dir(self, path: str, *, user: str | None = None) -> None:
         """Create a directory and its parents (no error if it exists)."""
-        path = resolve_guest_path(path)
-        await self._sb._call("POST", "/files/mkdir", path=path, params={"path": path})
+        path = check_guest_path(path)
+        await self._sb._call("POST", "/files/mkdir", path=path, params=_where(path, user))
 
-    async def remove(self, path: str) -> None:
+    async def remove(self, path: str, *, user: str | None = None) -> None:
         """Remove a file, or a directory with its contents."""
-        path = resolve_guest_path(path)
-        await self._sb._call("DELETE", "/files", path=path, params={"path": path})
+        path = check_guest_path(path)
+        await self._sb._call("DELETE", "/files", path=path, params=_where(path, user))
+
+
+def _where(path: str, user: str | None) -> dict[str, str]:
+    """A file request's query: the path (relative ones are resolved by the server, under
+    the home of the call's user) and the user, if the call names one."""
+    user = validate_user(user)
+    return {"path": path} if user is None else {"path": path, "user": user}
 
 
 __all__ = [

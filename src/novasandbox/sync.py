@@ -129,6 +129,7 @@ class Commands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> CommandHandle:
         starting = cast(  # either kind of handle: the join of the two is ``object``
             "Coroutine[Any, Any, AsyncCommandHandle | RemoteCommandHandle]",
@@ -143,6 +144,7 @@ class Commands:
                 on_stderr=on_stderr,
                 max_output=max_output,
                 background=background,
+                user=user,
             ),
         )
         return CommandHandle(_Portal.call(starting))
@@ -162,6 +164,7 @@ class Commands:
         on_stderr: OutputCallback | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
+        user: str | None = None,
     ) -> CommandResult:
         return _Portal.call(
             self._inner.run(
@@ -175,6 +178,7 @@ class Commands:
                 on_stderr=on_stderr,
                 max_output=max_output,
                 background=background,
+                user=user,
             )
         )
 
@@ -194,8 +198,9 @@ class Files:
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> int:
-        return _Portal.call(self._inner.write(path, data, mode=mode, timeout=timeout))
+        return _Portal.call(self._inner.write(path, data, mode=mode, timeout=timeout, user=user))
 
     write.__doc__ = AsyncFiles.write.__doc__
 
@@ -207,6 +212,7 @@ class Files:
         format: Literal["text"] = "text",
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> str: ...
     @overload
     def read(
@@ -216,6 +222,7 @@ class Files:
         format: Literal["bytes"],
         max_size: int | None = ...,
         timeout: float | None = ...,
+        user: str | None = ...,
     ) -> bytes: ...
 
     def read(
@@ -225,33 +232,36 @@ class Files:
         format: Literal["text", "bytes"] = "text",
         max_size: int | None = DEFAULT_MAX_READ,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
     ) -> str | bytes:
         if format == "bytes":
             return _Portal.call(
-                self._inner.read(path, format="bytes", max_size=max_size, timeout=timeout)
+                self._inner.read(
+                    path, format="bytes", max_size=max_size, timeout=timeout, user=user
+                )
             )
         if format == "text":
             return _Portal.call(
-                self._inner.read(path, format="text", max_size=max_size, timeout=timeout)
+                self._inner.read(path, format="text", max_size=max_size, timeout=timeout, user=user)
             )
         raise ConfigError("format must be 'text' or 'bytes'")
 
     read.__doc__ = AsyncFiles.read.__doc__
 
-    def list(self, path: str) -> list[EntryInfo]:
-        return _Portal.call(self._inner.list(path))
+    def list(self, path: str, *, user: str | None = None) -> list[EntryInfo]:
+        return _Portal.call(self._inner.list(path, user=user))
 
-    def stat(self, path: str) -> EntryInfo:
-        return _Portal.call(self._inner.stat(path))
+    def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        return _Portal.call(self._inner.stat(path, user=user))
 
-    def exists(self, path: str) -> bool:
-        return _Portal.call(self._inner.exists(path))
+    def exists(self, path: str, *, user: str | None = None) -> bool:
+        return _Portal.call(self._inner.exists(path, user=user))
 
-    def make_dir(self, path: str) -> None:
-        return _Portal.call(self._inner.make_dir(path))
+    def make_dir(self, path: str, *, user: str | None = None) -> None:
+        return _Portal.call(self._inner.make_dir(path, user=user))
 
-    def remove(self, path: str) -> None:
-        return _Portal.call(self._inner.remove(path))
+    def remove(self, path: str, *, user: str | None = None) -> None:
+        return _Portal.call(self._inner.remove(path, user=user))
 
 
 class Sandbox:

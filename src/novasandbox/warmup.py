@@ -172,10 +172,13 @@ async def _build_snapshot(
 
 
 async def trim_guest_memory(sb: AsyncSandbox) -> None:
-    """Leave in the guest's memory only what a restored sandbox uses: drop the caches,
-    warm up again, zero the free memory (``DROP_CACHES``, ``ZERO_FREE_MEMORY``)."""
-    for command in (DROP_CACHES, *WARMUP_COMMANDS, ["python3", "-S", "-c", ZERO_FREE_MEMORY]):
-        result = await sb.commands.run(command, timeout=120)
+    """Leave in the guest's memory only what a restored sandbox uses: drop the caches
+    (as root), warm up again (as the template's user, as sandboxes' first commands run),
+    zero the free memory (``DROP_CACHES``, ``ZERO_FREE_MEMORY``)."""
+    steps = [(DROP_CACHES, "root"), *((c, None) for c in WARMUP_COMMANDS)]
+    steps.append((["python3", "-S", "-c", ZERO_FREE_MEMORY], "root"))
+    for command, user in steps:
+        result = await sb.commands.run(command, timeout=120, user=user)
         if result.exit_code != 0:
             log.warning(
                 "template warm-up step %r exited %d: %s",

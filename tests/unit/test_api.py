@@ -148,6 +148,7 @@ AGENT_CODES = {
     "mount-failed": "agent-error",
     "command-not-found": "command-not-found",
     "invalid-cwd": "invalid-cwd",
+    "unknown-user": "unknown-user",
     "no-such-process": "command-error",
     "file-not-found": "file-not-found",
     "not-a-directory": "file-error",

@@ -180,7 +180,7 @@ def _sandbox(events: list[dict[str, Any]], status: int = 200) -> RemoteSandbox:
         assert request.headers["authorization"] == "Bearer k"
         assert request.url.path == "/v1/sandboxes/sb-0123456789/commands"
         sent = json.loads(request.content)
-        assert sent["cmd"] == ["/bin/sh", "-c", "x"] and sent["background"] is False
+        assert sent["cmd"] == ["/bin/bash", "-l", "-c", "x"] and sent["background"] is False
         return httpx.Response(status, content=_pieces(body))
 
     http = _Http(Server("http://test", "k"))
@@ -209,7 +209,7 @@ def test_events_become_callbacks_and_a_result() -> None:
         result = await handle.wait()
         assert (result.exit_code, result.stdout, result.stderr) == (3, "héllo w", "err")
         assert result.stdout_dropped == len("héllo world".encode()) - 8
-        assert result.argv == ("/bin/sh", "-c", "x") and result.duration == 0.5
+        assert result.argv == ("/bin/bash", "-l", "-c", "x") and result.duration == 0.5
 
     asyncio.run(main())
     assert out == ["héllo ", "world"]
@@ -335,7 +335,7 @@ def test_snapshot_fork_and_signed_urls_go_to_their_routes() -> None:
         assert [k.id for k in kids] == ["sb-child0", "sb-child1"]
         assert all(isinstance(k, RemoteSandbox) and k.server == "http://test" for k in kids)
         up = await sb.upload_url("data.csv", expires=60)
-        assert up == "http://test/v1/signed/x?path=/root/data.csv&e=60"
+        assert up == "http://test/v1/signed/x?path=data.csv&e=60"
         assert (await sb.download_url("/tmp/out")).endswith("path=/tmp/out&e=300")
         for bad in (0, -1, 1.5, True, "60"):
             with pytest.raises(ConfigError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from novasandbox.templates.build import (
     missing_tools,
     mmdebstrap_argv,
     profile_script,
+    quicken_profile,
     require_tools,
 )
 from novasandbox.vm import get_provider
@@ -188,7 +190,23 @@ def test_customize_and_env_are_parsed(manager: TemplateManager, user_dir: Path) 
     tpl = manager.get("custom")
     assert tpl.customize == ("echo one > /one", "touch '/two words'")
     assert dict(tpl.env) == {"PATH": "/opt/x/bin:/usr/bin:/bin", "EMPTY": ""}
-    assert json.loads(tpl.guest_defaults()) == {"env": dict(tpl.env)}
+    assert json.loads(tpl.guest_defaults()) == {"env": dict(tpl.env), "user": "root"}
+
+
+def test_the_default_user_is_parsed_and_checked(manager: TemplateManager, user_dir: Path) -> None:
+    assert manager.get("custom").user == "root"  # a template that names none
+    (user_dir / "custom.toml").write_text(
+        CUSTOM_TOML.replace("[image]", 'user = "dev"\n[image]', 1)
+    )
+    tpl = manager.get("custom")
+    assert tpl.user == "dev"
+    assert json.loads(tpl.guest_defaults())["user"] == "dev"
+    for bad in ('"Dev"', '"a b"', '"../x"', '""', "1", '"' + "a" * 33 + '"'):
+        (user_dir / "custom.toml").write_text(
+            CUSTOM_TOML.replace("[image]", f"user = {bad}\n[image]", 1)
+        )
+        with pytest.raises(TemplateError, match="user"):
+            manager.get("custom")
 
 
 def test_builtin_python_template_has_pip_in_a_venv_first_on_path(
@@ -200,6 +218,10 @@ def test_builtin_python_template_has_pip_in_a_venv_first_on_path(
     assert tpl.env["PATH"].split(":")[0] == "/opt/venv/bin"
     assert "/usr/bin" in tpl.env["PATH"].split(":")
     assert tpl.env["VIRTUAL_ENV"] == "/opt/venv"
+    # an unprivileged account with passwordless sudo, the default of every call
+    assert tpl.user == "user" and "sudo" in tpl.packages
+    assert any(c.startswith("useradd") and "--uid 1000" in c for c in tpl.customize)
+    assert any("/etc/sudoers.d/user" in c for c in tpl.customize)
 
 
 # ---------------------------------------------------------------------------- digests
@@ -477,6 +499,50 @@ def test_profile_script_exports_the_env_as_given(tmp_path: Path) -> None:
     assert out.stdout.splitlines() == [env["PATH"], env["ODD"], ""]
 
 
+def test_profile_script_puts_back_the_path_the_agent_gave_and_keeps_given_values(
+    tmp_path: Path,
+) -> None:
+    """A login shell started by the agent: /etc/profile set PATH anew before the script,
+    which restores the agent's (NOVASANDBOX_PATH, then unset); values the environment
+    already has (a sandbox's or a call's) win over the template's."""
+    env = {"PATH": "/opt/v/bin:/bin:/usr/bin", "A": "template", "B": "template"}
+    script = tmp_path / "profile.sh"
+    script.write_text(profile_script(env))
+    probe = r'PATH=/reset; . "$1"; printf "%s\n" "$PATH" "$A" "$B" "${NOVASANDBOX_PATH-unset}"'
+    given = {"NOVASANDBOX_PATH": "/call/bin:/bin:/usr/bin", "A": "call"}
+    for shell in ("/bin/sh", "/bin/bash"):
+        out = subprocess.run(
+            [shell, "-c", probe, "sh", str(script)], capture_output=True, text=True, env=given
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["/call/bin:/bin:/usr/bin", "call", "template", "unset"]
+        # no agent (su -, sudo -i): the template's PATH
+        out = subprocess.run(
+            [shell, "-c", probe, "sh", str(script)], capture_output=True, text=True, env={}
+        )
+        assert out.stdout.splitlines() == [env["PATH"], "template", "template", "unset"]
+
+
+def test_the_login_profile_asks_bash_its_uid_instead_of_starting_id(tmp_path: Path) -> None:
+    profile = tmp_path / "profile"
+    debian = (
+        'if [ "$(id -u)" -eq 0 ]; then\n  PATH=/root/path\nelse\n  PATH=/user/path\nfi\n'
+        'echo "$PATH"\n'
+    )
+    profile.write_text(debian)
+    quicken_profile(profile)
+    assert "${EUID:-$(id -u)}" in profile.read_text()
+    quick = profile.read_text()
+    uids = [os.geteuid()] + ([65534] if os.geteuid() == 0 else [])  # root: also as nobody
+    for shell in ("/bin/sh", "/bin/bash"):  # the same answers either way
+        for uid in uids:
+            out = subprocess.run(
+                [shell, "-s"], input=quick, capture_output=True, text=True, env={}, user=uid
+            )
+            assert out.stdout == ("/root/path\n" if uid == 0 else "/user/path\n"), out.stderr
+    quicken_profile(tmp_path / "absent")  # nothing to do
+
+
 def test_install_guest_writes_the_template_defaults(
     manager: TemplateManager, user_dir: Path, tmp_path: Path
 ) -> None:
@@ -484,13 +550,14 @@ def test_install_guest_writes_the_template_defaults(
     (root / "etc").mkdir(parents=True)
     install_guest(root, manager.get("custom"))  # no env
     defaults = root / "opt" / "novasandbox" / templates.TEMPLATE_DEFAULTS
-    assert json.loads(defaults.read_text()) == {"env": {}}
-    assert not (root / "etc" / "profile.d" / "novasandbox.sh").exists()
+    assert json.loads(defaults.read_text()) == {"env": {}, "user": "root"}
+    # always there: it gives a login shell back the PATH the agent chose
+    assert (root / "etc" / "profile.d" / "novasandbox.sh").read_text() == profile_script({})
     (user_dir / "custom.toml").write_text(CUSTOM_TOML.replace("[image]", '[env]\nA = "1"\n[image]'))
     tpl = manager.get("custom")
     install_guest(root, tpl)
     assert defaults.read_text() == tpl.guest_defaults()
-    assert json.loads(defaults.read_text()) == {"env": {"A": "1"}}
+    assert json.loads(defaults.read_text()) == {"env": {"A": "1"}, "user": "root"}
     assert (root / "etc" / "profile.d" / "novasandbox.sh").read_text() == profile_script(tpl.env)
     for name in templates.GUEST_FILES:
         assert (root / "opt" / "novasandbox" / name).is_file()

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import queue
 import select
 import signal
@@ -44,7 +45,6 @@ try:
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
-        GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
         ErrorCode,
@@ -61,7 +61,6 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
-        GUEST_HOME,
         PROTOCOL_VERSION,
         WINDOW,
         ErrorCode,
@@ -99,31 +98,200 @@ def _log(msg: str, level: int = 6) -> None:
         print(f"novasandbox-agent: {msg}", file=sys.stderr, flush=True)
 
 
-def load_template_env(path: str = TEMPLATE_DEFAULTS) -> dict[str, str]:
-    """The template's default environment of commands (e.g. a virtual environment first
-    on PATH); empty when there is no such file or it is unusable."""
+def load_template_defaults(path: str = TEMPLATE_DEFAULTS) -> tuple[dict[str, str], str]:
+    """The template's defaults for commands: their environment (e.g. a virtual
+    environment first on PATH) and the account they run as. Nothing and ``root`` when
+    there is no such file (outside an image) or it is unusable."""
     try:
         with open(path, "rb") as f:
             data = f.read(_MAX_TEMPLATE_DEFAULTS + 1)
         if len(data) > _MAX_TEMPLATE_DEFAULTS:
             raise ValueError("too large")
-        env = json.loads(data).get("env", {})
+        defaults = json.loads(data)
+        env = defaults.get("env", {})
         if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
             for k, v in env.items()
         ):
             raise ValueError("env is not a table of strings")
+        user = defaults.get("user", "root")
+        if not isinstance(user, str) or not _valid_user_name(user):
+            raise ValueError(f"invalid user {user!r}")
     except FileNotFoundError:
-        return {}
+        return {}, "root"
     except (OSError, ValueError, AttributeError) as exc:
         # stderr: the console (console.log) in a guest; not the kernel log, which would
         # be the host's when the agent runs outside a VM (--stdio)
         print(f"novasandbox-agent: ignoring {path}: {exc}", file=sys.stderr, flush=True)
-        return {}
-    return env
+        return {}, "root"
+    return env, user
 
 
-TEMPLATE_ENV = load_template_env()
+def load_template_env(path: str = TEMPLATE_DEFAULTS) -> dict[str, str]:
+    """The template's default environment of commands (``load_template_defaults``)."""
+    return load_template_defaults(path)[0]
+
+
+def _valid_user_name(name: str) -> bool:
+    """An account name as ``useradd`` accepts it by default (and nothing a path or a
+    command line could misread): ``[a-z_][a-z0-9_-]*``, at most 32 characters."""
+    return (
+        0 < len(name) <= 32
+        and (name[0].islower() or name[0] == "_")
+        and all(c.islower() or c.isdigit() or c in "_-" for c in name)
+        and name.isascii()
+    )
+
+
+TEMPLATE_ENV, TEMPLATE_USER = load_template_defaults()
+
+
+# ---------------------------------------------------------------------------- accounts
+
+
+class _Account:
+    """An account requests run as: its ids, supplementary groups, home and shell."""
+
+    __slots__ = ("gid", "groups", "home", "name", "shell", "uid")
+
+    def __init__(self, pw: pwd.struct_passwd) -> None:
+        self.name = pw.pw_name
+        self.uid = pw.pw_uid
+        self.gid = pw.pw_gid
+        self.groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        self.home = pw.pw_dir or "/"
+        self.shell = pw.pw_shell or "/bin/sh"
+
+    @property
+    def is_self(self) -> bool:
+        """The agent's own account (root in a guest): nothing to switch."""
+        return self.uid == os.geteuid() and self.gid == os.getegid()
+
+
+def _account(name: Any) -> _Account:
+    """The account ``name`` (None: the template's default user) from the guest's own
+    passwd, read at every request: accounts made in the sandbox count."""
+    if name is None:
+        name = TEMPLATE_USER
+    if not isinstance(name, str) or not _valid_user_name(name):
+        raise ValueError(f"user must be an account name, got {name!r}")
+    try:
+        return _Account(pwd.getpwnam(name))
+    except KeyError:
+        raise _Refused(ErrorCode.UNKNOWN_USER, f"no user {name!r} in the sandbox") from None
+
+
+_SYSCALLS = {
+    "x86_64": {"setgroups": 116, "setresuid": 117, "setresgid": 119},
+    "aarch64": {"setgroups": 159, "setresuid": 147, "setresgid": 149},
+}.get(os.uname().machine, {})
+"""Numbers of the system calls that change the calling thread's ids. They are made
+directly: glibc's wrappers change the ids of every thread of the process (the kernel's
+change only the caller's, which is what a request needs)."""
+
+
+def _syscall(name: str, *args: int | ctypes.Array[ctypes.c_uint]) -> None:
+    number = _SYSCALLS.get(name)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"{name} on {os.uname().machine}")
+    if _libc.syscall(number, *args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def _setgroups(groups: list[int]) -> None:
+    _syscall("setgroups", len(groups), (ctypes.c_uint * max(len(groups), 1))(*groups))
+
+
+class _SpawningAs:
+    """Commands this thread starts run as ``account``. The thread itself takes the
+    account's ids (real and effective uid and gid, groups; the saved uid stays the
+    agent's, so it can change back) just around the spawn, so the child, which inherits
+    them, needs no change of its own and CPython can start it with vfork: a fork of the
+    agent (what ``Popen(user=...)`` does) costs about 20 ms more per command under
+    emulation. Where the thread's ids cannot be changed directly (an architecture not in
+    ``_SYSCALLS``), ``popen_ids`` has ``Popen``'s own arguments instead."""
+
+    def __init__(self, account: _Account) -> None:
+        self.account = account
+        self.popen_ids: dict[str, Any] = {}
+        if not account.is_self and not _SYSCALLS:
+            self.popen_ids = {
+                "user": account.uid,
+                "group": account.gid,
+                "extra_groups": account.groups,
+            }
+        self._saved: tuple[tuple[int, int, int], tuple[int, int, int], list[int]] | None = None
+
+    def __enter__(self) -> _SpawningAs:
+        acc = self.account
+        if acc.is_self or self.popen_ids:
+            return self
+        uids, gids = os.getresuid(), os.getresgid()
+        self._saved = (uids, gids, os.getgroups())
+        try:
+            _setgroups(acc.groups)
+            _syscall("setresgid", acc.gid, acc.gid, acc.gid)
+            _syscall("setresuid", acc.uid, acc.uid, uids[2])
+        except OSError:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        uids, gids, groups = self._saved
+        self._saved = None
+        _syscall("setresuid", *uids)  # first: the powers to change the rest come back
+        _syscall("setresgid", *gids)
+        _setgroups(groups)
+
+
+class _ActingAs:
+    """File operations of this thread as ``account``: the thread's file-system uid and gid
+    and its groups become the account's (all three are per thread in Linux), so the
+    guest's permissions apply and what it creates is the account's. The kernel drops
+    root's powers over files (CAP_DAC_OVERRIDE, CAP_FOWNER, ...) while the fsuid is not 0
+    and gives them back when it is 0 again. Restored on the way out, whatever happens."""
+
+    def __init__(self, account: _Account) -> None:
+        self._account = account
+        self._saved: list[int] | None = None
+
+    def __enter__(self) -> _ActingAs:
+        acc = self._account
+        if acc.is_self:
+            return self
+        self._saved = os.getgroups()
+        try:
+            _setgroups(acc.groups)
+            _libc.setfsgid(acc.gid)
+            _libc.setfsuid(acc.uid)
+            if _libc.setfsuid(-1) != acc.uid or _libc.setfsgid(-1) != acc.gid:
+                raise OSError(errno.EPERM, f"cannot act as {acc.name}")
+        except OSError:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        _libc.setfsuid(os.geteuid())
+        _libc.setfsgid(os.getegid())
+        if self._saved is not None:
+            _setgroups(self._saved)
+            self._saved = None
+
+
+def _acting(msg: dict[str, Any]) -> _ActingAs:
+    return _ActingAs(_account(msg.get("user")))
 
 
 # ---------------------------------------------------------------------------- init duties
@@ -230,6 +398,24 @@ def _interface_up(name: str) -> None:
         req = struct.pack("16sh", name.encode(), 0)
         flags = struct.unpack("16sh", fcntl.ioctl(sock, siocgifflags, req))[1]
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", name.encode(), flags | iff_up))
+
+
+def _name_in_hosts(hostname: str, path: str = "/etc/hosts") -> None:
+    """Map the hostname to 127.0.1.1 in /etc/hosts, as Debian does, so that what looks
+    itself up (sudo, for one) finds it. Only that line is replaced; the file is written
+    only when it changes."""
+    if not 0 < len(hostname) <= 64 or not all(c.isalnum() or c in ".-" for c in hostname):
+        raise ValueError(f"invalid hostname {hostname!r}")
+    try:
+        with open(path) as f:
+            old = f.read(1 << 20)
+    except FileNotFoundError:
+        old = "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
+    lines = [line for line in old.splitlines() if not line.startswith("127.0.1.1")]
+    new = "\n".join([*lines, f"127.0.1.1\t{hostname}"]) + "\n"
+    if new != old:
+        with open(path, "w") as f:
+            f.write(new)
 
 
 def _set_clock(epoch_ns: int) -> None:
@@ -501,7 +687,8 @@ class Agent:
             if isinstance(msg.get("hostname"), str):
                 try:
                     socket.sethostname(msg["hostname"])
-                except OSError as exc:
+                    _name_in_hosts(msg["hostname"])
+                except (OSError, ValueError) as exc:
                     _log(f"cannot set hostname: {exc}")
             if isinstance(msg.get("entropy"), str):
                 try:
@@ -532,6 +719,7 @@ class Agent:
             agent=AGENT_VERSION,
             kernel=os.uname().release,
             pid=os.getpid(),
+            user=TEMPLATE_USER,
             hello_us=(time.monotonic_ns() - t_in) // 1000,
         )
 
@@ -578,10 +766,22 @@ class Agent:
         argv = msg["argv"]
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty list of strings")
-        env = {"PATH": DEFAULT_PATH, "HOME": GUEST_HOME, "LANG": "C.UTF-8", "USER": "root"}
+        acc = _account(msg.get("user"))
+        env = {
+            "PATH": DEFAULT_PATH,
+            "HOME": acc.home,
+            "LANG": "C.UTF-8",
+            "USER": acc.name,
+            "LOGNAME": acc.name,
+            "SHELL": acc.shell,
+        }
         env.update(TEMPLATE_ENV)  # the template's defaults, under the sandbox's and the call's
         env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
-        cwd = msg.get("cwd") or GUEST_HOME
+        if argv[1:2] in (["-l"], ["--login"]):
+            # A login shell's /etc/profile sets PATH anew; the template's profile script
+            # (/etc/profile.d/novasandbox.sh) puts this one back and unsets the variable.
+            env["NOVASANDBOX_PATH"] = env["PATH"]
+        cwd = msg.get("cwd") or (acc.home if os.path.isdir(acc.home) else "/")
         if not os.path.isdir(cwd):
             self.reply_error(
                 rid, code=ErrorCode.INVALID_CWD, message=f"working directory {cwd!r} does not exist"
@@ -589,26 +789,36 @@ class Agent:
             return
         timeout = msg.get("timeout")
         with_stdin = bool(msg.get("stdin"))
+        spawning = _SpawningAs(acc)
         try:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=cwd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
+            with spawning:
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+                    start_new_session=True,
+                    close_fds=True,
+                    **spawning.popen_ids,
+                )
         except FileNotFoundError:
             self.reply_error(
                 rid, code=ErrorCode.COMMAND_NOT_FOUND, message=f"command not found: {argv[0]}"
             )
             return
-        except PermissionError:
-            self.reply_error(
-                rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
-            )
+        except PermissionError as exc:
+            if exc.filename == cwd:  # the child could not enter it as this user
+                self.reply_error(
+                    rid,
+                    code=ErrorCode.INVALID_CWD,
+                    message=f"user {acc.name} may not enter the working directory {cwd!r}",
+                )
+            else:
+                self.reply_error(
+                    rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
+                )
             return
         ex = _Exec(proc, stdin_queue, credit)
         with self._lock:
@@ -636,15 +846,16 @@ class Agent:
 
     def op_write_file(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
-        if msg.get("parents"):
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            except OSError:
-                pass  # reported by the open below
-        previous = self._uploads.pop(rid, None)
-        if previous is not None:
-            previous.close()
-        self._uploads[rid] = _Upload(path, bool(msg.get("append")), msg.get("mode"))
+        with _acting(msg):
+            if msg.get("parents"):
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                except OSError:
+                    pass  # reported by the open below
+            previous = self._uploads.pop(rid, None)
+            if previous is not None:
+                previous.close()
+            self._uploads[rid] = _Upload(path, bool(msg.get("append")), msg.get("mode"))
 
     def op_end(self, rid: int, msg: dict[str, Any]) -> None:
         up = self._uploads.pop(rid, None)
@@ -659,7 +870,8 @@ class Agent:
 
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
         try:
-            self._read_file(rid, msg, self._credits[rid])
+            with _acting(msg):  # its own thread: only the open needs it, the rest is reads
+                self._read_file(rid, msg, self._credits[rid])
         finally:
             self._credits.pop(rid, None)
 
@@ -703,7 +915,7 @@ class Agent:
     def op_list(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
         entries = []
-        with os.scandir(path) as it:
+        with _acting(msg), os.scandir(path) as it:
             for entry in it:
                 try:
                     entries.append(_stat_dict(entry.path, entry.stat(follow_symlinks=False)))
@@ -714,28 +926,32 @@ class Agent:
 
     def op_stat(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
-        self.reply(rid, "ok", stat=_stat_dict(path, os.lstat(path)))
+        with _acting(msg):
+            st = os.lstat(path)
+        self.reply(rid, "ok", stat=_stat_dict(path, st))
 
     def op_mkdir(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
-        if msg.get("parents", True):
-            os.makedirs(path, exist_ok=bool(msg.get("exist_ok", True)))
-        else:
-            os.mkdir(path)
+        with _acting(msg):
+            if msg.get("parents", True):
+                os.makedirs(path, exist_ok=bool(msg.get("exist_ok", True)))
+            else:
+                os.mkdir(path)
         self.reply(rid, "ok")
 
     def op_remove(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            if msg.get("recursive", True):
-                import shutil  # only here: keeps the agent's start-up imports small
+        with _acting(msg):
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                if msg.get("recursive", True):
+                    import shutil  # only here: keeps the agent's start-up imports small
 
-                shutil.rmtree(path)
+                    shutil.rmtree(path)
+                else:
+                    os.rmdir(path)
             else:
-                os.rmdir(path)
-        else:
-            os.unlink(path)
+                os.unlink(path)
         self.reply(rid, "ok")
 
     def op_mount(self, rid: int, msg: dict[str, Any]) -> None:

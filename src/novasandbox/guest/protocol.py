@@ -61,10 +61,10 @@ exceed one chunk, or a stream could stall)."""
 
 AGENT_PORT_NAME = "org.novasandbox.agent"
 
-GUEST_HOME = "/root"
-"""The home of the account commands run as: their default working directory and HOME,
-and what relative guest paths given to the API are resolved against."""
 """Name of the virtio-serial port the guest agent listens on."""
+
+GUEST_HOME = "/root"
+"""Root's home. Another account's is ``/home/NAME`` (``guest_home``)."""
 
 
 assert WINDOW - ACK_STEP >= CHUNK_SIZE + FRAME_COST
@@ -107,6 +107,8 @@ class ErrorCode(enum.StrEnum):
     # Commands.
     COMMAND_NOT_FOUND = "command-not-found"
     INVALID_CWD = "invalid-cwd"
+    UNKNOWN_USER = "unknown-user"
+    """The request names an account the sandbox does not have."""
     NO_SUCH_PROCESS = "no-such-process"
     """A signal for a command that is not running (any more)."""
     # Files (most from the errno of a failed system call).
@@ -268,7 +270,9 @@ ERROR = {"code": frozenset(ErrorCode), "message": str, "errno": (int, None)}
 OK: dict[str, Any] = {}
 
 REPLIES: dict[str, dict[str, dict[str, Any]]] = {
-    "hello": {"hello": {"version": int, "agent": str, "kernel": str, "pid": int}},
+    "hello": {
+        "hello": {"version": int, "agent": str, "kernel": str, "pid": int, "user": (str, None)}
+    },
     "ping": {"pong": OK},
     "exec": {
         "started": {"pid": int},

@@ -7,7 +7,8 @@ where CODE is the stable code of the NovaSandbox error (``ERROR_STATUS`` gives t
 status of each class; none of our typed errors is a 500).
 
 Routes (under ``/v1``; ``ID`` a sandbox id, ``PATH`` a guest path as the Python API takes
-it: absolute, or relative to /root):
+it: absolute, or relative to the home of the call's user; file routes take ``?user=`` and
+``RunCommand`` a ``user``, the guest account the call acts as):
 
     POST   /v1/sandboxes                      create (CreateSandbox) -> 201 SandboxOut
     GET    /v1/sandboxes?label=K=V&state=S    the caller's sandboxes -> SandboxList
@@ -80,7 +81,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..commands import AsyncCommandHandle
-from ..config import resolve_guest_path
 from ..errors import (
     AgentError,
     AgentTimeout,
@@ -114,7 +114,7 @@ from ..errors import (
     TemplateNotFound,
     VMStartError,
 )
-from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, read_stream, write_stream
+from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, locate, read_stream, write_stream
 from ..sandbox import SandboxState
 from ..snapshots import Snapshot
 from .admission import Admission, Limits, RequestLimit
@@ -386,7 +386,13 @@ def caller(request: Request) -> ApiKey:
 
 
 Caller = Annotated[ApiKey, Depends(caller)]
-GuestPath = Annotated[str, Query(description="A guest path: absolute, or under /root.")]
+GuestPath = Annotated[
+    str, Query(description="A guest path: absolute, or under the home of the call's user.")
+]
+GuestUser = Annotated[
+    str | None,
+    Query(description="The guest account the call acts as (default: the template's user)."),
+]
 Seconds = Annotated[
     float, Query(allow_inf_nan=False, description="Seconds the whole transfer may take.")
 ]
@@ -642,6 +648,7 @@ def create_app(
                 timeout=body.timeout,
                 stdin=body.stdin,
                 open_stdin=body.open_stdin,
+                user=body.user,
                 on_stdout=stream.stdout,
                 on_stderr=stream.stderr,
                 max_output=0,  # streamed, not kept
@@ -702,10 +709,12 @@ def create_app(
             str | None, Query(pattern=r"^0?[0-7]{3,4}$", description="Octal, e.g. 755.")
         ] = None,
         timeout: Seconds = DEFAULT_FILE_TIMEOUT,
+        user: GuestUser = None,
     ) -> Written:
         """Write the raw request body to PATH (parents created, file replaced), streamed
         into the sandbox as it arrives."""
         sb = registry.get(key.id, sandbox_id).live()
+        resolved = locate(sb, path, user)[1]
         limit = settings.max_file_bytes
         if _content_length(request.scope) > limit:
             raise FileTooLarge(f"uploads are at most {limit} bytes", path)
@@ -721,15 +730,20 @@ def create_app(
 
         try:
             size = await write_stream(
-                sb, path, body(), mode=None if mode is None else int(mode, 8), timeout=timeout
+                sb,
+                path,
+                body(),
+                mode=None if mode is None else int(mode, 8),
+                timeout=timeout,
+                user=user,
             )
         except FileTooLarge:
             # over the bound mid-stream: the guest wrote what came before; a refused
             # upload leaves no partial file behind
             with contextlib.suppress(NovaSandboxError):
-                await sb.files.remove(path)
+                await sb.files.remove(path, user=user)
             raise
-        return Written(path=resolve_guest_path(path), size=size)
+        return Written(path=resolved, size=size)
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files",
@@ -746,6 +760,7 @@ def create_app(
         max_size: Annotated[
             int | None, Query(ge=0, description="Refuse a larger file (file-too-large).")
         ] = None,
+        user: GuestUser = None,
     ) -> Streamed:
         """The raw bytes of the regular file PATH, streamed out of the sandbox as the
         client reads them."""
@@ -753,7 +768,7 @@ def create_app(
         limit = (
             settings.max_file_bytes if max_size is None else min(max_size, settings.max_file_bytes)
         )
-        chunks = read_stream(sb, path, max_size=limit, timeout=timeout)
+        chunks = read_stream(sb, path, max_size=limit, timeout=timeout, user=user)
         try:
             first = await anext(chunks, b"")  # errors before any byte: a proper response
         except BaseException:
@@ -772,27 +787,40 @@ def create_app(
         return Streamed(body(), "application/octet-stream")
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, tags=["files"])
-    async def remove(sandbox_id: str, path: GuestPath, key: Caller) -> Response:
-        await registry.get(key.id, sandbox_id).live().files.remove(path)
+    async def remove(
+        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+    ) -> Response:
+        await registry.get(key.id, sandbox_id).live().files.remove(path, user=user)
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"])
-    async def list_dir(sandbox_id: str, path: GuestPath, key: Caller) -> EntryList:
-        entries = await registry.get(key.id, sandbox_id).live().files.list(path)
+    async def list_dir(
+        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+    ) -> EntryList:
+        entries = await registry.get(key.id, sandbox_id).live().files.list(path, user=user)
         return EntryList(entries=[_entry(e) for e in entries])
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"])
-    async def stat(sandbox_id: str, path: GuestPath, key: Caller) -> EntryOut:
-        return _entry(await registry.get(key.id, sandbox_id).live().files.stat(path))
+    async def stat(
+        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+    ) -> EntryOut:
+        return _entry(await registry.get(key.id, sandbox_id).live().files.stat(path, user=user))
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/exists", tags=["files"])
-    async def exists(sandbox_id: str, path: GuestPath, key: Caller) -> Exists:
-        return Exists(exists=await registry.get(key.id, sandbox_id).live().files.exists(path))
+    async def exists(
+        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+    ) -> Exists:
+        sb = registry.get(key.id, sandbox_id).live()
+        return Exists(exists=await sb.files.exists(path, user=user))
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=201, tags=["files"])
-    async def make_dir(sandbox_id: str, path: GuestPath, key: Caller) -> PathOut:
-        await registry.get(key.id, sandbox_id).live().files.make_dir(path)
-        return PathOut(path=resolve_guest_path(path))
+    async def make_dir(
+        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+    ) -> PathOut:
+        sb = registry.get(key.id, sandbox_id).live()
+        resolved = locate(sb, path, user)[1]
+        await sb.files.make_dir(path, user=user)
+        return PathOut(path=resolved)
 
     # --- snapshots and forks
 
@@ -842,8 +870,9 @@ def create_app(
         request: Request,
         key: ApiKey,
     ) -> SignedUrl:
-        registry.get(key.id, sandbox_id).live()
-        resolved = resolve_guest_path(path)
+        # the file is read or written as the template's default user, whose home a
+        # relative path is under
+        resolved = locate(registry.get(key.id, sandbox_id).live(), path, None)[1]
         expires_at = int(time.time()) + check_expires(expires)
         query = {
             "path": resolved,

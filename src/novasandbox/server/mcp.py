@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..config import resolve_guest_path
+from ..config import check_guest_path
 from ..errors import (
     CommandTimeout,
     ConfigError,
@@ -60,6 +60,7 @@ from ..errors import (
     SandboxNotFound,
     SandboxNotRunning,
 )
+from ..files import locate
 from ..sandbox import DEFAULT_LIFETIME, AsyncSandbox
 from .metrics import Metrics
 from .registry import Owned, Registry
@@ -130,11 +131,14 @@ class CreateSandboxInput(_Input):
 class RunCommandInput(_Input):
     command: str = Field(
         min_length=1,
-        description="A shell command line, run with /bin/sh -c (e.g. 'python3 main.py | head').",
+        description="A shell command line, run by bash as a login shell "
+        "(e.g. 'python3 main.py | head').",
     )
     sandbox_id: str | None = SandboxId
     cwd: str | None = Field(
-        None, description="Working directory (default /root; relative paths are under /root)."
+        None,
+        description="Working directory (default: the home of the sandbox's user, /home/user "
+        "in the python template; relative paths are under it).",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     stdin: str | None = Field(None, description="Text sent to the command's stdin, then closed.")
@@ -154,7 +158,7 @@ class RunCommandInput(_Input):
 
 
 class WriteFileInput(_Input):
-    path: str = Field(description="File path (absolute, or relative to /root).")
+    path: str = Field(description="File path (absolute, or relative to the user's home).")
     content: str = Field(
         description=f"The file's content: text, or base64 with encoding 'base64'; at most "
         f"{MAX_WRITE} bytes."
@@ -164,7 +168,7 @@ class WriteFileInput(_Input):
 
 
 class ReadFileInput(_Input):
-    path: str = Field(description="File path (absolute, or relative to /root).")
+    path: str = Field(description="File path (absolute, or relative to the user's home).")
     encoding: Literal["utf-8", "base64"] = Field(
         "utf-8",
         description="'utf-8': text (invalid bytes replaced); 'base64': the exact bytes.",
@@ -180,7 +184,7 @@ class ReadFileInput(_Input):
 
 
 class ListFilesInput(_Input):
-    path: str = Field("/root", description="Directory (absolute, or relative to /root).")
+    path: str = Field(".", description="Directory (absolute, or relative to the user's home).")
     sandbox_id: str | None = SandboxId
 
 
@@ -285,9 +289,9 @@ TOOLS = [
     ToolSpec(
         "run_command",
         "Run a shell command",
-        "Run a shell command line (/bin/sh -c) in a sandbox and wait for it: returns its "
-        "exit code, stdout and stderr (each cut at max_output_bytes). A non-zero exit is "
-        "a normal result, not a tool error; running past timeout_seconds is one "
+        "Run a shell command line (bash, as a login shell) in a sandbox and wait for it: "
+        "returns its exit code, stdout and stderr (each cut at max_output_bytes). A non-zero "
+        "exit is a normal result, not a tool error; running past timeout_seconds is one "
         "(command-timeout, with the output so far)." + SESSION_NOTE,
         RunCommandInput,
         CommandOutput,
@@ -620,16 +624,18 @@ class McpTools:
             data = a.content.encode()
         if len(data) > MAX_WRITE:
             raise ConfigError(f"content is {len(data)} bytes; write_file takes at most {MAX_WRITE}")
-        path = resolve_guest_path(a.path)
+        check_guest_path(a.path)  # before a sandbox is made for it
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
+        path = locate(sb, a.path, None)[1]
         size = await sb.files.write(path, data)
         return FileWritten(sandbox_id=sb.id, path=path, size=size)
 
     async def _read_file(
         self, a: ReadFileInput, owner: str, ctx: ServerRequestContext[Any, Any]
     ) -> FileRead:
-        path = resolve_guest_path(a.path)
+        check_guest_path(a.path)
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
+        path = locate(sb, a.path, None)[1]
         data = await sb.files.read(path, format="bytes", max_size=a.max_bytes)
         if a.encoding == "base64":
             content = base64.b64encode(data).decode("ascii")
@@ -642,8 +648,9 @@ class McpTools:
     async def _list_files(
         self, a: ListFilesInput, owner: str, ctx: ServerRequestContext[Any, Any]
     ) -> FileList:
-        path = resolve_guest_path(a.path)
+        check_guest_path(a.path)
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
+        path = locate(sb, a.path, None)[1]
         found = sorted(await sb.files.list(path), key=lambda e: e.name)
         entries = [Entry(name=e.name, type=e.type, size=e.size) for e in found[:MAX_ENTRIES]]
         return FileList(

@@ -71,9 +71,16 @@ class SetTimeout(_Request):
 class RunCommand(_Request):
     """``commands.run``'s arguments; the output is streamed (see the route)."""
 
-    cmd: str | list[str] = Field(description="A shell string (/bin/sh -c) or an argv list.")
+    cmd: str | list[str] = Field(
+        description="A shell string (run by bash as a login shell: bash -l -c) or an argv list."
+    )
     env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = Field(None, description="Default: /root; relative: under /root.")
+    cwd: str | None = Field(
+        None, description="Default: the user's home; relative: under the user's home."
+    )
+    user: str | None = Field(
+        None, description="The guest account it runs as (default: the template's user)."
+    )
     timeout: float | None = Field(
         DEFAULT_COMMAND_TIMEOUT,
         description="Seconds before the command's process group is killed (null: no limit).",

@@ -26,7 +26,9 @@ as root in a chroot of the new root file system once its packages are installed 
 of the base), and a top-level ``[env]`` table: the default environment of every command
 run in its sandboxes (written into the image for the guest agent, so it holds for cold
 boots and restored snapshots alike; a sandbox's ``env`` and a call's ``env`` override
-it, name by name).
+it, name by name), and a top-level ``user``: the guest account commands, files and
+terminals act as when a call names none (``root`` if the template says nothing; the
+``python`` template makes and names ``user``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import MachineConfig, validate_env
+from ..config import MachineConfig, validate_env, validate_user
 from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound, check_int
 from ..paths import cache_dir
 
@@ -56,7 +58,7 @@ TEMPLATE_DEFAULTS = "template.json"
 """Written beside the agent in the image: ``Template.guest_defaults()``."""
 KERNEL_RECIPE = "1"
 """Bump when the kernel build steps change in a way that changes the result."""
-IMAGE_RECIPE = "2"
+IMAGE_RECIPE = "3"
 """Bump when the image build steps change."""
 
 SHAPE_SNAPSHOTS = 4
@@ -98,6 +100,8 @@ class Template:
     """Shell commands run in a chroot of the root file system after its packages."""
     env: Mapping[str, str] = field(default_factory=dict, hash=False)
     """The default environment of commands in this template's sandboxes."""
+    user: str = "root"
+    """The guest account calls act as when they name none (the template must have it)."""
 
     @classmethod
     def from_file(cls, path: Path) -> Template:
@@ -136,6 +140,11 @@ class Template:
             env = validate_env(raw_env)
         except ConfigError as exc:
             raise ValueError(f"env: {exc.message}") from None
+        user = data.get("user", "root")
+        try:
+            validate_user(user)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
         config_name = kernel.get("config", "kernel.config")
         config_path = path.parent / config_name
         if not config_path.is_file():
@@ -154,6 +163,7 @@ class Template:
             source=path,
             customize=tuple(customize),
             env=env,
+            user=user,
         )
         if not re.fullmatch(r"[a-z]+", tpl.suite) or not re.fullmatch(r"[a-z]+", tpl.variant):
             raise ValueError("suite and variant must be plain words")
@@ -192,8 +202,8 @@ class Template:
 
     def guest_defaults(self) -> str:
         """What the image tells its guest agent about the template (``template.json``
-        beside the agent): the default environment of its commands."""
-        return json.dumps({"env": dict(self.env)}, sort_keys=True)
+        beside the agent): the default environment of its commands and their account."""
+        return json.dumps({"env": dict(self.env), "user": self.user}, sort_keys=True)
 
     @property
     def digest(self) -> str:

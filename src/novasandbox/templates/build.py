@@ -244,11 +244,43 @@ def build_base(tpl: Template, dest: Path, reporter: BuildReporter) -> None:
 
 
 def profile_script(env: Mapping[str, str]) -> str:
-    """``/etc/profile.d`` lines exporting the template's environment: a login shell
-    (``bash -l``) resets PATH in /etc/profile, then reads these."""
-    lines = ["# Written by NovaSandbox: the template's default environment."]
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
+    """``/etc/profile.d`` lines for login shells (``bash -l``), which /etc/profile starts
+    with a PATH of its own: the agent's commands get back the PATH the agent gave them
+    (the template's, the sandbox's or the call's, in ``NOVASANDBOX_PATH``); other login
+    shells (``su -``, ``sudo -i``) get the template's environment where theirs lacks it."""
+    lines = [
+        "# Written by NovaSandbox: the template's default environment.",
+        'if [ -n "${NOVASANDBOX_PATH-}" ]; then',
+        '    PATH="$NOVASANDBOX_PATH"',
+        "    unset NOVASANDBOX_PATH",
+    ]
+    if "PATH" in env:
+        lines += ["else", f"    PATH={shlex.quote(env['PATH'])}"]
+    lines += ["fi", "export PATH"]
+    lines += [
+        f'export {key}="${{{key}-{_double_quoted(value)}}}"'
+        for key, value in sorted(env.items())
+        if key != "PATH"
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _double_quoted(value: str) -> str:
+    """``value`` as it may stand inside ``"..."`` in a POSIX shell."""
+    return "".join("\\" + c if c in '"\\$`' else c for c in value)
+
+
+def quicken_profile(path: Path) -> None:
+    """Debian's /etc/profile asks ``$(id -u)`` whether the shell runs as root: a process
+    for every login shell, so for every command string (about 100 ms under emulation).
+    bash knows it already (``$EUID``); other shells still ask ``id``."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    quick = text.replace('"$(id -u)"', '"${EUID:-$(id -u)}"')
+    if quick != text:
+        path.write_text(quick)
 
 
 def install_guest(root: Path, tpl: Template) -> None:
@@ -259,10 +291,10 @@ def install_guest(root: Path, tpl: Template) -> None:
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, target / name)
     (target / TEMPLATE_DEFAULTS).write_text(tpl.guest_defaults())
-    if tpl.env:
-        profile_d = root / "etc" / "profile.d"
-        profile_d.mkdir(parents=True, exist_ok=True)
-        (profile_d / "novasandbox.sh").write_text(profile_script(tpl.env))
+    profile_d = root / "etc" / "profile.d"
+    profile_d.mkdir(parents=True, exist_ok=True)
+    (profile_d / "novasandbox.sh").write_text(profile_script(tpl.env))
+    quicken_profile(root / "etc" / "profile")
     (target / "init").chmod(0o755)
     (target / "agent.py").chmod(0o755)
     (root / "etc" / "hostname").write_text("sandbox\n")
