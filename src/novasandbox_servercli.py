@@ -541,6 +541,8 @@ RUN_OPTIONS = Options(
         "-e": "env",
         "--env": "env",
         "--cwd": "cwd",
+        "-u": "user",
+        "--user": "user",
         "--timeout": "timeout",
         "--lifetime": "lifetime",
         "--vcpus": "vcpus",
@@ -559,7 +561,14 @@ RUN_OPTIONS = Options(
 )
 EXEC_OPTIONS = Options(
     "exec",
-    values={"-e": "env", "--env": "env", "--cwd": "cwd", "--timeout": "timeout"},
+    values={
+        "-e": "env",
+        "--env": "env",
+        "--cwd": "cwd",
+        "-u": "user",
+        "--user": "user",
+        "--timeout": "timeout",
+    },
     flags={"-i": "interactive", "--interactive": "interactive", "--no-stdin": "no_stdin"},
     multiple=("env",),
 )
@@ -621,7 +630,9 @@ class Remote:
             raise
         sandbox_id = str(r.json()["id"])
         try:
-            return self._command(sandbox_id, command, env, opts.get("cwd"), timeout, stdin)
+            return self._command(
+                sandbox_id, command, env, opts.get("cwd"), timeout, stdin, opts.get("user")
+            )
         finally:
             try:  # the server kills it after answering: the user does not wait for that
                 self.call(
@@ -650,7 +661,9 @@ class Remote:
             else NO_STDIN
         )
         sandbox_id = self.resolve(sandbox_id)
-        return self._command(sandbox_id, command, env, opts.get("cwd"), timeout, stdin)
+        return self._command(
+            sandbox_id, command, env, opts.get("cwd"), timeout, stdin, opts.get("user")
+        )
 
     def _command(
         self,
@@ -660,12 +673,15 @@ class Remote:
         cwd: str | None,
         timeout: float | None,
         stdin: Stdin,
+        user: str | None = None,
     ) -> int:
         body: dict[str, Any] = {"cmd": command, "timeout": timeout or None}
         if env:
             body["env"] = env
         if cwd is not None:
             body["cwd"] = cwd
+        if user is not None:
+            body["user"] = user
         if stdin.text is not None:
             body["stdin"] = stdin.text
         if stdin.more:

@@ -187,7 +187,14 @@ def _seconds_or_none(value: float | None) -> float | None:
     "--cwd",
     default=None,
     metavar="DIR",
-    help="Working directory in the guest; relative: under the home.  [default: /root]",
+    help="Working directory in the guest; relative: under the home.  [default: the user's home]",
+)
+@click.option(
+    "-u",
+    "--user",
+    default=None,
+    metavar="NAME",
+    help="Guest account the command runs as.  [default: the template's: user in python]",
 )
 @click.option(
     "--timeout",
@@ -249,6 +256,7 @@ def run(
     no_egress: bool,
     env_pairs: tuple[str, ...],
     cwd: str | None,
+    user: str | None,
     timeout: float | None,
     lifetime: float,
     vcpus: int | None,
@@ -315,6 +323,7 @@ def run(
                 list(command),
                 env=env,
                 cwd=cwd,
+                user=user,
                 timeout=_seconds_or_none(timeout),
                 open_stdin=feed,
                 on_stdout=_writer(sys.stdout),
@@ -616,7 +625,17 @@ def _needs_server(command: str) -> NoReturn:
     help="Environment variable (repeatable).",
 )
 @click.option(
-    "--cwd", default=None, metavar="DIR", help="Working directory in the guest.  [default: /root]"
+    "--cwd",
+    default=None,
+    metavar="DIR",
+    help="Working directory in the guest.  [default: the user's home]",
+)
+@click.option(
+    "-u",
+    "--user",
+    default=None,
+    metavar="NAME",
+    help="Guest account the command runs as.  [default: the template's]",
 )
 @click.option(
     "--timeout",
@@ -633,6 +652,7 @@ def _needs_server(command: str) -> NoReturn:
 def exec_(
     env_pairs: tuple[str, ...],
     cwd: str | None,
+    user: str | None,
     timeout: float | None,
     interactive: bool,
     no_stdin: bool,
@@ -686,14 +706,14 @@ def create(template: str, timeout: float | None, labels: tuple[str, ...], as_jso
 def cp(src: str, dst: str) -> None:
     """Copy a file into a server's sandbox (cp FILE ID:PATH) or out of it (cp ID:PATH
     FILE); '-' is stdin or stdout. ID is any unique prefix of the sandbox's id; PATH is
-    absolute or under /root. A PATH ending in '/' (a FILE that is a directory) takes the
+    absolute or under the user's home. A PATH ending in '/' (a FILE that is a directory) takes the
     other side's file name. Uploads keep the file's permission bits. Through a server
     only (--server or NOVASANDBOX_SERVER).
 
     \b
     Examples:
-      novasandbox cp data.csv sb-1a2b3c4d5e:/root/data.csv
-      novasandbox cp sb-1a2b3c4d5e:/root/out.png .
+      novasandbox cp data.csv sb-1a2b3c4d5e:/home/user/data.csv
+      novasandbox cp sb-1a2b3c4d5e:out.png .
       tar c src | novasandbox cp - 1a2b:/tmp/src.tar
     """
     _needs_server("cp")

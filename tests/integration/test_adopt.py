@@ -27,7 +27,7 @@ OWNER = """
 import sys, time
 from novasandbox import Sandbox
 sb = Sandbox.create(adoptable=sys.argv[1] == "1", timeout=float(sys.argv[2]), env={"MINE": "yes"})
-sb.files.write("/root/marker", "written by the first owner")
+sb.files.write("/home/user/marker", "written by the first owner")
 print(sb.id, flush=True)
 time.sleep(600)
 """
@@ -88,10 +88,10 @@ def test_a_sandbox_outlives_its_owner_and_is_adopted(
 
     sb = factory.track(Sandbox.adopt(owner.id))
     assert sb.id == owner.id and sb.state is SandboxState.RUNNING and sb.restored
-    assert sb.files.read("/root/marker") == "written by the first owner"
+    assert sb.files.read("/home/user/marker") == "written by the first owner"
     assert sb.commands.run("echo $MINE").stdout == "yes\n"  # its environment came along
-    sb.files.write("/root/second", "and by the second")
-    assert sb.commands.run("cat /root/second").stdout == "and by the second"
+    sb.files.write("/home/user/second", "and by the second")
+    assert sb.commands.run("cat /home/user/second").stdout == "and by the second"
     assert info_of(owner.id)["owner_pid"] == os.getpid()
     with pytest.raises(SandboxOwned):
         Sandbox.adopt(owner.id)  # ... nor twice

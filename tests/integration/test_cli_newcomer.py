@@ -133,6 +133,18 @@ def test_options_of_the_command_need_no_double_dash(state_root: Path) -> None:
     assert_no_leftovers(state_root)
 
 
+def test_run_as_the_templates_user_or_another(state_root: Path) -> None:
+    r = cli("run", "--", "sh", "-c", "id -un; pwd")
+    assert (r.returncode, r.stdout) == (0, "user\n/home/user\n"), r.stderr
+    r = cli("run", "-u", "root", "--", "sh", "-c", "id -un; pwd")
+    assert (r.returncode, r.stdout) == (0, "root\n/root\n"), r.stderr
+    r = cli("run", "--user", "nosuchuser", "--", "true")
+    assert r.returncode == 125 and r.stderr.startswith("error [unknown-user]: "), r.stderr
+    r = cli("run", "--user", "Bad User", "--", "true")
+    assert r.returncode == 125 and "[invalid-config]" in r.stderr, r.stderr
+    assert_no_leftovers(state_root)
+
+
 def test_help_shows_every_default() -> None:
     r = cli("run", "--help")
     assert r.returncode == 0
@@ -141,7 +153,8 @@ def test_help_shows_every_default() -> None:
         "[default: python]",  # template
         "[default: 300]",  # lifetime
         "[default: none: the sandbox's --lifetime bounds it]",  # command timeout
-        "[default: /root]",  # cwd
+        "[default: the user's home]",  # cwd
+        "[default: the template's: user in python]",  # user
         "[default: the template's, 1]",  # vcpus
         "[default: the template's, 256]",  # memory
         "[default: none]",  # network

@@ -179,6 +179,11 @@ def test_exec_cp_ls_and_kill(pooled: PooledServer, tmp_path: Path) -> None:
         "exec", prefix, "--", "sh", "-c", "cat; echo to-err >&2; exit 4", input=b"x\n"
     )
     assert (done.returncode, done.stdout, done.stderr) == (4, b"x\n", b"to-err\n")
+    # as the template's user by default, as another account with -u/--user
+    assert pooled.cli("exec", sid, "--", "id", "-un").stdout == b"user\n"
+    assert pooled.cli("exec", "-u", "root", sid, "--", "id", "-un").stdout == b"root\n"
+    done = pooled.cli("exec", "--user", "nosuchuser", sid, "--", "true")
+    assert done.returncode == 125 and _err(done).startswith("error [unknown-user]: "), _err(done)
 
     blob = os.urandom(1_000_003)
     (tmp_path / "blob.bin").write_bytes(blob)
@@ -192,7 +197,7 @@ def test_exec_cp_ls_and_kill(pooled: PooledServer, tmp_path: Path) -> None:
     assert (tmp_path / "back.bin").read_bytes() == blob
     done = pooled.cli("cp", "-", f"{sid}:in/stdin.bin", input=blob[:5000])
     assert done.returncode == 0, _err(done)
-    done = pooled.cli("cp", f"{sid}:/root/in/stdin.bin", "-")
+    done = pooled.cli("cp", f"{sid}:/home/user/in/stdin.bin", "-")
     assert done.returncode == 0 and done.stdout == blob[:5000]
 
     done = pooled.cli("cp", f"{sid}:/no/such/file", str(tmp_path / "nothing"))

@@ -13,9 +13,11 @@ from novasandbox import (
     CommandFailed,
     CommandNotFound,
     CommandTimeout,
+    ConfigError,
     InvalidWorkingDirectory,
     RemoteUnsupported,
     Sandbox,
+    UnknownUser,
 )
 
 pytestmark = pytest.mark.integration
@@ -83,7 +85,8 @@ def test_env_from_sandbox_and_command(sb: Sandbox) -> None:
 
 def test_cwd(sb: Sandbox) -> None:
     assert sb.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
-    assert sb.commands.run("pwd").stdout == "/root\n"
+    assert sb.commands.run("pwd").stdout == "/home/user\n"  # the user's home
+    assert sb.commands.run("pwd", user="root").stdout == "/root\n"
     with pytest.raises(InvalidWorkingDirectory):
         sb.commands.run("pwd", cwd="/does/not/exist")
 
@@ -222,3 +225,68 @@ def test_open_stdin_streams_both_ways(sb: Sandbox) -> None:
     handle.close_stdin()
     assert handle.wait(check=True).stdout == "ONE\nTWO\n"
     assert "".join(lines) == "ONE\nTWO\n"
+
+
+# ---------------------------------------------------------------------------- accounts
+
+
+def test_commands_run_as_the_unprivileged_user_by_default(sb: Sandbox) -> None:
+    probe = 'id -u; id -gn; printf "%s|%s|%s|%s\\n" "$HOME" "$USER" "$LOGNAME" "$SHELL"; pwd'
+    assert sb.commands.run(probe).stdout.splitlines() == [
+        "1000",
+        "user",
+        "/home/user|user|user|/bin/bash",
+        "/home/user",
+    ]
+    assert sb.commands.run(["id", "-un"], user="root").stdout == "root\n"
+    assert sb.commands.run("echo $HOME; pwd", user="root").stdout == "/root\n/root\n"
+    # a relative cwd is under the home of the call's user
+    sb.commands.run("mkdir -p sub", user="root")
+    assert sb.commands.run("pwd", cwd="sub", user="root").stdout == "/root/sub\n"
+    # the account's limits hold: root's files are not the user's
+    r = sb.commands.run("touch /etc/novasandbox-test")
+    assert r.exit_code == 1 and "Permission denied" in r.stderr
+    with pytest.raises(InvalidWorkingDirectory):
+        sb.commands.run("true", cwd="/root")
+
+
+def test_the_user_has_passwordless_sudo(sb: Sandbox) -> None:
+    r = sb.commands.run("sudo -n id -u")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "0\n", "")  # and the hostname resolves
+    assert sb.commands.run("sudo -n sh -c 'echo $HOME'").stdout == "/root\n"
+
+
+def test_an_unknown_or_malformed_user_is_refused(sb: Sandbox) -> None:
+    with pytest.raises(UnknownUser) as info:
+        sb.commands.run("true", user="nosuchuser")
+    assert info.value.code == "unknown-user" and "nosuchuser" in str(info.value)
+    for bad in ("Root", "a b", "../x", "", "x" * 33, 0):
+        with pytest.raises(ConfigError):
+            sb.commands.run("true", user=bad)  # type: ignore[arg-type]
+    assert sb.commands.run("echo ok").stdout == "ok\n"  # nothing broke
+
+
+def test_shell_strings_run_in_bash_as_a_login_shell(sb: Sandbox) -> None:
+    r = sb.commands.run(
+        "[[ -n $BASH_VERSION ]] && echo bash; echo $(( RANDOM >= 0 )); printf '\\xe2\\x82\\xac\\n';"
+        " shopt -q login_shell && echo login"
+    )
+    assert r.stdout == "bash\n1\n\u20ac\nlogin\n", r.stderr
+    # what a login shell reads: the user's ~/.profile, every time
+    sb.commands.run("echo 'export NOVA_PROFILE=from-profile' >> ~/.profile", check=True)
+    assert sb.commands.run("echo $NOVA_PROFILE").stdout == "from-profile\n"
+    sb.commands.run("sed -i '/NOVA_PROFILE/d' ~/.profile", check=True)
+    # and `source` works
+    sb.files.write("/tmp/vars.sh", "GREETING=hello\n")
+    assert sb.commands.run("source /tmp/vars.sh; echo $GREETING").stdout == "hello\n"
+
+
+def test_a_login_shell_keeps_the_path_the_call_and_template_give(sb: Sandbox) -> None:
+    # the template's PATH (the venv first), not the one /etc/profile sets
+    path = sb.commands.run("echo $PATH").stdout.strip().split(":")
+    assert path[0] == "/opt/venv/bin" and "/usr/bin" in path
+    assert sb.commands.run("echo $PATH", env={"PATH": "/x:/usr/bin:/bin"}).stdout == (
+        "/x:/usr/bin:/bin\n"
+    )
+    assert sb.commands.run("echo ${NOVASANDBOX_PATH-unset}").stdout == "unset\n"
+    assert sb.commands.run("command -v pip").stdout == "/opt/venv/bin/pip\n"

@@ -83,14 +83,14 @@ def test_confined_vmms_still_restore_write_and_snapshot(factory: Any) -> None:
     """Dropping root must not cost a feature: the disk is reopened after a restore, a
     snapshot is written to a descriptor, and a restore of that snapshot runs."""
     sb = factory.create()
-    sb.files.write("/root/note", b"kept")
-    assert sb.commands.run("sync && cat /root/note").stdout == "kept"
+    sb.files.write("/home/user/note", b"kept")
+    assert sb.commands.run("sync && cat /home/user/note").stdout == "kept"
     snap = sb.snapshot()
     try:
         child = factory.create(from_snapshot=snap)
-        assert child.files.read("/root/note") == "kept"
-        child.files.write("/root/more", b"x" * (1 << 20))
-        assert child.commands.run("stat -c %s /root/more").stdout.strip() == str(1 << 20)
+        assert child.files.read("/home/user/note") == "kept"
+        child.files.write("/home/user/more", b"x" * (1 << 20))
+        assert child.commands.run("stat -c %s /home/user/more").stdout.strip() == str(1 << 20)
     finally:
         for s in list(factory.sandboxes):
             s.kill()

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from novasandbox import ConfigError, Sandbox, SandboxFileError, SandboxFileNotFound
+from novasandbox import (
+    ConfigError,
+    Sandbox,
+    SandboxFileError,
+    SandboxFileNotFound,
+    SandboxPermissionError,
+    UnknownUser,
+)
 from novasandbox.guest.protocol import ErrorCode
 
 pytestmark = pytest.mark.integration
@@ -23,15 +30,15 @@ def sb(sandbox: Sandbox) -> Sandbox:
 def test_20_mb_binary_round_trip(sb: Sandbox) -> None:
     blob = os.urandom(20 * 1024 * 1024)
     digest = hashlib.sha256(blob).hexdigest()
-    assert sb.files.write("/root/big.bin", blob) == len(blob)
+    assert sb.files.write("/home/user/big.bin", blob) == len(blob)
     # the guest sees exactly these bytes ...
-    assert sb.commands.run("sha256sum /root/big.bin").stdout.split()[0] == digest
+    assert sb.commands.run("sha256sum /home/user/big.bin").stdout.split()[0] == digest
     # ... and reading them back gives the same bytes
-    back = sb.files.read("/root/big.bin", format="bytes")
+    back = sb.files.read("/home/user/big.bin", format="bytes")
     assert isinstance(back, bytes)
     assert len(back) == len(blob)
     assert hashlib.sha256(back).hexdigest() == digest
-    sb.files.remove("/root/big.bin")
+    sb.files.remove("/home/user/big.bin")
 
 
 def test_text_write_read_and_parents_created(sb: Sandbox) -> None:
@@ -94,12 +101,12 @@ def test_writing_over_a_directory_raises_and_changes_nothing(sb: Sandbox) -> Non
 def test_relative_paths_are_in_the_home_where_commands_run(sb: Sandbox) -> None:
     sb.files.write("data.csv", "a,b\n1,2\n")
     assert sb.commands.run("cat data.csv").stdout == "a,b\n1,2\n"  # cwd is the home
-    assert sb.commands.run("pwd").stdout == "/root\n"
-    assert sb.files.read("/root/data.csv") == "a,b\n1,2\n"
+    assert sb.commands.run("pwd").stdout == "/home/user\n"
+    assert sb.files.read("/home/user/data.csv") == "a,b\n1,2\n"
     assert "data.csv" in {e.name for e in sb.files.list(".")}
-    assert sb.files.stat("./data.csv").path == "/root/data.csv"
+    assert sb.files.stat("./data.csv").path == "/home/user/data.csv"
     sb.files.make_dir("work/in")
-    assert sb.commands.run("pwd", cwd="work/in").stdout == "/root/work/in\n"
+    assert sb.commands.run("pwd", cwd="work/in").stdout == "/home/user/work/in\n"
     sb.files.remove("data.csv")
     assert not sb.files.exists("data.csv")
 
@@ -118,3 +125,57 @@ def test_write_streams_a_binary_file_from_where_it_stands(sb: Sandbox, tmp_path:
     with pytest.raises(ConfigError):
         sb.files.write("/tmp/streamed.bin", 42)  # type: ignore[arg-type]
     sb.files.remove("/tmp/streamed.bin")
+
+
+# ---------------------------------------------------------------------------- accounts
+
+
+def test_files_act_as_the_user_and_belong_to_who_wrote_them(sb: Sandbox) -> None:
+    sb.files.write("mine.txt", "user's")
+    sb.files.make_dir("made/here")
+    sb.files.write("/root/roots.txt", "root's", user="root")
+    owners = sb.commands.run(
+        "stat -c '%U:%G %n' /home/user/mine.txt /home/user/made /home/user/made/here "
+        "/root/roots.txt",
+        user="root",
+    ).stdout.splitlines()
+    assert owners == [
+        "user:user /home/user/mine.txt",
+        "user:user /home/user/made",
+        "user:user /home/user/made/here",
+        "root:root /root/roots.txt",
+    ]
+    # relative paths are under the home of the call's user
+    assert sb.files.read("roots.txt", user="root") == "root's"
+    assert sb.files.stat("roots.txt", user="root").path == "/root/roots.txt"
+    assert sb.files.exists("mine.txt") and not sb.files.exists("mine.txt", user="root")
+
+
+def test_the_users_file_calls_obey_the_guests_permissions(sb: Sandbox) -> None:
+    sb.files.write("/root/secret", "s", user="root")
+    with pytest.raises(SandboxPermissionError) as info:
+        sb.files.read("/root/secret")
+    assert info.value.code == "permission-denied" and info.value.path == "/root/secret"
+    for call in (
+        lambda: sb.files.write("/root/other", "x"),
+        lambda: sb.files.write("/etc/novasandbox-test", "x"),
+        lambda: sb.files.list("/root"),
+        lambda: sb.files.make_dir("/root/d"),
+        lambda: sb.files.remove("/root/secret"),
+    ):
+        with pytest.raises(SandboxPermissionError):
+            call()
+    assert sb.files.read("/root/secret", user="root") == "s"  # root still can
+    assert not sb.files.exists("/root/other", user="root")
+    assert not sb.files.exists("/etc/novasandbox-test")
+    sb.files.remove("/root/secret", user="root")
+
+
+def test_file_calls_refuse_an_unknown_or_malformed_user(sb: Sandbox) -> None:
+    with pytest.raises(UnknownUser):
+        sb.files.write("/tmp/x", "x", user="nosuchuser")
+    with pytest.raises(UnknownUser):
+        sb.files.read("/etc/hostname", user="nosuchuser")
+    with pytest.raises(ConfigError):
+        sb.files.stat("/tmp", user="Not A User")
+    assert not sb.files.exists("/tmp/x")

@@ -236,9 +236,9 @@ def test_reads_refuse_devices_fifos_and_files_that_grow(pair: tuple[Sandbox, San
 def test_a_legitimate_read_peaks_at_about_its_size(factory: SandboxFactory) -> None:
     sb = factory.create()
     size = 96 * MIB
-    sb.commands.run(f"head -c {size} /dev/urandom > /root/big", check=True, timeout=120)
+    sb.commands.run(f"head -c {size} /dev/urandom > /home/user/big", check=True, timeout=120)
     with pytest.raises(FileTooLarge):
-        sb.files.read("/root/big", format="bytes", max_size=size - 1)
+        sb.files.read("/home/user/big", format="bytes", max_size=size - 1)
     gc.collect()  # what earlier tests of this process left is not this read's
     base = rss_mib()
     peak = [base]
@@ -252,7 +252,7 @@ def test_a_legitimate_read_peaks_at_about_its_size(factory: SandboxFactory) -> N
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        data = sb.files.read("/root/big", format="bytes", timeout=300)
+        data = sb.files.read("/home/user/big", format="bytes", timeout=300)
         assert len(data) == size
         del data
     finally:

@@ -27,7 +27,7 @@ def test_stdio(state_root: Path) -> None:
     async def main() -> None:
         async with Client(stdio_params(dict(os.environ))) as client:
             check_tools(await client.list_tools())
-            session = await exercise(client, "/root/work")
+            session = await exercise(client, "/home/user/work")
             made = await ok(client, "create_sandbox", {"timeout_seconds": 300})
             other = made["sandbox_id"]
             assert other != session
@@ -35,7 +35,7 @@ def test_stdio(state_root: Path) -> None:
             await fails(
                 client,
                 "read_file",
-                {"path": "/root/work/blob", "sandbox_id": other},
+                {"path": "/home/user/work/blob", "sandbox_id": other},
                 "file-not-found",
             )
             r = await ok(client, "run_command", {"command": "hostname", "sandbox_id": other})
@@ -79,7 +79,7 @@ def test_streamable_http(served: Served) -> None:
             assert mine[session]["state"] == "running"
             assert listed(served.bob) == {}
             await ok(client, "write_file", {"path": "notes.txt", "content": "hello"})
-            got = await ok(client, "read_file", {"path": "/root/notes.txt"})
+            got = await ok(client, "read_file", {"path": "/home/user/notes.txt"})
             assert (got["sandbox_id"], got["content"]) == (session, "hello")
 
             # a sandbox made with the REST API, used through MCP: one registry

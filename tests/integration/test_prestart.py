@@ -65,8 +65,8 @@ def test_a_create_restores_into_a_vmm_started_ahead(
     assert {i.id: i.pid for i in list_sandboxes(state_root)}[sb.id] == spare_pid
     assert sb.state is SandboxState.RUNNING and sb.restored
     assert sb.commands.run("echo $GREETING").stdout == "hi\n"
-    sb.files.write("/root/f", "x")
-    assert sb.files.read("/root/f") == "x"
+    sb.files.write("/home/user/f", "x")
+    assert sb.files.read("/home/user/f") == "x"
     # another one is started in its place, in the background
     wait_for(lambda: len(waiting(state_root)) == 1, "the replacement")
     (replacement, _), *_ = waiting(state_root).items()

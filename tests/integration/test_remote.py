@@ -304,7 +304,7 @@ def test_snapshots_forks_and_signed_urls_through_the_client(remote_server: Remot
     kw: dict[str, Any] = {"server": remote_server.url, "api_key": remote_server.key}
     other: dict[str, Any] = {"server": remote_server.url, "api_key": remote_server.other_key}
     sb = remote_server.create(labels={"suite": "snap"})
-    sb.files.write("/root/state.txt", "saved")
+    sb.files.write("/home/user/state.txt", "saved")
     snap = sb.snapshot()
     assert isinstance(snap, RemoteSnapshot) and snap.id.startswith("snap-")
     assert (snap.source_sandbox, snap.template, snap.server) == (sb.id, "python", sb.server)
@@ -313,18 +313,18 @@ def test_snapshots_forks_and_signed_urls_through_the_client(remote_server: Remot
     assert Sandbox.list_snapshots(**other) == []  # another key's: not even listed
     with pytest.raises(SnapshotNotFound):
         Sandbox.create(from_snapshot=snap.id, **other)
-    sb.files.write("/root/state.txt", "later")
+    sb.files.write("/home/user/state.txt", "later")
 
     restored = remote_server.create(from_snapshot=snap)
     assert restored.restored and restored.id != sb.id
-    assert restored.files.read("/root/state.txt") == "saved"
+    assert restored.files.read("/home/user/state.txt") == "saved"
 
     [child] = sb.fork(1)
     remote_server.sandboxes.append(child)
     assert child.server == sb.server and child.labels == {"suite": "snap"}
-    assert child.files.read("/root/state.txt") == "later"
-    child.files.write("/root/state.txt", "child")
-    assert sb.files.read("/root/state.txt") == "later"  # independent
+    assert child.files.read("/home/user/state.txt") == "later"
+    child.files.write("/home/user/state.txt", "child")
+    assert sb.files.read("/home/user/state.txt") == "later"  # independent
 
     # signed URLs: one file, one method, no key
     up = sb.upload_url("/tmp/up.bin", expires=60)
@@ -340,7 +340,7 @@ def test_snapshots_forks_and_signed_urls_through_the_client(remote_server: Remot
     async def through_async() -> RemoteSnapshot:
         inner = await AsyncSandbox.connect(child.id, **kw)
         try:
-            url = await inner.download_url("/root/state.txt")
+            url = await inner.download_url("/home/user/state.txt")
             assert httpx.get(url, timeout=60).content == b"child"
             return await inner.snapshot()
         finally:
@@ -358,4 +358,4 @@ def test_snapshots_forks_and_signed_urls_through_the_client(remote_server: Remot
     assert Sandbox.list_snapshots(**kw) == []
     with pytest.raises(SnapshotNotFound):
         Sandbox.create(from_snapshot=snap, **kw)
-    assert restored.commands.run("cat /root/state.txt").stdout == "saved"
+    assert restored.commands.run("cat /home/user/state.txt").stdout == "saved"

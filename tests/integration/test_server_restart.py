@@ -108,7 +108,7 @@ def test_a_restarted_server_adopts_its_sandboxes_and_reaps_the_rest(restarts: Re
     doomed = create(alice)
     short = create(bob)
     r = alice.put(
-        f"/v1/sandboxes/{kept['id']}/files", params={"path": "/root/note"}, content=b"kept"
+        f"/v1/sandboxes/{kept['id']}/files", params={"path": "/home/user/note"}, content=b"kept"
     )
     assert r.status_code == 200, r.text
     for sb in (kept, doomed, short):
@@ -133,8 +133,8 @@ def test_a_restarted_server_adopts_its_sandboxes_and_reaps_the_rest(restarts: Re
     assert again["state"] == "running"
     for field in ("labels", "created_at", "expires_at", "template", "vcpus", "memory_mib"):
         assert again[field] == kept[field], field
-    assert stdout(alice, kept["id"], "cat /root/note; echo; echo $((6*7))") == "kept\n42\n"
-    r = alice.get(f"/v1/sandboxes/{kept['id']}/files", params={"path": "/root/note"})
+    assert stdout(alice, kept["id"], "cat /home/user/note; echo; echo $((6*7))") == "kept\n42\n"
+    r = alice.get(f"/v1/sandboxes/{kept['id']}/files", params={"path": "/home/user/note"})
     assert r.status_code == 200 and r.content == b"kept"
     # the dead one was reaped, said so, and left nothing
     assert not_found(alice.get(f"/v1/sandboxes/{doomed['id']}"))
@@ -160,7 +160,7 @@ def test_a_restarted_server_adopts_its_sandboxes_and_reaps_the_rest(restarts: Re
     assert restarts.entries() == sorted([kept["id"], short["id"]])
 
     third, alice, bob = restarts.start()
-    assert stdout(alice, kept["id"], "cat /root/note") == "kept"
+    assert stdout(alice, kept["id"], "cat /home/user/note") == "kept"
     assert bob.get(f"/v1/sandboxes/{short['id']}").json()["state"] == "running"
     # the lifetime set at the create is still enforced, by the server that adopted it
     for _ in iter_wait("the adopted sandbox's lifetime to end", limit=120, step=0.5):
@@ -184,7 +184,7 @@ def test_a_restarted_server_adopts_its_sandboxes_and_reaps_the_rest(restarts: Re
 def test_snapshot_restore_and_fork_per_key(restarts: Restarts) -> None:
     server, alice, bob = restarts.start()
     parent = create(alice, labels={"team": "a"})
-    stdout(alice, parent["id"], "echo 42 > /root/state.txt")
+    stdout(alice, parent["id"], "echo 42 > /home/user/state.txt")
 
     assert not_found(bob.post(f"/v1/sandboxes/{parent['id']}/snapshot"))
     r = alice.post(f"/v1/sandboxes/{parent['id']}/snapshot")
@@ -200,19 +200,19 @@ def test_snapshot_restore_and_fork_per_key(restarts: Restarts) -> None:
 
     restored = create(alice, snapshot=snap["id"])
     assert restored["restored"] is True and restored["id"] != parent["id"]
-    assert stdout(alice, restored["id"], "cat /root/state.txt") == "42\n"
+    assert stdout(alice, restored["id"], "cat /home/user/state.txt") == "42\n"
 
     for n in (0, 65):
         r = alice.post(f"/v1/sandboxes/{parent['id']}/fork", json={"n": n})
         assert r.status_code == 422 and error_of(r)["code"] == "invalid-config", r.text
     assert not_found(bob.post(f"/v1/sandboxes/{parent['id']}/fork", json={"n": 1}))
-    stdout(alice, parent["id"], "echo 43 > /root/state.txt")
+    stdout(alice, parent["id"], "echo 43 > /home/user/state.txt")
     r = alice.post(f"/v1/sandboxes/{parent['id']}/fork", json={"n": 2})
     assert r.status_code == 201, r.text
     forks = r.json()["sandboxes"]
     assert len(forks) == 2 and all(f["labels"] == {"team": "a"} for f in forks)
     for f in forks:
-        assert stdout(alice, f["id"], "cat /root/state.txt") == "43\n"
+        assert stdout(alice, f["id"], "cat /home/user/state.txt") == "43\n"
         assert not_found(bob.get(f"/v1/sandboxes/{f['id']}"))
     assert bob.get("/v1/sandboxes").json() == {"sandboxes": []}
 
@@ -222,14 +222,14 @@ def test_snapshot_restore_and_fork_per_key(restarts: Restarts) -> None:
     listed = alice.get("/v1/sandboxes").json()["sandboxes"]
     want = {parent["id"], restored["id"], *(f["id"] for f in forks)}
     assert {s["id"] for s in listed} == want and {s["state"] for s in listed} == {"running"}
-    assert stdout(alice, forks[1]["id"], "cat /root/state.txt") == "43\n"
+    assert stdout(alice, forks[1]["id"], "cat /home/user/state.txt") == "43\n"
     assert [s["id"] for s in alice.get("/v1/snapshots").json()["snapshots"]] == [snap["id"]]
 
     assert alice.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
     assert alice.get("/v1/snapshots").json() == {"snapshots": []}
     r = alice.post("/v1/sandboxes", json={"snapshot": snap["id"]})
     assert not_found(r, "snapshot-not-found")
-    assert stdout(alice, restored["id"], "cat /root/state.txt") == "42\n"  # still runs
+    assert stdout(alice, restored["id"], "cat /home/user/state.txt") == "42\n"  # still runs
 
     assert server.stop(signal.SIGTERM) == 0
     assert qemu_processes_under(restarts.root) == []

@@ -93,7 +93,7 @@ def test_first_create_saves_the_shape_and_the_next_restores_it(
     # the sandbox that saved it is unaffected: its env, its files, its identity
     out_first = probe(first)
     assert out_first[0] == first.id and out_first[2] == "first"
-    first.files.write("/root/only-in-first", "x")
+    first.files.write("/home/user/only-in-first", "x")
 
     second = factory.create(memory_mib=320, templates=mgr)
     assert second.restored and second.cold_reason is None
@@ -105,9 +105,9 @@ def test_first_create_saves_the_shape_and_the_next_restores_it(
     assert out_second[1] != out_first[1], "the restored guest shares the first one's RNG"
     assert out_second[2] == "unset", "the first create's env leaked into the snapshot"
     assert 256 * 1024 < int(out_second[3]) <= 320 * 1024  # the shape's memory
-    assert not second.files.exists("/root/only-in-first")
-    second.files.write("/root/written", "ok")  # its root file system was thawed
-    assert second.commands.run("cat /root/written").stdout == "ok"
+    assert not second.files.exists("/home/user/only-in-first")
+    second.files.write("/home/user/written", "ok")  # its root file system was thawed
+    assert second.commands.run("cat /home/user/written").stdout == "ok"
 
     # `novasandbox ls` tells which was restored and why the other booted cold
     cli = [sys.executable, "-m", "novasandbox.cli", "ls"]
@@ -218,8 +218,8 @@ def test_a_failed_save_leaves_nothing_and_the_sandbox_works(
     assert not sb.restored
     assert saved_shapes(mgr) == []
     assert "shape_saved" not in sb.timings
-    sb.files.write("/root/after-failed-save", "ok")  # not left frozen
-    assert sb.commands.run("cat /root/after-failed-save").stdout == "ok"
+    sb.files.write("/home/user/after-failed-save", "ok")  # not left frozen
+    assert sb.commands.run("cat /home/user/after-failed-save").stdout == "ok"
 
 
 def test_two_first_creates_of_a_shape_at_once(factory: SandboxFactory, cache: Path) -> None:

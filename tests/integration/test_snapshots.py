@@ -99,10 +99,10 @@ def test_snapshots_are_saved_unfrozen_and_a_frozen_one_is_thawed(
     monkeypatch.undo()
     try:
         assert legacy.frozen
-        sb.files.write("/root/after-a-frozen-save", "ok")  # the source was thawed
+        sb.files.write("/home/user/after-a-frozen-save", "ok")  # the source was thawed
         clone = factory.create(from_snapshot=legacy)
-        clone.files.write("/root/written-after-restore", "ok")  # and the clone too
-        assert clone.commands.run("cat /root/written-after-restore").stdout == "ok"
+        clone.files.write("/home/user/written-after-restore", "ok")  # and the clone too
+        assert clone.commands.run("cat /home/user/written-after-restore").stdout == "ok"
     finally:
         delete_snapshot(legacy.id)
 
@@ -117,13 +117,13 @@ def test_restored_sandboxes_get_their_own_identity(factory: SandboxFactory) -> N
     for out in (out_a, out_b):
         assert abs(int(out[2]) - time.time()) < 10, "the guest clock was not set after restore"
     # the root file system is writable (it was never frozen)
-    a.files.write("/root/written-after-restore", "ok")
-    assert a.commands.run("cat /root/written-after-restore").stdout == "ok"
+    a.files.write("/home/user/written-after-restore", "ok")
+    assert a.commands.run("cat /home/user/written-after-restore").stdout == "ok"
 
 
 def test_pause_and_resume(factory: SandboxFactory) -> None:
     sb = factory.create()
-    digest = write_random(sb, "/root/before-pause.bin")
+    digest = write_random(sb, "/home/user/before-pause.bin")
     sb.pause()
     assert sb.state is SandboxState.PAUSED
     assert not sb.is_running()
@@ -133,14 +133,14 @@ def test_pause_and_resume(factory: SandboxFactory) -> None:
         sb.pause()
     sb.resume()
     assert sb.state is SandboxState.RUNNING
-    assert sha256_in(sb, "/root/before-pause.bin") == digest
+    assert sha256_in(sb, "/home/user/before-pause.bin") == digest
     with pytest.raises(SandboxNotRunning):
         sb.resume()
 
 
 def test_snapshot_keeps_files_and_running_processes(factory: SandboxFactory) -> None:
     sb = factory.create()
-    digest = write_random(sb, "/root/data.bin")
+    digest = write_random(sb, "/home/user/data.bin")
     # a process that keeps state only in memory: it counts, and reports on request
     counter = (
         "import os, signal, sys, time\n"
@@ -170,12 +170,12 @@ def test_snapshot_keeps_files_and_running_processes(factory: SandboxFactory) -> 
     assert snap.id in {s.id for s in list_snapshots()}
     # the source goes on working after the save
     assert sb.commands.run("echo still").stdout == "still\n"
-    sb.files.write("/root/after-snapshot", "not in the snapshot")
+    sb.files.write("/home/user/after-snapshot", "not in the snapshot")
 
     clone = factory.create(from_snapshot=snap)
     assert clone.restored and clone.id != sb.id
-    assert sha256_in(clone, "/root/data.bin") == digest
-    assert not clone.files.exists("/root/after-snapshot")
+    assert sha256_in(clone, "/home/user/data.bin") == digest
+    assert not clone.files.exists("/home/user/after-snapshot")
     # the counting process came along, still counting
     assert clone.commands.run(f"kill -USR1 {pid}").exit_code == 0
     deadline = time.monotonic() + 30
@@ -202,7 +202,7 @@ def test_three_cycles_lose_nothing(factory: SandboxFactory) -> None:
     snaps: list[Snapshot] = []
     try:
         for cycle in range(3):
-            path = f"/root/cycle{cycle}.bin"
+            path = f"/home/user/cycle{cycle}.bin"
             digests[path] = write_random(current, path)
             snaps.append(current.snapshot())
             current = factory.create(from_snapshot=snaps[-1])
@@ -215,7 +215,7 @@ def test_three_cycles_lose_nothing(factory: SandboxFactory) -> None:
 
 def test_fork(factory: SandboxFactory, state_root: Path) -> None:
     parent = factory.create()
-    digest = write_random(parent, "/root/shared.bin")
+    digest = write_random(parent, "/home/user/shared.bin")
     parent.commands.run("echo 41 > /tmp/value", check=True)
     children = [factory.track(c) for c in parent.fork(3)]
     assert len({c.id for c in children} | {parent.id}) == 4
@@ -223,7 +223,7 @@ def test_fork(factory: SandboxFactory, state_root: Path) -> None:
     assert fork_snapshot is not None and fork_snapshot.kind == "fork"
     assert fork_snapshot.id not in {s.id for s in list_snapshots()}  # ephemeral
     for i, child in enumerate(children):
-        assert sha256_in(child, "/root/shared.bin") == digest
+        assert sha256_in(child, "/home/user/shared.bin") == digest
         child.files.write("/tmp/value", str(i))
     for i, child in enumerate(children):
         assert child.files.read("/tmp/value") == str(i)
@@ -241,7 +241,7 @@ def test_fork(factory: SandboxFactory, state_root: Path) -> None:
 
 def test_snapshots_layered_on_others_keep_them(factory: SandboxFactory) -> None:
     parent = factory.create()
-    digest = write_random(parent, "/root/base.bin")
+    digest = write_random(parent, "/home/user/base.bin")
     [child] = parent.fork(1)
     factory.track(child)
     fork_snapshot = child.source_snapshot
@@ -251,7 +251,7 @@ def test_snapshots_layered_on_others_keep_them(factory: SandboxFactory) -> None:
     # the fork's snapshot stays: a user snapshot is layered on it
     assert fork_snapshot.directory.exists()
     grandchild = factory.create(from_snapshot=of_child)
-    assert sha256_in(grandchild, "/root/base.bin") == digest
+    assert sha256_in(grandchild, "/home/user/base.bin") == digest
     second = grandchild.snapshot()
     with pytest.raises(SnapshotError) as info:
         delete_snapshot(of_child)

@@ -283,6 +283,7 @@ def test_hello(agent: AgentConn) -> None:
     assert reply["op"] == "hello"
     assert reply["version"] == PROTOCOL_VERSION
     assert reply["pid"] == agent.proc.pid
+    assert reply["user"] == "root"  # no template.json beside it: root
     assert reply["kernel"] == os.uname().release
     assert type(reply["hello_us"]) is int and reply["hello_us"] >= 0
 
@@ -720,3 +721,166 @@ def test_list_directory_with_non_utf8_name(agent: AgentConn, tmp_path: Path) -> 
     reply = agent.call("list", path=str(tmp_path))
     assert reply["op"] == "ok", reply
     assert len(reply["entries"]) == 2
+
+
+# ---------------------------------------------------------------------------- accounts
+#
+# The agent runs as root here too (the suite runs as root), so it can act as another
+# account of the host: ``nobody`` stands in for the guest's ``user``.
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another account needs root")
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every account may write in (tmp_path's parents are root's alone)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ns-accounts-", dir="/tmp"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _agent_thread_ids(pid: int) -> set[tuple[str, str]]:
+    """The (Uid, Gid) lines of every thread of the agent process."""
+    ids = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            lines = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        ids.add((fields["Uid"].split()[0], fields["Gid"].split()[0]))
+    return ids
+
+
+@needs_root
+def test_exec_as_another_account_gets_its_ids_home_and_environment(agent: AgentConn) -> None:
+    probe = [
+        "sh",
+        "-c",
+        'id -u; id -g; id -G; printf "%s|%s|%s|%s\\n" "$HOME" "$USER" "$LOGNAME" "$SHELL"; pwd',
+    ]
+    r = agent.exec(probe, user="nobody")
+    uid, gid, groups, names, cwd = r.stdout.decode().splitlines()
+    assert (int(uid), int(gid), int(groups)) == (NOBODY, 65534, 65534)
+    import pwd
+
+    pw = pwd.getpwnam("nobody")
+    assert names == f"{pw.pw_dir}|nobody|nobody|{pw.pw_shell}"
+    assert cwd == (pw.pw_dir if os.path.isdir(pw.pw_dir) else "/")  # its home, or /
+    # the next command (no user: the default, root outside an image) is root again
+    assert agent.exec(["id", "-u"]).stdout == b"0\n"
+    assert agent.exec(["id", "-u"], user="root").stdout == b"0\n"
+    # and no thread of the agent kept another account's ids
+    assert _agent_thread_ids(agent.proc.pid) == {("0", "0")}
+
+
+@needs_root
+def test_concurrent_commands_each_run_as_their_own_account(agent: AgentConn) -> None:
+    users = ["nobody", "root"] * 4
+    rids = [agent.start(["sh", "-c", "sleep 0.2; id -u"], user=u) for u in users]
+    got = [int(agent.finish(rid).stdout) for rid in rids]
+    assert got == [NOBODY if u == "nobody" else 0 for u in users]
+    assert _agent_thread_ids(agent.proc.pid) == {("0", "0")}
+
+
+@needs_root
+def test_a_working_directory_the_account_may_not_enter(agent: AgentConn, tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = agent.exec(["true"], user="nobody", cwd=str(private))
+    assert error_code(result.exit) == "invalid-cwd"
+    assert "nobody" in result.exit["message"]
+    assert agent.exec(["pwd"], cwd=str(private)).stdout.decode().strip() == str(private)
+
+
+@needs_root
+def test_files_as_another_account_obey_its_permissions_and_belong_to_it(
+    agent: AgentConn, shared_dir: Path
+) -> None:
+    mine = shared_dir / "sub" / "mine.txt"
+    assert agent.write_file(mine, b"hi", user="nobody", parents=True)["op"] == "ok"
+    assert (mine.stat().st_uid, mine.stat().st_gid) == (NOBODY, 65534)
+    assert mine.parent.stat().st_uid == NOBODY  # the parent it made is its own too
+    assert agent.call("mkdir", path=str(shared_dir / "d"), user="nobody")["op"] == "ok"
+    assert (shared_dir / "d").stat().st_uid == NOBODY
+    stat = agent.call("stat", path=str(mine), user="nobody")
+    assert stat["stat"]["size"] == 2
+    # root's things: refused to nobody, allowed to root
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)
+    secret = shared_dir / "secret"
+    secret.write_bytes(b"s")
+    secret.chmod(0o600)
+    refused = [
+        agent.write_file(private / "x", b"x", user="nobody"),
+        agent.call("list", path=str(private), user="nobody"),
+        agent.call("mkdir", path=str(private / "d"), user="nobody"),
+        agent.call("remove", path=str(secret), user="nobody"),  # sticky dir, root's file
+    ]
+    rid = agent.new_id()
+    agent.send(rid, "read_file", path=str(secret), user="nobody")
+    refused.append(agent.message(rid))
+    assert [error_code(r) for r in refused] == ["permission-denied"] * 5
+    assert secret.exists() and not (private / "x").exists()
+    assert agent.write_file(private / "x", b"x")["op"] == "ok"  # root (the default)
+    assert (private / "x").stat().st_uid == 0
+    assert agent.read_file(secret)[0] == b"s"
+    assert _agent_thread_ids(agent.proc.pid) == {("0", "0")}
+
+
+@pytest.mark.parametrize("user", [123, "", "a b", "../x", "Root", "x" * 33, ["root"]])
+def test_a_malformed_user_is_a_bad_request(agent: AgentConn, user: Any, tmp_path: Path) -> None:
+    assert error_code(agent.exec(["true"], user=user).exit) == "bad-request"
+    assert error_code(agent.call("stat", path=str(tmp_path), user=user)) == "bad-request"
+
+
+def test_an_unknown_account_is_refused_with_its_code(agent: AgentConn, tmp_path: Path) -> None:
+    result = agent.exec(["true"], user="novasandbox-nosuch")
+    assert error_code(result.exit) == "unknown-user"
+    assert "novasandbox-nosuch" in result.exit["message"]
+    reply = agent.write_file(tmp_path / "f", b"x", user="novasandbox-nosuch")
+    assert error_code(reply) == "unknown-user"
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_login_shell_gets_the_path_to_put_back(agent: AgentConn) -> None:
+    """``bash -l`` (how the host runs command strings) gets NOVASANDBOX_PATH, which the
+    image's profile script restores after /etc/profile; nothing else gets it."""
+    probe = 'printf "%s" "${NOVASANDBOX_PATH-unset}"'
+    login = agent.exec(["/bin/bash", "--noprofile", "-c", probe], env={"PATH": "/x:/bin"})
+    assert login.stdout == b"unset"
+    login = agent.exec(["/bin/bash", "-l", "-c", f"PATH=/reset; {probe}"], env={"PATH": "/x:/bin"})
+    assert login.stdout == b"/x:/bin"
+
+
+@needs_root
+def test_the_template_names_the_default_account(tmp_path: Path) -> None:
+    for name in ("agent.py", "protocol.py"):
+        shutil.copyfile(AGENT.parent / name, tmp_path / name)
+    (tmp_path / "template.json").write_text(json.dumps({"env": {}, "user": "nobody"}))
+    proc = start_agent(tmp_path / "agent.py")
+    conn = AgentConn(proc)
+    try:
+        assert conn.call("hello", version=PROTOCOL_VERSION)["user"] == "nobody"
+        assert conn.exec(["id", "-u"]).stdout == f"{NOBODY}\n".encode()
+        assert conn.exec(["id", "-u"], user="root").stdout == b"0\n"
+    finally:
+        stop_agent(proc)
+
+
+@pytest.mark.parametrize("user", ['"Root"', "3", '"a/b"', '""'])
+def test_an_unusable_default_user_is_ignored(tmp_path: Path, user: str) -> None:
+    from novasandbox.guest import agent as agent_module
+
+    path = tmp_path / "template.json"
+    path.write_text(f'{{"env": {{"A": "1"}}, "user": {user}}}')
+    assert agent_module.load_template_defaults(str(path)) == ({}, "root")
+    path.write_text('{"env": {"A": "1"}, "user": "dev"}')
+    assert agent_module.load_template_defaults(str(path)) == ({"A": "1"}, "dev")
+    assert agent_module.load_template_defaults(str(tmp_path / "absent")) == ({}, "root")
