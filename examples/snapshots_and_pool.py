@@ -15,8 +15,8 @@ from novasandbox import Pool, Sandbox, delete_snapshot
 t0 = time.monotonic()
 with Sandbox.create("python") as sb:
     print(f"restored={sb.restored} in {time.monotonic() - t0:.2f} s")
-    sb.files.write("/root/notes.txt", "written before the snapshot\n")
-    sb.commands.run("python3 -c 'print(sum(range(10**6)))' > /root/result.txt", check=True)
+    sb.files.write("/home/user/notes.txt", "written before the snapshot\n")
+    sb.commands.run("python3 -c 'print(sum(range(10**6)))' > /home/user/result.txt", check=True)
 
     sb.pause()
     print("state while paused:", sb.state)
@@ -25,14 +25,14 @@ with Sandbox.create("python") as sb:
     snap = sb.snapshot()
     print(f"snapshot {snap.id}: {snap.size_bytes / 1e6:.0f} MB, saved in {snap.save_seconds} s")
     with Sandbox.create(from_snapshot=snap) as clone:
-        print("clone sees:", clone.files.read("/root/notes.txt").strip())
+        print("clone sees:", clone.files.read("/home/user/notes.txt").strip())
     delete_snapshot(snap)
 
     children = sb.fork(2)
     for i, child in enumerate(children):
-        child.files.write("/root/who", f"child {i}")
-    print("forks:", [c.files.read("/root/who") for c in children])
-    print("fork sees parent's result:", children[0].files.read("/root/result.txt").strip())
+        child.files.write("/home/user/who", f"child {i}")
+    print("forks:", [c.files.read("/home/user/who") for c in children])
+    print("fork sees parent's result:", children[0].files.read("/home/user/result.txt").strip())
     for child in children:
         child.kill()
 

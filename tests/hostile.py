@@ -262,7 +262,8 @@ def malformed_calls(sb: Sandbox) -> dict[str, Callable[[], object]]:
 async def take_port_async(sb: AsyncSandbox, mode: str, timeout: float = 30.0) -> None:
     """Replace ``sb``'s guest agent by the fake one in ``mode``; return once it answers."""
     await sb.files.write(FAKE_AGENT_PATH, FAKE_AGENT)
-    await sb.commands.start(["python3", FAKE_AGENT_PATH, mode], timeout=None)
+    # as root: the user account cannot touch the agent (but has sudo: code can)
+    await sb.commands.start(["python3", FAKE_AGENT_PATH, mode], timeout=None, user="root")
     deadline = time.monotonic() + timeout
     while True:
         agent = sb._agent
@@ -291,7 +292,7 @@ def agent_pid(sb: Sandbox | AsyncSandbox) -> int:
 
 async def stop_agent_soon_async(sb: AsyncSandbox, delay: float = 0.3) -> None:
     """SIGSTOP the guest agent ``delay`` seconds from now (from a command it started)."""
-    await sb.commands.start(f"sleep {delay}; kill -STOP {agent_pid(sb)}", timeout=None)
+    await sb.commands.start(f"sleep {delay}; kill -STOP {agent_pid(sb)}", timeout=None, user="root")
 
 
 def stop_agent_soon(sb: Sandbox, delay: float = 0.3) -> None:

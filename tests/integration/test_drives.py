@@ -38,9 +38,9 @@ def test_read_only_drive(factory: SandboxFactory, tmp_path: Path) -> None:
     assert sb.files.read("/data/hello.txt") == "from the host\n"
     assert "ro" in sb.commands.run("grep ' /data ' /proc/mounts").stdout.split()[3].split(",")
     with pytest.raises(ReadOnlyFilesystem) as info:
-        sb.files.write("/data/new.txt", "nope")
+        sb.files.write("/data/new.txt", "nope", user="root")
     assert info.value.code == "read-only-filesystem"
-    r = sb.commands.run("echo x > /data/other.txt")
+    r = sb.commands.run("echo x > /data/other.txt", user="root")
     assert r.exit_code != 0
     assert "Read-only file system" in r.stderr
     # the sandbox goes on working, and the image on the host is untouched
@@ -57,7 +57,7 @@ def test_two_drives_read_write_reaches_the_file(factory: SandboxFactory, tmp_pat
     )
     assert sb.files.read("/mnt/one/which") == "first\n"
     assert sb.files.read("/mnt/two/which") == "second\n"
-    sb.files.write("/mnt/one/written.txt", "kept\n")
+    sb.files.write("/mnt/one/written.txt", "kept\n", user="root")
     sb.kill()
     out = subprocess.run(
         ["debugfs", "-R", "cat /written.txt", str(first)], capture_output=True, text=True

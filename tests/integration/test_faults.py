@@ -69,7 +69,7 @@ def test_kernel_panic_is_a_crash_with_its_reason(factory: SandboxFactory) -> Non
     bystander = factory.create()
     sb = factory.create()
     with Bystander(bystander), pytest.raises(SandboxCrashed) as info:
-        sb.commands.run("echo c > /proc/sysrq-trigger", timeout=60)
+        sb.commands.run("echo c > /proc/sysrq-trigger", timeout=60, user="root")
     assert sb.state is SandboxState.CRASHED
     assert sb.crash_reason is not None and sb.crash_reason.startswith("kernel panic")
     assert "Kernel panic" in info.value.console_tail
@@ -85,7 +85,7 @@ def test_killed_agent_fails_requests_in_flight_then_comes_back(factory: SandboxF
     pid = agent_pid(sb)
     long_running = sb.commands.start("sleep 30", timeout=None)
     with pytest.raises(AgentError):
-        sb.commands.run(f"kill -9 {pid}", timeout=30)
+        sb.commands.run(f"kill -9 {pid}", timeout=30, user="root")
     with pytest.raises(AgentError) as info:
         long_running.wait()
     assert "restarted" in str(info.value)
@@ -104,7 +104,7 @@ def test_killed_agent_fails_requests_in_flight_then_comes_back(factory: SandboxF
 
 def test_hung_agent_gives_a_typed_error_not_a_hang(factory: SandboxFactory) -> None:
     sb = factory.create()
-    sb.commands.start(f"sleep 0.5; kill -STOP {agent_pid(sb)}", timeout=None)
+    sb.commands.start(f"sleep 0.5; kill -STOP {agent_pid(sb)}", timeout=None, user="root")
     time.sleep(1.5)
     with pytest.raises(AgentTimeout):
         sb.commands.run("true", timeout=1)
@@ -143,9 +143,10 @@ def test_full_disk_reports_no_space(factory: SandboxFactory, tmp_path: Path) -> 
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(image), "16M"], check=True)
     sb = factory.create(drives=[Drive(image, mount="/small")])
     with pytest.raises(NoSpaceLeft) as info:
-        sb.files.write("/small/big.bin", os.urandom(32 << 20))
+        sb.files.write("/small/big.bin", os.urandom(32 << 20), user="root")
     assert info.value.code == "no-space"
-    r = sb.commands.run("head -c 32M /dev/zero > /small/more")
+    r = sb.commands.run("head -c 32M /dev/zero > /small/more", user="root")
     assert r.exit_code != 0 and "No space left" in r.stderr
     sb.files.remove("/small/big.bin")
-    assert sb.commands.run("echo ok > /small/after && cat /small/after").stdout == "ok\n"
+    after = sb.commands.run("echo ok > /small/after && cat /small/after", user="root")
+    assert after.stdout == "ok\n"

@@ -123,7 +123,7 @@ def test_empty_allow_list_has_no_egress_and_no_dns_but_ports_work(
     assert allowed.hits == 0
     r = sb.commands.run(["getent", "hosts", "deb.debian.org"], timeout=30)
     assert r.exit_code != 0  # no resolver, and a lookup fails at once
-    sb.files.write("/srv/index.html", "served by the guest")
+    sb.files.write("/srv/index.html", "served by the guest", user="root")
     sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/srv"])
     host = sb.get_host(8000)
     assert host.startswith("127.0.0.1:")
@@ -403,7 +403,7 @@ def test_seccomp_guard_enforces_the_policy_without_privileges(
     code, out = fetch(sb, f"http://{GATEWAY}:{other.port}/")
     assert code == 3 and "failed" in out
     assert other.hits == 0
-    sb.files.write("/srv/index.html", "guarded")
+    sb.files.write("/srv/index.html", "guarded", user="root")
     sb.commands.start(["python3", "-m", "http.server", "8000", "--directory", "/srv"])
     deadline = time.monotonic() + 30
     while True:

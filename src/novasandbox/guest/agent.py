@@ -679,6 +679,11 @@ class Agent:
             return
         t_in = time.monotonic_ns()
         if _IN_VM:
+            if msg.get("thaw"):  # first: what follows may write to the root file system
+                try:
+                    _thaw("/")
+                except OSError as exc:
+                    _log(f"cannot thaw /: {exc}", 3)
             if isinstance(msg.get("time_ns"), int):
                 try:
                     _set_clock(msg["time_ns"])
@@ -697,11 +702,6 @@ class Agent:
                     _log(f"cannot reseed the RNG: {exc}", 3)
             if "lifetime_s" in msg:
                 _LIFETIME.set(msg["lifetime_s"])
-            if msg.get("thaw"):
-                try:
-                    _thaw("/")
-                except OSError as exc:
-                    _log(f"cannot thaw /: {exc}", 3)
             if isinstance(msg.get("net"), dict):
                 try:
                     configure_network(msg["net"])
