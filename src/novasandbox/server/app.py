@@ -18,6 +18,10 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
     PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
     POST   /v1/sandboxes/ID/pause | /resume   -> SandboxOut
     POST   /v1/sandboxes/ID/commands          run (RunCommand) -> NDJSON events (streams.py)
+    GET    /v1/sandboxes/ID/commands          the running commands started through the API
+                                              (by any client) -> ProcessList
+    POST   /v1/sandboxes/ID/commands/PID/connect      attach -> NDJSON events (it runs on
+                                              when this client leaves)
     POST   /v1/sandboxes/ID/commands/PID/stdin        the raw body to its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/close-stdin  end its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/signal       (SendSignal) to its group -> 204
