@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         SnapshotError,
         SnapshotIncompatible,
         SnapshotNotFound,
+        StdinClosed,
         TemplateBuildError,
         TemplateError,
         TemplateNotBuilt,
@@ -79,7 +80,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .pool import AsyncPool
     from .records import SandboxInfo
     from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo, RemoteSnapshot
-    from .results import CommandResult, SandboxState
+    from .results import CommandResult, ProcessInfo, SandboxState
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
     from .sync import CommandHandle, Pool, Sandbox
@@ -120,6 +121,7 @@ __all__ = [
     "NovaSandboxError",
     "Pool",
     "PoolClosed",
+    "ProcessInfo",
     "ProcessNotFound",
     "ProviderError",
     "ReadOnlyFilesystem",
@@ -151,6 +153,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotIncompatible",
     "SnapshotNotFound",
+    "StdinClosed",
     "Template",
     "TemplateBuildError",
     "TemplateError",
@@ -210,6 +213,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SnapshotError",
         "SnapshotIncompatible",
         "SnapshotNotFound",
+        "StdinClosed",
         "TemplateBuildError",
         "TemplateError",
         "TemplateNotBuilt",
@@ -222,7 +226,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "pool": ("AsyncPool",),
     "records": ("SandboxInfo",),
     "remote": ("RemoteCommandHandle", "RemoteSandbox", "RemoteSandboxInfo", "RemoteSnapshot"),
-    "results": ("CommandResult", "SandboxState"),
+    "results": ("CommandResult", "ProcessInfo", "SandboxState"),
     "sandbox": ("AsyncSandbox",),
     "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
     "sync": ("CommandHandle", "Pool", "Sandbox"),

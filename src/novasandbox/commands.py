@@ -4,6 +4,7 @@ command. Async only; ``sync.py`` wraps it."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import codecs
 import collections
 import inspect
@@ -12,7 +13,7 @@ import shlex
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from .agent_client import AgentClient, AgentHolder, AgentRequest, deadline_after
 from .config import (
@@ -27,13 +28,16 @@ from .errors import (
     AgentError,
     AgentProtocolError,
     AgentTimeout,
+    CommandError,
     CommandFailed,
     CommandTimeout,
     ConfigError,
     NovaSandboxError,
+    ProcessNotFound,
+    check_int,
 )
 from .guest.protocol import CHUNK_SIZE, FRAME_COST, ErrorCode, Frame, Kind
-from .results import CommandResult
+from .results import CommandResult, ProcessInfo
 
 log = logging.getLogger("novasandbox")
 
@@ -49,6 +53,10 @@ _SMALL_FRAME = 16 * 1024
 """Output frames below this size are joined before their callback is called."""
 _SEND_TIMEOUT = 30.0
 """Seconds a guest may take to accept input sent to a command before ``AgentTimeout``."""
+_STDIN_CHUNK = 128 * 1024
+"""Bytes of stdin per ``write_stdin`` message (by pid): JSON may spell each as 6."""
+MAX_TAG = 256
+"""Characters of a command's ``tag``."""
 _START_TIMEOUT = 30.0
 """Seconds the agent has to start a command (less if the command's own deadline is
 sooner)."""
@@ -97,6 +105,9 @@ class AsyncCommandHandle:
         self._sb = sandbox
         self.argv = tuple(argv)
         self.pid = 0
+        self._attached = False
+        """Connected to a running command (``commands.connect``) rather than its starter:
+        stdin and signals then go by pid."""
         self._timeout = timeout
         self._t0 = time.monotonic()
         self._deadline = None if timeout is None else self._t0 + timeout + _AGENT_GRACE
@@ -129,15 +140,21 @@ class AsyncCommandHandle:
             self._req.consumed(len(frame.payload) + FRAME_COST)
 
     async def _start(
-        self, agent: AgentClient, fields: dict[str, Any], stdin: bytes | None, open_stdin: bool
+        self,
+        agent: AgentClient,
+        fields: dict[str, Any],
+        stdin: bytes | None,
+        open_stdin: bool,
+        op: Literal["exec", "connect"] = "exec",
     ) -> None:
-        """Send the exec request (and stdin) and wait for the command to be started."""
+        """Send the exec request (and stdin) and wait for the command to be started; or
+        with ``op="connect"`` attach to the running command ``fields["pid"]``."""
         req = self._req = agent.open(self._sink)
         start_deadline = self._t0 + _START_TIMEOUT
         if self._deadline is not None:
             start_deadline = min(start_deadline, self._deadline)
         try:
-            await req.send_message("exec", start_deadline, **fields)
+            await req.send_message(op, start_deadline, **fields)
             if stdin is not None:
                 for i in range(0, len(stdin), CHUNK_SIZE):
                     await req.send(Kind.STDIN, stdin[i : i + CHUNK_SIZE], start_deadline)
@@ -148,6 +165,9 @@ class AsyncCommandHandle:
             req.close()
             raise
         self.pid = started["pid"]
+        if op == "connect":
+            self._attached = True
+            self.argv = tuple(started["argv"])
         self._task = asyncio.get_running_loop().create_task(self._collect(req))
         # a handle nobody waits for must not log "exception never retrieved"
         self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -190,6 +210,7 @@ class AsyncCommandHandle:
             stderr_dropped=self._dropped[Kind.STDERR],
             signal=msg["signal"],
             duration=time.monotonic() - self._t0,
+            missed=msg.get("dropped", 0),
         )
         return result, msg["timed_out"]
 
@@ -224,12 +245,29 @@ class AsyncCommandHandle:
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
+    def disconnect(self) -> None:
+        """Stop getting the command's output and exit; the command runs on (reach it by
+        pid: ``commands.connect``, ``kill``...). ``wait`` then raises ``CommandError``."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     async def wait(self, *, check: bool = False) -> CommandResult:
         """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
         and, with ``check``, ``CommandFailed`` if it exited non-zero."""
         assert self._task is not None
+        if self._task.cancelled():
+            raise CommandError(
+                f"this handle of command {self.pid} was disconnected (the command runs on)"
+            )
         try:
             result, timed_out = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._task.cancelled() and (current is None or not current.cancelling()):
+                raise CommandError(
+                    f"this handle of command {self.pid} was disconnected (the command runs on)"
+                ) from None
+            raise
         except AgentError:
             await self._sb._raise_if_crashed()
             raise
@@ -246,6 +284,9 @@ class AsyncCommandHandle:
     async def send_stdin(self, data: str | bytes) -> None:
         """Feed the command's stdin (started with ``open_stdin=True``)."""
         assert self._req is not None
+        if self._attached:
+            await AsyncCommands(self._sb).send_stdin(self.pid, data)
+            return
         deadline = deadline_after(_SEND_TIMEOUT)
         blob = data.encode() if isinstance(data, str) else bytes(data)
         for i in range(0, len(blob), CHUNK_SIZE):
@@ -256,11 +297,17 @@ class AsyncCommandHandle:
     async def close_stdin(self) -> None:
         """Signal end of input to the command."""
         assert self._req is not None
+        if self._attached:
+            await AsyncCommands(self._sb).close_stdin(self.pid)
+            return
         await self._req.send(Kind.STDIN, b"", deadline_after(_SEND_TIMEOUT))
 
     async def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the command's process group (no error if it already ended)."""
         if self.done() or self._req is None:
+            return
+        if self._attached:
+            await AsyncCommands(self._sb).send_signal(self.pid, sig)
             return
         agent = self._sb._require_agent()
         try:
@@ -294,6 +341,7 @@ class AsyncCommands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
+        tag: str | None = None,
     ) -> AsyncCommandHandle:
         """Start ``cmd`` and return at once with a handle (``wait``, ``send_signal``,
         ``kill``, ``send_stdin``). ``stdin`` data is sent and then closed; with
@@ -305,9 +353,12 @@ class AsyncCommands:
         until it ends, its timeout, or the sandbox's end), so it changes nothing here.
 
         ``user``: the account it runs as (None: the template's default user, ``user`` in
-        the ``python`` template); a relative ``cwd`` is under that account's home."""
+        the ``python`` template); a relative ``cwd`` is under that account's home.
+        ``tag``: a label of yours that ``commands.list()`` shows."""
         if not isinstance(background, bool):
             raise ConfigError(f"background must be True or False, got {background!r}")
+        if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
+            raise ConfigError(f"tag must be a string of at most {MAX_TAG} characters")
         argv = _normalize_argv(cmd)
         merged = {**self._sb.config.env, **validate_env(env)}
         user = validate_user(user)
@@ -329,6 +380,8 @@ class AsyncCommands:
         }
         if user is not None:
             fields["user"] = user
+        if tag is not None:
+            fields["tag"] = tag
         try:
             await handle._start(agent, fields, data, open_stdin)
         except AgentError:
@@ -336,6 +389,58 @@ class AsyncCommands:
             raise
         log.debug("%s: started %r (guest pid %s)", self._sb.id, argv, handle.pid)
         return handle
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[False] = ...,
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandResult: ...
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[True],
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> AsyncCommandHandle: ...
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: bool = ...,
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandResult | AsyncCommandHandle: ...
 
     async def run(
         self,
@@ -351,7 +456,8 @@ class AsyncCommands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
-    ) -> CommandResult:
+        tag: str | None = None,
+    ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` and wait for it to finish: a string runs in bash as a login shell
         would start it (``bash -l -c``: ``/etc/profile`` and ``~/.profile`` are read), an
         argv list runs without a shell. As ``user`` (default: the template's user).
@@ -360,6 +466,11 @@ class AsyncCommands:
         collected in the result. With a ``timeout`` (seconds) the command's whole process
         group is killed when it runs over, and ``CommandTimeout`` is raised. With
         ``check`` a non-zero exit raises ``CommandFailed``.
+
+        With ``background=True`` it returns at once with the command's handle (as
+        ``start``; ``check`` applies to its ``wait``): the command runs on whether anyone
+        waits for it or not, and any client reaches it by pid (``list``, ``connect``,
+        ``kill``, ``send_stdin``).
         """
         handle = await self.start(
             cmd,
@@ -372,8 +483,93 @@ class AsyncCommands:
             max_output=max_output,
             background=background,
             user=user,
+            tag=tag,
         )
+        if background:
+            return handle
         return await handle.wait(check=check)
 
+    # --- processes by pid: any client, whoever started them
 
-__all__ = ["AsyncCommandHandle", "AsyncCommands", "CommandResult", "OutputCallback"]
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """The commands started through the API (by any client) that still run."""
+        reply = await self._sb._require_agent().call("ps")
+        return [
+            ProcessInfo(
+                pid=p["pid"],
+                cmd=tuple(p["argv"]),
+                cwd=p["cwd"],
+                user=p["user"],
+                tag=p["tag"],
+                stdin=p["stdin"],
+                started_at=float(p["started_at"]),
+            )
+            for p in reply["processes"]
+        ]
+
+    async def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> AsyncCommandHandle:
+        """Attach to the running command ``pid`` (started through the API by any client):
+        a handle that gets its output from now on, after what it printed last (up to 64
+        KiB), and its exit (``wait``); ``send_stdin``, ``kill`` and the rest act on it by
+        pid. Output this handle reads slower than the command writes is skipped for it
+        and counted (``CommandResult.missed``); the command and its own handle are not
+        slowed. ``ProcessNotFound`` if no such command runs."""
+        pid = check_int("pid", pid, 1)
+        max_output = validate_byte_count(max_output, "max_output")
+        agent = self._sb._require_agent()
+        handle = AsyncCommandHandle(self._sb, [], None, on_stdout, on_stderr, max_output)
+        try:
+            await handle._start(agent, {"pid": pid}, None, False, op="connect")
+        except AgentError:
+            await self._sb._raise_if_crashed()
+            raise
+        return handle
+
+    async def send_signal(self, pid: int, sig: int) -> bool:
+        """Send signal ``sig`` to the process group of the running command ``pid``;
+        False if no such command runs."""
+        pid = check_int("pid", pid, 1)
+        sig = check_int("signal", int(sig) if isinstance(sig, signal.Signals) else sig, 1, 64)
+        try:
+            await self._sb._require_agent().call("signal", pid=pid, signal=sig)
+        except ProcessNotFound:
+            return False
+        return True
+
+    async def kill(self, pid: int) -> bool:
+        """SIGKILL the process group of the running command ``pid``; whether it ran."""
+        return await self.send_signal(pid, signal.SIGKILL)
+
+    async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        """Write ``data`` to the stdin of the running command ``pid`` (started with
+        ``open_stdin=True``): ``ProcessNotFound``, or ``StdinClosed`` if its stdin is
+        closed."""
+        pid = check_int("pid", pid, 1)
+        if not isinstance(data, (str, bytes, bytearray)):
+            raise ConfigError("data must be str or bytes")
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        agent = self._sb._require_agent()
+        for i in range(0, len(blob), _STDIN_CHUNK):
+            chunk = blob[i : i + _STDIN_CHUNK].decode("latin-1")
+            await agent.call("write_stdin", pid=pid, data=chunk, timeout=_SEND_TIMEOUT)
+
+    async def close_stdin(self, pid: int) -> None:
+        """Close the stdin of the running command ``pid`` (its reads get EOF)."""
+        pid = check_int("pid", pid, 1)
+        await self._sb._require_agent().call("close_stdin", pid=pid, timeout=_SEND_TIMEOUT)
+
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncCommands",
+    "CommandResult",
+    "OutputCallback",
+    "ProcessInfo",
+]

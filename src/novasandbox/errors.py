@@ -39,6 +39,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── CommandTimeout              command-timeout
     │   ├── CommandFailed               command-failed
     │   ├── ProcessNotFound             process-not-found
+    │   ├── StdinClosed                 stdin-closed
     │   └── InvalidWorkingDirectory     invalid-cwd
     ├── SnapshotError                   snapshot-error
     │   ├── SnapshotNotFound            snapshot-not-found
@@ -332,6 +333,13 @@ class ProcessNotFound(CommandError, LookupError):
     code = "process-not-found"
 
 
+class StdinClosed(CommandError):
+    """Input for a command whose stdin is closed, or was never opened (start it with
+    ``open_stdin=True`` to send it input later)."""
+
+    code = "stdin-closed"
+
+
 class SnapshotError(NovaSandboxError):
     code = "snapshot-error"
 
@@ -398,7 +406,8 @@ _AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
     ErrorCode.COMMAND_NOT_FOUND: CommandNotFound,
     ErrorCode.INVALID_CWD: InvalidWorkingDirectory,
     ErrorCode.UNKNOWN_USER: UnknownUser,
-    ErrorCode.NO_SUCH_PROCESS: CommandError,
+    ErrorCode.NO_SUCH_PROCESS: ProcessNotFound,
+    ErrorCode.STDIN_CLOSED: StdinClosed,
     ErrorCode.FILE_NOT_FOUND: SandboxFileNotFound,
     ErrorCode.NOT_A_DIRECTORY: SandboxFileError,
     ErrorCode.IS_A_DIRECTORY: SandboxFileError,

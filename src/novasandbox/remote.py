@@ -36,10 +36,12 @@ This module does not import the server (no FastAPI on the client's path).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
 import shlex
+import signal
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -51,6 +53,7 @@ from . import errors
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_OUTPUT,
+    MAX_TAG,
     OutputCallback,
     _call_back,
     _normalize_argv,
@@ -64,6 +67,7 @@ from .config import (
 )
 from .errors import (
     AuthenticationError,
+    CommandError,
     CommandFailed,
     CommandTimeout,
     ConfigError,
@@ -89,7 +93,7 @@ from .files import (
     validate_mode,
 )
 from .guest.protocol import ErrorCode
-from .results import CommandResult, SandboxState
+from .results import CommandResult, ProcessInfo, SandboxState
 from .snapshots import Snapshot
 
 if TYPE_CHECKING:
@@ -825,9 +829,13 @@ class RemoteCommandHandle:
         self._max_output = max_output
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[tuple[CommandResult, bool]] | None = None
+        self._attached = False
 
-    async def _start(self, body: dict[str, Any]) -> None:
-        task = self._task = asyncio.get_running_loop().create_task(self._pump(body))
+    async def _start(self, body: dict[str, Any], route: str = "/commands") -> None:
+        """Start it (POST ``route`` with ``body``), or attach to a running one (its
+        ``connect`` route), and return once the server said ``started``."""
+        self._attached = route != "/commands"
+        task = self._task = asyncio.get_running_loop().create_task(self._pump(body, route))
         # a handle nobody keeps still reads its stream (the command runs on as long as
         # this client does), and nobody waiting must not log "exception never retrieved"
         _STREAMING.add(task)
@@ -839,18 +847,20 @@ class RemoteCommandHandle:
             self._task.cancel()
             raise
 
-    async def _pump(self, body: dict[str, Any]) -> tuple[CommandResult, bool]:
+    async def _pump(self, body: dict[str, Any], route: str) -> tuple[CommandResult, bool]:
         sb = self._sb
         t0 = time.monotonic()
         try:
             async with sb._http.stream(
-                "POST", f"{sb._base}/commands", json=body, timeout=_stream_timeout()
+                "POST", f"{sb._base}{route}", json=body, timeout=_stream_timeout()
             ) as response:
                 async for line in _lines(response):
                     event = _event(line)
                     kind = event.get("type")
                     if kind == "started":
                         self.pid = int(event["pid"])
+                        if self._attached and isinstance(event.get("argv"), list):
+                            self.argv = tuple(str(a) for a in event["argv"])
                         if not self._started.done():
                             self._started.set_result(None)
                     elif kind in ("stdout", "stderr"):
@@ -897,6 +907,7 @@ class RemoteCommandHandle:
                 stderr_dropped=self._dropped["stderr"],
                 signal=None if event.get("signal") is None else int(event["signal"]),
                 duration=float(event.get("duration", elapsed)),
+                missed=int(event.get("missed", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server sent an exit event in an unknown shape: {exc}") from exc
@@ -904,11 +915,26 @@ class RemoteCommandHandle:
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
+    def disconnect(self) -> None:
+        """Stop getting the command's output and exit (the stream is closed); the command
+        runs on if it was started in the background or this handle is a ``connect``'s.
+        ``wait`` then raises ``CommandError``."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     async def wait(self, *, check: bool = False) -> CommandResult:
         """Wait for the command to end. Raises ``CommandTimeout`` if it ran past its timeout
         and, with ``check``, ``CommandFailed`` if it exited non-zero."""
         assert self._task is not None
-        result, timed_out = await asyncio.shield(self._task)
+        if self._task.cancelled():
+            raise CommandError(f"this handle of command {self.pid} was disconnected")
+        try:
+            result, timed_out = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._task.cancelled() and (current is None or not current.cancelling()):
+                raise CommandError(f"this handle of command {self.pid} was disconnected") from None
+            raise
         if timed_out:
             raise CommandTimeout(
                 f"command {shlex.join(self.argv)} ran past its {self._timeout} s timeout; "
@@ -1002,6 +1028,7 @@ class RemoteCommands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
+        tag: str | None = None,
     ) -> RemoteCommandHandle:
         """``AsyncCommands.start``. Without ``background`` the server kills the command
         if this client's stream of it ends early (the process exits, the connection
@@ -1011,6 +1038,8 @@ class RemoteCommands:
             raise ConfigError(f"background must be True or False, got {background!r}")
         env_vars = dict(validate_env(env))
         user = validate_user(user)
+        if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
+            raise ConfigError(f"tag must be a string of at most {MAX_TAG} characters")
         if cwd is not None:
             cwd = check_guest_path(cwd, "cwd")
         timeout = validate_timeout(timeout)
@@ -1028,6 +1057,7 @@ class RemoteCommands:
             "open_stdin": open_stdin or raw is not None,
             "background": bool(background),
             "user": user,
+            "tag": tag,
         }
         handle = RemoteCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
         await handle._start(body)
@@ -1040,6 +1070,58 @@ class RemoteCommands:
             except ProcessNotFound:
                 pass  # it ended without reading them
         return handle
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[False] = ...,
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandResult: ...
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[True],
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> RemoteCommandHandle: ...
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: bool = ...,
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandResult | RemoteCommandHandle: ...
 
     async def run(
         self,
@@ -1055,7 +1137,8 @@ class RemoteCommands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
-    ) -> CommandResult:
+        tag: str | None = None,
+    ) -> CommandResult | RemoteCommandHandle:
         """``AsyncCommands.run``."""
         handle = await self.start(
             cmd,
@@ -1068,8 +1151,80 @@ class RemoteCommands:
             max_output=max_output,
             background=background,
             user=user,
+            tag=tag,
         )
+        if background:
+            return handle
         return await handle.wait(check=check)
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """``AsyncCommands.list``."""
+        reply = await self._sb._call("GET", "/commands")
+        try:
+            return [
+                ProcessInfo(
+                    pid=int(p["pid"]),
+                    cmd=tuple(str(a) for a in p["cmd"]),
+                    cwd=str(p["cwd"]),
+                    user=str(p["user"]),
+                    tag=None if p.get("tag") is None else str(p["tag"]),
+                    stdin=bool(p["stdin"]),
+                    started_at=float(p["started_at"]),
+                )
+                for p in reply["processes"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"the server sent processes in an unknown shape: {exc}") from exc
+
+    async def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> RemoteCommandHandle:
+        """``AsyncCommands.connect``: the command runs on when this client leaves."""
+        pid = check_int("pid", pid, 1)
+        max_output = validate_byte_count(max_output, "max_output")
+        self._sb._check()
+        handle = RemoteCommandHandle(self._sb, [], None, on_stdout, on_stderr, max_output)
+        await handle._start({}, f"/commands/{pid}/connect")
+        return handle
+
+    async def send_signal(self, pid: int, sig: int) -> bool:
+        """``AsyncCommands.send_signal``."""
+        pid = check_int("pid", pid, 1)
+        sig = check_int("signal", int(sig) if isinstance(sig, signal.Signals) else sig, 1, 64)
+        try:
+            await self._sb._call("POST", f"/commands/{pid}/signal", json={"signal": sig})
+        except ProcessNotFound:
+            return False
+        return True
+
+    async def kill(self, pid: int) -> bool:
+        """``AsyncCommands.kill``."""
+        pid = check_int("pid", pid, 1)
+        try:
+            await self._sb._call("DELETE", f"/commands/{pid}")
+        except ProcessNotFound:
+            return False
+        return True
+
+    async def send_stdin(self, pid: int, data: str | bytes) -> None:
+        """``AsyncCommands.send_stdin``."""
+        pid = check_int("pid", pid, 1)
+        if not isinstance(data, (str, bytes, bytearray)):
+            raise ConfigError("data must be str or bytes")
+        blob = data.encode() if isinstance(data, str) else bytes(data)
+        for i in range(0, len(blob), STDIN_CHUNK):
+            chunk = blob[i : i + STDIN_CHUNK]
+            await self._sb._call("POST", f"/commands/{pid}/stdin", content=chunk)
+
+    async def close_stdin(self, pid: int) -> None:
+        """``AsyncCommands.close_stdin``."""
+        pid = check_int("pid", pid, 1)
+        await self._sb._call("POST", f"/commands/{pid}/close-stdin")
 
 
 # --------------------------------------------------------------------------- files

@@ -20,10 +20,30 @@ class CommandResult:
     stdout_dropped: int = 0
     """Bytes of stdout not kept because of ``max_output`` (the callback saw them all)."""
     stderr_dropped: int = 0
+    missed: int = 0
+    """Bytes of output a connected handle (``commands.connect``) did not get because it
+    read slower than the command wrote (the command's own handle gets all of it)."""
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """A command started through the API that still runs (``commands.list()``)."""
+
+    pid: int
+    cmd: tuple[str, ...]
+    """Its argv (a shell string runs as ``/bin/bash -l -c STRING``)."""
+    cwd: str
+    user: str
+    tag: str | None
+    """The tag it was started with (``tag=``), if any."""
+    stdin: bool
+    """Whether its stdin is open for ``send_stdin``."""
+    started_at: float
+    """When it started (seconds since the epoch, the guest's clock)."""
 
 
 class SandboxState(enum.StrEnum):
@@ -41,4 +61,4 @@ class SandboxState(enum.StrEnum):
     ERROR = "error"
 
 
-__all__ = ["CommandResult", "SandboxState"]
+__all__ = ["CommandResult", "ProcessInfo", "SandboxState"]

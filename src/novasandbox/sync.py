@@ -17,6 +17,7 @@ from .commands import (
     AsyncCommands,
     CommandResult,
     OutputCallback,
+    ProcessInfo,
 )
 from .config import Drive, MachineConfig
 from .errors import ConfigError
@@ -109,6 +110,16 @@ class CommandHandle:
     def kill(self) -> None:
         _Portal.call(self._inner.kill())
 
+    def disconnect(self) -> None:
+        inner = self._inner
+
+        async def in_loop() -> None:
+            inner.disconnect()
+
+        _Portal.call(in_loop())
+
+    disconnect.__doc__ = AsyncCommandHandle.disconnect.__doc__
+
 
 class Commands:
     """Sync twin of ``AsyncCommands``; callbacks run on the library's event-loop thread."""
@@ -130,6 +141,7 @@ class Commands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
+        tag: str | None = None,
     ) -> CommandHandle:
         starting = cast(  # either kind of handle: the join of the two is ``object``
             "Coroutine[Any, Any, AsyncCommandHandle | RemoteCommandHandle]",
@@ -145,11 +157,47 @@ class Commands:
                 max_output=max_output,
                 background=background,
                 user=user,
+                tag=tag,
             ),
         )
         return CommandHandle(_Portal.call(starting))
 
     start.__doc__ = AsyncCommands.start.__doc__
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[False] = ...,
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandResult: ...
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        check: bool = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        max_output: int | None = ...,
+        background: Literal[True],
+        user: str | None = ...,
+        tag: str | None = ...,
+    ) -> CommandHandle: ...
 
     def run(
         self,
@@ -165,8 +213,9 @@ class Commands:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         background: bool = False,
         user: str | None = None,
-    ) -> CommandResult:
-        return _Portal.call(
+        tag: str | None = None,
+    ) -> CommandResult | CommandHandle:
+        result = _Portal.call(
             self._inner.run(
                 cmd,
                 env=env,
@@ -179,10 +228,55 @@ class Commands:
                 max_output=max_output,
                 background=background,
                 user=user,
+                tag=tag,
             )
         )
+        return result if isinstance(result, CommandResult) else CommandHandle(result)
 
     run.__doc__ = AsyncCommands.run.__doc__
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        return _Portal.call(self._inner.list())
+
+    list.__doc__ = AsyncCommands.list.__doc__
+
+    def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> CommandHandle:
+        connecting = cast(
+            "Coroutine[Any, Any, AsyncCommandHandle | RemoteCommandHandle]",
+            self._inner.connect(
+                pid, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output
+            ),
+        )
+        return CommandHandle(_Portal.call(connecting))
+
+    connect.__doc__ = AsyncCommands.connect.__doc__
+
+    def send_signal(self, pid: int, sig: int) -> bool:
+        return _Portal.call(self._inner.send_signal(pid, sig))
+
+    send_signal.__doc__ = AsyncCommands.send_signal.__doc__
+
+    def kill(self, pid: int) -> bool:
+        return _Portal.call(self._inner.kill(pid))
+
+    kill.__doc__ = AsyncCommands.kill.__doc__
+
+    def send_stdin(self, pid: int, data: str | bytes) -> None:
+        _Portal.call(self._inner.send_stdin(pid, data))
+
+    send_stdin.__doc__ = AsyncCommands.send_stdin.__doc__
+
+    def close_stdin(self, pid: int) -> None:
+        _Portal.call(self._inner.close_stdin(pid))
+
+    close_stdin.__doc__ = AsyncCommands.close_stdin.__doc__
 
 
 class Files:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 
 import pytest
 
 from novasandbox import (
+    CommandError,
     CommandFailed,
     CommandNotFound,
     CommandTimeout,
     ConfigError,
     InvalidWorkingDirectory,
+    ProcessNotFound,
     RemoteUnsupported,
     Sandbox,
+    StdinClosed,
     UnknownUser,
 )
 
@@ -290,3 +294,101 @@ def test_a_login_shell_keeps_the_path_the_call_and_template_give(sb: Sandbox) ->
     )
     assert sb.commands.run("echo ${NOVASANDBOX_PATH-unset}").stdout == "unset\n"
     assert sb.commands.run("command -v pip").stdout == "/opt/venv/bin/pip\n"
+
+
+# ---------------------------------------------------------------------------- processes by pid
+
+
+def test_background_commands_are_listed_and_killed_by_pid(sb: Sandbox) -> None:
+    marker = uuid.uuid4().hex[:8]
+    handle = sb.commands.run(f"sleep 300; : {marker}", background=True, tag=f"job-{marker}")
+    assert handle.pid > 0 and not handle.done()
+    mine = [p for p in sb.commands.list() if p.pid == handle.pid]
+    assert len(mine) == 1
+    info = mine[0]
+    assert info.cmd == ("/bin/bash", "-l", "-c", f"sleep 300; : {marker}")
+    assert (info.cwd, info.user, info.tag, info.stdin) == (
+        "/home/user",
+        "user",
+        f"job-{marker}",
+        False,
+    )
+    assert info.started_at > 0
+    assert sb.commands.kill(handle.pid) is True
+    result = handle.wait()
+    assert result.signal == 9
+    assert handle.pid not in {p.pid for p in sb.commands.list()}
+    assert sb.commands.kill(handle.pid) is False  # gone: not an error
+    assert guest_processes_matching(sb, marker) == []
+
+
+def test_connect_streams_recent_and_new_output_and_the_exit(sb: Sandbox) -> None:
+    gate = f"/tmp/gate-{uuid.uuid4().hex[:8]}"
+    script = f"echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after; exit 7"
+    started = sb.commands.run(script, background=True)
+    seen: list[str] = []
+    # what it printed before the connection comes first
+    wait_for = time.monotonic() + 30
+    while time.monotonic() < wait_for:
+        attached = sb.commands.connect(started.pid, on_stdout=seen.append)
+        if "before" in "".join(seen):
+            break
+        attached.disconnect()
+        seen.clear()
+        time.sleep(0.1)
+    assert attached.argv == started.argv
+    sb.files.write(gate, "")
+    result = attached.wait()
+    assert (result.exit_code, result.stdout, result.missed) == (7, "before\nafter\n", 0)
+    assert "".join(seen) == "before\nafter\n"
+    assert started.wait().stdout == "before\nafter\n"  # its own handle got all of it too
+
+
+def test_stdin_by_pid_from_any_handle(sb: Sandbox) -> None:
+    cat = sb.commands.start("cat; echo done", open_stdin=True, timeout=60)
+    listed = {p.pid: p for p in sb.commands.list()}
+    assert listed[cat.pid].stdin is True
+    sb.commands.send_stdin(cat.pid, "hello ")
+    attached = sb.commands.connect(cat.pid)
+    attached.send_stdin(b"world\n")  # a connected handle sends by pid too
+    sb.commands.close_stdin(cat.pid)
+    assert cat.wait().stdout == "hello world\ndone\n"
+    assert attached.wait().stdout.endswith("done\n")
+
+
+def test_unknown_pids_and_closed_stdin_are_typed_errors(sb: Sandbox) -> None:
+    for call in (
+        lambda: sb.commands.connect(999_999),
+        lambda: sb.commands.send_stdin(999_999, "x"),
+        lambda: sb.commands.close_stdin(999_999),
+    ):
+        with pytest.raises(ProcessNotFound) as info:
+            call()
+        assert info.value.code == "process-not-found"
+    assert sb.commands.kill(999_999) is False
+    assert sb.commands.send_signal(999_999, 15) is False
+    sleeper = sb.commands.run("sleep 60", background=True)  # stdin not open
+    with pytest.raises(StdinClosed) as closed:
+        sb.commands.send_stdin(sleeper.pid, "x")
+    assert closed.value.code == "stdin-closed"
+    assert sb.commands.kill(sleeper.pid)
+    for bad in (0, -1, "12", 1.5, True):
+        with pytest.raises(ConfigError):
+            sb.commands.kill(bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            sb.commands.connect(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        sb.commands.run("true", background=True, tag="x" * 257)
+    assert sb.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_a_disconnected_handle_leaves_the_command_running(sb: Sandbox) -> None:
+    marker = uuid.uuid4().hex[:8]
+    handle = sb.commands.start(f"sleep 300; : {marker}", timeout=None, background=True)
+    handle.disconnect()
+    with pytest.raises(CommandError):
+        handle.wait()
+    assert handle.pid in {p.pid for p in sb.commands.list()}
+    again = sb.commands.connect(handle.pid)
+    assert sb.commands.kill(handle.pid)
+    assert again.wait().signal == 9

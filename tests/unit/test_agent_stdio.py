@@ -884,3 +884,124 @@ def test_an_unusable_default_user_is_ignored(tmp_path: Path, user: str) -> None:
     path.write_text('{"env": {"A": "1"}, "user": "dev"}')
     assert agent_module.load_template_defaults(str(path)) == ({"A": "1"}, "dev")
     assert agent_module.load_template_defaults(str(tmp_path / "absent")) == ({}, "root")
+
+
+# ---------------------------------------------------------------------------- processes by pid
+
+
+def test_ps_lists_running_commands_with_their_details(agent: AgentConn, tmp_path: Path) -> None:
+    rid = agent.start(["sleep", "30"], cwd=str(tmp_path), tag="nap")
+    pid = agent.started(rid)["pid"]
+    (proc,) = [p for p in agent.call("ps")["processes"] if p["pid"] == pid]
+    assert proc["argv"] == ["sleep", "30"]
+    assert (proc["cwd"], proc["user"], proc["tag"], proc["stdin"]) == (
+        str(tmp_path),
+        "root",
+        "nap",
+        False,
+    )
+    assert abs(proc["started_at"] - time.time()) < 60
+    assert agent.call("signal", pid=pid, signal=9)["op"] == "ok"
+    assert agent.finish(rid, started={"op": "started", "pid": pid}).exit["signal"] == 9
+    assert pid not in [p["pid"] for p in agent.call("ps")["processes"]]
+    assert error_code(agent.call("signal", pid=pid, signal=9)) == "no-such-process"
+
+
+def test_connect_replays_recent_output_then_streams_live(agent: AgentConn, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    script = (
+        f"echo first; echo err >&2; while [ ! -e {gate} ]; do sleep 0.02; done; echo second; exit 3"
+    )
+    rid = agent.start(["sh", "-c", script])
+    pid = agent.started(rid)["pid"]
+    assert wait_until(
+        lambda: any(f.payload == b"first\n" for f in agent._queues[rid]) or _pump_some(agent)
+    )
+    cid = agent.new_id()
+    agent.send(cid, "connect", pid=pid)
+    started = agent.message(cid)
+    assert started == {"op": "started", "pid": pid, "argv": ["sh", "-c", script]}
+    gate.write_text("")
+    out, err = bytearray(), bytearray()
+    while True:
+        frame = agent.frame(cid)
+        if frame.kind is Kind.STDOUT:
+            out += frame.payload
+        elif frame.kind is Kind.STDERR:
+            err += frame.payload
+        else:
+            end = frame.message()
+            break
+    assert (bytes(out), bytes(err)) == (b"first\nsecond\n", b"err\n")
+    assert end == {"op": "exit", "exit_code": 3, "signal": None, "timed_out": False, "dropped": 0}
+    own = agent.finish(rid, started={"op": "started", "pid": pid})
+    assert own.stdout == b"first\nsecond\n" and own.exit["exit_code"] == 3
+
+
+def _pump_some(agent: AgentConn) -> bool:
+    with contextlib.suppress(TimeoutError):
+        agent._pump(time.monotonic() + 0.05)
+    return False
+
+
+def test_connect_keeps_only_the_latest_output(agent: AgentConn, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    script = (
+        f"head -c 200000 /dev/zero | tr '\\0' a; echo; echo tail; "
+        f"while [ ! -e {gate} ]; do sleep 0.02; done"
+    )
+    rid = agent.start(["sh", "-c", script])
+    pid = agent.started(rid)["pid"]
+    seen = bytearray()
+
+    def tail_arrived() -> bool:
+        while agent._queues[rid]:
+            frame = agent._queues[rid].popleft()
+            seen.extend(frame.payload if frame.kind is Kind.STDOUT else b"")
+        _pump_some(agent)
+        return seen.endswith(b"tail\n")
+
+    assert wait_until(tail_arrived, timeout=15)
+    cid = agent.new_id()
+    agent.send(cid, "connect", pid=pid)
+    assert agent.message(cid)["op"] == "started"
+    gate.write_text("")
+    replay = bytearray()
+    while (frame := agent.frame(cid)).kind is not Kind.MSG:
+        replay += frame.payload
+    assert len(replay) == 64 * 1024 and replay.endswith(b"a\ntail\n")
+
+
+def test_stdin_by_pid(agent: AgentConn) -> None:
+    rid = agent.new_id()
+    agent.send(rid, "exec", argv=["cat"], stdin=True)
+    pid = agent.started(rid)["pid"]
+    assert agent.call("write_stdin", pid=pid, data="h\u00e9llo \u00ff")["op"] == "ok"
+    assert agent.call("close_stdin", pid=pid)["op"] == "ok"
+    result = agent.finish(rid, started={"op": "started", "pid": pid})
+    assert result.stdout == "h\u00e9llo \u00ff".encode("latin-1")
+    # closed now, or never open
+    assert error_code(agent.call("write_stdin", pid=pid, data="x")) == "no-such-process"
+    rid = agent.start(["sleep", "30"])
+    pid = agent.started(rid)["pid"]
+    assert error_code(agent.call("write_stdin", pid=pid, data="x")) == "stdin-closed"
+    assert error_code(agent.call("close_stdin", pid=pid)) == "stdin-closed"
+    agent.call("signal", pid=pid, signal=9)
+
+
+@pytest.mark.parametrize("pid", [0, -1, "1", 1.5, True, None])
+def test_malformed_pids_are_bad_requests(agent: AgentConn, pid: Any) -> None:
+    for op, fields in (
+        ("connect", {}),
+        ("write_stdin", {"data": ""}),
+        ("close_stdin", {}),
+        ("signal", {"signal": 9}),
+    ):
+        assert error_code(agent.call(op, pid=pid, **fields)) == "bad-request", op
+
+
+def test_unknown_pids_are_refused(agent: AgentConn) -> None:
+    for op, fields in (("connect", {}), ("write_stdin", {"data": "x"}), ("close_stdin", {})):
+        assert error_code(agent.call(op, pid=os.getpid(), **fields)) == "no-such-process", op
+    assert error_code(agent.call("exec", argv=["true"], tag=7)) == "bad-request"
+    assert error_code(agent.call("exec", argv=["true"], tag="x" * 257)) == "bad-request"

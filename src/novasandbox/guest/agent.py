@@ -80,6 +80,14 @@ once both pipes have been quiet this long, the command is reported finished (bac
 children that inherited its pipes are not waited for; what they print later is read and
 dropped, never sent under another request's id)."""
 
+RECENT_OUTPUT = 64 * 1024
+"""Bytes of a command's latest output (both streams) it keeps for a client that
+connects to it later (``connect``), which gets them first."""
+MAX_WATCHERS = 16
+"""Connections (``connect``) one command streams to at once, besides its starter."""
+MAX_TAG = 256
+"""Characters of a command's tag (given at start, shown by ``ps``)."""
+
 TEMPLATE_DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template.json")
 """The template's defaults for commands, written beside the agent when the image was built
 (``Template.guest_defaults()``); absent outside an image."""
@@ -543,6 +551,10 @@ class Agent:
     def reply(self, rid: int, op: str, **fields: Any) -> None:
         self.send(encode_message(rid, op, **fields))
 
+    def forget_credit(self, rid: int) -> None:
+        """Request ``rid`` streams no more: its acks and cancel have nothing to reach."""
+        self._credits.pop(rid, None)
+
     def reply_error(
         self,
         rid: int,
@@ -621,7 +633,7 @@ class Agent:
         if op == "exec":
             # Registered before the thread starts: stdin frames may follow at once.
             self._stdin_queues[rid] = queue.Queue()
-        if op in ("exec", "read_file"):
+        if op in ("exec", "read_file", "connect"):
             self._credits[rid] = _Credit()
         fn: Callable[[int, dict[str, Any]], None] = getattr(self, name)
         if threaded:
@@ -652,6 +664,10 @@ class Agent:
         "cancel": ("op_cancel", False),
         "exec": ("op_exec", True),
         "signal": ("op_signal", False),
+        "ps": ("op_ps", False),
+        "connect": ("op_connect", False),
+        "write_stdin": ("op_write_stdin", False),
+        "close_stdin": ("op_close_stdin", False),
         "write_file": ("op_write_file", False),
         "end": ("op_end", False),
         "read_file": ("op_read_file", True),
@@ -789,6 +805,9 @@ class Agent:
             return
         timeout = msg.get("timeout")
         with_stdin = bool(msg.get("stdin"))
+        tag = msg.get("tag")
+        if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
+            raise ValueError(f"tag must be a string of at most {MAX_TAG} characters")
         spawning = _SpawningAs(acc)
         try:
             with spawning:
@@ -820,7 +839,16 @@ class Agent:
                     rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
                 )
             return
-        ex = _Exec(proc, stdin_queue, credit)
+        info = {
+            "pid": proc.pid,
+            "argv": argv,
+            "cwd": cwd,
+            "user": acc.name,
+            "tag": tag,
+            "stdin": with_stdin,
+            "started_at": time.time(),
+        }
+        ex = _Exec(proc, stdin_queue, credit, info)
         with self._lock:
             self._execs[rid] = ex
         try:
@@ -831,15 +859,62 @@ class Agent:
                 self._execs.pop(rid, None)
 
     def op_signal(self, rid: int, msg: dict[str, Any]) -> None:
+        """Signal a command's process group: by its request (``target``) or by its pid."""
+        sig = msg["signal"]
+        if not isinstance(sig, int) or isinstance(sig, bool) or not 1 <= sig <= 64:
+            raise ValueError("signal must be a signal number from 1 to 64")
+        if "pid" in msg:
+            self._by_pid(msg["pid"]).kill(sig)
+            self.reply(rid, "ok")
+            return
         target = int(msg["target"])
         with self._lock:
             ex = self._execs.get(target)
         if ex is None:
-            self.reply_error(
-                rid, code=ErrorCode.NO_SUCH_PROCESS, message=f"no running command {target}"
-            )
-            return
-        ex.kill(int(msg["signal"]))
+            raise _Refused(ErrorCode.NO_SUCH_PROCESS, f"no running command {target}")
+        ex.kill(sig)
+        self.reply(rid, "ok")
+
+    def _by_pid(self, pid: Any) -> _Exec:
+        """The running command started through the agent whose leader has ``pid``."""
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError("pid must be a positive integer")
+        with self._lock:
+            for ex in self._execs.values():
+                if ex.proc.pid == pid and not ex.finished:
+                    return ex
+        raise _Refused(ErrorCode.NO_SUCH_PROCESS, f"no running command with pid {pid}")
+
+    def op_ps(self, rid: int, msg: dict[str, Any]) -> None:
+        """The commands started through the agent that still run."""
+        with self._lock:
+            running = [ex.info for ex in self._execs.values() if not ex.finished]
+        running.sort(key=lambda info: info["pid"])
+        self.reply(rid, "ok", processes=running)
+
+    def op_connect(self, rid: int, msg: dict[str, Any]) -> None:
+        """Stream a running command's output to this request too: ``started`` (its
+        pid and argv), what it printed last (up to ``RECENT_OUTPUT``), then its output as
+        it comes, then ``exit``. The command's own stream is not slowed by this one: what
+        this one's window cannot take is dropped and counted (``dropped`` in ``exit``)."""
+        try:
+            ex = self._by_pid(msg["pid"])
+            ex.watch(self, rid, self._credits[rid])
+        except BaseException:
+            self._credits.pop(rid, None)
+            raise
+
+    def op_write_stdin(self, rid: int, msg: dict[str, Any]) -> None:
+        """Data (``data``, latin-1 text of the bytes) for a running command's stdin, by pid."""
+        data = msg["data"]
+        if not isinstance(data, str):
+            raise ValueError("data must be a string")
+        ex = self._by_pid(msg["pid"])
+        ex.feed(data.encode("latin-1"))
+        self.reply(rid, "ok")
+
+    def op_close_stdin(self, rid: int, msg: dict[str, Any]) -> None:
+        self._by_pid(msg["pid"]).feed(b"")
         self.reply(rid, "ok")
 
     # files
@@ -1145,6 +1220,14 @@ class _Credit:
             self.cancelled = True
             self._cond.notify_all()
 
+    def try_take(self, cost: int) -> bool:
+        """Count ``cost`` bytes if they may be sent now, without waiting."""
+        with self._cond:
+            if self.cancelled or self._left < cost:
+                return False
+            self._left -= cost
+            return True
+
     def take(self, cost: int, deadline: float | None = None) -> bool | None:
         """Wait until ``cost`` bytes may be sent and count them; False once the host has
         cancelled the stream (the data is then dropped); None if ``deadline`` (monotonic)
@@ -1168,14 +1251,96 @@ class _Exec:
     """One running command: its process, output pumps, stdin feeder and timeout."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], stdin_queue: queue.Queue[bytes], credit: _Credit
+        self,
+        proc: subprocess.Popen[bytes],
+        stdin_queue: queue.Queue[bytes],
+        credit: _Credit,
+        info: dict[str, Any],
     ) -> None:
         self.proc = proc
         self.stdin_queue = stdin_queue
         self.credit = credit
+        self.info = info
+        """What ``ps`` says of it."""
         self.send_lock = threading.Lock()
         self.abandoned = False
+        self.finished = False
         self.last_output = time.monotonic()
+        self.stdin_closed = not info["stdin"]
+        self._recent: list[tuple[Kind, bytes]] = []
+        self._recent_size = 0
+        self._watchers: dict[int, tuple[_Credit, list[int]]] = {}
+        """Connections (``connect``) by request id: their credit and dropped bytes."""
+        self._watch_lock = threading.Lock()
+
+    def watch(self, agent: Agent, rid: int, credit: _Credit) -> None:
+        """Stream to request ``rid`` too (``Agent.op_connect``)."""
+        with self._watch_lock:
+            if self.finished:
+                raise _Refused(
+                    ErrorCode.NO_SUCH_PROCESS, f"no running command with pid {self.proc.pid}"
+                )
+            for gone in [w for w, (credit, _) in self._watchers.items() if credit.cancelled]:
+                del self._watchers[gone]  # their clients went away
+                agent.forget_credit(gone)
+            if len(self._watchers) >= MAX_WATCHERS:
+                raise _Refused(
+                    ErrorCode.BAD_REQUEST,
+                    f"command {self.proc.pid} already has {MAX_WATCHERS} connections",
+                )
+            dropped = [0]
+            agent.reply(rid, "started", pid=self.proc.pid, argv=self.info["argv"])
+            for kind, chunk in self._recent:
+                self._send_to(agent, rid, credit, dropped, kind, chunk)
+            self._watchers[rid] = (credit, dropped)
+
+    def _send_to(
+        self, agent: Agent, rid: int, credit: _Credit, dropped: list[int], kind: Kind, data: bytes
+    ) -> None:
+        if credit.try_take(len(data) + FRAME_COST):
+            agent.send(encode_frame(rid, kind, data))
+        elif not credit.cancelled:
+            dropped[0] += len(data)
+
+    def _fan_out(self, agent: Agent, kind: Kind, chunk: bytes) -> None:
+        """Keep ``chunk`` among the latest output and send it to the connections."""
+        with self._watch_lock:
+            self._recent.append((kind, chunk))
+            self._recent_size += len(chunk)
+            while self._recent_size > RECENT_OUTPUT:
+                old_kind, old = self._recent[0]
+                cut = self._recent_size - RECENT_OUTPUT
+                if cut >= len(old):
+                    self._recent.pop(0)
+                    self._recent_size -= len(old)
+                else:
+                    self._recent[0] = (old_kind, old[cut:])
+                    self._recent_size -= cut
+            for rid, (credit, dropped) in list(self._watchers.items()):
+                if credit.cancelled:  # that client went away
+                    del self._watchers[rid]
+                    agent.forget_credit(rid)
+                else:
+                    self._send_to(agent, rid, credit, dropped, kind, chunk)
+
+    def _finish(self) -> dict[int, tuple[_Credit, list[int]]]:
+        """It ended: no new connection, out of ``ps``; the connections to tell."""
+        with self._watch_lock:
+            self.finished = True
+            watchers, self._watchers = self._watchers, {}
+            self._recent = []
+        return watchers
+
+    def feed(self, data: bytes) -> None:
+        """Data for stdin from any client (empty: close it)."""
+        if self.stdin_closed:
+            raise _Refused(
+                ErrorCode.STDIN_CLOSED,
+                f"the stdin of command {self.proc.pid} is closed (or was never open)",
+            )
+        if not data:
+            self.stdin_closed = True
+        self.stdin_queue.put(data)
 
     def kill(self, sig: int) -> None:
         try:
@@ -1237,7 +1402,7 @@ class _Exec:
                         continue
                     timed_out, deadline = True, None  # the host held the stream past it
                     self.kill(signal.SIGKILL)
-                    self._forward(agent, rid, kind, chunk, None)
+                    self._forward(agent, rid, kind, chunk, None, recorded=True)
         finally:
             os.close(pidfd)
         if pipes:
@@ -1248,16 +1413,28 @@ class _Exec:
             self.stdin_queue.put(b"")
             rc = self.proc.returncode
             sig = -rc if rc < 0 else None
-            agent.reply(
-                rid, "exit", exit_code=128 + sig if sig else rc, signal=sig, timed_out=timed_out
-            )
+            ending = {"exit_code": 128 + sig if sig else rc, "signal": sig, "timed_out": timed_out}
+            watchers = self._finish()  # first: who hears of the exit sees it gone from ps
+            agent.reply(rid, "exit", **ending)
+        for wid, (credit, dropped) in watchers.items():
+            if not credit.cancelled:
+                agent.reply(wid, "exit", dropped=dropped[0], **ending)
+            agent.forget_credit(wid)
 
     def _forward(
-        self, agent: Agent, rid: int, kind: Kind, chunk: bytes, deadline: float | None
+        self,
+        agent: Agent,
+        rid: int,
+        kind: Kind,
+        chunk: bytes,
+        deadline: float | None,
+        recorded: bool = False,
     ) -> bool:
         """Send one chunk once the host's credit allows (dropped if it cancelled the
         stream); False, unsent, if ``deadline`` came first."""
         self.last_output = time.monotonic()
+        if not recorded:
+            self._fan_out(agent, kind, chunk)
         taken = self.credit.take(len(chunk) + FRAME_COST, deadline)
         if taken is None:
             return False

@@ -110,7 +110,9 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_USER = "unknown-user"
     """The request names an account the sandbox does not have."""
     NO_SUCH_PROCESS = "no-such-process"
-    """A signal for a command that is not running (any more)."""
+    """No running command (started through the agent) with that request id or pid."""
+    STDIN_CLOSED = "stdin-closed"
+    """Input for a command whose stdin is closed, or was never open."""
     # Files (most from the errno of a failed system call).
     FILE_NOT_FOUND = "file-not-found"
     NOT_A_DIRECTORY = "not-a-directory"
@@ -266,6 +268,15 @@ ENTRY = {
     "mode": int,
     "mtime": float,
 }
+PROCESS = {
+    "pid": int,
+    "argv": [str],
+    "cwd": str,
+    "user": str,
+    "tag": (str, None),
+    "stdin": bool,
+    "started_at": float,
+}
 ERROR = {"code": frozenset(ErrorCode), "message": str, "errno": (int, None)}
 OK: dict[str, Any] = {}
 
@@ -279,6 +290,13 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
         "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool},
     },
     "signal": {"ok": OK},
+    "ps": {"ok": {"processes": [PROCESS]}},
+    "connect": {
+        "started": {"pid": int, "argv": [str]},
+        "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool, "dropped": int},
+    },
+    "write_stdin": {"ok": OK},
+    "close_stdin": {"ok": OK},
     "write_file": {"ok": {"size": int}},
     "read_file": {"ok": {"size": int}},
     "list": {"ok": {"entries": [ENTRY]}},

@@ -18,6 +18,10 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
     PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
     POST   /v1/sandboxes/ID/pause | /resume   -> SandboxOut
     POST   /v1/sandboxes/ID/commands          run (RunCommand) -> NDJSON events (streams.py)
+    GET    /v1/sandboxes/ID/commands          the running commands started through the API
+                                              (by any client) -> ProcessList
+    POST   /v1/sandboxes/ID/commands/PID/connect      attach -> NDJSON events (it runs on
+                                              when this client leaves)
     POST   /v1/sandboxes/ID/commands/PID/stdin        the raw body to its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/close-stdin  end its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/signal       (SendSignal) to its group -> 204
@@ -80,7 +84,6 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..commands import AsyncCommandHandle
 from ..errors import (
     AgentError,
     AgentTimeout,
@@ -129,6 +132,8 @@ from .models import (
     Exists,
     ForkSandbox,
     PathOut,
+    ProcessList,
+    ProcessOut,
     RunCommand,
     SandboxList,
     SandboxOut,
@@ -428,30 +433,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts) or "invalid request"
 
 
-class RunningCommands:
-    """The commands started through the API that still run, by sandbox and guest pid (so
-    that stdin, signals and kill reach them by pid, also from another client)."""
-
-    def __init__(self) -> None:
-        self._handles: dict[tuple[str, int], AsyncCommandHandle] = {}
-
-    def _forget_ended(self) -> None:
-        for where in [w for w, h in self._handles.items() if h.done()]:
-            del self._handles[where]
-
-    def add(self, sandbox_id: str, handle: AsyncCommandHandle) -> None:
-        self._forget_ended()
-        self._handles[(sandbox_id, handle.pid)] = handle
-
-    def get(self, sandbox_id: str, pid: int) -> AsyncCommandHandle:
-        """The running command; ``ProcessNotFound`` if it ended or never was."""
-        self._forget_ended()
-        handle = self._handles.get((sandbox_id, pid))
-        if handle is None:
-            raise ProcessNotFound(f"no running command with pid {pid} in sandbox {sandbox_id}")
-        return handle
-
-
 def create_app(
     keys: KeyStore,
     registry: Registry,
@@ -465,7 +446,6 @@ def create_app(
     settings = settings or Settings()
     metrics = metrics or Metrics(registry)
     signer = signer or UrlSigner(secrets.token_bytes(32))
-    running = RunningCommands()
 
     def failed(status: int, code: str, message: str) -> JSONResponse:
         metrics.error(code)
@@ -649,6 +629,7 @@ def create_app(
                 stdin=body.stdin,
                 open_stdin=body.open_stdin,
                 user=body.user,
+                tag=body.tag,
                 on_stdout=stream.stdout,
                 on_stderr=stream.stderr,
                 max_output=0,  # streamed, not kept
@@ -657,20 +638,56 @@ def create_app(
             metrics.command_error(exc.code)
             raise
         metrics.commands.inc()
-        running.add(sb.id, stream.handle)
         on_abort = None if body.background else stream.abort
         return Streamed(stream.events(), NDJSON, on_abort=on_abort)
 
-    def running_command(key: ApiKey, sandbox_id: str, pid: int) -> AsyncCommandHandle:
+    @app.get("/v1/sandboxes/{sandbox_id}/commands", tags=["commands"])
+    async def list_commands(sandbox_id: str, key: Caller) -> ProcessList:
+        """The commands started through the API (by any client) that still run."""
+        found = await registry.get(key.id, sandbox_id).live().commands.list()
+        return ProcessList(
+            processes=[
+                ProcessOut(
+                    pid=p.pid,
+                    cmd=list(p.cmd),
+                    cwd=p.cwd,
+                    user=p.user,
+                    tag=p.tag,
+                    stdin=p.stdin,
+                    started_at=p.started_at,
+                )
+                for p in found
+            ]
+        )
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/commands/{pid}/connect",
+        tags=["commands"],
+        status_code=200,
+        response_class=Streamed,
+        responses={200: {"content": {NDJSON: {}}, "description": "One JSON event per line."}},
+    )
+    async def connect_command(sandbox_id: str, pid: int, key: Caller) -> Streamed:
+        """Attach to running command PID: the events of a run (`started` with its argv,
+        what it printed last, then its output as it comes, then `exit` with `missed`, the
+        bytes this stream could not keep up with). The command runs on when this client
+        disconnects."""
         sb = registry.get(key.id, sandbox_id).live()
-        return running.get(sb.id, pid)
+        stream = CommandStream(sb.id)
+        stream.handle = await sb.commands.connect(
+            pid, on_stdout=stream.stdout, on_stderr=stream.stderr, max_output=0
+        )
+        return Streamed(stream.events(), NDJSON, on_abort=stream.detach)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin", status_code=204, tags=["commands"])
     async def command_stdin(sandbox_id: str, pid: int, request: Request, key: Caller) -> Response:
         """Send the raw request body to the stdin of running command PID (started with
         `open_stdin`)."""
-        handle = running_command(key, sandbox_id, pid)
-        await handle.send_stdin(await request.body())
+        sb = registry.get(key.id, sandbox_id).live()
+        data = await request.body()
+        if len(data) > settings.max_file_bytes:
+            raise FileTooLarge(f"stdin requests are at most {settings.max_file_bytes} bytes")
+        await sb.commands.send_stdin(pid, data)
         return Response(status_code=204)
 
     @app.post(
@@ -680,7 +697,7 @@ def create_app(
     )
     async def command_close_stdin(sandbox_id: str, pid: int, key: Caller) -> Response:
         """End the stdin of running command PID."""
-        await running_command(key, sandbox_id, pid).close_stdin()
+        await registry.get(key.id, sandbox_id).live().commands.close_stdin(pid)
         return Response(status_code=204)
 
     @app.post(
@@ -688,13 +705,17 @@ def create_app(
     )
     async def command_signal(sandbox_id: str, pid: int, body: SendSignal, key: Caller) -> Response:
         """Send a signal to the process group of running command PID."""
-        await running_command(key, sandbox_id, pid).send_signal(body.signal)
+        sb = registry.get(key.id, sandbox_id).live()
+        if not await sb.commands.send_signal(pid, body.signal):
+            raise ProcessNotFound(f"no running command with pid {pid} in sandbox {sb.id}")
         return Response(status_code=204)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/commands/{pid}", status_code=204, tags=["commands"])
     async def command_kill(sandbox_id: str, pid: int, key: Caller) -> Response:
         """SIGKILL the process group of running command PID."""
-        await running_command(key, sandbox_id, pid).kill()
+        sb = registry.get(key.id, sandbox_id).live()
+        if not await sb.commands.kill(pid):
+            raise ProcessNotFound(f"no running command with pid {pid} in sandbox {sb.id}")
         return Response(status_code=204)
 
     # --- files

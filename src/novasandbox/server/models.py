@@ -81,6 +81,9 @@ class RunCommand(_Request):
     user: str | None = Field(
         None, description="The guest account it runs as (default: the template's user)."
     )
+    tag: str | None = Field(
+        None, max_length=256, description="A label of yours, shown by GET .../commands."
+    )
     timeout: float | None = Field(
         DEFAULT_COMMAND_TIMEOUT,
         description="Seconds before the command's process group is killed (null: no limit).",
@@ -96,6 +99,20 @@ class RunCommand(_Request):
         description="Keep the command running if this stream's client disconnects "
         "(otherwise it is killed then).",
     )
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    cmd: list[str]
+    cwd: str
+    user: str
+    tag: str | None
+    stdin: bool = Field(description="Whether its stdin is open for .../stdin.")
+    started_at: float = Field(description="Seconds since the epoch (the guest's clock).")
+
+
+class ProcessList(BaseModel):
+    processes: list[ProcessOut]
 
 
 class SendSignal(_Request):
@@ -230,6 +247,8 @@ __all__ = [
     "Exists",
     "ForkSandbox",
     "PathOut",
+    "ProcessList",
+    "ProcessOut",
     "RunCommand",
     "SandboxList",
     "SandboxOut",

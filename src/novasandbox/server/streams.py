@@ -124,7 +124,7 @@ class CommandStream:
     async def events(self) -> AsyncGenerator[bytes, None]:
         handle = self.handle
         assert handle is not None
-        yield _line({"type": "started", "pid": handle.pid})
+        yield _line({"type": "started", "pid": handle.pid, "argv": list(handle.argv)})
         finisher = asyncio.ensure_future(self._finish(handle))
         try:
             while (event := await self._queue.get()) is not None:
@@ -147,6 +147,14 @@ class CommandStream:
                 self.on_error(exc.code)
         await self._put(event)
         await self._put(None)
+
+    async def detach(self) -> None:
+        """The client of a connection (``connect``) went away: the command runs on."""
+        self._closed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if self.handle is not None:
+            self.handle.disconnect()
 
     async def abort(self) -> None:
         """The client went away: kill the command (its whole process group)."""
@@ -176,6 +184,7 @@ def exit_event(result: CommandResult, *, timed_out: bool) -> dict[str, Any]:
         "signal": result.signal,
         "timed_out": timed_out,
         "duration": round(result.duration, 6),
+        "missed": result.missed,
     }
 
 
