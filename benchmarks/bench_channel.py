@@ -35,7 +35,7 @@ log = logging.getLogger("bench")
 
 STDOUT_BYTES = 256 * 1024 * 1024
 FILE_BYTES = 64 * 1024 * 1024
-BIG_FILE = "/root/big"  # the ext4 root disk, not /tmp (RAM)
+BIG_FILE = "/home/user/big"  # the ext4 root disk, not /tmp (RAM)
 WARMUP = 10  # untimed calls before each latency series (TCG translates the path first)
 
 

@@ -52,8 +52,8 @@ log = logging.getLogger("bench")
 
 TEMPLATE = "python"
 USER_FILE_BYTES = 1000 * 1000  # 1 MB written before each user snapshot
-USER_FILE = "/root/bench-snapshot-1MB.bin"  # on the root disk (ext4), not on tmpfs
-FORK_MARKER = "/root/bench-fork-marker"
+USER_FILE = "/home/user/bench-snapshot-1MB.bin"  # on the root disk (ext4), not on tmpfs
+FORK_MARKER = "/home/user/bench-fork-marker"
 MIB = 1024 * 1024
 
 OURS: set[str] = set()

@@ -94,11 +94,11 @@ async def one_sandbox(index: int, fault: str, counts: dict[str, int]) -> None:
             os.kill(info.pid, signal.SIGKILL)
         elif fault == "kernel-panic":
             with contextlib.suppress(NovaSandboxError):
-                await sb.commands.run("echo c > /proc/sysrq-trigger", timeout=30)
+                await sb.commands.run("echo c > /proc/sysrq-trigger", timeout=30, user="root")
         elif fault == "agent-killed":
             pid = sb._agent.info["pid"] if sb._agent else 0
             with contextlib.suppress(NovaSandboxError):
-                await sb.commands.run(f"kill -9 {pid}", timeout=30)
+                await sb.commands.run(f"kill -9 {pid}", timeout=30, user="root")
         elif fault == "fork-bomb":
             with contextlib.suppress(NovaSandboxError):
                 await sb.commands.run(":(){ :|:& };:", timeout=3)
