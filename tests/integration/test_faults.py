@@ -147,6 +147,6 @@ def test_full_disk_reports_no_space(factory: SandboxFactory, tmp_path: Path) -> 
     assert info.value.code == "no-space"
     r = sb.commands.run("head -c 32M /dev/zero > /small/more", user="root")
     assert r.exit_code != 0 and "No space left" in r.stderr
-    sb.files.remove("/small/big.bin")
+    sb.files.remove("/small/big.bin", user="root")
     after = sb.commands.run("echo ok > /small/after && cat /small/after", user="root")
     assert after.stdout == "ok\n"

@@ -794,9 +794,15 @@ class Agent:
         env.update(TEMPLATE_ENV)  # the template's defaults, under the sandbox's and the call's
         env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
         if argv[1:2] in (["-l"], ["--login"]):
-            # A login shell's /etc/profile sets PATH anew; the template's profile script
-            # (/etc/profile.d/novasandbox.sh) puts this one back and unsets the variable.
-            env["NOVASANDBOX_PATH"] = env["PATH"]
+            if _IN_VM:
+                # A login shell's /etc/profile sets PATH anew; the template's profile
+                # script (/etc/profile.d/novasandbox.sh) puts this one back.
+                env["NOVASANDBOX_PATH"] = env["PATH"]
+            else:
+                # Outside a VM (--stdio, the in-process provider) the "guest" is this
+                # host: a login shell would run its account's own profile (anything at
+                # all, a pyenv rehash waiting on a lock for one). A plain shell runs.
+                argv = [argv[0], *argv[2:]]
         cwd = msg.get("cwd") or (acc.home if os.path.isdir(acc.home) else "/")
         if not os.path.isdir(cwd):
             self.reply_error(
