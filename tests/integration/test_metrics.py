@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from novasandbox import Sandbox, SandboxMetrics, SandboxNotRunning
+from novasandbox import CommandHandle, Sandbox, SandboxMetrics, SandboxNotRunning
 
 from .conftest import SandboxFactory
 from .served import RemoteServer
@@ -36,7 +37,7 @@ def guest_int(sb: Sandbox, cmd: str) -> int:
     return int(sb.commands.run(cmd, user="root").stdout.split()[0])
 
 
-def started(sb: Sandbox, cmd: str | list[str], ready: str = "ready") -> object:
+def started(sb: Sandbox, cmd: str | list[str], ready: str = "ready") -> CommandHandle:
     """Start ``cmd`` and wait until it printed ``ready``."""
     seen = threading.Event()
     out: list[str] = []
@@ -80,7 +81,8 @@ def test_memory_in_use_rises_with_an_allocation_and_falls_after(sb: Sandbox) -> 
     try:
         during = sb.get_metrics().mem_used
     finally:
-        hog.kill()  # type: ignore[attr-defined]
+        hog.kill()
+        hog.wait()
     assert during - before >= 56 * MIB, (before, during)
     after = sb.get_metrics().mem_used
     assert during - after >= 48 * MIB, (during, after)
@@ -99,15 +101,16 @@ def test_disk_use_rises_with_a_50_mb_file_and_falls_after(sb: Sandbox) -> None:
 
 def test_cpu_use_is_high_while_every_vcpu_is_busy(sb: Sandbox) -> None:
     spin = (
-        "for i in $(seq $(nproc)); do timeout 120 sh -c 'while :; do :; done' & done; "
-        "echo ready; wait"
+        # no timeout(1): it would leave the process group that kill() kills
+        "for i in $(seq $(nproc)); do sh -c 'while :; do :; done' & done; echo ready; wait"
     )
     busy = started(sb, spin)
     try:
         sb.get_metrics()  # the start of the next one's window
         m = sb.get_metrics()
     finally:
-        busy.kill()  # type: ignore[attr-defined]
+        busy.kill()
+        busy.wait()
     assert m.cpu_used_pct >= 60.0, m
 
 
@@ -178,7 +181,7 @@ def columns(header: str, rows: list[str], sandbox_id: str) -> dict[str, str]:
     their names."""
     names = ["id", "template", "state", "vcpus", "memory", "boot", "expires in", "cpu"]
     names += ["mem used", "disk used", "vmm rss", "labels"]
-    starts = [header.index(n) for n in names]
+    starts = [re.search(rf"(?<!\S){n}(?!\S)", header).start() for n in names]  # type: ignore[union-attr]
     assert starts == sorted(starts), header
     row = next(r for r in rows if r.startswith(sandbox_id + " "))
     ends = [*starts[1:], None]
