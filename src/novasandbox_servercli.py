@@ -789,8 +789,8 @@ class Remote:
 
     # --- ls and kill
 
-    def sandboxes(self) -> list[dict[str, Any]]:
-        found = self.call("GET", "/v1/sandboxes").json().get("sandboxes", [])
+    def sandboxes(self, query: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+        found = self.call("GET", "/v1/sandboxes", query=query).json().get("sandboxes", [])
         return [s for s in found if isinstance(s, dict)]
 
     def resolve(self, sandbox_id: str) -> str:
@@ -816,13 +816,18 @@ class Remote:
         ).parse(args, stop_at_positional=False)
         if rest:
             raise Usage("ls", f"Got unexpected extra argument ({rest[0]})")
-        found = self.sandboxes()
-        if not opts.get("all"):
-            found = [s for s in found if s.get("state") in ("starting", "running", "paused")]
+        # each running sandbox's metrics, gathered by the server at once (bounded wait)
+        query = [("metrics", "true")]
+        if opts.get("all"):
+            found = self.sandboxes(query)
+        else:
+            query += [("state", s) for s in ("starting", "running", "paused")]
+            found = self.sandboxes(query)
         if opts.get("json"):
             sys.stdout.write(json.dumps(found, indent=2) + "\n")
             return 0
-        rows = [["id", "template", "state", "vcpus", "memory", "boot", "expires in", "labels"]]
+        rows = [["id", "template", "state", "vcpus", "memory", "boot", "expires in"]]
+        rows[0] += ["cpu", "mem used", "disk used", "vmm rss", "labels"]
         now = time.time()
         for s in found:
             expires = s.get("expires_at")
@@ -837,6 +842,7 @@ class Remote:
                     f"{s.get('memory_mib')} MiB",
                     boot,
                     "never" if expires is None else f"{max(0.0, expires - now):.0f} s",
+                    *_metric_cells(s.get("metrics")),
                     labels,
                 ]
             )
@@ -964,6 +970,25 @@ class Remote:
             os.unlink(local)  # no partial file
             raise
         return 0
+
+
+def _metric_cells(m: Any) -> list[str]:
+    """``ls``'s cells for a sandbox's metrics (cpu, mem used, disk used, vmm rss); '-' for
+    what the server did not give (not running, or no answer in time)."""
+    if not isinstance(m, dict):
+        return ["-"] * 4
+
+    def mib(name: str, total: str | None = None) -> str:
+        value, whole = m.get(name), m.get(total) if total else None
+        if not isinstance(value, int):
+            return "-"
+        if isinstance(whole, int) and whole > 0:
+            return f"{value / 2**20:.0f}/{whole / 2**20:.0f} MiB"
+        return f"{value / 2**20:.0f} MiB"
+
+    pct = m.get("cpu_used_pct")
+    cpu = f"{pct:.0f}%" if isinstance(pct, (int, float)) else "-"
+    return [cpu, mib("mem_used", "mem_total"), mib("disk_used", "disk_total"), mib("vmm_rss")]
 
 
 def _start_thread(target: Callable[..., None], *args: Any) -> None:

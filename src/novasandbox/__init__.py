@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .pool import AsyncPool
     from .records import SandboxInfo
     from .remote import RemoteCommandHandle, RemoteSandbox, RemoteSandboxInfo, RemoteSnapshot
-    from .results import CommandResult, ProcessInfo, SandboxState
+    from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
     from .sync import CommandHandle, Pool, Sandbox
@@ -139,6 +139,7 @@ __all__ = [
     "SandboxFileError",
     "SandboxFileNotFound",
     "SandboxInfo",
+    "SandboxMetrics",
     "SandboxNotFound",
     "SandboxNotRunning",
     "SandboxOwned",
@@ -226,7 +227,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "pool": ("AsyncPool",),
     "records": ("SandboxInfo",),
     "remote": ("RemoteCommandHandle", "RemoteSandbox", "RemoteSandboxInfo", "RemoteSnapshot"),
-    "results": ("CommandResult", "ProcessInfo", "SandboxState"),
+    "results": ("CommandResult", "ProcessInfo", "SandboxMetrics", "SandboxState"),
     "sandbox": ("AsyncSandbox",),
     "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
     "sync": ("CommandHandle", "Pool", "Sandbox"),

@@ -540,18 +540,27 @@ def tap_ls() -> None:
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include records of dead VMs.")
 def ls(as_json: bool, show_all: bool) -> None:
     """Sandboxes on this host. A sandbox whose owner process died shows as ``orphaned``
-    until ``gc`` (or the next create) reaps it. With a server (--server or
-    NOVASANDBOX_SERVER): the key's sandboxes on the server (-a: also ended ones)."""
+    until ``gc`` (or the next create) reaps it. ``vmm rss`` is the VMM's resident memory
+    on the host (from /proc, for every running sandbox); the guest's own CPU, memory and
+    disk use are known only to the process that owns a sandbox (``sb.get_metrics()``),
+    not listed here. With a server (--server or NOVASANDBOX_SERVER): the key's sandboxes
+    on the server (-a: also ended ones), with each running one's CPU, memory and disk use
+    as its guest reports them and its VMM's memory ('-': it did not answer within 2 s)."""
+    from .procfs import process_rss
     from .records import list_sandboxes
 
     infos = [i for i in list_sandboxes() if show_all or i.alive]
+    rss = {i.id: process_rss(i.pid) if i.pid is not None and i.alive else None for i in infos}
     if as_json:
-        click.echo(json.dumps([i.to_json() for i in infos], indent=2))
+        click.echo(json.dumps([{**i.to_json(), "vmm_rss": rss[i.id]} for i in infos], indent=2))
         return
     from rich.table import Table
 
-    table = Table("id", "template", "state", "alive", "pid", "vcpus", "memory", "boot", "uptime")
+    table = Table(
+        "id", "template", "state", "alive", "pid", "vcpus", "memory", "boot", "uptime", "vmm rss"
+    )
     for i in infos:
+        vmm_rss = rss[i.id]
         table.add_row(
             i.id,
             i.template,
@@ -562,6 +571,7 @@ def ls(as_json: bool, show_all: bool) -> None:
             f"{i.memory_mib} MiB",
             "restored" if i.restored else "cold",
             f"{i.uptime:.0f} s",
+            "-" if vmm_rss is None else f"{vmm_rss / 2**20:.0f} MiB",
         )
     out_console().print(table)
 

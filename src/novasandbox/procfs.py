@@ -1,6 +1,7 @@
 """What ``/proc`` says about host processes: a process's identity (pid + start time +
-command line, so a reused pid is never taken for the process recorded), its uid, and
-the processes whose command line names something. Imports nothing of the package."""
+command line, so a reused pid is never taken for the process recorded), its uid, its
+resident memory, and the processes whose command line names something. Imports nothing
+of the package."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def process_uid(pid: int) -> int | None:
     for line in status.splitlines():
         if line.startswith("Uid:"):
             return int(line.split()[1])
+    return None
+
+
+def process_rss(pid: int) -> int | None:
+    """The resident memory of ``pid`` in bytes (VmRSS; None: gone, or a kernel thread)."""
+    try:
+        status = (PROC / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # kB
     return None
 
 

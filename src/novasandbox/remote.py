@@ -93,7 +93,7 @@ from .files import (
     validate_mode,
 )
 from .guest.protocol import ErrorCode
-from .results import CommandResult, ProcessInfo, SandboxState
+from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
 from .snapshots import Snapshot
 
 if TYPE_CHECKING:
@@ -750,6 +750,13 @@ class RemoteSandbox:
         except (KeyError, TypeError) as exc:
             raise RemoteError("the server sent a signed URL in an unknown shape") from exc
 
+    # --- metrics
+
+    async def get_metrics(self) -> SandboxMetrics:
+        """Its resource use now (``AsyncSandbox.get_metrics``): the guest's CPU, memory and
+        root disk, and the VMM's resident memory on the server's host."""
+        return metrics_from_json(await self._call("GET", "/metrics"))
+
     # --- what a client does not get
 
     def _unsupported(self, what: str) -> NoReturn:
@@ -791,6 +798,23 @@ class RemoteSandbox:
 
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self.id} template={self.template} state={self.state.value}>"
+
+
+def metrics_from_json(d: Any) -> SandboxMetrics:
+    """``SandboxMetrics`` from the server's JSON (``SandboxMetrics.to_json``)."""
+    try:
+        rss = d["vmm_rss"]
+        return SandboxMetrics(
+            cpu_used_pct=float(d["cpu_used_pct"]),
+            cpu_count=int(d["cpu_count"]),
+            mem_used=int(d["mem_used"]),
+            mem_total=int(d["mem_total"]),
+            disk_used=int(d["disk_used"]),
+            disk_total=int(d["disk_total"]),
+            vmm_rss=None if rss is None else int(rss),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError(f"the server sent metrics in an unknown shape: {exc}") from exc
 
 
 def _replace(info: RemoteSandboxInfo, **changes: Any) -> RemoteSandboxInfo:

@@ -4,7 +4,8 @@ so that ``errors`` stays the bottom of the package."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,4 +62,34 @@ class SandboxState(enum.StrEnum):
     ERROR = "error"
 
 
-__all__ = ["CommandResult", "ProcessInfo", "SandboxState"]
+@dataclass(frozen=True, slots=True)
+class SandboxMetrics:
+    """A sandbox's resource use, as ``sandbox.get_metrics()`` returns it. All but
+    ``vmm_rss`` are what the guest's kernel says (the guest could lie: the host only
+    checks that they are in range); sizes are in bytes."""
+
+    cpu_used_pct: float
+    """Share of all its vCPUs' time spent busy, 0 to 100 (100: every vCPU busy), over the
+    time since the previous ``get_metrics`` when that was 0.1 to 10 s ago, else over
+    0.1 s sampled now (the call waits for it)."""
+    cpu_count: int
+    """vCPUs the guest sees."""
+    mem_used: int
+    """Memory in use: MemTotal - MemAvailable of the guest's /proc/meminfo (its page cache
+    does not count)."""
+    mem_total: int
+    """Memory the guest's kernel manages (a little under the machine's)."""
+    disk_used: int
+    """Used space of the guest's root file system (statvfs: all but the free blocks)."""
+    disk_total: int
+    """Size of the guest's root file system."""
+    vmm_rss: int | None
+    """The VMM process's resident memory on the host (VmRSS of /proc/PID/status: guest
+    memory it touched plus the VMM's own, pages shared with other VMs counted whole);
+    None where the host cannot tell."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+__all__ = ["CommandResult", "ProcessInfo", "SandboxMetrics", "SandboxState"]

@@ -27,6 +27,7 @@ import atexit
 import builtins
 import contextlib
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -37,7 +38,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from .agent_client import AgentClient
 from .commands import AsyncCommands
@@ -63,7 +64,7 @@ from .guest.protocol import ErrorCode
 from .host.plan import HostPlan, confinement, make_plan
 from .host.resources import HostResources, free_loopback_ports
 from .network import EgressRule, NetworkConfig, NetworkLog, NetworkMode, resolve
-from .procfs import process_start_time
+from .procfs import process_rss, process_start_time
 from .records import (
     SandboxInfo,
     list_sandboxes,
@@ -84,7 +85,7 @@ from .remote import (
     list_snapshots_on,
     resolve_server,
 )
-from .results import SandboxState
+from .results import SandboxMetrics, SandboxState
 from .snapshots import (
     DISK,
     MANIFEST,
@@ -116,6 +117,32 @@ DEFAULT_LIFETIME = 300.0
 # Sandboxes of this process, killed at interpreter exit if their owner forgot.
 _LIVE: dict[str, tuple[int, Path]] = {}
 _LIVE_LOCK = threading.Lock()
+METRICS_TIMEOUT = 30.0
+"""Seconds the guest agent has to answer ``get_metrics``."""
+_MAX_METRIC = (1 << 63) - 1
+_MAX_GUEST_CPUS = 4096
+
+
+def guest_metrics(reply: Mapping[str, Any], vmm_rss: int | None) -> SandboxMetrics:
+    """``SandboxMetrics`` from the agent's ``metrics`` reply (its types already checked
+    against the protocol's schema) and the VMM's RSS; ``AgentProtocolError`` for values
+    out of range (a guest that lies within them is not caught)."""
+    pct = float(reply["cpu_used_pct"])
+    sizes: list[int] = [reply[k] for k in ("mem_used", "mem_total", "disk_used", "disk_total")]
+    if not (math.isfinite(pct) and 0.0 <= pct <= 100.0):
+        bad = f"cpu_used_pct {pct!r} is not 0 to 100"
+    elif not 1 <= reply["cpu_count"] <= _MAX_GUEST_CPUS:
+        bad = f"cpu_count {reply['cpu_count']!r} is not 1 to {_MAX_GUEST_CPUS}"
+    elif not all(0 <= n <= _MAX_METRIC for n in sizes):
+        bad = "a size is negative or too large"
+    elif sizes[0] > sizes[1] or sizes[2] > sizes[3]:
+        bad = "more memory or disk used than there is"
+    else:
+        mem_used, mem_total, disk_used, disk_total = sizes
+        return SandboxMetrics(
+            pct, reply["cpu_count"], mem_used, mem_total, disk_used, disk_total, vmm_rss
+        )
+    raise AgentProtocolError(f"the guest agent sent metrics out of range: {bad}")
 
 
 async def _egress_rules(net: NetworkConfig) -> tuple[EgressRule, ...] | None:
@@ -1243,6 +1270,15 @@ class AsyncSandbox:
         if held is None or held.refusals is None:
             return NetworkLog(0, ())
         return await held.refusals.refresh()
+
+    async def get_metrics(self) -> SandboxMetrics:
+        """Its resource use now: the guest's CPU, memory and root disk (from its agent) and
+        the VMM's resident memory on the host (``SandboxMetrics``). Waits up to 0.1 s for
+        a CPU sample unless the previous call was 0.1 to 10 s ago."""
+        agent = self._require_agent()
+        reply = await agent.call("metrics", timeout=METRICS_TIMEOUT)
+        vm = self._vm
+        return guest_metrics(reply, process_rss(vm.pid) if vm is not None else None)
 
     # --- state
 

@@ -34,6 +34,7 @@ from .remote import (
     RemoteSandboxInfo,
     RemoteSnapshot,
 )
+from .results import SandboxMetrics
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
 from .templates import TemplateManager
@@ -457,6 +458,11 @@ class Sandbox:
         return _Portal.call(self._inner.network_log())
 
     network_log.__doc__ = AsyncSandbox.network_log.__doc__
+
+    def get_metrics(self) -> SandboxMetrics:
+        return _Portal.call(self._inner.get_metrics())
+
+    get_metrics.__doc__ = AsyncSandbox.get_metrics.__doc__
 
     @property
     def restored(self) -> bool:

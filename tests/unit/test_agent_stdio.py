@@ -32,6 +32,7 @@ from novasandbox.guest.protocol import (
     Frame,
     FrameDecoder,
     Kind,
+    check_reply,
     encode_frame,
     encode_message,
 )
@@ -1005,3 +1006,53 @@ def test_unknown_pids_are_refused(agent: AgentConn) -> None:
         assert error_code(agent.call(op, pid=os.getpid(), **fields)) == "no-such-process", op
     assert error_code(agent.call("exec", argv=["true"], tag=7)) == "bad-request"
     assert error_code(agent.call("exec", argv=["true"], tag="x" * 257)) == "bad-request"
+
+
+# ---------------------------------------------------------------------------- metrics
+
+METRIC_FIELDS = ("cpu_used_pct", "cpu_count", "mem_used", "mem_total", "disk_used", "disk_total")
+
+
+def test_metrics_are_the_machines_own_figures(agent: AgentConn) -> None:
+    """Outside a VM the agent reports the host it runs on: the same CPU count, memory
+    total and root file system as this process sees, and a reply the host's schema
+    takes."""
+    reply = agent.call("metrics")
+    assert check_reply("metrics", reply) is reply and reply["op"] == "ok"
+    assert reply["cpu_count"] == os.cpu_count()
+    assert 0.0 <= reply["cpu_used_pct"] <= 100.0
+    meminfo = Path("/proc/meminfo").read_text().split()
+    assert reply["mem_total"] == int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024
+    assert 0 < reply["mem_used"] < reply["mem_total"]
+    fs = os.statvfs("/")
+    assert reply["disk_total"] == fs.f_blocks * fs.f_frsize
+    assert 0 < reply["disk_used"] <= reply["disk_total"]
+
+
+def test_metrics_cpu_window_is_at_least_a_tenth_of_a_second(agent: AgentConn) -> None:
+    """The first call samples the CPU for 0.1 s; one at once after it waits out the rest
+    of the 0.1 s minimum window (so its figure is never over a few ticks), and sees a
+    busy child."""
+    busy = agent.start(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2: pass"]
+    )
+    started = agent.started(busy)
+    assert started["op"] == "started"
+    first = agent.call("metrics")
+    t1 = time.monotonic()
+    second = agent.call("metrics")
+    t2 = time.monotonic()
+    for reply in (first, second):
+        check_reply("metrics", reply)
+        assert reply["cpu_used_pct"] > 0.0  # the busy child's share at least
+    assert t2 - t1 >= 0.09  # a lower bound: the agent slept the window out
+    assert agent.finish(busy, started=started).exit["exit_code"] == 0
+
+
+def test_metrics_ignore_extra_fields_and_run_beside_a_command(agent: AgentConn) -> None:
+    rid = agent.start(["sleep", "1"])
+    started = agent.started(rid)
+    assert started["op"] == "started"
+    reply = agent.call("metrics", unexpected={"x": 1})
+    assert reply["op"] == "ok" and set(METRIC_FIELDS) <= set(reply)
+    assert agent.finish(rid, started=started).exit["exit_code"] == 0

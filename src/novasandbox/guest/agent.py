@@ -660,6 +660,7 @@ class Agent:
     _HANDLERS: dict[str, tuple[str, bool]] = {
         "hello": ("op_hello", False),
         "ping": ("op_ping", False),
+        "metrics": ("op_metrics", True),
         "ack": ("op_ack", False),
         "cancel": ("op_cancel", False),
         "exec": ("op_exec", True),
@@ -741,6 +742,11 @@ class Agent:
 
     def op_ping(self, rid: int, msg: dict[str, Any]) -> None:
         self.reply(rid, "pong")
+
+    def op_metrics(self, rid: int, msg: dict[str, Any]) -> None:
+        """The guest's resource use (``_metrics``); threaded: it may sample the CPU for up
+        to ``_CPU_WINDOW_MIN`` seconds."""
+        self.reply(rid, "ok", **_metrics())
 
     def op_ack(self, rid: int, msg: dict[str, Any]) -> None:
         """The host consumed ``bytes`` of request ``rid``'s stream: it may send that many
@@ -1155,6 +1161,75 @@ class _Lifetime:
 
 
 _LIFETIME = _Lifetime()
+
+
+_CPU_WINDOW_MIN = 0.1
+_CPU_WINDOW_MAX = 10.0
+
+
+class _CpuUse:
+    """``cpu_used_pct``: the share of all CPUs' time (0-100) spent not idle, from
+    /proc/stat, over a window of ``_CPU_WINDOW_MIN`` to ``_CPU_WINDOW_MAX`` seconds: since
+    the previous metrics request when that was in the window (a caller polling every
+    second sees each second's use), otherwise over a sample taken now (the request waits
+    for it, up to ``_CPU_WINDOW_MIN``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[float, int, int] | None = None
+        """(monotonic time, busy ticks, total ticks) of the previous request."""
+
+    def percent(self) -> float:
+        now, busy, total = _cpu_ticks()
+        with self._lock:
+            last, self._last = self._last, (now, busy, total)
+        age = now - last[0] if last is not None else -1.0
+        if last is None or not 0 <= age <= _CPU_WINDOW_MAX or total < last[2]:
+            last, age = (now, busy, total), 0.0  # too old (or a clone's): sample now
+        if age < _CPU_WINDOW_MIN:
+            time.sleep(_CPU_WINDOW_MIN - age)
+            now, busy, total = _cpu_ticks()
+            with self._lock:
+                self._last = (now, busy, total)
+        ticks = total - last[2]
+        if ticks <= 0:
+            return 0.0
+        return min(100.0, max(0.0, 100.0 * (busy - last[1]) / ticks))
+
+
+def _cpu_ticks() -> tuple[float, int, int]:
+    """Now, and the busy and total ticks of all CPUs since boot (/proc/stat's ``cpu``
+    line: user nice system idle iowait irq softirq steal; guest time is in user's)."""
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()
+    ticks = [int(v) for v in fields[1:9]]
+    total = sum(ticks)
+    return time.monotonic(), total - ticks[3] - ticks[4], total
+
+
+_CPU_USE = _CpuUse()
+
+
+def _metrics() -> dict[str, Any]:
+    """The ``metrics`` reply: CPU (``_CpuUse``), memory (/proc/meminfo: used is MemTotal -
+    MemAvailable, what could not be had back without swapping) and the root file system
+    (statvfs: used is what is not free, the blocks reserved for root included), in bytes."""
+    mem: dict[str, int] = {}
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            name, _, rest = line.partition(b":")
+            if name in (b"MemTotal", b"MemAvailable", b"MemFree"):
+                mem[name.decode()] = int(rest.split()[0]) * 1024  # kB
+    available = mem.get("MemAvailable", mem.get("MemFree", 0))
+    fs = os.statvfs("/")
+    return {
+        "cpu_used_pct": round(_CPU_USE.percent(), 1),
+        "cpu_count": os.cpu_count() or 1,
+        "mem_used": max(0, mem["MemTotal"] - available),
+        "mem_total": mem["MemTotal"],
+        "disk_used": (fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+        "disk_total": fs.f_blocks * fs.f_frsize,
+    }
 
 
 def _reseed_rng(seed: bytes) -> None:

@@ -285,6 +285,16 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
         "hello": {"version": int, "agent": str, "kernel": str, "pid": int, "user": (str, None)}
     },
     "ping": {"pong": OK},
+    "metrics": {
+        "ok": {
+            "cpu_used_pct": float,
+            "cpu_count": int,
+            "mem_used": int,
+            "mem_total": int,
+            "disk_used": int,
+            "disk_total": int,
+        }
+    },
     "exec": {
         "started": {"pid": int},
         "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool},

@@ -13,6 +13,10 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
     POST   /v1/sandboxes                      create (CreateSandbox) -> 201 SandboxOut
     GET    /v1/sandboxes?label=K=V&state=S    the caller's sandboxes -> SandboxList
     GET    /v1/sandboxes/ID                   -> SandboxOut
+    GET    /v1/sandboxes/ID/metrics           its resource use now -> MetricsOut
+    GET    /v1/sandboxes?metrics=true         the list with each running one's metrics
+                                              (null where it did not answer within
+                                              LIST_METRICS_WAIT)
     DELETE /v1/sandboxes/ID                   kill -> 204 (?wait=false: 202 at once, the
                                               VM is killed in the background)
     PUT    /v1/sandboxes/ID/timeout           set the lifetime (SetTimeout) -> SandboxOut
@@ -131,6 +135,7 @@ from .models import (
     ErrorOut,
     Exists,
     ForkSandbox,
+    MetricsOut,
     PathOut,
     ProcessList,
     ProcessOut,
@@ -146,7 +151,7 @@ from .models import (
     check_labels,
     parse_label_filter,
 )
-from .registry import ENDED_STATES, Registry, ShuttingDown
+from .registry import ENDED_STATES, Owned, Registry, ShuttingDown
 from .signed import DEFAULT_EXPIRES, UrlSigner, check_expires
 from .streams import NDJSON, CommandStream, Streamed, error_body
 
@@ -160,6 +165,8 @@ SIGNED_PATH = re.compile(r"/v1/signed/sandboxes/[^/]+/files")
 """Signed URLs (``signed.py``): served without an API key, their route checks the
 signature."""
 RETRY_AFTER = 5
+LIST_METRICS_WAIT = 2.0
+"""Seconds a list with ``?metrics=true`` waits for the sandboxes' metrics (all at once)."""
 """Seconds a client refused for lack of host memory is told to wait (``Retry-After``)."""
 
 ERROR_STATUS: dict[type[NovaSandboxError], int] = {
@@ -553,6 +560,9 @@ def create_app(
         key: Caller,
         label: Annotated[list[str], Query(description="KEY=VALUE; all must match.")] = [],  # noqa: B006
         state: Annotated[list[str], Query(description="Only sandboxes in these states.")] = [],  # noqa: B006
+        metrics: Annotated[
+            bool, Query(description="Also each running one's metrics (bounded wait).")
+        ] = False,
     ) -> SandboxList:
         wanted = parse_label_filter(label)
         states = []
@@ -563,7 +573,26 @@ def create_app(
                 names = ", ".join(m.value for m in SandboxState)
                 raise ConfigError(f"state must be one of {names}, got {s!r}") from None
         found = registry.list(key.id, wanted, states)
-        return SandboxList(sandboxes=[SandboxOut(**o.to_json()) for o in found])
+        listed = [SandboxOut(**o.to_json()) for o in found]
+        if metrics:
+            measured = await asyncio.gather(*(_metrics_or_none(o) for o in found))
+            for out, m in zip(listed, measured, strict=True):
+                out.metrics = m
+        return SandboxList(sandboxes=listed)
+
+    async def _metrics_or_none(owned: Owned) -> MetricsOut | None:
+        if owned.state is not SandboxState.RUNNING:
+            return None
+        try:
+            m = await asyncio.wait_for(owned.live().get_metrics(), LIST_METRICS_WAIT)
+        except (NovaSandboxError, TimeoutError):
+            return None
+        return MetricsOut(**m.to_json())
+
+    @app.get("/v1/sandboxes/{sandbox_id}/metrics", tags=["sandboxes"])
+    async def sandbox_metrics(sandbox_id: str, key: Caller) -> MetricsOut:
+        m = await registry.get(key.id, sandbox_id).live().get_metrics()
+        return MetricsOut(**m.to_json())
 
     @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"])
     async def get(sandbox_id: str, key: Caller) -> SandboxOut:

@@ -150,6 +150,23 @@ class SignedUrl(BaseModel):
     expires_at: int = Field(description="Unix time after which it is refused.")
 
 
+class MetricsOut(BaseModel):
+    """``SandboxMetrics``: the guest's figures (bytes) and the VMM's host memory."""
+
+    cpu_used_pct: float = Field(
+        description="Share of all vCPUs' time spent busy (0-100), over the time since the "
+        "previous metrics request when that was 0.1 to 10 s ago, else over 0.1 s."
+    )
+    cpu_count: int
+    mem_used: int = Field(description="MemTotal - MemAvailable of the guest.")
+    mem_total: int
+    disk_used: int = Field(description="Used space of the guest's root file system.")
+    disk_total: int
+    vmm_rss: int | None = Field(
+        description="The VMM's resident memory on the server's host (null: unknown)."
+    )
+
+
 class SandboxOut(BaseModel):
     id: str
     template: str
@@ -169,6 +186,11 @@ class SandboxOut(BaseModel):
     provider: str
     pooled: bool = Field(
         False, description="Handed over from the server's warm pool (serve --pool)."
+    )
+    metrics: MetricsOut | None = Field(
+        None,
+        description="Only in lists asked with ?metrics=true: its resource use (null: not "
+        "running, or it did not answer in time).",
     )
 
 
@@ -246,6 +268,7 @@ __all__ = [
     "ErrorOut",
     "Exists",
     "ForkSandbox",
+    "MetricsOut",
     "PathOut",
     "ProcessList",
     "ProcessOut",
