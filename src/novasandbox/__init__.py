@@ -83,7 +83,8 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-    from .sync import CommandHandle, Pool, Sandbox
+    from .sync import CommandHandle, Pool, Sandbox, TerminalHandle
+    from .terminal import AsyncTerminalHandle
     from .templates import BuiltTemplate, Template, TemplateManager
 
 __version__ = "0.1.0"
@@ -96,6 +97,7 @@ __all__ = [
     "AgentTimeout",
     "AmbiguousSandboxId",
     "AsyncCommandHandle",
+    "AsyncTerminalHandle",
     "AsyncPool",
     "AsyncSandbox",
     "AuthenticationError",
@@ -161,6 +163,7 @@ __all__ = [
     "TemplateManager",
     "TemplateNotBuilt",
     "TemplateNotFound",
+    "TerminalHandle",
     "UnknownUser",
     "VMStartError",
     "__version__",
@@ -230,7 +233,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "results": ("CommandResult", "ProcessInfo", "SandboxMetrics", "SandboxState"),
     "sandbox": ("AsyncSandbox",),
     "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
-    "sync": ("CommandHandle", "Pool", "Sandbox"),
+    "sync": ("CommandHandle", "Pool", "Sandbox", "TerminalHandle"),
+    "terminal": ("AsyncTerminalHandle",),
     "templates": ("BuiltTemplate", "Template", "TemplateManager"),
 }
 """Each public name's module (the one that defines it), imported on the name's first use:

@@ -75,7 +75,7 @@ def _normalize_argv(cmd: str | Sequence[str]) -> list[str]:
     return argv
 
 
-async def _call_back(callback: OutputCallback | None, text: str) -> None:
+async def _call_back(callback: Callable[[Any], Any] | None, text: str | bytes) -> None:
     if callback is None or not text:
         return
     result = callback(text)
@@ -98,11 +98,14 @@ class AsyncCommandHandle:
         sandbox: AgentHolder,
         argv: list[str],
         timeout: float | None,
-        on_stdout: OutputCallback | None,
-        on_stderr: OutputCallback | None,
+        on_stdout: Callable[[Any], Any] | None,
+        on_stderr: Callable[[Any], Any] | None,
         max_output: int | None = None,
+        raw: bool = False,
     ) -> None:
         self._sb = sandbox
+        self._raw = raw
+        """Callbacks get the bytes as they came (a terminal's), not decoded text."""
         self.argv = tuple(argv)
         self.pid = 0
         self._attached = False
@@ -182,7 +185,8 @@ class AsyncCommandHandle:
                     raise req.failure
                 if self._pending:
                     kind, data, cost = self._take_pending()
-                    await _call_back(self._callbacks[kind], self._decoders[kind].decode(data))
+                    text = data if self._raw else self._decoders[kind].decode(data)
+                    await _call_back(self._callbacks[kind], text)
                     req.consumed(cost)
                     await asyncio.sleep(0)  # a slow callback must not starve the loop
                     continue
@@ -200,7 +204,8 @@ class AsyncCommandHandle:
             self._pending.clear()
             req.close()
         for kind, decoder in self._decoders.items():
-            await _call_back(self._callbacks[kind], decoder.decode(b"", final=True))
+            if not self._raw:
+                await _call_back(self._callbacks[kind], decoder.decode(b"", final=True))
         result = CommandResult(
             argv=self.argv,
             exit_code=msg["exit_code"],
@@ -355,6 +360,40 @@ class AsyncCommands:
         ``user``: the account it runs as (None: the template's default user, ``user`` in
         the ``python`` template); a relative ``cwd`` is under that account's home.
         ``tag``: a label of yours that ``commands.list()`` shows."""
+        return await self._launch(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdin=stdin,
+            open_stdin=open_stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            max_output=max_output,
+            background=background,
+            user=user,
+            tag=tag,
+        )
+
+    async def _launch(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+        stdin: str | bytes | None,
+        open_stdin: bool,
+        on_stdout: Callable[[Any], Any] | None,
+        on_stderr: Callable[[Any], Any] | None,
+        max_output: int | None,
+        background: bool,
+        user: str | None,
+        tag: str | None,
+        terminal: tuple[int, int] | None = None,
+    ) -> AsyncCommandHandle:
+        """``start``; with ``terminal`` (cols, rows) the command gets a terminal of that
+        size (its output, both streams, as bytes to ``on_stdout``)."""
         if not isinstance(background, bool):
             raise ConfigError(f"background must be True or False, got {background!r}")
         if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
@@ -370,8 +409,10 @@ class AsyncCommands:
             raise ConfigError("stdin must be str or bytes")
         max_output = validate_byte_count(max_output, "max_output")
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        handle = AsyncCommandHandle(self._sb, argv, timeout, on_stdout, on_stderr, max_output)
-        fields = {
+        handle = AsyncCommandHandle(
+            self._sb, argv, timeout, on_stdout, on_stderr, max_output, raw=terminal is not None
+        )
+        fields: dict[str, Any] = {
             "argv": argv,
             "env": merged,
             "cwd": cwd,
@@ -382,6 +423,8 @@ class AsyncCommands:
             fields["user"] = user
         if tag is not None:
             fields["tag"] = tag
+        if terminal is not None:
+            fields["pty"] = {"cols": terminal[0], "rows": terminal[1]}
         try:
             await handle._start(agent, fields, data, open_stdin)
         except AgentError:

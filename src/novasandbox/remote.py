@@ -500,6 +500,7 @@ class RemoteSandbox:
         self.template = info.template
         self.commands = RemoteCommands(self)
         self.files = RemoteFiles(self)
+        self.pty = RemoteTerminals(self)
         self._since = time.monotonic() - max(0.0, time.time() - info.created_at)
 
     # --- creation
@@ -1249,6 +1250,29 @@ class RemoteCommands:
         """``AsyncCommands.close_stdin``."""
         pid = check_int("pid", pid, 1)
         await self._sb._call("POST", f"/commands/{pid}/close-stdin")
+
+
+class RemoteTerminals:
+    """``sandbox.pty`` of a ``RemoteSandbox``: terminals through a server are not built
+    yet (``RemoteUnsupported``); ``novasandbox shell`` and the server routes come next."""
+
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sb = sandbox
+
+    async def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        on_data: Any = None,
+        cmd: str | Sequence[str] | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        tag: str | None = None,
+    ) -> NoReturn:
+        raise RemoteUnsupported("terminals through a server are not available yet")
 
 
 # --------------------------------------------------------------------------- files

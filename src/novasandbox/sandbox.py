@@ -104,6 +104,7 @@ from .snapshots import (
     snapshots_dir,
 )
 from .templates import BuiltTemplate, TemplateManager
+from .terminal import AsyncTerminals
 from .vm import get_provider
 from .vm.base import VM, Provider, VMPaths, VMSpec, drive_serial
 
@@ -312,6 +313,7 @@ class AsyncSandbox:
         """What it holds on the host, decided at create (and stored in its record)."""
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.pty = AsyncTerminals(self)
         self._state = SandboxState.STARTING
         self._vm: VM | None = None
         self._held: HostResources | None = None

@@ -33,11 +33,19 @@ from .remote import (
     RemoteSandbox,
     RemoteSandboxInfo,
     RemoteSnapshot,
+    RemoteTerminals,
 )
 from .results import SandboxMetrics
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
 from .templates import TemplateManager
+from .terminal import (
+    DEFAULT_COLS,
+    DEFAULT_ROWS,
+    AsyncTerminalHandle,
+    AsyncTerminals,
+    DataCallback,
+)
 from .vm.base import VMPaths
 
 T = TypeVar("T")
@@ -120,6 +128,78 @@ class CommandHandle:
         _Portal.call(in_loop())
 
     disconnect.__doc__ = AsyncCommandHandle.disconnect.__doc__
+
+
+class TerminalHandle:
+    """Sync twin of ``AsyncTerminalHandle``."""
+
+    def __init__(self, inner: AsyncTerminalHandle) -> None:
+        self._inner = inner
+
+    @property
+    def pid(self) -> int:
+        return self._inner.pid
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def send_stdin(self, data: str | bytes) -> None:
+        _Portal.call(self._inner.send_stdin(data))
+
+    def resize(self, cols: int, rows: int) -> None:
+        _Portal.call(self._inner.resize(cols, rows))
+
+    def kill(self) -> None:
+        _Portal.call(self._inner.kill())
+
+    def wait(self) -> CommandResult:
+        return _Portal.call(self._inner.wait())
+
+    def disconnect(self) -> None:
+        inner = self._inner
+
+        async def in_loop() -> None:
+            inner.disconnect()
+
+        _Portal.call(in_loop())
+
+
+class Terminals:
+    """Sync twin of ``AsyncTerminals``; ``on_data`` runs on the library's loop thread."""
+
+    def __init__(self, inner: AsyncTerminals | RemoteTerminals) -> None:
+        self._inner = inner
+
+    def create(
+        self,
+        cols: int = DEFAULT_COLS,
+        rows: int = DEFAULT_ROWS,
+        *,
+        on_data: DataCallback | None = None,
+        cmd: str | Sequence[str] | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        tag: str | None = None,
+    ) -> TerminalHandle:
+        return TerminalHandle(
+            _Portal.call(
+                self._inner.create(
+                    cols,
+                    rows,
+                    on_data=on_data,
+                    cmd=cmd,
+                    cwd=cwd,
+                    env=env,
+                    user=user,
+                    timeout=timeout,
+                    tag=tag,
+                )
+            )
+        )
+
+    create.__doc__ = AsyncTerminals.create.__doc__
 
 
 class Commands:
@@ -366,6 +446,7 @@ class Sandbox:
         self._inner = inner
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
+        self.pty = Terminals(inner.pty)
 
     @classmethod
     def create(

@@ -1056,3 +1056,85 @@ def test_metrics_ignore_extra_fields_and_run_beside_a_command(agent: AgentConn) 
     reply = agent.call("metrics", unexpected={"x": 1})
     assert reply["op"] == "ok" and set(METRIC_FIELDS) <= set(reply)
     assert agent.finish(rid, started=started).exit["exit_code"] == 0
+
+
+# ---------------------------------------------------------------------------- terminals
+
+
+def _screen_until(agent: AgentConn, rid: int, wanted: bytes, timeout: float = TIMEOUT) -> bytes:
+    """What the terminal of request ``rid`` showed, up to and including ``wanted``."""
+    seen = bytearray()
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        frame = agent.frame(rid, max(0.01, deadline - time.monotonic()))
+        assert frame.kind is Kind.STDOUT, frame
+        seen += frame.payload
+    return bytes(seen)
+
+
+def test_a_terminal_has_its_size_a_tty_and_term(agent: AgentConn) -> None:
+    probe = "stty size; tty; echo $TERM; [ -t 0 ] && [ -t 2 ] && echo all-tty"
+    result = agent.exec(["sh", "-c", probe], pty={"cols": 100, "rows": 30})
+    lines = result.stdout.decode().split("\r\n")
+    assert lines[0] == "30 100" and lines[1].startswith("/dev/pts/"), lines
+    assert lines[2:4] == ["xterm-256color", "all-tty"]
+    assert result.exit["exit_code"] == 0 and result.stderr == b""
+
+
+def test_a_terminal_echoes_what_is_typed_and_ctrl_d_ends_cat(agent: AgentConn) -> None:
+    rid = agent.new_id()
+    agent.send(rid, "exec", argv=["cat"], stdin=True, pty={"cols": 80, "rows": 24})
+    pid = agent.started(rid)["pid"]
+    agent.send_frame(rid, Kind.STDIN, b"hello\n")
+    assert _screen_until(agent, rid, b"hello\r\nhello\r\n")  # the echo, then cat's copy
+    agent.send_frame(rid, Kind.STDIN, b"\x04")
+    assert agent.finish(rid, started={"op": "started", "pid": pid}).exit["exit_code"] == 0
+
+
+def test_ctrl_c_in_a_terminal_interrupts_its_foreground_program(agent: AgentConn) -> None:
+    rid = agent.new_id()
+    agent.send(rid, "exec", argv=["sh", "-c", "echo go; exec sleep 30"], stdin=True,
+               pty={"cols": 80, "rows": 24})  # fmt: skip
+    pid = agent.started(rid)["pid"]
+    _screen_until(agent, rid, b"go\r\n")
+    time.sleep(0.2)  # sleep has replaced sh
+    agent.send_frame(rid, Kind.STDIN, b"\x03")
+    end = agent.finish(rid, started={"op": "started", "pid": pid}).exit
+    assert (end["signal"], end["exit_code"]) == (signal.SIGINT, 128 + signal.SIGINT)
+
+
+def test_resize_reaches_the_terminal_and_its_program(agent: AgentConn) -> None:
+    script = 'trap "stty size" WINCH; echo ready; while :; do sleep 0.05; done'
+    rid = agent.new_id()
+    agent.send(rid, "exec", argv=["bash", "-c", script], stdin=True, pty={"cols": 80, "rows": 24})
+    pid = agent.started(rid)["pid"]
+    _screen_until(agent, rid, b"ready\r\n")
+    assert agent.call("resize", pid=pid, cols=132, rows=43)["op"] == "ok"
+    assert b"43 132\r\n" in _screen_until(agent, rid, b"43 132\r\n")
+    assert agent.call("signal", pid=pid, signal=9)["op"] == "ok"
+    assert agent.finish(rid, started={"op": "started", "pid": pid}).exit["signal"] == 9
+    assert error_code(agent.call("resize", pid=pid, cols=80, rows=24)) == "no-such-process"
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        {"cols": 0, "rows": 24},
+        {"cols": 80},
+        {"cols": 80, "rows": 1001},
+        [80, 24],
+        7,
+        {"cols": True, "rows": 24},
+        {"cols": 80.0, "rows": 24},
+    ],
+)
+def test_bad_terminal_sizes_are_bad_requests(agent: AgentConn, size: Any) -> None:
+    assert error_code(agent.exec(["true"], pty=size).exit) == "bad-request"
+
+
+def test_resize_needs_a_terminal(agent: AgentConn) -> None:
+    rid = agent.start(["sleep", "30"])
+    pid = agent.started(rid)["pid"]
+    assert error_code(agent.call("resize", pid=pid, cols=80, rows=24)) == "bad-request"
+    assert error_code(agent.call("resize", pid=pid, cols=0, rows=24)) == "bad-request"
+    agent.call("signal", pid=pid, signal=9)

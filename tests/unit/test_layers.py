@@ -40,6 +40,7 @@ LAYERS: list[list[str]] = [
     ["vm", "vm.base", "vm.qemu_argv", "vm.qemu", "vm.inprocess"],
     ["agent_client"],
     ["commands", "files"],
+    ["terminal"],  # a command with a pseudo-terminal
     ["remote"],  # the client of a server: below the sandbox, which dispatches to it
     ["sandbox"],
     # above the sandbox: what acts on sandboxes or their records
@@ -207,7 +208,7 @@ def test_no_import_runs_upward() -> None:
     assert len(UPWARD_ALLOWED) <= 1
 
 
-@pytest.mark.parametrize("module", ["sandbox", "commands", "files", "pool", "sync"])
+@pytest.mark.parametrize("module", ["sandbox", "commands", "files", "terminal", "pool", "sync"])
 def test_sandbox_logic_names_no_vmm(module: str) -> None:
     """Only ``vm/`` (and the CLI's doctor, and the host's tools) know which VMM runs."""
     source = modules()[module].read_text().lower()

@@ -426,6 +426,39 @@ def _name_in_hosts(hostname: str, path: str = "/etc/hosts") -> None:
             f.write(new)
 
 
+MAX_TERMINAL_COLS, MAX_TERMINAL_ROWS = 1000, 1000
+
+
+def _terminal_size(msg: Any) -> tuple[int, int]:
+    """``cols`` and ``rows`` of a message: integers from 1 to 1000."""
+    if not isinstance(msg, dict):
+        raise ValueError("pty must be an object with cols and rows")
+    cols, rows = msg.get("cols"), msg.get("rows")
+    for name, value, top in (("cols", cols, MAX_TERMINAL_COLS), ("rows", rows, MAX_TERMINAL_ROWS)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise ValueError(f"{name} must be an integer from 1 to {top}")
+    return cols, rows  # type: ignore[return-value]
+
+
+def _set_terminal_size(fd: int, cols: int, rows: int) -> None:
+    import termios  # only for terminals: keeps the agent's start-up imports small
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> Callable[[], None]:
+    """For ``Popen(preexec_fn=...)``: the child, leader of its new session, makes the
+    terminal on its stdin its controlling terminal (job control, Ctrl-C, SIGWINCH)."""
+    import termios
+
+    request = termios.TIOCSCTTY
+
+    def take() -> None:
+        fcntl.ioctl(0, request, 0)
+
+    return take
+
+
 def _set_clock(epoch_ns: int) -> None:
     time.clock_settime_ns(time.CLOCK_REALTIME, epoch_ns)
 
@@ -666,6 +699,7 @@ class Agent:
         "exec": ("op_exec", True),
         "signal": ("op_signal", False),
         "ps": ("op_ps", False),
+        "resize": ("op_resize", False),
         "connect": ("op_connect", False),
         "write_stdin": ("op_write_stdin", False),
         "close_stdin": ("op_close_stdin", False),
@@ -820,6 +854,25 @@ class Agent:
         tag = msg.get("tag")
         if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
             raise ValueError(f"tag must be a string of at most {MAX_TAG} characters")
+        size = msg.get("pty")
+        terminal: int | None = None
+        io: dict[str, Any] = {
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE,
+            "stdin": subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+        }
+        if size is not None:
+            cols, rows = _terminal_size(size)
+            terminal, follower = os.openpty()
+            _set_terminal_size(terminal, cols, rows)
+            env.setdefault("TERM", "xterm-256color")
+            with_stdin = True
+            io = {
+                "stdin": follower,
+                "stdout": follower,
+                "stderr": follower,
+                "preexec_fn": _take_terminal(),
+            }
         spawning = _SpawningAs(acc)
         try:
             with spawning:
@@ -827,30 +880,23 @@ class Agent:
                     argv,
                     env=env,
                     cwd=cwd,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
                     start_new_session=True,
                     close_fds=True,
+                    **io,
                     **spawning.popen_ids,
                 )
-        except FileNotFoundError:
-            self.reply_error(
-                rid, code=ErrorCode.COMMAND_NOT_FOUND, message=f"command not found: {argv[0]}"
-            )
+        except (FileNotFoundError, PermissionError) as exc:
+            if terminal is not None:
+                os.close(terminal)
+            self._spawn_refused(rid, exc, argv, cwd, acc)
             return
-        except PermissionError as exc:
-            if exc.filename == cwd:  # the child could not enter it as this user
-                self.reply_error(
-                    rid,
-                    code=ErrorCode.INVALID_CWD,
-                    message=f"user {acc.name} may not enter the working directory {cwd!r}",
-                )
-            else:
-                self.reply_error(
-                    rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
-                )
-            return
+        except BaseException:
+            if terminal is not None:
+                os.close(terminal)
+            raise
+        finally:
+            if terminal is not None:
+                os.close(io["stdin"])  # the child's end: it has its own copies now
         info = {
             "pid": proc.pid,
             "argv": argv,
@@ -860,7 +906,7 @@ class Agent:
             "stdin": with_stdin,
             "started_at": time.time(),
         }
-        ex = _Exec(proc, stdin_queue, credit, info)
+        ex = _Exec(proc, stdin_queue, credit, info, terminal)
         with self._lock:
             self._execs[rid] = ex
         try:
@@ -869,6 +915,37 @@ class Agent:
         finally:
             with self._lock:
                 self._execs.pop(rid, None)
+
+    def _spawn_refused(
+        self, rid: int, exc: OSError, argv: list[str], cwd: str, acc: _Account
+    ) -> None:
+        if isinstance(exc, FileNotFoundError):
+            self.reply_error(
+                rid, code=ErrorCode.COMMAND_NOT_FOUND, message=f"command not found: {argv[0]}"
+            )
+        elif exc.filename == cwd:  # the child could not enter it as this user
+            self.reply_error(
+                rid,
+                code=ErrorCode.INVALID_CWD,
+                message=f"user {acc.name} may not enter the working directory {cwd!r}",
+            )
+        else:
+            self.reply_error(
+                rid, code=ErrorCode.PERMISSION_DENIED, message=f"permission denied: {argv[0]}"
+            )
+
+    def op_resize(self, rid: int, msg: dict[str, Any]) -> None:
+        """A new window size for a command started with a terminal (``pty``), by pid;
+        its foreground process group gets SIGWINCH from the kernel."""
+        cols, rows = _terminal_size(msg)
+        ex = self._by_pid(msg["pid"])
+        if ex.terminal is None:
+            raise _Refused(ErrorCode.BAD_REQUEST, f"command {ex.proc.pid} has no terminal")
+        with ex.terminal_lock:
+            if ex.terminal < 0:
+                raise _Refused(ErrorCode.NO_SUCH_PROCESS, f"command {ex.proc.pid} has ended")
+            _set_terminal_size(ex.terminal, cols, rows)
+        self.reply(rid, "ok")
 
     def op_signal(self, rid: int, msg: dict[str, Any]) -> None:
         """Signal a command's process group: by its request (``target``) or by its pid."""
@@ -1337,8 +1414,13 @@ class _Exec:
         stdin_queue: queue.Queue[bytes],
         credit: _Credit,
         info: dict[str, Any],
+        terminal: int | None = None,
     ) -> None:
         self.proc = proc
+        self.terminal = terminal
+        """The controlling side of its terminal (``pty``): output and input go through
+        it, and ``resize`` sets its size (under ``terminal_lock``: -1 once closed)."""
+        self.terminal_lock = threading.Lock()
         self.stdin_queue = stdin_queue
         self.credit = credit
         self.info = info
@@ -1436,13 +1518,23 @@ class _Exec:
         leader ends, output is forwarded until both pipes close or stay quiet for
         ``_OUTPUT_IDLE_GRACE`` (a sender blocked on the host is busy, not quiet); pipes
         that a background child keeps open are then drained and dropped in a thread."""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        if self.proc.stdin is not None:
-            threading.Thread(target=self._feed_stdin, daemon=True).start()
-        pipes: dict[int, tuple[Any, Kind]] = {
-            self.proc.stdout.fileno(): (self.proc.stdout, Kind.STDOUT),
-            self.proc.stderr.fileno(): (self.proc.stderr, Kind.STDERR),
-        }
+        pipes: dict[int, tuple[Any, Kind]]
+        if self.terminal is not None:
+            # one stream both ways: what the terminal shows, what is typed into it
+            writer = os.fdopen(os.dup(self.terminal), "wb", buffering=0)
+            threading.Thread(target=self._feed_stdin, args=(writer,), daemon=True).start()
+            screen = os.fdopen(self.terminal, "rb", buffering=0)
+            pipes = {self.terminal: (screen, Kind.STDOUT)}
+        else:
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            if self.proc.stdin is not None:
+                threading.Thread(
+                    target=self._feed_stdin, args=(self.proc.stdin,), daemon=True
+                ).start()
+            pipes = {
+                self.proc.stdout.fileno(): (self.proc.stdout, Kind.STDOUT),
+                self.proc.stderr.fileno(): (self.proc.stderr, Kind.STDERR),
+            }
         deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
         pidfd = os.pidfd_open(self.proc.pid)
@@ -1477,7 +1569,10 @@ class _Exec:
                     if not chunk:
                         poller.unregister(fd)
                         del pipes[fd]
-                        pipe.close()
+                        with self.terminal_lock:
+                            pipe.close()
+                            if fd == self.terminal:
+                                self.terminal = -1
                         continue
                     if self._forward(agent, rid, kind, chunk, None if ended else deadline):
                         continue
@@ -1486,8 +1581,6 @@ class _Exec:
                     self._forward(agent, rid, kind, chunk, None, recorded=True)
         finally:
             os.close(pidfd)
-        if pipes:
-            threading.Thread(target=self._drain, args=(list(pipes.values()),), daemon=True).start()
         with self.send_lock:
             self.abandoned = True  # from here on the pipes are only drained
             self.credit.cancel()  # ...without waiting for the host
@@ -1501,6 +1594,8 @@ class _Exec:
             if not credit.cancelled:
                 agent.reply(wid, "exit", dropped=dropped[0], **ending)
             agent.forget_credit(wid)
+        if pipes:  # after _finish: nothing reaches the terminal by pid any more
+            threading.Thread(target=self._drain, args=(list(pipes.values()),), daemon=True).start()
 
     def _forward(
         self,
@@ -1539,9 +1634,7 @@ class _Exec:
                     poller.unregister(fd)
                     left.pop(fd).close()
 
-    def _feed_stdin(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
+    def _feed_stdin(self, stdin: Any) -> None:
         try:
             while data := self.stdin_queue.get():
                 stdin.write(data)

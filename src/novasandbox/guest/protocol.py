@@ -306,6 +306,7 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
         "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool, "dropped": int},
     },
     "write_stdin": {"ok": OK},
+    "resize": {"ok": OK},
     "close_stdin": {"ok": OK},
     "write_file": {"ok": {"size": int}},
     "read_file": {"ok": {"size": int}},
