@@ -84,8 +84,8 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
     from .sync import CommandHandle, Pool, Sandbox, TerminalHandle
-    from .terminal import AsyncTerminalHandle
     from .templates import BuiltTemplate, Template, TemplateManager
+    from .terminal import AsyncTerminalHandle
 
 __version__ = "0.1.0"
 
@@ -97,9 +97,9 @@ __all__ = [
     "AgentTimeout",
     "AmbiguousSandboxId",
     "AsyncCommandHandle",
-    "AsyncTerminalHandle",
     "AsyncPool",
     "AsyncSandbox",
+    "AsyncTerminalHandle",
     "AuthenticationError",
     "BuiltTemplate",
     "CommandError",
