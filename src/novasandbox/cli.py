@@ -625,6 +625,98 @@ def _needs_server(command: str) -> NoReturn:
     )
 
 
+@cli_group.command("shell")
+@click.option("-t", "--template", default="python", show_default=True)
+@click.option(
+    "-u",
+    "--user",
+    default=None,
+    metavar="NAME",
+    help="Guest account the shell runs as.  [default: the template's: user in python]",
+)
+@click.option(
+    "--lifetime",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_LIFETIME,
+    metavar="S",
+    help="Seconds the sandbox lives, then it is killed (0: no limit).  "
+    f"[default: {DEFAULT_LIFETIME:.0f}]",
+)
+@click.argument("sandbox_id", required=False)
+@handle_errors
+def shell(template: str, user: str | None, lifetime: float, sandbox_id: str | None) -> None:
+    """Open an interactive terminal (a login shell) in a new sandbox of TEMPLATE, killed
+    when the shell exits; exit with the shell's status. The terminal is yours: raw mode,
+    window size changes passed on, Ctrl-C goes to the guest's foreground program.
+
+    \b
+    Examples:
+      novasandbox shell
+      novasandbox shell -u root --lifetime 3600
+
+    SANDBOX_ID (a server's existing sandbox) is not available yet: terminals through a
+    server come next.
+    """
+    from .errors import ConfigError
+
+    if sandbox_id is not None:
+        raise ConfigError(
+            "shell SANDBOX_ID (a terminal in a server's sandbox) is not available yet; "
+            "novasandbox shell opens one in a new local sandbox"
+        )
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise ConfigError("shell needs a terminal on stdin and stdout (use run for pipes)")
+    sys.exit(_shell(template, user, _seconds_or_none(lifetime)))
+
+
+def _shell(template: str, user: str | None, lifetime: float | None) -> int:
+    """The terminal session of ``shell``: its exit status."""
+    import select
+    import signal as signals
+    import termios
+    import tty
+
+    from .errors import NovaSandboxError
+    from .sync import Sandbox
+
+    out = sys.stdout.fileno()
+
+    def show(chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+
+    with Sandbox.create(template, timeout=lifetime) as sb:
+        cols, rows = os.get_terminal_size(out)
+        term = sb.pty.create(cols, rows, on_data=show, user=user)
+        resized = [False]
+        previous = signals.signal(signals.SIGWINCH, lambda *_: resized.__setitem__(0, True))
+        saved = termios.tcgetattr(0)
+        try:
+            tty.setraw(0)
+            while not term.done():
+                if resized[0]:
+                    resized[0] = False
+                    cols, rows = os.get_terminal_size(out)
+                    term.resize(cols, rows)
+                ready, _, _ = select.select([0], [], [], 0.1)
+                if ready:
+                    data = os.read(0, 4096)
+                    if not data:
+                        break
+                    try:
+                        term.send_stdin(data)
+                    except NovaSandboxError:
+                        if term.done():  # it ended meanwhile: its status says how
+                            break
+                        raise
+        finally:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            signals.signal(signals.SIGWINCH, previous)
+        result = term.wait()
+    return result.exit_code
+
+
 @cli_group.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option(
     "-e",

@@ -120,6 +120,36 @@ def test_interactive_passes_the_terminal_on(tmux: str, state_root: Path) -> None
     assert_no_leftovers(state_root)
 
 
+def test_shell_is_a_real_terminal(tmux: str, state_root: Path) -> None:
+    """``novasandbox shell`` in a real terminal (tmux): a login shell as the user, the
+    window's size and its changes, Ctrl-C to the guest's program, the exit status."""
+    _in_terminal(tmux, "shell")
+    _wait_screen(tmux, "user@sb-")  # bash's prompt: the user on the sandbox's host name
+
+    def typed(keys: str, expect: str) -> str:
+        subprocess.run(["tmux", "send-keys", "-t", tmux, keys, "Enter"], check=True)
+        return _wait_screen(tmux, expect)
+
+    typed("echo $((6 * 7)) $(id -un) $(stty size)", "42 user 50 200")
+    subprocess.run(["tmux", "resize-window", "-t", tmux, "-x", "120", "-y", "40"], check=True)
+    time.sleep(0.5)
+    typed("echo size $(stty size)", "size 40 120")
+    typed("sleep 300", "sleep 300")
+    time.sleep(1.0)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "C-c"], check=True)
+    typed("echo after-$?", "after-130")
+    typed("exit 7", "EXIT=7")
+    assert_no_leftovers(state_root)
+
+
+def test_shell_needs_a_terminal_and_a_local_sandbox(state_root: Path) -> None:
+    r = cli("shell", stdin="")  # a pipe, not a terminal
+    assert r.returncode == 125 and "needs a terminal" in r.stderr, r.stderr
+    r = cli("shell", "sb-0123456789")
+    assert r.returncode == 125 and "not available yet" in r.stderr, r.stderr
+    assert_no_leftovers(state_root)
+
+
 def test_options_of_the_command_need_no_double_dash(state_root: Path) -> None:
     r = cli("run", "ls", "-d", "/tmp", "/")  # -d / are ls's, not run's -t
     assert (r.returncode, r.stdout) == (0, "/\n/tmp\n"), r.stderr
