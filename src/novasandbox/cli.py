@@ -112,8 +112,9 @@ def handle_errors(fn: F) -> F:
 @click.pass_context
 def cli_group(ctx: click.Context, verbose: int, server: str | None, api_key: str | None) -> None:
     """Secure microVM sandboxes for untrusted code."""
-    if (server or api_key) and ctx.invoked_subcommand not in REMOTE_COMMANDS:
-        raise click.UsageError(f"--server and --api-key apply to {', '.join(REMOTE_COMMANDS)} only")
+    through = (*REMOTE_COMMANDS, "shell")
+    if (server or api_key) and ctx.invoked_subcommand not in through:
+        raise click.UsageError(f"--server and --api-key apply to {', '.join(through)} only")
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
@@ -643,34 +644,51 @@ def _needs_server(command: str) -> NoReturn:
     f"[default: {DEFAULT_LIFETIME:.0f}]",
 )
 @click.argument("sandbox_id", required=False)
+@click.pass_context
 @handle_errors
-def shell(template: str, user: str | None, lifetime: float, sandbox_id: str | None) -> None:
+def shell(
+    ctx: click.Context, template: str, user: str | None, lifetime: float, sandbox_id: str | None
+) -> None:
     """Open an interactive terminal (a login shell) in a new sandbox of TEMPLATE, killed
-    when the shell exits; exit with the shell's status. The terminal is yours: raw mode,
-    window size changes passed on, Ctrl-C goes to the guest's foreground program.
+    when the shell exits, or with SANDBOX_ID in a server's existing sandbox (which runs
+    on); exit with the shell's status. The terminal is yours: raw mode, window size
+    changes passed on, Ctrl-C goes to the guest's foreground program.
 
     \b
     Examples:
       novasandbox shell
       novasandbox shell -u root --lifetime 3600
+      novasandbox --server http://127.0.0.1:8000 shell sb-1a2b3c4d5e
 
-    SANDBOX_ID (a server's existing sandbox) is not available yet: terminals through a
-    server come next.
+    With a server (--server or NOVASANDBOX_SERVER) the new sandbox is the server's.
     """
     from .errors import ConfigError
 
-    if sandbox_id is not None:
-        raise ConfigError(
-            "shell SANDBOX_ID (a terminal in a server's sandbox) is not available yet; "
-            "novasandbox shell opens one in a new local sandbox"
-        )
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         raise ConfigError("shell needs a terminal on stdin and stdout (use run for pipes)")
-    sys.exit(_shell(template, user, _seconds_or_none(lifetime)))
+    parent = ctx.parent.params if ctx.parent is not None else {}
+    sys.exit(
+        _shell(
+            template,
+            user,
+            _seconds_or_none(lifetime),
+            sandbox_id,
+            parent.get("server"),
+            parent.get("api_key"),
+        )
+    )
 
 
-def _shell(template: str, user: str | None, lifetime: float | None) -> int:
+def _shell(
+    template: str,
+    user: str | None,
+    lifetime: float | None,
+    sandbox_id: str | None,
+    server: str | None,
+    api_key: str | None,
+) -> int:
     """The terminal session of ``shell``: its exit status."""
+    import contextlib
     import select
     import signal as signals
     import termios
@@ -686,7 +704,13 @@ def _shell(template: str, user: str | None, lifetime: float | None) -> int:
         while view:
             view = view[os.write(out, view) :]
 
-    with Sandbox.create(template, timeout=lifetime) as sb:
+    with contextlib.ExitStack() as stack:
+        if sandbox_id is None:
+            sb = stack.enter_context(
+                Sandbox.create(template, timeout=lifetime, server=server, api_key=api_key)
+            )
+        else:
+            sb = Sandbox.connect(sandbox_id, server=server, api_key=api_key)
         cols, rows = os.get_terminal_size(out)
         term = sb.pty.create(cols, rows, on_data=show, user=user)
         resized = [False]

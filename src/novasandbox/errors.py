@@ -408,6 +408,8 @@ _AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
     ErrorCode.UNKNOWN_USER: UnknownUser,
     ErrorCode.NO_SUCH_PROCESS: ProcessNotFound,
     ErrorCode.STDIN_CLOSED: StdinClosed,
+    ErrorCode.NOT_A_TERMINAL: CommandError,
+    ErrorCode.TOO_MANY_CONNECTIONS: CommandError,
     ErrorCode.FILE_NOT_FOUND: SandboxFileNotFound,
     ErrorCode.NOT_A_DIRECTORY: SandboxFileError,
     ErrorCode.IS_A_DIRECTORY: SandboxFileError,

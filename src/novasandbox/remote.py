@@ -36,6 +36,7 @@ This module does not import the server (no FastAPI on the client's path).
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import json
@@ -44,7 +45,7 @@ import shlex
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
@@ -95,6 +96,7 @@ from .files import (
 from .guest.protocol import ErrorCode
 from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
 from .snapshots import Snapshot
+from .terminal import DEFAULT_COLS, DEFAULT_ROWS, LOGIN_SHELL, DataCallback, check_size
 
 if TYPE_CHECKING:
     import httpx  # imported where used: ~0.1 s that local sandboxes never need
@@ -843,10 +845,13 @@ class RemoteCommandHandle:
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
         max_output: int | None,
+        on_data: Callable[[bytes], Any] | None = None,
     ) -> None:
         self._sb = sandbox
         self.argv = tuple(argv)
         self.pid = 0
+        self._on_data = on_data
+        """A terminal's: gets the bytes of its ``pty`` events."""
         self._timeout = timeout
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         self._buffers = {"stdout": bytearray(), "stderr": bytearray()}
@@ -892,6 +897,14 @@ class RemoteCommandHandle:
                         text = str(event.get("data", ""))
                         self._keep(kind, text)
                         await _call_back(self._callbacks[kind], text)
+                    elif kind == "pty":
+                        try:
+                            data = base64.b64decode(str(event.get("data", "")), validate=True)
+                        except ValueError as exc:
+                            raise RemoteError(
+                                f"the server sent a pty event that is not base64: {exc}"
+                            ) from None
+                        await _call_back(self._on_data, data)
                     elif kind == "exit":
                         return self._result(event, time.monotonic() - t0), bool(
                             event.get("timed_out")
@@ -1252,27 +1265,95 @@ class RemoteCommands:
         await self._sb._call("POST", f"/commands/{pid}/close-stdin")
 
 
+class RemoteTerminalHandle:
+    """A terminal in a server's sandbox (``RemoteTerminals.create``): its output comes
+    as ``pty`` events (base64) on the command's stream."""
+
+    def __init__(self, sandbox: RemoteSandbox, command: RemoteCommandHandle) -> None:
+        self._sb = sandbox
+        self._command = command
+
+    @property
+    def pid(self) -> int:
+        return self._command.pid
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._command.argv
+
+    def done(self) -> bool:
+        return self._command.done()
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """``AsyncTerminalHandle.send_stdin``."""
+        await self._command.send_stdin(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """``AsyncTerminalHandle.resize``."""
+        await RemoteTerminals(self._sb).resize(self.pid, cols, rows)
+
+    async def kill(self) -> None:
+        await self._command.kill()
+
+    async def wait(self) -> CommandResult:
+        return await self._command.wait()
+
+    def disconnect(self) -> None:
+        self._command.disconnect()
+
+
 class RemoteTerminals:
-    """``sandbox.pty`` of a ``RemoteSandbox``: terminals through a server are not built
-    yet (``RemoteUnsupported``); ``novasandbox shell`` and the server routes come next."""
+    """``sandbox.pty`` of a ``RemoteSandbox``: ``AsyncTerminals``'s methods; the
+    terminal's bytes come base64 in the command's stream."""
 
     def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sb = sandbox
 
     async def create(
         self,
-        cols: int = 80,
-        rows: int = 24,
+        cols: int = DEFAULT_COLS,
+        rows: int = DEFAULT_ROWS,
         *,
-        on_data: Any = None,
+        on_data: DataCallback | None = None,
         cmd: str | Sequence[str] | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
         tag: str | None = None,
-    ) -> NoReturn:
-        raise RemoteUnsupported("terminals through a server are not available yet")
+    ) -> RemoteTerminalHandle:
+        """``AsyncTerminals.create``: the terminal runs on if this client goes away
+        (reach it by pid); ``kill`` or ``exit`` ends it."""
+        cols, rows = check_size(cols, rows)
+        argv = _normalize_argv(list(LOGIN_SHELL) if cmd is None else cmd)
+        env_vars = dict(validate_env(env))
+        user = validate_user(user)
+        if cwd is not None:
+            cwd = check_guest_path(cwd, "cwd")
+        timeout = validate_timeout(timeout)
+        if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG):
+            raise ConfigError(f"tag must be a string of at most {MAX_TAG} characters")
+        self._sb._check()
+        body: dict[str, Any] = {
+            "cmd": argv,
+            "env": env_vars,
+            "cwd": cwd,
+            "timeout": None if timeout is None else float(timeout),
+            "open_stdin": True,
+            "background": True,
+            "user": user,
+            "tag": tag,
+            "pty": {"cols": cols, "rows": rows},
+        }
+        command = RemoteCommandHandle(self._sb, argv, timeout, None, None, 0, on_data=on_data)
+        await command._start(body)
+        return RemoteTerminalHandle(self._sb, command)
+
+    async def resize(self, pid: int, cols: int, rows: int) -> None:
+        """``AsyncTerminals.resize``."""
+        cols, rows = check_size(cols, rows)
+        pid = check_int("pid", pid, 1)
+        await self._sb._call("POST", f"/commands/{pid}/resize", json={"cols": cols, "rows": rows})
 
 
 # --------------------------------------------------------------------------- files

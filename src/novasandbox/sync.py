@@ -33,6 +33,7 @@ from .remote import (
     RemoteSandbox,
     RemoteSandboxInfo,
     RemoteSnapshot,
+    RemoteTerminalHandle,
     RemoteTerminals,
 )
 from .results import SandboxMetrics
@@ -133,7 +134,7 @@ class CommandHandle:
 class TerminalHandle:
     """Sync twin of ``AsyncTerminalHandle``."""
 
-    def __init__(self, inner: AsyncTerminalHandle) -> None:
+    def __init__(self, inner: AsyncTerminalHandle | RemoteTerminalHandle) -> None:
         self._inner = inner
 
     @property
@@ -183,21 +184,21 @@ class Terminals:
         timeout: float | None = None,
         tag: str | None = None,
     ) -> TerminalHandle:
-        return TerminalHandle(
-            _Portal.call(
-                self._inner.create(
-                    cols,
-                    rows,
-                    on_data=on_data,
-                    cmd=cmd,
-                    cwd=cwd,
-                    env=env,
-                    user=user,
-                    timeout=timeout,
-                    tag=tag,
-                )
-            )
+        creating = cast(  # either kind of handle
+            "Coroutine[Any, Any, AsyncTerminalHandle | RemoteTerminalHandle]",
+            self._inner.create(
+                cols,
+                rows,
+                on_data=on_data,
+                cmd=cmd,
+                cwd=cwd,
+                env=env,
+                user=user,
+                timeout=timeout,
+                tag=tag,
+            ),
         )
+        return TerminalHandle(_Portal.call(creating))
 
     create.__doc__ = AsyncTerminals.create.__doc__
 

@@ -39,6 +39,11 @@ class AsyncTerminalHandle:
         """The guest pid of the terminal's command (its session leader)."""
         return self._command.pid
 
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The terminal's command."""
+        return self._command.argv
+
     def done(self) -> bool:
         return self._command.done()
 
@@ -48,9 +53,7 @@ class AsyncTerminalHandle:
 
     async def resize(self, cols: int, rows: int) -> None:
         """Set the terminal's window size; its foreground programs get SIGWINCH."""
-        cols, rows = check_size(cols, rows)
-        pid = check_int("pid", self.pid, 1)
-        await self._sb._require_agent().call("resize", pid=pid, cols=cols, rows=rows)
+        await AsyncTerminals(self._sb).resize(self.pid, cols, rows)
 
     async def kill(self) -> None:
         """SIGKILL the terminal's command and everything in its session's process group."""
@@ -109,6 +112,14 @@ class AsyncTerminals:
             terminal=(cols, rows),
         )
         return AsyncTerminalHandle(self._sb, handle)
+
+    async def resize(self, pid: int, cols: int, rows: int) -> None:
+        """Set the window size of the terminal whose command has ``pid`` (from any
+        client): ``ProcessNotFound`` if none runs, ``CommandError`` (``agent_code``
+        ``not-a-terminal``) if that command has no terminal."""
+        cols, rows = check_size(cols, rows)
+        pid = check_int("pid", pid, 1)
+        await self._sb._require_agent().call("resize", pid=pid, cols=cols, rows=rows)
 
 
 __all__ = ["AsyncTerminalHandle", "AsyncTerminals", "DataCallback", "check_size"]

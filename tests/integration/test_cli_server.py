@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -409,3 +411,45 @@ def test_ctrl_c_kills_the_command_and_runs_sandbox(pooled: PooledServer) -> None
         if _guest_processes(pooled, sid, "yes") == 0:
             break
     assert pooled.cli("kill", sid).returncode == 0
+
+
+def test_shell_in_a_servers_sandbox_in_a_real_terminal(pooled: PooledServer) -> None:
+    """``novasandbox shell ID`` through a server, in tmux: a terminal in the server's
+    sandbox as the user, resized with the window; the sandbox runs on after ``exit``."""
+    sid = pooled.http.post("/v1/sandboxes", json={}).json()["id"]
+    session = f"ns-{uuid.uuid4().hex[:8]}"
+    env = " ".join(
+        f"{k}={shlex.quote(v)}"
+        for k, v in pooled.env().items()
+        if k.startswith("NOVASANDBOX_") or k in ("PYTHONPATH", "PATH")
+    )
+    cmd = f"env {env} {shlex.join(ENTRY)} shell {sid}; echo EXIT=$?; sleep 600"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd], check=True
+    )
+    try:
+
+        def screen() -> str:
+            return subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+            ).stdout
+
+        def wait_screen(text: str) -> None:
+            deadline = time.monotonic() + 90
+            while text not in (shown := screen()):
+                assert time.monotonic() < deadline, f"{text!r} never appeared:\n{shown}"
+                time.sleep(0.2)
+
+        wait_screen("user@")
+        subprocess.run(
+            ["tmux", "send-keys", "-t", session, "echo $((6 * 7)) $(stty size)", "Enter"],
+            check=True,
+        )
+        wait_screen("42 40 160")
+        subprocess.run(["tmux", "send-keys", "-t", session, "exit 4", "Enter"], check=True)
+        wait_screen("EXIT=4")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    state = pooled.http.get(f"/v1/sandboxes/{sid}").json()["state"]
+    assert state == "running"  # an existing sandbox runs on
+    pooled.http.delete(f"/v1/sandboxes/{sid}")

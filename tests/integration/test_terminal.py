@@ -1,6 +1,5 @@
 """Terminals in a real VM (``sandbox.pty``): a login shell with a tty of the given size,
-typing, Ctrl-C, resize, exit codes, as the user or root; through a server, the typed
-refusal that says they are not there yet."""
+typing, Ctrl-C, resize, exit codes, as the user or root; locally and through a server."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from novasandbox import ConfigError, RemoteUnsupported, Sandbox
+from novasandbox import ConfigError, Sandbox
 
 from .conftest import SandboxFactory
 
@@ -58,11 +57,6 @@ class Screen:
 
 
 def test_a_login_shell_in_a_terminal_of_the_size_asked(sb: Sandbox) -> None:
-    if sb.server is not None:
-        with pytest.raises(RemoteUnsupported) as info:
-            sb.pty.create(80, 24)
-        assert info.value.code == "remote-unsupported"
-        return
     screen = Screen()
     term = sb.pty.create(100, 30, on_data=screen)
     assert term.pid in {p.pid for p in sb.commands.list()}  # a command like any other

@@ -1135,6 +1135,17 @@ def test_bad_terminal_sizes_are_bad_requests(agent: AgentConn, size: Any) -> Non
 def test_resize_needs_a_terminal(agent: AgentConn) -> None:
     rid = agent.start(["sleep", "30"])
     pid = agent.started(rid)["pid"]
-    assert error_code(agent.call("resize", pid=pid, cols=80, rows=24)) == "bad-request"
+    assert error_code(agent.call("resize", pid=pid, cols=80, rows=24)) == "not-a-terminal"
     assert error_code(agent.call("resize", pid=pid, cols=0, rows=24)) == "bad-request"
+    agent.call("signal", pid=pid, signal=9)
+
+
+def test_a_command_streams_to_at_most_16_connections(agent: AgentConn) -> None:
+    rid = agent.start(["sleep", "30"])
+    pid = agent.started(rid)["pid"]
+    for _ in range(16):
+        cid = agent.new_id()
+        agent.send(cid, "connect", pid=pid)
+        assert agent.message(cid)["op"] == "started"
+    assert error_code(agent.call("connect", pid=pid)) == "too-many-connections"
     agent.call("signal", pid=pid, signal=9)

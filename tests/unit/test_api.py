@@ -151,6 +151,8 @@ AGENT_CODES = {
     "unknown-user": "unknown-user",
     "no-such-process": "process-not-found",
     "stdin-closed": "stdin-closed",
+    "not-a-terminal": "command-error",
+    "too-many-connections": "command-error",
     "file-not-found": "file-not-found",
     "not-a-directory": "file-error",
     "is-a-directory": "file-error",

@@ -940,7 +940,7 @@ class Agent:
         cols, rows = _terminal_size(msg)
         ex = self._by_pid(msg["pid"])
         if ex.terminal is None:
-            raise _Refused(ErrorCode.BAD_REQUEST, f"command {ex.proc.pid} has no terminal")
+            raise _Refused(ErrorCode.NOT_A_TERMINAL, f"command {ex.proc.pid} has no terminal")
         with ex.terminal_lock:
             if ex.terminal < 0:
                 raise _Refused(ErrorCode.NO_SUCH_PROCESS, f"command {ex.proc.pid} has ended")
@@ -1448,7 +1448,7 @@ class _Exec:
                 agent.forget_credit(gone)
             if len(self._watchers) >= MAX_WATCHERS:
                 raise _Refused(
-                    ErrorCode.BAD_REQUEST,
+                    ErrorCode.TOO_MANY_CONNECTIONS,
                     f"command {self.proc.pid} already has {MAX_WATCHERS} connections",
                 )
             dropped = [0]

@@ -113,6 +113,10 @@ class ErrorCode(enum.StrEnum):
     """No running command (started through the agent) with that request id or pid."""
     STDIN_CLOSED = "stdin-closed"
     """Input for a command whose stdin is closed, or was never open."""
+    NOT_A_TERMINAL = "not-a-terminal"
+    """A terminal's request (``resize``) for a command started without one."""
+    TOO_MANY_CONNECTIONS = "too-many-connections"
+    """A ``connect`` to a command that already streams to as many as it may."""
     # Files (most from the errno of a failed system call).
     FILE_NOT_FOUND = "file-not-found"
     NOT_A_DIRECTORY = "not-a-directory"

@@ -26,6 +26,7 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
                                               (by any client) -> ProcessList
     POST   /v1/sandboxes/ID/commands/PID/connect      attach -> NDJSON events (it runs on
                                               when this client leaves)
+    POST   /v1/sandboxes/ID/commands/PID/resize       (TerminalSize) its terminal's -> 204
     POST   /v1/sandboxes/ID/commands/PID/stdin        the raw body to its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/close-stdin  end its stdin -> 204
     POST   /v1/sandboxes/ID/commands/PID/signal       (SendSignal) to its group -> 204
@@ -147,6 +148,7 @@ from .models import (
     SignedUrl,
     SnapshotList,
     SnapshotOut,
+    TerminalSize,
     Written,
     check_labels,
     parse_label_filter,
@@ -650,19 +652,32 @@ def create_app(
         try:
             sb = registry.get(key.id, sandbox_id).live()
             stream = CommandStream(sb.id, on_error=metrics.command_error)
-            stream.handle = await sb.commands.start(
-                body.cmd,
-                env=body.env,
-                cwd=body.cwd,
-                timeout=body.timeout,
-                stdin=body.stdin,
-                open_stdin=body.open_stdin,
-                user=body.user,
-                tag=body.tag,
-                on_stdout=stream.stdout,
-                on_stderr=stream.stderr,
-                max_output=0,  # streamed, not kept
-            )
+            if body.pty is not None:
+                stream.handle = await sb.pty.create(
+                    body.pty.cols,
+                    body.pty.rows,
+                    on_data=stream.terminal,
+                    cmd=body.cmd,
+                    env=body.env,
+                    cwd=body.cwd,
+                    user=body.user,
+                    timeout=body.timeout,
+                    tag=body.tag,
+                )
+            else:
+                stream.handle = await sb.commands.start(
+                    body.cmd,
+                    env=body.env,
+                    cwd=body.cwd,
+                    timeout=body.timeout,
+                    stdin=body.stdin,
+                    open_stdin=body.open_stdin,
+                    user=body.user,
+                    tag=body.tag,
+                    on_stdout=stream.stdout,
+                    on_stderr=stream.stderr,
+                    max_output=0,  # streamed, not kept
+                )
         except NovaSandboxError as exc:
             metrics.command_error(exc.code)
             raise
@@ -707,6 +722,16 @@ def create_app(
             pid, on_stdout=stream.stdout, on_stderr=stream.stderr, max_output=0
         )
         return Streamed(stream.events(), NDJSON, on_abort=stream.detach)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/commands/{pid}/resize", status_code=204, tags=["commands"]
+    )
+    async def command_resize(
+        sandbox_id: str, pid: int, body: TerminalSize, key: Caller
+    ) -> Response:
+        """Set the window size of running command PID's terminal (started with `pty`)."""
+        await registry.get(key.id, sandbox_id).live().pty.resize(pid, body.cols, body.rows)
+        return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{pid}/stdin", status_code=204, tags=["commands"])
     async def command_stdin(sandbox_id: str, pid: int, request: Request, key: Caller) -> Response:

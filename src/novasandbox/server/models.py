@@ -68,6 +68,11 @@ class SetTimeout(_Request):
     )
 
 
+class TerminalSize(_Request):
+    cols: int = Field(ge=1, le=1000)
+    rows: int = Field(ge=1, le=1000)
+
+
 class RunCommand(_Request):
     """``commands.run``'s arguments; the output is streamed (see the route)."""
 
@@ -83,6 +88,11 @@ class RunCommand(_Request):
     )
     tag: str | None = Field(
         None, max_length=256, description="A label of yours, shown by GET .../commands."
+    )
+    pty: TerminalSize | None = Field(
+        None,
+        description="Run it in a terminal of this size: what it shows comes as `pty` "
+        "events (base64 bytes), input goes in by .../stdin, .../resize changes the size.",
     )
     timeout: float | None = Field(
         DEFAULT_COMMAND_TIMEOUT,
@@ -280,6 +290,7 @@ __all__ = [
     "SignedUrl",
     "SnapshotList",
     "SnapshotOut",
+    "TerminalSize",
     "Written",
     "check_labels",
     "parse_label_filter",

@@ -21,6 +21,7 @@ crashed meanwhile, or the agent failed).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -33,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 from ..commands import AsyncCommandHandle
 from ..errors import CommandTimeout, NovaSandboxError
 from ..results import CommandResult
+from ..terminal import AsyncTerminalHandle
 
 log = logging.getLogger("novasandbox.server")
 
@@ -109,7 +111,7 @@ class CommandStream:
         """Called with the code of the error that ends the stream (if one does)."""
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUED_EVENTS)
         self._closed = False
-        self.handle: AsyncCommandHandle | None = None
+        self.handle: AsyncCommandHandle | AsyncTerminalHandle | None = None
 
     async def _put(self, event: dict[str, Any] | None) -> None:
         if not self._closed:
@@ -120,6 +122,11 @@ class CommandStream:
 
     async def stderr(self, text: str) -> None:
         await self._put({"type": "stderr", "data": text})
+
+    async def terminal(self, data: bytes) -> None:
+        """What a terminal showed: bytes, so base64 (a terminal's output need not be
+        UTF-8, nor cut at character boundaries)."""
+        await self._put({"type": "pty", "data": base64.b64encode(data).decode("ascii")})
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         handle = self.handle
@@ -135,7 +142,7 @@ class CommandStream:
                 self._queue.get_nowait()
             finisher.cancel()
 
-    async def _finish(self, handle: AsyncCommandHandle) -> None:
+    async def _finish(self, handle: AsyncCommandHandle | AsyncTerminalHandle) -> None:
         event: dict[str, Any]
         try:
             event = exit_event(await handle.wait(), timed_out=False)
