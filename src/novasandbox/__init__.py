@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         InvalidWorkingDirectory,
         NetworkError,
         NoSpaceLeft,
+        NotADirectory,
         NotARegularFile,
         NovaSandboxError,
         PoolClosed,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         SandboxError,
         SandboxExpired,
         SandboxFileError,
+        SandboxFileExists,
         SandboxFileNotFound,
         SandboxNotFound,
         SandboxNotRunning,
@@ -71,10 +73,11 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         TemplateError,
         TemplateNotBuilt,
         TemplateNotFound,
+        TooManyEntries,
         UnknownUser,
         VMStartError,
     )
-    from .files import EntryInfo
+    from .files import AsyncWatchHandle, EntryInfo, FilesystemEvent, WriteEntry
     from .network import NetworkLog, NetworkMode, RefusedConnection
     from .pool import AsyncPool
     from .records import SandboxInfo
@@ -82,7 +85,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .results import CommandResult, SandboxState
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-    from .sync import CommandHandle, Pool, Sandbox
+    from .sync import CommandHandle, Pool, Sandbox, WatchHandle
     from .templates import BuiltTemplate, Template, TemplateManager
 
 __version__ = "0.1.0"
@@ -97,6 +100,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPool",
     "AsyncSandbox",
+    "AsyncWatchHandle",
     "AuthenticationError",
     "BuiltTemplate",
     "CommandError",
@@ -109,6 +113,7 @@ __all__ = [
     "Drive",
     "EntryInfo",
     "FileTooLarge",
+    "FilesystemEvent",
     "HostMemoryExhausted",
     "HostToolMissing",
     "InvalidWorkingDirectory",
@@ -116,6 +121,7 @@ __all__ = [
     "NetworkLog",
     "NetworkMode",
     "NoSpaceLeft",
+    "NotADirectory",
     "NotARegularFile",
     "NovaSandboxError",
     "Pool",
@@ -135,6 +141,7 @@ __all__ = [
     "SandboxError",
     "SandboxExpired",
     "SandboxFileError",
+    "SandboxFileExists",
     "SandboxFileNotFound",
     "SandboxInfo",
     "SandboxNotFound",
@@ -157,8 +164,11 @@ __all__ = [
     "TemplateManager",
     "TemplateNotBuilt",
     "TemplateNotFound",
+    "TooManyEntries",
     "UnknownUser",
     "VMStartError",
+    "WatchHandle",
+    "WriteEntry",
     "__version__",
     "delete_snapshot",
     "get_snapshot",
@@ -185,6 +195,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "InvalidWorkingDirectory",
         "NetworkError",
         "NoSpaceLeft",
+        "NotADirectory",
         "NotARegularFile",
         "NovaSandboxError",
         "PoolClosed",
@@ -197,6 +208,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SandboxError",
         "SandboxExpired",
         "SandboxFileError",
+        "SandboxFileExists",
         "SandboxFileNotFound",
         "SandboxNotFound",
         "SandboxNotRunning",
@@ -214,10 +226,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "TemplateError",
         "TemplateNotBuilt",
         "TemplateNotFound",
+        "TooManyEntries",
         "UnknownUser",
         "VMStartError",
     ),
-    "files": ("EntryInfo",),
+    "files": ("AsyncWatchHandle", "EntryInfo", "FilesystemEvent", "WriteEntry"),
     "network": ("NetworkLog", "NetworkMode", "RefusedConnection"),
     "pool": ("AsyncPool",),
     "records": ("SandboxInfo",),
@@ -225,7 +238,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "results": ("CommandResult", "SandboxState"),
     "sandbox": ("AsyncSandbox",),
     "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
-    "sync": ("CommandHandle", "Pool", "Sandbox"),
+    "sync": ("CommandHandle", "Pool", "Sandbox", "WatchHandle"),
     "templates": ("BuiltTemplate", "Template", "TemplateManager"),
 }
 """Each public name's module (the one that defines it), imported on the name's first use:
