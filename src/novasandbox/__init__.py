@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         InvalidWorkingDirectory,
         NetworkError,
         NoSpaceLeft,
+        NotADirectory,
         NotARegularFile,
         NovaSandboxError,
         PoolClosed,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         SandboxError,
         SandboxExpired,
         SandboxFileError,
+        SandboxFileExists,
         SandboxFileNotFound,
         SandboxNotFound,
         SandboxNotRunning,
@@ -72,10 +74,11 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
         TemplateError,
         TemplateNotBuilt,
         TemplateNotFound,
+        TooManyEntries,
         UnknownUser,
         VMStartError,
     )
-    from .files import EntryInfo
+    from .files import AsyncWatchHandle, EntryInfo, FilesystemEvent, WriteEntry
     from .network import NetworkLog, NetworkMode, RefusedConnection
     from .pool import AsyncPool
     from .records import SandboxInfo
@@ -83,7 +86,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr_
     from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
     from .sandbox import AsyncSandbox
     from .snapshots import Snapshot, delete_snapshot, get_snapshot, list_snapshots
-    from .sync import CommandHandle, Pool, Sandbox, TerminalHandle
+    from .sync import CommandHandle, Pool, Sandbox, TerminalHandle, WatchHandle
     from .templates import BuiltTemplate, Template, TemplateManager
     from .terminal import AsyncTerminalHandle
 
@@ -100,6 +103,7 @@ __all__ = [
     "AsyncPool",
     "AsyncSandbox",
     "AsyncTerminalHandle",
+    "AsyncWatchHandle",
     "AuthenticationError",
     "BuiltTemplate",
     "CommandError",
@@ -112,6 +116,7 @@ __all__ = [
     "Drive",
     "EntryInfo",
     "FileTooLarge",
+    "FilesystemEvent",
     "HostMemoryExhausted",
     "HostToolMissing",
     "InvalidWorkingDirectory",
@@ -119,6 +124,7 @@ __all__ = [
     "NetworkLog",
     "NetworkMode",
     "NoSpaceLeft",
+    "NotADirectory",
     "NotARegularFile",
     "NovaSandboxError",
     "Pool",
@@ -139,6 +145,7 @@ __all__ = [
     "SandboxError",
     "SandboxExpired",
     "SandboxFileError",
+    "SandboxFileExists",
     "SandboxFileNotFound",
     "SandboxInfo",
     "SandboxMetrics",
@@ -164,8 +171,11 @@ __all__ = [
     "TemplateNotBuilt",
     "TemplateNotFound",
     "TerminalHandle",
+    "TooManyEntries",
     "UnknownUser",
     "VMStartError",
+    "WatchHandle",
+    "WriteEntry",
     "__version__",
     "delete_snapshot",
     "get_snapshot",
@@ -192,6 +202,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "InvalidWorkingDirectory",
         "NetworkError",
         "NoSpaceLeft",
+        "NotADirectory",
         "NotARegularFile",
         "NovaSandboxError",
         "PoolClosed",
@@ -204,6 +215,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SandboxError",
         "SandboxExpired",
         "SandboxFileError",
+        "SandboxFileExists",
         "SandboxFileNotFound",
         "SandboxNotFound",
         "SandboxNotRunning",
@@ -222,10 +234,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "TemplateError",
         "TemplateNotBuilt",
         "TemplateNotFound",
+        "TooManyEntries",
         "UnknownUser",
         "VMStartError",
     ),
-    "files": ("EntryInfo",),
+    "files": ("AsyncWatchHandle", "EntryInfo", "FilesystemEvent", "WriteEntry"),
     "network": ("NetworkLog", "NetworkMode", "RefusedConnection"),
     "pool": ("AsyncPool",),
     "records": ("SandboxInfo",),
@@ -233,7 +246,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "results": ("CommandResult", "ProcessInfo", "SandboxMetrics", "SandboxState"),
     "sandbox": ("AsyncSandbox",),
     "snapshots": ("Snapshot", "delete_snapshot", "get_snapshot", "list_snapshots"),
-    "sync": ("CommandHandle", "Pool", "Sandbox", "TerminalHandle"),
+    "sync": ("CommandHandle", "Pool", "Sandbox", "TerminalHandle", "WatchHandle"),
     "terminal": ("AsyncTerminalHandle",),
     "templates": ("BuiltTemplate", "Template", "TemplateManager"),
 }

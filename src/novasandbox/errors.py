@@ -50,7 +50,10 @@ that the CLI prints and that survives JSON, so callers can branch on it.
         ├── ReadOnlyFilesystem          read-only-filesystem
         ├── NoSpaceLeft                 no-space
         ├── FileTooLarge                file-too-large
-        └── NotARegularFile             not-a-regular-file
+        ├── NotARegularFile             not-a-regular-file
+        ├── SandboxFileExists           file-exists
+        ├── NotADirectory               not-a-directory
+        └── TooManyEntries              too-many-entries
 
 Lower-layer exceptions (OSError, the QMP client's errors, the wire codec's
 ``ProtocolError``) are mapped to the most specific class here and chained with
@@ -395,6 +398,26 @@ class NotARegularFile(SandboxFileError):
     code = "not-a-regular-file"
 
 
+class SandboxFileExists(SandboxFileError, FileExistsError):
+    """Something is already there: a rename's destination, a directory made with
+    ``exist_ok=False``."""
+
+    code = "file-exists"
+
+
+class NotADirectory(SandboxFileError, NotADirectoryError):
+    """A directory was needed: a file is in the way of ``make_dir``, or a path goes
+    through a file."""
+
+    code = "not-a-directory"
+
+
+class TooManyEntries(SandboxFileError):
+    """A listing found more entries than its ``max_entries`` (nothing is returned)."""
+
+    code = "too-many-entries"
+
+
 _AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
     ErrorCode.PROTOCOL_ERROR: AgentProtocolError,
     ErrorCode.UNKNOWN_OP: AgentProtocolError,
@@ -411,9 +434,9 @@ _AGENT_CODES: dict[ErrorCode, type[NovaSandboxError]] = {
     ErrorCode.NOT_A_TERMINAL: CommandError,
     ErrorCode.TOO_MANY_CONNECTIONS: CommandError,
     ErrorCode.FILE_NOT_FOUND: SandboxFileNotFound,
-    ErrorCode.NOT_A_DIRECTORY: SandboxFileError,
+    ErrorCode.NOT_A_DIRECTORY: NotADirectory,
     ErrorCode.IS_A_DIRECTORY: SandboxFileError,
-    ErrorCode.FILE_EXISTS: SandboxFileError,
+    ErrorCode.FILE_EXISTS: SandboxFileExists,
     ErrorCode.DIRECTORY_NOT_EMPTY: SandboxFileError,
     ErrorCode.PERMISSION_DENIED: SandboxPermissionError,
     ErrorCode.READ_ONLY_FILESYSTEM: ReadOnlyFilesystem,

@@ -45,10 +45,10 @@ import shlex
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 from . import errors
 from .commands import (
@@ -67,6 +67,7 @@ from .config import (
     validate_user,
 )
 from .errors import (
+    AgentProtocolError,
     AuthenticationError,
     CommandError,
     CommandFailed,
@@ -87,13 +88,29 @@ from .errors import (
 )
 from .files import (
     DEFAULT_FILE_TIMEOUT,
+    DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_READ,
+    MAX_ENTRIES,
+    AsyncWatchHandle,
     EntryInfo,
-    is_reader,
-    read_chunks,
+    FilesystemEvent,
+    WatchCallback,
+    WriteData,
+    WriteEntry,
+    check_data,
+    data_chunks,
+    prefetched,
     validate_mode,
+    write_entries,
 )
-from .guest.protocol import ErrorCode
+from .guest.protocol import (
+    ENTRY,
+    MAX_LIST_DEPTH,
+    WATCH_EVENT,
+    ErrorCode,
+    ProtocolError,
+    check_value,
+)
 from .results import CommandResult, ProcessInfo, SandboxMetrics, SandboxState
 from .snapshots import Snapshot
 from .terminal import DEFAULT_COLS, DEFAULT_ROWS, LOGIN_SHELL, DataCallback, check_size
@@ -1361,21 +1378,15 @@ class RemoteTerminals:
 
 def _entry(d: Any) -> EntryInfo:
     try:
-        return EntryInfo(
-            str(d["name"]),
-            str(d["path"]),
-            d["type"],
-            int(d["size"]),
-            int(d["mode"]),
-            float(d["mtime"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RemoteError(f"the server sent a file entry in an unknown shape: {exc}") from exc
+        check_value(ENTRY, d, "a file entry")
+        return EntryInfo.from_agent(d)
+    except (ProtocolError, AgentProtocolError) as exc:
+        raise RemoteError(f"the server sent a file entry in an unknown shape: {exc}") from None
 
 
 class RemoteFiles:
     """``sandbox.files`` of a ``RemoteSandbox``: ``AsyncFiles``'s methods, bytes moved
-    raw over HTTP."""
+    raw over HTTP, a watch's events as NDJSON."""
 
     def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sb = sandbox
@@ -1383,23 +1394,33 @@ class RemoteFiles:
     async def write(
         self,
         path: str,
-        data: str | bytes | BinaryIO,
+        data: WriteData,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
         user: str | None = None,
     ) -> int:
-        """``AsyncFiles.write``: the bytes go up raw in one request, a file's streamed as
-        it is read."""
+        """``AsyncFiles.write``: bytes go up raw in one request, a file or an iterator
+        streamed as it is read."""
+        return (await self._put(path, data, mode=mode, timeout=timeout, user=user))[0]
+
+    async def _put(
+        self,
+        path: str,
+        data: WriteData,
+        *,
+        mode: int | None,
+        timeout: float | None,
+        user: str | None,
+    ) -> tuple[int, dict[str, Any]]:
         content: bytes | AsyncIterator[bytes]
+        check_data(data)
         if isinstance(data, str):
             content = data.encode()
         elif isinstance(data, (bytes, bytearray, memoryview)):
             content = bytes(data)
-        elif is_reader(data):
-            content = read_chunks(data)
         else:
-            raise ConfigError("data must be str, bytes or a binary file open for reading")
+            content = data_chunks(data)
         path = check_guest_path(path)
         timeout = validate_timeout(timeout)
         params: dict[str, str] = _where(path, user)
@@ -1409,7 +1430,28 @@ class RemoteFiles:
         if timeout is not None:
             params["timeout"] = str(float(timeout))
         reply = await self._sb._call("PUT", "/files", path=path, params=params, content=content)
-        return int(reply["size"])
+        return int(reply["size"]), reply
+
+    async def write_files(
+        self,
+        files: Sequence[WriteEntry | Mapping[str, Any]],
+        *,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
+    ) -> list[EntryInfo]:
+        """``AsyncFiles.write_files``: one upload per file, in order."""
+        entries = write_entries(files)
+        timeout = validate_timeout(timeout)
+        validate_user(user)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        infos = []
+        for entry in entries:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            _size, reply = await self._put(
+                entry.path, entry.data, mode=entry.mode, timeout=left, user=user
+            )
+            infos.append(_entry(reply.get("entry")))
+        return infos
 
     @overload
     async def read(
@@ -1431,19 +1473,29 @@ class RemoteFiles:
         timeout: float | None = ...,
         user: str | None = ...,
     ) -> bytes: ...
+    @overload
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["stream"],
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+        user: str | None = ...,
+    ) -> AsyncIterator[bytes]: ...
 
     async def read(
         self,
         path: str,
         *,
-        format: Literal["text", "bytes"] = "text",
+        format: Literal["text", "bytes", "stream"] = "text",
         max_size: int | None = DEFAULT_MAX_READ,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
         user: str | None = None,
-    ) -> str | bytes:
+    ) -> str | bytes | AsyncIterator[bytes]:
         """``AsyncFiles.read``: streamed down, stopped at ``max_size``."""
-        if format not in ("text", "bytes"):
-            raise ConfigError("format must be 'text' or 'bytes'")
+        if format not in ("text", "bytes", "stream"):
+            raise ConfigError("format must be 'text', 'bytes' or 'stream'")
         path = check_guest_path(path)
         timeout = validate_timeout(timeout)
         max_size = validate_byte_count(max_size, "max_size")
@@ -1452,47 +1504,170 @@ class RemoteFiles:
             params["timeout"] = str(float(timeout))
         if max_size is not None:  # the guest refuses a larger file before sending it
             params["max_size"] = str(max_size)
-        sb = self._sb
-        sb._check()
+        self._sb._check()
+        chunks = self._download(path, params, max_size)
+        if format == "stream":
+            return await prefetched(chunks)
         blob = bytearray()
+        async for chunk in chunks:
+            blob += chunk
+        data = bytes(blob)
+        return data if format == "bytes" else data.decode("utf-8", "replace")
+
+    async def _download(
+        self, path: str, params: dict[str, str], max_size: int | None
+    ) -> AsyncGenerator[bytes, None]:
+        sb = self._sb
+        received = 0
         try:
             async with sb._http.stream(
                 "GET", f"{sb._base}/files", path=path, params=params
             ) as response:
                 async for chunk in _bytes(response):
-                    blob += chunk
-                    if max_size is not None and len(blob) > max_size:
+                    received += len(chunk)
+                    if max_size is not None and received > max_size:
                         raise FileTooLarge(f"{path} is larger than the {max_size}-byte limit", path)
+                    yield chunk
         except NovaSandboxError as exc:
             sb._saw(exc)
             raise
-        data = bytes(blob)
-        return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def list(self, path: str, *, user: str | None = None) -> list[EntryInfo]:
+    async def list(
+        self,
+        path: str,
+        *,
+        depth: int = 1,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        user: str | None = None,
+    ) -> list[EntryInfo]:
+        """``AsyncFiles.list``."""
         path = check_guest_path(path)
-        reply = await self._sb._call("GET", "/files/list", path=path, params=_where(path, user))
-        return [_entry(e) for e in reply["entries"]]
+        depth = check_int("depth", depth, 1, MAX_LIST_DEPTH)
+        max_entries = check_int("max_entries", max_entries, 1, MAX_ENTRIES)
+        params = _where(path, user) | {"depth": str(depth), "max_entries": str(max_entries)}
+        reply = await self._sb._call("GET", "/files/list", path=path, params=params)
+        entries = reply.get("entries") if isinstance(reply, dict) else None
+        if not isinstance(entries, list) or len(entries) > max_entries:
+            raise RemoteError("the server sent a listing in an unknown shape")
+        return [_entry(e) for e in entries]
 
-    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+    async def get_info(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """``AsyncFiles.get_info``."""
         path = check_guest_path(path)
         reply = await self._sb._call("GET", "/files/stat", path=path, params=_where(path, user))
         return _entry(reply)
+
+    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """``get_info`` (its former name)."""
+        return await self.get_info(path, user=user)
 
     async def exists(self, path: str, *, user: str | None = None) -> bool:
         path = check_guest_path(path)
         reply = await self._sb._call("GET", "/files/exists", path=path, params=_where(path, user))
         return bool(reply["exists"])
 
-    async def make_dir(self, path: str, *, user: str | None = None) -> None:
-        """Create a directory and its parents (no error if it exists)."""
+    async def rename(self, old_path: str, new_path: str, *, user: str | None = None) -> EntryInfo:
+        """``AsyncFiles.rename``."""
+        old_path = check_guest_path(old_path)
+        new_path = check_guest_path(new_path, "new_path")
+        params = _where(old_path, user) | {"to": new_path}
+        return _entry(await self._sb._call("POST", "/files/rename", path=old_path, params=params))
+
+    async def make_dir(self, path: str, *, user: str | None = None) -> bool:
+        """``AsyncFiles.make_dir``."""
         path = check_guest_path(path)
-        await self._sb._call("POST", "/files/mkdir", path=path, params=_where(path, user))
+        reply = await self._sb._call("POST", "/files/mkdir", path=path, params=_where(path, user))
+        return bool(reply["created"])
 
     async def remove(self, path: str, *, user: str | None = None) -> None:
         """Remove a file, or a directory with its contents."""
         path = check_guest_path(path)
         await self._sb._call("DELETE", "/files", path=path, params=_where(path, user))
+
+    async def watch_dir(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        on_event: WatchCallback | None = None,
+        user: str | None = None,
+    ) -> AsyncWatchHandle:
+        """``AsyncFiles.watch_dir``: the events come as NDJSON on a stream this client
+        holds open; ``stop()`` closes it, which ends the watch on the server."""
+        if not isinstance(recursive, bool):
+            raise ConfigError(f"recursive must be True or False, got {recursive!r}")
+        if on_event is not None and not callable(on_event):
+            raise ConfigError("on_event must be a function or None")
+        path = check_guest_path(path)
+        params = _where(path, user) | {"recursive": "true" if recursive else "false"}
+        self._sb._check()
+        handle = AsyncWatchHandle(path, on_event)
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        handle._attach(self._watch(handle, path, params, started), None)
+        try:
+            await asyncio.shield(started)
+        except BaseException:
+            await handle.stop()
+            raise
+        return handle
+
+    async def _watch(
+        self,
+        handle: AsyncWatchHandle,
+        path: str,
+        params: dict[str, str],
+        started: asyncio.Future[None],
+    ) -> None:
+        sb = self._sb
+        try:
+            async with sb._http.stream(
+                "POST",
+                f"{sb._base}/files/watch",
+                path=path,
+                params=params,
+                timeout=_stream_timeout(),
+            ) as response:
+                async for line in _lines(response):
+                    event = _event(line)
+                    kind = event.get("type")
+                    if kind == "watching":
+                        handle.path = str(event.get("path") or path)
+                        if not started.done():
+                            started.set_result(None)
+                    elif kind == "events":
+                        await handle._arrived(_fs_events(event.get("events")), _count(event))
+                    elif kind == "end":
+                        handle._ended(_count(event))
+                        return
+                    elif kind == "error":
+                        err = event.get("error") or {}
+                        raise error_of(str(err.get("code")), str(err.get("message")))
+            raise ServerUnreachable("the server ended a watch's stream before its end")
+        except NovaSandboxError as exc:
+            sb._saw(exc)
+            if not started.done():
+                started.set_exception(exc)
+            raise
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+
+def _fs_events(events: Any) -> list[FilesystemEvent]:
+    if not isinstance(events, list):
+        raise RemoteError("the server sent watch events in an unknown shape")
+    try:
+        for e in events:
+            check_value(WATCH_EVENT, e, "a watch event")
+    except ProtocolError as exc:
+        raise RemoteError(f"the server sent a watch event in an unknown shape: {exc}") from None
+    return [FilesystemEvent(e["name"], e["type"]) for e in events]
+
+
+def _count(event: Mapping[str, Any]) -> int:
+    n = event.get("dropped", 0)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
 
 
 def _where(path: str, user: str | None) -> dict[str, str]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, TypeVar, cast, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -20,8 +20,19 @@ from .commands import (
     ProcessInfo,
 )
 from .config import Drive, MachineConfig
-from .errors import ConfigError
-from .files import DEFAULT_FILE_TIMEOUT, DEFAULT_MAX_READ, AsyncFiles, EntryInfo
+from .errors import ConfigError, NovaSandboxError
+from .files import (
+    DEFAULT_FILE_TIMEOUT,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_READ,
+    AsyncFiles,
+    AsyncWatchHandle,
+    EntryInfo,
+    FilesystemEvent,
+    WatchCallback,
+    WriteData,
+    WriteEntry,
+)
 from .network import NetworkLog, NetworkMode
 from .pool import AsyncPool
 from .records import SandboxInfo
@@ -70,6 +81,16 @@ class _Portal:
                 thread.start()
                 cls._loop, cls._thread = loop, thread
             return cls._loop
+
+    @classmethod
+    def submit(cls, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop: waited for, or only started when called from the
+        loop's own thread (a generator closed by the garbage collector there)."""
+        loop = cls.loop()
+        if threading.current_thread() is cls._thread:
+            loop.create_task(coro)
+            return
+        asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     @classmethod
     def call(cls, coro: Coroutine[Any, Any, T]) -> T:
@@ -370,7 +391,7 @@ class Files:
     def write(
         self,
         path: str,
-        data: str | bytes | BinaryIO,
+        data: WriteData,
         *,
         mode: int | None = None,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
@@ -379,6 +400,17 @@ class Files:
         return _Portal.call(self._inner.write(path, data, mode=mode, timeout=timeout, user=user))
 
     write.__doc__ = AsyncFiles.write.__doc__
+
+    def write_files(
+        self,
+        files: Sequence[WriteEntry | Mapping[str, Any]],
+        *,
+        timeout: float | None = DEFAULT_FILE_TIMEOUT,
+        user: str | None = None,
+    ) -> list[EntryInfo]:
+        return _Portal.call(self._inner.write_files(files, timeout=timeout, user=user))
+
+    write_files.__doc__ = AsyncFiles.write_files.__doc__
 
     @overload
     def read(
@@ -400,16 +432,26 @@ class Files:
         timeout: float | None = ...,
         user: str | None = ...,
     ) -> bytes: ...
+    @overload
+    def read(
+        self,
+        path: str,
+        *,
+        format: Literal["stream"],
+        max_size: int | None = ...,
+        timeout: float | None = ...,
+        user: str | None = ...,
+    ) -> Iterator[bytes]: ...
 
     def read(
         self,
         path: str,
         *,
-        format: Literal["text", "bytes"] = "text",
+        format: Literal["text", "bytes", "stream"] = "text",
         max_size: int | None = DEFAULT_MAX_READ,
         timeout: float | None = DEFAULT_FILE_TIMEOUT,
         user: str | None = None,
-    ) -> str | bytes:
+    ) -> str | bytes | Iterator[bytes]:
         if format == "bytes":
             return _Portal.call(
                 self._inner.read(
@@ -420,12 +462,34 @@ class Files:
             return _Portal.call(
                 self._inner.read(path, format="text", max_size=max_size, timeout=timeout, user=user)
             )
-        raise ConfigError("format must be 'text' or 'bytes'")
+        if format == "stream":
+            return _chunks(
+                _Portal.call(
+                    self._inner.read(
+                        path, format="stream", max_size=max_size, timeout=timeout, user=user
+                    )
+                )
+            )
+        raise ConfigError("format must be 'text', 'bytes' or 'stream'")
 
     read.__doc__ = AsyncFiles.read.__doc__
 
-    def list(self, path: str, *, user: str | None = None) -> list[EntryInfo]:
-        return _Portal.call(self._inner.list(path, user=user))
+    def list(
+        self,
+        path: str,
+        *,
+        depth: int = 1,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        user: str | None = None,
+    ) -> list[EntryInfo]:
+        return _Portal.call(self._inner.list(path, depth=depth, max_entries=max_entries, user=user))
+
+    list.__doc__ = AsyncFiles.list.__doc__
+
+    def get_info(self, path: str, *, user: str | None = None) -> EntryInfo:
+        return _Portal.call(self._inner.get_info(path, user=user))
+
+    get_info.__doc__ = AsyncFiles.get_info.__doc__
 
     def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
         return _Portal.call(self._inner.stat(path, user=user))
@@ -433,11 +497,103 @@ class Files:
     def exists(self, path: str, *, user: str | None = None) -> bool:
         return _Portal.call(self._inner.exists(path, user=user))
 
-    def make_dir(self, path: str, *, user: str | None = None) -> None:
+    def rename(self, old_path: str, new_path: str, *, user: str | None = None) -> EntryInfo:
+        return _Portal.call(self._inner.rename(old_path, new_path, user=user))
+
+    rename.__doc__ = AsyncFiles.rename.__doc__
+
+    def make_dir(self, path: str, *, user: str | None = None) -> bool:
         return _Portal.call(self._inner.make_dir(path, user=user))
+
+    make_dir.__doc__ = AsyncFiles.make_dir.__doc__
 
     def remove(self, path: str, *, user: str | None = None) -> None:
         return _Portal.call(self._inner.remove(path, user=user))
+
+    def watch_dir(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        on_event: WatchCallback | None = None,
+        user: str | None = None,
+    ) -> WatchHandle:
+        """``AsyncFiles.watch_dir``; ``on_event`` runs on the library's event-loop thread
+        (it must not call this sandbox's blocking methods)."""
+        return WatchHandle(
+            _Portal.call(
+                self._inner.watch_dir(path, recursive=recursive, on_event=on_event, user=user)
+            )
+        )
+
+
+class WatchHandle:
+    """Sync twin of ``AsyncWatchHandle``."""
+
+    def __init__(self, inner: AsyncWatchHandle) -> None:
+        self._inner = inner
+
+    @property
+    def path(self) -> str:
+        return self._inner.path
+
+    @property
+    def dropped(self) -> int:
+        return self._inner.dropped
+
+    @property
+    def running(self) -> bool:
+        return self._inner.running
+
+    @property
+    def error(self) -> NovaSandboxError | None:
+        return self._inner.error
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        return _Portal.call(_now(self._inner.get_new_events))
+
+    get_new_events.__doc__ = AsyncWatchHandle.get_new_events.__doc__
+
+    def wait(self) -> None:
+        _Portal.call(self._inner.wait())
+
+    wait.__doc__ = AsyncWatchHandle.wait.__doc__
+
+    def stop(self) -> None:
+        _Portal.call(self._inner.stop())
+
+    stop.__doc__ = AsyncWatchHandle.stop.__doc__
+
+    def __enter__(self) -> WatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _now(fn: Callable[[], T]) -> T:
+    """``fn()`` on the loop thread (what it reads is the loop's)."""
+    return fn()
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _chunks(chunks: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """An async iterator of chunks, read from the caller's thread. Leaving the loop
+    early (``close()``, or the iterator collected) closes it: the read stops."""
+    try:
+        while (chunk := _Portal.call(_next_chunk(chunks))) is not None:
+            yield chunk
+    finally:
+        _Portal.submit(_close(chunks))
 
 
 class Sandbox:
@@ -760,4 +916,4 @@ class Pool:
         self.close()
 
 
-__all__ = ["CommandHandle", "Commands", "Files", "Pool", "Sandbox"]
+__all__ = ["CommandHandle", "Commands", "Files", "Pool", "Sandbox", "WatchHandle"]

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from novasandbox import (
     ConfigError,
+    FilesystemEvent,
+    FileTooLarge,
+    NotADirectory,
     Sandbox,
     SandboxFileError,
+    SandboxFileExists,
     SandboxFileNotFound,
     SandboxPermissionError,
+    TooManyEntries,
     UnknownUser,
+    WriteEntry,
 )
 from novasandbox.guest.protocol import ErrorCode
 
@@ -179,3 +188,243 @@ def test_file_calls_refuse_an_unknown_or_malformed_user(sb: Sandbox) -> None:
     with pytest.raises(ConfigError):
         sb.files.stat("/tmp", user="Not A User")
     assert not sb.files.exists("/tmp/x")
+
+
+# ---------------------------------------------------------------------------- files, completely
+
+
+def _until(fn: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    """Wait for ``fn()`` (a guest under emulation is slow); fail naming ``what``."""
+    deadline = time.monotonic() + seconds
+    while not fn():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen")
+        time.sleep(0.05)
+
+
+def test_entries_have_owner_group_permissions_time_and_link_target(sb: Sandbox) -> None:
+    sb.files.write("info/f.txt", "12345", mode=0o640)
+    sb.commands.run(
+        "ln -sfn f.txt /home/user/info/link && ln -sfn /etc/hostname /tmp/root-link", user="root"
+    )
+    info = sb.files.get_info("info/f.txt")
+    assert (info.name, info.path, info.type, info.size) == (
+        "f.txt",
+        "/home/user/info/f.txt",
+        "file",
+        5,
+    )
+    assert (info.mode, info.permissions) == (0o640, "rw-r-----")
+    assert (info.owner, info.group, info.symlink_target) == ("user", "user", None)
+    assert (
+        info.modified_time.tzinfo is not None
+        and info.modified_time.utcoffset().total_seconds() == 0
+    )
+    assert info.modified_time == datetime.fromtimestamp(info.mtime, UTC)
+    assert sb.files.stat("info/f.txt") == info  # the former name
+    link = sb.files.get_info("info/link")
+    assert (link.type, link.symlink_target, link.owner) == ("symlink", "f.txt", "root")
+    assert sb.files.get_info("/tmp/root-link").symlink_target == "/etc/hostname"
+    listed = {e.name: e for e in sb.files.list("info")}
+    assert listed["f.txt"] == info and listed["link"] == link
+    root = sb.files.get_info("/root", user="root")
+    assert (root.owner, root.group, root.type, root.permissions) == (
+        "root",
+        "root",
+        "dir",
+        "rwx------",
+    )
+    sb.files.remove("info")
+
+
+def test_list_to_a_depth(sb: Sandbox) -> None:
+    sb.commands.run("mkdir -p tree/a/b/c && touch tree/top tree/a/one tree/a/b/c/deep")
+    rel = {
+        depth: [e.path.removeprefix("/home/user/tree/") for e in sb.files.list("tree", depth=depth)]
+        for depth in (1, 2, 4)
+    }
+    assert rel[1] == ["a", "top"]
+    assert rel[2] == ["a", "a/b", "a/one", "top"]
+    assert rel[4] == ["a", "a/b", "a/b/c", "a/b/c/deep", "a/one", "top"]
+    deep = [e for e in sb.files.list("tree", depth=4) if e.name == "deep"]
+    assert [e.path for e in deep] == ["/home/user/tree/a/b/c/deep"]
+    with pytest.raises(TooManyEntries) as info:
+        sb.files.list("tree", depth=4, max_entries=5)
+    assert info.value.code == "too-many-entries"
+    assert len(sb.files.list("tree", depth=4, max_entries=6)) == 6
+    for bad in ({"depth": 0}, {"depth": 33}, {"depth": "2"}, {"max_entries": 0}):
+        with pytest.raises(ConfigError):
+            sb.files.list("tree", **bad)  # type: ignore[arg-type]
+    with pytest.raises(NotADirectory):
+        sb.files.list("tree/top")
+    sb.files.remove("tree")
+
+
+def test_rename(sb: Sandbox) -> None:
+    sb.files.write("ren/a.txt", "a")
+    sb.files.write("ren/b.txt", "b")
+    with pytest.raises(SandboxFileExists) as exists:
+        sb.files.rename("ren/a.txt", "ren/b.txt")
+    assert exists.value.code == "file-exists"
+    assert sb.files.read("ren/b.txt") == "b" and sb.files.read("ren/a.txt") == "a"
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.rename("ren/a.txt", "ren/missing-dir/c.txt")
+    info = sb.files.rename("ren/a.txt", "/home/user/ren/c.txt")
+    assert (info.name, info.path, info.size, info.owner) == (
+        "c.txt",
+        "/home/user/ren/c.txt",
+        1,
+        "user",
+    )
+    assert not sb.files.exists("ren/a.txt") and sb.files.read("ren/c.txt") == "a"
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.rename("ren/a.txt", "ren/d.txt")
+    sb.files.write("/root/r.txt", "r", user="root")
+    with pytest.raises(SandboxPermissionError):
+        sb.files.rename("/root/r.txt", "ren/stolen.txt")
+    assert sb.files.exists("/root/r.txt", user="root")
+    with pytest.raises(ConfigError):
+        sb.files.rename("ren/c.txt", "../escape")
+    assert sb.files.exists("ren/c.txt")
+    sb.files.remove("ren")
+    sb.files.remove("/root/r.txt", user="root")
+
+
+def test_make_dir_tells_whether_it_created(sb: Sandbox) -> None:
+    assert sb.files.make_dir("mk/sub") is True
+    assert sb.files.make_dir("mk/sub") is False
+    assert sb.files.make_dir("mk") is False
+    sb.files.write("mk/file", "x")
+    for path in ("mk/file", "mk/file/below"):
+        with pytest.raises(NotADirectory) as info:
+            sb.files.make_dir(path)
+        assert info.value.code == "not-a-directory"
+    assert sb.files.read("mk/file") == "x"
+    sb.files.remove("mk")
+
+
+def test_write_takes_iterables_and_write_files_several(sb: Sandbox) -> None:
+    def chunks() -> Iterator[bytes]:
+        for i in range(40):
+            yield bytes([i]) * 100_000
+
+    expected = b"".join(chunks())
+    assert sb.files.write("it/gen.bin", chunks()) == len(expected)
+    assert sb.files.read("it/gen.bin", format="bytes") == expected
+    assert sb.files.write("it/list.bin", [b"ab", bytearray(b"cd"), b""]) == 4
+    assert sb.files.read("it/list.bin") == "abcd"
+    with pytest.raises(ConfigError):
+        sb.files.write("it/list.bin", ["text, not bytes"])  # type: ignore[list-item]
+    assert sb.files.read("it/list.bin") == "abcd"  # refused before the file was opened
+    infos = sb.files.write_files(
+        [
+            {"path": "it/one.txt", "data": "1"},
+            WriteEntry("it/two.sh", b"#!/bin/sh\necho two\n", mode=0o755),
+            {"path": "/tmp/three.bin", "data": iter([b"3" * 10])},
+        ]
+    )
+    assert [(i.path, i.size, i.permissions) for i in infos] == [
+        ("/home/user/it/one.txt", 1, "rw-r--r--"),
+        ("/home/user/it/two.sh", 19, "rwxr-xr-x"),
+        ("/tmp/three.bin", 10, "rw-r--r--"),
+    ]
+    assert sb.commands.run("it/two.sh").stdout == "two\n"
+    for bad in (
+        [{"path": "it/x", "data": "x"}, {"path": "it/y"}],
+        [{"path": "it/x", "data": "x"}, {"path": "../y", "data": "y"}],
+        [{"path": "it/x", "data": "x"}, {"path": "it/y", "data": 42}],
+        [{"path": "it/x", "data": "x"}, WriteEntry("it/y", "y", mode=0o10000)],
+        "it/x",
+    ):
+        with pytest.raises(ConfigError):
+            sb.files.write_files(bad)  # type: ignore[arg-type]
+    assert not sb.files.exists("it/x")  # nothing of a refused call was written
+    sb.files.remove("it")
+
+
+def test_read_as_a_stream(sb: Sandbox) -> None:
+    blob = os.urandom(3 * 1024 * 1024 + 5)
+    sb.files.write("/tmp/stream.bin", blob)
+    stream = sb.files.read("/tmp/stream.bin", format="stream")
+    chunks = list(stream)
+    assert b"".join(chunks) == blob and len(chunks) > 1
+    # leaving early stops the read; the channel goes on
+    stream = sb.files.read("/tmp/stream.bin", format="stream")
+    assert len(next(iter(stream))) > 0
+    stream.close()  # type: ignore[attr-defined]
+    assert sb.files.read("/tmp/stream.bin", format="bytes") == blob
+    # errors before the first byte come from the call itself
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.read("/tmp/no-such", format="stream")
+    with pytest.raises(FileTooLarge):
+        sb.files.read("/tmp/stream.bin", format="stream", max_size=1000)
+    with pytest.raises(ConfigError):
+        sb.files.read("/tmp/stream.bin", format="lines")  # type: ignore[call-overload]
+    sb.files.remove("/tmp/stream.bin")
+
+
+def _guest_inotify_fds(sb: Sandbox) -> int:
+    out = sb.commands.run(
+        "for f in /proc/[0-9]*/fd/*; do readlink $f; done 2>/dev/null | grep -c inotify",
+        user="root",
+    ).stdout
+    return int(out.strip() or 0)
+
+
+def test_watch_dir(sb: Sandbox) -> None:
+    sb.files.make_dir("watched/sub")
+    seen: list[FilesystemEvent] = []
+    handle = sb.files.watch_dir("watched", recursive=True, on_event=seen.append)
+    assert handle.path == "/home/user/watched" and handle.running
+    assert _guest_inotify_fds(sb) == 1
+    sb.commands.run("echo hi > watched/sub/f && chmod 600 watched/sub/f")
+    _until(lambda: len(seen) >= 3, "three events")
+    sb.commands.run("mv watched/sub/f watched/g && rm watched/g && mkdir watched/later")
+    _until(lambda: len(seen) >= 7, "seven events")
+    sb.commands.run(": > watched/later/new")  # a directory made after the watch started
+    _until(lambda: len(seen) >= 8, "an event in a new directory")
+    events = handle.get_new_events()
+    assert [(e.name, e.type) for e in events] == [
+        ("sub/f", "create"),
+        ("sub/f", "write"),
+        ("sub/f", "chmod"),
+        ("sub/f", "rename"),
+        ("g", "create"),
+        ("g", "remove"),
+        ("later", "create"),
+        ("later/new", "create"),
+    ]
+    assert seen == events and handle.get_new_events() == [] and handle.dropped == 0
+    handle.stop()
+    assert not handle.running
+    _until(lambda: _guest_inotify_fds(sb) == 0, "the guest's inotify descriptor closed")
+    sb.commands.run("touch watched/after-stop")
+    assert handle.get_new_events() == []
+    handle.stop()  # idempotent
+    sb.files.remove("watched")
+
+
+def test_watch_dir_refuses_bad_input_and_ends_with_its_directory(sb: Sandbox) -> None:
+    sb.files.write("wfile", "x")
+    with pytest.raises(NotADirectory):
+        sb.files.watch_dir("wfile")
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.watch_dir("no-such-dir")
+    with pytest.raises(SandboxPermissionError):
+        sb.files.watch_dir("/root")
+    with pytest.raises(ConfigError):
+        sb.files.watch_dir("/tmp", recursive="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        sb.files.watch_dir("../x")
+    assert _guest_inotify_fds(sb) == 0
+    sb.files.make_dir("gone")
+    handle = sb.files.watch_dir("gone")
+    sb.commands.run(": > gone/f && rm -r gone")
+    handle.wait()
+    assert not handle.running and handle.error is None
+    assert [(e.name, e.type) for e in handle.get_new_events()][:2] == [
+        ("f", "create"),
+        ("f", "remove"),
+    ]
+    _until(lambda: _guest_inotify_fds(sb) == 0, "the guest's inotify descriptor closed")
+    sb.files.remove("wfile")

@@ -27,6 +27,7 @@ import pytest
 
 from novasandbox.guest.protocol import (
     CHUNK_SIZE,
+    MESSAGE_WINDOW,
     PROTOCOL_VERSION,
     ErrorCode,
     Frame,
@@ -166,6 +167,20 @@ class AgentConn:
             self.send_frame(rid, Kind.DATA, data[i : i + CHUNK_SIZE])
         self.send(rid, "end")
         return self.message(rid)
+
+    def listing(
+        self, path: str | Path, **fields: Any
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """A ``list`` request's entries (its ``entries`` batches, acknowledged as the host
+        does) and its last reply."""
+        rid = self.new_id()
+        self.send(rid, "list", path=str(path), **fields)
+        entries: list[dict[str, Any]] = []
+        while (msg := self.message(rid))["op"] == "entries":
+            check_reply("list", msg)
+            entries.extend(msg["entries"])
+            self.send(rid, "ack", bytes=1)
+        return entries, msg
 
     def read_file(self, path: str | Path) -> tuple[bytes, dict[str, Any]]:
         rid = self.new_id()
@@ -540,7 +555,8 @@ def test_write_then_read_round_trip(agent: AgentConn, tmp_path: Path) -> None:
     data = os.urandom(2 * CHUNK_SIZE + 4321)
     target = tmp_path / "blob.bin"
     reply = agent.write_file(target, data)
-    assert reply == {"op": "ok", "size": len(data)}
+    assert (reply["op"], reply["size"]) == ("ok", len(data))
+    assert reply["stat"]["path"] == str(target) and reply["stat"]["size"] == len(data)
     assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
     back, done = agent.read_file(target)
     assert done == {"op": "ok", "size": len(data)}
@@ -606,7 +622,8 @@ def test_list(agent: AgentConn, tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_bytes(b"bb")
     (tmp_path / "a").mkdir()
     (tmp_path / "c").symlink_to(tmp_path / "b.txt")
-    entries = agent.call("list", path=str(tmp_path))["entries"]
+    entries, done = agent.listing(tmp_path)
+    assert done == {"op": "ok", "count": 3, "truncated": False}
     assert [(e["name"], e["type"]) for e in entries] == [
         ("a", "dir"),
         ("b.txt", "file"),
@@ -614,16 +631,17 @@ def test_list(agent: AgentConn, tmp_path: Path) -> None:
     ]
     assert entries[1]["size"] == 2
     assert entries[1]["path"] == str(tmp_path / "b.txt")
-    assert agent.call("list", path=str(tmp_path / "a"))["entries"] == []
+    assert agent.listing(tmp_path / "a")[0] == []
     assert error_code(agent.call("list", path=str(tmp_path / "b.txt"))) == "not-a-directory"
     assert error_code(agent.call("list", path=str(tmp_path / "nope"))) == "file-not-found"
 
 
 def test_mkdir(agent: AgentConn, tmp_path: Path) -> None:
     deep = tmp_path / "x" / "y" / "z"
-    assert agent.call("mkdir", path=str(deep))["op"] == "ok"
+    assert agent.call("mkdir", path=str(deep)) == {"op": "ok", "created": True}
     assert deep.is_dir()
-    assert agent.call("mkdir", path=str(deep))["op"] == "ok"  # exist_ok by default
+    # exist_ok by default
+    assert agent.call("mkdir", path=str(deep)) == {"op": "ok", "created": False}
     assert error_code(agent.call("mkdir", path=str(deep), exist_ok=False)) == "file-exists"
     reply = agent.call("mkdir", path=str(tmp_path / "p" / "q"), parents=False)
     assert error_code(reply) == "file-not-found"
@@ -719,9 +737,9 @@ def test_malformed_exec_always_gets_a_reply(agent: AgentConn) -> None:
 def test_list_directory_with_non_utf8_name(agent: AgentConn, tmp_path: Path) -> None:
     (tmp_path / "ok.txt").write_text("")
     open(os.fsencode(tmp_path) + b"/bad\xff", "w").close()
-    reply = agent.call("list", path=str(tmp_path))
+    entries, reply = agent.listing(tmp_path)
     assert reply["op"] == "ok", reply
-    assert len(reply["entries"]) == 2
+    assert sorted(e["name"] for e in entries) == ["bad\\xff", "ok.txt"]
 
 
 # ---------------------------------------------------------------------------- accounts
@@ -1149,3 +1167,284 @@ def test_a_command_streams_to_at_most_16_connections(agent: AgentConn) -> None:
         assert agent.message(cid)["op"] == "started"
     assert error_code(agent.call("connect", pid=pid)) == "too-many-connections"
     agent.call("signal", pid=pid, signal=9)
+
+
+# ---------------------------------------------------------------------------- files, completely
+
+
+def _entry_keys() -> set[str]:
+    return {
+        "name",
+        "path",
+        "type",
+        "size",
+        "mode",
+        "mtime",
+        "owner",
+        "group",
+        "symlink_target",
+    }
+
+
+def test_entries_name_owner_group_and_link_target(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    (tmp_path / "f").chmod(0o640)
+    (tmp_path / "ln").symlink_to("f")
+    info = check_reply("stat", agent.call("stat", path=str(tmp_path / "f")))["stat"]
+    assert set(info) == _entry_keys()
+    uid, gid = os.getuid(), os.getgid()
+    import grp
+    import pwd
+
+    assert (info["owner"], info["group"]) == (pwd.getpwuid(uid).pw_name, grp.getgrgid(gid).gr_name)
+    assert (info["mode"], info["size"], info["symlink_target"]) == (0o640, 3, None)
+    link = agent.call("stat", path=str(tmp_path / "ln"))["stat"]
+    assert (link["type"], link["symlink_target"]) == ("symlink", "f")
+    entries, _ = agent.listing(tmp_path)
+    assert {e["name"]: e["symlink_target"] for e in entries} == {"f": None, "ln": "f"}
+
+
+@needs_root
+def test_an_id_without_a_name_is_sent_as_its_number(agent: AgentConn, tmp_path: Path) -> None:
+    orphan = tmp_path / "orphan"
+    orphan.write_text("x")
+    os.chown(orphan, 54321, 54322)  # no such account on this host (nor group)
+    info = agent.call("stat", path=str(orphan))["stat"]
+    assert (info["owner"], info["group"]) == ("54321", "54322")
+
+
+def test_list_to_a_depth_with_full_paths_and_base_names(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "a" / "one.txt").write_text("1")
+    (tmp_path / "top.txt").write_text("t")
+    (tmp_path / "loop").symlink_to(tmp_path)  # listed, never followed
+    paths = {
+        d: sorted(e["path"][len(str(tmp_path)) + 1 :] for e in agent.listing(tmp_path, depth=d)[0])
+        for d in (1, 2, 4)
+    }
+    assert paths[1] == ["a", "loop", "top.txt"]
+    assert paths[2] == ["a", "a/b", "a/one.txt", "loop", "top.txt"]
+    assert paths[4] == ["a", "a/b", "a/b/c", "a/b/c/deep.txt", "a/one.txt", "loop", "top.txt"]
+    deep = next(e for e in agent.listing(tmp_path, depth=4)[0] if e["name"] == "deep.txt")
+    assert deep["path"] == str(tmp_path / "a" / "b" / "c" / "deep.txt")
+    for bad in (0, 33, "2", True, None):
+        assert error_code(agent.call("list", path=str(tmp_path), depth=bad)) == "bad-request"
+
+
+def test_a_listing_is_streamed_in_batches_and_bounded(agent: AgentConn, tmp_path: Path) -> None:
+    for i in range(3000):
+        (tmp_path / f"file-with-a-long-enough-name-{i:05}").touch()
+    rid = agent.new_id()
+    agent.send(rid, "list", path=str(tmp_path))
+    # without acknowledgements the agent stops after its window of messages
+    batches = [agent.message(rid) for _ in range(MESSAGE_WINDOW)]
+    assert all(b["op"] == "entries" for b in batches)
+    with pytest.raises(TimeoutError):
+        agent.message(rid, timeout=0.5)
+    agent.send(rid, "ack", bytes=100)
+    got = [e for b in batches for e in b["entries"]]
+    while (msg := agent.message(rid))["op"] == "entries":
+        got.extend(msg["entries"])
+    assert msg == {"op": "ok", "count": 3000, "truncated": False}
+    assert len({e["name"] for e in got}) == 3000
+    # at most max_entries, then it says so
+    entries, done = agent.listing(tmp_path, max_entries=10)
+    assert (len(entries), done) == (10, {"op": "ok", "count": 10, "truncated": True})
+    entries, done = agent.listing(tmp_path, max_entries=3000)
+    assert (len(entries), done["truncated"]) == (3000, False)
+
+
+def test_rename_never_replaces(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    reply = agent.call("rename", path=str(tmp_path / "a"), to=str(tmp_path / "b"))
+    assert error_code(reply) == "file-exists"
+    assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
+    reply = check_reply(
+        "rename", agent.call("rename", path=str(tmp_path / "a"), to=str(tmp_path / "c"))
+    )
+    assert reply["stat"]["path"] == str(tmp_path / "c") and reply["stat"]["name"] == "c"
+    assert not (tmp_path / "a").exists() and (tmp_path / "c").read_text() == "a"
+    reply = agent.call("rename", path=str(tmp_path / "gone"), to=str(tmp_path / "d"))
+    assert error_code(reply) == "file-not-found"
+    reply = agent.call("rename", path=str(tmp_path / "c"), to=str(tmp_path / "no" / "d"))
+    assert error_code(reply) == "file-not-found"
+    assert (
+        error_code(agent.call("rename", path=str(tmp_path / "c"), to="relative")) == "bad-request"
+    )
+
+
+def test_mkdir_says_whether_it_created_and_refuses_a_file_in_the_way(
+    agent: AgentConn, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert error_code(agent.call("mkdir", path=str(path))) == "not-a-directory"
+    assert (tmp_path / "file").read_text() == "x"
+    assert agent.call("mkdir", path=str(tmp_path / "new" / "sub"))["created"] is True
+    assert agent.call("mkdir", path=str(tmp_path / "new"))["created"] is False
+
+
+@needs_root
+def test_rename_and_list_as_another_account(agent: AgentConn, shared_dir: Path) -> None:
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)
+    (private / "x").write_text("x")
+    reply = agent.call("rename", path=str(private / "x"), to=str(shared_dir / "y"), user="nobody")
+    assert error_code(reply) == "permission-denied"
+    assert (private / "x").exists()
+    mine = shared_dir / "mine"
+    agent.write_file(mine, b"m", user="nobody")
+    reply = agent.call("rename", path=str(mine), to=str(shared_dir / "mine2"), user="nobody")
+    assert reply["stat"]["owner"] == "nobody"
+    # a subdirectory it may not read is listed, not entered
+    entries, done = agent.listing(shared_dir, depth=3, user="nobody")
+    assert done["op"] == "ok"
+    assert str(private) in {e["path"] for e in entries}
+    assert str(private / "x") not in {e["path"] for e in entries}
+    assert error_code(agent.call("list", path=str(private), user="nobody")) == "permission-denied"
+
+
+class Watch:
+    """One ``watch_dir`` request of the agent, read as the host reads it."""
+
+    def __init__(self, agent: AgentConn, path: Path, **fields: Any) -> None:
+        self.agent = agent
+        self.rid = agent.new_id()
+        agent.send(self.rid, "watch_dir", path=str(path), **fields)
+        self.first = agent.message(self.rid)
+        self.dropped = 0
+        self.ended: dict[str, Any] | None = None
+
+    def events(self, until: int, timeout: float = 5.0) -> list[tuple[str, str]]:
+        """Events as they come (acknowledged), until ``until`` of them or ``timeout``."""
+        got: list[tuple[str, str]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < until and self.ended is None:
+            try:
+                msg = self.agent.message(self.rid, timeout=max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            check_reply("watch_dir", msg)
+            if msg["op"] == "ok":
+                self.ended = msg
+                break
+            got.extend((e["name"], e["type"]) for e in msg["events"])
+            self.dropped += msg["dropped"]
+            self.agent.send(self.rid, "ack", bytes=1)
+        return got
+
+    def stop(self) -> dict[str, Any]:
+        self.agent.send(self.rid, "cancel")
+        while self.ended is None:
+            msg = self.agent.message(self.rid)
+            if msg["op"] == "ok":
+                self.ended = msg
+        return self.ended
+
+
+def _inotify_fds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify"
+    return count
+
+
+def test_watch_reports_each_kind_of_change_and_stop_frees_it(
+    agent: AgentConn, tmp_path: Path
+) -> None:
+    (tmp_path / "old").write_text("o")
+    watch = Watch(agent, tmp_path)
+    assert watch.first == {"op": "watching", "watches": 1}
+    assert _inotify_fds(agent.proc.pid) == 1
+    (tmp_path / "new").write_text("n")  # create + write
+    (tmp_path / "old").chmod(0o600)
+    (tmp_path / "old").rename(tmp_path / "moved")
+    (tmp_path / "moved").unlink()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "not-seen").write_text("x")  # not recursive
+    got = watch.events(until=7)
+    assert got == [
+        ("new", "create"),
+        ("new", "write"),
+        ("old", "chmod"),
+        ("old", "rename"),
+        ("moved", "create"),
+        ("moved", "remove"),
+        ("sub", "create"),
+    ]
+    assert watch.stop() == {"op": "ok", "dropped": 0}
+    assert _inotify_fds(agent.proc.pid) == 0  # closed before the last reply
+    assert agent.call("ping")["op"] == "pong"
+
+
+def test_a_recursive_watch_follows_new_subdirectories(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    watch = Watch(agent, tmp_path, recursive=True)
+    assert watch.first == {"op": "watching", "watches": 3}
+    (tmp_path / "a" / "b" / "f").write_text("x")
+    assert watch.events(until=2) == [("a/b/f", "create"), ("a/b/f", "write")]
+    (tmp_path / "later").mkdir()
+    assert watch.events(until=1) == [("later", "create")]
+    (tmp_path / "later" / "g").touch()
+    assert watch.events(until=1) == [("later/g", "create")]
+    watch.stop()
+
+
+def test_a_watch_ends_when_its_directory_goes(agent: AgentConn, tmp_path: Path) -> None:
+    target = tmp_path / "w"
+    target.mkdir()
+    watch = Watch(agent, target)
+    (target / "f").touch()
+    target.joinpath("f").unlink()
+    target.rmdir()
+    got = watch.events(until=10)
+    assert got[:2] == [("f", "create"), ("f", "remove")]
+    assert watch.ended == {"op": "ok", "dropped": 0}
+    assert _inotify_fds(agent.proc.pid) == 0
+
+
+def test_a_watch_without_acknowledgements_drops_the_oldest_and_counts(
+    agent: AgentConn, tmp_path: Path
+) -> None:
+    watch = Watch(agent, tmp_path)
+    names = [f"{i:05}-" + "n" * 240 for i in range(30000)]
+    for name in names:
+        (tmp_path / name).touch()  # create (attrib coalesced by the kernel or not)
+    time.sleep(0.5)
+    # the agent holds at most its window of messages, then queues (bounded) and drops
+    first = [agent.message(watch.rid) for _ in range(MESSAGE_WINDOW)]
+    with pytest.raises(TimeoutError):
+        agent.message(watch.rid, timeout=0.3)
+    agent.send(watch.rid, "ack", bytes=MESSAGE_WINDOW)
+    got = [e["name"] for m in first for e in m["events"]]
+    got += [name for name, _ in watch.events(until=10**6, timeout=2)]
+    seen = sum(m["dropped"] for m in first) + watch.dropped
+    assert seen > 0 and len(got) + seen >= len(names)
+    assert got[-1] == names[-1]  # the newest are kept
+    watch.stop()
+
+
+def test_watch_refuses_what_it_cannot_watch(agent: AgentConn, tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    assert error_code(Watch(agent, tmp_path / "file").first) == "not-a-directory"
+    assert error_code(Watch(agent, tmp_path / "nope").first) == "file-not-found"
+    assert _inotify_fds(agent.proc.pid) == 0
+
+
+@needs_root
+def test_watch_as_another_account_needs_its_read_permission(
+    agent: AgentConn, shared_dir: Path
+) -> None:
+    private = shared_dir / "private"
+    private.mkdir(mode=0o700)
+    assert error_code(Watch(agent, private, user="nobody").first) == "permission-denied"
+    watch = Watch(agent, shared_dir, user="nobody", recursive=True)
+    assert watch.first["op"] == "watching"
+    assert watch.first["watches"] == 1  # the private subdirectory is not watched
+    (shared_dir / "seen").touch()
+    assert watch.events(until=1) == [("seen", "create")]
+    watch.stop()
+    assert _agent_thread_ids(agent.proc.pid) == {("0", "0")}

@@ -17,11 +17,11 @@ import novasandbox.cli
 from novasandbox import errors
 from novasandbox.commands import AsyncCommandHandle, AsyncCommands, CommandResult
 from novasandbox.errors import NovaSandboxError, from_agent
-from novasandbox.files import AsyncFiles
+from novasandbox.files import AsyncFiles, AsyncWatchHandle
 from novasandbox.guest.protocol import ErrorCode
 from novasandbox.pool import AsyncPool
 from novasandbox.sandbox import AsyncSandbox
-from novasandbox.sync import CommandHandle, Commands, Files, Pool, Sandbox
+from novasandbox.sync import CommandHandle, Commands, Files, Pool, Sandbox, WatchHandle
 
 KEBAB = re.compile(r"^[a-z]+(-[a-z]+)*$")
 
@@ -154,9 +154,9 @@ AGENT_CODES = {
     "not-a-terminal": "command-error",
     "too-many-connections": "command-error",
     "file-not-found": "file-not-found",
-    "not-a-directory": "file-error",
+    "not-a-directory": "not-a-directory",
     "is-a-directory": "file-error",
-    "file-exists": "file-error",
+    "file-exists": "file-exists",
     "directory-not-empty": "file-error",
     "permission-denied": "permission-denied",
     "read-only-filesystem": "read-only-filesystem",
@@ -248,6 +248,7 @@ PAIRS = [
     (Files, AsyncFiles),
     (CommandHandle, AsyncCommandHandle),
     (Pool, AsyncPool),
+    (WatchHandle, AsyncWatchHandle),
 ]
 
 
@@ -328,7 +329,19 @@ def test_async_methods_are_coroutines_and_sync_ones_are_not(
         (AsyncCommands, "start"),
         *(
             (AsyncFiles, n)
-            for n in ("write", "read", "list", "stat", "exists", "make_dir", "remove")
+            for n in (
+                "write",
+                "write_files",
+                "read",
+                "list",
+                "get_info",
+                "stat",
+                "exists",
+                "rename",
+                "make_dir",
+                "remove",
+                "watch_dir",
+            )
         ),
     ],
 )

@@ -178,7 +178,8 @@ def test_create_run_upload_download_list_and_kill(setup: Setup) -> None:
         path = str(setup.files / f"up-{size}.bin")
         r = setup.alice.put(f"/v1/sandboxes/{sid}/files", params={"path": path}, content=blob)
         assert r.status_code == 200, r.text
-        assert r.json() == {"path": path, "size": size}
+        assert (r.json()["path"], r.json()["size"]) == (path, size)
+        assert r.json()["entry"]["path"] == path and r.json()["entry"]["size"] == size
         got = setup.alice.get(f"/v1/sandboxes/{sid}/files", params={"path": path})
         assert got.status_code == 200
         assert got.headers["content-type"] == "application/octet-stream"
@@ -446,13 +447,30 @@ def test_file_operations(setup: Setup) -> None:
     base = f"/v1/sandboxes/{sid}/files"
     d = setup.files / "tree"
     r = c.post(f"{base}/mkdir", params={"path": str(d / "a" / "b")})
-    assert r.status_code == 201 and r.json() == {"path": str(d / "a" / "b")}
+    assert r.status_code == 201 and r.json() == {"path": str(d / "a" / "b"), "created": True}
+    r = c.post(f"{base}/mkdir", params={"path": str(d / "a")})
+    assert r.json() == {"path": str(d / "a"), "created": False}
     r = c.put(base, params={"path": str(d / "a" / "f.sh"), "mode": "755"}, content=b"#!/bin/sh\n")
     assert r.status_code == 200
     entries = c.get(f"{base}/list", params={"path": str(d / "a")}).json()["entries"]
     assert [(e["name"], e["type"]) for e in entries] == [("b", "dir"), ("f.sh", "file")]
     st = c.get(f"{base}/stat", params={"path": str(d / "a" / "f.sh")}).json()
     assert st["size"] == 10 and st["mode"] & 0o777 == 0o755
+    assert st["permissions"] == "rwxr-xr-x" and st["symlink_target"] is None
+    assert st["owner"] and st["group"] and st["modified_time"].endswith("Z")
+    deep = c.get(f"{base}/list", params={"path": str(d), "depth": 3}).json()["entries"]
+    assert [e["path"] for e in deep] == [str(d / "a"), str(d / "a" / "b"), str(d / "a" / "f.sh")]
+    r = c.get(f"{base}/list", params={"path": str(d), "depth": 3, "max_entries": 2})
+    assert (r.status_code, error_of(r)["code"]) == (409, "too-many-entries")
+    r = c.post(f"{base}/rename", params={"path": str(d / "a" / "f.sh"), "to": str(d / "g.sh")})
+    assert r.status_code == 200 and r.json()["path"] == str(d / "g.sh")
+    r = c.post(f"{base}/rename", params={"path": str(d / "g.sh"), "to": str(d / "a")})
+    assert (r.status_code, error_of(r)["code"]) == (409, "file-exists")
+    with c.stream("POST", f"{base}/watch", params={"path": str(d / "a")}) as watch:
+        lines = watch.iter_lines()
+        assert json.loads(next(lines)) == {"type": "watching", "path": str(d / "a")}
+        (d / "a" / "new").write_text("x")
+        assert json.loads(next(lines))["events"][0] == {"name": "new", "type": "create"}
     assert c.get(f"{base}/exists", params={"path": str(d / "a")}).json() == {"exists": True}
     assert c.get(f"{base}/exists", params={"path": str(d / "zz")}).json() == {"exists": False}
 

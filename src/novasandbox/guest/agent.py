@@ -45,6 +45,10 @@ try:
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
+        MAX_LIST_DEPTH,
+        MAX_WATCHES,
+        MESSAGE_BATCH,
+        MESSAGE_WINDOW,
         PROTOCOL_VERSION,
         WINDOW,
         ErrorCode,
@@ -61,6 +65,10 @@ except ImportError:  # run as a script inside the guest, with protocol.py beside
         AGENT_PORT_NAME,
         CHUNK_SIZE,
         FRAME_COST,
+        MAX_LIST_DEPTH,
+        MAX_WATCHES,
+        MESSAGE_BATCH,
+        MESSAGE_WINDOW,
         PROTOCOL_VERSION,
         WINDOW,
         ErrorCode,
@@ -668,6 +676,8 @@ class Agent:
             self._stdin_queues[rid] = queue.Queue()
         if op in ("exec", "read_file", "connect"):
             self._credits[rid] = _Credit()
+        if op in ("list", "watch_dir"):  # streamed messages: the window counts them
+            self._credits[rid] = _Credit(MESSAGE_WINDOW)
         fn: Callable[[int, dict[str, Any]], None] = getattr(self, name)
         if threaded:
             threading.Thread(target=self._guarded, args=(fn, rid, msg), daemon=True).start()
@@ -708,6 +718,8 @@ class Agent:
         "read_file": ("op_read_file", True),
         "list": ("op_list", True),
         "stat": ("op_stat", False),
+        "rename": ("op_rename", False),
+        "watch_dir": ("op_watch_dir", True),
         "mkdir": ("op_mkdir", False),
         "remove": ("op_remove", True),
         "mount": ("op_mount", True),
@@ -1030,7 +1042,7 @@ class Agent:
         if err is not None:
             self.reply_error(rid, err)
         else:
-            self.reply(rid, "ok", size=up.size)
+            self.reply(rid, "ok", size=up.size, stat=up.stat)
 
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
         try:
@@ -1077,31 +1089,129 @@ class Agent:
         self.reply(rid, "ok", size=size)
 
     def op_list(self, rid: int, msg: dict[str, Any]) -> None:
+        try:
+            with _acting(msg):
+                self._list(rid, msg, self._credits[rid])
+        finally:
+            self._credits.pop(rid, None)
+
+    def _list(self, rid: int, msg: dict[str, Any], credit: _Credit) -> None:
+        """The entries of a directory and, to ``depth`` levels, of its subdirectories
+        (not through symlinks), in ``entries`` batches of about ``MESSAGE_BATCH`` bytes,
+        then ``ok`` with their count. At most ``max_entries`` are sent: with more there,
+        the reply says ``truncated``. Only the directory itself must be readable: a
+        subdirectory that cannot be read is listed, not entered."""
         path = _guest_path(msg["path"])
-        entries = []
-        with _acting(msg), os.scandir(path) as it:
-            for entry in it:
+        depth = msg.get("depth", 1)
+        if (
+            not isinstance(depth, int)
+            or isinstance(depth, bool)
+            or not 1 <= depth <= MAX_LIST_DEPTH
+        ):
+            raise ValueError(f"depth must be an integer from 1 to {MAX_LIST_DEPTH}")
+        limit = msg.get("max_entries")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise ValueError("max_entries must be a positive integer or null")
+        names: dict[tuple[str, int], str] = {}
+        batch: list[dict[str, Any]] = []
+        held = count = 0
+        todo = [(path, 1)]
+        first = True
+        while todo:
+            where, level = todo.pop()
+            try:
+                with os.scandir(where) as it:
+                    found = list(it)
+            except OSError:
+                if first:
+                    raise  # the directory asked for: its error is the reply
+                continue
+            first = False
+            found.sort(key=lambda e: e.name)
+            subdirs = []
+            for entry in found:
                 try:
-                    entries.append(_stat_dict(entry.path, entry.stat(follow_symlinks=False)))
+                    st = entry.stat(follow_symlinks=False)
+                    item = _stat_dict(entry.path, st, names)
                 except OSError:
                     continue
-        entries.sort(key=lambda e: e["name"])
-        self.reply(rid, "ok", entries=entries)
+                if limit is not None and count >= limit:
+                    self._send_batch(rid, credit, batch)
+                    self.reply(rid, "ok", count=count, truncated=True)
+                    return
+                count += 1
+                batch.append(item)
+                held += len(item["path"]) + len(item["symlink_target"] or "") + 160
+                if held >= MESSAGE_BATCH:
+                    if not self._send_batch(rid, credit, batch):
+                        return
+                    batch, held = [], 0
+                if level < depth and stat.S_ISDIR(st.st_mode):
+                    subdirs.append((entry.path, level + 1))
+            todo.extend(reversed(subdirs))  # popped in name order
+        if batch and not self._send_batch(rid, credit, batch):
+            return
+        self.reply(rid, "ok", count=count, truncated=False)
+
+    def _send_batch(self, rid: int, credit: _Credit, batch: list[dict[str, Any]]) -> bool:
+        """One ``entries`` message, once the host's credit allows; False if it cancelled."""
+        if not batch:
+            return True
+        if not credit.take(1):
+            return False
+        self.reply(rid, "entries", entries=batch)
+        return True
 
     def op_stat(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
         with _acting(msg):
             st = os.lstat(path)
-        self.reply(rid, "ok", stat=_stat_dict(path, st))
+            info = _stat_dict(path, st)
+        self.reply(rid, "ok", stat=info)
+
+    def op_rename(self, rid: int, msg: dict[str, Any]) -> None:
+        """Rename ``path`` to ``to`` (another directory of the same file system too), never
+        over an existing entry (``file-exists``): ``renameat2(RENAME_NOREPLACE)``."""
+        path = _guest_path(msg["path"])
+        to = _guest_path(msg["to"])
+        with _acting(msg):
+            _rename_noreplace(path, to)
+            info = _stat_dict(to, os.lstat(to))
+        self.reply(rid, "ok", stat=info)
 
     def op_mkdir(self, rid: int, msg: dict[str, Any]) -> None:
+        """Create a directory (and its parents with ``parents``); ``created`` is False if
+        it was there already (with ``exist_ok``). Something else in the way, at the path
+        or above it, is ``not-a-directory``."""
         path = _guest_path(msg["path"])
+        exist_ok = bool(msg.get("exist_ok", True))
         with _acting(msg):
-            if msg.get("parents", True):
-                os.makedirs(path, exist_ok=bool(msg.get("exist_ok", True)))
-            else:
+            try:
+                if msg.get("parents", True):
+                    parent = os.path.dirname(path.rstrip("/")) or "/"
+                    os.makedirs(parent, exist_ok=True)
                 os.mkdir(path)
-        self.reply(rid, "ok")
+                created = True
+            except FileExistsError as exc:
+                in_the_way = exc.filename if isinstance(exc.filename, str) else path
+                if not os.path.isdir(in_the_way):
+                    raise _Refused(
+                        ErrorCode.NOT_A_DIRECTORY, f"{in_the_way} exists and is not a directory"
+                    ) from None
+                if not exist_ok or in_the_way != path:
+                    raise
+                created = False
+        self.reply(rid, "ok", created=created)
+
+    def op_watch_dir(self, rid: int, msg: dict[str, Any]) -> None:
+        credit = self._credits[rid]
+        try:
+            with _acting(msg):  # its own thread: the watches are added as the account
+                _Watch(self, rid, msg, credit).run()
+        finally:
+            self._credits.pop(rid, None)
 
     def op_remove(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
@@ -1361,22 +1471,28 @@ class _Credit:
     """Flow control of one request's data frames: the bytes (payload + ``FRAME_COST`` per
     frame) it may still send before the host acknowledges more (``WINDOW`` at first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = WINDOW) -> None:
         self._cond = threading.Condition()
-        self._left = WINDOW
+        self._left = window
         self.cancelled = False
         self.waiting = False
         """A sender is blocked on the host: the stream is busy, not idle."""
+        self.wake: Callable[[], None] | None = None
+        """Called after a grant or the cancel (a sender that polls file descriptors)."""
 
     def grant(self, n: int) -> None:
         with self._cond:
             self._left += n
             self._cond.notify_all()
+        if self.wake is not None:
+            self.wake()
 
     def cancel(self) -> None:
         with self._cond:
             self.cancelled = True
             self._cond.notify_all()
+        if self.wake is not None:
+            self.wake()
 
     def try_take(self, cost: int) -> bool:
         """Count ``cost`` bytes if they may be sent now, without waiting."""
@@ -1652,7 +1768,10 @@ class _Upload:
     """A file being written from DATA frames; the first error is kept and reported at the end."""
 
     def __init__(self, path: str, append: bool, mode: int | None) -> None:
+        self.path = path
         self.size = 0
+        self.stat: dict[str, Any] | None = None
+        """The file's entry once written (taken before it is closed)."""
         self.error: OSError | None = None
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         try:
@@ -1674,11 +1793,203 @@ class _Upload:
 
     def close(self) -> OSError | None:
         if self.fd is not None:
+            if self.error is None:
+                try:
+                    self.stat = _stat_dict(self.path, os.fstat(self.fd))
+                except OSError:
+                    pass  # the size is still reported
             try:
                 os.close(self.fd)
             except OSError as exc:
                 self.error = self.error or exc
         return self.error
+
+
+_IN_MODIFY, _IN_ATTRIB, _IN_MOVED_FROM, _IN_MOVED_TO = 0x2, 0x4, 0x40, 0x80
+_IN_CREATE, _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+_IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR, _IN_ISDIR = 0x4000, 0x8000, 0x01000000, 0x40000000
+_IN_WATCHED = (
+    _IN_MODIFY
+    | _IN_ATTRIB
+    | _IN_MOVED_FROM
+    | _IN_MOVED_TO
+    | _IN_CREATE
+    | _IN_DELETE
+    | _IN_DELETE_SELF
+    | _IN_MOVE_SELF
+    | _IN_ONLYDIR
+)
+_IN_TYPES = (
+    (_IN_CREATE | _IN_MOVED_TO, "create"),
+    (_IN_MODIFY, "write"),
+    (_IN_DELETE, "remove"),
+    (_IN_MOVED_FROM, "rename"),
+    (_IN_ATTRIB, "chmod"),
+)
+_WATCH_QUEUE_BYTES = 4 << 20
+"""Bytes of events (names) a watch holds while the host does not take them; the oldest
+are dropped (and counted) beyond it."""
+_INOTIFY_EVENT = struct.Struct("iIII")
+
+
+class _Watch:
+    """One ``watch_dir`` request: inotify on a directory (and, ``recursive``, on its
+    subdirectories, including those made later), its events sent in ``events`` batches
+    as the host's credit allows, until the host cancels, the directory goes, or the
+    connection ends. The inotify descriptor is closed on the way out."""
+
+    def __init__(self, agent: Agent, rid: int, msg: dict[str, Any], credit: _Credit) -> None:
+        import collections  # only here (loaded already by queue, but not named at start-up)
+
+        self.agent = agent
+        self.rid = rid
+        self.root = _guest_path(msg["path"]).rstrip("/") or "/"
+        self.recursive = bool(msg.get("recursive"))
+        self.credit = credit
+        self.wds: dict[int, str] = {}
+        """Watch descriptor -> its directory, relative to the root ("" for the root)."""
+        self.pending: collections.deque[tuple[str, str]] = collections.deque()
+        self.held = 0
+        self.dropped = 0
+        self.fd = -1
+
+    def run(self) -> None:
+        if not stat.S_ISDIR(os.stat(self.root).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.root)
+        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.credit.wake = lambda: os.eventfd_write(wake, 1)
+            if self._add(self.root, "", must=True) and self.recursive:
+                self._add_tree(self.root, "")
+            self.agent.reply(self.rid, "watching", watches=len(self.wds))
+            self._serve(wake)
+        finally:
+            self.credit.wake = None
+            os.close(self.fd)
+            os.close(wake)
+        # last, once the descriptors are closed: the host's stop() waits for it
+        self.agent.reply(self.rid, "ok", dropped=self.dropped)
+
+    def _serve(self, wake: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        alive = True
+        while alive and not self.credit.cancelled:
+            for fd, _events in poller.poll():
+                if fd == wake:
+                    try:
+                        os.eventfd_read(wake)
+                    except BlockingIOError:
+                        pass
+                else:
+                    alive = self._read()
+            while self.pending and not self.credit.cancelled:
+                taken = self.credit.take(1, time.monotonic())
+                if not taken:
+                    break  # no credit now (the host grants more, which wakes us) or cancelled
+                self._send()
+        while alive is False and self.pending and self.credit.take(1):
+            self._send()  # the directory went: what it saw before still goes out
+
+    def _send(self) -> None:
+        batch, size = [], 0
+        while self.pending and size < MESSAGE_BATCH:
+            name, kind = self.pending.popleft()
+            batch.append({"name": name, "type": kind})
+            size += len(name) + 32
+            self.held -= len(name) + 32
+        dropped, self.dropped = self.dropped, 0
+        self.agent.reply(self.rid, "events", events=batch, dropped=dropped)
+
+    def _add(self, path: str, rel: str, must: bool = False) -> bool:
+        if len(self.wds) >= MAX_WATCHES:
+            return False
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_WATCHED)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if must:
+                raise OSError(err, os.strerror(err), path)
+            return False
+        self.wds[wd] = rel
+        return True
+
+    def _add_tree(self, path: str, rel: str) -> None:
+        """Watch the subdirectories under ``path`` (not through symlinks)."""
+        todo = [(path, rel)]
+        while todo and len(self.wds) < MAX_WATCHES:
+            where, where_rel = todo.pop()
+            try:
+                with os.scandir(where) as it:
+                    subdirs = [e for e in it if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for entry in subdirs:
+                sub_rel = f"{where_rel}/{entry.name}" if where_rel else entry.name
+                if self._add(entry.path, sub_rel):
+                    todo.append((entry.path, sub_rel))
+
+    def _forget_tree(self, rel: str) -> None:
+        """Stop watching a subtree that moved away (its names no longer hold)."""
+        for wd, where in list(self.wds.items()):
+            if where == rel or where.startswith(rel + "/"):
+                _libc.inotify_rm_watch(self.fd, wd)
+                self.wds.pop(wd, None)
+
+    def _read(self) -> bool:
+        """Take what inotify has; False once the watched directory itself is gone."""
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return True
+            if not data:
+                return True
+            offset = 0
+            while offset + _INOTIFY_EVENT.size <= len(data):
+                wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, offset)
+                start = offset + _INOTIFY_EVENT.size
+                raw = data[start : start + length].split(b"\0", 1)[0]
+                offset = start + length
+                if mask & _IN_Q_OVERFLOW:
+                    self.dropped += 1
+                    continue
+                where = self.wds.get(wd)
+                if where is None:
+                    continue
+                if mask & _IN_IGNORED or mask & (_IN_DELETE_SELF | _IN_MOVE_SELF):
+                    if where == "":
+                        return False  # the directory itself was removed or moved
+                    if mask & _IN_IGNORED:
+                        self.wds.pop(wd, None)
+                    continue
+                name = os.fsdecode(raw)
+                rel = f"{where}/{name}" if where else name
+                for bits, kind in _IN_TYPES:
+                    if mask & bits:
+                        self._queue(_wire_name(rel), kind)
+                if self.recursive and mask & _IN_ISDIR:
+                    full = f"{self.root.rstrip('/')}/{rel}"
+                    if mask & (_IN_CREATE | _IN_MOVED_TO):
+                        if self._add(full, rel):
+                            self._add_tree(full, rel)
+                    elif mask & _IN_MOVED_FROM:
+                        self._forget_tree(rel)
+
+    def _queue(self, name: str, kind: str) -> None:
+        cost = len(name) + 32
+        if self.pending and self.pending[-1] == (name, kind) and kind == "write":
+            return  # the same file written again before the host took the first
+        self.pending.append((name, kind))
+        self.held += cost
+        while self.held > _WATCH_QUEUE_BYTES and self.pending:
+            old, _ = self.pending.popleft()
+            self.held -= len(old) + 32
+            self.dropped += 1
 
 
 def _require_regular(path: str, mode: int) -> None:
@@ -1707,7 +2018,11 @@ def _guest_path(value: Any) -> str:
     return value
 
 
-def _stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
+def _stat_dict(
+    path: str, st: os.stat_result, names: dict[tuple[str, int], str] | None = None
+) -> dict[str, Any]:
+    """An entry of the protocol (``ENTRY``). ``names`` caches the owner and group names
+    of the ids seen (one listing's)."""
     if stat.S_ISDIR(st.st_mode):
         kind = "dir"
     elif stat.S_ISREG(st.st_mode):
@@ -1723,7 +2038,48 @@ def _stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
         "size": st.st_size,
         "mode": stat.S_IMODE(st.st_mode),
         "mtime": st.st_mtime,
+        "owner": _id_name("user", st.st_uid, names),
+        "group": _id_name("group", st.st_gid, names),
+        "symlink_target": _wire_name(os.readlink(path)) if kind == "symlink" else None,
     }
+
+
+def _id_name(kind: str, number: int, cache: dict[tuple[str, int], str] | None) -> str:
+    """The name of a user or group id in the guest's own databases; the number itself
+    when it has none (or one too long for the wire)."""
+    if cache is not None and (kind, number) in cache:
+        return cache[(kind, number)]
+    import grp  # only here: keeps the agent's start-up imports small
+
+    try:
+        name = pwd.getpwuid(number).pw_name if kind == "user" else grp.getgrgid(number).gr_name
+    except (KeyError, OverflowError):
+        name = str(number)
+    if not 0 < len(name) <= 32:
+        name = str(number)
+    if cache is not None:
+        cache[(kind, number)] = name
+    return name
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(path: str, to: str) -> None:
+    """Rename, failing with EEXIST when ``to`` exists (atomically, where the file system
+    has ``RENAME_NOREPLACE``; otherwise checked first)."""
+    done = _libc.renameat2(
+        _AT_FDCWD, os.fsencode(path), _AT_FDCWD, os.fsencode(to), _RENAME_NOREPLACE
+    )
+    if done == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), to if err == errno.EEXIST else path)
+    if os.path.lexists(to):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), to)
+    os.rename(path, to)
 
 
 _ERRNO_CODES = {

@@ -33,10 +33,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any incompatible change; host and agent compare it in the handshake.
 2: flow control (``ack``/``cancel``) for command output and file reads; every reply is
-checked against ``REPLIES``."""
+checked against ``REPLIES``.
+3: entries with owner, group, permissions and link target; listings streamed in batches
+(``depth``); ``rename``, ``watch_dir``; ``mkdir`` says whether it created."""
 
 HEADER = struct.Struct(">IIB")
 HEADER_SIZE = HEADER.size
@@ -59,6 +61,21 @@ ACK_STEP = 4 << 20
 """The host acknowledges consumed bytes in steps of this size (``WINDOW - ACK_STEP`` must
 exceed one chunk, or a stream could stall)."""
 
+MESSAGE_WINDOW = 8
+"""Flow control of requests that stream messages rather than data (a listing's
+``entries``, a watch's ``events``): the messages the agent may send before the host
+acknowledges them (``{"op": "ack", "bytes": N}`` counts messages for these requests).
+Each is at most about ``MESSAGE_BATCH`` bytes plus one item, so the window stays well
+inside the host's inbox for a request."""
+MESSAGE_ACK_STEP = 4
+"""The host acknowledges streamed messages in steps of this many."""
+MESSAGE_BATCH = 64 * 1024
+"""The agent ends a batch of entries or events once it holds this many bytes."""
+MAX_LIST_DEPTH = 32
+"""Deepest ``list`` (``depth``) the agent walks."""
+MAX_WATCHES = 8192
+"""Directories one recursive watch follows at most (more are left unwatched)."""
+
 AGENT_PORT_NAME = "org.novasandbox.agent"
 
 """Name of the virtio-serial port the guest agent listens on."""
@@ -68,6 +85,7 @@ GUEST_HOME = "/root"
 
 
 assert WINDOW - ACK_STEP >= CHUNK_SIZE + FRAME_COST
+assert MESSAGE_WINDOW > MESSAGE_ACK_STEP
 
 
 class Kind(enum.IntEnum):
@@ -262,15 +280,36 @@ class FrameDecoder:
 # What the agent may answer to each request, field by field. A spec is a type (``int``
 # excludes bools; ``float`` accepts ints), a tuple of alternatives (``None`` for null), a
 # frozenset of allowed strings, ``[spec]`` for a list, ``{name: spec}`` for an object with
-# those fields (others are ignored), or ``{str: spec}`` for a map of any keys.
+# those fields (others are ignored), ``{str: spec}`` for a map of any keys, or ``Str(n)``
+# for a string of at most n characters.
 
+
+class Str:
+    """A spec: a string of at most ``limit`` characters (what the guest names is bounded)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+
+MAX_PATH_TEXT = 4 * 4096
+"""Characters of a path on the wire: ``PATH_MAX`` bytes, each undecodable one written as
+the four characters ``\\xNN``."""
+MAX_NAME_TEXT = 4 * 255
+"""Characters of one file name on the wire (``NAME_MAX`` bytes, escaped)."""
+MAX_ACCOUNT_TEXT = 32
+"""Characters of an owner or group: a name, or the numeric id when the guest has none."""
 ENTRY = {
-    "name": str,
-    "path": str,
+    "name": Str(MAX_NAME_TEXT),
+    "path": Str(MAX_PATH_TEXT),
     "type": frozenset({"file", "dir", "symlink", "other"}),
     "size": int,
     "mode": int,
     "mtime": float,
+    "owner": Str(MAX_ACCOUNT_TEXT),
+    "group": Str(MAX_ACCOUNT_TEXT),
+    "symlink_target": (Str(MAX_PATH_TEXT), None),
 }
 PROCESS = {
     "pid": int,
@@ -281,6 +320,8 @@ PROCESS = {
     "stdin": bool,
     "started_at": float,
 }
+WATCH_EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod"})
+WATCH_EVENT = {"name": Str(MAX_PATH_TEXT), "type": WATCH_EVENT_TYPES}
 ERROR = {"code": frozenset(ErrorCode), "message": str, "errno": (int, None)}
 OK: dict[str, Any] = {}
 
@@ -312,11 +353,17 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
     "write_stdin": {"ok": OK},
     "resize": {"ok": OK},
     "close_stdin": {"ok": OK},
-    "write_file": {"ok": {"size": int}},
+    "write_file": {"ok": {"size": int, "stat": (ENTRY, None)}},
     "read_file": {"ok": {"size": int}},
-    "list": {"ok": {"entries": [ENTRY]}},
+    "list": {"entries": {"entries": [ENTRY]}, "ok": {"count": int, "truncated": bool}},
     "stat": {"ok": {"stat": ENTRY}},
-    "mkdir": {"ok": OK},
+    "rename": {"ok": {"stat": ENTRY}},
+    "mkdir": {"ok": {"created": bool}},
+    "watch_dir": {
+        "watching": {"watches": int},
+        "events": {"events": [WATCH_EVENT], "dropped": int},
+        "ok": {"dropped": int},
+    },
     "remove": {"ok": OK},
     "mount": {"ok": {"device": str}},
     "release": {"ok": {"drives": {str: str}}},
@@ -327,7 +374,7 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
     "shutdown": {"ok": OK},
 }
 """Request op -> reply op -> its fields. ``error`` (fields ``ERROR``) may answer any request."""
-INTERIM = frozenset({"started"})
+INTERIM = frozenset({"started", "entries", "watching", "events"})
 """Replies after which more follow; every other reply is a request's last."""
 UNSOLICITED = {"agent-started": {"pid": int}}
 """Messages the agent sends on request id 0 without being asked."""
@@ -351,6 +398,13 @@ def check_unsolicited(msg: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError(f"unknown unsolicited message {msg['op']!r}")
     _check(spec, msg, f"unsolicited {msg['op']!r}")
     return msg
+
+
+def check_value(spec: Any, value: Any, where: str) -> Any:
+    """Raise ``ProtocolError`` unless ``value`` matches ``spec`` (the language of the
+    reply schemas, e.g. ``ENTRY``); return it unchanged."""
+    _check(spec, value, where)
+    return value
 
 
 def _check(spec: Any, value: Any, where: str) -> None:
@@ -382,6 +436,13 @@ def _check(spec: Any, value: Any, where: str) -> None:
     elif isinstance(spec, frozenset):
         if value not in spec:
             raise ProtocolError(f"{where}: {value!r} is not one of {sorted(spec)}")
+    elif isinstance(spec, Str):
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected str, got {_kind(value)}")
+        if len(value) > spec.limit:
+            raise ProtocolError(
+                f"{where}: a string of {len(value)} characters (at most {spec.limit})"
+            )
     elif spec is None:
         if value is not None:
             raise ProtocolError(f"{where}: expected null, got {_kind(value)}")

@@ -34,10 +34,12 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
     PUT    /v1/sandboxes/ID/files?path=PATH   upload: the raw request body -> Written
     GET    /v1/sandboxes/ID/files?path=PATH   download: raw bytes (&max_size=N: refuse more)
     DELETE /v1/sandboxes/ID/files?path=PATH   remove (recursively) -> 204
-    GET    /v1/sandboxes/ID/files/list?path=PATH    -> EntryList
+    GET    /v1/sandboxes/ID/files/list?path=PATH    (&depth=N&max_entries=N) -> EntryList
     GET    /v1/sandboxes/ID/files/stat?path=PATH    -> EntryOut
     GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
-    POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> PathOut
+    POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> MadeDir
+    POST   /v1/sandboxes/ID/files/rename?path=OLD&to=NEW  (never over NEW) -> EntryOut
+    POST   /v1/sandboxes/ID/files/watch?path=PATH   (&recursive=true) -> NDJSON events
     GET    /metrics                           Prometheus text format (metrics.py)
     *      /mcp                               MCP over streamable HTTP (mcp.py)
 
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -122,7 +125,15 @@ from ..errors import (
     TemplateNotFound,
     VMStartError,
 )
-from ..files import DEFAULT_FILE_TIMEOUT, EntryInfo, locate, read_stream, write_stream
+from ..files import (
+    DEFAULT_FILE_TIMEOUT,
+    DEFAULT_MAX_ENTRIES,
+    EntryInfo,
+    FilesystemEvent,
+    locate,
+    read_stream,
+    write_stream_info,
+)
 from ..sandbox import SandboxState
 from ..snapshots import Snapshot
 from .admission import Admission, Limits, RequestLimit
@@ -136,8 +147,8 @@ from .models import (
     ErrorOut,
     Exists,
     ForkSandbox,
+    MadeDir,
     MetricsOut,
-    PathOut,
     ProcessList,
     ProcessOut,
     RunCommand,
@@ -155,7 +166,7 @@ from .models import (
 )
 from .registry import ENDED_STATES, Owned, Registry, ShuttingDown
 from .signed import DEFAULT_EXPIRES, UrlSigner, check_expires
-from .streams import NDJSON, CommandStream, Streamed, error_body
+from .streams import NDJSON, QUEUED_EVENTS, CommandStream, Streamed, error_body
 
 log = logging.getLogger("novasandbox.server")
 access_log = logging.getLogger("novasandbox.server.access")
@@ -428,7 +439,23 @@ a body read from the request's stream)."""
 
 
 def _entry(e: EntryInfo) -> EntryOut:
-    return EntryOut(name=e.name, path=e.path, type=e.type, size=e.size, mode=e.mode, mtime=e.mtime)
+    return EntryOut(
+        name=e.name,
+        path=e.path,
+        type=e.type,
+        size=e.size,
+        mode=e.mode,
+        mtime=e.mtime,
+        permissions=e.permissions,
+        owner=e.owner,
+        group=e.group,
+        modified_time=e.modified_time,
+        symlink_target=e.symlink_target,
+    )
+
+
+def _ndjson(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode() + b"\n"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -804,7 +831,7 @@ def create_app(
                     yield chunk
 
         try:
-            size = await write_stream(
+            written = await write_stream_info(
                 sb,
                 path,
                 body(),
@@ -818,7 +845,7 @@ def create_app(
             with contextlib.suppress(NovaSandboxError):
                 await sb.files.remove(path, user=user)
             raise
-        return Written(path=resolved, size=size)
+        return Written(path=resolved, size=written.size, entry=_entry(written))
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files",
@@ -870,16 +897,26 @@ def create_app(
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", tags=["files"])
     async def list_dir(
-        sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
+        sandbox_id: str,
+        path: GuestPath,
+        key: Caller,
+        user: GuestUser = None,
+        depth: Annotated[int, Query(description="Levels to list (1 to 32).")] = 1,
+        max_entries: Annotated[
+            int, Query(description="More entries than this: too-many-entries.")
+        ] = DEFAULT_MAX_ENTRIES,
     ) -> EntryList:
-        entries = await registry.get(key.id, sandbox_id).live().files.list(path, user=user)
+        """The entries of directory PATH and, to DEPTH levels, of its subdirectories."""
+        sb = registry.get(key.id, sandbox_id).live()
+        entries = await sb.files.list(path, depth=depth, max_entries=max_entries, user=user)
         return EntryList(entries=[_entry(e) for e in entries])
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", tags=["files"])
     async def stat(
         sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
     ) -> EntryOut:
-        return _entry(await registry.get(key.id, sandbox_id).live().files.stat(path, user=user))
+        sb = registry.get(key.id, sandbox_id).live()
+        return _entry(await sb.files.get_info(path, user=user))
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/exists", tags=["files"])
     async def exists(
@@ -891,11 +928,75 @@ def create_app(
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=201, tags=["files"])
     async def make_dir(
         sandbox_id: str, path: GuestPath, key: Caller, user: GuestUser = None
-    ) -> PathOut:
+    ) -> MadeDir:
         sb = registry.get(key.id, sandbox_id).live()
         resolved = locate(sb, path, user)[1]
-        await sb.files.make_dir(path, user=user)
-        return PathOut(path=resolved)
+        created = await sb.files.make_dir(path, user=user)
+        return MadeDir(path=resolved, created=created)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/rename", tags=["files"])
+    async def rename(
+        sandbox_id: str,
+        path: GuestPath,
+        to: Annotated[str, Query(description="The new path (nothing there yet).")],
+        key: Caller,
+        user: GuestUser = None,
+    ) -> EntryOut:
+        """Rename PATH to TO; an existing TO is file-exists (nothing is replaced)."""
+        sb = registry.get(key.id, sandbox_id).live()
+        return _entry(await sb.files.rename(path, to, user=user))
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/files/watch",
+        tags=["files"],
+        status_code=200,
+        response_class=Streamed,
+        responses={200: {"content": {NDJSON: {}}, "description": "One JSON event per line."}},
+    )
+    async def watch_dir(
+        sandbox_id: str,
+        path: GuestPath,
+        key: Caller,
+        recursive: bool = False,
+        user: GuestUser = None,
+    ) -> Streamed:
+        """Watch directory PATH (and, with `recursive`, its subdirectories) until the
+        client goes away: `watching` (path), then `events` (events: name relative to
+        PATH, type create/write/remove/rename/chmod; dropped: events lost since the last
+        line), then `end` (the directory went) or `error`. Errors before the watch is in
+        place (not found, not a directory, permission) are ordinary error responses."""
+        sb = registry.get(key.id, sandbox_id).live()
+        queue: asyncio.Queue[FilesystemEvent | None] = asyncio.Queue(QUEUED_EVENTS)
+        handle = await sb.files.watch_dir(path, recursive=recursive, on_event=queue.put, user=user)
+
+        async def ended() -> None:
+            await handle.wait()
+            await queue.put(None)
+
+        async def lines() -> AsyncGenerator[bytes, None]:
+            finisher = asyncio.ensure_future(ended())
+            reported = 0
+            try:
+                yield _ndjson({"type": "watching", "path": handle.path})
+                done = False
+                while not done:
+                    got = [await queue.get()]
+                    while not queue.empty() and got[-1] is not None:
+                        got.append(queue.get_nowait())
+                    done = got[-1] is None
+                    events = [{"name": e.name, "type": e.type} for e in got if e is not None]
+                    dropped, reported = handle.dropped - reported, handle.dropped
+                    if events or dropped:
+                        yield _ndjson({"type": "events", "events": events, "dropped": dropped})
+                if handle.error is not None:
+                    yield _ndjson({"type": "error", "error": error_body(handle.error)})
+                else:
+                    yield _ndjson({"type": "end", "dropped": handle.dropped - reported})
+            finally:
+                finisher.cancel()
+                await handle.stop()
+
+        return Streamed(lines(), NDJSON, on_abort=handle.stop)
 
     # --- snapshots and forks
 

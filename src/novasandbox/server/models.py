@@ -11,6 +11,7 @@ own and are checked here.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -209,12 +210,17 @@ class SandboxList(BaseModel):
 
 
 class EntryOut(BaseModel):
-    name: str
-    path: str
+    name: str = Field(description="The base name.")
+    path: str = Field(description="The absolute path.")
     type: Literal["file", "dir", "symlink", "other"]
     size: int
-    mode: int
-    mtime: float
+    mode: int = Field(description="The permission bits (0o755 is 493).")
+    mtime: float = Field(description="Modified, in seconds since the epoch.")
+    permissions: str = Field("", description="The permission bits as text: rwxr-xr-x.")
+    owner: str = Field("", description="The owner's name (its uid where it has none).")
+    group: str = Field("", description="The group's name (its gid where it has none).")
+    modified_time: datetime | None = Field(None, description="mtime, in UTC.")
+    symlink_target: str | None = Field(None, description="What a symlink points to.")
 
 
 class EntryList(BaseModel):
@@ -228,10 +234,16 @@ class Exists(BaseModel):
 class Written(BaseModel):
     path: str
     size: int
+    entry: EntryOut | None = Field(None, description="The written file.")
 
 
 class PathOut(BaseModel):
     path: str
+
+
+class MadeDir(BaseModel):
+    path: str
+    created: bool = Field(description="False if the directory was there already.")
 
 
 class ErrorBody(BaseModel):
@@ -278,6 +290,7 @@ __all__ = [
     "ErrorOut",
     "Exists",
     "ForkSandbox",
+    "MadeDir",
     "MetricsOut",
     "PathOut",
     "ProcessList",
