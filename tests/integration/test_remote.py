@@ -276,6 +276,11 @@ def test_a_dropped_client_kills_its_commands_but_not_background_ones(
         if not guest_processes_matching(sb, fg):
             break
     assert guest_processes_matching(sb, bg)  # the background one runs on
+    # another client lists it and attaches to it (its starter is gone)
+    listed = {p.pid: p for p in sb.commands.list()}
+    assert listed[bg_pid].cmd[-1] == f"sleep 301; : {bg}" and fg_pid not in listed
+    attached = sb.commands.connect(bg_pid)
+    assert attached.argv == listed[bg_pid].cmd
     # another key cannot reach it, not even by pid
     with remote_server.server.client(remote_server.other_key) as c:
         r = c.post(f"/v1/sandboxes/{sb.id}/commands/{bg_pid}/signal", json={"signal": 9})
@@ -285,6 +290,7 @@ def test_a_dropped_client_kills_its_commands_but_not_background_ones(
         base = f"/v1/sandboxes/{sb.id}/commands"
         r = c.post(f"{base}/{bg_pid}/signal", json={"signal": 9})
         assert r.status_code == 204, r.text
+        assert attached.wait().signal == 9  # the attached client saw it end
         for _ in iter_wait("the background command to end"):
             if not guest_processes_matching(sb, bg):
                 break
