@@ -15,7 +15,7 @@ PACKAGE = SRC / "novasandbox"
 
 LAYERS: list[list[str]] = [
     # bottom: what everything may use
-    ["paths", "procfs", "results", "guest", "guest.protocol", "guest.agent"],
+    ["paths", "procfs", "results", "guest", "guest.protocol", "guest.agent", "guest.interp"],
     ["errors"],
     ["network"],
     ["config"],
@@ -40,6 +40,7 @@ LAYERS: list[list[str]] = [
     ["vm", "vm.base", "vm.qemu_argv", "vm.qemu", "vm.inprocess"],
     ["agent_client"],
     ["commands", "files"],
+    ["code"],  # the code interpreter: over the commands of either kind of sandbox
     ["remote"],  # the client of a server: below the sandbox, which dispatches to it
     ["sandbox"],
     # above the sandbox: what acts on sandboxes or their records

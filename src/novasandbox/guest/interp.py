@@ -263,7 +263,7 @@ def _flusher(writers: list[Writer]) -> None:
         for w in writers:
             try:
                 w.flush_if_old()
-            except Exception:  # noqa: BLE001 (the protocol's end ends the process anyway)
+            except Exception:  # the protocol's end ends the process anyway
                 pass
 
 
@@ -319,7 +319,7 @@ def representations(obj: Any) -> dict[str, Any]:
     if "text" not in out:
         try:
             text = repr(obj)
-        except Exception as exc:  # noqa: BLE001 (the code's repr: anything goes)
+        except Exception as exc:  # the code's repr: anything goes
             text = f"<repr failed: {type(exc).__name__}: {exc}>"
         if len(text) > MAX_REPR:
             text = text[:MAX_REPR] + "..."
@@ -337,7 +337,7 @@ def _call_repr(obj: Any, name: str) -> Any:
         if not callable(method):
             return None
         return method()
-    except Exception:  # noqa: BLE001 (a broken repr gives no representation)
+    except Exception:  # a broken repr gives no representation
         return None
 
 
@@ -382,8 +382,10 @@ class PythonContext:
             flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
             tree = ast.parse(code, filename, "exec")
             last = None
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = ast.Expression(tree.body.pop().value)
+            final = tree.body[-1] if tree.body else None
+            if isinstance(final, ast.Expr):
+                tree.body.pop()
+                last = ast.Expression(final.value)
             body = compile(tree, filename, "exec", flags=flags)
             self._run(body)
             if last is not None:
@@ -392,13 +394,13 @@ class PythonContext:
                     self.namespace["_"] = value
                     sys.stdout.flush()
                     self.result(value, True)
-        except BaseException as exc:  # noqa: BLE001 (the code's errors are its results)
+        except BaseException as exc:  # the code's errors are its results
             sys.stdout.flush()
             sys.stderr.flush()
             self.error(exc)
 
     def _run(self, code: types.CodeType) -> Any:
-        value = eval(code, self.namespace)  # noqa: S307 (running code is the point)
+        value = eval(code, self.namespace)  # running code is the point
         if code.co_flags & _CO_COROUTINE:
             if self.loop is None:
                 import asyncio
@@ -451,7 +453,7 @@ def render_figures(proto: Protocol) -> None:
                 data["png"] = png
             proto.emit({"type": "result", "id": proto.current, "main": False, "data": data})
         plt.close("all")
-    except Exception as exc:  # noqa: BLE001 (a figure that cannot be drawn)
+    except Exception as exc:  # a figure that cannot be drawn
         proto.output("stderr", f"could not render the matplotlib figures: {exc!r}\n")
 
 
@@ -460,12 +462,14 @@ class IPythonContext:
     reprs as in a notebook), when IPython is importable."""
 
     def __init__(self, proto: Protocol) -> None:
-        from IPython.core.displaypub import DisplayPublisher
-        from IPython.core.interactiveshell import InteractiveShell
+        import importlib
+
+        publisher = importlib.import_module("IPython.core.displaypub").DisplayPublisher
+        shell = importlib.import_module("IPython.core.interactiveshell").InteractiveShell
 
         context = self
 
-        class Publisher(DisplayPublisher):  # type: ignore[misc]
+        class Publisher(publisher):  # type: ignore[misc,valid-type]
             def publish(self, data: Any, metadata: Any = None, *args: Any, **kw: Any) -> None:
                 sys.stdout.flush()
                 context.publish(data, False)
@@ -473,7 +477,7 @@ class IPythonContext:
             def clear_output(self, wait: bool = False) -> None:
                 pass
 
-        class Shell(InteractiveShell):  # type: ignore[misc]
+        class Shell(shell):  # type: ignore[misc,valid-type]
             def _showtraceback(self, etype: Any, evalue: Any, stb: Any) -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -536,6 +540,15 @@ def _without_own_frames(te: traceback.TracebackException) -> traceback.Traceback
     return te
 
 
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 def _idle(signum: int, frame: Any) -> None:
     """SIGINT between executions: a timeout that came late; nothing to interrupt."""
 
@@ -550,22 +563,20 @@ def _remember(filename: str, code: str) -> None:
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return f"<{type(exc).__name__}: str() failed>"
 
 
 def serve_python(proto: Protocol) -> int:
     stdout, stderr = Writer(proto, "stdout", 1), Writer(proto, "stderr", 2)
-    sys.stdout, sys.stderr = stdout, stderr  # type: ignore[assignment]
+    sys.stdout, sys.stderr = stdout, stderr
     sys.stdin = open(os.devnull)  # noqa: SIM115 (for the process's life)
     threading.Thread(target=_flusher, args=([stdout, stderr],), daemon=True).start()
     context: Any
     try:
-        import IPython  # noqa: F401
-
         context = IPythonContext(proto)
         kernel = "ipython"
-    except Exception:  # noqa: BLE001 (IPython missing or broken: the standard library)
+    except Exception:  # IPython missing or broken: the standard library
         context = PythonContext(proto)
         kernel = "python"
     proto.emit(
@@ -574,6 +585,7 @@ def serve_python(proto: Protocol) -> int:
             "id": None,
             "pid": os.getpid(),
             "cwd": os.getcwd(),
+            "user": _user(),
             "kernel": kernel,
             "python": sys.version.split()[0],
         }
@@ -593,7 +605,7 @@ def serve_python(proto: Protocol) -> int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 context.run(code)
                 context.after()
-            except BaseException as exc:  # noqa: BLE001 (an interrupt at an edge)
+            except BaseException as exc:  # an interrupt at an edge
                 if isinstance(context, PythonContext):
                     context.error(exc)
             finally:
@@ -768,7 +780,14 @@ class BashContext:
 def serve_bash(proto: Protocol) -> int:
     context = BashContext(proto)
     proto.emit(
-        {"type": "ready", "id": None, "pid": os.getpid(), "cwd": os.getcwd(), "kernel": "bash"}
+        {
+            "type": "ready",
+            "id": None,
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+            "user": _user(),
+            "kernel": "bash",
+        }
     )
     for request in proto.requests():
         rid = str(request.get("id"))
@@ -796,7 +815,7 @@ def main(argv: list[str]) -> int:
             # group); this script only waits for them
             return serve_bash(proto)
         return serve_python(proto)
-    except BaseException:  # noqa: BLE001 (this script's own failure: say it on its stderr)
+    except BaseException:  # this script's own failure: say it on its stderr
         os.write(own_stderr, traceback.format_exc().encode("utf-8", "replace")[-16384:])
         return 1
 
