@@ -768,13 +768,21 @@ class BashContext:
                 elif at >= 0:
                     head, held[fd] = buf[:at], buf[at:]  # the marker's line comes next
                 else:
-                    # what could be the start of the marker waits for the next read
-                    cut = max(0, len(buf) - len(marker) + 1)
+                    # an end that could be the start of the marker waits for more
+                    cut = len(buf) - _marker_start(buf, marker)
                     head, held[fd] = buf[:cut], buf[cut:]
                 text = decoders[fd].decode(head, final=fd not in waiting)
                 if text:
                     self.proto.output(streams[fd], text)
         return status
+
+
+def _marker_start(buf: bytes, marker: bytes) -> int:
+    """The length of the longest end of ``buf`` that begins ``marker``."""
+    for n in range(min(len(buf), len(marker) - 1), 0, -1):
+        if buf.endswith(marker[:n]):
+            return n
+    return 0
 
 
 def serve_bash(proto: Protocol) -> int:
