@@ -105,6 +105,13 @@ class Result:
         names = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json")
         return [n for n in (*names, "javascript") if getattr(self, n) is not None]
 
+    def __repr__(self) -> str:
+        shown = []
+        for name in self.formats():
+            value = repr(getattr(self, name))
+            shown.append(f"{name}={value[:60] + '...' if len(value) > 60 else value}")
+        return f"Result({', '.join([*shown, f'is_main_result={self.is_main_result}'])})"
+
 
 @dataclass(slots=True)
 class Logs:

@@ -1,8 +1,8 @@
 """A code context: one long-running interpreter in the guest (``sandbox.run_code``).
 
 Started by the host through the commands API (``python3 interp.py [python|bash]``, stdin
-open, in the background). Standard library only; any Python 3.8+ runs it (Debian's and the
-template's virtual environment's).
+open, in the background). Standard library only; Python 3.11 (Debian's and the template's
+virtual environment's) runs it.
 
 Protocol: requests come in on stdin, one JSON object a line:
 ``{"id": "...", "code": "...", "env": {...}}`` runs code (``env`` for that execution only),
@@ -23,8 +23,7 @@ its state survive it.
 
 from __future__ import annotations
 
-import ast
-import base64
+import _ast  # the node classes without ``ast`` (and what it imports): a faster start
 import builtins
 import codecs
 import json
@@ -34,9 +33,12 @@ import signal
 import sys
 import threading
 import time
-import traceback
-import types
-from typing import Any
+
+TYPE_CHECKING = False  # typing, traceback and base64 cost time at every start; mypy knows it
+if TYPE_CHECKING:
+    import traceback
+    import types
+    from typing import Any
 
 CHUNK = 64 * 1024
 """Bytes read from an output pipe at a time."""
@@ -48,6 +50,7 @@ left out, and its ``text`` says so."""
 FLUSH_AFTER = 0.05
 """Seconds a partial line (a write without a newline) waits before it is sent anyway."""
 _CO_COROUTINE = 0x0080
+_PyCF_ALLOW_TOP_LEVEL_AWAIT = 0x2000
 
 REPR_METHODS = (
     ("_repr_html_", "html"),
@@ -272,6 +275,8 @@ def _flusher(writers: list[Writer]) -> None:
 
 def _bounded(kind: str, value: Any, notes: list[str]) -> Any:
     if kind in BINARY_KINDS and isinstance(value, (bytes, bytearray)):
+        import base64
+
         value = base64.b64encode(bytes(value)).decode("ascii")
     if kind == "json":
         try:
@@ -351,7 +356,7 @@ class PythonContext:
     def __init__(self, proto: Protocol) -> None:
         self.proto = proto
         self.count = 0
-        module = types.ModuleType("__main__")
+        module = type(sys)("__main__")
         module.__dict__["__builtins__"] = builtins
         module.__dict__["display"] = self.display
         sys.modules["__main__"] = module
@@ -379,13 +384,13 @@ class PythonContext:
         filename = f"<cell-{self.count}>"
         _remember(filename, code)
         try:
-            flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
-            tree = ast.parse(code, filename, "exec")
+            flags = _PyCF_ALLOW_TOP_LEVEL_AWAIT
+            tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST | flags)
             last = None
             final = tree.body[-1] if tree.body else None
-            if isinstance(final, ast.Expr):
+            if isinstance(final, _ast.Expr):
                 tree.body.pop()
-                last = ast.Expression(final.value)
+                last = _ast.Expression(final.value)
             body = compile(tree, filename, "exec", flags=flags)
             self._run(body)
             if last is not None:
@@ -413,6 +418,8 @@ class PythonContext:
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next  # the frames of this script are not the code's
+        import traceback
+
         if isinstance(exc, SyntaxError):
             lines = traceback.format_exception_only(type(exc), exc)
         else:
@@ -527,6 +534,8 @@ class IPythonContext:
 
 def _without_own_frames(te: traceback.TracebackException) -> traceback.TracebackException:
     """Leave this script's frames out of a traceback (and the ones it chains)."""
+    import traceback
+
     seen = set()
     todo = [te]
     while todo:
@@ -824,6 +833,8 @@ def main(argv: list[str]) -> int:
             return serve_bash(proto)
         return serve_python(proto)
     except BaseException:  # this script's own failure: say it on its stderr
+        import traceback
+
         os.write(own_stderr, traceback.format_exc().encode("utf-8", "replace")[-16384:])
         return 1
 
