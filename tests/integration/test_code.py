@@ -245,6 +245,19 @@ def test_contexts_create_list_restart_remove(sb: Sandbox) -> None:
         sb.restart_code_context(made.id)
 
 
+def test_a_context_runs_as_the_account_it_names(sb: Sandbox) -> None:
+    made = sb.create_code_context(user="root")
+    try:
+        assert (made.user, made.cwd) == ("root", "/root")
+        assert sb.run_code(
+            "import getpass, os; (getpass.getuser(), os.getcwd())", context=made
+        ).text == ("('root', '/root')")
+        out = sb.run_code("whoami", language="bash")
+        assert out.logs.stdout == ["user\n"]  # the default contexts: the template's user
+    finally:
+        sb.remove_code_context(made)
+
+
 def test_removing_a_context_leaves_nothing_running(sb: Sandbox) -> None:
     made = sb.create_code_context()
     marker = uuid.uuid4().hex
