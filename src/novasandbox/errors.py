@@ -44,6 +44,10 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     ├── SnapshotError                   snapshot-error
     │   ├── SnapshotNotFound            snapshot-not-found
     │   └── SnapshotIncompatible        snapshot-incompatible
+    ├── CodeError                       code-error
+    │   ├── CodeContextNotFound         code-context-not-found
+    │   ├── CodeTimeout                 code-timeout
+    │   └── CodeInterpreterError        code-interpreter-error
     └── SandboxFileError                file-error
         ├── SandboxFileNotFound         file-not-found
         ├── SandboxPermissionError      permission-denied
@@ -67,7 +71,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .guest.protocol import ErrorCode
-from .results import CommandResult
+from .results import CommandResult, Execution
 
 
 class NovaSandboxError(Exception):
@@ -355,6 +359,35 @@ class SnapshotIncompatible(SnapshotError):
     """The snapshot cannot be restored here (other machine shape, QEMU or accelerator)."""
 
     code = "snapshot-incompatible"
+
+
+class CodeError(NovaSandboxError):
+    """The code interpreter (``run_code`` and code contexts) failed."""
+
+    code = "code-error"
+
+
+class CodeContextNotFound(CodeError, LookupError):
+    """No code context with that id runs in the sandbox (removed, or never was)."""
+
+    code = "code-context-not-found"
+
+
+class CodeTimeout(CodeError, TimeoutError):
+    """The code ran past its timeout: it was interrupted (``KeyboardInterrupt`` in Python,
+    SIGINT in bash) and its context kept its state. ``execution`` is what it produced."""
+
+    code = "code-timeout"
+
+    def __init__(self, message: str, execution: Execution | None = None) -> None:
+        super().__init__(message)
+        self.execution = Execution() if execution is None else execution
+
+
+class CodeInterpreterError(CodeError):
+    """The context's interpreter process ended, or wrote what is not its protocol."""
+
+    code = "code-interpreter-error"
 
 
 class SandboxFileError(NovaSandboxError, OSError):

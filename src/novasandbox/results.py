@@ -4,7 +4,7 @@ so that ``errors`` stays the bottom of the package."""
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -92,4 +92,105 @@ class SandboxMetrics:
         return asdict(self)
 
 
-__all__ = ["CommandResult", "ProcessInfo", "SandboxMetrics", "SandboxState"]
+# ------------------------------------------------------------ the code interpreter's values
+
+
+@dataclass(frozen=True, slots=True)
+class CodeContext:
+    """A code context (``create_code_context``): one interpreter process in the guest whose
+    state (variables, imports, the working directory) persists between executions."""
+
+    id: str
+    language: str
+    """``python`` or ``bash``."""
+    cwd: str
+    """The directory it started in."""
+    user: str
+    """The account it runs as."""
+    pid: int
+    """Its process (``commands.list()`` shows it, tagged ``code-context:ID:LANGUAGE``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A value the code produced, in every representation it offers (as in a notebook):
+    the value of the last expression (``is_main_result``), a ``display()`` call, or a
+    matplotlib figure. ``png``, ``jpeg`` and ``pdf`` are base64 text; ``json`` is the
+    decoded value. A representation over the size kept is left out, and ``text`` says so."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    png: str | None = None
+    jpeg: str | None = None
+    pdf: str | None = None
+    latex: str | None = None
+    json: Any = None
+    javascript: str | None = None
+    is_main_result: bool = False
+
+    def formats(self) -> list[str]:
+        """The representations it has (``"text"``, ``"html"``, ``"png"``, ...)."""
+        names = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json")
+        return [n for n in (*names, "javascript") if getattr(self, n) is not None]
+
+    def __repr__(self) -> str:
+        shown = []
+        for name in self.formats():
+            value = repr(getattr(self, name))
+            shown.append(f"{name}={value[:60] + '...' if len(value) > 60 else value}")
+        return f"Result({', '.join([*shown, f'is_main_result={self.is_main_result}'])})"
+
+
+@dataclass(slots=True)
+class Logs:
+    """What the code printed: one entry per write (``print("x")`` is ``"x\n"``), the
+    output of the processes it started included."""
+
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    dropped: int = 0
+    """Entries not kept here past the bound on an execution's logs (the callbacks got
+    them all)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionError:
+    """An exception the code raised (or, in bash, a non-zero exit status)."""
+
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass(slots=True)
+class Execution:
+    """What one ``run_code`` produced."""
+
+    results: list[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    """The context's count of executions, this one included."""
+
+    @property
+    def text(self) -> str | None:
+        """The text of the main result (the value of the last expression), if any."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+
+__all__ = [
+    "CodeContext",
+    "CommandResult",
+    "Execution",
+    "ExecutionError",
+    "Logs",
+    "ProcessInfo",
+    "Result",
+    "SandboxMetrics",
+    "SandboxState",
+]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast, overload
 
+from .code import DEFAULT_CODE_TIMEOUT, ErrorCallback, ResultCallback
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_OUTPUT,
@@ -47,7 +48,7 @@ from .remote import (
     RemoteTerminalHandle,
     RemoteTerminals,
 )
-from .results import SandboxMetrics
+from .results import CodeContext, Execution, SandboxMetrics
 from .sandbox import DEFAULT_BOOT_TIMEOUT, DEFAULT_LIFETIME, AsyncSandbox, SandboxState
 from .snapshots import Snapshot
 from .templates import TemplateManager
@@ -762,6 +763,57 @@ class Sandbox:
         return _Portal.call(self._inner.download_url(path, expires))
 
     download_url.__doc__ = RemoteSandbox.download_url.__doc__
+
+    def run_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_result: ResultCallback | None = None,
+        on_error: ErrorCallback | None = None,
+        timeout: float | None = DEFAULT_CODE_TIMEOUT,
+    ) -> Execution:
+        return _Portal.call(
+            self._inner.run_code(
+                code,
+                language,
+                context,
+                env=env,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                on_result=on_result,
+                on_error=on_error,
+                timeout=timeout,
+            )
+        )
+
+    run_code.__doc__ = AsyncSandbox.run_code.__doc__
+
+    def create_code_context(
+        self, cwd: str | None = None, language: str = "python", *, user: str | None = None
+    ) -> CodeContext:
+        return _Portal.call(self._inner.create_code_context(cwd, language, user=user))
+
+    create_code_context.__doc__ = AsyncSandbox.create_code_context.__doc__
+
+    def list_code_contexts(self) -> builtins.list[CodeContext]:
+        return _Portal.call(self._inner.list_code_contexts())
+
+    list_code_contexts.__doc__ = AsyncSandbox.list_code_contexts.__doc__
+
+    def restart_code_context(self, context: CodeContext | str) -> CodeContext:
+        return _Portal.call(self._inner.restart_code_context(context))
+
+    restart_code_context.__doc__ = AsyncSandbox.restart_code_context.__doc__
+
+    def remove_code_context(self, context: CodeContext | str) -> None:
+        _Portal.call(self._inner.remove_code_context(context))
+
+    remove_code_context.__doc__ = AsyncSandbox.remove_code_context.__doc__
 
     def fork(self, n: int = 1) -> list[Sandbox]:
         forking = cast(

@@ -1048,22 +1048,19 @@ def test_metrics_are_the_machines_own_figures(agent: AgentConn) -> None:
 
 
 def test_metrics_cpu_window_is_at_least_a_tenth_of_a_second(agent: AgentConn) -> None:
-    """The first call samples the CPU for 0.1 s; one at once after it waits out the rest
-    of the 0.1 s minimum window (so its figure is never over a few ticks), and sees a
-    busy child."""
+    """The first call samples the CPU for 0.1 s and one at once after it still gets a
+    figure (over the rest of the 0.1 s window), and both see a busy child. (How long the
+    second waits depends on when it arrives: not asserted, it is timing.)"""
     busy = agent.start(
         [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2: pass"]
     )
     started = agent.started(busy)
     assert started["op"] == "started"
     first = agent.call("metrics")
-    t1 = time.monotonic()
     second = agent.call("metrics")
-    t2 = time.monotonic()
     for reply in (first, second):
         check_reply("metrics", reply)
         assert reply["cpu_used_pct"] > 0.0  # the busy child's share at least
-    assert t2 - t1 >= 0.09  # a lower bound: the agent slept the window out
     assert agent.finish(busy, started=started).exit["exit_code"] == 0
 
 

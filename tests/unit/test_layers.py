@@ -15,7 +15,7 @@ PACKAGE = SRC / "novasandbox"
 
 LAYERS: list[list[str]] = [
     # bottom: what everything may use
-    ["paths", "procfs", "results", "guest", "guest.protocol", "guest.agent"],
+    ["paths", "procfs", "results", "guest", "guest.protocol", "guest.agent", "guest.interp"],
     ["errors"],
     ["network"],
     ["config"],
@@ -41,6 +41,7 @@ LAYERS: list[list[str]] = [
     ["agent_client"],
     ["commands", "files"],
     ["terminal"],  # a command with a pseudo-terminal
+    ["code"],  # the code interpreter: over the commands of either kind of sandbox
     ["remote"],  # the client of a server: below the sandbox, which dispatches to it
     ["sandbox"],
     # above the sandbox: what acts on sandboxes or their records

@@ -53,7 +53,7 @@ from ..paths import cache_dir
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 GUEST_DIR = BUILTIN_DIR.parent / "guest"
-GUEST_FILES = ("init", "agent.py", "protocol.py")
+GUEST_FILES = ("init", "agent.py", "protocol.py", "interp.py")
 TEMPLATE_DEFAULTS = "template.json"
 """Written beside the agent in the image: ``Template.guest_defaults()``."""
 KERNEL_RECIPE = "1"
