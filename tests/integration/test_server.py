@@ -94,7 +94,9 @@ def test_create_run_files_list_isolation_and_kill(served: Served) -> None:
         path = f"/tmp/{name}"
         r = c.put(f"/v1/sandboxes/{sid}/files", params={"path": path}, content=blob)
         assert r.status_code == 200, r.text
-        assert r.json() == {"path": path, "size": len(blob)}
+        written = r.json()
+        assert (written["path"], written["size"]) == (path, len(blob))
+        assert (written["entry"]["path"], written["entry"]["owner"]) == (path, "user")
         got = c.get(f"/v1/sandboxes/{sid}/files", params={"path": path})
         assert got.status_code == 200 and got.content == blob
     events = stream_events(c, sid, cmd="sha256sum /tmp/big.bin | cut -c1-64")

@@ -145,6 +145,8 @@ def bound(case: Any, fuzzed: Fuzzed) -> None:
     """The generated request, pointed at the kept sandbox and bounded in time."""
     if "sandbox_id" in (case.path_parameters or {}):
         case.path_parameters["sandbox_id"] = fuzzed.live_id()
+    if case.path.endswith("/files/watch"):  # a stream until the client leaves: bounded
+        case.query = {**(case.query or {}), "timeout": COMMAND_SECONDS}
     if case.path.endswith("/commands") and isinstance(case.body, dict):
         timeout = case.body.get("timeout", COMMAND_SECONDS)
         if timeout is None or (isinstance(timeout, int | float) and timeout > COMMAND_SECONDS):

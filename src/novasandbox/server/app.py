@@ -39,7 +39,7 @@ it: absolute, or relative to the home of the call's user; file routes take ``?us
     GET    /v1/sandboxes/ID/files/exists?path=PATH  -> Exists
     POST   /v1/sandboxes/ID/files/mkdir?path=PATH   (with parents) -> MadeDir
     POST   /v1/sandboxes/ID/files/rename?path=OLD&to=NEW  (never over NEW) -> EntryOut
-    POST   /v1/sandboxes/ID/files/watch?path=PATH   (&recursive=true) -> NDJSON events
+    POST   /v1/sandboxes/ID/files/watch?path=PATH   (&recursive=true&timeout=S) -> NDJSON
     GET    /metrics                           Prometheus text format (metrics.py)
     *      /mcp                               MCP over streamable HTTP (mcp.py)
 
@@ -959,18 +959,24 @@ def create_app(
         key: Caller,
         recursive: bool = False,
         user: GuestUser = None,
+        timeout: Annotated[
+            float | None,
+            Query(gt=0, allow_inf_nan=False, description="End the watch after this many s."),
+        ] = None,
     ) -> Streamed:
         """Watch directory PATH (and, with `recursive`, its subdirectories) until the
-        client goes away: `watching` (path), then `events` (events: name relative to
-        PATH, type create/write/remove/rename/chmod; dropped: events lost since the last
-        line), then `end` (the directory went) or `error`. Errors before the watch is in
-        place (not found, not a directory, permission) are ordinary error responses."""
+        client goes away or `timeout` seconds have passed: `watching` (path), then
+        `events` (events: name relative to PATH, type create/write/remove/rename/chmod;
+        dropped: events lost since the last line), then `end` (the directory went, or the
+        timeout came) or `error`. Errors before the watch is in place (not found, not a
+        directory, permission) are ordinary error responses."""
         sb = registry.get(key.id, sandbox_id).live()
         queue: asyncio.Queue[FilesystemEvent | None] = asyncio.Queue(QUEUED_EVENTS)
         handle = await sb.files.watch_dir(path, recursive=recursive, on_event=queue.put, user=user)
 
         async def ended() -> None:
-            await handle.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handle.wait(), timeout)
             await queue.put(None)
 
         async def lines() -> AsyncGenerator[bytes, None]:
