@@ -264,6 +264,9 @@ def _popen(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=pooled.env(),
+        # as from a terminal, whatever this test runner inherited (a background job
+        # ignores SIGINT, and an ignored signal stays ignored across exec)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -392,3 +392,13 @@ def test_a_disconnected_handle_leaves_the_command_running(sb: Sandbox) -> None:
     again = sb.commands.connect(handle.pid)
     assert sb.commands.kill(handle.pid)
     assert again.wait().signal == 9
+
+
+def test_commands_ignore_no_signal_and_sigterm_ends_them(sb: Sandbox) -> None:
+    """PID 1 ignores SIGTERM; what the agent starts must not inherit that."""
+    mask = int(sb.commands.run("grep SigIgn /proc/self/status").stdout.split()[1], 16)
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        assert not mask & (1 << (sig - 1)), sig
+    sleeper = sb.commands.run(["sleep", "300"], background=True)
+    assert sb.commands.send_signal(sleeper.pid, signal.SIGTERM)
+    assert sleeper.wait().signal == signal.SIGTERM

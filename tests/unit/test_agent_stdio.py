@@ -1445,3 +1445,30 @@ def test_watch_as_another_account_needs_its_read_permission(
     assert watch.events(until=1) == [("seen", "create")]
     watch.stop()
     assert _agent_thread_ids(agent.proc.pid) == {("0", "0")}
+
+
+def test_commands_get_every_signal_at_its_default(tmp_path: Path) -> None:
+    """Even when the agent was started with SIGINT, SIGQUIT and SIGTERM ignored (a shell's
+    background job; in a guest PID 1 ignores SIGTERM), its commands ignore none of them:
+    ``kill PID`` and Ctrl-C reach them."""
+
+    def ignored() -> None:
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, str(AGENT), "--stdio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=ignored,
+    )
+    conn = AgentConn(proc)
+    try:
+        out = conn.exec(["sh", "-c", "grep SigIgn /proc/self/status"]).stdout.decode()
+        mask = int(out.split()[1], 16)
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            assert not mask & (1 << (sig - 1)), (sig, out)
+    finally:
+        stop_agent(proc)

@@ -543,7 +543,18 @@ def find_agent_port(timeout: float = 30.0) -> str:
         time.sleep(0.01)
 
 
+def default_signals() -> None:
+    """What the agent's commands inherit: every signal at its default. PID 1 ignores
+    SIGTERM and forks the agent without an exec; a shell that started ``--stdio`` in the
+    background ignores SIGINT and SIGQUIT. An ignored signal stays ignored across exec,
+    so without this ``kill PID`` and Ctrl-C in a terminal would do nothing to them."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_DFL in a child
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def serve_port() -> int:
+    default_signals()
     path = find_agent_port()
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     _log(f"serving on {path}")
@@ -2110,6 +2121,7 @@ def _describe(exc: BaseException) -> str:
 
 def main() -> int:
     if "--stdio" in sys.argv:
+        default_signals()
         return Agent(sys.stdin.fileno(), sys.stdout.fileno()).serve()
     if os.getpid() == 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
