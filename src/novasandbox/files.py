@@ -664,7 +664,8 @@ def data_chunks(data: WriteData) -> AsyncIterator[bytes]:
         data = data.encode()
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
-        return _aiter([bytes(view[i : i + CHUNK_SIZE]) for i in range(0, len(view), CHUNK_SIZE)])
+        # a chunk copied at a time, as it is sent: never a second copy of the whole data
+        return _aiter(bytes(view[i : i + CHUNK_SIZE]) for i in range(0, len(view), CHUNK_SIZE))
     if is_reader(data):
         return read_chunks(data)
     if isinstance(data, AsyncIterable):
