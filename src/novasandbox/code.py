@@ -627,10 +627,68 @@ class CodeInterpreter:
         return live.ctx
 
 
+class CodeMethods:
+    """The code interpreter's methods of a sandbox, local (``AsyncSandbox``) or remote
+    (``RemoteSandbox``): both set ``_code``, a ``CodeInterpreter`` over their commands."""
+
+    _code: CodeInterpreter
+
+    async def run_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_result: ResultCallback | None = None,
+        on_error: ErrorCallback | None = None,
+        timeout: float | None = DEFAULT_CODE_TIMEOUT,
+    ) -> Execution:
+        """Run ``code`` in a code context and return what it produced: ``results`` (the
+        value of the last expression is the one with ``is_main_result``), ``logs``
+        (one entry per write), ``error`` (an exception the code raised, with its
+        traceback) and ``execution_count``. State persists between calls in a context.
+
+        ``language`` (``python``, the default, or ``bash``) picks that language's default
+        context, created on first use; ``context`` (a ``CodeContext`` or its id) another
+        one: giving both is a ``ConfigError``. ``env`` applies to this execution only.
+        Output, results and errors are streamed to the callbacks while the code runs
+        (they may be coroutines). Past ``timeout`` seconds the code is interrupted
+        (``KeyboardInterrupt``; SIGINT in bash), the context keeps its state, and
+        ``CodeTimeout`` is raised with what it produced."""
+        return await self._code.run(
+            code, language, context, env, on_stdout, on_stderr, on_result, on_error, timeout
+        )
+
+    async def create_code_context(
+        self, cwd: str | None = None, language: str = "python", *, user: str | None = None
+    ) -> CodeContext:
+        """A new code context (an interpreter process whose state persists), in ``cwd``
+        (default: the user's home), as ``user`` (default: the template's user)."""
+        return await self._code.create(cwd, language, user)
+
+    async def list_code_contexts(self) -> builtins.list[CodeContext]:
+        """The code contexts running in the sandbox (any client's)."""
+        return await self._code.list()
+
+    async def restart_code_context(self, context: CodeContext | str) -> CodeContext:
+        """A fresh interpreter for ``context`` (same id, language, directory, user): its
+        state is gone. ``CodeContextNotFound`` if it does not run."""
+        return await self._code.restart(context)
+
+    async def remove_code_context(self, context: CodeContext | str) -> None:
+        """End ``context``'s interpreter (and what it started in its process group).
+        ``CodeContextNotFound`` if it does not run."""
+        await self._code.remove(context)
+
+
 __all__ = [
     "DEFAULT_CODE_TIMEOUT",
     "CodeContext",
     "CodeInterpreter",
+    "CodeMethods",
     "CommandsLike",
     "ErrorCallback",
     "Execution",

@@ -52,10 +52,8 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 from . import errors
 from .code import (
-    DEFAULT_CODE_TIMEOUT,
     CodeInterpreter,
-    ErrorCallback,
-    ResultCallback,
+    CodeMethods,
 )
 from .commands import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -118,9 +116,7 @@ from .guest.protocol import (
     check_value,
 )
 from .results import (
-    CodeContext,
     CommandResult,
-    Execution,
     ProcessInfo,
     SandboxMetrics,
     SandboxState,
@@ -520,7 +516,7 @@ async def delete_snapshot_on(server: Server, snapshot: Snapshot | RemoteSnapshot
         await http.aclose()
 
 
-class RemoteSandbox:
+class RemoteSandbox(CodeMethods):
     """A sandbox owned by a NovaSandbox server (see the module's docstring). Made by
     ``AsyncSandbox.create(..., server=...)`` or ``AsyncSandbox.connect(id, ...)``."""
 
@@ -794,56 +790,6 @@ class RemoteSandbox:
     # --- what a client does not get
 
     # --- the code interpreter (``code.py``: a layer over ``commands``)
-
-    async def run_code(
-        self,
-        code: str,
-        language: str | None = None,
-        context: CodeContext | str | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        on_result: ResultCallback | None = None,
-        on_error: ErrorCallback | None = None,
-        timeout: float | None = DEFAULT_CODE_TIMEOUT,
-    ) -> Execution:
-        """Run ``code`` in a code context and return what it produced: ``results`` (the
-        value of the last expression is the one with ``is_main_result``), ``logs``
-        (one entry per write), ``error`` (an exception the code raised, with its
-        traceback) and ``execution_count``. State persists between calls in a context.
-
-        ``language`` (``python``, the default, or ``bash``) picks that language's default
-        context, created on first use; ``context`` (a ``CodeContext`` or its id) another
-        one: giving both is a ``ConfigError``. ``env`` applies to this execution only.
-        Output, results and errors are streamed to the callbacks while the code runs
-        (they may be coroutines). Past ``timeout`` seconds the code is interrupted
-        (``KeyboardInterrupt``; SIGINT in bash), the context keeps its state, and
-        ``CodeTimeout`` is raised with what it produced."""
-        return await self._code.run(
-            code, language, context, env, on_stdout, on_stderr, on_result, on_error, timeout
-        )
-
-    async def create_code_context(
-        self, cwd: str | None = None, language: str = "python", *, user: str | None = None
-    ) -> CodeContext:
-        """A new code context (an interpreter process whose state persists), in ``cwd``
-        (default: the user's home), as ``user`` (default: the template's user)."""
-        return await self._code.create(cwd, language, user)
-
-    async def list_code_contexts(self) -> builtins.list[CodeContext]:
-        """The code contexts running in the sandbox (any client's)."""
-        return await self._code.list()
-
-    async def restart_code_context(self, context: CodeContext | str) -> CodeContext:
-        """A fresh interpreter for ``context`` (same id, language, directory, user): its
-        state is gone. ``CodeContextNotFound`` if it does not run."""
-        return await self._code.restart(context)
-
-    async def remove_code_context(self, context: CodeContext | str) -> None:
-        """End ``context``'s interpreter (and what it started in its process group).
-        ``CodeContextNotFound`` if it does not run."""
-        await self._code.remove(context)
 
     def _unsupported(self, what: str) -> NoReturn:
         raise RemoteUnsupported(f"{what} of a sandbox is not available through a server")

@@ -42,12 +42,10 @@ from typing import Any, Literal, overload
 
 from .agent_client import AgentClient
 from .code import (
-    DEFAULT_CODE_TIMEOUT,
     CodeInterpreter,
-    ErrorCallback,
-    ResultCallback,
+    CodeMethods,
 )
-from .commands import AsyncCommands, OutputCallback
+from .commands import AsyncCommands
 from .config import Drive, MachineConfig, validate_env, validate_lifetime
 from .errors import (
     AgentError,
@@ -91,7 +89,7 @@ from .remote import (
     list_snapshots_on,
     resolve_server,
 )
-from .results import CodeContext, Execution, SandboxMetrics, SandboxState
+from .results import SandboxMetrics, SandboxState
 from .snapshots import (
     DISK,
     MANIFEST,
@@ -295,7 +293,7 @@ def _kill_leftovers() -> None:
         remove_state(directory)
 
 
-class AsyncSandbox:
+class AsyncSandbox(CodeMethods):
     """A running microVM sandbox (asyncio). Create with ``await AsyncSandbox.create(...)``."""
 
     def __init__(
@@ -1477,58 +1475,6 @@ class AsyncSandbox:
             drop_unused_fork_snapshot(snap)
             raise failure
         return children
-
-    # --- the code interpreter (``code.py``: a layer over ``commands``)
-
-    async def run_code(
-        self,
-        code: str,
-        language: str | None = None,
-        context: CodeContext | str | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        on_result: ResultCallback | None = None,
-        on_error: ErrorCallback | None = None,
-        timeout: float | None = DEFAULT_CODE_TIMEOUT,
-    ) -> Execution:
-        """Run ``code`` in a code context and return what it produced: ``results`` (the
-        value of the last expression is the one with ``is_main_result``), ``logs``
-        (one entry per write), ``error`` (an exception the code raised, with its
-        traceback) and ``execution_count``. State persists between calls in a context.
-
-        ``language`` (``python``, the default, or ``bash``) picks that language's default
-        context, created on first use; ``context`` (a ``CodeContext`` or its id) another
-        one: giving both is a ``ConfigError``. ``env`` applies to this execution only.
-        Output, results and errors are streamed to the callbacks while the code runs
-        (they may be coroutines). Past ``timeout`` seconds the code is interrupted
-        (``KeyboardInterrupt``; SIGINT in bash), the context keeps its state, and
-        ``CodeTimeout`` is raised with what it produced."""
-        return await self._code.run(
-            code, language, context, env, on_stdout, on_stderr, on_result, on_error, timeout
-        )
-
-    async def create_code_context(
-        self, cwd: str | None = None, language: str = "python", *, user: str | None = None
-    ) -> CodeContext:
-        """A new code context (an interpreter process whose state persists), in ``cwd``
-        (default: the user's home), as ``user`` (default: the template's user)."""
-        return await self._code.create(cwd, language, user)
-
-    async def list_code_contexts(self) -> builtins.list[CodeContext]:
-        """The code contexts running in the sandbox (any client's)."""
-        return await self._code.list()
-
-    async def restart_code_context(self, context: CodeContext | str) -> CodeContext:
-        """A fresh interpreter for ``context`` (same id, language, directory, user): its
-        state is gone. ``CodeContextNotFound`` if it does not run."""
-        return await self._code.restart(context)
-
-    async def remove_code_context(self, context: CodeContext | str) -> None:
-        """End ``context``'s interpreter (and what it started in its process group).
-        ``CodeContextNotFound`` if it does not run."""
-        await self._code.remove(context)
 
     # --- teardown
 
