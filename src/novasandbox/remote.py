@@ -122,7 +122,14 @@ from .results import (
     SandboxState,
 )
 from .snapshots import Snapshot
-from .terminal import DEFAULT_COLS, DEFAULT_ROWS, LOGIN_SHELL, DataCallback, check_size
+from .terminal import (
+    DEFAULT_COLS,
+    DEFAULT_ROWS,
+    LOGIN_SHELL,
+    AsyncTerminalHandle,
+    DataCallback,
+    check_size,
+)
 
 if TYPE_CHECKING:
     import httpx  # imported where used: ~0.1 s that local sandboxes never need
@@ -1294,43 +1301,6 @@ class RemoteCommands:
         await self._sb._call("POST", f"/commands/{pid}/close-stdin")
 
 
-class RemoteTerminalHandle:
-    """A terminal in a server's sandbox (``RemoteTerminals.create``): its output comes
-    as ``pty`` events (base64) on the command's stream."""
-
-    def __init__(self, sandbox: RemoteSandbox, command: RemoteCommandHandle) -> None:
-        self._sb = sandbox
-        self._command = command
-
-    @property
-    def pid(self) -> int:
-        return self._command.pid
-
-    @property
-    def argv(self) -> tuple[str, ...]:
-        return self._command.argv
-
-    def done(self) -> bool:
-        return self._command.done()
-
-    async def send_stdin(self, data: str | bytes) -> None:
-        """``AsyncTerminalHandle.send_stdin``."""
-        await self._command.send_stdin(data)
-
-    async def resize(self, cols: int, rows: int) -> None:
-        """``AsyncTerminalHandle.resize``."""
-        await RemoteTerminals(self._sb).resize(self.pid, cols, rows)
-
-    async def kill(self) -> None:
-        await self._command.kill()
-
-    async def wait(self) -> CommandResult:
-        return await self._command.wait()
-
-    def disconnect(self) -> None:
-        self._command.disconnect()
-
-
 class RemoteTerminals:
     """``sandbox.pty`` of a ``RemoteSandbox``: ``AsyncTerminals``'s methods; the
     terminal's bytes come base64 in the command's stream."""
@@ -1350,7 +1320,7 @@ class RemoteTerminals:
         user: str | None = None,
         timeout: float | None = None,
         tag: str | None = None,
-    ) -> RemoteTerminalHandle:
+    ) -> AsyncTerminalHandle:
         """``AsyncTerminals.create``: the terminal runs on if this client goes away
         (reach it by pid); ``kill`` or ``exit`` ends it."""
         cols, rows = check_size(cols, rows)
@@ -1376,7 +1346,7 @@ class RemoteTerminals:
         }
         command = RemoteCommandHandle(self._sb, argv, timeout, None, None, 0, on_data=on_data)
         await command._start(body)
-        return RemoteTerminalHandle(self._sb, command)
+        return AsyncTerminalHandle(command, self.resize)
 
     async def resize(self, pid: int, cols: int, rows: int) -> None:
         """``AsyncTerminals.resize``."""

@@ -45,7 +45,6 @@ from .remote import (
     RemoteSandbox,
     RemoteSandboxInfo,
     RemoteSnapshot,
-    RemoteTerminalHandle,
     RemoteTerminals,
 )
 from .results import CodeContext, Execution, SandboxMetrics
@@ -156,7 +155,7 @@ class CommandHandle:
 class TerminalHandle:
     """Sync twin of ``AsyncTerminalHandle``."""
 
-    def __init__(self, inner: AsyncTerminalHandle | RemoteTerminalHandle) -> None:
+    def __init__(self, inner: AsyncTerminalHandle) -> None:
         self._inner = inner
 
     @property
@@ -206,19 +205,16 @@ class Terminals:
         timeout: float | None = None,
         tag: str | None = None,
     ) -> TerminalHandle:
-        creating = cast(  # either kind of handle
-            "Coroutine[Any, Any, AsyncTerminalHandle | RemoteTerminalHandle]",
-            self._inner.create(
-                cols,
-                rows,
-                on_data=on_data,
-                cmd=cmd,
-                cwd=cwd,
-                env=env,
-                user=user,
-                timeout=timeout,
-                tag=tag,
-            ),
+        creating = self._inner.create(
+            cols,
+            rows,
+            on_data=on_data,
+            cmd=cmd,
+            cwd=cwd,
+            env=env,
+            user=user,
+            timeout=timeout,
+            tag=tag,
         )
         return TerminalHandle(_Portal.call(creating))
 

@@ -6,11 +6,11 @@ it, ``commands.connect`` and ``kill`` reach it by pid. Async only; ``sync.py`` w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from .agent_client import AgentHolder
-from .commands import AsyncCommandHandle, AsyncCommands
+from .commands import AsyncCommands
 from .errors import check_int
 from .results import CommandResult
 
@@ -27,12 +27,32 @@ def check_size(cols: int, rows: int) -> tuple[int, int]:
     return check_int("cols", cols, 1, MAX_COLS), check_int("rows", rows, 1, MAX_ROWS)
 
 
-class AsyncTerminalHandle:
-    """A terminal running in the guest (``sandbox.pty.create``)."""
+class TerminalCommand(Protocol):
+    """The command behind a terminal: a local ``AsyncCommandHandle`` or a remote one."""
 
-    def __init__(self, sandbox: AgentHolder, command: AsyncCommandHandle) -> None:
-        self._sb = sandbox
+    @property
+    def pid(self) -> int: ...
+    @property
+    def argv(self) -> tuple[str, ...]: ...
+    def done(self) -> bool: ...
+    async def send_stdin(self, data: str | bytes) -> None: ...
+    async def kill(self) -> None: ...
+    async def wait(self, *, check: bool = False) -> CommandResult: ...
+    def disconnect(self) -> None: ...
+
+
+Resize = Callable[[int, int, int], Awaitable[None]]
+"""How a terminal's window is set: ``resize(pid, cols, rows)`` (``AsyncTerminals.resize``
+or the remote client's)."""
+
+
+class AsyncTerminalHandle:
+    """A terminal running in the guest (``sandbox.pty.create``), local or through a
+    server: its command's handle and the way its window is resized."""
+
+    def __init__(self, command: TerminalCommand, resize: Resize) -> None:
         self._command = command
+        self._resize = resize
 
     @property
     def pid(self) -> int:
@@ -53,7 +73,7 @@ class AsyncTerminalHandle:
 
     async def resize(self, cols: int, rows: int) -> None:
         """Set the terminal's window size; its foreground programs get SIGWINCH."""
-        await AsyncTerminals(self._sb).resize(self.pid, cols, rows)
+        await self._resize(self.pid, cols, rows)
 
     async def kill(self) -> None:
         """SIGKILL the terminal's command and everything in its session's process group."""
@@ -111,7 +131,7 @@ class AsyncTerminals:
             tag=tag,
             terminal=(cols, rows),
         )
-        return AsyncTerminalHandle(self._sb, handle)
+        return AsyncTerminalHandle(handle, self.resize)
 
     async def resize(self, pid: int, cols: int, rows: int) -> None:
         """Set the window size of the terminal whose command has ``pid`` (from any
