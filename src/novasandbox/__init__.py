@@ -23,6 +23,7 @@ import logging
 
 TYPE_CHECKING = False  # typing's import costs milliseconds; mypy knows this name
 if TYPE_CHECKING:  # the names below, for type checkers; at run time: __getattr__
+    from .builder import TemplateBuilder
     from .commands import AsyncCommandHandle
     from .config import Drive
     from .errors import (
@@ -189,6 +190,7 @@ __all__ = [
     "StdinClosed",
     "Template",
     "TemplateBuildError",
+    "TemplateBuilder",
     "TemplateError",
     "TemplateManager",
     "TemplateNotBuilt",
@@ -286,6 +288,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sync": ("CommandHandle", "Pool", "Sandbox", "TerminalHandle", "WatchHandle"),
     "terminal": ("AsyncTerminalHandle",),
     "templates": ("BuiltTemplate", "Template", "TemplateManager"),
+    "builder": ("TemplateBuilder",),
 }
 """Each public name's module (the one that defines it), imported on the name's first use:
 ``import novasandbox`` imports none of them (asyncio, httpx, the QEMU client neither)."""

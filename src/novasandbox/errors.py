@@ -128,7 +128,23 @@ class TemplateNotBuilt(TemplateError):
 
 
 class TemplateBuildError(TemplateError):
+    """A template build failed; a failing step names itself, its exit code and the last
+    lines of its output (``step``, ``exit_code``, ``output``)."""
+
     code = "template-build-failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        exit_code: int | None = None,
+        output: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.exit_code = exit_code
+        self.output = output
 
 
 class HostToolMissing(NovaSandboxError):

@@ -60,6 +60,7 @@ from .errors import (
     SandboxOwned,
     ServerRequired,
     SnapshotError,
+    TemplateBuildError,
     VMStartError,
     check_int,
 )
@@ -107,7 +108,7 @@ from .snapshots import (
     saved,
     snapshots_dir,
 )
-from .templates import BuiltTemplate, TemplateManager
+from .templates import BuiltTemplate, Template, TemplateManager, image_format
 from .terminal import AsyncTerminals
 from .vm import get_provider
 from .vm.base import VM, Provider, VMPaths, VMSpec, drive_serial
@@ -648,11 +649,13 @@ class AsyncSandbox(CodeMethods):
         provider: str | None = None,
         adoptable: bool = False,
         _prestart: bool = False,
+        _image: BuiltTemplate | None = None,
     ) -> AsyncSandbox:
         """``create`` on this host (whatever ``NOVASANDBOX_SERVER`` says): the
         library's own callers (pools, forks, warm-up, the server). With ``_prestart``,
         a VMM started ahead (``prestart``), waiting for its snapshot and not yet a
-        sandbox anyone has; a plain create takes one when there is one for it."""
+        sandbox anyone has; a plain create takes one when there is one for it. With
+        ``_image``, a cold boot of that image (a template build's step VM)."""
         lifetime = validate_lifetime(timeout)
         net = NetworkConfig(network, None if allow is None else tuple(allow), tuple(ports))
         vmm = get_provider(provider)
@@ -696,8 +699,10 @@ class AsyncSandbox(CodeMethods):
             kernel: Path | None = snap.kernel
             boot = BootPlan(snap)
         else:
-            tpl = manager.get(template)
-            if caps.needs_image:
+            tpl = manager.get(template) if _image is None else _image.template
+            if _image is not None:
+                built = _image
+            elif caps.needs_image:
                 built = manager.require_built(template)
             config = MachineConfig(
                 vcpus=tpl.vcpus if vcpus is None else vcpus,
@@ -707,7 +712,9 @@ class AsyncSandbox(CodeMethods):
                 network=net,
             )
             kernel = built.kernel if built is not None else None
-            if built is not None:
+            if _image is not None:
+                boot = BootPlan(None, "a template build step")
+            elif built is not None:
                 restorer = engine if caps.snapshots else None
                 boot = plan_boot(manager, built, config, restorer, cold=cold)
             else:
@@ -717,7 +724,8 @@ class AsyncSandbox(CodeMethods):
         if snap is not None:
             rootfs, disk_format, incoming = snap.disk, "qcow2", snap.memory
         else:
-            rootfs, disk_format, incoming = (built.rootfs if built else None), "raw", None
+            rootfs, incoming = (built.rootfs if built else None), None
+            disk_format = image_format(rootfs) if rootfs is not None else "raw"
         spare_key = None
         if (
             caps.prestart
@@ -1031,6 +1039,50 @@ class AsyncSandbox(CodeMethods):
             took_ms,
             snap.size_bytes / 1e6,
         )
+
+    async def _start_template_command(self, tpl: Template) -> None:
+        """Start the template's ``start_cmd`` in the background (as its user, in its
+        working directory, tagged ``start_cmd``, no timeout) and wait until its
+        ``ready_cmd`` exits 0, trying at most every 0.5 s for ``ready_timeout`` seconds.
+        ``TemplateBuildError`` with the start command's output if it exits first or
+        never becomes ready (it is killed then)."""
+        if tpl.start_cmd is None:
+            return
+        handle = await self.commands.run(
+            tpl.start_cmd, background=True, timeout=None, tag="start_cmd", max_output=64 << 10
+        )
+        deadline = time.monotonic() + tpl.ready_timeout
+        last = ""
+        try:
+            while tpl.ready_cmd is not None:
+                if handle.done():
+                    result = await handle.wait()
+                    output = (result.stdout + result.stderr)[-4000:]
+                    raise TemplateBuildError(
+                        f"template {tpl.name}: start_cmd exited ({result.exit_code}) before "
+                        f"ready_cmd succeeded:\n{output}",
+                        step="start_cmd",
+                        exit_code=result.exit_code,
+                        output=output,
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TemplateBuildError(
+                        f"template {tpl.name}: ready_cmd did not succeed within "
+                        f"{tpl.ready_timeout:g} s of start_cmd; its last output:\n{last}",
+                        step="ready_cmd",
+                        output=last,
+                    )
+                check = await self.commands.run(tpl.ready_cmd, timeout=max(1.0, min(left, 30)))
+                if check.exit_code == 0:
+                    break
+                last = (check.stdout + check.stderr)[-2000:]
+                await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await handle.kill()
+            raise
+        handle.disconnect()
 
     async def _capture(
         self,

@@ -15,6 +15,7 @@ import secrets
 import shutil
 from typing import Any
 
+from .layers import build_layers
 from .network import DETACHED
 from .sandbox import AsyncSandbox
 from .snapshots import (
@@ -24,8 +25,8 @@ from .snapshots import (
     template_snapshot,
     template_snapshot_dir,
 )
-from .templates import BuiltTemplate, TemplateManager
-from .templates.build import LogReporter, build_artifacts
+from .templates import BuiltTemplate, Template, TemplateManager
+from .templates.build import BuildReporter, LogReporter, build_artifacts, build_root
 from .vm import get_provider
 
 log = logging.getLogger("novasandbox.warmup")
@@ -88,7 +89,7 @@ def build(
     system, image, snapshots); a no-op when all is there."""
     tpl = manager.get(name)
     rep = reporter or LogReporter()
-    built = build_artifacts(manager, name, reporter=rep, force=force)
+    built = build_image_chain(manager, tpl, rep, force=force, provider=provider)
     engine = get_provider(provider).engine()
     rebuilt = False
     for nic in (False, True):
@@ -106,6 +107,30 @@ def build(
         # other shapes' go with them (a rebuilt image already took them along)
         manager.remove_shape_snapshots(tpl)
     return built
+
+
+def build_image_chain(
+    manager: TemplateManager,
+    tpl: Template,
+    rep: BuildReporter,
+    *,
+    force: bool = False,
+    provider: str | None = None,
+) -> BuiltTemplate:
+    """The template's image: one image (a suite template without steps), or its root
+    (its parent's image, built first, or its own) and its layers. ``force`` rebuilds
+    this template's own artifacts and layers, not its parent's."""
+    if not tpl.layered:
+        return build_artifacts(manager, tpl.name, reporter=rep, force=force)
+    if tpl.parent is not None:
+        if manager.built(tpl.parent) is None:
+            rep.step(tpl.parent.name, f"building the parent template {tpl.parent.name}")
+            build_image_chain(manager, tpl.parent, rep, provider=provider)
+    else:
+        build_root(manager, tpl, reporter=rep, force=force)
+    if not force and (built := manager.built(tpl)) is not None:
+        return built
+    return build_layers(manager, tpl, reporter=rep, no_cache=force, provider=provider)
 
 
 def build_snapshot(
@@ -143,6 +168,7 @@ async def _build_snapshot(
         provider=provider,
     )
     try:
+        await sb._start_template_command(tpl)
         for warm in WARMUP_COMMANDS:
             await sb.commands.run(warm, timeout=60)
         await trim_guest_memory(sb)

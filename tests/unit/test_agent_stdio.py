@@ -899,10 +899,14 @@ def test_an_unusable_default_user_is_ignored(tmp_path: Path, user: str) -> None:
 
     path = tmp_path / "template.json"
     path.write_text(f'{{"env": {{"A": "1"}}, "user": {user}}}')
-    assert agent_module.load_template_defaults(str(path)) == ({}, "root")
+    assert agent_module.load_template_defaults(str(path)) == ({}, "root", None)
     path.write_text('{"env": {"A": "1"}, "user": "dev"}')
-    assert agent_module.load_template_defaults(str(path)) == ({"A": "1"}, "dev")
-    assert agent_module.load_template_defaults(str(tmp_path / "absent")) == ({}, "root")
+    assert agent_module.load_template_defaults(str(path)) == ({"A": "1"}, "dev", None)
+    assert agent_module.load_template_defaults(str(tmp_path / "absent")) == ({}, "root", None)
+    path.write_text('{"env": {}, "user": "dev", "workdir": "/srv/app"}')
+    assert agent_module.load_template_defaults(str(path)) == ({}, "dev", "/srv/app")
+    path.write_text('{"env": {}, "user": "dev", "workdir": "relative"}')
+    assert agent_module.load_template_defaults(str(path)) == ({}, "root", None)
 
 
 # ---------------------------------------------------------------------------- processes by pid

@@ -34,6 +34,7 @@ LAYERS: list[list[str]] = [
         "host.resources",
     ],
     ["records"],
+    ["templates.definition", "templates.oci"],  # what a template is; container images
     ["templates", "templates.build"],
     ["snapshots"],
     # the VM seam and its providers
@@ -45,7 +46,9 @@ LAYERS: list[list[str]] = [
     ["remote"],  # the client of a server: below the sandbox, which dispatches to it
     ["sandbox"],
     # above the sandbox: what acts on sandboxes or their records
+    ["layers"],  # a template's build steps, each run in a build VM
     ["gc", "warmup", "pool"],
+    ["builder"],  # TemplateBuilder: a definition made in Python, built
     ["sync"],
     [""],  # the package itself (novasandbox/__init__.py)
     # the HTTP service: may use all of the library; nothing of it uses the service

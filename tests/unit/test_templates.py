@@ -324,7 +324,7 @@ def test_agent_source_changes_the_image_digest(
 ) -> None:
     guest = tmp_path / "guest"
     shutil.copytree(templates.GUEST_DIR, guest)
-    monkeypatch.setattr(templates, "GUEST_DIR", guest)
+    monkeypatch.setattr(templates.definition, "GUEST_DIR", guest)
     tpl = manager.get("custom")
     before = (tpl.image_digest, tpl.base_digest, tpl.kernel_digest, tpl.digest)
     with (guest / "agent.py").open("a") as f:

@@ -114,10 +114,13 @@ def _log(msg: str, level: int = 6) -> None:
         print(f"novasandbox-agent: {msg}", file=sys.stderr, flush=True)
 
 
-def load_template_defaults(path: str = TEMPLATE_DEFAULTS) -> tuple[dict[str, str], str]:
+def load_template_defaults(
+    path: str = TEMPLATE_DEFAULTS,
+) -> tuple[dict[str, str], str, str | None]:
     """The template's defaults for commands: their environment (e.g. a virtual
-    environment first on PATH) and the account they run as. Nothing and ``root`` when
-    there is no such file (outside an image) or it is unusable."""
+    environment first on PATH), the account they run as and their working directory
+    (None: the account's home). Nothing, ``root`` and None when there is no such file
+    (outside an image) or it is unusable."""
     try:
         with open(path, "rb") as f:
             data = f.read(_MAX_TEMPLATE_DEFAULTS + 1)
@@ -133,14 +136,19 @@ def load_template_defaults(path: str = TEMPLATE_DEFAULTS) -> tuple[dict[str, str
         user = defaults.get("user", "root")
         if not isinstance(user, str) or not _valid_user_name(user):
             raise ValueError(f"invalid user {user!r}")
+        workdir = defaults.get("workdir")
+        if workdir is not None and not (
+            isinstance(workdir, str) and workdir.startswith("/") and "\0" not in workdir
+        ):
+            raise ValueError(f"invalid workdir {workdir!r}")
     except FileNotFoundError:
-        return {}, "root"
+        return {}, "root", None
     except (OSError, ValueError, AttributeError) as exc:
         # stderr: the console (console.log) in a guest; not the kernel log, which would
         # be the host's when the agent runs outside a VM (--stdio)
         print(f"novasandbox-agent: ignoring {path}: {exc}", file=sys.stderr, flush=True)
-        return {}, "root"
-    return env, user
+        return {}, "root", None
+    return env, user, workdir
 
 
 def load_template_env(path: str = TEMPLATE_DEFAULTS) -> dict[str, str]:
@@ -159,7 +167,7 @@ def _valid_user_name(name: str) -> bool:
     )
 
 
-TEMPLATE_ENV, TEMPLATE_USER = load_template_defaults()
+TEMPLATE_ENV, TEMPLATE_USER, TEMPLATE_WORKDIR = load_template_defaults()
 
 
 # ---------------------------------------------------------------------------- accounts
@@ -866,7 +874,7 @@ class Agent:
                 # host: a login shell would run its account's own profile (anything at
                 # all, a pyenv rehash waiting on a lock for one). A plain shell runs.
                 argv = [argv[0], *argv[2:]]
-        cwd = msg.get("cwd") or (acc.home if os.path.isdir(acc.home) else "/")
+        cwd = msg.get("cwd") or TEMPLATE_WORKDIR or (acc.home if os.path.isdir(acc.home) else "/")
         if not os.path.isdir(cwd):
             self.reply_error(
                 rid, code=ErrorCode.INVALID_CWD, message=f"working directory {cwd!r} does not exist"

@@ -34,7 +34,6 @@ terminals act as when a call names none (``root`` if the template says nothing; 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import os
 import re
@@ -42,24 +41,29 @@ import secrets
 import shutil
 import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import MachineConfig, validate_env, validate_user
-from ..errors import ConfigError, TemplateError, TemplateNotBuilt, TemplateNotFound, check_int
+from ..errors import TemplateError, TemplateNotBuilt, TemplateNotFound, check_int
 from ..paths import cache_dir
+from .definition import (
+    BUILTIN_DIR,
+    GUEST_DIR,
+    GUEST_FILES,
+    IMAGE_RECIPE,
+    KERNEL_RECIPE,
+    MAX_PARENTS,
+    NAME,
+    Step,
+    Template,
+    parse_definition,
+)
 
-BUILTIN_DIR = Path(__file__).resolve().parent
-GUEST_DIR = BUILTIN_DIR.parent / "guest"
-GUEST_FILES = ("init", "agent.py", "protocol.py", "interp.py")
+LAYER_DISK = "disk.qcow2"
 TEMPLATE_DEFAULTS = "template.json"
 """Written beside the agent in the image: ``Template.guest_defaults()``."""
-KERNEL_RECIPE = "1"
-"""Bump when the kernel build steps change in a way that changes the result."""
-IMAGE_RECIPE = "3"
-"""Bump when the image build steps change."""
 
 SHAPE_SNAPSHOTS = 4
 """How many snapshots of other machine shapes (vCPUs, memory, network device) a template
@@ -67,148 +71,9 @@ image keeps; the least recently used one is evicted when a new shape is saved.""
 STALE_PARTIAL_S = 3600.0
 """A half-written shape snapshot older than this was left by a process that died."""
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME = NAME
 _DIGEST = re.compile(r"^[0-9a-f]{16}$")
 _BASE = re.compile(r"^[0-9a-f]{16}\.tar$")
-
-
-def _sha256(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "big"))
-        h.update(data)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class Template:
-    """A template definition (from its TOML file)."""
-
-    name: str
-    description: str
-    suite: str
-    variant: str
-    packages: tuple[str, ...]
-    disk_size_mib: int
-    vcpus: int
-    memory_mib: int
-    kernel_source_package: str
-    kernel_config: str = field(repr=False)
-    source: Path
-    customize: tuple[str, ...] = ()
-    """Shell commands run in a chroot of the root file system after its packages."""
-    env: Mapping[str, str] = field(default_factory=dict, hash=False)
-    """The default environment of commands in this template's sandboxes."""
-    user: str = "root"
-    """The guest account calls act as when they name none (the template must have it)."""
-
-    @classmethod
-    def from_file(cls, path: Path) -> Template:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise TemplateError(f"cannot read template {path}: {exc}") from exc
-        try:
-            return cls._from_dict(data, path)
-        except (KeyError, TypeError, ValueError, OSError) as exc:
-            raise TemplateError(f"invalid template {path}: {exc!r}") from exc
-
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any], path: Path) -> Template:
-        name = data["name"]
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"invalid template name {name!r}")
-        image, machine, kernel = data["image"], data.get("machine", {}), data.get("kernel", {})
-        for section, value in (("image", image), ("machine", machine), ("kernel", kernel)):
-            if not isinstance(value, dict):
-                raise ValueError(f"[{section}] must be a table")
-        packages = image.get("packages", [])
-        if not isinstance(packages, list) or not all(
-            isinstance(p, str) and re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", p) for p in packages
-        ):
-            raise ValueError(f"invalid package list {packages!r}")
-        customize = image.get("customize", [])
-        if not isinstance(customize, list) or not all(
-            isinstance(c, str) and c.strip() and "\0" not in c for c in customize
-        ):
-            raise ValueError(f"[image] customize must be a list of shell commands: {customize!r}")
-        raw_env = data.get("env", {})
-        if not isinstance(raw_env, dict):
-            raise ValueError("env must be a table of strings")
-        try:
-            env = validate_env(raw_env)
-        except ConfigError as exc:
-            raise ValueError(f"env: {exc.message}") from None
-        user = data.get("user", "root")
-        try:
-            validate_user(user)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        config_name = kernel.get("config", "kernel.config")
-        config_path = path.parent / config_name
-        if not config_path.is_file():
-            config_path = BUILTIN_DIR / config_name
-        tpl = cls(
-            name=name,
-            description=str(data.get("description", "")),
-            suite=str(image.get("suite", "bookworm")),
-            variant=str(image.get("variant", "minbase")),
-            packages=tuple(packages),
-            disk_size_mib=int(image.get("disk_size_mib", 1024)),
-            vcpus=int(machine.get("vcpus", 1)),
-            memory_mib=int(machine.get("memory_mib", 256)),
-            kernel_source_package=str(kernel.get("source_package", "linux-source-6.1")),
-            kernel_config=config_path.read_text(),
-            source=path,
-            customize=tuple(customize),
-            env=env,
-            user=user,
-        )
-        if not re.fullmatch(r"[a-z]+", tpl.suite) or not re.fullmatch(r"[a-z]+", tpl.variant):
-            raise ValueError("suite and variant must be plain words")
-        if not 256 <= tpl.disk_size_mib <= 1 << 20:
-            raise ValueError(f"disk_size_mib out of range: {tpl.disk_size_mib}")
-        try:
-            MachineConfig(vcpus=tpl.vcpus, memory_mib=tpl.memory_mib)
-        except ConfigError as exc:
-            raise ValueError(f"[machine]: {exc.message}") from None
-        return tpl
-
-    # Digests: each artifact is keyed by exactly the inputs that shape it.
-
-    @property
-    def kernel_digest(self) -> str:
-        return _sha256("kernel", KERNEL_RECIPE, self.kernel_source_package, self.kernel_config)[:16]
-
-    @property
-    def base_digest(self) -> str:
-        parts = ["base", self.suite, self.variant, *sorted(self.packages)]
-        if self.customize:  # "#" cannot start a package name
-            parts += ["#customize", *self.customize]
-        return _sha256(*parts)[:16]
-
-    @property
-    def image_digest(self) -> str:
-        guest = [(GUEST_DIR / f).read_bytes() for f in GUEST_FILES]
-        return _sha256(
-            "image",
-            IMAGE_RECIPE,
-            self.base_digest,
-            str(self.disk_size_mib),
-            self.guest_defaults(),
-            *guest,
-        )[:16]
-
-    def guest_defaults(self) -> str:
-        """What the image tells its guest agent about the template (``template.json``
-        beside the agent): the default environment of its commands and their account."""
-        return json.dumps({"env": dict(self.env), "user": self.user}, sort_keys=True)
-
-    @property
-    def digest(self) -> str:
-        """The template's identity: the image and the kernel it boots."""
-        return _sha256(self.image_digest, self.kernel_digest)[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +106,20 @@ class TemplateManager:
         """How many other machine shapes of a template keep a snapshot (0: none are
         saved; creates of those shapes then always boot cold)."""
         env_dirs = [d for d in os.environ.get("NOVASANDBOX_TEMPLATE_PATH", "").split(":") if d]
-        self.template_dirs = [BUILTIN_DIR, *map(Path, env_dirs), *map(Path, template_dirs)]
+        self.template_dirs = [
+            BUILTIN_DIR,
+            self.definitions_dir,
+            *map(Path, env_dirs),
+            *map(Path, template_dirs),
+        ]
 
     # --- definitions
+
+    @property
+    def definitions_dir(self) -> Path:
+        """Where ``TemplateBuilder.build`` saves the definitions it makes (in the cache,
+        so they move with it)."""
+        return self.cache / "definitions"
 
     def _definitions(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
@@ -253,20 +129,64 @@ class TemplateManager:
                     found[path.stem] = path
         return found
 
-    def list(self) -> list[Template]:
-        return [Template.from_file(p) for _, p in sorted(self._definitions().items())]
+    def list(self) -> builtins.list[Template]:
+        return [self.get(name) for name in sorted(self._definitions())]
 
     def get(self, name: str) -> Template:
+        """The definition named ``name``, its parents (``from``) resolved."""
+        return self._get(name, ())
+
+    def _get(self, name: str, children: tuple[str, ...]) -> Template:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise TemplateNotFound(f"invalid template name {name!r}")
         path = self._definitions().get(name)
         if path is None:
             known = ", ".join(sorted(self._definitions())) or "none"
             raise TemplateNotFound(f"unknown template {name!r} (known: {known})")
-        tpl = Template.from_file(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise TemplateError(f"cannot read template {path}: {exc}") from exc
+        tpl = self._resolve(data, path, children)
         if tpl.name != name:
             raise TemplateError(f"{path} declares name {tpl.name!r}, expected {name!r}")
         return tpl
+
+    def from_dict(self, data: dict[str, Any], source: Path) -> Template:
+        """The template a TOML file's table describes (what ``TemplateBuilder`` makes),
+        its ``from`` resolved among the templates defined here; relative paths in it are
+        relative to ``source``'s folder."""
+        return self._resolve(data, source, ())
+
+    def _resolve(self, data: dict[str, Any], path: Path, children: tuple[str, ...]) -> Template:
+        name = data.get("name")
+        parent = None
+        if "from" in data:
+            parent_name = data["from"]
+            if not isinstance(parent_name, str):
+                raise TemplateError(f"invalid template {path}: from: must be a template name")
+            if parent_name == name or parent_name in children:
+                chain = " -> ".join((*children, str(name), parent_name))
+                raise TemplateError(f"invalid template {path}: from: a loop ({chain})")
+            if len(children) >= MAX_PARENTS:
+                raise TemplateError(
+                    f"invalid template {path}: from: more than {MAX_PARENTS} templates deep"
+                )
+            try:
+                parent = self._get(parent_name, (*children, str(name)))
+            except TemplateNotFound as exc:
+                raise TemplateError(f"invalid template {path}: from: {exc.message}") from None
+        return parse_definition(data, path, parent)
+
+    def save_definition(self, tpl: Template) -> Path:
+        """Write ``tpl``'s TOML into ``definitions_dir`` (atomically) and return its
+        path; ``get`` then finds it by name."""
+        self.definitions_dir.mkdir(parents=True, exist_ok=True)
+        path = self.definitions_dir / f"{tpl.name}.toml"
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        partial.write_text(tpl.to_toml())
+        partial.replace(path)
+        return path
 
     # --- artifacts
 
@@ -279,6 +199,32 @@ class TemplateManager:
     def image_dir(self, tpl: Template) -> Path:
         return self.cache / "templates" / tpl.name / tpl.image_digest
 
+    def layer_file(self, digest: str) -> Path:
+        """A step's layer (``layers.py``): a qcow2 image over the layer before it."""
+        return self.cache / "layers" / digest / LAYER_DISK
+
+    def root_image(self, tpl: Template) -> Path:
+        """The image a layered template's first step starts from: its parent's image,
+        or its own root file system (a suite's or a container image's, with the agent)."""
+        if tpl.parent is not None:
+            return self.image_file(tpl.parent)
+        if tpl.layered:
+            return self.cache / "layers" / tpl.root_digest / "rootfs.ext4"
+        return self.image_dir(tpl) / "rootfs.ext4"
+
+    def image_file(self, tpl: Template) -> Path:
+        """The image a sandbox of the template boots from (through an overlay)."""
+        if tpl.layered:
+            return self.layer_file(tpl.layer_digests[-1])
+        return self.image_dir(tpl) / "rootfs.ext4"
+
+    def disk_chain(self, tpl: Template) -> builtins.list[Path]:
+        """Every image under a sandbox of the template, bottom first."""
+        if not tpl.layered:
+            return [self.image_file(tpl)]
+        below = self.disk_chain(tpl.parent) if tpl.parent is not None else [self.root_image(tpl)]
+        return below + [self.layer_file(d) for d in tpl.layer_digests]
+
     def built(self, name: str | Template) -> BuiltTemplate | None:
         """The built artifacts of the template as it is defined now, or None."""
         tpl = self.get(name) if isinstance(name, str) else name
@@ -288,10 +234,9 @@ class TemplateManager:
             manifest = json.loads(manifest_file.read_text())
         except (OSError, ValueError):
             return None
-        rootfs = self.image_dir(tpl) / "rootfs.ext4"
-        if not (kernel.is_file() and rootfs.is_file()):
+        if not (kernel.is_file() and all(p.is_file() for p in self.disk_chain(tpl))):
             return None
-        return BuiltTemplate(tpl, kernel, rootfs, manifest)
+        return BuiltTemplate(tpl, kernel, self.image_file(tpl), manifest)
 
     # --- snapshots of other machine shapes
 
@@ -338,9 +283,10 @@ class TemplateManager:
         """Remove every shape snapshot of the template's current image."""
         shutil.rmtree(self.shapes_dir(tpl), ignore_errors=True)
 
-    def require_built(self, name: str) -> BuiltTemplate:
+    def require_built(self, name: str | Template) -> BuiltTemplate:
         built = self.built(name)
         if built is None:
+            name = name if isinstance(name, str) else name.name
             raise TemplateNotBuilt(
                 f"template {name!r} is not built (or changed since it was); "
                 f"run: novasandbox template build {name}"
@@ -561,6 +507,15 @@ def qcow2_backing(path: Path) -> Path | None:
     return backing if backing.is_absolute() else path.parent / backing
 
 
+def image_format(path: Path) -> str:
+    """``qcow2`` for a qcow2 image (by its magic), else ``raw``."""
+    try:
+        with path.open("rb") as f:
+            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+    except OSError:
+        return "raw"
+
+
 def backing_chain(path: Path) -> list[Path]:
     """``path`` and the images under it (each qcow2's backing file, in order), at most
     ``MAX_CHAIN`` deep; a loop ends the chain."""
@@ -634,13 +589,22 @@ def _within(path: Path, entry: Path) -> bool:
 
 
 __all__ = [
+    "BUILTIN_DIR",
+    "GUEST_DIR",
+    "GUEST_FILES",
+    "IMAGE_RECIPE",
+    "KERNEL_RECIPE",
+    "LAYER_DISK",
+    "TEMPLATE_DEFAULTS",
     "BuiltTemplate",
     "CacheEntry",
     "PrunePlan",
+    "Step",
     "Template",
     "TemplateManager",
     "backing_chain",
     "disk_usage",
+    "image_format",
     "paths_held_by_processes",
     "qcow2_backing",
 ]

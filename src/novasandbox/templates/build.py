@@ -285,15 +285,17 @@ def quicken_profile(path: Path) -> None:
 
 def install_guest(root: Path, tpl: Template) -> None:
     """Put our agent (PID 1), the template's defaults for it and basic identity files
-    into an unpacked root file system."""
+    into an unpacked root file system. A layered template's root gets no defaults: its
+    last layer has them (``layers.py``)."""
     target = root / "opt" / "novasandbox"
     target.mkdir(parents=True, exist_ok=True)
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, target / name)
-    (target / TEMPLATE_DEFAULTS).write_text(tpl.guest_defaults())
+    layered = tpl.layered
+    (target / TEMPLATE_DEFAULTS).write_text("{}" if layered else tpl.guest_defaults())
     profile_d = root / "etc" / "profile.d"
     profile_d.mkdir(parents=True, exist_ok=True)
-    (profile_d / "novasandbox.sh").write_text(profile_script(tpl.env))
+    (profile_d / "novasandbox.sh").write_text(profile_script({} if layered else tpl.env))
     quicken_profile(root / "etc" / "profile")
     (target / "init").chmod(0o755)
     (target / "agent.py").chmod(0o755)
@@ -310,7 +312,8 @@ def install_guest(root: Path, tpl: Template) -> None:
 def build_image(
     tpl: Template, base: Path, dest_dir: Path, kernel: Path, reporter: BuildReporter
 ) -> None:
-    """Unpack the base, add the agent, make the ext4 image and its manifest."""
+    """Unpack the base, add the agent, make the ext4 image and its manifest (for a
+    layered template: its root layer, which its steps start from)."""
     require_tools(IMAGE_TOOLS)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -379,6 +382,8 @@ def build_image(
         if dest_dir.exists():
             shutil.rmtree(dest_dir)
         out.rename(dest_dir)
+    if tpl.layered:
+        return
     # Older images of this template are superseded (running sandboxes keep theirs open).
     for old in dest_dir.parent.iterdir():
         if old != dest_dir and old.is_dir() and not old.name.startswith("."):
@@ -407,7 +412,11 @@ def build_template(
         build_base(tpl, base, rep)
     else:
         rep.done("rootfs", f"cached ({tpl.base_digest})")
-    build_image(tpl, base, manager.image_dir(tpl), kernel, rep)
+    root = manager.root_image(tpl)
+    if force or not root.is_file():
+        build_image(tpl, base, root.parent, kernel, rep)
+    else:
+        rep.done("image", f"cached ({tpl.root_digest})")
 
 
 def build_artifacts(
@@ -415,8 +424,24 @@ def build_artifacts(
 ) -> BuiltTemplate:
     """Build whatever of the template's kernel, base and image is missing from the cache
     (all of it with ``force``); a no-op when all is there. Its snapshots are made by
-    ``novasandbox.warmup``."""
+    ``novasandbox.warmup``; a layered template's steps by ``novasandbox.layers``."""
     tpl = manager.get(name)
+    if tpl.layered:
+        raise TemplateBuildError(f"template {name!r} is built in layers (novasandbox.warmup)")
     if force or manager.built(tpl) is None:
         build_template(manager, tpl, reporter=reporter or LogReporter(), force=force)
     return manager.require_built(name)
+
+
+def build_root(
+    manager: TemplateManager, tpl: Template, *, reporter: Any = None, force: bool = False
+) -> None:
+    """A layered template's kernel, base and root layer (a suite's root file system with
+    the agent), unless they are in the cache (and unless ``force``)."""
+    if tpl.parent is not None:
+        raise TemplateBuildError(f"template {tpl.name!r} starts from {tpl.parent.name!r}")
+    rep = reporter or LogReporter()
+    if tpl.oci is not None:
+        raise TemplateBuildError(f"template {tpl.name!r}: container images are built elsewhere")
+    if force or not manager.root_image(tpl).is_file() or not manager.kernel_path(tpl).is_file():
+        build_template(manager, tpl, reporter=rep, force=force)

@@ -34,6 +34,7 @@ from ..network import DETACHED
 from ..procfs import process_start_time, same_process
 from ..records import vmm_marker
 from ..snapshots import Engine
+from ..templates import backing_chain, image_format
 from .base import Capabilities, VMSpec
 from .qemu_argv import (
     QEMU_BINARY,
@@ -111,10 +112,21 @@ def open_disks(spec: VMSpec) -> DiskFds:
         return tuple(opened[-len(modes) :])
 
     try:
+        lower: list[tuple[int, str]] = []
+        if spec.rootfs is not None and spec.rootfs_format == "qcow2":
+            for layer in backing_chain(spec.rootfs)[1:]:
+                try:
+                    (fd,) = fds(layer, False)
+                except FileNotFoundError:
+                    raise VMStartError(
+                        f"the disk chain of {spec.rootfs} is broken: {layer} is gone"
+                    ) from None
+                lower.append((fd, image_format(layer)))
         return DiskFds(
             base=fds(spec.rootfs, False) if spec.rootfs is not None else (),
             overlay=fds(spec.paths.overlay, True),
             drives=tuple(fds(d.path, not d.read_only) for d in spec.machine.drives),
+            lower=tuple(lower),
         )
     except BaseException:
         for fd in opened:
@@ -124,6 +136,7 @@ def open_disks(spec: VMSpec) -> DiskFds:
 
 def inherited_fds(disks: DiskFds, incoming: int | None) -> tuple[int, ...]:
     fds = (*disks.base, *disks.overlay, *(fd for d in disks.drives for fd in d))
+    fds += tuple(fd for fd, _ in disks.lower)
     return fds + ((incoming,) if incoming is not None else ())
 
 

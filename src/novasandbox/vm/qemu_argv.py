@@ -69,10 +69,17 @@ class DiskFds:
     base: tuple[int, ...]
     overlay: tuple[int, ...]
     drives: tuple[tuple[int, ...], ...] = ()
+    lower: tuple[tuple[int, str], ...] = ()
+    """The images under the base, each with its format (``qcow2``, ``raw``), from the
+    base's backing file down: a layered template's chain, a snapshot's template image.
+    QEMU is told the whole chain, so it never opens a backing file by the name in an
+    image's header (names that point into a cache that may have moved)."""
 
 
 BASE_FDSET = 1
 OVERLAY_FDSET = 2
+LOWER_FDSET = 64
+"""Fd set of the image ``i`` levels under the base: ``LOWER_FDSET + i``."""
 
 
 def drive_fdset(index: int) -> int:
@@ -151,18 +158,31 @@ def build_argv(
     ]
     sets = [(BASE_FDSET, disks.base), (OVERLAY_FDSET, disks.overlay)]
     sets += [(drive_fdset(i), fds) for i, fds in enumerate(disks.drives, start=1)]
+    sets += [(LOWER_FDSET + i, (fd,)) for i, (fd, _) in enumerate(disks.lower, start=1)]
     for set_id, fds in sets:
         if not fds:
             raise ValueError(f"fd set {set_id} is empty")
         for fd in fds:
             argv += ["-add-fd", f"fd={fd},set={set_id}"]
+    # the chain under the base, bottom first (a node's backing must exist before it)
+    for level in range(len(disks.lower), 0, -1):
+        fmt = disks.lower[level - 1][1]
+        below = f",backing=base{level + 1}" if level < len(disks.lower) else ""
+        argv += [
+            "-blockdev",
+            f"driver=file,node-name=base{level}-file,"
+            f"filename=/dev/fdset/{LOWER_FDSET + level},read-only=on",
+            "-blockdev",
+            f"driver={fmt},node-name=base{level},file=base{level}-file,read-only=on{below}",
+        ]
+    base_backing = ",backing=base1" if disks.lower else ""
     argv += [
         # the root disk: a per-sandbox copy-on-write overlay; the template image (or a
         # snapshot's disk) is its read-only backing file and is never written
         "-blockdev",
         f"driver=file,node-name=base-file,filename=/dev/fdset/{BASE_FDSET},read-only=on",
         "-blockdev",
-        f"driver={spec.rootfs_format},node-name=base,file=base-file,read-only=on",
+        f"driver={spec.rootfs_format},node-name=base,file=base-file,read-only=on{base_backing}",
         "-blockdev",
         f"driver=file,node-name=root-file,filename=/dev/fdset/{OVERLAY_FDSET},discard=unmap",
         "-blockdev",
