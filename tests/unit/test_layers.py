@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
         "host.resources",
     ],
     ["records"],
-    ["templates", "templates.build"],
+    ["templates", "templates.build", "templates.oci"],
     ["snapshots"],
     # the VM seam and its providers
     ["vm", "vm.base", "vm.qemu_argv", "vm.qemu", "vm.inprocess"],
