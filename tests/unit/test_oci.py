@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from novasandbox.errors import TemplateBuildError
+from novasandbox.errors import HostToolMissing, TemplateBuildError
+from novasandbox.templates import oci
 from novasandbox.templates.oci import (
     MAX_JSON_BYTES,
     MAX_TAR_HEADER,
@@ -363,6 +364,69 @@ def test_zstd_layers(tmp_path: Path) -> None:
     layers = three_layers()
     root = unpack_into(tmp_path, load_image(build(tmp_path, "oci-tar", layers, "zstd")))
     assert (root / "opt/new").read_bytes() == b"new\n"
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd program to make one")
+def test_a_truncated_zstd_layer_is_refused(tmp_path: Path) -> None:
+    path = build(tmp_path, "docker-dir", [layer([E("f", data=os.urandom(100_000))])], "zstd")
+    image = load_image(path)
+    blob = path / image.layers[0].path
+    blob.write_bytes(blob.read_bytes()[:50_000])
+    with pytest.raises(TemplateBuildError, match="zstd could not decompress"):
+        unpack(image, tmp_path / "root")
+    assert os.listdir(tmp_path / "root") == []
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd program to make one")
+def test_zstd_without_a_decompressor_names_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = build(tmp_path, "oci-dir", [layer([E("f")])], "zstd")
+
+    def no_module(name: str) -> object:
+        raise ImportError(name)
+
+    monkeypatch.setattr(oci.importlib, "import_module", no_module)
+    monkeypatch.setattr(oci.shutil, "which", lambda name: None)
+    with pytest.raises(HostToolMissing, match="apt-get install zstd"):
+        unpack(load_image(path), tmp_path / "root")
+    assert os.listdir(tmp_path / "root") == []
+
+
+def test_docker_save_layers_shared_by_a_symlink(tmp_path: Path) -> None:
+    """The legacy docker save stores a layer two images share once; the other image's
+    ``layer.tar`` is a symlink to it in the archive."""
+    shared = layer([E("shared", data=b"s")])
+    own = layer([E("own", data=b"o")])
+    files = docker_files([([shared], config_doc([shared]), ["a:1"])])
+    manifest = json.loads(files["manifest.json"])
+    config = config_doc([shared, own])
+    files[hashlib.sha256(config).hexdigest() + ".json"] = config
+    files["own/layer.tar"] = own
+    manifest.append(
+        {
+            "Config": hashlib.sha256(config).hexdigest() + ".json",
+            "RepoTags": ["b:1"],
+            "Layers": ["second/layer.tar", "own/layer.tar"],
+        }
+    )
+    files["manifest.json"] = json.dumps(manifest).encode()
+    path = write_tree(files, tmp_path / "saved", "docker-tar")
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("second/layer.tar")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "../" + manifest[0]["Layers"][0]
+        tar.addfile(info)
+    root = unpack_into(tmp_path, load_image(path, tag="b:1"))
+    assert sorted(os.listdir(root)) == ["own", "shared"]
+
+
+def test_a_compressed_docker_save_archive(tmp_path: Path) -> None:
+    path = build(tmp_path, "docker-tar", three_layers())
+    packed = tmp_path / "image.tar.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    root = unpack_into(tmp_path, load_image(packed))
+    assert (root / "app/main.py").exists()
 
 
 def test_a_layer_may_replace_a_symlink_with_a_directory(tmp_path: Path) -> None:
