@@ -740,6 +740,26 @@ def test_an_oversized_tar_header_is_refused(tmp_path: Path) -> None:
         unpack(load_image(path), tmp_path / "root")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"GNU.sparse.map": "0,1"},  # 0.1
+        {"GNU.sparse.size": "1", "GNU.sparse.offset": "0", "GNU.sparse.numbytes": "1"},  # 0.0
+        {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"},  # 1.0
+    ],
+)
+def test_sparse_files_are_refused(tmp_path: Path, headers: dict[str, str]) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sparse")
+        info.pax_headers = headers
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    path = build(tmp_path, "oci-dir", [out.getvalue()])
+    with pytest.raises(TemplateBuildError, match="sparse file"):
+        unpack(load_image(path), tmp_path / "root")
+
+
 def test_a_zip_bomb_is_stopped_by_the_limit(tmp_path: Path) -> None:
     # one small file, then a long run of zeros past the tar's end
     bomb = layer([E("f", data=b"x")]) + bytes(50 * 1024 * 1024)

@@ -946,10 +946,8 @@ class _Tree:
     def _write(self, base: str, at: int, member: tarfile.TarInfo, src: IO[bytes] | None) -> None:
         if self.counts["bytes"] + member.size > self.max_bytes:
             raise _Bad(f"its files are larger than {self.max_bytes} bytes")
-        fd = os.open(
-            base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=at,
-        )  # fmt: skip
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(base, flags, 0o600, dir_fd=at)
         try:
             left = member.size
             while left > 0:
