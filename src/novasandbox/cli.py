@@ -368,19 +368,30 @@ def template() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def template_list(as_json: bool) -> None:
-    """Templates and whether their image is built."""
-    from .templates import TemplateManager
+    """Templates: whether each is built, its size, digest, parent and build date."""
+    from .templates import TemplateManager, disk_usage
 
     manager = TemplateManager()
     rows: list[dict[str, Any]] = []
     for tpl in manager.list():
         built = manager.built(tpl)
+        size = None
+        if built is not None:
+            seen: set[tuple[int, int]] = set()
+            size = sum(disk_usage(p, seen) for p in manager.disk_chain(tpl))
+            size += disk_usage(manager.image_dir(tpl), seen)
         rows.append(
             {
                 "name": tpl.name,
                 "description": tpl.description,
                 "built": built is not None,
                 "digest": tpl.digest,
+                "parent": tpl.parent.name if tpl.parent is not None else None,
+                "root": tpl.root_kind if tpl.parent is None else "template",
+                "oci": str(tpl.oci) if tpl.oci is not None else None,
+                "steps": len(tpl.steps),
+                "size_bytes": size,
+                "built_at": built.manifest.get("built_at") if built else None,
                 "source": str(tpl.source),
                 "rootfs": str(built.rootfs) if built else None,
             }
@@ -390,16 +401,25 @@ def template_list(as_json: bool) -> None:
         return
     from rich.table import Table
 
-    table = Table("name", "built", "digest", "description")
+    table = Table("name", "built", "size", "digest", "from", "built at", "description")
     for row in rows:
+        origin = row["parent"] or (f"oci:{Path(row['oci']).name}" if row["oci"] else "debian")
+        when = row["built_at"]
         table.add_row(
-            row["name"], "yes" if row["built"] else "no", row["digest"], row["description"]
+            row["name"],
+            "yes" if row["built"] else "no",
+            f"{row['size_bytes'] / 1e6:.0f} MB" if row["size_bytes"] is not None else "-",
+            row["digest"],
+            origin,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "-",
+            row["description"],
         )
     out_console().print(table)
 
 
 class RichReporter:
-    """Draws template build progress: one line per step with a spinner and elapsed time."""
+    """Draws template build progress: one line per step with a spinner and elapsed time,
+    and each step's output above them."""
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
@@ -416,6 +436,9 @@ class RichReporter:
     def advance(self, name: str, detail: str) -> None:
         self._progress.update(self._task(name), description=f"{name}: {detail}")
 
+    def output(self, name: str, line: str) -> None:
+        self._progress.console.print(f"{name} | {line}", style="dim", markup=False, highlight=False)
+
     def done(self, name: str, detail: str) -> None:
         self._progress.update(
             self._task(name), description=f"{name}: {detail}", total=1, completed=1
@@ -424,10 +447,17 @@ class RichReporter:
 
 @template.command("build")
 @click.argument("name")
-@click.option("--force", is_flag=True, help="Rebuild even if the cache is up to date.")
+@click.option(
+    "--no-cache",
+    "--force",
+    "no_cache",
+    is_flag=True,
+    help="Rebuild the template's own artifacts and steps, ignoring the cache (not its parent's).",
+)
 @handle_errors
-def template_build(name: str, force: bool) -> None:
-    """Build NAME's kernel, root file system and image (cached; a no-op when up to date)."""
+def template_build(name: str, no_cache: bool) -> None:
+    """Build NAME: its kernel, root file system, steps (each a cached layer) and
+    snapshots. Cached step by step: a no-op when nothing changed."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from . import warmup
@@ -435,7 +465,7 @@ def template_build(name: str, force: bool) -> None:
 
     manager = TemplateManager()
     tpl = manager.get(name)
-    if not force and warmup.up_to_date(manager, name):
+    if not no_cache and warmup.up_to_date(manager, name):
         click.echo(f"{name}: up to date ({tpl.digest}) {manager.require_built(name).rootfs}")
         return
     t0 = time.monotonic()
@@ -446,18 +476,19 @@ def template_build(name: str, force: bool) -> None:
         console=err_console(),
         transient=False,
     ) as progress:
-        built = warmup.build(manager, name, reporter=RichReporter(progress), force=force)
+        built = warmup.build(manager, name, reporter=RichReporter(progress), force=no_cache)
     click.echo(f"{name}: built in {time.monotonic() - t0:.0f} s ({tpl.digest}) {built.rootfs}")
 
 
 @template.command("rm")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Also when built templates start from it.")
 @handle_errors
-def template_rm(name: str) -> None:
-    """Remove NAME's built images from the cache."""
+def template_rm(name: str, force: bool) -> None:
+    """Remove NAME's built images, snapshots and the layers nothing else uses."""
     from .templates import TemplateManager
 
-    removed = TemplateManager().remove(name)
+    removed = TemplateManager().remove(name, force=force)
     click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
 
 

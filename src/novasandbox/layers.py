@@ -510,9 +510,11 @@ async def _write_defaults(sb: AsyncSandbox, tpl: Template, out: _Output) -> None
     await sb.files.write(
         "/etc/profile.d/novasandbox.sh", profile_script(tpl.env), user="root", mode=0o644
     )
-    script = "true"
+    # the agent byte-compiled by the guest's own Python (a container image's root is never
+    # run on the host; a Debian root's was compiled when it was made: nothing to do)
+    script = "/usr/bin/python3 -m compileall -q /opt/novasandbox >/dev/null 2>&1 || true"
     if tpl.workdir is not None:
         w = shlex.quote(tpl.workdir)
-        script = f"[ -d {w} ] || {{ mkdir -p {w} && chown {shlex.quote(tpl.user)}: {w}; }}"
+        script += f"; [ -d {w} ] || {{ mkdir -p {w} && chown {shlex.quote(tpl.user)}: {w}; }}"
     await _run(sb, tpl, script, what, out)
     out.line(f"user {tpl.user}, workdir {tpl.workdir or '(home)'}, {len(tpl.env)} variables")

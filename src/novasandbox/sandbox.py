@@ -801,8 +801,13 @@ class AsyncSandbox(CodeMethods):
         if _prestart:
             return await _brought_up(sb, sb._start_vmm(spec, egress_rules), sandbox_id)
 
+        # a cold boot of a template starts its start command as its snapshot holds it
+        starts = built.template if snap is None and built is not None and _image is None else None
+
         async def boot_and_save() -> None:
             await sb._boot(spec, egress_rules, boot_timeout, lifetime)
+            if starts is not None:
+                await sb._start_template_command(starts)
             if boot.save_shape is not None and built is not None:
                 await sb._save_shape(manager, built, boot.save_shape)
 

@@ -1476,3 +1476,26 @@ def test_commands_get_every_signal_at_its_default(tmp_path: Path) -> None:
             assert not mask & (1 << (sig - 1)), (sig, out)
     finally:
         stop_agent(proc)
+
+
+def test_a_new_host_connection_reuses_request_ids_without_losing_older_commands(
+    agent: AgentConn, tmp_path: Path
+) -> None:
+    """After a restore (or an adoption) the new host counts its requests from 1 again:
+    a command started by the old one stays in ``ps`` and reachable by pid, its exit is
+    not sent as the reply of the new request with its id, and the new request's stream
+    is not cut when the old command ends."""
+    assert agent.call("hello", version=PROTOCOL_VERSION)["op"] == "hello"
+    old_rid = agent.new_id()
+    agent.send(old_rid, "exec", argv=["sh", "-c", "sleep 1; echo old"], stdin=False, tag="old")
+    old_pid = agent.started(old_rid)["pid"]
+    assert agent.call("hello", version=PROTOCOL_VERSION)["op"] == "hello"  # a new host
+    # the new host's request has the old one's id
+    agent.send(old_rid, "exec", argv=["sh", "-c", "sleep 2; echo new"], stdin=False, tag="new")
+    new = agent.started(old_rid)
+    assert new["op"] == "started" and new["pid"] != old_pid
+    tags = {p["tag"]: p["pid"] for p in agent.call("ps")["processes"]}
+    assert tags == {"old": old_pid, "new": new["pid"]}
+    result = agent.finish(old_rid, started=new)  # the old command ends first, unheard
+    assert result.stdout == b"new\n" and result.exit["exit_code"] == 0
+    assert old_pid not in {p["pid"] for p in agent.call("ps")["processes"]}

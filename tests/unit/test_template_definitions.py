@@ -288,6 +288,8 @@ def test_a_copy_archive_carries_the_owner_and_mode(tmp_path: Path) -> None:
     assert members["link"].issym() and members["link"].linkname == "a.txt"
     one, directory, entry = copy_archive(Step("copy", (), src / "a.txt", "/etc/x.conf"), 0, 0)
     assert (directory, entry) == ("/etc", "x.conf")
+    with tarfile.open(fileobj=io.BytesIO(one)) as tar:
+        assert tar.getnames() == ["x.conf"]
     _, directory, entry = copy_archive(Step("copy", (), src / "a.txt", "/etc/"), 0, 0)
     assert (directory, entry) == ("/etc", "a.txt")
 

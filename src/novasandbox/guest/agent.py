@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import os
 import pwd
@@ -585,6 +586,15 @@ class Agent:
         self._wlock = threading.Lock()
         self._decoder = FrameDecoder()
         self._execs: dict[int, _Exec] = {}
+        """Every running command, by a key of its own (request ids repeat: a new host
+        connection, after a restore or an adoption, counts its requests from 1 again)."""
+        self._exec_of_request: dict[int, int] = {}
+        """The current host connection's requests that started a command: their keys."""
+        self._exec_keys = itertools.count(1)
+        self.session = 0
+        """Which host connection this is (each ``hello`` starts one): a command started
+        under an earlier one streams nothing and replies nothing to the new host (its
+        request ids mean other requests now); it stays reachable by pid."""
         self._uploads: dict[int, _Upload] = {}
         self._stdin_queues: dict[int, queue.Queue[bytes]] = {}
         self._credits: dict[int, _Credit] = {}
@@ -611,9 +621,13 @@ class Agent:
     def reply(self, rid: int, op: str, **fields: Any) -> None:
         self.send(encode_message(rid, op, **fields))
 
-    def forget_credit(self, rid: int) -> None:
-        """Request ``rid`` streams no more: its acks and cancel have nothing to reach."""
-        self._credits.pop(rid, None)
+    def forget_credit(self, rid: int, credit: _Credit) -> None:
+        """Request ``rid`` streams no more: its acks and cancel have nothing to reach.
+        Only that request's ``credit``: after a new host connected, ``rid`` may be one of
+        its requests (``_new_session``)."""
+        with self._lock:
+            if self._credits.get(rid) is credit:
+                del self._credits[rid]
 
     def reply_error(
         self,
@@ -760,6 +774,7 @@ class Agent:
             )
             return
         t_in = time.monotonic_ns()
+        self._new_session()
         if _IN_VM:
             if msg.get("thaw"):  # first: what follows may write to the root file system
                 try:
@@ -805,6 +820,17 @@ class Agent:
             hello_us=(time.monotonic_ns() - t_in) // 1000,
         )
 
+    def _new_session(self) -> None:
+        """A host connected (``hello``): what the requests of earlier connections still
+        stream goes nowhere, and their ids are free for the new host's requests."""
+        with self._lock:
+            self.session += 1
+            self._exec_of_request.clear()
+            credits = list(self._credits.values())
+            self._credits.clear()
+        for credit in credits:
+            credit.cancel()
+
     def op_ping(self, rid: int, msg: dict[str, Any]) -> None:
         self.reply(rid, "pong")
 
@@ -841,11 +867,14 @@ class Agent:
     # commands
 
     def op_exec(self, rid: int, msg: dict[str, Any]) -> None:
+        stdin_queue, credit = self._stdin_queues[rid], self._credits[rid]
         try:
-            self._exec(rid, msg, self._stdin_queues[rid], self._credits[rid])
+            self._exec(rid, msg, stdin_queue, credit)
         finally:
-            self._stdin_queues.pop(rid, None)
-            self._credits.pop(rid, None)
+            with self._lock:
+                if self._stdin_queues.get(rid) is stdin_queue:
+                    del self._stdin_queues[rid]
+            self.forget_credit(rid, credit)
 
     def _exec(
         self, rid: int, msg: dict[str, Any], stdin_queue: queue.Queue[bytes], credit: _Credit
@@ -939,13 +968,18 @@ class Agent:
         }
         ex = _Exec(proc, stdin_queue, credit, info, terminal)
         with self._lock:
-            self._execs[rid] = ex
+            key = next(self._exec_keys)
+            ex.session = self.session
+            self._execs[key] = ex
+            self._exec_of_request[rid] = key
         try:
             self.reply(rid, "started", pid=proc.pid)
             ex.run(self, rid, timeout if isinstance(timeout, (int, float)) else None)
         finally:
             with self._lock:
-                self._execs.pop(rid, None)
+                self._execs.pop(key, None)
+                if self._exec_of_request.get(rid) == key:
+                    del self._exec_of_request[rid]
 
     def _spawn_refused(
         self, rid: int, exc: OSError, argv: list[str], cwd: str, acc: _Account
@@ -989,7 +1023,8 @@ class Agent:
             return
         target = int(msg["target"])
         with self._lock:
-            ex = self._execs.get(target)
+            key = self._exec_of_request.get(target)
+            ex = self._execs.get(key) if key is not None else None
         if ex is None:
             raise _Refused(ErrorCode.NO_SUCH_PROCESS, f"no running command {target}")
         ex.kill(sig)
@@ -1017,11 +1052,12 @@ class Agent:
         pid and argv), what it printed last (up to ``RECENT_OUTPUT``), then its output as
         it comes, then ``exit``. The command's own stream is not slowed by this one: what
         this one's window cannot take is dropped and counted (``dropped`` in ``exit``)."""
+        credit = self._credits[rid]
         try:
             ex = self._by_pid(msg["pid"])
-            ex.watch(self, rid, self._credits[rid])
+            ex.watch(self, rid, credit)
         except BaseException:
-            self._credits.pop(rid, None)
+            self.forget_credit(rid, credit)
             raise
 
     def op_write_stdin(self, rid: int, msg: dict[str, Any]) -> None:
@@ -1064,11 +1100,12 @@ class Agent:
             self.reply(rid, "ok", size=up.size, stat=up.stat)
 
     def op_read_file(self, rid: int, msg: dict[str, Any]) -> None:
+        credit = self._credits[rid]
         try:
             with _acting(msg):  # its own thread: only the open needs it, the rest is reads
-                self._read_file(rid, msg, self._credits[rid])
+                self._read_file(rid, msg, credit)
         finally:
-            self._credits.pop(rid, None)
+            self.forget_credit(rid, credit)
 
     def _read_file(self, rid: int, msg: dict[str, Any], credit: _Credit) -> None:
         """Stream a regular file in DATA frames, at most ``max_size`` bytes (null: no
@@ -1108,11 +1145,12 @@ class Agent:
         self.reply(rid, "ok", size=size)
 
     def op_list(self, rid: int, msg: dict[str, Any]) -> None:
+        credit = self._credits[rid]
         try:
             with _acting(msg):
-                self._list(rid, msg, self._credits[rid])
+                self._list(rid, msg, credit)
         finally:
-            self._credits.pop(rid, None)
+            self.forget_credit(rid, credit)
 
     def _list(self, rid: int, msg: dict[str, Any], credit: _Credit) -> None:
         """The entries of a directory and, to ``depth`` levels, of its subdirectories
@@ -1230,7 +1268,7 @@ class Agent:
             with _acting(msg):  # its own thread: the watches are added as the account
                 _Watch(self, rid, msg, credit).run()
         finally:
-            self._credits.pop(rid, None)
+            self.forget_credit(rid, credit)
 
     def op_remove(self, rid: int, msg: dict[str, Any]) -> None:
         path = _guest_path(msg["path"])
@@ -1558,6 +1596,8 @@ class _Exec:
         self.terminal_lock = threading.Lock()
         self.stdin_queue = stdin_queue
         self.credit = credit
+        self.session = 0
+        """The host connection it was started by (``Agent.session``)."""
         self.info = info
         """What ``ps`` says of it."""
         self.send_lock = threading.Lock()
@@ -1578,9 +1618,10 @@ class _Exec:
                 raise _Refused(
                     ErrorCode.NO_SUCH_PROCESS, f"no running command with pid {self.proc.pid}"
                 )
-            for gone in [w for w, (credit, _) in self._watchers.items() if credit.cancelled]:
-                del self._watchers[gone]  # their clients went away
-                agent.forget_credit(gone)
+            for gone, (old, _) in list(self._watchers.items()):
+                if old.cancelled:  # that client went away
+                    del self._watchers[gone]
+                    agent.forget_credit(gone, old)
             if len(self._watchers) >= MAX_WATCHERS:
                 raise _Refused(
                     ErrorCode.TOO_MANY_CONNECTIONS,
@@ -1617,7 +1658,7 @@ class _Exec:
             for rid, (credit, dropped) in list(self._watchers.items()):
                 if credit.cancelled:  # that client went away
                     del self._watchers[rid]
-                    agent.forget_credit(rid)
+                    agent.forget_credit(rid, credit)
                 else:
                     self._send_to(agent, rid, credit, dropped, kind, chunk)
 
@@ -1724,11 +1765,12 @@ class _Exec:
             sig = -rc if rc < 0 else None
             ending = {"exit_code": 128 + sig if sig else rc, "signal": sig, "timed_out": timed_out}
             watchers = self._finish()  # first: who hears of the exit sees it gone from ps
-            agent.reply(rid, "exit", **ending)
+            if self.session == agent.session:  # else rid is another host's request now
+                agent.reply(rid, "exit", **ending)
         for wid, (credit, dropped) in watchers.items():
             if not credit.cancelled:
                 agent.reply(wid, "exit", dropped=dropped[0], **ending)
-            agent.forget_credit(wid)
+            agent.forget_credit(wid, credit)
         if pipes:  # after _finish: nothing reaches the terminal by pid any more
             threading.Thread(target=self._drain, args=(list(pipes.values()),), daemon=True).start()
 

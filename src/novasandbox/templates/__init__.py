@@ -201,7 +201,7 @@ class TemplateManager:
 
     def layer_file(self, digest: str) -> Path:
         """A step's layer (``layers.py``): a qcow2 image over the layer before it."""
-        return self.cache / "layers" / digest / LAYER_DISK
+        return self.layers_dir / digest / LAYER_DISK
 
     def root_image(self, tpl: Template) -> Path:
         """The image a layered template's first step starts from: its parent's image,
@@ -209,7 +209,7 @@ class TemplateManager:
         if tpl.parent is not None:
             return self.image_file(tpl.parent)
         if tpl.layered:
-            return self.cache / "layers" / tpl.root_digest / "rootfs.ext4"
+            return self.layers_dir / tpl.root_digest / "rootfs.ext4"
         return self.image_dir(tpl) / "rootfs.ext4"
 
     def image_file(self, tpl: Template) -> Path:
@@ -298,7 +298,9 @@ class TemplateManager:
         are not artifacts (builds in progress, partial files, dot-names) are left out."""
         entries: builtins.list[CacheEntry] = []
         seen: set[tuple[int, int]] = set()
-        kernels, bases, images = (self.cache / d for d in ("kernels", "bases", "templates"))
+        kernels, bases, images, layers = (
+            self.cache / d for d in ("kernels", "bases", "templates", "layers")
+        )
         for path in sorted(kernels.iterdir()) if kernels.is_dir() else []:
             if _DIGEST.fullmatch(path.name) and path.is_dir():
                 entries.append(CacheEntry("kernel", path, disk_usage(path, seen)))
@@ -313,6 +315,9 @@ class TemplateManager:
                     entries.append(
                         CacheEntry("image", path, disk_usage(path, seen), template=tdir.name)
                     )
+        for path in sorted(layers.iterdir()) if layers.is_dir() else []:
+            if _DIGEST.fullmatch(path.name) and path.is_dir():
+                entries.append(CacheEntry("layer", path, disk_usage(path, seen)))
         return entries
 
     def cache_usage(self) -> dict[str, int]:
@@ -320,11 +325,18 @@ class TemplateManager:
         ``templates`` (images), ``snapshots`` (the templates' snapshots, under their
         images) and ``other`` (builds in progress, partial files)."""
         seen: set[tuple[int, int]] = set()
-        usage = {"kernels": 0, "bases": 0, "templates": 0, "snapshots": 0, "other": 0}
+        usage = {
+            "kernels": 0,
+            "bases": 0,
+            "templates": 0,
+            "layers": 0,
+            "snapshots": 0,
+            "other": 0,
+        }
         images = self.cache / "templates"
         for snaps in sorted(images.glob("*/*/snapshots")):
             usage["snapshots"] += disk_usage(snaps, seen)
-        for kind in ("kernels", "bases", "templates"):
+        for kind in ("kernels", "bases", "templates", "layers"):
             usage[kind] += disk_usage(self.cache / kind, seen)
         usage["other"] = disk_usage(self.cache, seen)
         usage["total"] = sum(usage.values())
@@ -342,6 +354,9 @@ class TemplateManager:
             paths.add(image)
             if building or image.is_dir():
                 paths |= {self.kernel_path(tpl).parent, self.base_path(tpl)}
+                paths |= {p.parent for p in self.disk_chain(tpl) if _within(p, self.layers_dir)}
+                if tpl.parent is not None:  # the parent's image, which its chain starts on
+                    paths.add(self.image_dir(tpl.parent))
         return {p.resolve() for p in paths}
 
     def prune_plan(self, in_use: Iterable[Path] = ()) -> PrunePlan:
@@ -393,23 +408,61 @@ class TemplateManager:
                 parent.rmdir()
         return freed
 
-    def remove(self, name: str) -> bool:
-        """Remove every built image of a template, with its snapshots (those of other
-        machine shapes included); kernels and bases are shared and kept."""
+    def dependents(self, name: str) -> builtins.list[str]:
+        """The built templates whose image starts on ``name``'s (``from``, at any depth)."""
         tpl = self.get(name)
+        mine = self.image_file(tpl)
+        out = []
+        for other in self.list():
+            if other.name != name and mine in self.disk_chain(other) and self.built(other):
+                out.append(other.name)
+        return out
+
+    def remove(self, name: str, *, force: bool = False) -> bool:
+        """Remove every built image of a template, with its snapshots (those of other
+        machine shapes included), the layers of its steps that no other built template
+        uses, and its definition if ``TemplateBuilder`` saved it in the cache (a TOML
+        file of the user's is theirs). Kernels and bases are shared and kept (``prune``
+        removes those nothing uses). A template that built templates start from is kept
+        (``TemplateError``) unless ``force``: theirs would be broken."""
+        tpl = self.get(name)
+        users = self.dependents(name)
+        if users and not force:
+            raise TemplateError(
+                f"template {name!r} is the root of built templates ({', '.join(users)}): "
+                "remove them first, or force it"
+            )
         target = self.cache / "templates" / tpl.name
-        if not target.exists():
-            return False
-        for image in target.glob("*/rootfs.ext4"):
-            image.chmod(0o644)
-        shutil.rmtree(target)
-        return True
+        kept: set[Path] = set()
+        for other in self.list():
+            if other.name != name and self.built(other) is not None:
+                kept |= {p.parent for p in self.disk_chain(other)}
+        removed = False
+        for layer in self.disk_chain(tpl):
+            folder = layer.parent
+            if _within(folder, self.layers_dir) and folder not in kept and folder.exists():
+                _remove_tree(folder)
+                removed = True
+        if target.exists():
+            for image in target.glob("*/rootfs.ext4"):
+                image.chmod(0o644)
+            shutil.rmtree(target)
+            removed = True
+        saved = self.definitions_dir / f"{name}.toml"
+        if tpl.source == saved:
+            saved.unlink(missing_ok=True)
+            removed = True
+        return removed
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.cache / "layers"
 
 
 # --- the cache as a whole: what it holds, what is in use, what can go
 
 
-CacheKind = Literal["kernel", "base", "image"]
+CacheKind = Literal["kernel", "base", "image", "layer"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import HostToolMissing, TemplateBuildError
-from . import GUEST_DIR, GUEST_FILES, TEMPLATE_DEFAULTS, BuiltTemplate, Template, TemplateManager
+from . import (
+    GUEST_DIR,
+    GUEST_FILES,
+    TEMPLATE_DEFAULTS,
+    BuiltTemplate,
+    Template,
+    TemplateManager,
+    oci,
+)
 
 log = logging.getLogger("novasandbox.templates")
 
@@ -310,10 +318,17 @@ def install_guest(root: Path, tpl: Template) -> None:
 
 
 def build_image(
-    tpl: Template, base: Path, dest_dir: Path, kernel: Path, reporter: BuildReporter
+    tpl: Template,
+    base: Path,
+    dest_dir: Path,
+    kernel: Path,
+    reporter: BuildReporter,
+    *,
+    fill: Callable[[Path], None] | None = None,
 ) -> None:
-    """Unpack the base, add the agent, make the ext4 image and its manifest (for a
-    layered template: its root layer, which its steps start from)."""
+    """Unpack the base (or let ``fill`` make the root file system), add the agent, make
+    the ext4 image and its manifest (for a layered template: its root layer, which its
+    steps start from)."""
     require_tools(IMAGE_TOOLS)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -321,10 +336,13 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix=".build-", dir=dest_dir.parent) as tmp:
         work = Path(tmp)
         root = work / "root"
-        root.mkdir()
-        _run(["tar", "-xf", str(base), "-C", str(root)], what="unpacking the base")
+        if fill is not None:
+            fill(root)
+        else:
+            root.mkdir()
+            _run(["tar", "-xf", str(base), "-C", str(root)], what="unpacking the base")
         install_guest(root, tpl)
-        if os.geteuid() == 0 and (root / "usr/bin/python3").exists():
+        if fill is None and os.geteuid() == 0 and (root / "usr/bin/python3").exists():
             # Byte-compile the agent with the guest's own Python, so no sandbox pays for it.
             _run(
                 [
@@ -436,12 +454,52 @@ def build_artifacts(
 def build_root(
     manager: TemplateManager, tpl: Template, *, reporter: Any = None, force: bool = False
 ) -> None:
-    """A layered template's kernel, base and root layer (a suite's root file system with
-    the agent), unless they are in the cache (and unless ``force``)."""
+    """A layered template's kernel and root layer (a suite's root file system, or a
+    container image's, with the agent), unless they are in the cache (and unless
+    ``force``)."""
     if tpl.parent is not None:
         raise TemplateBuildError(f"template {tpl.name!r} starts from {tpl.parent.name!r}")
     rep = reporter or LogReporter()
-    if tpl.oci is not None:
-        raise TemplateBuildError(f"template {tpl.name!r}: container images are built elsewhere")
-    if force or not manager.root_image(tpl).is_file() or not manager.kernel_path(tpl).is_file():
-        build_template(manager, tpl, reporter=rep, force=force)
+    if tpl.oci is None:
+        if force or not manager.root_image(tpl).is_file() or not manager.kernel_path(tpl).is_file():
+            build_template(manager, tpl, reporter=rep, force=force)
+        return
+    kernel = manager.kernel_path(tpl)
+    if force or not kernel.is_file():
+        require_tools(KERNEL_TOOLS)
+        build_kernel(tpl, kernel, rep)
+    root = manager.root_image(tpl)
+    if force or not root.is_file():
+        build_image(tpl, Path(), root.parent, kernel, rep, fill=lambda d: unpack_oci(tpl, d, rep))
+    else:
+        rep.done("image", f"cached ({tpl.root_digest})")
+
+
+def unpack_oci(tpl: Template, root: Path, rep: BuildReporter) -> None:
+    """Fill ``root`` with the template's container image: its layers applied, and
+    ``/usr/bin/python3`` made to point at its Python (the agent's interpreter) if it
+    has one elsewhere. Nothing of the image runs on the host."""
+    assert tpl.oci is not None
+    t0 = time.monotonic()
+    rep.step("container image", f"unpacking {tpl.oci.name}")
+    image = oci.load_image(tpl.oci, tpl.oci_tag)
+    if image.digest != tpl.oci_digest:
+        raise TemplateBuildError(f"container image {tpl.oci} changed while it was read")
+    stats = oci.unpack(image, root)
+    python = oci.python_in_rootfs(root, image.env.get("PATH"))
+    if python is None:
+        raise TemplateBuildError(
+            f"container image {tpl.oci} has no python3 (on its PATH): NovaSandbox's guest "
+            "agent is a Python 3 program; start from an image with Python (python:3.12-slim, "
+            "debian with python3 installed) or from a Debian template"
+        )
+    usr_bin = root / "usr" / "bin"
+    if python != "/usr/bin/python3" and not (usr_bin / "python3").is_symlink():
+        usr_bin.mkdir(parents=True, exist_ok=True)
+        (usr_bin / "python3").unlink(missing_ok=True)
+        (usr_bin / "python3").symlink_to(python)
+    rep.done(
+        "container image",
+        f"{len(image.layers)} layers, {stats.files} files, {stats.bytes / 1e6:.0f} MB "
+        f"({stats.whiteouts} whiteouts) in {time.monotonic() - t0:.1f} s",
+    )

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -36,8 +37,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from ..config import MachineConfig, validate_env, validate_user
-from ..errors import ConfigError, TemplateError
+from ..errors import ConfigError, NovaSandboxError, TemplateError
 from ..network import parse_allow
+from .oci import OciImage, load_image
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 GUEST_DIR = BUILTIN_DIR.parent / "guest"
@@ -185,6 +187,10 @@ class Template:
     """The template it starts from (``from``), resolved."""
     oci: Path | None = None
     """The container image it starts from (``from_oci``)."""
+    oci_tag: str | None = None
+    """Which image of an archive that holds several (``oci_tag``)."""
+    oci_digest: str = ""
+    """The container image's config digest (``sha256:...``): its identity."""
     steps: tuple[Step, ...] = ()
     workdir: str | None = None
     """The working directory of commands that name none (None: the user's home)."""
@@ -248,8 +254,7 @@ class Template:
             return self.parent.image_digest
         guest = [(GUEST_DIR / f).read_bytes() for f in GUEST_FILES]
         defaults = "{}" if self.layered else self.guest_defaults()
-        oci = self.oci
-        origin = ["oci", oci_digest(oci)] if oci is not None else [self.base_digest]
+        origin = ["oci", self.oci_digest] if self.oci is not None else [self.base_digest]
         return sha256_parts(
             "image", IMAGE_RECIPE, *origin, str(self.disk_size_mib), defaults, *guest
         )[:16]
@@ -294,6 +299,10 @@ class Template:
             out["from"] = self.parent.name
         elif self.oci is not None:
             out["from_oci"] = str(self.oci)
+            if self.oci_tag is not None:
+                out["oci_tag"] = self.oci_tag
+            if self.start_cmd is None:
+                out["start_cmd"] = ""  # not the image's command
         for key, value, inherited in (
             ("user", self.user, base.user if base else "root"),
             ("workdir", self.workdir, base.workdir if base else None),
@@ -349,6 +358,7 @@ _TOP_KEYS = {
     "description": str,
     "from": str,
     "from_oci": str,
+    "oci_tag": str,
     "user": str,
     "workdir": str,
     "env": dict,
@@ -584,12 +594,38 @@ def _parse(data: Mapping[str, Any], path: Path, parent: Template | None) -> Temp
     if workdir is not None:
         guest_dest(workdir, "workdir")
     oci: Path | None = None
+    image_cfg: OciImage | None = None
+    oci_tag = data.get("oci_tag")
+    if oci_tag is not None and "from_oci" not in data:
+        raise _Bad("oci_tag", "names an image of a from_oci archive, and there is none")
     if "from_oci" in data:
         oci = Path(data["from_oci"]).expanduser()
         oci = oci if oci.is_absolute() else base_dir / oci
         if not oci.exists():
             raise _Bad("from_oci", f"{oci} does not exist")
+        try:
+            image_cfg = read_image(oci, oci_tag)
+        except NovaSandboxError as exc:
+            raise _Bad("from_oci", exc.message) from None
+        if (image_cfg.os, image_cfg.architecture) not in (("linux", "amd64"), ("", "")):
+            raise _Bad(
+                "from_oci",
+                f"the image is for {image_cfg.os}/{image_cfg.architecture}, not linux/amd64",
+            )
+        if "user" not in data:
+            user = oci_user(image_cfg.user)
+        if "workdir" not in data and image_cfg.workdir:
+            workdir = guest_dest(image_cfg.workdir, "from_oci: the image's WorkingDir")
+        try:
+            validate_user(user)
+        except ConfigError as exc:
+            raise _Bad("from_oci: the image's User", exc.message) from None
     start_cmd = data.get("start_cmd", parent.start_cmd if parent else None)
+    if image_cfg is not None and "start_cmd" not in data:
+        command = (*image_cfg.entrypoint, *image_cfg.cmd)
+        start_cmd = shlex.join(command) if command else None
+    if start_cmd == "" and (image_cfg is not None or parent is not None):
+        start_cmd = None  # "": none, where the image or the parent has one
     ready_cmd = data.get("ready_cmd", parent.ready_cmd if parent else None)
     if start_cmd is not None:
         _command(start_cmd, "start_cmd")
@@ -637,10 +673,16 @@ def _parse(data: Mapping[str, Any], path: Path, parent: Template | None) -> Temp
         kernel_config=kernel_config,
         source=path,
         customize=customize,
-        env={**(parent.env if parent else {}), **own_env},
+        env={
+            **(parent.env if parent else {}),
+            **(image_cfg.env if image_cfg else {}),
+            **own_env,
+        },
         user=user,
         parent=parent,
         oci=oci,
+        oci_tag=oci_tag,
+        oci_digest=image_cfg.digest if image_cfg else "",
         steps=steps,
         workdir=workdir,
         start_cmd=start_cmd,
@@ -693,26 +735,39 @@ def with_steps(tpl: Template, *steps: Step) -> Template:
     return replace(tpl, steps=tpl.steps + steps)
 
 
-def oci_digest(path: Path) -> str:
-    """A container image's identity for the cache: its bytes' digest (an archive) or
-    the digest of its layout's index and blobs' names (a directory)."""
-    h = hashlib.sha256()
+_IMAGES: dict[tuple[str, str | None, int, int], OciImage] = {}
+
+
+def read_image(path: Path, tag: str | None = None) -> OciImage:
+    """A container image's config (``oci.load_image``), kept while the archive's size
+    and time are the same: definitions are read often, archives can be large."""
     try:
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file():
-                    h.update(str(child.relative_to(path)).encode() + b"\0")
-                    h.update(str(child.stat().st_size).encode() + b"\0")
-            index = path / "index.json"
-            if index.is_file():
-                h.update(index.read_bytes())
-        else:
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+        st = path.stat()
     except OSError as exc:
         raise TemplateError(f"cannot read the container image {path}: {exc}") from exc
-    return h.hexdigest()
+    key = (str(path), tag, st.st_size, st.st_mtime_ns)
+    image = _IMAGES.get(key)
+    if image is None:
+        image = load_image(path, tag)
+        if len(_IMAGES) > 64:
+            _IMAGES.clear()
+        _IMAGES[key] = image
+    return image
+
+
+def oci_user(user: str | None) -> str:
+    """The account an image's ``User`` names (``NAME``, ``NAME:GROUP``); root for none
+    or uid 0. A numeric one has no name here: the template must say ``user =``."""
+    name = (user or "").partition(":")[0]
+    if name in ("", "0", "root"):
+        return "root"
+    if name.isdigit():
+        raise _Bad(
+            "user",
+            f"the image runs as uid {name}; name its account with user = (as in the "
+            "image's /etc/passwd)",
+        )
+    return name
 
 
 # ------------------------------------------------------------------------ TOML writing
