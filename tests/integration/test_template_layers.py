@@ -332,3 +332,44 @@ def test_a_template_from_a_container_image(defs: Path, factory: SandboxFactory) 
         "no-curl",
         f"from the image {marker}",
     ]
+
+
+def test_the_cli_streams_a_build_and_lists_it(web: dict[str, Any], defs: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "novasandbox.cli"]
+    marker = secrets.token_hex(4)
+    (defs / "itest-cli.toml").write_text(
+        'name = "itest-cli"\nfrom = "python"\n'
+        f'run = ["echo streamed-{marker}; echo to-stderr-{marker} >&2"]\n'
+    )
+    done = subprocess.run(
+        [*cli, "template", "build", "itest-cli"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"streamed-{marker}" in done.stderr and f"to-stderr-{marker}" in done.stderr
+    assert "step 1/2" in done.stderr and "itest-cli: built in" in done.stdout
+    again = subprocess.run(
+        [*cli, "template", "build", "itest-cli"], capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0 and "up to date" in again.stdout
+    listed = subprocess.run(
+        [*cli, "template", "list", "--json"], capture_output=True, text=True, timeout=60
+    )
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    row = rows["itest-web"]
+    assert row["built"] and row["parent"] == "python" and row["steps"] == 5
+    assert row["size_bytes"] > 1_000_000 and row["built_at"] > 0
+    assert rows["python"]["parent"] is None and rows["python"]["size_bytes"] > 100_000_000
+    # the parent of built templates is not removed by accident
+    refused = subprocess.run(
+        [*cli, "template", "rm", "python"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "itest-web" in refused.stderr
+    assert TemplateManager().built("python") is not None
+    removed = subprocess.run(
+        [*cli, "template", "rm", "itest-cli"], capture_output=True, text=True, timeout=60
+    )
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert TemplateManager().built("itest-cli") is None
