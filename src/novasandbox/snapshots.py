@@ -124,9 +124,9 @@ class Snapshot:
         try:
             data = json.loads((directory / MANIFEST).read_text())
             data["directory"] = directory
-            data["kernel"] = directory / data["kernel"]
+            data["kernel"] = Path(os.path.normpath(directory / data["kernel"]))
             if data.get("backing") is not None:
-                data["backing"] = str(directory / data["backing"])
+                data["backing"] = os.path.normpath(directory / data["backing"])
             snap = cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise SnapshotNotFound(f"no readable snapshot in {directory}: {exc}") from exc
