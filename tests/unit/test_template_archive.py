@@ -50,11 +50,8 @@ def fake_built(cache: Path, engine: Engine = ENGINE, rootfs: bytes = ROOTFS) -> 
     )
     snap = image / "snapshots" / key
     snap.mkdir(parents=True)
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "../../rootfs.ext4"]
-        + [str(snap / "disk.qcow2")],
-        check=True,
-    )
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "../../rootfs.ext4"]
+    subprocess.run([*argv, str(snap / "disk.qcow2")], check=True)
     (snap / "memory.bin").write_bytes(b"memory" * 1000)
     (snap / "manifest.json").write_text(
         json.dumps(
@@ -179,7 +176,7 @@ def test_other_bytes_here_are_a_conflict_unless_forced(
     other_engine = Engine("tcg", "QEMU emulator version 9.9 (local)")
     dest = fake_built(tmp_path / "dest", other_engine, rootfs=b"another build" + ROOTFS)
     before = tree(dest.cache)
-    with pytest.raises(TemplateArchiveConflict, match="rootfs.ext4") as info:
+    with pytest.raises(TemplateArchiveConflict, match=r"rootfs\.ext4") as info:
         import_archive(dest, archive, engine=ENGINE)
     assert info.value.code == "template-archive-conflict"
     assert_untouched(dest.cache, before)
@@ -203,7 +200,7 @@ def test_a_definition_that_differs_is_a_conflict(source: TemplateManager, tmp_pa
         else text + "\n[machine]\nvcpus = 2\n"
     )
     before = tree(dest.cache)
-    with pytest.raises(TemplateArchiveConflict, match="definitions/python.toml"):
+    with pytest.raises(TemplateArchiveConflict, match=r"definitions/python\.toml"):
         import_archive(dest, archive, engine=ENGINE)
     assert_untouched(dest.cache, before)
     result = import_archive(dest, archive, engine=ENGINE, force=True)
@@ -328,11 +325,8 @@ def test_a_snapshot_disk_naming_a_host_file_is_refused(
     head, members = parts
     disk_at = next(i for i, (n, _) in enumerate(members) if n.endswith("disk.qcow2"))
     qcow = tmp_path / "evil.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(qcow)]
-        + ["-o", "size=1M"],
-        check=True,
-    )
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd"]
+    subprocess.run([*argv, "-o", "size=1M", str(qcow)], check=True)
     members[disk_at] = (members[disk_at][0], qcow.read_bytes())
     assert "relatively" in refused(tmp_path, head, members)
 
