@@ -823,9 +823,8 @@ def _definition_verdict(manager: TemplateManager, tpl: Template) -> str:
         same = local.to_dict() == tpl.to_dict() and local.digest == tpl.digest
     except TemplateNotFound:
         return "new"
-    except TemplateError as exc:
-        same, local = False, None
-        del exc
+    except TemplateError:  # this host's definition cannot be read: it differs
+        same = False
     if same:
         return "same"
     dirs = manager.template_dirs
