@@ -361,7 +361,7 @@ def _refusal_summary(sb: Sandbox) -> None:
 
 @cli_group.group()
 def template() -> None:
-    """List, build and remove templates."""
+    """List, build, remove, export and import templates."""
 
 
 @template.command("list")
@@ -490,6 +490,58 @@ def template_rm(name: str, force: bool) -> None:
 
     removed = TemplateManager().remove(name, force=force)
     click.echo(f"{name}: {'removed' if removed else 'nothing to remove'}")
+
+
+@template.command("export")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+@handle_errors
+def template_export(name: str, file: str) -> None:
+    """Write the built template NAME into FILE, for `template import` on another host
+    (same QEMU and accelerator): its definition, kernel, images and snapshots. FILE's
+    name picks the compression: .tar.zst (recommended), .tar.gz, or .tar (none)."""
+    from .templates import TemplateManager
+    from .templates.archive import export_archive
+
+    t0 = time.monotonic()
+    done = export_archive(TemplateManager(), name, file)
+    click.echo(
+        f"{name}: exported {done.files} files ({done.bytes_in / 1e6:.0f} MB, "
+        f"{done.snapshots} snapshots) to {done.path} ({done.size_bytes / 1e6:.0f} MB) "
+        f"in {time.monotonic() - t0:.1f} s"
+    )
+
+
+@template.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--force", is_flag=True, help="Replace a differing definition or built file.")
+@click.option(
+    "--no-snapshots", is_flag=True, help="Leave its snapshots out (another QEMU or accelerator)."
+)
+@handle_errors
+def template_import(file: str, force: bool, no_snapshots: bool) -> None:
+    """Put the template in FILE (made by `template export`) into the template cache,
+    every file checked before anything is written."""
+    from .templates import TemplateManager
+    from .templates.archive import import_archive
+    from .vm import get_provider
+
+    t0 = time.monotonic()
+    done = import_archive(
+        TemplateManager(),
+        file,
+        engine=get_provider().engine(),
+        force=force,
+        snapshots=not no_snapshots,
+    )
+    click.echo(
+        f"{done.template}: imported {len(done.written)} files, {done.snapshots} snapshots"
+        + (f", definitions of {', '.join(done.definitions)}" if done.definitions else "")
+        + (f"; removed {len(done.removed)} made over replaced files" if done.removed else "")
+        + f" in {time.monotonic() - t0:.1f} s"
+    )
+    if no_snapshots:
+        click.echo(f"run `novasandbox template build {done.template}` to make its snapshots here")
 
 
 @cli_group.group()

@@ -10,7 +10,10 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     ├── TemplateError                   template-error
     │   ├── TemplateNotFound            template-not-found
     │   ├── TemplateNotBuilt            template-not-built
-    │   └── TemplateBuildError          template-build-failed
+    │   ├── TemplateBuildError          template-build-failed
+    │   └── TemplateArchiveError        template-archive-invalid
+    │       ├── TemplateArchiveConflict template-archive-conflict
+    │       └── TemplateArchiveIncompatible template-archive-incompatible
     ├── HostToolMissing                 host-tool-missing
     ├── AuthenticationError             unauthorized
     │   ├── SignatureInvalid            signature-invalid
@@ -145,6 +148,29 @@ class TemplateBuildError(TemplateError):
         self.step = step
         self.exit_code = exit_code
         self.output = output
+
+
+class TemplateArchiveError(TemplateError):
+    """A template archive (``template export``/``import``) that cannot be read or
+    imported: not an archive, damaged (a file does not match its digest), a path or a
+    size it may not have. Nothing was written."""
+
+    code = "template-archive-invalid"
+
+
+class TemplateArchiveConflict(TemplateArchiveError):
+    """Importing would replace what this host has: a definition of the same name that
+    differs, or a built file with other bytes (``--force`` replaces them)."""
+
+    code = "template-archive-conflict"
+
+
+class TemplateArchiveIncompatible(TemplateArchiveError):
+    """The archive's snapshots were made by another QEMU or accelerator than this host's
+    (``--no-snapshots`` imports the template without them), or this host's NovaSandbox
+    computes other digests for its definitions (another version of the guest agent)."""
+
+    code = "template-archive-incompatible"
 
 
 class HostToolMissing(NovaSandboxError):

@@ -108,7 +108,13 @@ from .snapshots import (
     saved,
     snapshots_dir,
 )
-from .templates import BuiltTemplate, Template, TemplateManager, image_format
+from .templates import (
+    BuiltTemplate,
+    Template,
+    TemplateManager,
+    image_format,
+    name_backing_relative,
+)
 from .terminal import AsyncTerminals
 from .vm import get_provider
 from .vm.base import VM, Provider, VMPaths, VMSpec, drive_serial
@@ -1006,6 +1012,7 @@ class AsyncSandbox(CodeMethods):
                 network=self.config.network.mode,
                 frozen=frozen,
             )
+            name_backing_relative(partial / DISK, built.rootfs, dest)
             (partial / MANIFEST).write_text(snap.manifest_text())
             try:
                 partial.rename(dest)

@@ -45,8 +45,9 @@ from .templates import BuiltTemplate, Template, TemplateManager
 
 log = logging.getLogger("novasandbox.snapshots")
 
-SNAPSHOT_RECIPE = "9"
-"""Bump when what a template snapshot contains changes."""
+SNAPSHOT_RECIPE = "10"
+"""Bump when what a template snapshot contains changes (10: paths relative, so the cache
+can move)."""
 MANIFEST = "manifest.json"
 MEMORY = "memory.bin"
 DISK = "disk.qcow2"
@@ -117,10 +118,15 @@ class Snapshot:
 
     @classmethod
     def load(cls, directory: Path) -> Snapshot:
+        """The snapshot in ``directory`` (wherever its manifest says it was saved: a
+        cache that moved takes its snapshots along). Relative paths in the manifest are
+        relative to ``directory``."""
         try:
             data = json.loads((directory / MANIFEST).read_text())
-            data["directory"] = Path(data["directory"])
-            data["kernel"] = Path(data["kernel"])
+            data["directory"] = directory
+            data["kernel"] = Path(os.path.normpath(directory / data["kernel"]))
+            if data.get("backing") is not None:
+                data["backing"] = os.path.normpath(directory / data["backing"])
             snap = cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise SnapshotNotFound(f"no readable snapshot in {directory}: {exc}") from exc
@@ -129,7 +135,16 @@ class Snapshot:
         return snap
 
     def manifest_text(self) -> str:
-        return json.dumps(self.to_json(), indent=2)
+        """``manifest.json``: a template's snapshot (in the template cache) names its
+        kernel and backing image relative to its own folder, so the cache can move; a
+        user snapshot (in the state directory) names them where they are."""
+        data = self.to_json()
+        if self.kind == "template":
+            data["directory"] = "."
+            data["kernel"] = os.path.relpath(self.kernel, self.directory)
+            if self.backing is not None:
+                data["backing"] = os.path.relpath(self.backing, self.directory)
+        return json.dumps(data, indent=2)
 
     def write_manifest(self) -> None:
         tmp = self.directory / (MANIFEST + ".tmp")
@@ -189,8 +204,8 @@ def saved(
         id=snapshot_id,
         kind=kind,
         template=template,
-        directory=directory,
-        kernel=kernel,
+        directory=directory.absolute(),
+        kernel=kernel.absolute(),
         vcpus=config.vcpus,
         memory_mib=config.memory_mib,
         accel=engine.accel,
@@ -200,7 +215,7 @@ def saved(
         env=dict(env or {}),
         size_bytes=(files / MEMORY).stat().st_size + (files / DISK).stat().st_size,
         save_seconds=round(took, 3),
-        backing=str(backing),
+        backing=str(backing.absolute()),
         network=network,
         frozen=frozen,
     )
@@ -261,6 +276,56 @@ def template_snapshot_dir(
         tpl.image_digest, tpl.kernel_digest, engine.version, engine.accel, vcpus, memory_mib, nic
     )
     return manager.image_dir(tpl) / "snapshots" / key
+
+
+def current_template_snapshot(
+    tpl: Template, directory: Path, engine: Engine | None = None
+) -> Snapshot | None:
+    """The snapshot in ``directory`` (one of the template image's ``snapshots/``) if the
+    template as defined now restores it: its key is the one of the template's machine
+    shape (with or without a network device) and of the engine it was made by (and that
+    engine is ``engine``, when given). None for one of an older recipe or shape."""
+    try:
+        snap = Snapshot.load(directory)
+    except SnapshotNotFound:
+        return None
+    if engine is not None and (snap.accel, snap.qemu_version) != (engine.accel, engine.version):
+        return None
+    keys = {
+        template_snapshot_key(
+            tpl.image_digest,
+            tpl.kernel_digest,
+            snap.qemu_version,
+            snap.accel,
+            tpl.vcpus,
+            tpl.memory_mib,
+            nic,
+        )
+        for nic in (False, True)
+    }
+    return snap if directory.name in keys else None
+
+
+def stale_template_snapshots(manager: TemplateManager, tpl: Template, engine: Engine) -> list[Path]:
+    """The template's snapshots (of its current image) that ``engine`` made and no
+    create restores any more: an older snapshot recipe, another default shape."""
+    base = manager.image_dir(tpl) / "snapshots"
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            snap = Snapshot.load(entry)
+        except SnapshotNotFound:
+            continue
+        mine = (snap.accel, snap.qemu_version) == (engine.accel, engine.version)
+        if mine and current_template_snapshot(tpl, entry) is None:
+            stale.append(entry)
+    return stale
 
 
 def template_snapshot(

@@ -19,13 +19,15 @@ from .layers import build_layers
 from .network import DETACHED
 from .sandbox import AsyncSandbox
 from .snapshots import (
+    DISK,
     MANIFEST,
     Snapshot,
     saved,
+    stale_template_snapshots,
     template_snapshot,
     template_snapshot_dir,
 )
-from .templates import BuiltTemplate, Template, TemplateManager
+from .templates import BuiltTemplate, Template, TemplateManager, name_backing_relative
 from .templates.build import BuildReporter, LogReporter, build_artifacts, build_root
 from .vm import get_provider
 
@@ -104,8 +106,11 @@ def build(
         rebuilt = True
     if rebuilt:
         # the template's snapshots were made again (new VMM, accelerator, --force): the
-        # other shapes' go with them (a rebuilt image already took them along)
+        # other shapes' go with them (a rebuilt image already took them along), and
+        # those of an older snapshot recipe or default shape
         manager.remove_shape_snapshots(tpl)
+        for stale in stale_template_snapshots(manager, tpl, engine):
+            shutil.rmtree(stale, ignore_errors=True)
     return built
 
 
@@ -189,10 +194,16 @@ async def _build_snapshot(
         )
     finally:
         await sb.kill()
-    (partial / MANIFEST).write_text(snap.manifest_text())
-    if dest.exists():
-        shutil.rmtree(dest)
-    partial.rename(dest)
+    try:
+        # its disk names the image under it relative to where it will live: the cache moves
+        name_backing_relative(partial / DISK, built.rootfs, dest)
+        (partial / MANIFEST).write_text(snap.manifest_text())
+        if dest.exists():
+            shutil.rmtree(dest)
+        partial.rename(dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     log.info("template %s snapshot saved: %s (%d bytes)", tpl.name, dest, snap.size_bytes)
     return snap
 

@@ -37,6 +37,7 @@ LAYERS: list[list[str]] = [
     ["templates.definition", "templates.oci"],  # what a template is; container images
     ["templates", "templates.build"],
     ["snapshots"],
+    ["templates.archive"],  # a built template in one file: export, import
     # the VM seam and its providers
     ["vm", "vm.base", "vm.qemu_argv", "vm.qemu", "vm.inprocess"],
     ["agent_client"],

@@ -10,11 +10,17 @@ Built artifacts are cached under the cache directory, keyed by a digest of their
     kernels/<kernel digest>/vmlinux            (shared by every template with that config)
     bases/<base digest>.tar                    (mmdebstrap output)
     templates/<name>/<image digest>/rootfs.ext4 + manifest.json
+    layers/<digest>/rootfs.ext4 or disk.qcow2 + layer.json   (a layered template's)
+    definitions/<name>.toml                    (``TemplateBuilder``'s, and imported ones)
     templates/<name>/<image digest>/snapshots/<key>/   (``template build``: default shape)
     templates/<name>/<image digest>/shapes/<key>/      (saved by the first cold boot of
                                                         another machine shape; bounded)
 
-so building again when nothing changed does nothing.
+so building again when nothing changed does nothing. Nothing in the cache names a
+path by where the cache is: manifests name files relative to the cache (an image's) or
+to their own folder (a snapshot's), and every qcow2 image names its backing file
+relative to itself; so a cache can be copied or moved (another ``NOVASANDBOX_CACHE_DIR``,
+user or host), and a template exported and imported (``templates/archive.py``).
 
 Nothing is removed behind a template's back except its older images (a rebuild
 supersedes them); ``TemplateManager.prune_plan``/``prune`` remove the kernels, bases and
@@ -39,6 +45,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import time
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -581,6 +588,27 @@ def backing_chain(path: Path) -> list[Path]:
     return chain
 
 
+def name_backing_relative(
+    image: Path, backing: Path, home: Path, qemu_img: str = "qemu-img"
+) -> None:
+    """Rewrite the qcow2 ``image``'s header to name ``backing`` relative to ``home``, the
+    folder ``image`` will live in (it may still be elsewhere under a temporary name), so
+    that a cache can be copied or moved: ``qemu-img rebase -u`` (the header only; the
+    data is untouched). Its permissions are kept. ``TemplateError`` if qemu-img fails."""
+    rel = os.path.relpath(backing, home)
+    mode = image.stat().st_mode & 0o777
+    image.chmod(mode | 0o200)
+    try:
+        argv = [qemu_img, "rebase", "-u", "-F", image_format(backing), "-b", rel, str(image)]
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as exc:
+        raise TemplateError(f"cannot run {qemu_img}: {exc}") from exc
+    finally:
+        image.chmod(mode)
+    if done.returncode != 0:
+        raise TemplateError(f"qemu-img rebase of {image} failed: {done.stderr.strip()}")
+
+
 def paths_held_by_processes(under: Path, proc: Path = Path("/proc")) -> set[Path]:
     """Paths under ``under`` that some process holds: an open file, its working
     directory, or an argument of its command line (QEMU's ``-kernel``). Processes this
@@ -658,6 +686,7 @@ __all__ = [
     "backing_chain",
     "disk_usage",
     "image_format",
+    "name_backing_relative",
     "paths_held_by_processes",
     "qcow2_backing",
 ]

@@ -385,7 +385,7 @@ def build_image(
                     "digest": tpl.digest,
                     "image_digest": tpl.image_digest,
                     "kernel_digest": tpl.kernel_digest,
-                    "kernel": str(kernel),
+                    "kernel": f"kernels/{kernel.parent.name}/{kernel.name}",  # in the cache
                     "base_digest": tpl.base_digest,
                     "packages": list(tpl.packages),
                     "customize": list(tpl.customize),

@@ -34,7 +34,7 @@ from ..network import DETACHED
 from ..procfs import process_start_time, same_process
 from ..records import vmm_marker
 from ..snapshots import Engine
-from ..templates import backing_chain, image_format
+from ..templates import backing_chain, image_format, qcow2_backing
 from .base import Capabilities, VMSpec
 from .qemu_argv import (
     QEMU_BINARY,
@@ -495,9 +495,12 @@ class QemuProvider:
 
     def _overlay_seed(self, backing: Path, backing_format: str) -> Path:
         """An empty qcow2 overlay of ``backing``, made once with qemu-img and kept beside
-        it; each sandbox's overlay is a copy (cheaper than running qemu-img each time)."""
+        it; each sandbox's overlay is a copy (cheaper than running qemu-img each time).
+        It names ``backing`` where it is now: one that names another place (the cache
+        was copied or moved) is made again."""
         seed = backing.parent / f".{backing.name}.overlay-seed.qcow2"
-        if not seed.is_file():
+        backing = Path(os.path.abspath(backing))
+        if qcow2_backing(seed) != backing:
             partial = seed.with_name(f"{seed.name}.{os.getpid()}.{time.monotonic_ns()}")
             made = subprocess.run(
                 overlay_argv(backing, partial, self.qemu_img, backing_format),
