@@ -169,7 +169,7 @@ def test_prune_refuses_a_path_outside_the_cache(cache: Cache, tmp_path: Path) ->
 
 def test_cache_usage_per_kind(cache: Cache) -> None:
     usage = cache.manager.cache_usage()
-    assert set(usage) == {"kernels", "bases", "templates", "snapshots", "other", "total"}
+    assert set(usage) == {"kernels", "bases", "templates", "layers", "snapshots", "other", "total"}
     assert usage["total"] == sum(v for k, v in usage.items() if k != "total")
     assert usage["total"] == disk_usage(cache.manager.cache)
     assert usage["snapshots"] >= 2 * SIZE  # one per template, counted apart from images

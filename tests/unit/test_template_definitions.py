@@ -212,7 +212,7 @@ def test_to_toml_reads_back_as_the_same_definition(
         ('name = "bad"\nfrom = "python"\npip = ["--index-url=http://x"]\n', "pip"),
         ('name = "bad"\nfrom = "python"\nrun = [3]\n', "run"),
         ('name = "bad"\nfrom = "python"\nworkdir = "relative"\n', "workdir"),
-        ('name = "bad"\nfrom = "python"\nstart_cmd = ""\n', "start_cmd"),
+        ('name = "bad"\nstart_cmd = ""\n[image]\n', "start_cmd"),
         ('name = "bad"\nfrom = "python"\nready_cmd = "true"\n', "ready_cmd"),
         ('name = "bad"\nfrom = "python"\nready_timeout = 0\n', "ready_timeout"),
         ('name = "bad"\nfrom = "python"\n[image]\nsuite = "bookworm"\n', "suite"),
