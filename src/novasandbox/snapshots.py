@@ -179,6 +179,9 @@ class Engine:
 
     accel: str
     version: str
+    """The VMM's version and the guest CPU model it emulates or passes through
+    (``QEMU emulator version 7.2.x cpu=x86-64-v2``): a snapshot's CPU state restores only
+    into the same model."""
 
 
 def saved(

@@ -37,10 +37,12 @@ from ..snapshots import Engine
 from ..templates import backing_chain, image_format, qcow2_backing
 from .base import Capabilities, VMSpec
 from .qemu_argv import (
+    CPU_TAGS,
     QEMU_BINARY,
     QEMU_IMG,
     DiskFds,
     build_argv,
+    guest_cpu,
     overlay_argv,
 )
 
@@ -488,7 +490,8 @@ class QemuProvider:
         return self._qemu_img or find_tool(QEMU_IMG, "qemu-utils")
 
     def engine(self) -> Engine:
-        return Engine(choose_accel().name, qemu_version(self._qemu))
+        accel = choose_accel().name
+        return Engine(accel, f"{qemu_version(self._qemu)} cpu={CPU_TAGS[guest_cpu(accel)]}")
 
     def accel_reason(self) -> str:
         return choose_accel().reason

@@ -86,6 +86,23 @@ def drive_fdset(index: int) -> int:
     return OVERLAY_FDSET + index
 
 
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
+"""The guest's CPU under emulation: QEMU's ``qemu64`` (x86-64-v1) with what x86-64-v2
+adds (SSSE3, SSE4.1, SSE4.2, POPCNT, CMPXCHG16B; LAHF/SAHF it has). Wheels built for v2
+(numpy from 2.4 on) die of SIGILL on plain ``qemu64``."""
+
+
+CPU_TAGS = {"host": "host", TCG_CPU: "x86-64-v2"}
+"""How the engine names each guest CPU model (``QemuProvider.engine``: a snapshot made
+with one does not restore with another)."""
+
+
+def guest_cpu(accel: str) -> str:
+    """The ``-cpu`` of a VM under ``accel``: the host's own CPU with KVM, else
+    ``TCG_CPU``. Part of what a snapshot depends on (``Engine.cpu``)."""
+    return "host" if accel == "kvm" else TCG_CPU
+
+
 def seccomp_option(confined: bool) -> str:
     """QEMU's seccomp filter: no obsolete syscalls, no fork/exec, no scheduler or resource
     control changes (snapshots are saved through an fd) and, unless QEMU must drop root
@@ -125,7 +142,7 @@ def build_argv(
         "-accel",
         accel,
         "-cpu",
-        "host" if spec.accel == "kvm" else "qemu64",
+        guest_cpu(spec.accel),
         "-smp",
         str(m.vcpus),
         "-m",
