@@ -305,3 +305,18 @@ def test_dumps_toml_writes_what_tomllib_reads() -> None:
         "ready_timeout": 2.5,
     }
     assert tomllib.loads(dumps_toml(data)) == data
+
+
+def test_an_empty_start_cmd_drops_the_parents(manager: TemplateManager, user_dir: Path) -> None:
+    (user_dir / "quiet.toml").write_text('name = "quiet"\nfrom = "web"\nstart_cmd = ""\n')
+    assert manager.get("web").start_cmd is not None
+    quiet = manager.get("quiet")
+    assert quiet.start_cmd is None and quiet.ready_cmd is None
+    assert quiet.parent is not None and quiet.parent.name == "web"
+    (user_dir / "inherits.toml").write_text('name = "inherits"\nfrom = "web"\n')
+    inherits = manager.get("inherits")
+    assert (inherits.start_cmd, inherits.ready_cmd) == (
+        manager.get("web").start_cmd,
+        manager.get("web").ready_cmd,
+    )
+    assert inherits.root_digest == manager.get("web").image_digest

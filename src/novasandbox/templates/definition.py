@@ -627,6 +627,8 @@ def _parse(data: Mapping[str, Any], path: Path, parent: Template | None) -> Temp
     if start_cmd == "" and (image_cfg is not None or parent is not None):
         start_cmd = None  # "": none, where the image or the parent has one
     ready_cmd = data.get("ready_cmd", parent.ready_cmd if parent else None)
+    if start_cmd is None and "ready_cmd" not in data:
+        ready_cmd = None  # the parent's checked the parent's start command
     if start_cmd is not None:
         _command(start_cmd, "start_cmd")
     if ready_cmd is not None:
