@@ -342,8 +342,10 @@ async def _run(
 ) -> str:
     """Run a shell command as root in the build VM, its output streamed; a failure is
     ``TemplateBuildError`` naming the step, the exit code and the last lines."""
-    cwd = tpl.workdir or "/root"
-    script = f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && {command}"
+    # in the workdir once it exists (the defaults' layer makes it, owned by the user:
+    # made here it would be root's), else in /root
+    cwd = shlex.quote(tpl.workdir or "/root")
+    script = f"{{ [ -d {cwd} ] && cd {cwd}; }} || cd /root; {command}"
     result = await sb.commands.run(
         ["/bin/sh", "-c", script],
         user="root",

@@ -48,7 +48,7 @@ IMAGE_RECIPE = "3"
 """Bump when the image build steps change."""
 KERNEL_RECIPE = "1"
 """Bump when the kernel build steps change in a way that changes the result."""
-LAYER_RECIPE = "1"
+LAYER_RECIPE = "2"
 """Bump when how a step's layer is made changes."""
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
