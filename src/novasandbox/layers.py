@@ -502,6 +502,13 @@ def copy_archive(step: Step, uid: int, gid: int) -> tuple[bytes, str, str]:
 
 async def _copy(sb: AsyncSandbox, tpl: Template, step: Step, out: _Output) -> None:
     what = step.describe()
+    assert step.src is not None
+    if not (step.src.exists() or step.src.is_symlink()):  # a pinned definition's
+        raise TemplateBuildError(
+            f"template {tpl.name}: {what}: {step.src} is not on this host (the definition "
+            "pins its content: import the built template, or put the files there)",
+            step=what,
+        )
     uid, gid = await _guest_ids(sb, tpl, step.owner, what)
     data, directory, _ = await asyncio.to_thread(copy_archive, step, uid, gid)
     await sb.files.write(COPY_TAR, data, user="root", timeout=600)

@@ -311,7 +311,8 @@ def current_template_snapshot(
 
 def stale_template_snapshots(manager: TemplateManager, tpl: Template, engine: Engine) -> list[Path]:
     """The template's snapshots (of its current image) that ``engine`` made and no
-    create restores any more: an older snapshot recipe, another default shape."""
+    create restores any more: an older snapshot recipe, another default shape; and those
+    the same VMM made with another guest CPU model (an older NovaSandbox's)."""
     base = manager.image_dir(tpl) / "snapshots"
     try:
         entries = sorted(base.iterdir())
@@ -328,7 +329,18 @@ def stale_template_snapshots(manager: TemplateManager, tpl: Template, engine: En
         mine = (snap.accel, snap.qemu_version) == (engine.accel, engine.version)
         if mine and current_template_snapshot(tpl, entry) is None:
             stale.append(entry)
+        elif (
+            not mine
+            and snap.accel == engine.accel
+            and _vmm(snap.qemu_version) == _vmm(engine.version)
+        ):
+            stale.append(entry)  # this VMM, another CPU model: nothing restores it here
     return stale
+
+
+def _vmm(version: str) -> str:
+    """The VMM's own version in an engine's (``Engine.version`` without ``cpu=...``)."""
+    return version.split(" cpu=")[0]
 
 
 def template_snapshot(

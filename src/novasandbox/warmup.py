@@ -125,6 +125,12 @@ def build_image_chain(
     """The template's image: one image (a suite template without steps), or its root
     (its parent's image, built first, or its own) and its layers. ``force`` rebuilds
     this template's own artifacts and layers, not its parent's."""
+    if force:
+        # its image is made again, in place: what was built over it would be layered on
+        # other bytes now, so it is no longer built (rebuilt on its next build)
+        for dependent in manager.dependents(tpl.name):
+            manager.remove(dependent, force=True, definition=False)
+            rep.done(dependent, f"no longer built: it starts from {tpl.name}, rebuilt now")
     if not tpl.layered:
         return build_artifacts(manager, tpl.name, reporter=rep, force=force)
     if tpl.parent is not None:

@@ -373,3 +373,29 @@ def test_the_cli_streams_a_build_and_lists_it(web: dict[str, Any], defs: Path) -
     )
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert TemplateManager().built("itest-cli") is None
+
+
+def test_rebuilding_a_parent_without_the_cache_unbuilds_its_children(
+    defs: Path, factory: SandboxFactory
+) -> None:
+    """``--no-cache`` makes a template's image again in place: a template built over it
+    would be layered on other bytes, so it must be built again, not used."""
+    marker = secrets.token_hex(4)
+    (defs / "itest-base.toml").write_text(
+        f'name = "itest-base"\nfrom = "python"\nrun = ["echo {marker} > /opt/base"]\n'
+    )
+    (defs / "itest-child.toml").write_text(
+        'name = "itest-child"\nfrom = "itest-base"\nrun = ["cat /opt/base > /opt/child"]\n'
+    )
+    manager = TemplateManager()
+    warmup.build(manager, "itest-child")  # builds its parent first
+    assert manager.built("itest-base") is not None
+    assert manager.dependents("itest-base") == ["itest-child"]
+    rep = Recorder()
+    warmup.build(manager, "itest-base", force=True, reporter=rep)
+    assert any(line.startswith("itest-child: no longer built") for line in rep.done_lines)
+    assert manager.built("itest-child") is None
+    assert (defs / "itest-child.toml").is_file()  # its definition stays
+    warmup.build(manager, "itest-child")
+    sb = factory.create("itest-child")
+    assert sb.commands.run("cat /opt/child").stdout.strip() == marker

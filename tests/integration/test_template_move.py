@@ -27,6 +27,9 @@ LAYERED = """name = "moved"
 from = "python"
 [[steps]]
 run = "echo layered > /etc/moved"
+[[steps]]
+copy = "{files}"
+dest = "/etc/moved.d"
 """
 
 
@@ -104,7 +107,10 @@ def test_a_layered_template_moves_and_exports_with_its_parent(holder: Path) -> N
     for part in ("kernels", "templates"):
         subprocess.run(["cp", "-al", str(shared / part), str(built / part)], check=True)
     (built / "definitions").mkdir()
-    (built / "definitions" / "moved.toml").write_text(LAYERED)
+    files = holder / "files"  # a copy step's source: the importing host will not have it
+    files.mkdir()
+    (files / "note").write_text("copied\n")
+    (built / "definitions" / "moved.toml").write_text(LAYERED.format(files=files))
     build = cli("template", "build", "moved", cache=built, timeout=900)
     assert build.returncode == 0, build.stderr
 
@@ -119,14 +125,17 @@ def test_a_layered_template_moves_and_exports_with_its_parent(holder: Path) -> N
     archive = holder / "moved.tar.zst"
     out = cli("template", "export", "moved", str(archive), cache=moved)
     assert out.returncode == 0, out.stderr
+    shutil.rmtree(files)  # the definition in the archive pins what the copy copied
     empty = holder / "empty"
     imported = cli("template", "import", str(archive), cache=empty)
     assert imported.returncode == 0, imported.stderr
     assert "definitions of moved" in imported.stdout
     assert (empty / "definitions" / "moved.toml").is_file()
-    run = cli("-v", "run", "-t", "moved", "--", "cat", "/etc/moved", cache=empty)
+    run = cli(
+        "-v", "run", "-t", "moved", "--", "cat", "/etc/moved", "/etc/moved.d/note", cache=empty
+    )
     assert run.returncode == 0, run.stderr
-    assert run.stdout == "layered\n"
+    assert run.stdout == "layered\ncopied\n"
     assert "by restore" in run.stderr and "cold boot" not in run.stderr
     # its parent came along, built
     assert TemplateManager(empty).built("python") is not None

@@ -320,3 +320,29 @@ def test_an_empty_start_cmd_drops_the_parents(manager: TemplateManager, user_dir
         manager.get("web").ready_cmd,
     )
     assert inherits.root_digest == manager.get("web").image_digest
+
+
+def test_a_pinned_definition_reads_as_the_same_template_without_its_files(
+    manager: TemplateManager, user_dir: Path, tmp_path: Path
+) -> None:
+    """``template export`` writes definitions with the digests of what they copy: the
+    importing host has the layers, not the files."""
+    tpl = manager.get("web")
+    expected = (tpl.layer_digests, tpl.digest)
+    pinned = tpl.to_toml(pinned=True)
+    assert "digest = " in pinned
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "web.toml").write_text(pinned)
+    (user_dir / "app" / "hello.txt").unlink()
+    (user_dir / "app").rmdir()
+    again = TemplateManager(cache=tmp_path / "cache", template_dirs=[elsewhere]).get("web")
+    assert (again.layer_digests, again.digest) == expected
+    # the files back, but other bytes: not what the definition pins
+    (user_dir / "app").mkdir()
+    (user_dir / "app" / "hello.txt").write_text("other\n")
+    with pytest.raises(TemplateError, match="pins"):
+        TemplateManager(cache=tmp_path / "cache", template_dirs=[elsewhere]).get("web")
+    (elsewhere / "web.toml").write_text(pinned.replace('digest = "', 'digest = "x'))
+    with pytest.raises(TemplateError, match="digest"):
+        TemplateManager(cache=tmp_path / "cache", template_dirs=[elsewhere]).get("web")

@@ -425,7 +425,7 @@ class TemplateManager:
                 out.append(other.name)
         return out
 
-    def remove(self, name: str, *, force: bool = False) -> bool:
+    def remove(self, name: str, *, force: bool = False, definition: bool = True) -> bool:
         """Remove every built image of a template, with its snapshots (those of other
         machine shapes included), the layers of its steps that no other built template
         uses, and its definition if ``TemplateBuilder`` saved it in the cache (a TOML
@@ -456,7 +456,7 @@ class TemplateManager:
             shutil.rmtree(target)
             removed = True
         saved = self.definitions_dir / f"{name}.toml"
-        if tpl.source == saved:
+        if definition and tpl.source == saved:
             saved.unlink(missing_ok=True)
             removed = True
         return removed

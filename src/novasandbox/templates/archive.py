@@ -42,8 +42,10 @@ its snapshots; ``template build NAME`` then makes them here, without rebuilding 
 
 An archive is trusted like an image: its digests catch damage, not a forger, and QEMU
 loads its snapshots' memory images as they are (under its confinement). Import only
-archives you trust. Templates from a container image (``from_oci``) or with ``copy``
-steps cannot be exported: their digests are made from files on the building host.
+archives you trust. A definition in an archive is pinned (``Template.to_toml(pinned=
+True)``): it carries the digest of what each ``copy`` step copies and of its container
+image (``digest``, ``oci_digest``), so it reads as the same template on a host that has
+the layers but not those files (building its steps again there needs them).
 """
 
 from __future__ import annotations
@@ -165,12 +167,6 @@ def export_files(manager: TemplateManager, name: str) -> tuple[list[Template], l
     template and its parents, and the cache's files (the definitions excepted)."""
     tpl = manager.get(name)
     chain = _chain(manager, tpl)
-    for t in chain:
-        if t.oci is not None or any(s.kind == "copy" for s in t.steps):
-            raise TemplateArchiveError(
-                f"template {t.name!r} cannot be exported: it is made from files of this "
-                "host (a container image or copy steps), which its digest depends on"
-            )
     built = manager.require_built(tpl)
     files: list[Path] = _unit_files(built.kernel.parent)
     units: list[Path] = []
@@ -215,7 +211,7 @@ def export_archive(
     listed: list[ArchiveFile] = []
     data: list[tuple[ArchiveFile, bytes | Path]] = []
     for t in chain:
-        text = t.to_toml().encode()
+        text = t.to_toml(pinned=True).encode()  # copies' and images' digests in it
         entry = ArchiveFile(
             f"definitions/{t.name}.toml", len(text), hashlib.sha256(text).hexdigest(), 0o644
         )
@@ -708,14 +704,6 @@ def _resolve(manager: TemplateManager, staging: Path, head: _Head) -> list[Templ
             raise _bad(f"definitions/{name}.toml: {exc}") from None
         if not isinstance(data, dict) or data.get("name") != name:
             raise _bad(f"definitions/{name}.toml does not define {name!r}")
-        if (
-            "from_oci" in data
-            or any(
-                isinstance(s, dict) and ("copy" in s or "src" in s) for s in data.get("steps", [])
-            )
-            or data.get("files")
-        ):
-            raise _bad(f"definitions/{name}.toml is made from files of another host")
         try:
             tpl = reader.get(name)
         except TemplateError as exc:

@@ -53,6 +53,7 @@ LAYER_RECIPE = "2"
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _OWNER = re.compile(
     r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})(:([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10}))?$"
 )
@@ -88,6 +89,9 @@ class Step:
     """copy: the mode of every file (and directory) copied; None keeps the host's."""
     owner: str = "root"
     """copy: ``USER[:GROUP]`` (names or numbers) that owns what is copied."""
+    digest: str | None = None
+    """copy: the content's digest (``tree_digest``) as a pinned definition says it (an
+    exported template's, on a host without ``src``); None: read ``src`` for it."""
 
     def describe(self) -> str:
         if self.kind == "copy":
@@ -105,15 +109,22 @@ class Step:
         assert self.src is not None
         return (
             "copy",
-            tree_digest(self.src),
+            self.content_digest(),
             self.dest,
             "" if self.mode is None else oct(self.mode),
             self.owner,
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def content_digest(self) -> str:
+        """A copy's content digest: the pinned one, or that of ``src`` as it is now."""
+        assert self.src is not None
+        return self.digest if self.digest is not None else tree_digest(self.src)
+
+    def to_json(self, *, pinned: bool = False) -> dict[str, Any]:
         if self.kind == "copy":
             out: dict[str, Any] = {"copy": str(self.src), "dest": self.dest}
+            if pinned:
+                out["digest"] = self.content_digest()
             if self.mode is not None:
                 out["mode"] = f"{self.mode:04o}"
             if self.owner != "root":
@@ -285,9 +296,11 @@ class Template:
 
     # --- writing it back
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, pinned: bool = False) -> dict[str, Any]:
         """The definition as its TOML file says it (steps as ``[[steps]]``); what it
-        inherits from a parent is left to the parent."""
+        inherits from a parent is left to the parent. ``pinned``: with the digests of
+        what it reads from this host (each copy's content, the container image), so that
+        it reads as the same template where those files are not (``template export``)."""
         own_env = dict(self.env)
         base: Template | None = self.parent
         if base is not None:
@@ -299,6 +312,8 @@ class Template:
             out["from"] = self.parent.name
         elif self.oci is not None:
             out["from_oci"] = str(self.oci)
+            if pinned:
+                out["oci_digest"] = self.oci_digest
             if self.oci_tag is not None:
                 out["oci_tag"] = self.oci_tag
             if self.start_cmd is None:
@@ -315,7 +330,7 @@ class Template:
         if own_env:
             out["env"] = own_env
         if self.steps:
-            out["steps"] = [s.to_json() for s in self.steps]
+            out["steps"] = [s.to_json(pinned=pinned) for s in self.steps]
         if self.root_kind == "suite":
             image: dict[str, Any] = {"suite": self.suite, "variant": self.variant}
             if self.packages:
@@ -347,8 +362,8 @@ class Template:
             out["kernel"] = {"source_package": self.kernel_source_package}
         return out
 
-    def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+    def to_toml(self, *, pinned: bool = False) -> str:
+        return dumps_toml(self.to_dict(pinned=pinned))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -359,6 +374,7 @@ _TOP_KEYS = {
     "from": str,
     "from_oci": str,
     "oci_tag": str,
+    "oci_digest": str,
     "user": str,
     "workdir": str,
     "env": dict,
@@ -387,12 +403,14 @@ _TABLE_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "build": {"allow": list, "step_timeout": (int, float)},
 }
 _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "digest": str,
     "src": str,
     "dest": str,
     "mode": (str, int),
     "owner": str,
 }
 _STEP_KEYS: dict[str, type | tuple[type, ...]] = {
+    "digest": str,
     "apt": list,
     "pip": list,
     "run": str,
@@ -470,13 +488,20 @@ def _copy_step(entry: Mapping[str, Any], key: str, base_dir: Path, src_key: str)
     src = Path(entry[src_key]).expanduser()
     if not src.is_absolute():
         src = base_dir / src
-    if not (src.exists() or src.is_symlink()):
+    pinned = entry.get("digest")
+    if pinned is not None and not _HEX64.fullmatch(pinned):
+        raise _Bad(f"{key}.digest", "must be the content's sha256 (64 hex digits)")
+    there = src.exists() or src.is_symlink()
+    if not there and pinned is None:
         raise _Bad(f"{key}.{src_key}", f"{src} does not exist")
+    if there and pinned is not None and tree_digest(src) != pinned:
+        raise _Bad(f"{key}.{src_key}", f"{src} is not what the definition pins (digest)")
     owner = entry.get("owner", "root")
     if not _OWNER.fullmatch(owner):
         raise _Bad(f"{key}.owner", f"must be USER or USER:GROUP (names or ids), got {owner!r}")
     mode = _mode(entry["mode"], f"{key}.mode") if "mode" in entry else None
-    return Step("copy", (), src, guest_dest(entry["dest"], f"{key}.dest"), mode, owner)
+    dest = guest_dest(entry["dest"], f"{key}.dest")
+    return Step("copy", (), src, dest, mode, owner, pinned)
 
 
 def parse_steps(data: Mapping[str, Any], base_dir: Path, apt: tuple[str, ...]) -> tuple[Step, ...]:
@@ -598,15 +623,25 @@ def _parse(data: Mapping[str, Any], path: Path, parent: Template | None) -> Temp
     oci_tag = data.get("oci_tag")
     if oci_tag is not None and "from_oci" not in data:
         raise _Bad("oci_tag", "names an image of a from_oci archive, and there is none")
+    pinned_oci = data.get("oci_digest")
+    if pinned_oci is not None and "from_oci" not in data:
+        raise _Bad("oci_digest", "pins the image of from_oci, and there is none")
     if "from_oci" in data:
         oci = Path(data["from_oci"]).expanduser()
         oci = oci if oci.is_absolute() else base_dir / oci
-        if not oci.exists():
+        if not oci.exists() and pinned_oci is None:
             raise _Bad("from_oci", f"{oci} does not exist")
+    if oci is not None and not oci.exists():
+        # a pinned definition (an exported template's): the image's defaults are in it
+        if not (isinstance(pinned_oci, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", pinned_oci)):
+            raise _Bad("oci_digest", "must be the image's config digest (sha256:...)")
+    elif oci is not None:
         try:
             image_cfg = read_image(oci, oci_tag)
         except NovaSandboxError as exc:
             raise _Bad("from_oci", exc.message) from None
+        if pinned_oci is not None and image_cfg.digest != pinned_oci:
+            raise _Bad("from_oci", f"{oci} is not the image the definition pins (oci_digest)")
         if (image_cfg.os, image_cfg.architecture) not in (("linux", "amd64"), ("", "")):
             raise _Bad(
                 "from_oci",
@@ -684,7 +719,7 @@ def _parse(data: Mapping[str, Any], path: Path, parent: Template | None) -> Temp
         parent=parent,
         oci=oci,
         oci_tag=oci_tag,
-        oci_digest=image_cfg.digest if image_cfg else "",
+        oci_digest=image_cfg.digest if image_cfg else (pinned_oci or ""),
         steps=steps,
         workdir=workdir,
         start_cmd=start_cmd,
