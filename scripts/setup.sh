@@ -10,6 +10,7 @@ packages=(
   nftables iproute2                     # egress policies; TAP devices and network namespaces
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils  # guest kernel
   mmdebstrap e2fsprogs                  # guest root file system
+  zstd                                  # template export/import (.tar.zst); OCI zstd layers
   python3 python3-venv python3-pip      # the library
   tmux                                  # the tests: the CLI in a real terminal
   curl                                  # the README's examples of the HTTP API

@@ -1040,7 +1040,10 @@ def doctor(as_json: bool) -> None:
         for what, pkgs in report["missing_packages"].items():
             c.print(f"missing ({what}): {' '.join(pkgs) if pkgs else 'none'}")
         c.print(f"sandboxes:    {report['sandboxes_alive']} alive")
-    ok = not report["missing_packages"]["runtime"] and all(t["built"] for t in templates[:1])
+    # healthy: nothing missing to run sandboxes, and the default template (python) built
+    ok = not report["missing_packages"]["runtime"] and any(
+        t["built"] for t in templates if t["name"] == "python"
+    )
     sys.exit(0 if ok else 1)
 
 
