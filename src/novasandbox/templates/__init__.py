@@ -543,10 +543,10 @@ QCOW2_MAGIC = b"QFI\xfb"
 MAX_CHAIN = 16
 
 
-def qcow2_backing(path: Path) -> Path | None:
-    """The backing file named in a qcow2 image's header (relative names are relative to
-    the image's folder), or None: not qcow2, no backing file, unreadable. Reads at most
-    the header and a 1 KiB name (qcow2's own limit), whatever the file says."""
+def qcow2_backing_name(path: Path) -> str | None:
+    """The backing name a qcow2 image's header holds, as written; None: not qcow2, no
+    backing file, unreadable; ``"\\0"`` for a name longer than qcow2's own limit (1 KiB),
+    which is never read, whatever the file says."""
     try:
         with path.open("rb") as f:
             header = f.read(20)
@@ -554,14 +554,22 @@ def qcow2_backing(path: Path) -> Path | None:
                 return None
             offset = int.from_bytes(header[8:16], "big")
             size = int.from_bytes(header[16:20], "big")
-            if offset == 0 or not 0 < size <= 1023:
+            if offset == 0 or size == 0:
                 return None
+            if size > 1023:
+                return "\0"  # not a name qcow2 writes
             f.seek(offset)
-            raw = f.read(size)
+            return f.read(size).decode("utf-8", errors="replace")
     except OSError:
         return None
-    name = raw.decode("utf-8", errors="replace")
-    if name.startswith(("json:", "nbd:", "http:", "https:")) or "\x00" in name:
+
+
+def qcow2_backing(path: Path) -> Path | None:
+    """The backing file named in a qcow2 image's header (relative names are relative to
+    the image's folder), or None: not qcow2, no backing file, unreadable, or a name that
+    is not a file's (``json:``, a protocol, a NUL)."""
+    name = qcow2_backing_name(path)
+    if name is None or name.startswith(("json:", "nbd:", "http:", "https:")) or "\x00" in name:
         return None
     backing = Path(name)
     return backing if backing.is_absolute() else path.parent / backing
@@ -689,4 +697,5 @@ __all__ = [
     "name_backing_relative",
     "paths_held_by_processes",
     "qcow2_backing",
+    "qcow2_backing_name",
 ]

@@ -85,6 +85,7 @@ from . import (
     TemplateManager,
     backing_chain,
     qcow2_backing,
+    qcow2_backing_name,
 )
 
 ARCHIVE_MANIFEST = "novasandbox-template.json"
@@ -189,7 +190,7 @@ def export_files(manager: TemplateManager, name: str) -> tuple[list[Template], l
             seen.add(f)
             unique.append(f)
     for f in unique:
-        backing = _header_backing(f)
+        backing = qcow2_backing_name(f)
         if backing is not None and Path(backing).is_absolute():
             raise TemplateArchiveError(
                 f"{f} names its backing file by an absolute path (made before the cache "
@@ -339,26 +340,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _header_backing(path: Path) -> str | None:
-    """The backing name a qcow2 image's header holds, as written (None: not qcow2 or
-    none)."""
-    try:
-        with path.open("rb") as f:
-            header = f.read(20)
-            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
-                return None
-            offset = int.from_bytes(header[8:16], "big")
-            size = int.from_bytes(header[16:20], "big")
-            if offset == 0 or size == 0:
-                return None
-            if size > 1023:
-                return "\0"  # not a name qcow2 writes
-            f.seek(offset)
-            return f.read(size).decode("utf-8", errors="replace")
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------- import
@@ -755,7 +736,7 @@ def _check_staged(
     chain_files = [staged(p) for p in manager.disk_chain(tpl)]
     for below, image in itertools.pairwise(chain_files):
         _check_qcow2(image, below, staging)
-    if chain_files and _header_backing(chain_files[0]) is not None:
+    if chain_files and qcow2_backing_name(chain_files[0]) is not None:
         raise _bad(f"{chain_files[0].relative_to(staging)} must be a root image")
     folder = staged(manager.image_dir(tpl) / "snapshots")
     for snap_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -791,7 +772,7 @@ def _check_qcow2(image: Path, below: Path, staging: Path) -> None:
         incompatible = int.from_bytes(header[72:80], "big")
         if incompatible & 0b100:
             raise _bad(f"{rel} has an external data file")
-    name = _header_backing(image)
+    name = qcow2_backing_name(image)
     if name is None or name.startswith("/") or "\0" in name or ":" in name:
         raise _bad(f"{rel} must name the image under it relatively (it names {name!r})")
     target = Path(os.path.normpath(image.parent / name))

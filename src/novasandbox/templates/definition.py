@@ -32,7 +32,7 @@ import re
 import shlex
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -64,7 +64,6 @@ MAX_COMMAND = 64 * 1024
 """Characters of one ``run``/``start_cmd``/``ready_cmd`` command."""
 
 StepKind = Literal["apt", "pip", "copy", "run"]
-STEP_KINDS: tuple[StepKind, ...] = ("apt", "pip", "copy", "run")
 
 
 def sha256_parts(*parts: str | bytes) -> str:
@@ -753,23 +752,6 @@ def check_template(tpl: Template) -> None:
                 parse_allow(entry)
         except ConfigError as exc:
             raise _Bad("[build] allow", exc.message) from None
-
-
-def checked(tpl: Template) -> Template:
-    """``tpl`` if it is a valid definition (``TemplateError`` if not): for definitions
-    made in Python."""
-    try:
-        check_template(tpl)
-        for step in tpl.steps:
-            if step.kind not in STEP_KINDS:
-                raise _Bad("steps", f"unknown step kind {step.kind!r}")
-    except _Bad as exc:
-        raise TemplateError(f"invalid template {tpl.name!r}: {exc}") from None
-    return tpl
-
-
-def with_steps(tpl: Template, *steps: Step) -> Template:
-    return replace(tpl, steps=tpl.steps + steps)
 
 
 _IMAGES: dict[tuple[str, str | None, int, int], OciImage] = {}
