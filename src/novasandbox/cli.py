@@ -1197,6 +1197,43 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     help="Keep N VMMs of TEMPLATE started ahead, waiting for its snapshot: creates of its "
     "default shape without network or --cold skip the VMM's start (repeatable).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="ADDRESS",
+    help="Serve a Ray cluster's nodes instead of this host: ADDRESS of its head "
+    "(HOST:PORT) or 'auto'. Needs the ray extra; see the README's 'Cluster'.",
+)
+@click.option(
+    "--ray-node-ip",
+    default=None,
+    metavar="IP",
+    help="With --ray: this host's address in the cluster (default: Ray's choice).",
+)
+@click.option(
+    "--node-state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --ray: where each node agent keeps its state (a folder node-ADDRESS in "
+    "it).  [default: the node's own state directory]",
+)
+@click.option(
+    "--node-timeout",
+    type=click.FloatRange(0.2),
+    default=1.5,
+    show_default=True,
+    help="With --ray: seconds without an answer from a node before it (and its "
+    "sandboxes) is lost.",
+)
+@click.option(
+    "--placement-k",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="With --ray: random candidate nodes compared per sandbox (the one with the most "
+    "free memory wins).",
+)
 @handle_errors
 def serve(
     host: str,
@@ -1213,6 +1250,11 @@ def serve(
     max_requests: int,
     pool_specs: tuple[str, ...],
     prestart_specs: tuple[str, ...],
+    ray_address: str | None,
+    ray_node_ip: str | None,
+    node_state_dir: str | None,
+    node_timeout: float,
+    placement_k: int,
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
     'novasandbox keys create NAME'). Logs one JSON object per line on stderr; SIGTERM or
@@ -1230,6 +1272,45 @@ def serve(
     if state_path is not None:
         state_path = state_path.absolute()
         os.environ["NOVASANDBOX_STATE_DIR"] = str(state_path)
+    if ray_address is not None:
+        from pathlib import Path
+
+        from .cluster.node import NodeConfig
+        from .cluster.serve import serve_cluster
+        from .errors import ConfigError
+
+        if prestart:
+            raise ConfigError("--prestart is not supported with --ray yet (--pool is)")
+        passed = ("NOVASANDBOX_ALLOW_INPROCESS", "NOVASANDBOX_ACCEL")
+        serve_cluster(
+            ray_address=ray_address,
+            state=state_path or state_dir(),
+            host=host,
+            port=port,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            insecure=insecure,
+            log_level=log_level,
+            settings=Settings(
+                max_file_bytes=max_file_mib << 20,
+                limits=Limits(
+                    max_sandboxes=max_sandboxes or 1_000_000,
+                    max_starting=max_starting or 64,
+                    max_requests=max_requests,
+                ),
+            ),
+            node_config=NodeConfig(
+                provider=os.environ.get("NOVASANDBOX_PROVIDER") or None,
+                pools=pools,
+                max_file_bytes=max_file_mib << 20,
+                state_dir=str(Path(node_state_dir).absolute()) if node_state_dir else None,
+                env={k: os.environ[k] for k in passed if k in os.environ},
+            ),
+            ray_node_ip=ray_node_ip,
+            k=placement_k,
+            node_timeout=node_timeout,
+        )
+        return
     run_server(
         state=state_path or state_dir(),
         host=host,

@@ -19,6 +19,7 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── SignatureInvalid            signature-invalid
     │   └── SignedUrlExpired            signed-url-expired
     ├── ServerBusy                      server-busy
+    ├── NoCapacity                      no-capacity
     ├── RemoteError                     remote-error
     │   ├── ServerUnreachable           server-unreachable
     │   └── RemoteUnsupported           remote-unsupported
@@ -31,7 +32,8 @@ that the CLI prints and that survives JSON, so callers can branch on it.
     │   ├── AmbiguousSandboxId          ambiguous-id
     │   ├── SandboxNotRunning           sandbox-not-running
     │   │   ├── SandboxCrashed          sandbox-crashed
-    │   │   └── SandboxExpired          sandbox-expired
+    │   │   ├── SandboxExpired          sandbox-expired
+    │   │   └── SandboxLost             sandbox-lost
     │   ├── SandboxOwned                sandbox-owned
     │   └── PoolClosed                  pool-closed
     ├── AgentError                      agent-error
@@ -297,6 +299,26 @@ class SandboxExpired(SandboxNotRunning):
     killed: every later call says so."""
 
     code = "sandbox-expired"
+
+
+class SandboxLost(SandboxNotRunning):
+    """The cluster node the sandbox ran on was lost (its node agent stopped answering,
+    its Ray node died, it was removed): the sandbox cannot be reached any more and never
+    will be; ``node`` names that node."""
+
+    code = "sandbox-lost"
+
+    def __init__(self, message: str, node: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class NoCapacity(NovaSandboxError):
+    """No cluster node can take the sandbox now: none has the template ready, free
+    slots, vCPUs and memory for it (or none is alive and not draining). Nothing was
+    made; HTTP 503 with ``Retry-After``."""
+
+    code = "no-capacity"
 
 
 class AmbiguousSandboxId(SandboxError, LookupError):

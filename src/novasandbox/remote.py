@@ -85,6 +85,7 @@ from .errors import (
     RemoteUnsupported,
     SandboxCrashed,
     SandboxExpired,
+    SandboxLost,
     SandboxFileError,
     SandboxNotRunning,
     ServerUnreachable,
@@ -253,6 +254,8 @@ def _instance(cls: type[NovaSandboxError], message: str, path: str) -> NovaSandb
 def _ended_state(error: NovaSandboxError) -> SandboxState | None:
     if isinstance(error, SandboxCrashed):
         return SandboxState.CRASHED
+    if isinstance(error, SandboxLost):
+        return SandboxState.LOST
     if isinstance(error, SandboxNotRunning):
         return SandboxState.KILLED
     return None
@@ -413,6 +416,8 @@ class RemoteSandboxInfo:
     ports: dict[str, str]
     restored: bool
     provider: str
+    node: str | None = None
+    """Through a cluster (``serve --ray``): the Ray node id it runs on."""
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RemoteSandboxInfo:
@@ -432,6 +437,7 @@ class RemoteSandboxInfo:
                 ports=dict(d["ports"]),
                 restored=bool(d["restored"]),
                 provider=str(d["provider"]),
+                node=None if d.get("node") is None else str(d["node"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the server described a sandbox in an unknown shape: {exc}") from exc
@@ -693,6 +699,11 @@ class RemoteSandbox(CodeMethods):
     @property
     def provider(self) -> str:
         return self._info.provider
+
+    @property
+    def node(self) -> str | None:
+        """Through a cluster (``serve --ray``): the Ray node id it runs on."""
+        return self._info.node
 
     @property
     def uptime(self) -> float:

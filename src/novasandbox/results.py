@@ -60,6 +60,9 @@ class SandboxState(enum.StrEnum):
     """The VM runs but its agent channel broke (bytes that are not the protocol): calls
     raise ``AgentProtocolError`` until a new agent answers a fresh connection."""
     ERROR = "error"
+    LOST = "lost"
+    """Through a cluster (``serve --ray``): the node it ran on was lost; calls raise
+    ``SandboxLost``."""
 
 
 @dataclass(frozen=True, slots=True)

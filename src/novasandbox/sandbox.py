@@ -369,6 +369,12 @@ class AsyncSandbox(CodeMethods):
         return self._provider.name
 
     @property
+    def node(self) -> str | None:
+        """The cluster node it runs on: None here (a sandbox of this process); a
+        ``RemoteSandbox`` of a cluster server (``serve --ray``) says its Ray node id."""
+        return None
+
+    @property
     def server(self) -> str | None:
         """The URL of the server that owns it: None, this process does
         (``RemoteSandbox.server`` is its server's)."""

@@ -709,6 +709,12 @@ class Sandbox:
         return self._inner.provider
 
     @property
+    def node(self) -> str | None:
+        """Through a cluster server (``serve --ray``): the Ray node id it runs on (None
+        for a sandbox of this process or of a single-host server)."""
+        return self._inner.node
+
+    @property
     def expired(self) -> bool:
         """Whether the sandbox was killed because its lifetime ended."""
         return self._inner.expired

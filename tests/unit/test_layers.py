@@ -68,6 +68,12 @@ LAYERS: list[list[str]] = [
     ["server.mcp"],
     ["server.app"],
     ["server.serve"],
+    # one API over a Ray cluster: node agents run the single-host server
+    ["cluster", "cluster.placement"],
+    ["cluster.node"],
+    ["cluster.registry"],
+    ["cluster.app"],
+    ["cluster.serve"],
     ["cli"],
 ]
 UPWARD_ALLOWED: set[tuple[str, str]] = set()

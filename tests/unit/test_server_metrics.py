@@ -20,7 +20,7 @@ from novasandbox.records import vmm_marker
 from tests.server_support import Server, cli, error_of, iter_wait, make_key, stream_events
 
 INPROCESS = {"NOVASANDBOX_ALLOW_INPROCESS": "1", "NOVASANDBOX_PROVIDER": "inprocess"}
-STATES = {"starting", "running", "paused", "killed", "crashed", "broken", "error"}
+STATES = {"starting", "running", "paused", "killed", "crashed", "broken", "error", "lost"}
 SECRET_ENV = "metrics-secret-env-value-5f1c"
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]

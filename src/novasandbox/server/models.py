@@ -181,7 +181,10 @@ class MetricsOut(BaseModel):
 class SandboxOut(BaseModel):
     id: str
     template: str
-    state: str = Field(description="starting, running, paused, broken, killed, crashed or error.")
+    state: str = Field(
+        description="starting, running, paused, broken, killed, crashed, error, or (through "
+        "a cluster) lost."
+    )
     expired: bool = Field(description="Killed because its lifetime ended.")
     crash_reason: str | None
     labels: dict[str, str]
@@ -197,6 +200,9 @@ class SandboxOut(BaseModel):
     provider: str
     pooled: bool = Field(
         False, description="Handed over from the server's warm pool (serve --pool)."
+    )
+    node: str | None = Field(
+        None, description="Through a cluster (serve --ray): the Ray node id it runs on."
     )
     metrics: MetricsOut | None = Field(
         None,

@@ -36,6 +36,7 @@ from typing import Any
 
 import prometheus_client
 import uvicorn
+from fastapi import FastAPI
 
 from ..errors import ConfigError
 from .app import Settings, create_app
@@ -160,6 +161,50 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def build_app(
+    state: Path,
+    keys: KeyStore,
+    *,
+    settings: Settings | None = None,
+    on_stop: str = "kill",
+    pools: dict[str, int] | None = None,
+    prestart: dict[str, int] | None = None,
+    provider: str | None = None,
+) -> tuple[FastAPI, Registry]:
+    """The single-host server's app over a registry of its own (``serve``'s, and a
+    cluster node agent's): whose each sandbox is and the URL signing secret kept in
+    ``state``."""
+    if on_stop not in ("kill", "keep"):
+        raise ConfigError(f"on_stop must be kill or keep, got {on_stop!r}")
+    signer = UrlSigner(load_secret(state))
+    registry = Registry(provider, store=OwnerStore(state))
+    registry.on_stop = on_stop
+    # pooled sandboxes are adoptable like the others: one handed over must outlive us too
+    registry.pools = WarmPools(
+        pools or {},
+        provider,
+        adoptable=registry._adoptable(),
+        store=registry.store,
+        prestart=prestart,
+    )
+    return create_app(keys, registry, settings, signer=signer), registry
+
+
+def uvicorn_config(
+    app: FastAPI, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        server_header=False,
+    )
+
+
 def serve(
     *,
     state: Path,
@@ -181,33 +226,17 @@ def serve(
     N} warm sandboxes kept ready (``pools.py``; a template not built fails here);
     ``prestart``: {template: N} VMMs started ahead for its other plain creates."""
     check_bind(host, tls_cert, tls_key, insecure)
-    if on_stop not in ("kill", "keep"):
-        raise ConfigError(f"on_stop must be kill or keep, got {on_stop!r}")
-    signer = UrlSigner(load_secret(state))
     keys = KeyStore(state)
     known = keys.current()  # a damaged key file fails here, not at the first request
-    registry = Registry(store=OwnerStore(state))
-    registry.on_stop = on_stop
-    # pooled sandboxes are adoptable like the others: one handed over must outlive us too
-    registry.pools = WarmPools(
-        pools or {}, adoptable=registry._adoptable(), store=registry.store, prestart=prestart
+    app, registry = build_app(
+        state, keys, settings=settings, on_stop=on_stop, pools=pools, prestart=prestart
     )
     sock = bind(host, port)
     configure_logging(log_level)
     # no "_created" series beside each counter and histogram (they double what a scrape
     # stores); a switch of the whole process, which is this server's own
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    app = create_app(keys, registry, settings, signer=signer)
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-        timeout_graceful_shutdown=GRACEFUL_SECONDS,
-        server_header=False,
-    )
+    config = uvicorn_config(app, tls_cert, tls_key)
     bound_host, bound_port = sock.getsockname()[:2]
     scheme = "https" if tls_cert else "http"
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -237,6 +266,9 @@ def serve(
 
 __all__ = [
     "DEFAULT_HOST",
+    "build_app",
+    "bind",
+    "uvicorn_config",
     "DEFAULT_PORT",
     "JsonFormatter",
     "check_bind",

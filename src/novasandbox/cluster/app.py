@@ -1,0 +1,329 @@
+"""The cluster server's HTTP API: the single-host API (same paths, bodies, errors and
+key handling), over sandboxes that run on the cluster's nodes.
+
+- The **Guard** (API key first, body bounds, access log) and the request limit are the
+  single-host server's own (``server/app.py``).
+- ``POST /v1/sandboxes`` places the sandbox (``placement.py``) and creates it on that
+  node; ``GET /v1/sandboxes`` and ``GET/DELETE /v1/sandboxes/ID`` are answered from the
+  routing table (kept fresh from the nodes), with ``node`` in every description.
+- **Everything else under a sandbox** (``/v1/sandboxes/ID/...``: commands and their
+  streams, stdin, signals, terminals, files both ways, code, metrics, timeouts, pause)
+  is relayed to the node's server as it comes: request bodies are streamed up, response
+  bodies streamed down, a client that goes away closes the node's request (so its
+  command is killed there, as on one host). Nothing is buffered whole.
+- A sandbox whose node was lost answers every call with ``sandbox-lost`` (409), naming
+  the node; a stream that was running when its node died ends with that error event.
+- Not through a cluster yet (``remote-unsupported``, 501): snapshots and forks (their
+  files live on one node), signed URLs (the node's address is not the clients'), and MCP.
+- ``GET /v1/cluster``: the nodes, their capacity, load and templates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .. import __version__
+from ..errors import (
+    ConfigError,
+    NoCapacity,
+    NovaSandboxError,
+    RemoteError,
+    RemoteUnsupported,
+    SandboxLost,
+)
+from ..server.admission import Admission, RequestLimit
+from ..server.app import (
+    ERROR_STATUS,
+    ERRORS,
+    HTTP_CODES,
+    OPEN_PATHS,
+    ApiError,
+    Caller,
+    Guard,
+    Settings,
+    _validation_message,
+    caller,
+    error_response,
+    status_of,
+)
+from ..server.keys import KeyStore
+from ..server.metrics import CONTENT_TYPE, Metrics
+from ..server.models import CreateSandbox, SandboxList, SandboxOut, check_labels, parse_label_filter
+from .registry import ClusterRegistry, Node, Routed
+
+log = logging.getLogger("novasandbox.cluster")
+
+ERROR_STATUS.setdefault(NoCapacity, 503)
+ERROR_STATUS.setdefault(RemoteUnsupported, 501)
+
+UNSUPPORTED = re.compile(r"/v1/sandboxes/[^/]+/(snapshot|fork|files/upload-url|files/download-url)")
+REQUEST_HEADERS = frozenset({b"content-type", b"content-length", b"accept"})
+RESPONSE_HEADERS = frozenset({b"content-type", b"content-length", b"retry-after", b"cache-control"})
+NDJSON = "application/x-ndjson"
+
+
+def _out(routed: Routed) -> SandboxOut:
+    return SandboxOut(**routed.to_json())
+
+
+class Relayed(Response):
+    """A node's response passed on as it comes; the node's request is closed when the
+    client goes away (or when it is done)."""
+
+    def __init__(self, upstream: Any, on_lost: Any) -> None:
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.background = None
+        self.body = b""
+        self.raw_headers = [
+            (k.lower(), v) for k, v in upstream.headers.raw if k.lower() in RESPONSE_HEADERS
+        ]
+        self._on_lost = on_lost
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        ndjson = dict(self.raw_headers).get(b"content-type", b"").startswith(NDJSON.encode())
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:
+            if not ndjson:
+                raise
+            error = self._on_lost(exc)
+            event = {"type": "error", "error": {"code": error.code, "message": error.message}}
+            line = json.dumps(event).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if pump.done():
+                pump.result()
+        finally:
+            for task in (watch, pump):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await self.upstream.aclose()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_cluster_app(
+    keys: KeyStore,
+    registry: ClusterRegistry,
+    settings: Settings | None = None,
+) -> FastAPI:
+    """The API over the cluster's sandboxes (``registry``), for the keys of ``keys``."""
+    settings = settings or Settings()
+    metrics = Metrics(registry)  # type: ignore[arg-type]
+    registry.metrics_into(metrics.registry)
+
+    def failed(status: int, code: str, message: str) -> JSONResponse:
+        metrics.error(code)
+        return error_response(status, code, message)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(
+        title="NovaSandbox (cluster)",
+        version=__version__,
+        description="Sandboxes on the nodes of a Ray cluster, per API key. "
+        "Authenticate with `Authorization: Bearer KEY`.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    app.state.metrics = metrics
+    app.state.registry = registry
+
+    def alive() -> int:
+        return sum(
+            1
+            for r in registry.routes.values()
+            if r.state not in ("killed", "crashed", "error", "lost")
+        )
+
+    admission = Admission(settings.limits, alive)
+    app.state.admission = admission
+    create_sandbox = admission.limit(registry.create)
+
+    @app.exception_handler(NovaSandboxError)
+    async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
+        return failed(status_of(exc), exc.code, exc.message)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return failed(exc.status_code, exc.error.code, exc.error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return failed(status, ConfigError.code, message)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http-error")
+        return failed(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return failed(500, "internal-error", "internal server error")
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    async def get_metrics(key: Caller) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/cluster", tags=["cluster"])
+    async def cluster_status(key: Caller) -> dict[str, Any]:
+        """The nodes: state, capacity, what their sandboxes hold, templates ready."""
+        return {
+            "nodes": registry.status(),
+            "sandboxes": len(registry.routes),
+            "placement": {
+                "policy": f"best of {registry.k} random eligible nodes by free memory",
+                "decisions": registry.placements,
+                "decision_seconds": registry.placement_seconds,
+            },
+        }
+
+    @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"])
+    async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
+        labels = check_labels(body.labels)
+        if body.snapshot is not None:
+            raise RemoteUnsupported("restoring a snapshot is not supported through a cluster yet")
+        data = body.model_dump(exclude={"labels", "snapshot"})
+        with metrics.creating_one():
+            routed = await create_sandbox(key.id, labels, data)
+        return _out(routed)
+
+    @app.get("/v1/sandboxes", tags=["sandboxes"])
+    async def list_sandboxes(
+        key: Caller,
+        label: Annotated[list[str], Query()] = [],  # noqa: B006
+        state: Annotated[list[str], Query()] = [],  # noqa: B006
+        metrics: bool = False,
+    ) -> SandboxList:
+        wanted = parse_label_filter(label)
+        return SandboxList(sandboxes=[_out(r) for r in registry.list(key.id, wanted, state)])
+
+    @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"])
+    async def get(sandbox_id: str, key: Caller) -> SandboxOut:
+        routed = registry.get(key.id, sandbox_id)
+        with contextlib.suppress(NovaSandboxError):
+            _, node = registry.live(key.id, sandbox_id)
+            assert node.http is not None
+            reply = await node.http.call("GET", f"/v1/sandboxes/{sandbox_id}")
+            routed.info = {**routed.info, **reply, "labels": routed.info.get("labels", {})}
+        return _out(routed)
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
+    async def kill(sandbox_id: str, key: Caller, wait: bool = True) -> Response:
+        await registry.kill(key.id, sandbox_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/snapshots", tags=["snapshots"])
+    async def list_snapshots(key: Caller) -> Response:
+        raise RemoteUnsupported("snapshots are not supported through a cluster yet")
+
+    async def relay(request: Request) -> Response:
+        key = caller(request)
+        sandbox_id = request.path_params["sandbox_id"]
+        path = request.url.path
+        if UNSUPPORTED.fullmatch(path):
+            what = path.rsplit("/", 1)[-1]
+            raise RemoteUnsupported(f"{what} is not supported through a cluster yet")
+        routed, node = registry.live(key.id, sandbox_id)
+        return await _relay(request, routed, node)
+
+    async def _relay(request: Request, routed: Routed, node: Node) -> Response:
+        import httpx
+
+        assert node.http is not None
+        client = node.http._client
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() in REQUEST_HEADERS]
+        content: AsyncGenerator[bytes, None] | None = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            content = request.stream()
+        url = httpx.URL(request.url.path, query=request.scope.get("query_string", b""))
+        upstream_request = client.build_request(
+            request.method,
+            url,
+            headers=headers,
+            content=content,
+            timeout=httpx.Timeout(None, connect=5.0),
+        )
+
+        def lost(exc: BaseException) -> NovaSandboxError:
+            if routed.lost:
+                return routed.lost_error()
+            return SandboxLost(
+                f"the connection to sandbox {routed.id}'s node {routed.node_id} broke: "
+                f"{type(exc).__name__}",
+                routed.node_id,
+            )
+
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.TransportError as exc:
+            if routed.lost:
+                raise routed.lost_error() from exc
+            raise RemoteError(
+                f"sandbox {routed.id}'s node {routed.node_id} did not answer: {exc}"
+            ) from exc
+        return Relayed(upstream, lost)
+
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+        app.router.routes.append(
+            Route(
+                "/v1/sandboxes/{sandbox_id}/{rest:path}",
+                endpoint=relay,
+                methods=[method],
+                include_in_schema=False,
+            )
+        )
+
+    app.add_middleware(
+        RequestLimit,
+        admission=admission,
+        refuse=lambda busy: failed(503, busy.code, busy.message),
+        open_paths=OPEN_PATHS,
+    )
+    app.add_middleware(Guard, keys=keys, settings=settings, metrics=metrics, routes=app.routes)
+    return app
+
+
+__all__ = ["create_cluster_app"]

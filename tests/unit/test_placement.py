@@ -1,0 +1,80 @@
+"""Placement over cluster nodes (``cluster/placement.py``): pure, no Ray."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from novasandbox.cluster.placement import Capacity, NodeLoad, NodeState, Shape, place
+from novasandbox.errors import NoCapacity
+
+PY = {"python": Shape(1, 256)}
+
+
+def node(name: str, slots: int = 4, vcpus: int = 8, memory: int = 2048, **kw: object) -> NodeLoad:
+    return NodeLoad(name, Capacity(slots, vcpus, memory), templates=dict(PY), **kw)  # type: ignore[arg-type]
+
+
+def test_the_best_of_k_by_free_memory_wins() -> None:
+    a, b, c = node("a", memory=1024), node("b", memory=4096), node("c", memory=2048)
+    # with k = the number of nodes every node is a candidate: the freest wins
+    r = place([a, b, c], "python", k=3, rng=random.Random(1))
+    assert r.node_id == "b" and r.shape == Shape(1, 256)
+    assert (b.sandboxes, b.vcpus, b.memory_mib) == (1, 1, 256)
+    assert a.sandboxes == c.sandboxes == 0
+
+
+def test_k_random_candidates_spread_the_load() -> None:
+    nodes = [node(str(i), slots=100, vcpus=1000, memory=100_000) for i in range(4)]
+    rng = random.Random(7)
+    for _ in range(200):
+        place(nodes, "python", k=2, rng=rng)
+    counts = [n.sandboxes for n in nodes]
+    assert sum(counts) == 200
+    assert max(counts) - min(counts) <= 2  # two choices keep them within one or two
+
+
+def test_no_placement_beyond_any_limit() -> None:
+    nodes = [
+        node("a", slots=3, vcpus=100, memory=100_000),
+        node("b", slots=100, vcpus=2, memory=100_000),
+    ]
+    placed = 0
+    with pytest.raises(NoCapacity) as err:
+        while True:
+            place(nodes, "python", k=2, rng=random.Random(placed))
+            placed += 1
+    assert placed == 5  # 3 slots on a, 2 vCPUs on b
+    assert "all 3 slots taken" in err.value.message and "0 vCPUs free" in err.value.message
+    assert err.value.code == "no-capacity"
+    mem = node("m", slots=10, memory=600)
+    place([mem], "python")
+    place([mem], "python")
+    with pytest.raises(NoCapacity, match="88 MiB free, 256 MiB asked"):
+        place([mem], "python")
+
+
+def test_only_ready_nodes_with_the_template_built_are_eligible() -> None:
+    draining = node("d", state=NodeState.DRAINING)
+    lost = node("l", state=NodeState.LOST)
+    starting = node("s", state=NodeState.STARTING)
+    other = NodeLoad("o", Capacity(4, 8, 2048), templates={"other": Shape(1, 128)})
+    with pytest.raises(NoCapacity) as err:
+        place([draining, lost, starting, other], "python")
+    message = err.value.message
+    assert "d: draining" in message and "l: lost" in message and "s: starting" in message
+    assert "o: template 'python' not built there" in message
+    assert place([draining, other, node("r")], "python").node_id == "r"
+    with pytest.raises(NoCapacity, match="no cluster node is ready"):
+        place([], "python")
+
+
+def test_a_shape_asked_for_and_release() -> None:
+    a = node("a", vcpus=4, memory=1024)
+    r = place([a], "python", Shape(2, 512))
+    assert r.shape == Shape(2, 512) and (a.vcpus, a.memory_mib) == (2, 512)
+    a.release(r.shape)
+    assert (a.sandboxes, a.vcpus, a.memory_mib) == (0, 0, 0)
+    a.release(r.shape)  # never below zero
+    assert (a.sandboxes, a.vcpus, a.memory_mib) == (0, 0, 0)
