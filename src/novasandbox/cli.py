@@ -1223,8 +1223,7 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     type=click.FloatRange(0.2),
     default=1.5,
     show_default=True,
-    help="With --ray: seconds without an answer from a node before it (and its "
-    "sandboxes) is lost.",
+    help="With --ray: seconds without an answer from a node before it (and its sandboxes) is lost.",
 )
 @click.option(
     "--placement-k",

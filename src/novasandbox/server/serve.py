@@ -266,13 +266,13 @@ def serve(
 
 __all__ = [
     "DEFAULT_HOST",
-    "build_app",
-    "bind",
-    "uvicorn_config",
     "DEFAULT_PORT",
     "JsonFormatter",
+    "bind",
+    "build_app",
     "check_bind",
     "configure_logging",
     "is_loopback",
     "serve",
+    "uvicorn_config",
 ]
