@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from typing import Any
 
-REMOTE_COMMANDS = ("run", "ls", "kill", "exec", "cp", "create")
+REMOTE_COMMANDS = ("run", "ls", "kill", "exec", "cp", "create", "cluster")
 EXIT_USAGE = 2
 EXIT_ERROR = 125
 EXIT_NOT_FOUND = 127
@@ -110,6 +110,7 @@ USAGE = {
     "kill": "novasandbox kill [OPTIONS] [IDS]...",
     "cp": "novasandbox cp [OPTIONS] SRC DST",
     "create": "novasandbox create [OPTIONS] [TEMPLATE]",
+    "cluster": "novasandbox cluster status [--json]",
 }
 
 
@@ -828,6 +829,9 @@ class Remote:
             return 0
         rows = [["id", "template", "state", "vcpus", "memory", "boot", "expires in"]]
         rows[0] += ["cpu", "mem used", "disk used", "vmm rss", "labels"]
+        clustered = any(s.get("node") for s in found)  # a cluster server (serve --ray)
+        if clustered:
+            rows[0].insert(3, "node")
         now = time.time()
         for s in found:
             expires = s.get("expires_at")
@@ -846,11 +850,49 @@ class Remote:
                     labels,
                 ]
             )
+            if clustered:
+                rows[-1].insert(3, str(s.get("node") or "")[:12])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             sys.stdout.write(
                 "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
             )
+        return 0
+
+    def cluster(self, args: Sequence[str]) -> int:
+        """``cluster status``: the nodes of a cluster server (``serve --ray``)."""
+        opts, rest = Options("cluster", values={}, flags={"--json": "json"}).parse(
+            args, stop_at_positional=False
+        )
+        if rest != ["status"]:
+            raise Usage("cluster", "through a server, cluster takes one command: status")
+        found = self.call("GET", "/v1/cluster").json()
+        if opts.get("json"):
+            sys.stdout.write(json.dumps(found, indent=2) + "\n")
+            return 0
+        rows = [["node", "address", "state", "sandboxes", "vcpus", "memory", "templates"]]
+        for n in found.get("nodes", []):
+            cap, used = n.get("capacity", {}), n.get("used", {})
+            rows.append(
+                [
+                    str(n.get("node_id", ""))[:12],
+                    str(n.get("address", "")),
+                    str(n.get("state", "")),
+                    f"{used.get('sandboxes', 0)}/{cap.get('slots', 0)}",
+                    f"{used.get('vcpus', 0)}/{cap.get('vcpus', 0)}",
+                    f"{used.get('memory_mib', 0)}/{cap.get('memory_mib', 0)} MiB",
+                    ",".join(n.get("templates", [])),
+                ]
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            sys.stdout.write(
+                "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
+            )
+        placement = found.get("placement", {})
+        sys.stdout.write(
+            f"{found.get('sandboxes', 0)} sandboxes; placement: {placement.get('policy', '?')}\n"
+        )
         return 0
 
     def kill(self, args: Sequence[str]) -> int:
@@ -1059,6 +1101,8 @@ def remote_main(args: Sequence[str]) -> int | None:
     server = found["server"] or os.environ.get("NOVASANDBOX_SERVER") or ""
     if command not in REMOTE_COMMANDS or not server or _wants_help(command, rest):
         return None
+    if command == "cluster" and rest[:1] != ["status"]:
+        return None  # drain/undrain talk to Ray, not to the server
     key = found["api_key"] or os.environ.get("NOVASANDBOX_API_KEY") or None
     http: Http | None = None
     try:

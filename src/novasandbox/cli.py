@@ -1226,6 +1226,21 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     help="With --ray: seconds without an answer from a node before it (and its sandboxes) is lost.",
 )
 @click.option(
+    "--vcpu-overcommit",
+    type=click.FloatRange(0.1),
+    default=4.0,
+    show_default=True,
+    help="With --ray: vCPUs a node offers per host CPU.",
+)
+@click.option(
+    "--memory-overcommit",
+    type=click.FloatRange(0.1),
+    default=1.0,
+    show_default=True,
+    help="With --ray: guest memory a node offers per MiB of host memory (less 1 GiB kept "
+    "for the host).",
+)
+@click.option(
     "--placement-k",
     type=click.IntRange(1),
     default=2,
@@ -1253,6 +1268,8 @@ def serve(
     ray_node_ip: str | None,
     node_state_dir: str | None,
     node_timeout: float,
+    vcpu_overcommit: float,
+    memory_overcommit: float,
     placement_k: int,
 ) -> None:
     """Serve the HTTP API: sandboxes owned by this process, per API key (make one with
@@ -1308,6 +1325,8 @@ def serve(
             ray_node_ip=ray_node_ip,
             k=placement_k,
             node_timeout=node_timeout,
+            vcpu_overcommit=vcpu_overcommit,
+            memory_overcommit=memory_overcommit,
         )
         return
     run_server(
@@ -1330,6 +1349,86 @@ def serve(
         pools=pools,
         prestart=prestart,
     )
+
+
+@cli_group.group("cluster")
+def cluster_group() -> None:
+    """A cluster server's nodes (serve --ray): 'status' through the server (--server or
+    NOVASANDBOX_SERVER, with an API key); 'drain' and 'undrain' through Ray itself
+    (operators: whoever can reach the Ray cluster)."""
+
+
+@cluster_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def cluster_status(as_json: bool) -> None:
+    """The nodes: state, sandboxes/slots, vCPUs, memory, templates ready."""
+    from .errors import ServerRequired
+
+    raise ServerRequired(
+        "cluster status asks a cluster server: give --server URL (or set NOVASANDBOX_SERVER)"
+    )
+
+
+_ray_options = [
+    click.option(
+        "--ray",
+        "ray_address",
+        default="auto",
+        show_default=True,
+        metavar="ADDRESS",
+        help="The Ray cluster's head (HOST:PORT), or 'auto'.",
+    ),
+    click.option(
+        "--ray-node-ip", default=None, metavar="IP", help="This host's address in the cluster."
+    ),
+]
+
+
+def _with_ray_options(f: Any) -> Any:
+    for option in reversed(_ray_options):
+        f = option(f)
+    return f
+
+
+def _set_draining(node: str, draining: bool, ray_address: str, ray_node_ip: str | None) -> str:
+    import ray
+
+    from .cluster.node import NAMESPACE
+    from .cluster.serve import connect_ray
+    from .errors import ConfigError
+
+    connect_ray(ray_address, ray_node_ip)
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and str(a.get("name", "")).startswith(f"node-{node}")
+    ]
+    if len(names) != 1:
+        found = "no" if not names else "more than one"
+        raise ConfigError(f"{found} node agent matches {node!r} (see 'novasandbox cluster status')")
+    actor = ray.get_actor(names[0], namespace=NAMESPACE)
+    ray.get(actor.set_draining.remote(draining), timeout=30)
+    return str(names[0]).removeprefix("node-")
+
+
+@cluster_group.command("drain")
+@click.argument("node")
+@_with_ray_options
+@handle_errors
+def cluster_drain(node: str, ray_address: str, ray_node_ip: str | None) -> None:
+    """Take no new sandboxes on NODE (any unique prefix of its id); the ones it runs go on
+    until their lifetime ends. Then stop Ray there to remove it."""
+    click.echo(f"draining {_set_draining(node, True, ray_address, ray_node_ip)}")
+
+
+@cluster_group.command("undrain")
+@click.argument("node")
+@_with_ray_options
+@handle_errors
+def cluster_undrain(node: str, ray_address: str, ray_node_ip: str | None) -> None:
+    """Let NODE take new sandboxes again."""
+    click.echo(f"undrained {_set_draining(node, False, ray_address, ray_node_ip)}")
 
 
 @cli_group.command("mcp")

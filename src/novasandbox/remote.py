@@ -41,6 +41,7 @@ import builtins
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import time
@@ -246,6 +247,9 @@ def _instance(cls: type[NovaSandboxError], message: str, path: str) -> NovaSandb
         NovaSandboxError.__init__(tool, message)
         tool.tool = tool.package = ""
         return tool
+    if issubclass(cls, SandboxLost):  # the node its message names (a cluster's)
+        found = re.search(r"\bnode ([0-9a-f]{8,})", message)
+        return cls(message, found.group(1) if found else "")
     if cls in (CommandTimeout, CommandFailed):  # results, not errors, on the wire
         return errors.CommandError(message)
     return cls(message)

@@ -4,7 +4,7 @@
   every ``DISCOVER_EVERY`` seconds; each gets its node agent (``node.py``), found by name
   or started, and a ``NodeLoad`` for placement (its slots are its ``novasandbox``
   resource; its vCPUs are the host's times ``vcpu_overcommit``; its memory the host's
-  less ``memory_reserve_mib``).
+  less ``memory_reserve_mib``, times ``memory_overcommit``).
 - **Lost nodes.** A node is lost the moment Ray fails the ``wait_dead`` call kept
   pending on its agent (the agent's process died), when Ray reports its node dead, or
   when its server has not answered a health check for ``node_timeout`` seconds (checked
@@ -151,6 +151,7 @@ class ClusterRegistry:
         k: int = 2,
         node_timeout: float = 1.5,
         vcpu_overcommit: float = 4.0,
+        memory_overcommit: float = 1.0,
         memory_reserve_mib: int = 1024,
         rng: random.Random | None = None,
     ) -> None:
@@ -158,6 +159,7 @@ class ClusterRegistry:
         self.k = k
         self.node_timeout = node_timeout
         self.vcpu_overcommit = vcpu_overcommit
+        self.memory_overcommit = memory_overcommit
         self.memory_reserve_mib = memory_reserve_mib
         self.rng = rng or random.Random()
         self.nodes: dict[str, Node] = {}
@@ -299,7 +301,13 @@ class ClusterRegistry:
         node.load.capacity = Capacity(
             cap.slots,
             max(1, int(int(info.get("cpus", 1)) * self.vcpu_overcommit)),
-            max(0, int(info.get("memory_mib", 0)) - self.memory_reserve_mib),
+            max(
+                0,
+                int(
+                    (int(info.get("memory_mib", 0)) - self.memory_reserve_mib)
+                    * self.memory_overcommit
+                ),
+            ),
         )
         node.load.templates = {
             name: Shape(int(s["vcpus"]), int(s["memory_mib"]))

@@ -51,6 +51,8 @@ def serve_cluster(
     ray_node_ip: str | None = None,
     k: int = 2,
     node_timeout: float = 1.5,
+    vcpu_overcommit: float = 4.0,
+    memory_overcommit: float = 1.0,
 ) -> None:
     check_bind(host, tls_cert, tls_key, insecure)
     keys = KeyStore(state)
@@ -59,7 +61,13 @@ def serve_cluster(
     configure_logging(log_level)
     try:
         connect_ray(ray_address, ray_node_ip)
-        registry = ClusterRegistry(node_config, k=k, node_timeout=node_timeout)
+        registry = ClusterRegistry(
+            node_config,
+            k=k,
+            node_timeout=node_timeout,
+            vcpu_overcommit=vcpu_overcommit,
+            memory_overcommit=memory_overcommit,
+        )
         app = create_cluster_app(keys, registry, settings)
         config = uvicorn_config(app, tls_cert, tls_key)
         bound_host, bound_port = sock.getsockname()[:2]

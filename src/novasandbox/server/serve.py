@@ -88,6 +88,7 @@ def configure_logging(level: str) -> None:
         logger.handlers.clear()
         logger.propagate = True
     logging.getLogger("qemu").setLevel(logging.CRITICAL)  # reported as typed errors
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to a node
 
 
 def is_loopback(host: str) -> bool:

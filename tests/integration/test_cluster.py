@@ -1,0 +1,263 @@
+"""The cluster server (``serve --ray``) over a real multi-node Ray cluster on this machine
+(``tests/ray_cluster.py``: a head on a bridge, three nodes in network namespaces), with
+real VMs (QEMU, the python template) on the nodes, through the real HTTP API and the
+public client. The tests run in order on one cluster; the last one kills a node.
+
+Judged at the end: every sandbox made is gone (the nodes' state directories hold no
+sandbox, no QEMU process of theirs is left), and so is the cluster (no Ray process,
+namespace or link)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from novasandbox import NoCapacity, Sandbox, SandboxLost
+from novasandbox.gc import kill_sandbox, vmm_pids_under
+from novasandbox.records import list_sandboxes
+from tests.ray_cluster import RayCluster, can_run
+from tests.server_support import CLI, Server, make_key
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(can_run() is not None, reason=str(can_run())),
+]
+
+NODES = 3
+SLOTS = 2
+
+
+class Setup:
+    def __init__(self) -> None:
+        self.cluster = RayCluster(NODES, slots=SLOTS)
+        self.state = self.cluster.root / "server"
+        self.state.mkdir()
+        self.node_state = self.cluster.root / "nodes"
+        self.key = make_key(self.state, "tests")
+        self.server = self.start_server()
+        self.made: list[Sandbox] = []
+
+    def start_server(self) -> Server:
+        return Server(
+            self.state,
+            "--ray",
+            self.cluster.address,
+            "--ray-node-ip",
+            self.cluster.head_address,
+            "--node-state-dir",
+            str(self.node_state),
+            log=self.cluster.root / f"server-{time.monotonic_ns()}.log",
+        )
+
+    def create(self, **kwargs: Any) -> Sandbox:
+        sb = Sandbox.create("python", server=self.server.url, api_key=self.key, **kwargs)
+        self.made.append(sb)
+        return sb
+
+    def status(self) -> dict[str, Any]:
+        with self.server.client(self.key) as c:
+            r = c.get("/v1/cluster")
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+    def nodes_by_address(self) -> dict[str, dict[str, Any]]:
+        return {n["address"]: n for n in self.status()["nodes"]}
+
+    def listed(self) -> dict[str, dict[str, Any]]:
+        with self.server.client(self.key) as c:
+            return {s["id"]: s for s in c.get("/v1/sandboxes").json()["sandboxes"]}
+
+    def kill_all(self) -> None:
+        for sb in self.made:
+            try:
+                sb.kill()
+            except Exception:
+                pass
+        self.made.clear()
+
+    def close(self) -> None:
+        try:
+            self.kill_all()
+            self.server.close()
+        finally:
+            left_vmms = vmm_pids_under(self.node_state)
+            left: list[str] = []
+            for node_dir in sorted(self.node_state.glob("node-*")):
+                for info in list_sandboxes(node_dir):  # what a killed node left: reap
+                    if not any(n.killed and n.address in node_dir.name for n in self.cluster.nodes):
+                        left.append(f"{info.id} on {node_dir.name}")
+                    kill_sandbox(info.id, node_dir)
+            self.cluster.close()
+            assert self.cluster.leftovers() == []
+            assert left == [], f"sandboxes left on live nodes: {left}"
+            assert left_vmms == [], f"QEMU processes left: {left_vmms}"
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[Setup]:
+    s = Setup()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_sandboxes_spread_over_every_node_run_and_move_files(setup: Setup) -> None:
+    nodes = setup.nodes_by_address()
+    assert sorted(nodes) == sorted(n.address for n in setup.cluster.nodes)
+    assert all(n["state"] == "ready" and "python" in n["templates"] for n in nodes.values())
+    # every slot of every node: the limits force a spread over all of them
+    sbs = [setup.create() for _ in range(NODES * SLOTS)]
+    listed = setup.listed()
+    by_node: dict[str, list[Sandbox]] = {}
+    for sb in sbs:
+        assert sb.node and listed[sb.id]["node"] == sb.node
+        by_node.setdefault(sb.node, []).append(sb)
+    assert sorted(len(v) for v in by_node.values()) == [SLOTS] * NODES
+    for i, sb in enumerate(sbs):
+        r = sb.commands.run(f"echo sandbox {i} on $(cat /proc/sys/kernel/random/boot_id)")
+        assert r.exit_code == 0 and r.stdout.startswith(f"sandbox {i} on ")
+        data = os.urandom(1 << 20) + sb.id.encode()
+        sb.files.write("/tmp/blob", data)
+        r = sb.commands.run("sha256sum /tmp/blob")
+        assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+        assert sb.files.read("/tmp/blob", format="bytes") == data
+    # streamed as it comes, through the node
+    seen: list[float] = []
+    t0 = time.monotonic()
+    sbs[0].commands.run(
+        "for i in 1 2 3; do echo $i; sleep 0.5; done",
+        on_stdout=lambda _t: seen.append(time.monotonic() - t0),
+    )
+    assert len(seen) == 3 and seen[-1] - seen[0] > 0.5
+    # full: the next create is refused, and nothing changes
+    with pytest.raises(NoCapacity, match="slots taken"):
+        setup.create()
+    assert setup.status()["sandboxes"] == NODES * SLOTS
+    # the CLI sees the nodes
+    env = {**os.environ, "NOVASANDBOX_SERVER": setup.server.url, "NOVASANDBOX_API_KEY": setup.key}
+    out = subprocess.run([*CLI, "cluster", "status"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    for address in nodes:
+        assert address in out.stdout
+    assert f"{SLOTS}/{SLOTS}" in out.stdout
+    ls = subprocess.run([*CLI, "ls"], capture_output=True, text=True, env=env)
+    assert ls.returncode == 0 and "node" in ls.stdout.splitlines()[0]
+    assert sbs[0].node is not None and sbs[0].node[:12] in ls.stdout
+    setup.kill_all()
+    used = [n["used"]["sandboxes"] for n in setup.status()["nodes"]]
+    assert used == [0] * NODES
+
+
+def test_a_restarted_server_routes_the_sandboxes_again(setup: Setup) -> None:
+    sbs = [setup.create() for _ in range(3)]
+    for sb in sbs:
+        sb.files.write("/tmp/kept", sb.id)
+    where = {sb.id: sb.node for sb in sbs}
+    assert setup.server.stop() == 0
+    setup.server = setup.start_server()
+    listed = setup.listed()
+    for sb in sbs:
+        assert listed[sb.id]["node"] == where[sb.id]
+        again = Sandbox.connect(sb.id, server=setup.server.url, api_key=setup.key)
+        assert again.node == where[sb.id]
+        assert again.files.read("/tmp/kept") == sb.id
+        assert again.commands.run("echo back").stdout == "back\n"
+    # another key sees none of them
+    other = make_key(setup.state, "other")
+    assert Sandbox.list(server=setup.server.url, api_key=other) == []
+    setup.kill_all()
+
+
+def test_drain_and_a_node_that_joins(setup: Setup) -> None:
+    first = setup.cluster.nodes[0]
+    node_id = setup.nodes_by_address()[first.address]["node_id"]
+    kept = None
+    while kept is None:  # a sandbox on the first node, to go on running while it drains
+        sb = setup.create()
+        if sb.node == node_id:
+            kept = sb
+    env = {**os.environ}
+    drain = [*CLI, "cluster", "drain", node_id[:10], "--ray", setup.cluster.address]
+    drain += ["--ray-node-ip", setup.cluster.head_address]
+    out = subprocess.run(drain, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 30
+    while setup.nodes_by_address()[first.address]["state"] != "draining":
+        assert time.monotonic() < deadline, "the server did not see the drain"
+        time.sleep(0.2)
+    placed = [setup.create() for _ in range(2)]
+    assert all(sb.node != node_id for sb in placed)
+    assert kept.commands.run("echo still").stdout == "still\n"
+    # a new node adds capacity at once
+    joined = setup.cluster.add_node()
+    deadline = time.monotonic() + 120
+    while setup.nodes_by_address().get(joined.address, {}).get("state") != "ready":
+        assert time.monotonic() < deadline, "the new node was not attached"
+        time.sleep(0.5)
+    new_id = setup.nodes_by_address()[joined.address]["node_id"]
+    more = []
+    while not any(sb.node == new_id for sb in more):
+        more.append(setup.create())
+        assert len(more) <= SLOTS * NODES, "nothing was placed on the new node"
+    undrain = [*CLI, "cluster", "undrain", node_id[:10], "--ray", setup.cluster.address]
+    undrain += ["--ray-node-ip", setup.cluster.head_address]
+    assert subprocess.run(undrain, capture_output=True, env=env, timeout=120).returncode == 0
+    setup.kill_all()
+
+
+def test_a_killed_node_loses_its_sandboxes_and_the_others_answer(setup: Setup) -> None:
+    sbs = []
+    victim_node = setup.cluster.nodes[1]
+    victim_id = setup.nodes_by_address()[victim_node.address]["node_id"]
+    while sum(sb.node == victim_id for sb in sbs) < 2:
+        sbs.append(setup.create())
+    victims = [sb for sb in sbs if sb.node == victim_id]
+    others = [sb for sb in sbs if sb.node != victim_id]
+    assert others, "every sandbox went to one node"
+    # a command streaming on the node when it dies
+    outcome: dict[str, Any] = {}
+
+    def long_command() -> None:
+        try:
+            victims[0].commands.run("sleep 60", timeout=120)
+            outcome["error"] = None
+        except Exception as exc:
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=long_command)
+    thread.start()
+    time.sleep(1.0)
+    killed_at = setup.cluster.kill_node(1)
+    lost_after = None
+    while lost_after is None:
+        listed = setup.listed()
+        if all(listed[sb.id]["state"] == "lost" for sb in victims):
+            lost_after = time.monotonic() - killed_at
+        assert time.monotonic() - killed_at < 30, "the node's loss was not noticed"
+        time.sleep(0.05)
+    print(f"\nnode lost after {lost_after:.2f} s")  # benchmarks/bench_cluster.py reports it
+    thread.join(30)
+    assert isinstance(outcome.get("error"), SandboxLost), outcome
+    for sb in victims:
+        with pytest.raises(SandboxLost) as err:
+            sb.commands.run("echo hi")
+        assert err.value.node == victim_id and err.value.code == "sandbox-lost"
+        assert sb.state == "lost"
+    for sb in others:
+        assert sb.commands.run("echo alive").stdout == "alive\n"
+    node = setup.nodes_by_address()[victim_node.address]
+    assert node["state"] == "lost" and node["lost_reason"]
+    # new sandboxes go to the nodes that are left
+    fresh = setup.create()
+    assert fresh.node != victim_id
+    setup.kill_all()
+    assert victim_node.pids() == []
