@@ -1226,6 +1226,14 @@ def keys_rm(name: str, state_path: Path | None) -> None:
     help="With --ray: seconds without an answer from a node before it (and its sandboxes) is lost.",
 )
 @click.option(
+    "--template",
+    "cluster_templates",
+    multiple=True,
+    metavar="NAME",
+    help="With --ray: a template every node builds when it joins (repeatable; the "
+    "definition is this host's).",
+)
+@click.option(
     "--vcpu-overcommit",
     type=click.FloatRange(0.1),
     default=4.0,
@@ -1268,6 +1276,7 @@ def serve(
     ray_node_ip: str | None,
     node_state_dir: str | None,
     node_timeout: float,
+    cluster_templates: tuple[str, ...],
     vcpu_overcommit: float,
     memory_overcommit: float,
     placement_k: int,
@@ -1291,7 +1300,7 @@ def serve(
     if ray_address is not None:
         from pathlib import Path
 
-        from .cluster.node import NodeConfig
+        from .cluster.node import NodeConfig, template_chain
         from .cluster.serve import serve_cluster
         from .errors import ConfigError
 
@@ -1321,6 +1330,7 @@ def serve(
                 max_file_bytes=max_file_mib << 20,
                 state_dir=str(Path(node_state_dir).absolute()) if node_state_dir else None,
                 env={k: os.environ[k] for k in passed if k in os.environ},
+                templates=template_chain(list(cluster_templates)),
             ),
             ray_node_ip=ray_node_ip,
             k=placement_k,

@@ -15,6 +15,9 @@ own address, on a port of its own choosing, in a thread of the actor's process:
 - **Whose a sandbox is** lives on the node, in the sandbox's label ``novasandbox.owner``
   (the client's key id), so that a restarted server rebuilds who owns what, and where,
   from the nodes alone.
+- **Templates**: the ones the server names (``serve --ray --template NAME``) are built
+  on every node when its agent starts (from the server's definition, parents first);
+  a sandbox is placed only where its template is built (``info()["templates"]``).
 - **Its own state directory**: ``<state>/node-<address>`` (``NOVASANDBOX_STATE_DIR`` of
   the node's Ray processes, or the default), so several nodes on one machine (the
   tests' network namespaces) keep apart.
@@ -68,9 +71,18 @@ class NodeConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Environment the node agent sets for itself first (tests: the in-process
     provider's switch)."""
+    templates: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    """Templates every node builds when it starts, parents first: (name, its definition's
+    TOML table; None for one every node defines, such as ``python``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NodeConfig:
+        data = dict(data)
+        data["templates"] = [(str(n), d) for n, d in data.get("templates", [])]
+        return cls(**data)
 
 
 def node_state_dir(config: NodeConfig, address: str) -> Path:
@@ -111,7 +123,7 @@ class NodeAgent:
     def __init__(self, config: dict[str, Any]) -> None:
         import ray
 
-        self.config = NodeConfig(**config)
+        self.config = NodeConfig.from_json(config)
         for name, value in self.config.env.items():
             os.environ[name] = value
         if self.config.cache_dir:
@@ -126,6 +138,10 @@ class NodeAgent:
         self.started_at = time.time()
         self._key = _node_key(self.state)
         self._server, self._thread, self.url, self._registry = self._start_server()
+        self.building: str | None = None
+        self.build_errors: dict[str, str] = {}
+        if self.config.templates:
+            threading.Thread(target=self._build_all, name="node-builds", daemon=True).start()
         log.info(
             "node agent ready",
             extra={"fields": {"node": self.node_id, "url": self.url, "state_dir": str(self.state)}},
@@ -188,6 +204,8 @@ class NodeAgent:
             "templates": templates,
             "draining": self.draining,
             "pools": dict(self._registry.pools.ready()),
+            "building": self.building,
+            "build_errors": dict(self.build_errors),
             "started_at": self.started_at,
             "state_dir": str(self.state),
         }
@@ -215,6 +233,21 @@ class NodeAgent:
         if not warmup.up_to_date(manager, name, self.config.provider):
             warmup.build(manager, name, provider=self.config.provider)
         return time.monotonic() - t0
+
+    def _build_all(self) -> None:
+        for name, definition in self.config.templates:
+            self.building = name
+            try:
+                seconds = self._build_template(name, definition)
+                log.info(
+                    "template ready",
+                    extra={"fields": {"template": name, "seconds": round(seconds, 1)}},
+                )
+            except Exception as exc:
+                self.build_errors[name] = f"{type(exc).__name__}: {exc}"
+                log.error("template build failed", extra={"fields": {"template": name}})
+            finally:
+                self.building = None
 
     async def wait_dead(self) -> None:
         """Never returns: the cluster server keeps one call of it pending, which Ray
@@ -252,4 +285,30 @@ __all__ = [
     "actor_name",
     "node_state_dir",
     "remote_class",
+    "template_chain",
 ]
+
+
+def template_chain(names: list[str]) -> list[tuple[str, dict[str, Any] | None]]:
+    """What nodes need to build ``names`` (``NodeConfig.templates``): each template and
+    its parents, parents first, each once; a template defined by the package itself
+    (every node has it) as None, any other as its pinned TOML table."""
+    from ..templates import BUILTIN_DIR, TemplateManager
+
+    manager = TemplateManager()
+    chain: list[tuple[str, dict[str, Any] | None]] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        tpl = manager.get(name)
+        if tpl.parent is not None:
+            add(tpl.parent.name)
+        if name in seen:
+            return
+        seen.add(name)
+        builtin = tpl.source is not None and tpl.source.parent == BUILTIN_DIR
+        chain.append((name, None if builtin else tpl.to_dict(pinned=True)))
+
+    for name in names:
+        add(name)
+    return chain

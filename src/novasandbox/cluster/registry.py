@@ -100,6 +100,8 @@ class Node:
                 "memory_mib": load.memory_mib,
             },
             "templates": sorted(load.templates),
+            "building": self.info.get("building"),
+            "build_errors": self.info.get("build_errors") or {},
         }
 
 
