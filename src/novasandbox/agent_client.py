@@ -16,6 +16,21 @@ The guest is hostile, so everything it sends is bounded here, in bytes, and chec
   ``AgentRequest.reply``, the one place that turns agent messages into values or errors.
 * Waits and sends take absolute deadlines (``time.monotonic()``), enforced by the clock
   whatever arrives; ``abort`` ends the channel at once without waiting for the guest.
+
+Per connection, what the guest can make this process hold is therefore the sum over the
+requests the host itself has open of each one's bound: ``INBOX_LIMIT`` (2 MiB) of unread
+messages, ``WINDOW`` (16 MiB, ``FRAME_COST`` per frame counted) of unacknowledged data,
+and what its consumer chose to keep (``max_output`` per stream of a command, ``max_size``
+of a read, a watch's kept events); plus, for the connection, one partial frame (under
+``MAX_PAYLOAD`` + header), the frames decoded from one read (``READ_SIZE`` of input, a
+few MiB as objects when the frames are tiny) and ``WRITE_BUFFER_LIMIT`` queued towards
+the guest. Frames for unknown or finished requests are never kept, only counted:
+``JUNK_LIMIT`` (64 MiB) of them in a row breaks the channel, so they cost time, not
+memory. The guest cannot open requests (ids are the host's; id 0 carries only small
+unsolicited notices, checked and dropped at once), so the number of open requests, and
+with it the total (about 18 MiB per concurrent streaming call plus its consumer's
+limits), is the host's own choice. There is no connection-wide byte budget on top: one
+shared by all requests would let a flooded stream use up the others' room.
 """
 
 from __future__ import annotations

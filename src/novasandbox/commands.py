@@ -215,7 +215,7 @@ class AsyncCommandHandle:
             stderr_dropped=self._dropped[Kind.STDERR],
             signal=msg["signal"],
             duration=time.monotonic() - self._t0,
-            missed=msg.get("dropped", 0),
+            missed=msg.get("dropped") or 0,  # checked: a count, or absent (exec)
         )
         return result, msg["timed_out"]
 

@@ -9,6 +9,7 @@ import io
 import logging
 import math
 import stat
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -29,7 +30,6 @@ from .agent_client import (
     AgentHolder,
     AgentRequest,
     deadline_after,
-    remaining,
     within,
 )
 from .config import (
@@ -41,6 +41,7 @@ from .config import (
 )
 from .errors import (
     AgentProtocolError,
+    AgentTimeout,
     ConfigError,
     FileTooLarge,
     NovaSandboxError,
@@ -156,6 +157,10 @@ MAX_ENTRIES = 1_000_000
 MAX_KEPT_EVENTS = 10_000
 """Events a watch handle keeps for ``get_new_events``; beyond it the oldest are dropped
 (and counted in ``dropped``)."""
+MAX_KEPT_EVENT_BYTES = 4 << 20
+"""Characters of names (plus ``FRAME_COST`` per event) a watch handle keeps for
+``get_new_events``; beyond it too the oldest are dropped and counted (a name can be 16 Ki
+characters, so the count alone would let a guest pin about 160 MB)."""
 WATCH_STOP_WAIT = 10.0
 """Seconds ``stop()`` waits for the guest to confirm that its watch ended."""
 
@@ -228,13 +233,14 @@ class AsyncFiles:
         deadline = deadline_after(timeout)
         infos = []
         for entry in entries:
-            left = remaining(deadline)
+            # one deadline for all; errors name the call's timeout, not what was left of it
             _size, info = await _write(
                 self._sb,
                 entry.path,
                 data_chunks(entry.data),
                 mode=entry.mode,
-                timeout=None if left is None else max(left, 0.001),
+                timeout=timeout,
+                deadline=deadline,
                 user=user,
             )
             infos.append(info)
@@ -428,7 +434,8 @@ class AsyncFiles:
         in place: a handle whose ``get_new_events()`` returns the ``FilesystemEvent``s
         that came since it was last called; ``on_event`` (a function or a coroutine
         function) is also called with each as it comes. Events are bounded: when the
-        caller does not keep up, the oldest are dropped and counted in ``dropped``.
+        caller does not keep up (10,000 events, or 4 MiB of names, wait unread), the
+        oldest are dropped and counted in ``dropped``.
         The directory must exist and be readable by the account."""
         if not isinstance(recursive, bool):
             raise ConfigError(f"recursive must be True or False, got {recursive!r}")
@@ -496,6 +503,8 @@ class AsyncWatchHandle:
         """The watched directory (absolute)."""
         self._on_event = on_event
         self._events: collections.deque[FilesystemEvent] = collections.deque()
+        self._kept_bytes = 0
+        """What ``_events`` holds, as ``_event_cost`` counts it."""
         self._dropped = 0
         self._task: asyncio.Task[None] | None = None
         self._cancel: Callable[[], None] | None = None
@@ -517,10 +526,15 @@ class AsyncWatchHandle:
         """Events from the guest: kept (bounded) and handed to ``on_event``."""
         self._dropped += max(0, dropped)
         for event in events:
-            if len(self._events) >= MAX_KEPT_EVENTS:
-                self._events.popleft()
+            cost = _event_cost(event)
+            while self._events and (
+                len(self._events) >= MAX_KEPT_EVENTS
+                or self._kept_bytes + cost > MAX_KEPT_EVENT_BYTES
+            ):
+                self._kept_bytes -= _event_cost(self._events.popleft())
                 self._dropped += 1
             self._events.append(event)
+            self._kept_bytes += cost
             if self._on_event is not None:
                 try:
                     result = self._on_event(event)
@@ -537,6 +551,7 @@ class AsyncWatchHandle:
         out = []
         while self._events:
             out.append(self._events.popleft())
+        self._kept_bytes = 0
         return out
 
     @property
@@ -568,6 +583,11 @@ class AsyncWatchHandle:
                 return
         task.cancel()
         await asyncio.wait({task})
+
+
+def _event_cost(event: FilesystemEvent) -> int:
+    """What a kept event counts for against ``MAX_KEPT_EVENT_BYTES``."""
+    return len(event.name) + FRAME_COST
 
 
 _WATCHING: set[asyncio.Task[None]] = set()
@@ -732,11 +752,17 @@ async def _write(
     mode: int | None,
     timeout: float | None,
     user: str | None,
+    deadline: float | None = None,
 ) -> tuple[int, EntryInfo]:
+    """Write ``chunks`` to ``path`` by ``deadline`` (default: ``timeout`` from now);
+    ``timeout`` is what timeout errors name (``write_files``: the whole call's)."""
     timeout = validate_timeout(timeout)
     mode = validate_mode(mode)
     agent, path, who = locate(sandbox, path, user)
-    deadline = deadline_after(timeout)
+    if deadline is None:
+        deadline = deadline_after(timeout)
+    elif time.monotonic() >= deadline:
+        raise AgentTimeout(f"the guest agent did not write {path}{within(timeout)}")
     source = aiter(chunks)
     # the first chunk before the file is opened: a source that fails at once changes nothing
     first = await anext(source, b"")

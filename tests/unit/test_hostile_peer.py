@@ -510,3 +510,104 @@ def test_exists_is_false_below_a_file_by_the_code_not_the_text(tmp_path: Path) -
             assert info.value.agent_code is ErrorCode.OS_ERROR
 
     asyncio.run(hostile_main())
+
+
+def exit_peer(dropped: Any, *, absent: bool = False) -> Behaviour:
+    """Starts every command (``exec`` or ``connect``) and ends it at once with ``dropped``."""
+
+    async def act(rid: int, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_message(rid, "started", pid=7, argv=["x"]))
+        ending: dict[str, Any] = {"exit_code": 0, "signal": None, "timed_out": False}
+        if not absent:
+            ending["dropped"] = dropped
+        writer.write(encode_message(rid, "exit", **ending))
+        await writer.drain()
+
+    return act
+
+
+@pytest.mark.parametrize("dropped", ["x", -5, 1.5, True, [1]])
+def test_an_exit_with_a_bad_dropped_count_is_an_agent_protocol_error(dropped: Any) -> None:
+    async def main() -> None:
+        async with hostile(exit_peer(dropped)) as (cmds, _, shim):
+            with pytest.raises(AgentProtocolError, match="'dropped'"):
+                await cmds.run("true", timeout=5)
+            handle = await cmds.connect(7)
+            with pytest.raises(AgentProtocolError, match="'dropped'"):
+                await handle.wait()
+            assert shim._agent.is_open
+
+    asyncio.run(main())
+
+
+def test_an_exit_counts_dropped_output_only_as_a_non_negative_int() -> None:
+    async def main() -> None:
+        async with hostile(exit_peer(None, absent=True)) as (cmds, _, _shim):
+            assert (await cmds.run("true", timeout=5)).missed == 0  # exec: no field
+            with pytest.raises(AgentProtocolError, match="'dropped' is missing"):
+                await (await cmds.connect(7)).wait()  # a connection's exit must count
+        async with hostile(exit_peer(12)) as (cmds, _, _shim):
+            assert (await cmds.run("true", timeout=5)).missed == 12
+            assert (await (await cmds.connect(7)).wait()).missed == 12
+
+    asyncio.run(main())
+
+
+def test_write_files_names_the_timeout_of_the_call_not_what_was_left() -> None:
+    ends = 0
+
+    async def act(rid: int, msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        nonlocal ends
+        if msg["op"] != "end":
+            return
+        ends += 1
+        if ends > 1:
+            return  # the second file is never confirmed
+        await asyncio.sleep(0.4)  # most of the call's timeout goes on the first file
+        stat = {
+            "name": "a",
+            "path": "/a",
+            "type": "file",
+            "size": 1,
+            "mode": 0o644,
+            "mtime": 0.0,
+            "owner": "root",
+            "group": "root",
+            "symlink_target": None,
+        }
+        writer.write(encode_message(rid, "ok", size=1, stat=stat))
+        await writer.drain()
+
+    async def main() -> None:
+        async with hostile(act) as (_, files, _shim):
+            t0 = time.monotonic()
+            with pytest.raises(AgentTimeout) as info:
+                await files.write_files(
+                    [{"path": "/a", "data": b"1"}, {"path": "/b", "data": b"2"}], timeout=0.5
+                )
+            assert time.monotonic() - t0 < 1.5
+            assert str(info.value).endswith("did not write /b within 0.5 s")
+
+    asyncio.run(main())
+
+
+def test_a_watch_keeps_a_bounded_number_of_bytes_of_names() -> None:
+    from novasandbox.files import MAX_KEPT_EVENT_BYTES, AsyncWatchHandle, FilesystemEvent
+
+    async def main() -> None:
+        handle = AsyncWatchHandle("/d", None)
+        long = "n" * 16_000
+        events = [FilesystemEvent(f"/d/{i:05}{long}", "create") for i in range(1000)]
+        await handle._arrived(events[:500], 3)
+        await handle._arrived(events[500:], 0)
+        kept = handle.get_new_events()
+        assert sum(len(e.name) for e in kept) <= MAX_KEPT_EVENT_BYTES
+        assert 200 < len(kept) < 300  # the byte budget bound it, not the count
+        assert kept == events[-len(kept) :]  # the newest stay, in order
+        assert handle.dropped == 3 + 1000 - len(kept)
+        # once read, the budget is free again
+        await handle._arrived(events[:100], 0)
+        assert handle.get_new_events() == events[:100]
+        assert handle.dropped == 3 + 1000 - len(kept)
+
+    asyncio.run(main())

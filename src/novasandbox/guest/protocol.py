@@ -280,8 +280,9 @@ class FrameDecoder:
 # What the agent may answer to each request, field by field. A spec is a type (``int``
 # excludes bools; ``float`` accepts ints), a tuple of alternatives (``None`` for null), a
 # frozenset of allowed strings, ``[spec]`` for a list, ``{name: spec}`` for an object with
-# those fields (others are ignored), ``{str: spec}`` for a map of any keys, or ``Str(n)``
-# for a string of at most n characters.
+# those fields (others are ignored), ``{str: spec}`` for a map of any keys, ``Str(n)``
+# for a string of at most n characters, or ``COUNT`` for a non-negative int. A field may
+# be absent only where its spec accepts None.
 
 
 class Str:
@@ -291,6 +292,15 @@ class Str:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+
+
+class Count:
+    """A spec: a non-negative int (a count the guest reports, such as dropped bytes)."""
+
+    __slots__ = ()
+
+
+COUNT = Count()
 
 
 MAX_PATH_TEXT = 4 * 4096
@@ -342,13 +352,18 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "exec": {
         "started": {"pid": int},
-        "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool},
+        "exit": {
+            "exit_code": int,
+            "signal": (int, None),
+            "timed_out": bool,
+            "dropped": (COUNT, None),  # sent only to connections (``connect``)
+        },
     },
     "signal": {"ok": OK},
     "ps": {"ok": {"processes": [PROCESS]}},
     "connect": {
         "started": {"pid": int, "argv": [str]},
-        "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool, "dropped": int},
+        "exit": {"exit_code": int, "signal": (int, None), "timed_out": bool, "dropped": COUNT},
     },
     "write_stdin": {"ok": OK},
     "resize": {"ok": OK},
@@ -361,8 +376,8 @@ REPLIES: dict[str, dict[str, dict[str, Any]]] = {
     "mkdir": {"ok": {"created": bool}},
     "watch_dir": {
         "watching": {"watches": int},
-        "events": {"events": [WATCH_EVENT], "dropped": int},
-        "ok": {"dropped": int},
+        "events": {"events": [WATCH_EVENT], "dropped": COUNT},
+        "ok": {"dropped": COUNT},
     },
     "remove": {"ok": OK},
     "mount": {"ok": {"device": str}},
@@ -443,6 +458,9 @@ def _check(spec: Any, value: Any, where: str) -> None:
             raise ProtocolError(
                 f"{where}: a string of {len(value)} characters (at most {spec.limit})"
             )
+    elif isinstance(spec, Count):
+        if not _is_a(value, int) or value < 0:
+            raise ProtocolError(f"{where}: expected a non-negative int, got {_kind(value)}")
     elif spec is None:
         if value is not None:
             raise ProtocolError(f"{where}: expected null, got {_kind(value)}")
