@@ -207,6 +207,16 @@ class RayCluster:
             subprocess.run(["ip", "netns", "del", node.netns], capture_output=True)
             subprocess.run(["ip", "link", "del", node.veth], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        keep = os.environ.get("NOVASANDBOX_KEEP_CLUSTER_LOGS")
+        if keep:  # for a failure to be read: the server's logs, the nodes' Ray logs
+            dest = Path(keep) / self.root.name
+            shutil.copytree(
+                self.root,
+                dest,
+                ignore=shutil.ignore_patterns("*.sock", "sockets", "*.qcow2", "*.ext4", "plasma*"),
+                ignore_dangling_symlinks=True,
+                dirs_exist_ok=True,
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftovers(self) -> list[str]:

@@ -75,12 +75,14 @@ class Setup:
             return {s["id"]: s for s in c.get("/v1/sandboxes").json()["sandboxes"]}
 
     def kill_all(self) -> None:
+        errors = []
         for sb in self.made:
             try:
                 sb.kill()
-            except Exception:
-                pass
+            except Exception as exc:  # keep killing the others
+                errors.append(exc)
         self.made.clear()
+        assert not errors, errors
 
     def close(self) -> None:
         try:
@@ -163,10 +165,12 @@ def test_a_restarted_server_routes_the_sandboxes_again(setup: Setup) -> None:
     where = {sb.id: sb.node for sb in sbs}
     assert setup.server.stop() == 0
     setup.server = setup.start_server()
+    setup.made = [sb for sb in setup.made if sb not in sbs]  # the old server's clients
     listed = setup.listed()
     for sb in sbs:
         assert listed[sb.id]["node"] == where[sb.id]
         again = Sandbox.connect(sb.id, server=setup.server.url, api_key=setup.key)
+        setup.made.append(again)
         assert again.node == where[sb.id]
         assert again.files.read("/tmp/kept") == sb.id
         assert again.commands.run("echo back").stdout == "back\n"
@@ -184,6 +188,9 @@ def test_drain_and_a_node_that_joins(setup: Setup) -> None:
         sb = setup.create()
         if sb.node == node_id:
             kept = sb
+        else:
+            sb.kill()
+        assert len(setup.made) < 50, "placement never chose the first node"
     env = {**os.environ}
     drain = [*CLI, "cluster", "drain", node_id[:10], "--ray", setup.cluster.address]
     drain += ["--ray-node-ip", setup.cluster.head_address]
@@ -218,7 +225,11 @@ def test_a_killed_node_loses_its_sandboxes_and_the_others_answer(setup: Setup) -
     victim_node = setup.cluster.nodes[1]
     victim_id = setup.nodes_by_address()[victim_node.address]["node_id"]
     while sum(sb.node == victim_id for sb in sbs) < 2:
-        sbs.append(setup.create())
+        try:
+            sbs.append(setup.create())
+        except NoCapacity:
+            print(setup.status(), setup.listed(), victim_id, [sb.node for sb in sbs])
+            raise
     victims = [sb for sb in sbs if sb.node == victim_id]
     others = [sb for sb in sbs if sb.node != victim_id]
     assert others, "every sandbox went to one node"
@@ -257,6 +268,7 @@ def test_a_killed_node_loses_its_sandboxes_and_the_others_answer(setup: Setup) -
     node = setup.nodes_by_address()[victim_node.address]
     assert node["state"] == "lost" and node["lost_reason"]
     # new sandboxes go to the nodes that are left
+    others[0].kill()
     fresh = setup.create()
     assert fresh.node != victim_id
     setup.kill_all()

@@ -78,3 +78,13 @@ def test_a_shape_asked_for_and_release() -> None:
     assert (a.sandboxes, a.vcpus, a.memory_mib) == (0, 0, 0)
     a.release(r.shape)  # never below zero
     assert (a.sandboxes, a.vcpus, a.memory_mib) == (0, 0, 0)
+
+
+def test_ties_are_broken_at_random_not_by_id() -> None:
+    # equal free memory and load: every node must get sandboxes, the lowest id too
+    rng = random.Random(3)
+    chosen = set()
+    for _ in range(60):
+        nodes = [node(n) for n in ("a", "b", "c")]
+        chosen.add(place(nodes, "python", k=2, rng=rng).node_id)
+    assert chosen == {"a", "b", "c"}

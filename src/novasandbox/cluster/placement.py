@@ -7,7 +7,7 @@ The policy (documented in the README, "Cluster"):
    ``novasandbox`` Ray resource), and the vCPUs and memory it asks for within what the
    node offers minus what its sandboxes (and creates in flight) already hold.
 2. **Best of K**: K of the eligible nodes (default 2) are drawn at random and the one
-   with the most free memory wins (ties: fewer sandboxes, then the node id). Drawing
+   with the most free memory wins (ties: fewer sandboxes, then the first drawn). Drawing
    spreads load without every server racing to the one emptiest node; comparing two
    keeps the spread close to the best (the "power of two choices").
 3. None eligible: ``NoCapacity``, naming why each node was passed over.
@@ -138,8 +138,10 @@ def place(
             + "; ".join(sorted(refused))
             + ")"
         )
-    draw = (rng or random).sample(eligible, min(max(1, k), len(eligible)))
-    best = max(draw, key=lambda n: (n.free_memory_mib, -n.sandboxes, n.node_id))
+    rng = rng or random.Random()
+    draw = rng.sample(eligible, min(max(1, k), len(eligible)))
+    # ties (equal free memory and load) go to the first drawn: at random, never by id
+    best = max(draw, key=lambda n: (n.free_memory_mib, -n.sandboxes))
     need = shape or best.templates[template]
     best.hold(need)
     return Reservation(best.node_id, need)

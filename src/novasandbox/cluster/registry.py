@@ -418,6 +418,8 @@ class ClusterRegistry:
                 if node.tasks and node.tasks[0].done() and time.time() - node.lost_at > ENDED_KEPT:
                     self._drop(node)
                 continue
+            # a sandbox routed while the list is on its way is not in it: judged next time
+            routed_before = {r.id for r in self.routes.values() if r.node_id == node.node_id}
             try:
                 info: dict[str, Any] = await asyncio.wait_for(node.actor.info.remote(), 5.0)
                 listed = await asyncio.wait_for(self._node_list(node), 5.0)
@@ -427,7 +429,7 @@ class ClusterRegistry:
                 continue
             self._apply_info(node, info)
             node.load.state = NodeState.DRAINING if info.get("draining") else NodeState.READY
-            seen = set()
+            seen: set[str] = set()
             for d in listed:
                 routed = self.routes.get(str(d["id"]))
                 if routed is None or routed.node_id != node.node_id:
@@ -438,8 +440,8 @@ class ClusterRegistry:
                 if routed.state in ENDED and before not in ENDED:
                     routed.ended_at = time.time()
                     node.load.release(routed.shape)
-            for routed in [r for r in self.routes.values() if r.node_id == node.node_id]:
-                if routed.id not in seen and not routed.lost:
+            for routed in [r for r in self.routes.values() if r.id in routed_before]:
+                if routed.node_id == node.node_id and routed.id not in seen and not routed.lost:
                     # the node forgot it (ended long ago, or killed there)
                     if routed.state not in ENDED:
                         node.load.release(routed.shape)

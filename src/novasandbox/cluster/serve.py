@@ -8,11 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import uvicorn
-
 from ..server.app import Settings
 from ..server.keys import KeyStore
-from ..server.serve import bind, check_bind, configure_logging, uvicorn_config
+from ..server.serve import CleanStop, bind, check_bind, configure_logging, uvicorn_config
 from .app import create_cluster_app
 from .node import NAMESPACE, NodeConfig
 from .registry import ClusterRegistry
@@ -84,7 +82,7 @@ def serve_cluster(
                 }
             },
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        CleanStop(config).run(sockets=[sock])
     finally:
         sock.close()
     log.info("stopped", extra={"fields": {}})

@@ -132,13 +132,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, stopping our way: the sandboxes go first, and a stop by signal
-    is a clean exit (uvicorn would re-raise the signal once it is done)."""
-
-    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
-        super().__init__(config)
-        self.registry = registry
+class CleanStop(uvicorn.Server):
+    """uvicorn's server where a stop by signal is a clean exit (uvicorn would re-raise
+    the signal once it is done)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -152,6 +148,15 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class _Server(CleanStop):
+    """The single-host server: its sandboxes go first at a stop (or are left running,
+    ``on_stop="keep"``)."""
+
+    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
+        super().__init__(config)
+        self.registry = registry
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.registry.on_stop == "keep":
