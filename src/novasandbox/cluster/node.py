@@ -148,15 +148,24 @@ class NodeAgent:
         )
 
     def _start_server(self) -> tuple[Any, threading.Thread, str, Any]:
+        from ..server.admission import Limits
         from ..server.app import Settings
         from ..server.keys import KeyStore
         from ..server.serve import _Server, bind, build_app, configure_logging, uvicorn_config
 
         configure_logging("info")
+        # the cluster server places by this node's slots (its novasandbox resource): the
+        # node's own ceiling is those slots, not the single-host default (host memory)
+        limits = Limits.default()
+        limits = Limits(
+            max_sandboxes=max(1, self._slots()),
+            max_starting=limits.max_starting,
+            max_requests=max(limits.max_requests, 4 * self._slots()),
+        )
         app, registry = build_app(
             self.state,
             KeyStore(self.state),
-            settings=Settings(max_file_bytes=self.config.max_file_bytes),
+            settings=Settings(max_file_bytes=self.config.max_file_bytes, limits=limits),
             pools=self.config.pools,
             provider=self.config.provider,
         )
@@ -174,6 +183,15 @@ class NodeAgent:
             time.sleep(0.02)
         host = f"[{self.address}]" if ":" in self.address else self.address
         return server, thread, f"http://{host}:{port}", registry
+
+    def _slots(self) -> int:
+        """This node's ``novasandbox`` Ray resource."""
+        import ray
+
+        for entry in ray.nodes():  # type: ignore[no-untyped-call]
+            if entry.get("NodeID") == self.node_id:
+                return int(entry.get("Resources", {}).get("novasandbox", 0) or 0)
+        return 0
 
     # --- what the cluster server asks
 
