@@ -9,6 +9,7 @@ namespace or link)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from novasandbox import NoCapacity, Sandbox, SandboxLost
 from novasandbox.gc import kill_sandbox, vmm_pids_under
 from novasandbox.records import list_sandboxes
+from tests.mcp_support import check_tools, fails, http_client, ok
 from tests.ray_cluster import RayCluster, can_run
 from tests.server_support import CLI, Server, make_key
 
@@ -218,6 +220,38 @@ def test_drain_and_a_node_that_joins(setup: Setup) -> None:
     undrain += ["--ray-node-ip", setup.cluster.head_address]
     assert subprocess.run(undrain, capture_output=True, env=env, timeout=120).returncode == 0
     setup.kill_all()
+
+
+def test_mcp_through_the_cluster(setup: Setup) -> None:
+    async def main() -> str:
+        async with http_client(setup.server.url, setup.key) as client:
+            check_tools(await client.list_tools())
+            r = await ok(client, "run_command", {"command": "echo hi"})
+            session = str(r["sandbox_id"])
+            assert r["stdout"] == "hi\n"
+            listed = setup.listed()
+            assert listed[session]["labels"] == {"mcp": "session"} and listed[session]["node"]
+            await ok(client, "write_file", {"path": "notes.txt", "content": "hello"})
+            got = await ok(client, "read_file", {"path": "notes.txt"})
+            assert (got["path"], got["content"]) == ("/home/user/notes.txt", "hello")
+            files = await ok(client, "list_files", {"path": "."})
+            assert files["path"] == "/home/user"
+            assert "notes.txt" in [e["name"] for e in files["entries"]]
+            made = await ok(client, "create_sandbox", {"timeout_seconds": 120})
+            other = str(made["sandbox_id"])
+            r = await ok(client, "run_command", {"command": "hostname", "sandbox_id": other})
+            assert r["stdout"] == f"{other}\n"
+            await ok(client, "kill_sandbox", {"sandbox_id": other})
+            await fails(
+                client, "run_command", {"command": "true", "sandbox_id": other}, "sandbox-not-found"
+            )
+            return session
+
+    session = asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while session in setup.listed():  # the session's sandbox dies with the session
+        assert time.monotonic() < deadline, "the MCP session's sandbox outlived it"
+        time.sleep(0.2)
 
 
 def test_a_killed_node_loses_its_sandboxes_and_the_others_answer(setup: Setup) -> None:

@@ -13,8 +13,10 @@ key handling), over sandboxes that run on the cluster's nodes.
   command is killed there, as on one host). Nothing is buffered whole.
 - A sandbox whose node was lost answers every call with ``sandbox-lost`` (409), naming
   the node; a stream that was running when its node died ends with that error event.
+- MCP at ``/mcp``: the same tools as one host's (``server/mcp.py``), each acting on its
+  sandbox through the node's server (``ClusterTools``).
 - Not through a cluster yet (``remote-unsupported``, 501): snapshots and forks (their
-  files live on one node), signed URLs (the node's address is not the clients'), and MCP.
+  files live on one node), signed URLs (the node's address is not the clients').
 - ``GET /v1/cluster``: the nodes, their capacity, load and templates.
 """
 
@@ -25,7 +27,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -42,8 +44,12 @@ from ..errors import (
     NovaSandboxError,
     RemoteError,
     RemoteUnsupported,
+    SandboxCrashed,
+    SandboxExpired,
     SandboxLost,
+    SandboxNotRunning,
 )
+from ..remote import RemoteSandbox, RemoteSandboxInfo
 from ..server.admission import Admission, RequestLimit
 from ..server.app import (
     ERROR_STATUS,
@@ -60,9 +66,10 @@ from ..server.app import (
     status_of,
 )
 from ..server.keys import KeyStore
+from ..server.mcp import McpHttp
 from ..server.metrics import CONTENT_TYPE, Metrics
 from ..server.models import CreateSandbox, SandboxList, SandboxOut, check_labels, parse_label_filter
-from .registry import ClusterRegistry, Node, Routed
+from .registry import ENDED, ClusterRegistry, Node, Routed
 
 log = logging.getLogger("novasandbox.cluster")
 
@@ -73,6 +80,80 @@ UNSUPPORTED = re.compile(r"/v1/sandboxes/[^/]+/(snapshot|fork|files/upload-url|f
 REQUEST_HEADERS = frozenset({b"content-type", b"content-length", b"accept"})
 RESPONSE_HEADERS = frozenset({b"content-type", b"content-length", b"retry-after", b"cache-control"})
 NDJSON = "application/x-ndjson"
+
+
+class _ToolEntry:
+    """A routed sandbox as the MCP tools see one (``server.mcp.ToolOwned``)."""
+
+    def __init__(self, registry: ClusterRegistry, routed: Routed, remote: RemoteSandbox) -> None:
+        self._registry = registry
+        self.routed = routed
+        self._remote = remote
+
+    @property
+    def id(self) -> str:
+        return self.routed.id
+
+    @property
+    def sandbox(self) -> RemoteSandbox:
+        return self._remote
+
+    def live(self) -> RemoteSandbox:
+        self._registry.live(self.routed.owner, self.routed.id)  # SandboxLost, not found
+        error = self.ended_error()
+        if error is not None:
+            raise error
+        return self._remote
+
+    def ended_error(self) -> NovaSandboxError | None:
+        routed = self.routed
+        if routed.lost:
+            return routed.lost_error()
+        info = routed.info
+        if info.get("expired"):
+            return SandboxExpired(
+                f"sandbox {routed.id} reached the end of its lifetime and was killed; give "
+                "it longer with the create's timeout or by setting its timeout"
+            )
+        if routed.state == "crashed":
+            reason = str(info.get("crash_reason") or "")
+            return SandboxCrashed(f"sandbox {routed.id} crashed: {reason}", reason)
+        if routed.state in ENDED:
+            return SandboxNotRunning(f"sandbox {routed.id} is {routed.state}")
+        return None
+
+
+class ClusterTools:
+    """The cluster's sandboxes as the MCP tools' registry (``server.mcp.ToolRegistry``):
+    each one a ``RemoteSandbox`` on its node's server, over the node's connection."""
+
+    def __init__(self, registry: ClusterRegistry) -> None:
+        self.registry = registry
+        self._remotes: dict[str, RemoteSandbox] = {}
+
+    async def create(self, owner: str, labels: Mapping[str, str], **arguments: Any) -> _ToolEntry:
+        body = {k: v for k, v in arguments.items() if v is not None or k in ("timeout", "allow")}
+        routed = await self.registry.create(owner, labels, body)
+        for gone in set(self._remotes) - set(self.registry.routes):
+            self._remotes.pop(gone, None)
+        return self._entry(routed)
+
+    def get(self, owner: str, sandbox_id: str) -> _ToolEntry:
+        return self._entry(self.registry.get(owner, sandbox_id))
+
+    async def kill(self, owner: str, sandbox_id: str) -> None:
+        await self.registry.kill(owner, sandbox_id)
+        self._remotes.pop(sandbox_id, None)
+
+    def _entry(self, routed: Routed) -> _ToolEntry:
+        remote = self._remotes.get(routed.id)
+        if remote is None:
+            node = self.registry.nodes.get(routed.node_id)
+            if node is None or node.http is None:
+                raise routed.lost_error()
+            remote = RemoteSandbox(node.http, RemoteSandboxInfo.from_json(routed.to_json()))
+            self._remotes[routed.id] = remote
+        return _ToolEntry(self.registry, routed, remote)
 
 
 def _out(routed: Routed) -> SandboxOut:
@@ -144,11 +225,14 @@ def create_cluster_app(
         metrics.error(code)
         return error_response(status, code, message)
 
+    mcp = McpHttp(ClusterTools(registry), metrics)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
         try:
-            yield
+            async with mcp.run():
+                yield
         finally:
             await registry.close()
 
@@ -306,6 +390,7 @@ def create_cluster_app(
             ) from exc
         return Relayed(upstream, lost)
 
+    app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
     for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
         app.router.routes.append(
             Route(

@@ -34,9 +34,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import mcp_types as types
@@ -61,9 +61,49 @@ from ..errors import (
     SandboxNotRunning,
 )
 from ..files import locate
+from ..remote import RemoteSandbox
 from ..sandbox import DEFAULT_LIFETIME, AsyncSandbox
 from .metrics import Metrics
-from .registry import Owned, Registry
+from .registry import Registry
+
+ToolSandbox = AsyncSandbox | RemoteSandbox
+"""A sandbox the tools act on: one of this process (a single-host server, stdio), or one
+a cluster server reaches on its node (``cluster/``)."""
+
+
+class ToolOwned(Protocol):
+    """What the tools need of a registry's entry (``registry.Owned`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def sandbox(self) -> ToolSandbox: ...
+
+    def live(self) -> ToolSandbox: ...
+
+    def ended_error(self) -> NovaSandboxError | None: ...
+
+
+class ToolRegistry(Protocol):
+    """What the tools need of a registry (``registry.Registry`` is one)."""
+
+    async def create(
+        self, owner: str, labels: Mapping[str, str], **arguments: Any
+    ) -> ToolOwned: ...
+
+    def get(self, owner: str, sandbox_id: str) -> ToolOwned: ...
+
+    async def kill(self, owner: str, sandbox_id: str) -> None: ...
+
+
+async def _resolved(sb: ToolSandbox, path: str) -> str:
+    """``path`` as the guest resolves it (relative: under the default user's home). A
+    sandbox of another process resolves it there: ask it (the path must exist)."""
+    if isinstance(sb, AsyncSandbox):
+        return locate(sb, path, None)[1]
+    return (await sb.files.get_info(path)).path
+
 
 log = logging.getLogger("novasandbox.server.mcp")
 
@@ -398,7 +438,7 @@ class McpTools:
     the request's API key and the session is the MCP session of the connection."""
 
     def __init__(
-        self, registry: Registry, *, local: bool = False, metrics: Metrics | None = None
+        self, registry: ToolRegistry, *, local: bool = False, metrics: Metrics | None = None
     ) -> None:
         self.registry = registry
         self.local = local
@@ -479,7 +519,7 @@ class McpTools:
 
     async def _sandbox(
         self, sandbox_id: str | None, owner: str, ctx: ServerRequestContext[Any, Any]
-    ) -> AsyncSandbox:
+    ) -> ToolSandbox:
         if sandbox_id is not None:
             return self.registry.get(owner, sandbox_id).live()
         scope = self._scope(ctx, owner)
@@ -506,7 +546,7 @@ class McpTools:
             )
             return owned.sandbox
 
-    def _session_owned(self, scope: SessionScope) -> Owned | None:
+    def _session_owned(self, scope: SessionScope) -> ToolOwned | None:
         """The session's sandbox; None if it was killed (a new one is made). One that
         ended on its own (lifetime, crash) raises its error once, and is forgotten."""
         assert scope.sandbox_id is not None
@@ -531,7 +571,7 @@ class McpTools:
         return self.metrics.creating_one() if self.metrics is not None else contextlib.nullcontext()
 
     @staticmethod
-    async def _keep_alive(sb: AsyncSandbox) -> None:
+    async def _keep_alive(sb: ToolSandbox) -> None:
         deadline = sb.deadline
         if deadline is not None and deadline - time.time() < SESSION_LIFETIME / 2:
             await sb.set_timeout(SESSION_LIFETIME)
@@ -626,8 +666,12 @@ class McpTools:
             raise ConfigError(f"content is {len(data)} bytes; write_file takes at most {MAX_WRITE}")
         check_guest_path(a.path)  # before a sandbox is made for it
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
-        path = locate(sb, a.path, None)[1]
-        size = await sb.files.write(path, data)
+        if isinstance(sb, AsyncSandbox):
+            path = await _resolved(sb, a.path)
+            size = await sb.files.write(path, data)
+        else:  # resolved where it runs, once it exists
+            size = await sb.files.write(a.path, data)
+            path = await _resolved(sb, a.path)
         return FileWritten(sandbox_id=sb.id, path=path, size=size)
 
     async def _read_file(
@@ -635,7 +679,7 @@ class McpTools:
     ) -> FileRead:
         check_guest_path(a.path)
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
-        path = locate(sb, a.path, None)[1]
+        path = await _resolved(sb, a.path)
         data = await sb.files.read(path, format="bytes", max_size=a.max_bytes)
         if a.encoding == "base64":
             content = base64.b64encode(data).decode("ascii")
@@ -650,7 +694,7 @@ class McpTools:
     ) -> FileList:
         check_guest_path(a.path)
         sb = await self._sandbox(a.sandbox_id, owner, ctx)
-        path = locate(sb, a.path, None)[1]
+        path = await _resolved(sb, a.path)
         found = sorted(await sb.files.list(path), key=lambda e: e.name)
         entries = [Entry(name=e.name, type=e.type, size=e.size) for e in found[:MAX_ENTRIES]]
         return FileList(
@@ -685,7 +729,7 @@ class McpHttp:
     be used with the key that opened it (the SDK answers 404 to any other). ``run`` is
     the session manager's lifespan: the app's lifespan enters it."""
 
-    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
+    def __init__(self, registry: ToolRegistry, metrics: Metrics | None = None) -> None:
         self.tools = McpTools(registry, metrics=metrics)
         self.manager = StreamableHTTPSessionManager(
             app=self.tools.server,
