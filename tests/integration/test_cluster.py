@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import os
 import subprocess
 import threading
@@ -141,6 +142,16 @@ def test_sandboxes_spread_over_every_node_run_and_move_files(setup: Setup) -> No
         on_stdout=lambda _t: seen.append(time.monotonic() - t0),
     )
     assert len(seen) == 3 and seen[-1] - seen[0] > 0.5
+    # a path written to reach another sandbox through a node is refused, not resolved
+    host, port = setup.server.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(
+        "GET",
+        f"/v1/sandboxes/{sbs[0].id}/../{sbs[1].id}/files/exists?path=/etc/hostname",
+        headers={"Authorization": f"Bearer {setup.key}"},
+    )
+    assert conn.getresponse().status == 404
+    conn.close()
     # full: the next create is refused, and nothing changes
     with pytest.raises(NoCapacity, match="slots taken"):
         setup.create()

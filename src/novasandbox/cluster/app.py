@@ -156,6 +156,22 @@ class ClusterTools:
         return _ToolEntry(self.registry, routed, remote)
 
 
+SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""A path segment the API has under a sandbox (``commands``, ``files``, ``stdin``, a
+pid...): nothing that a URL parser could resolve elsewhere."""
+
+
+def upstream_path(sandbox_id: str, rest: str) -> str:
+    """The node's path for a request under ``/v1/sandboxes/ID/``: rebuilt from checked
+    segments, never passed through as written. A node answers its key for every
+    sandbox on it, so ``..``, ``.``, empty or encoded segments (which an HTTP client or
+    the node could resolve to another sandbox) are refused here as an unknown path."""
+    segments = rest.split("/")
+    if not SEGMENT.fullmatch(sandbox_id) or not all(SEGMENT.fullmatch(p) for p in segments):
+        raise HTTPException(404, "Not Found")
+    return "/v1/sandboxes/" + "/".join([sandbox_id, *segments])
+
+
 def _out(routed: Routed) -> SandboxOut:
     return SandboxOut(**routed.to_json())
 
@@ -346,14 +362,14 @@ def create_cluster_app(
     async def relay(request: Request) -> Response:
         key = caller(request)
         sandbox_id = request.path_params["sandbox_id"]
-        path = request.url.path
+        path = upstream_path(sandbox_id, request.path_params["rest"])
         if UNSUPPORTED.fullmatch(path):
             what = path.rsplit("/", 1)[-1]
             raise RemoteUnsupported(f"{what} is not supported through a cluster yet")
         routed, node = registry.live(key.id, sandbox_id)
-        return await _relay(request, routed, node)
+        return await _relay(request, path, routed, node)
 
-    async def _relay(request: Request, routed: Routed, node: Node) -> Response:
+    async def _relay(request: Request, path: str, routed: Routed, node: Node) -> Response:
         import httpx
 
         assert node.http is not None
@@ -362,7 +378,7 @@ def create_cluster_app(
         content: AsyncGenerator[bytes, None] | None = None
         if request.method in ("POST", "PUT", "PATCH"):
             content = request.stream()
-        url = httpx.URL(request.url.path, query=request.scope.get("query_string", b""))
+        url = httpx.URL(path, query=request.scope.get("query_string", b""))
         upstream_request = client.build_request(
             request.method,
             url,
@@ -411,4 +427,4 @@ def create_cluster_app(
     return app
 
 
-__all__ = ["create_cluster_app"]
+__all__ = ["ClusterTools", "create_cluster_app", "upstream_path"]

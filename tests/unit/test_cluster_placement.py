@@ -1,4 +1,5 @@
-"""Placement over cluster nodes (``cluster/placement.py``): pure, no Ray."""
+"""The cluster server's pure parts: placement over nodes (``cluster/placement.py``) and the
+path a request is relayed to (``cluster/app.upstream_path``); no Ray."""
 
 from __future__ import annotations
 
@@ -88,3 +89,27 @@ def test_ties_are_broken_at_random_not_by_id() -> None:
         nodes = [node(n) for n in ("a", "b", "c")]
         chosen.add(place(nodes, "python", k=2, rng=rng).node_id)
     assert chosen == {"a", "b", "c"}
+
+
+def test_a_relayed_path_is_rebuilt_from_checked_segments() -> None:
+    from starlette.exceptions import HTTPException
+
+    from novasandbox.cluster.app import upstream_path
+
+    assert upstream_path("sb-0123abcd45", "commands/42/close-stdin") == (
+        "/v1/sandboxes/sb-0123abcd45/commands/42/close-stdin"
+    )
+    # anything a URL parser (ours, httpx's, the node's) could resolve to another sandbox
+    for sandbox_id, rest in [
+        ("sb-mine", "../sb-other/files"),
+        ("sb-mine", "files/../../sb-other/files"),
+        ("sb-mine", "./files"),
+        ("sb-mine", "files//list"),
+        ("..", "sb-other/files"),
+        ("sb-mine", "files/%2e%2e"),
+        ("sb-mine", "files?x=1"),
+        ("sb-mine", ""),
+    ]:
+        with pytest.raises(HTTPException) as err:
+            upstream_path(sandbox_id, rest)
+        assert err.value.status_code == 404
