@@ -213,9 +213,15 @@ def test_drain_and_a_node_that_joins(setup: Setup) -> None:
     while setup.nodes_by_address()[first.address]["state"] != "draining":
         assert time.monotonic() < deadline, "the server did not see the drain"
         time.sleep(0.2)
-    placed = [setup.create() for _ in range(2)]
+    placed = []
+    with pytest.raises(NoCapacity, match="draining"):  # every free slot but the drained
+        while True:
+            placed.append(setup.create())
+    assert len(placed) == (NODES - 1) * SLOTS
     assert all(sb.node != node_id for sb in placed)
     assert kept.commands.run("echo still").stdout == "still\n"
+    for sb in placed:
+        sb.kill()
     # a new node adds capacity at once
     joined = setup.cluster.add_node()
     deadline = time.monotonic() + 120

@@ -113,3 +113,36 @@ def test_a_relayed_path_is_rebuilt_from_checked_segments() -> None:
         with pytest.raises(HTTPException) as err:
             upstream_path(sandbox_id, rest)
         assert err.value.status_code == 404
+
+
+def test_a_sandboxs_share_is_released_once_whatever_its_node_says() -> None:
+    from novasandbox.cluster.registry import ClusterRegistry, Node, Routed
+
+    registry = ClusterRegistry()
+    load = node("n1")
+    registry.nodes["n1"] = Node("n1", actor=None, load=load)
+    shapes = [Shape(1, 256), Shape(2, 512)]
+    for i, shape in enumerate(shapes):
+        load.hold(shape)
+        info = {"id": f"sb-{i}", "state": "running", "labels": {}}
+        registry.routes[f"sb-{i}"] = Routed(f"sb-{i}", "n1", "key_a", info, shape)
+    assert (load.sandboxes, load.vcpus, load.memory_mib) == (2, 3, 768)
+    routed = registry.routes["sb-1"]
+    # its lifetime ended: seen through a get, then through a refresh, then again
+    ended = {
+        "id": "sb-1",
+        "state": "killed",
+        "expired": True,
+        "labels": {"novasandbox.owner": "key_a"},
+    }
+    for _ in range(3):
+        registry.observe(routed, ended)
+    assert (load.sandboxes, load.vcpus, load.memory_mib) == (1, 1, 256)
+    assert routed.state == "killed" and routed.ended_at > 0
+    assert "novasandbox.owner" not in routed.info["labels"]  # never shown to clients
+    # a lost node's sandboxes hold nothing (its load was cleared when it was lost)
+    registry._lose(registry.nodes["n1"], "test")
+    assert (load.sandboxes, load.vcpus, load.memory_mib) == (0, 0, 0)
+    registry.observe(registry.routes["sb-0"], {"id": "sb-0", "state": "killed", "labels": {}})
+    assert (load.sandboxes, load.vcpus, load.memory_mib) == (0, 0, 0)
+    assert registry.routes["sb-0"].state == "lost"

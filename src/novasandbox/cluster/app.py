@@ -80,6 +80,8 @@ UNSUPPORTED = re.compile(r"/v1/sandboxes/[^/]+/(snapshot|fork|files/upload-url|f
 REQUEST_HEADERS = frozenset({b"content-type", b"content-length", b"accept"})
 RESPONSE_HEADERS = frozenset({b"content-type", b"content-length", b"retry-after", b"cache-control"})
 NDJSON = "application/x-ndjson"
+GET_WAIT = 2.0
+"""Seconds a sandbox's description waits for its node (then: what the server knows)."""
 
 
 class _ToolEntry:
@@ -180,8 +182,9 @@ class Relayed(Response):
     """A node's response passed on as it comes; the node's request is closed when the
     client goes away (or when it is done)."""
 
-    def __init__(self, upstream: Any, on_lost: Any) -> None:
+    def __init__(self, upstream: Any, on_lost: Any, lost: asyncio.Event) -> None:
         self.upstream = upstream
+        self._lost = lost
         self.status_code = upstream.status_code
         self.background = None
         self.body = b""
@@ -210,12 +213,16 @@ class Relayed(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_disconnected(receive))
+        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pump, watch, lost}, return_when=asyncio.FIRST_COMPLETED)
             if pump.done():
                 pump.result()
+            elif lost.done():  # its node was declared lost: the stream ends with that
+                await self.upstream.aclose()
+                await pump  # the read fails now: the error event (NDJSON) is sent
         finally:
-            for task in (watch, pump):
+            for task in (watch, pump, lost):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
@@ -343,11 +350,13 @@ def create_cluster_app(
     @app.get("/v1/sandboxes/{sandbox_id}", tags=["sandboxes"])
     async def get(sandbox_id: str, key: Caller) -> SandboxOut:
         routed = registry.get(key.id, sandbox_id)
-        with contextlib.suppress(NovaSandboxError):
+        with contextlib.suppress(NovaSandboxError, TimeoutError):
             _, node = registry.live(key.id, sandbox_id)
             assert node.http is not None
-            reply = await node.http.call("GET", f"/v1/sandboxes/{sandbox_id}")
-            routed.info = {**routed.info, **reply, "labels": routed.info.get("labels", {})}
+            reply = await asyncio.wait_for(
+                node.http.call("GET", f"/v1/sandboxes/{sandbox_id}"), GET_WAIT
+            )
+            registry.observe(routed, reply)
         return _out(routed)
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
@@ -404,7 +413,7 @@ def create_cluster_app(
             raise RemoteError(
                 f"sandbox {routed.id}'s node {routed.node_id} did not answer: {exc}"
             ) from exc
-        return Relayed(upstream, lost)
+        return Relayed(upstream, lost, node.lost_event)
 
     app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
     for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):

@@ -60,6 +60,9 @@ HEALTH_TIMEOUT = 0.5
 REFRESH_EVERY = 2.0
 """Seconds between two reads of every node's sandbox list (states, lifetimes)."""
 NODE_START_WAIT = 120.0
+REATTACH_AFTER = 30.0
+"""Seconds a node whose agent died stays lost before a new agent is started there (if
+Ray still says the node lives: by then Ray has noticed a node that is gone)."""
 ENDED_KEPT = 600.0
 ENDED = ("killed", "crashed", "error", "lost")
 
@@ -77,6 +80,8 @@ class Node:
     lost_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    lost_event: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while it is lost: streams relayed from it end then."""
 
     @property
     def state(self) -> NodeState:
@@ -219,7 +224,16 @@ class ClusterRegistry:
                 continue
             if slots <= 0 or self._closing:
                 continue
-            if node is None and node_id not in self._attaching:
+            replace = (
+                node is not None
+                and node.state is NodeState.LOST
+                and node.tasks
+                and node.tasks[0].done()
+                and time.time() - node.lost_at > REATTACH_AFTER
+            )
+            # its agent died and Ray still says its node lives: a new agent (the node
+            # stays listed lost until it answers; what the old agent left is killed)
+            if (node is None or replace) and node_id not in self._attaching:
                 task = asyncio.get_running_loop().create_task(self._attach(node_id, slots))
                 self._attaching[node_id] = task
                 task.add_done_callback(self._attached(node_id))
@@ -235,22 +249,21 @@ class ClusterRegistry:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         name = actor_name(node_id)
-        try:
-            actor = ray.get_actor(name, namespace=NAMESPACE)
-            found = True
-        except ValueError:
-            actor = (
-                remote_class()
-                .options(
+
+        def find_or_start() -> tuple[Any, bool]:  # Ray's control calls block: a thread
+            try:
+                return ray.get_actor(name, namespace=NAMESPACE), True
+            except ValueError:
+                options = remote_class().options(
                     name=name,
                     namespace=NAMESPACE,
                     lifetime="detached",
                     get_if_exists=True,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                 )
-                .remote(self.config.to_json())
-            )
-            found = False
+                return options.remote(self.config.to_json()), False
+
+        actor, found = await asyncio.to_thread(find_or_start)
         try:
             info: dict[str, Any] = await asyncio.wait_for(actor.info.remote(), NODE_START_WAIT)
         except Exception as exc:
@@ -259,13 +272,28 @@ class ClusterRegistry:
                 extra={"fields": {"node": node_id, "error": f"{type(exc).__name__}: {exc}"}},
             )
             with contextlib.suppress(Exception):
-                ray.kill(actor)
+                await asyncio.to_thread(ray.kill, actor)
             return
         load = NodeLoad(node_id, Capacity(slots, 0, 0), state=NodeState.STARTING)
         node = Node(node_id, actor, load)
         self._apply_info(node, info)
+        try:
+            await asyncio.wait_for(self._take_sandboxes(node), NODE_START_WAIT)
+        except Exception as exc:  # tried again at the next discovery
+            log.error(
+                "node not attached: its sandboxes could not be read",
+                extra={"fields": {"node": node_id, "error": f"{type(exc).__name__}: {exc}"}},
+            )
+            if node.http is not None:
+                await node.http.aclose()
+            return
+        old = self.nodes.get(node_id)
+        if old is not None:  # the agent before it died
+            for task in old.tasks:
+                task.cancel()
+            if old.http is not None:
+                await old.http.aclose()
         self.nodes[node_id] = node
-        await self._take_sandboxes(node)
         if self._closing:
             return
         node.load.state = NodeState.DRAINING if info.get("draining") else NodeState.READY
@@ -339,8 +367,8 @@ class ClusterRegistry:
 
     async def _kill_on(self, node: Node, sandbox_id: str) -> None:
         assert node.http is not None
-        with contextlib.suppress(NovaSandboxError):
-            await node.http.call("DELETE", f"/v1/sandboxes/{sandbox_id}")
+        with contextlib.suppress(NovaSandboxError, TimeoutError):
+            await asyncio.wait_for(node.http.call("DELETE", f"/v1/sandboxes/{sandbox_id}"), 30)
         log.info(
             "sandbox killed on a node that came back (it was declared lost)",
             extra={"fields": {"node": node.node_id, "sandbox": sandbox_id}},
@@ -376,7 +404,13 @@ class ClusterRegistry:
                 if ok:
                     node.last_ok = now
                     if node.state is NodeState.LOST and not self._closing:
-                        await self._back(node)
+                        try:
+                            await asyncio.wait_for(self._back(node), 30)
+                        except Exception as exc:  # tried again at the next answer
+                            log.error(
+                                "a lost node answers but could not be taken back",
+                                extra={"fields": {"node": node.node_id, "error": repr(exc)}},
+                            )
                 elif node.state is not NodeState.LOST and now - node.last_ok > self.node_timeout:
                     self._lose(node, f"its server did not answer for {now - node.last_ok:.1f} s")
         finally:
@@ -386,6 +420,7 @@ class ClusterRegistry:
         if node.state is NodeState.LOST:
             return
         node.load.state = NodeState.LOST
+        node.lost_event.set()
         node.lost_reason = reason
         node.lost_at = time.time()
         lost = [r for r in self.routes.values() if r.node_id == node.node_id and not r.lost]
@@ -399,14 +434,21 @@ class ClusterRegistry:
         )
 
     async def _back(self, node: Node) -> None:
-        """A lost node answers again: take it back (if its agent is the same one)."""
+        """A lost node answers again: take it back (if its agent is the same one). Every
+        sandbox it still runs was declared lost (and maybe killed by its owner since):
+        all of them are killed there."""
         try:
-            info = await node.actor.info.remote()
+            info = await asyncio.wait_for(node.actor.info.remote(), 10)
         except Exception:
             return  # its agent died: a new one is attached by discovery
         self._apply_info(node, info)
-        await self._take_sandboxes(node)
+        for d in await self._node_list(node):
+            await self._kill_on(node, str(d["id"]))
+        if node.state is not NodeState.LOST or not node.tasks or node.tasks[0].done():
+            return  # taken back meanwhile, or its agent died
+        node.load.sandboxes = node.load.vcpus = node.load.memory_mib = 0
         node.lost_reason = None
+        node.lost_event.clear()
         node.load.state = NodeState.DRAINING if info.get("draining") else NodeState.READY
         log.warning("node back", extra={"fields": {"node": node.node_id}})
 
@@ -435,11 +477,7 @@ class ClusterRegistry:
                 if routed is None or routed.node_id != node.node_id:
                     continue
                 seen.add(routed.id)
-                before = routed.state
-                routed.info = _public(d)
-                if routed.state in ENDED and before not in ENDED:
-                    routed.ended_at = time.time()
-                    node.load.release(routed.shape)
+                self.observe(routed, d)
             for routed in [r for r in self.routes.values() if r.id in routed_before]:
                 if routed.node_id == node.node_id and routed.id not in seen and not routed.lost:
                     # the node forgot it (ended long ago, or killed there)
@@ -450,6 +488,17 @@ class ClusterRegistry:
         for routed in list(self.routes.values()):
             if routed.state in ENDED and routed.ended_at and now - routed.ended_at > ENDED_KEPT:
                 self.routes.pop(routed.id, None)
+
+    def observe(self, routed: Routed, described: Mapping[str, Any]) -> None:
+        """Take what its node says of a sandbox (its description): the one place where a
+        sandbox's state changes, so its share of the node is released exactly once."""
+        before = routed.state
+        routed.info = _public(described)
+        if routed.state in ENDED and before not in ENDED:
+            routed.ended_at = time.time()
+            node = self.nodes.get(routed.node_id)
+            if node is not None and not routed.lost:
+                node.load.release(routed.shape)
 
     @staticmethod
     def _is_lost(node: Node) -> bool:
@@ -502,7 +551,7 @@ class ClusterRegistry:
         for task in node.tasks:
             task.cancel()
         with contextlib.suppress(Exception):
-            ray.kill(node.actor)
+            await asyncio.to_thread(ray.kill, node.actor)
         for routed in running:
             self.routes.pop(routed.id, None)
         self._drop(node)
