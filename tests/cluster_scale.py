@@ -38,6 +38,8 @@ class ScaleResult:
     listed_unique: int = 0
     lost: int = 0
     ran: int = 0
+    busy: int = 0
+    """Creates answered server-busy (and retried)."""
     create_seconds: float = 0.0
     placements: int = 0
     placement_seconds: float = 0.0
@@ -62,6 +64,7 @@ class ScaleResult:
             "listed": self.listed,
             "listed_unique": self.listed_unique,
             "lost": self.lost,
+            "busy_retries": self.busy,
             "commands_ok": self.ran,
             "creates_per_second": round(len(self.created) / self.create_seconds, 1)
             if self.create_seconds
@@ -128,7 +131,12 @@ def run_scale(sandboxes: int, slots: list[int], parallel: int = 16) -> ScaleResu
 
             def create(_i: int) -> tuple[str | None, float, str]:
                 t0 = time.monotonic()
-                r = c.post("/v1/sandboxes", json={"template": "python", "timeout": None})
+                for _ in range(30):  # server-busy says: retry later (a loaded machine)
+                    r = c.post("/v1/sandboxes", json={"template": "python", "timeout": None})
+                    if r.status_code != 503 or '"server-busy"' not in r.text:
+                        break
+                    result.busy += 1
+                    time.sleep(1.0)
                 ms = 1000 * (time.monotonic() - t0)
                 if r.status_code != 201:
                     return None, ms, f"{r.status_code} {r.text[:200]}"
