@@ -13,6 +13,7 @@ bridge, and removes the folder. Needs root (network namespaces), ``ip`` and ``ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -30,19 +31,34 @@ OBJECT_STORE = 78 * 1024 * 1024
 """Bytes of object store per node (Ray's default takes 30% of the machine's memory)."""
 
 
+@functools.cache
 def can_run() -> str | None:
-    """Why a cluster cannot be made here (None: it can)."""
+    """Why a cluster cannot be made here (None: it can): root, ``ip``, ``ray``, and a
+    network namespace with a veth pair that really works (a chroot may not have them)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "no ip (iproute2)"
     if not Path(RAY).exists():
         return "ray is not installed (the ray extra)"
+    tag = secrets.token_hex(3)
+    netns, veth = f"nsp{tag}", f"vp{tag}"
+    try:
+        _ip("netns", "add", netns)
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        _ip("-n", netns, "addr", "add", "10.254.254.2/24", "dev", "eth0")
+    except AssertionError as exc:
+        return f"network namespaces do not work here: {exc}"
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
     return None
 
 
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
 
 
 @dataclass
