@@ -26,6 +26,7 @@ SLOTS = [200, 250, 300, 300]
 EXTRA = 10
 
 
+@pytest.mark.timeout(1800)  # 1,060 creates, commands and kills: minutes on a loaded machine
 def test_a_thousand_sandboxes_over_four_nodes_within_their_limits() -> None:
     total = sum(SLOTS)
     result = run_scale(total + EXTRA, SLOTS, parallel=16)
