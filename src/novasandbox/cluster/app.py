@@ -31,7 +31,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -39,7 +38,6 @@ from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..errors import (
-    ConfigError,
     NoCapacity,
     NovaSandboxError,
     RemoteError,
@@ -54,16 +52,13 @@ from ..server.admission import Admission, RequestLimit
 from ..server.app import (
     ERROR_STATUS,
     ERRORS,
-    HTTP_CODES,
     OPEN_PATHS,
-    ApiError,
     Caller,
     Guard,
     Settings,
-    _validation_message,
     caller,
     error_response,
-    status_of,
+    install_error_handlers,
 )
 from ..server.keys import KeyStore
 from ..server.mcp import McpHttp
@@ -273,38 +268,13 @@ def create_cluster_app(
     app.state.registry = registry
 
     def alive() -> int:
-        return sum(
-            1
-            for r in registry.routes.values()
-            if r.state not in ("killed", "crashed", "error", "lost")
-        )
+        return sum(1 for r in registry.routes.values() if r.state not in ENDED)
 
     admission = Admission(settings.limits, alive)
     app.state.admission = admission
     create_sandbox = admission.limit(registry.create)
 
-    @app.exception_handler(NovaSandboxError)
-    async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
-        return failed(status_of(exc), exc.code, exc.message)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return failed(exc.status_code, exc.error.code, exc.error.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        return failed(status, ConfigError.code, message)
-
-    @app.exception_handler(HTTPException)
-    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "http-error")
-        return failed(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error", exc_info=exc)
-        return failed(500, "internal-error", "internal server error")
+    install_error_handlers(app, failed)
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, str]:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from ..server.app import Settings
 from ..server.keys import KeyStore
-from ..server.serve import CleanStop, bind, check_bind, configure_logging, uvicorn_config
+from ..server.serve import (
+    CleanStop,
+    bind,
+    check_bind,
+    configure_logging,
+    listening_url,
+    uvicorn_config,
+)
 from .app import create_cluster_app
 from .node import NAMESPACE, NodeConfig
 from .registry import ClusterRegistry
@@ -68,14 +75,11 @@ def serve_cluster(
         )
         app = create_cluster_app(keys, registry, settings)
         config = uvicorn_config(app, tls_cert, tls_key)
-        bound_host, bound_port = sock.getsockname()[:2]
-        scheme = "https" if tls_cert else "http"
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         log.info(
             "listening",
             extra={
                 "fields": {
-                    "url": f"{scheme}://{shown}:{bound_port}",
+                    "url": listening_url(sock, tls_cert is not None),
                     "keys": len(known),
                     "state_dir": str(state),
                     "ray": ray_address,

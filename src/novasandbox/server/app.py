@@ -79,7 +79,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -469,6 +469,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts) or "invalid request"
 
 
+def install_error_handlers(app: FastAPI, failed: Callable[[int, str, str], JSONResponse]) -> None:
+    """Every error as ``{"error": {"code", "message"}}`` through ``failed`` (which counts
+    it): ours by their class's status, FastAPI's and HTTP's own, and a bug as a 500."""
+
+    @app.exception_handler(NovaSandboxError)
+    async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
+        return failed(status_of(exc), exc.code, exc.message)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return failed(exc.status_code, exc.error.code, exc.error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return failed(status, ConfigError.code, message)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http-error")
+        return failed(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return failed(500, "internal-error", "internal server error")
+
+
 def create_app(
     keys: KeyStore,
     registry: Registry,
@@ -521,28 +549,7 @@ def create_app(
     app.state.admission = admission
     create_sandbox = admission.limit(registry.create)
 
-    @app.exception_handler(NovaSandboxError)
-    async def on_error(request: Request, exc: NovaSandboxError) -> JSONResponse:
-        return failed(status_of(exc), exc.code, exc.message)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return failed(exc.status_code, exc.error.code, exc.error.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        return failed(status, ConfigError.code, message)
-
-    @app.exception_handler(HTTPException)
-    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "http-error")
-        return failed(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error", exc_info=exc)
-        return failed(500, "internal-error", "internal server error")
+    install_error_handlers(app, failed)
 
     @app.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, str]:
@@ -1146,5 +1153,6 @@ __all__ = [
     "Settings",
     "create_app",
     "error_body",
+    "install_error_handlers",
     "status_of",
 ]

@@ -132,6 +132,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listening_url(sock: socket.socket, tls: bool) -> str:
+    """The URL a bound socket serves (what the "listening" log line says)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
 class CleanStop(uvicorn.Server):
     """uvicorn's server where a stop by signal is a clean exit (uvicorn would re-raise
     the signal once it is done)."""
@@ -243,14 +250,11 @@ def serve(
     # stores); a switch of the whole process, which is this server's own
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     config = uvicorn_config(app, tls_cert, tls_key)
-    bound_host, bound_port = sock.getsockname()[:2]
-    scheme = "https" if tls_cert else "http"
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info(
         "listening",
         extra={
             "fields": {
-                "url": f"{scheme}://{shown}:{bound_port}",
+                "url": listening_url(sock, tls_cert is not None),
                 "keys": len(known),
                 "state_dir": str(state),
                 "on_stop": on_stop,
