@@ -1302,10 +1302,7 @@ def serve(
 
         from .cluster.node import NodeConfig, template_chain
         from .cluster.serve import serve_cluster
-        from .errors import ConfigError
 
-        if prestart:
-            raise ConfigError("--prestart is not supported with --ray yet (--pool is)")
         passed = ("NOVASANDBOX_ALLOW_INPROCESS", "NOVASANDBOX_ACCEL")
         serve_cluster(
             ray_address=ray_address,
@@ -1327,6 +1324,7 @@ def serve(
             node_config=NodeConfig(
                 provider=os.environ.get("NOVASANDBOX_PROVIDER") or None,
                 pools=pools,
+                prestart=prestart,
                 max_file_bytes=max_file_mib << 20,
                 state_dir=str(Path(node_state_dir).absolute()) if node_state_dir else None,
                 env={k: os.environ[k] for k in passed if k in os.environ},

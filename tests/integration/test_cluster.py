@@ -10,8 +10,10 @@ namespace or link)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import subprocess
 import threading
@@ -19,9 +21,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from novasandbox import NoCapacity, Sandbox, SandboxLost
+from novasandbox import NoCapacity, Sandbox, SandboxLost, SnapshotNotFound
 from novasandbox.gc import kill_sandbox, vmm_pids_under
 from novasandbox.records import list_sandboxes
 from tests.mcp_support import check_tools, fails, http_client, ok
@@ -48,6 +51,7 @@ class Setup:
         self.made: list[Sandbox] = []
 
     def start_server(self) -> Server:
+        self.log = self.cluster.root / f"server-{time.monotonic_ns()}.log"
         return Server(
             self.state,
             "--ray",
@@ -56,8 +60,22 @@ class Setup:
             self.cluster.head_address,
             "--node-state-dir",
             str(self.node_state),
-            log=self.cluster.root / f"server-{time.monotonic_ns()}.log",
+            log=self.log,
         )
+
+    def node_server(self, node_id: str) -> tuple[str, str]:
+        """A node's own server (its URL, from the server's log, and its key): what only
+        the cluster server talks to."""
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("message") == "node attached" and entry.get("node") == node_id:
+                    address = next(
+                        n["address"] for n in self.status()["nodes"] if n["node_id"] == node_id
+                    )
+                    key = (self.node_state / f"node-{address}" / "cluster.key").read_text()
+                    return str(entry["url"]), key.strip()
+        raise AssertionError(f"node {node_id} was not attached by this server")
 
     def create(self, **kwargs: Any) -> Sandbox:
         sb = Sandbox.create("python", server=self.server.url, api_key=self.key, **kwargs)
@@ -191,6 +209,86 @@ def test_a_restarted_server_routes_the_sandboxes_again(setup: Setup) -> None:
     other = make_key(setup.state, "other")
     assert Sandbox.list(server=setup.server.url, api_key=other) == []
     setup.kill_all()
+
+
+def test_snapshots_forks_and_signed_urls_through_the_cluster(setup: Setup) -> None:
+    sb = setup.create()
+    sb.files.write("/tmp/state", "before")
+    snap = sb.snapshot()
+    sb.files.write("/tmp/state", "after")
+    listed = Sandbox.list_snapshots(server=setup.server.url, api_key=setup.key)
+    assert [s.id for s in listed] == [snap.id]
+    # a fork runs on its parent's node, from its state now; beyond that node's room:
+    # no-capacity, and nothing changed there
+    used = {n["node_id"]: n["used"]["sandboxes"] for n in setup.status()["nodes"]}
+    with pytest.raises(NoCapacity, match="slots taken"):
+        sb.fork(SLOTS)
+    assert {n["node_id"]: n["used"]["sandboxes"] for n in setup.status()["nodes"]} == used
+    (child,) = sb.fork(1)
+    setup.made.append(child)
+    assert child.node == sb.node and setup.listed()[child.id]["node"] == sb.node
+    assert child.files.read("/tmp/state") == "after"
+    # its node is full now: a restore (which runs where the snapshot is) is refused
+    with pytest.raises(NoCapacity, match=f"snapshot {snap.id}"):
+        setup.create(from_snapshot=snap.id)
+    child.kill()
+    restored = setup.create(from_snapshot=snap.id)
+    assert restored.node == sb.node and restored.files.read("/tmp/state") == "before"
+    # another key sees none of it
+    other = make_key(setup.state, "snapshots-other")
+    assert Sandbox.list_snapshots(server=setup.server.url, api_key=other) == []
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.create("python", from_snapshot=snap.id, server=setup.server.url, api_key=other)
+    # signed URLs: the server's own, relayed to the node; nothing else opens with them
+    up = sb.upload_url("/tmp/signed.bin")
+    down = sb.download_url("/tmp/signed.bin")
+    assert up.startswith(setup.server.url + "/v1/signed/") and down.startswith(setup.server.url)
+    data = os.urandom(300_000)
+    r = httpx.put(up, content=data, timeout=60)
+    assert r.status_code == 200, r.text
+    assert sb.files.read("/tmp/signed.bin", format="bytes") == data
+    r = httpx.get(down, timeout=60)
+    assert r.status_code == 200 and r.content == data
+    for bad in (down.replace("signed.bin", "other.bin"), down[:-4] + "0000", up):
+        r = httpx.get(bad, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "signature-invalid", r.text
+    # a restarted server knows whose the snapshot is, from its node
+    setup.made = [s for s in setup.made if s not in (sb, restored)]
+    assert setup.server.stop() == 0
+    setup.server = setup.start_server()
+    listed = Sandbox.list_snapshots(server=setup.server.url, api_key=setup.key)
+    assert [s.id for s in listed] == [snap.id]
+    Sandbox.delete_snapshot(snap.id, server=setup.server.url, api_key=setup.key)
+    assert Sandbox.list_snapshots(server=setup.server.url, api_key=setup.key) == []
+    for s in (sb, restored):
+        Sandbox.connect(s.id, server=setup.server.url, api_key=setup.key).kill()
+
+
+def test_a_sandbox_whose_create_reply_was_lost_is_killed(setup: Setup) -> None:
+    """An orphan: made on a node (with an owner) by a create whose reply never came back
+    to the server, so nobody can reach it. The server kills it within a few rounds of
+    reading its node's list, and never lists it."""
+    node_id = setup.status()["nodes"][0]["node_id"]
+    url, node_key = setup.node_server(node_id)
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {node_key}"}) as node:
+        r = node.post(
+            "/v1/sandboxes",
+            json={"template": "python", "labels": {"novasandbox.owner": "someone"}},
+            timeout=120,
+        )
+        assert r.status_code == 201, r.text
+        orphan = r.json()["id"]
+        t0 = time.monotonic()
+        while True:  # killed: the node forgets it
+            r = node.get(f"/v1/sandboxes/{orphan}")
+            if r.status_code == 404:
+                assert r.json()["error"]["code"] == "sandbox-not-found"
+                break
+            assert r.status_code == 200 and r.json()["state"] == "running", r.text
+            assert time.monotonic() - t0 < 60, "the orphan was not killed"
+            assert orphan not in setup.listed()
+            time.sleep(0.5)
+        print(f"\norphan killed after {time.monotonic() - t0:.1f} s")
 
 
 def test_drain_and_a_node_that_joins(setup: Setup) -> None:

@@ -146,3 +146,56 @@ def test_a_sandboxs_share_is_released_once_whatever_its_node_says() -> None:
     registry.observe(registry.routes["sb-0"], {"id": "sb-0", "state": "killed", "labels": {}})
     assert (load.sandboxes, load.vcpus, load.memory_mib) == (0, 0, 0)
     assert registry.routes["sb-0"].state == "lost"
+
+
+def test_an_unrouted_sandbox_is_an_orphan_only_once_its_create_is_over() -> None:
+    from novasandbox.cluster.registry import ClusterRegistry, Node
+
+    registry = ClusterRegistry()
+    n1 = Node("n1", actor=None, load=node("n1"))
+    owned = {"id": "sb-x", "state": "running", "labels": {"novasandbox.owner": "key_a"}}
+    # a create on its way since before the first list that showed the sandbox: not yet
+    with registry._on_its_way(n1):
+        (started,) = n1.making.values()
+        assert not registry._orphan(n1, owned, listed_at=started + 1)
+        assert not registry._orphan(n1, owned, listed_at=started + 2)
+    assert n1.making == {}
+    n1.unrouted.clear()
+    n1.making[1] = 9.0
+    assert not registry._orphan(n1, owned, listed_at=10.0)
+    assert not registry._orphan(n1, owned, listed_at=12.0)
+    del n1.making[1]
+    # over (its reply lost), and listed unrouted again: an orphan
+    assert registry._orphan(n1, owned, listed_at=14.0)
+    # a create that began after the first listing cannot have made it
+    n1.unrouted.clear()
+    assert not registry._orphan(n1, owned, listed_at=20.0)
+    n1.making[99] = 21.0
+    assert registry._orphan(n1, owned, listed_at=22.0)
+    # no owner (not the cluster's) or already ended: never
+    ended = {**owned, "id": "sb-y", "state": "killed"}
+    foreign = {"id": "sb-z", "state": "running", "labels": {}}
+    for d in (ended, foreign):
+        assert not registry._orphan(n1, d, listed_at=30.0)
+        assert not registry._orphan(n1, d, listed_at=32.0)
+
+
+def test_a_fork_or_restore_is_held_on_its_own_node_or_refused() -> None:
+    from novasandbox.cluster.registry import ClusterRegistry, Node
+    from novasandbox.errors import SandboxLost
+
+    registry = ClusterRegistry()
+    load = node("n1", slots=2)
+    n1 = Node("n1", actor=None, load=load)
+    registry._hold_on(n1, Shape(1, 256), "sandbox a")
+    registry._hold_on(n1, Shape(1, 256), "sandbox a")
+    with pytest.raises(NoCapacity, match="sandbox a is on node n1, which cannot take it: all 2"):
+        registry._hold_on(n1, Shape(1, 256), "sandbox a")
+    assert load.sandboxes == 2
+    load.state = NodeState.DRAINING
+    load.sandboxes = 0
+    with pytest.raises(NoCapacity, match="draining"):
+        registry._hold_on(n1, Shape(1, 256), "snapshot s")
+    registry._lose(n1, "test")
+    with pytest.raises(SandboxLost):
+        registry._hold_on(n1, Shape(1, 256), "snapshot s")

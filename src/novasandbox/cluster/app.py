@@ -15,8 +15,13 @@ key handling), over sandboxes that run on the cluster's nodes.
   the node; a stream that was running when its node died ends with that error event.
 - MCP at ``/mcp``: the same tools as one host's (``server/mcp.py``), each acting on its
   sandbox through the node's server (``ClusterTools``).
-- Not through a cluster yet (``remote-unsupported``, 501): snapshots and forks (their
-  files live on one node), signed URLs (the node's address is not the clients').
+- **Snapshots and forks** stay on the node of the sandbox they come from (their files
+  are there): a snapshot is kept there and restored there, a fork runs there, each
+  within that node's room (else ``no-capacity``). Whose a snapshot is is kept on its
+  node too (``registry.py``), so a restarted server lists them again.
+- **Signed URLs** are the server's own (signed with its secret, ``<state>/server/
+  url-secret``, pointing at the server): the node checks and resolves the path, the
+  server signs it; using one relays the file to or from the node as it streams.
 - ``GET /v1/cluster``: the nodes, their capacity, load and templates.
 """
 
@@ -27,8 +32,10 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -41,11 +48,11 @@ from ..errors import (
     NoCapacity,
     NovaSandboxError,
     RemoteError,
-    RemoteUnsupported,
     SandboxCrashed,
     SandboxExpired,
     SandboxLost,
     SandboxNotRunning,
+    SignatureInvalid,
 )
 from ..remote import RemoteSandbox, RemoteSandboxInfo
 from ..server.admission import Admission, RequestLimit
@@ -54,7 +61,9 @@ from ..server.app import (
     ERRORS,
     OPEN_PATHS,
     Caller,
+    Expires,
     Guard,
+    GuestPath,
     Settings,
     caller,
     error_response,
@@ -63,15 +72,24 @@ from ..server.app import (
 from ..server.keys import KeyStore
 from ..server.mcp import McpHttp
 from ..server.metrics import CONTENT_TYPE, Metrics
-from ..server.models import CreateSandbox, SandboxList, SandboxOut, check_labels, parse_label_filter
-from .registry import ENDED, ClusterRegistry, Node, Routed
+from ..server.models import (
+    CreateSandbox,
+    ForkSandbox,
+    SandboxList,
+    SandboxOut,
+    SignedUrl,
+    SnapshotList,
+    SnapshotOut,
+    check_labels,
+    parse_label_filter,
+)
+from ..server.signed import DEFAULT_EXPIRES, UrlSigner
+from .registry import ENDED, ClusterRegistry, Node, Routed, SnapRoute
 
 log = logging.getLogger("novasandbox.cluster")
 
 ERROR_STATUS.setdefault(NoCapacity, 503)
-ERROR_STATUS.setdefault(RemoteUnsupported, 501)
 
-UNSUPPORTED = re.compile(r"/v1/sandboxes/[^/]+/(snapshot|fork|files/upload-url|files/download-url)")
 REQUEST_HEADERS = frozenset({b"content-type", b"content-length", b"accept"})
 RESPONSE_HEADERS = frozenset({b"content-type", b"content-length", b"retry-after", b"cache-control"})
 NDJSON = "application/x-ndjson"
@@ -173,6 +191,10 @@ def _out(routed: Routed) -> SandboxOut:
     return SandboxOut(**routed.to_json())
 
 
+def _snapshot_out(snap: SnapRoute) -> SnapshotOut:
+    return SnapshotOut(**{k: v for k, v in snap.info.items() if k in SnapshotOut.model_fields})
+
+
 class Relayed(Response):
     """A node's response passed on as it comes; the node's request is closed when the
     client goes away (or when it is done)."""
@@ -233,9 +255,12 @@ def create_cluster_app(
     keys: KeyStore,
     registry: ClusterRegistry,
     settings: Settings | None = None,
+    signer: UrlSigner | None = None,
 ) -> FastAPI:
-    """The API over the cluster's sandboxes (``registry``), for the keys of ``keys``."""
+    """The API over the cluster's sandboxes (``registry``), for the keys of ``keys``
+    (signed URLs signed by ``signer``; by default with a secret of this app's own)."""
     settings = settings or Settings()
+    signer = signer or UrlSigner(secrets.token_bytes(32))
     metrics = Metrics(registry)  # type: ignore[arg-type]
     registry.metrics_into(metrics.registry)
 
@@ -300,9 +325,7 @@ def create_cluster_app(
     @app.post("/v1/sandboxes", status_code=201, tags=["sandboxes"])
     async def create(body: CreateSandbox, key: Caller) -> SandboxOut:
         labels = check_labels(body.labels)
-        if body.snapshot is not None:
-            raise RemoteUnsupported("restoring a snapshot is not supported through a cluster yet")
-        data = body.model_dump(exclude={"labels", "snapshot"})
+        data = body.model_dump(exclude={"labels"})
         with metrics.creating_one():
             routed = await create_sandbox(key.id, labels, data)
         return _out(routed)
@@ -334,21 +357,104 @@ def create_cluster_app(
         await registry.kill(key.id, sandbox_id)
         return Response(status_code=204)
 
+    # --- snapshots and forks: on the node of the sandbox they come from
+
+    @app.post("/v1/sandboxes/{sandbox_id}/snapshot", status_code=201, tags=["snapshots"])
+    async def snapshot(sandbox_id: str, key: Caller) -> SnapshotOut:
+        return _snapshot_out(await registry.snapshot(key.id, sandbox_id))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/fork", status_code=201, tags=["snapshots"])
+    async def fork(sandbox_id: str, body: ForkSandbox, key: Caller) -> SandboxList:
+        labels = None if body.labels is None else check_labels(body.labels)
+        with metrics.creating_one():
+            made = await registry.fork(key.id, sandbox_id, body.n, labels)
+        return SandboxList(sandboxes=[_out(r) for r in made])
+
     @app.get("/v1/snapshots", tags=["snapshots"])
-    async def list_snapshots(key: Caller) -> Response:
-        raise RemoteUnsupported("snapshots are not supported through a cluster yet")
+    async def list_snapshots(key: Caller) -> SnapshotList:
+        return SnapshotList(snapshots=[_snapshot_out(s) for s in registry.list_snapshots(key.id)])
+
+    @app.delete("/v1/snapshots/{snapshot_id}", status_code=204, tags=["snapshots"])
+    async def delete_snapshot(snapshot_id: str, key: Caller) -> Response:
+        await registry.delete_snapshot(key.id, snapshot_id)
+        return Response(status_code=204)
+
+    # --- signed URLs: the node resolves and checks the path, the server signs
+
+    async def signed_url(
+        method: Literal["PUT", "GET"],
+        sandbox_id: str,
+        path: str,
+        expires: int,
+        request: Request,
+        key: Any,
+    ) -> SignedUrl:
+        _, node = registry.live(key.id, sandbox_id)
+        assert node.http is not None
+        which = "upload-url" if method == "PUT" else "download-url"
+        reply = await node.http.call(
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/files/{which}",
+            params={"path": path, "expires": expires},
+        )
+        resolved, expires_at = str(reply["path"]), int(reply["expires_at"])
+        query = {
+            "path": resolved,
+            "owner": key.id,
+            "expires": expires_at,
+            "signature": signer.signature(method, sandbox_id, resolved, key.id, expires_at),
+        }
+        base = str(request.base_url).rstrip("/")
+        url = f"{base}/v1/signed/sandboxes/{sandbox_id}/files?{urlencode(query)}"
+        return SignedUrl(url=url, method=method, path=resolved, expires_at=expires_at)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/upload-url", tags=["files"])
+    async def upload_url(
+        sandbox_id: str,
+        path: GuestPath,
+        request: Request,
+        key: Caller,
+        expires: Expires = DEFAULT_EXPIRES,
+    ) -> SignedUrl:
+        return await signed_url("PUT", sandbox_id, path, expires, request, key)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/download-url", tags=["files"])
+    async def download_url(
+        sandbox_id: str,
+        path: GuestPath,
+        request: Request,
+        key: Caller,
+        expires: Expires = DEFAULT_EXPIRES,
+    ) -> SignedUrl:
+        return await signed_url("GET", sandbox_id, path, expires, request, key)
+
+    async def signed(request: Request) -> Response:
+        """A signed URL used (no API key): checked, then relayed to the sandbox's node
+        as the key that signed it."""
+        sandbox_id = request.path_params["sandbox_id"]
+        q = request.query_params
+        try:
+            path, owner, signature = q["path"], q["owner"], q["signature"]
+            expires = int(q["expires"])
+        except (KeyError, ValueError) as exc:
+            raise SignatureInvalid("the URL lacks its path, owner, expires or signature") from exc
+        signer.check(request.method, sandbox_id, path, owner, expires, signature)
+        if not any(k.id == owner for k in keys.current()):
+            raise SignatureInvalid("the API key that signed this URL was removed")
+        routed, node = registry.live(owner, sandbox_id)
+        target = upstream_path(sandbox_id, "files")
+        return await _relay(request, target, routed, node, query=urlencode({"path": path}))
 
     async def relay(request: Request) -> Response:
         key = caller(request)
         sandbox_id = request.path_params["sandbox_id"]
         path = upstream_path(sandbox_id, request.path_params["rest"])
-        if UNSUPPORTED.fullmatch(path):
-            what = path.rsplit("/", 1)[-1]
-            raise RemoteUnsupported(f"{what} is not supported through a cluster yet")
         routed, node = registry.live(key.id, sandbox_id)
         return await _relay(request, path, routed, node)
 
-    async def _relay(request: Request, path: str, routed: Routed, node: Node) -> Response:
+    async def _relay(
+        request: Request, path: str, routed: Routed, node: Node, query: str | None = None
+    ) -> Response:
         import httpx
 
         assert node.http is not None
@@ -357,7 +463,8 @@ def create_cluster_app(
         content: AsyncGenerator[bytes, None] | None = None
         if request.method in ("POST", "PUT", "PATCH"):
             content = request.stream()
-        url = httpx.URL(path, query=request.scope.get("query_string", b""))
+        raw_query = request.scope.get("query_string", b"") if query is None else query.encode()
+        url = httpx.URL(path, query=raw_query)
         upstream_request = client.build_request(
             request.method,
             url,
@@ -386,6 +493,14 @@ def create_cluster_app(
         return Relayed(upstream, lost, node.lost_event)
 
     app.router.routes.append(Route("/mcp", endpoint=mcp, include_in_schema=False))
+    app.router.routes.append(
+        Route(
+            "/v1/signed/sandboxes/{sandbox_id}/files",
+            endpoint=signed,
+            methods=["GET", "PUT"],
+            include_in_schema=False,
+        )
+    )
     for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
         app.router.routes.append(
             Route(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -46,6 +47,7 @@ KEY_NAME = "cluster"
 KEY_FILE = "cluster.key"
 OWNER_LABEL = "novasandbox.owner"
 """The label that says, on a node, which client key a sandbox belongs to."""
+SNAPSHOT_OWNERS = "snapshot-owners.json"
 START_WAIT = 60.0
 """Seconds the node agent waits for its server to listen."""
 
@@ -62,6 +64,8 @@ class NodeConfig:
     """The provider its sandboxes run on (None: the node's default)."""
     pools: dict[str, int] = field(default_factory=dict)
     """{template: N} warm sandboxes kept ready on every node."""
+    prestart: dict[str, int] = field(default_factory=dict)
+    """{template: N} VMMs started ahead on every node (``serve --prestart``)."""
     max_file_bytes: int = 1 << 30
     state_dir: str | None = None
     """Where the node keeps its state (None: ``NOVASANDBOX_STATE_DIR`` of its Ray
@@ -135,6 +139,7 @@ class NodeAgent:
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.environ["NOVASANDBOX_STATE_DIR"] = str(self.state)
         self.draining = False
+        self._owners_lock = threading.Lock()
         self.started_at = time.time()
         self._key = _node_key(self.state)
         self._server, self._thread, self.url, self._registry = self._start_server()
@@ -167,6 +172,7 @@ class NodeAgent:
             KeyStore(self.state),
             settings=Settings(max_file_bytes=self.config.max_file_bytes, limits=limits),
             pools=self.config.pools,
+            prestart=self.config.prestart,
             provider=self.config.provider,
         )
         sock = bind(self.address, 0)
@@ -230,6 +236,40 @@ class NodeAgent:
 
     async def set_draining(self, draining: bool) -> None:
         self.draining = bool(draining)
+
+    async def snapshot_owners(self) -> dict[str, str]:
+        """{snapshot id: the client key id it belongs to}, for the snapshots made
+        through the cluster server on this node (kept in ``snapshot-owners.json`` in the
+        node's state, next to the snapshots: a restarted server reads whose they are
+        here, as it does for sandboxes from their owner label)."""
+        with self._owners_lock:
+            return self._read_owners()
+
+    async def set_snapshot_owner(self, snapshot_id: str, owner: str | None) -> None:
+        """Record (or, with None, forget) whose snapshot ``snapshot_id`` is."""
+        with self._owners_lock:
+            owners = self._read_owners()
+            if owner is None:
+                owners.pop(snapshot_id, None)
+            else:
+                owners[snapshot_id] = owner
+            path = self.state / SNAPSHOT_OWNERS
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(owners, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def _read_owners(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.state / SNAPSHOT_OWNERS).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
 
     async def build_template(self, name: str, definition: dict[str, Any] | None = None) -> float:
         """Build template ``name`` here (``definition``: its TOML table, saved first so

@@ -82,7 +82,14 @@ class NodeLoad:
         default = self.templates.get(template)
         if default is None:
             return f"template {template!r} not built there"
-        need = shape or default
+        return self.no_room(shape or default)
+
+    def no_room(self, need: Shape) -> str | None:
+        """Why this node has no room for one more sandbox of ``need`` (None: it has),
+        whatever its template (a snapshot's or a fork's sandbox runs where its files
+        are)."""
+        if self.state is not NodeState.READY:
+            return self.state.value
         if self.sandboxes + 1 > self.capacity.slots:
             return f"all {self.capacity.slots} slots taken"
         if self.vcpus + need.vcpus > self.capacity.vcpus:

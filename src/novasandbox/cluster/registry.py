@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +39,12 @@ from prometheus_client.registry import Collector
 
 from ..errors import (
     ConfigError,
+    NoCapacity,
     NovaSandboxError,
     SandboxLost,
     SandboxNotFound,
     ServerUnreachable,
+    SnapshotNotFound,
 )
 from ..remote import Server, _Http, error_of
 from ..results import SandboxState
@@ -82,6 +84,11 @@ class Node:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     lost_event: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while it is lost: streams relayed from it end then."""
+    making: dict[int, float] = field(default_factory=dict)
+    """Creates, restores and forks on their way to it: {token: when they started}."""
+    unrouted: dict[str, float] = field(default_factory=dict)
+    """Sandboxes of an owner that it listed and nobody routed: {id: when first listed}
+    (``refresh``: orphans of a create whose reply was lost)."""
 
     @property
     def state(self) -> NodeState:
@@ -141,6 +148,21 @@ class Routed:
         return SandboxLost(f"sandbox {self.id} was lost with its node: {self.lost}", self.node_id)
 
 
+@dataclass
+class SnapRoute:
+    """One snapshot made through the cluster: the node that keeps its files, whose it
+    is, what its node said of it (``SnapshotOut``)."""
+
+    id: str
+    node_id: str
+    owner: str
+    info: dict[str, Any]
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(int(self.info.get("vcpus", 1)), int(self.info.get("memory_mib", 0)))
+
+
 def _public(info: Mapping[str, Any]) -> dict[str, Any]:
     """A node's description of a sandbox as its owner sees it (no owner label)."""
     out = dict(info)
@@ -171,6 +193,8 @@ class ClusterRegistry:
         self.rng = rng or random.Random()
         self.nodes: dict[str, Node] = {}
         self.routes: dict[str, Routed] = {}
+        self.snapshots: dict[str, SnapRoute] = {}
+        self._making = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._attaching: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -363,16 +387,61 @@ class ClusterRegistry:
                 node.load.hold(shape)
             else:
                 known.info = _public(d)
+        await self._take_snapshots(node)
         log.debug("node sandboxes routed", extra={"fields": {"node": node.node_id}})
 
-    async def _kill_on(self, node: Node, sandbox_id: str) -> None:
+    async def _take_snapshots(self, node: Node) -> None:
+        """Route the snapshots a node keeps that were made through the cluster (whose
+        they are: the node's ``snapshot_owners``)."""
+        assert node.http is not None
+        owners: dict[str, str] = await node.actor.snapshot_owners.remote()
+        reply = await node.http.call("GET", "/v1/snapshots")
+        kept = {str(d["id"]): d for d in reply["snapshots"]}
+        for sid in [s for s, r in self.snapshots.items() if r.node_id == node.node_id]:
+            if sid not in kept:
+                self.snapshots.pop(sid, None)
+        for sid, d in kept.items():
+            owner = owners.get(sid)
+            if owner is not None:
+                self.snapshots[sid] = SnapRoute(sid, node.node_id, owner, dict(d))
+
+    async def _kill_on(
+        self, node: Node, sandbox_id: str, why: str = "its node came back after it was lost"
+    ) -> None:
         assert node.http is not None
         with contextlib.suppress(NovaSandboxError, TimeoutError):
             await asyncio.wait_for(node.http.call("DELETE", f"/v1/sandboxes/{sandbox_id}"), 30)
         log.info(
-            "sandbox killed on a node that came back (it was declared lost)",
-            extra={"fields": {"node": node.node_id, "sandbox": sandbox_id}},
+            "unreachable sandbox killed on its node",
+            extra={"fields": {"node": node.node_id, "sandbox": sandbox_id, "why": why}},
         )
+
+    def _orphan(self, node: Node, described: Mapping[str, Any], listed_at: float) -> bool:
+        """Whether a sandbox that ``node`` lists and nobody routes is an orphan: one of
+        an owner, still running, already listed unrouted in an earlier round, and no
+        create, restore or fork to the node that began before that round is still on
+        its way (so the one that made it is over, and its reply was lost: its client was
+        told it failed). Such a sandbox is killed (nobody can reach it)."""
+        sid = str(described["id"])
+        if OWNER_LABEL not in dict(described.get("labels") or {}):
+            return False
+        if str(described.get("state")) in ENDED:
+            return False
+        first = node.unrouted.setdefault(sid, listed_at)
+        if first == listed_at:
+            return False
+        return all(started > first for started in node.making.values())
+
+    @contextlib.contextmanager
+    def _on_its_way(self, node: Node) -> Iterator[None]:
+        """A create, restore or fork sent to ``node`` (what ``_orphan`` waits for)."""
+        self._making += 1
+        token = self._making
+        node.making[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            node.making.pop(token, None)
 
     async def _node_list(self, node: Node) -> list[dict[str, Any]]:
         assert node.http is not None
@@ -462,6 +531,7 @@ class ClusterRegistry:
                 continue
             # a sandbox routed while the list is on its way is not in it: judged next time
             routed_before = {r.id for r in self.routes.values() if r.node_id == node.node_id}
+            listed_at = time.monotonic()
             try:
                 info: dict[str, Any] = await asyncio.wait_for(node.actor.info.remote(), 5.0)
                 listed = await asyncio.wait_for(self._node_list(node), 5.0)
@@ -472,12 +542,24 @@ class ClusterRegistry:
             self._apply_info(node, info)
             node.load.state = NodeState.DRAINING if info.get("draining") else NodeState.READY
             seen: set[str] = set()
+            orphans: list[str] = []
             for d in listed:
                 routed = self.routes.get(str(d["id"]))
-                if routed is None or routed.node_id != node.node_id:
+                if routed is None:
+                    if self._orphan(node, d, listed_at):
+                        orphans.append(str(d["id"]))
+                    continue
+                node.unrouted.pop(routed.id, None)
+                if routed.node_id != node.node_id:
                     continue
                 seen.add(routed.id)
                 self.observe(routed, d)
+            listed_ids = {str(d["id"]) for d in listed}
+            for sid in [s for s in node.unrouted if s not in listed_ids]:
+                node.unrouted.pop(sid, None)
+            for sid in orphans:
+                node.unrouted.pop(sid, None)
+                await self._kill_on(node, sid, "orphan: its create's reply never came back")
             for routed in [r for r in self.routes.values() if r.id in routed_before]:
                 if routed.node_id == node.node_id and routed.id not in seen and not routed.lost:
                     # the node forgot it (ended long ago, or killed there)
@@ -566,6 +648,8 @@ class ClusterRegistry:
             raise ShuttingDown("the server is shutting down")
         if OWNER_LABEL in labels:
             raise ConfigError(f"the label {OWNER_LABEL!r} is the server's own")
+        if body.get("snapshot") is not None:
+            return await self._restore(owner, labels, body)
         template = str(body.get("template") or "python")
         shape = None
         if body.get("vcpus") is not None or body.get("memory_mib") is not None:
@@ -588,14 +672,28 @@ class ClusterRegistry:
         )
         self.placement_seconds += time.perf_counter() - t0
         self.placements += 1
-        node = self.nodes[reservation.node_id]
+        return await self._make_on(
+            self.nodes[reservation.node_id], reservation, owner, labels, body
+        )
+
+    async def _make_on(
+        self,
+        node: Node,
+        reservation: Reservation,
+        owner: str,
+        labels: Mapping[str, str],
+        body: dict[str, Any],
+    ) -> Routed:
+        """Create the sandbox ``body`` asks for on ``node``, where ``reservation`` holds
+        its share (released if it fails)."""
         try:
             assert node.http is not None
-            reply = await node.http.call(
-                "POST",
-                "/v1/sandboxes",
-                json={**body, "labels": {**labels, OWNER_LABEL: owner}},
-            )
+            with self._on_its_way(node):
+                reply = await node.http.call(
+                    "POST",
+                    "/v1/sandboxes",
+                    json={**body, "labels": {**labels, OWNER_LABEL: owner}},
+                )
         except BaseException as exc:
             node.load.release(reservation.shape)
             if isinstance(exc, ServerUnreachable):
@@ -604,6 +702,108 @@ class ClusterRegistry:
                 ) from exc
             raise
         return self._route(node, reservation, reply, owner)
+
+    def _hold_on(self, node: Node, shape: Shape, what: str) -> Reservation:
+        """Hold ``shape`` on ``node`` itself (a snapshot's or a fork's sandbox runs where
+        its files are), or ``NoCapacity`` saying why it cannot."""
+        if node.state is NodeState.LOST:
+            raise SandboxLost(
+                f"{what} is on node {node.node_id}, which was lost: {node.lost_reason}",
+                node.node_id,
+            )
+        why = node.load.no_room(shape)
+        if why is not None:
+            raise NoCapacity(f"{what} is on node {node.node_id[:12]}, which cannot take it: {why}")
+        node.load.hold(shape)
+        return Reservation(node.node_id, shape)
+
+    async def _restore(self, owner: str, labels: Mapping[str, str], body: dict[str, Any]) -> Routed:
+        """A sandbox restored from one of ``owner``'s snapshots, on the node that keeps it."""
+        snap = self.get_snapshot(owner, str(body["snapshot"]))
+        node = self.nodes.get(snap.node_id)
+        if node is None:
+            raise SnapshotNotFound(f"no snapshot {snap.id!r} (its node left the cluster)")
+        reservation = self._hold_on(node, snap.shape, f"snapshot {snap.id}")
+        return await self._make_on(node, reservation, owner, labels, body)
+
+    async def fork(
+        self, owner: str, sandbox_id: str, n: int, labels: Mapping[str, str] | None
+    ) -> builtins.list[Routed]:
+        """``n`` forks of ``owner``'s sandbox, on its node (their memory is its)."""
+        if OWNER_LABEL in (labels or {}):
+            raise ConfigError(f"the label {OWNER_LABEL!r} is the server's own")
+        if not 1 <= n <= 64:
+            raise ConfigError(f"n must be 1 to 64, got {n}")
+        routed, node = self.live(owner, sandbox_id)
+        held: list[Reservation] = []
+        try:
+            for _ in range(n):
+                held.append(self._hold_on(node, routed.shape, f"sandbox {routed.id}"))
+            own = dict(routed.info.get("labels") or {}) if labels is None else dict(labels)
+            assert node.http is not None
+            with self._on_its_way(node):
+                reply = await node.http.call(
+                    "POST",
+                    f"/v1/sandboxes/{routed.id}/fork",
+                    json={"n": n, "labels": {**own, OWNER_LABEL: owner}},
+                )
+        except BaseException:
+            for reservation in held:
+                node.load.release(reservation.shape)
+            raise
+        made = [dict(d) for d in reply["sandboxes"]]
+        for reservation in held[len(made) :]:
+            node.load.release(reservation.shape)
+        return [self._route(node, r, d, owner) for r, d in zip(held, made, strict=False)]
+
+    # --- snapshots (their files stay on the node that made them)
+
+    async def snapshot(self, owner: str, sandbox_id: str) -> SnapRoute:
+        routed, node = self.live(owner, sandbox_id)
+        assert node.http is not None
+        reply = await node.http.call("POST", f"/v1/sandboxes/{routed.id}/snapshot")
+        snap = SnapRoute(str(reply["id"]), node.node_id, owner, dict(reply))
+        try:
+            await asyncio.wait_for(node.actor.set_snapshot_owner.remote(snap.id, owner), 30)
+        except BaseException:  # whose it is could not be kept: it goes
+            with contextlib.suppress(NovaSandboxError, TimeoutError):
+                await asyncio.wait_for(node.http.call("DELETE", f"/v1/snapshots/{snap.id}"), 30)
+            raise
+        self.snapshots[snap.id] = snap
+        log.info(
+            "snapshot saved",
+            extra={"fields": {"sandbox": sandbox_id, "snapshot": snap.id, "node": node.node_id}},
+        )
+        return snap
+
+    def get_snapshot(self, owner: str, snapshot_id: str) -> SnapRoute:
+        snap = self.snapshots.get(snapshot_id)
+        if snap is None or snap.owner != owner:
+            raise SnapshotNotFound(f"no snapshot {snapshot_id!r}")
+        return snap
+
+    def list_snapshots(self, owner: str) -> builtins.list[SnapRoute]:
+        """``owner``'s snapshots on the nodes that answer (oldest first)."""
+        found = [
+            s
+            for s in list(self.snapshots.values())
+            if s.owner == owner
+            and (n := self.nodes.get(s.node_id)) is not None
+            and n.state is not NodeState.LOST
+        ]
+        return sorted(found, key=lambda s: float(s.info.get("created_at", 0.0)))
+
+    async def delete_snapshot(self, owner: str, snapshot_id: str) -> None:
+        snap = self.get_snapshot(owner, snapshot_id)
+        node = self.nodes.get(snap.node_id)
+        if node is None or node.state is NodeState.LOST or node.http is None:
+            raise SandboxLost(
+                f"snapshot {snap.id} is on node {snap.node_id}, which was lost", snap.node_id
+            )
+        with contextlib.suppress(SnapshotNotFound):
+            await node.http.call("DELETE", f"/v1/snapshots/{snap.id}")
+        await asyncio.wait_for(node.actor.set_snapshot_owner.remote(snap.id, None), 30)
+        self.snapshots.pop(snap.id, None)
 
     def _route(
         self, node: Node, reservation: Reservation, reply: dict[str, Any], owner: str
@@ -758,4 +958,4 @@ class _NodeMetrics(Collector):
         yield from (up, sandboxes, capacity, used)
 
 
-__all__ = ["RESOURCE", "ClusterRegistry", "Node", "Routed"]
+__all__ = ["RESOURCE", "ClusterRegistry", "Node", "Routed", "SnapRoute"]
