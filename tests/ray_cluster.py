@@ -7,7 +7,15 @@ bridge and in the namespaces; nothing is reachable from outside (no route, no NA
 
 ``close`` kills every process of the namespaces and of the head (found by the cluster's
 own temp folder in their command lines), deletes the namespaces, the veths and the
-bridge, and removes the folder. Needs root (network namespaces), ``ip`` and ``ray``.
+bridge, and removes the folder. Needs root (network namespaces), ``ip``, ``nsenter`` and
+``ray``.
+
+Commands run in a namespace through ``nsenter --net=/run/netns/NS``, never ``ip -n NS`` or
+``ip netns exec NS``: those two also make a mount namespace and remount ``/`` and ``/sys``
+in it, which fails in a chroot (``"mount --make-rslave /" failed``); ``ip netns add``,
+``ip netns pids`` and ``ip netns del`` do not, and work there. Ray does not need the
+namespace's own ``/sys``: it is told its address, and reads interfaces through sockets and
+``/proc/self/net``, which follow the network namespace.
 """
 
 from __future__ import annotations
@@ -33,12 +41,15 @@ OBJECT_STORE = 78 * 1024 * 1024
 
 @functools.cache
 def can_run() -> str | None:
-    """Why a cluster cannot be made here (None: it can): root, ``ip``, ``ray``, and a
-    network namespace with a veth pair that really works (a chroot may not have them)."""
+    """Why a cluster cannot be made here (None: it can): root, ``ip``, ``nsenter``,
+    ``ray``, and a network namespace with a veth pair that really works (a container may
+    not have them)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "no ip (iproute2)"
+    if shutil.which("nsenter") is None:
+        return "no nsenter (util-linux)"
     if not Path(RAY).exists():
         return "ray is not installed (the ray extra)"
     tag = secrets.token_hex(3)
@@ -46,7 +57,7 @@ def can_run() -> str | None:
     try:
         _ip("netns", "add", netns)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        _ip("-n", netns, "addr", "add", "10.254.254.2/24", "dev", "eth0")
+        _ip_in(netns, "addr", "add", "10.254.254.2/24", "dev", "eth0")
     except AssertionError as exc:
         return f"network namespaces do not work here: {exc}"
     finally:
@@ -59,6 +70,20 @@ def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+
+
+def _in_netns(netns: str) -> list[str]:
+    """The prefix that runs a command in network namespace ``netns`` (made by ``ip netns
+    add``), and nothing else of it changed (unlike ``ip netns exec``: see the top)."""
+    return ["nsenter", f"--net=/run/netns/{netns}"]
+
+
+def _ip_in(netns: str, *args: str) -> None:
+    """``ip ARGS`` in network namespace ``netns``."""
+    done = subprocess.run([*_in_netns(netns), "ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        err = done.stderr.strip() or done.returncode
+        raise AssertionError(f"ip {' '.join(args)} (in {netns}): {err}")
 
 
 @dataclass
@@ -156,11 +181,11 @@ class RayCluster:
         _ip("netns", "add", node.netns)
         _ip("link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", node.netns)
         _ip("link", "set", node.veth, "master", self.bridge, "up")
-        _ip("-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0")
-        _ip("-n", node.netns, "link", "set", "eth0", "up")
-        _ip("-n", node.netns, "link", "set", "lo", "up")
+        _ip_in(node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0")
+        _ip_in(node.netns, "link", "set", "eth0", "up")
+        _ip_in(node.netns, "link", "set", "lo", "up")
         self._ray(
-            ["ip", "netns", "exec", node.netns],
+            _in_netns(node.netns),
             "start",
             "--address",
             self.address,

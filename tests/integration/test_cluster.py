@@ -253,15 +253,20 @@ def test_snapshots_forks_and_signed_urls_through_the_cluster(setup: Setup) -> No
         r = httpx.get(bad, timeout=60)
         assert r.status_code == 403 and r.json()["error"]["code"] == "signature-invalid", r.text
     # a restarted server knows whose the snapshot is, from its node
-    setup.made = [s for s in setup.made if s not in (sb, restored)]
+    old_url = setup.server.url
     assert setup.server.stop() == 0
     setup.server = setup.start_server()
+    setup.made = [s for s in setup.made if s not in (sb, restored)]
+    for s in (sb, restored):
+        setup.made.append(Sandbox.connect(s.id, server=setup.server.url, api_key=setup.key))
     listed = Sandbox.list_snapshots(server=setup.server.url, api_key=setup.key)
     assert [s.id for s in listed] == [snap.id]
+    # and its URLs still work (its secret is kept; the new server listens elsewhere)
+    r = httpx.get(down.replace(old_url, setup.server.url), timeout=60)
+    assert r.status_code == 200 and r.content == data
     Sandbox.delete_snapshot(snap.id, server=setup.server.url, api_key=setup.key)
     assert Sandbox.list_snapshots(server=setup.server.url, api_key=setup.key) == []
-    for s in (sb, restored):
-        Sandbox.connect(s.id, server=setup.server.url, api_key=setup.key).kill()
+    setup.kill_all()
 
 
 def test_a_sandbox_whose_create_reply_was_lost_is_killed(setup: Setup) -> None:

@@ -18,6 +18,7 @@ from ..server.serve import (
     listening_url,
     uvicorn_config,
 )
+from ..server.signed import UrlSigner, load_secret
 from .app import create_cluster_app
 from .node import NAMESPACE, NodeConfig
 from .registry import ClusterRegistry
@@ -73,7 +74,8 @@ def serve_cluster(
             vcpu_overcommit=vcpu_overcommit,
             memory_overcommit=memory_overcommit,
         )
-        app = create_cluster_app(keys, registry, settings)
+        signer = UrlSigner(load_secret(state))  # the single host's: URLs survive a restart
+        app = create_cluster_app(keys, registry, settings, signer=signer)
         config = uvicorn_config(app, tls_cert, tls_key)
         log.info(
             "listening",
