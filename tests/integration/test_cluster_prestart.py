@@ -10,7 +10,8 @@ import time
 import pytest
 
 from novasandbox import Sandbox
-from novasandbox.gc import vmm_pids_under
+from novasandbox.gc import kill_sandbox, vmm_pids_under
+from novasandbox.records import list_sandboxes
 from tests.ray_cluster import RayCluster, can_run
 from tests.server_support import Server, make_key
 
@@ -62,7 +63,13 @@ def test_every_node_keeps_vmms_started_ahead_for_its_creates() -> None:
     finally:
         if server is not None:
             server.close()
-        vmms = vmm_pids_under(cluster.root)  # the one still waiting: killed with its node
+        vmms = vmm_pids_under(cluster.root)
+        for node_dir in (cluster.root / "nodes").glob("node-*"):
+            for info in list_sandboxes(node_dir):  # the one still waiting (as gc would)
+                kill_sandbox(info.id, node_dir)
         cluster.close()
         assert cluster.leftovers() == []
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") for p in vmms) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert [p for p in vmms if os.path.exists(f"/proc/{p}")] == []
