@@ -14,7 +14,8 @@ own address, on a port of its own choosing, in a thread of the actor's process:
   Ray's own traffic): a Ray cluster's network must be private (see the README).
 - **Whose a sandbox is** lives on the node, in the sandbox's label ``novasandbox.owner``
   (the client's key id), so that a restarted server rebuilds who owns what, and where,
-  from the nodes alone.
+  from the nodes alone. Whose a snapshot is (made through the server) is kept here too,
+  in ``snapshot-owners.json`` next to the node's snapshots (``snapshot_owners``).
 - **Templates**: the ones the server names (``serve --ray --template NAME``) are built
   on every node when its agent starts (from the server's definition, parents first);
   a sandbox is placed only where its template is built (``info()["templates"]``).
