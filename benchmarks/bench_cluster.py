@@ -23,7 +23,8 @@ machine (``tests/ray_cluster.py``). Needs root and the ray extra. Three modes:
         [--parallel 16] [--out FILE]
     .venv/bin/python benchmarks/bench_cluster.py --mode latency [--rounds 20] [--kills 3]
     .venv/bin/python benchmarks/bench_cluster.py --mode vms [--nodes 2] [--step 2] [--max 40]
-        [--command-bound 5] [--min-available 2048] [--vcpu-overcommit 32] [--out FILE]
+        [--command-bound 5] [--min-available 2048] [--vcpu-overcommit 32]
+        [--memory-overcommit 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def run_vms(
     vcpu_overcommit: float,
     create_timeout: float,
     settle_s: float,
+    memory_overcommit: float = 1.0,
 ) -> dict[str, Any]:
     """Real VMs through the cluster server, ramped up ``step`` creates at a time (all
     made before kept alive) until a create fails, the command round trip's p50 passes
@@ -284,6 +286,7 @@ def run_vms(
             "command_bound_s": command_bound_s,
             "min_available_mib": min_available_mib,
             "vcpu_overcommit": vcpu_overcommit,
+            "memory_overcommit": memory_overcommit,
             "create_timeout_s": create_timeout,
             "settle_s": settle_s,
             "host_cpus": os.cpu_count(),
@@ -296,7 +299,13 @@ def run_vms(
     key = ""
     rng = random.Random(16)
     try:
-        server, key = cluster_server(cluster, "--vcpu-overcommit", str(vcpu_overcommit))
+        server, key = cluster_server(
+            cluster,
+            "--vcpu-overcommit",
+            str(vcpu_overcommit),
+            "--memory-overcommit",
+            str(memory_overcommit),
+        )
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=create_timeout) as c:
             deadline = time.monotonic() + 300
@@ -427,6 +436,12 @@ def main() -> int:
     vms.add_argument("--command-bound", type=float, default=5.0, help="stop: echo p50 (s)")
     vms.add_argument("--min-available", type=int, default=2048, help="stop: MemAvailable MiB")
     vms.add_argument("--vcpu-overcommit", type=float, default=32.0, help="serve's option")
+    vms.add_argument(
+        "--memory-overcommit",
+        type=float,
+        default=1.0,
+        help="serve's option (the nodes of one machine each count all of its memory)",
+    )
     vms.add_argument("--create-timeout", type=float, default=300.0, help="seconds")
     vms.add_argument("--settle", type=float, default=2.0, help="seconds after each step")
     args = parser.parse_args()
@@ -446,6 +461,7 @@ def main() -> int:
                 args.vcpu_overcommit,
                 args.create_timeout,
                 args.settle,
+                args.memory_overcommit,
             ),
         }
         out = args.out or Path("benchmarks/results") / f"bench-cluster-vms-{stamp}.json"
