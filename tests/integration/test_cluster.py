@@ -340,6 +340,21 @@ def test_drain_and_a_node_that_joins(setup: Setup) -> None:
     undrain += ["--ray-node-ip", setup.cluster.head_address]
     assert subprocess.run(undrain, capture_output=True, env=env, timeout=120).returncode == 0
     setup.kill_all()
+    # removing a node: drained, empty, then its Ray stopped: it leaves, nothing is lost
+    drain = [*CLI, "cluster", "drain", new_id[:10], "--ray", setup.cluster.address]
+    drain += ["--ray-node-ip", setup.cluster.head_address]
+    assert subprocess.run(drain, capture_output=True, env=env, timeout=120).returncode == 0
+    deadline = time.monotonic() + 30
+    while setup.nodes_by_address()[joined.address]["state"] != "draining":
+        assert time.monotonic() < deadline, "the server did not see the drain"
+        time.sleep(0.2)
+    setup.cluster.kill_node(joined.index)
+    deadline = time.monotonic() + 30
+    while joined.address in (nodes := setup.nodes_by_address()):
+        assert nodes[joined.address]["state"] == "draining", nodes[joined.address]
+        assert time.monotonic() < deadline, "the removed node is still listed"
+        time.sleep(0.1)
+    assert all(n["state"] == "ready" for n in setup.nodes_by_address().values())
 
 
 def test_mcp_through_the_cluster(setup: Setup) -> None:

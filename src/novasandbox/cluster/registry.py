@@ -17,7 +17,8 @@
   lives on its node (the ``novasandbox.owner`` label), so a restarted server loses
   nothing by starting empty.
 - **Draining** a node: no new sandboxes there; the ones it has run out their lifetime.
-  ``remove`` stops its agent (killing what it still runs) once drained or forced.
+  A draining node with no sandbox left that goes (``ray stop`` there) is removed: it
+  leaves the list at once instead of being listed lost.
 """
 
 from __future__ import annotations
@@ -488,6 +489,12 @@ class ClusterRegistry:
     def _lose(self, node: Node, reason: str) -> None:
         if node.state is NodeState.LOST:
             return
+        if node.state is NodeState.DRAINING and not any(
+            r.node_id == node.node_id and r.state not in ENDED for r in self.routes.values()
+        ):  # drained and empty, then gone: removed (nothing was lost)
+            self._drop(node)
+            log.info("node removed", extra={"fields": {"node": node.node_id, "why": reason}})
+            return
         node.load.state = NodeState.LOST
         node.lost_event.set()
         node.lost_reason = reason
@@ -612,32 +619,6 @@ class ClusterRegistry:
             extra={"fields": {"node": node.node_id}},
         )
         return node
-
-    async def remove(self, node_id: str, force: bool = False) -> None:
-        """Stop a node's agent (killing what it runs): a drained one, or any with
-        ``force``."""
-        import ray
-
-        node = self.node(node_id)
-        running = [
-            r for r in self.routes.values() if r.node_id == node.node_id and r.state not in ENDED
-        ]
-        if running and not force:
-            raise ConfigError(
-                f"node {node.node_id} still runs {len(running)} sandboxes: drain it and wait, "
-                "or remove it with force"
-            )
-        node.load.state = NodeState.DRAINING
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(node.actor.shutdown.remote(), 60)
-        for task in node.tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(ray.kill, node.actor)
-        for routed in running:
-            self.routes.pop(routed.id, None)
-        self._drop(node)
-        log.info("node removed", extra={"fields": {"node": node.node_id, "killed": len(running)}})
 
     # --- sandboxes
 
