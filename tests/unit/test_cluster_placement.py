@@ -196,6 +196,22 @@ def test_a_fork_or_restore_is_held_on_its_own_node_or_refused() -> None:
     load.sandboxes = 0
     with pytest.raises(NoCapacity, match="draining"):
         registry._hold_on(n1, Shape(1, 256), "snapshot s")
+    load.state = NodeState.READY  # (a draining, empty node that goes is removed, not lost)
     registry._lose(n1, "test")
     with pytest.raises(SandboxLost):
         registry._hold_on(n1, Shape(1, 256), "snapshot s")
+
+
+def test_a_drained_empty_node_that_goes_is_removed_not_lost() -> None:
+    from novasandbox.cluster.registry import ClusterRegistry, Node, Routed
+
+    registry = ClusterRegistry()
+    for name in ("empty", "busy"):
+        registry.nodes[name] = Node(name, actor=None, load=node(name, state=NodeState.DRAINING))
+    info = {"id": "sb-1", "state": "running", "labels": {}}
+    registry.routes["sb-1"] = Routed("sb-1", "busy", "key_a", info, Shape(1, 256))
+    registry._lose(registry.nodes["empty"], "Ray reports its node dead")
+    registry._lose(registry.nodes["busy"], "Ray reports its node dead")
+    assert "empty" not in registry.nodes
+    assert registry.nodes["busy"].state is NodeState.LOST
+    assert registry.routes["sb-1"].state == "lost"
