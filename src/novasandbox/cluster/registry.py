@@ -115,6 +115,7 @@ class Node:
             "templates": sorted(load.templates),
             "building": self.info.get("building"),
             "build_errors": self.info.get("build_errors") or {},
+            "pools": self.info.get("pools") or {},
         }
 
 
