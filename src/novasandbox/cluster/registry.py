@@ -196,6 +196,8 @@ class ClusterRegistry:
         self.nodes: dict[str, Node] = {}
         self.routes: dict[str, Routed] = {}
         self.snapshots: dict[str, SnapRoute] = {}
+        self._removed: dict[str, float] = {}
+        """Nodes removed (drained, empty, gone): node id -> when."""
         self._making = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._attaching: dict[str, asyncio.Task[None]] = {}
@@ -250,6 +252,9 @@ class ClusterRegistry:
                 continue
             if slots <= 0 or self._closing:
                 continue
+            removed = self._removed.get(node_id)
+            if node is None and removed is not None and time.time() - removed < REATTACH_AFTER:
+                continue  # drained and gone (Ray may not have noticed yet)
             replace = (
                 node is not None
                 and node.state is NodeState.LOST
@@ -389,7 +394,13 @@ class ClusterRegistry:
                 node.load.hold(shape)
             else:
                 known.info = _public(d)
-        await self._take_snapshots(node)
+        try:
+            await self._take_snapshots(node)
+        except Exception as exc:  # its snapshots unlisted; its sandboxes still served
+            log.error(
+                "node snapshots not read",
+                extra={"fields": {"node": node.node_id, "error": f"{type(exc).__name__}: {exc}"}},
+            )
         log.debug("node sandboxes routed", extra={"fields": {"node": node.node_id}})
 
     async def _take_snapshots(self, node: Node) -> None:
@@ -494,6 +505,7 @@ class ClusterRegistry:
             r.node_id == node.node_id and r.state not in ENDED for r in self.routes.values()
         ):  # drained and empty, then gone: removed (nothing was lost)
             self._drop(node)
+            self._removed[node.node_id] = time.time()
             log.info("node removed", extra={"fields": {"node": node.node_id, "why": reason}})
             return
         node.load.state = NodeState.LOST
@@ -539,14 +551,15 @@ class ClusterRegistry:
                 continue
             # a sandbox routed while the list is on its way is not in it: judged next time
             routed_before = {r.id for r in self.routes.values() if r.node_id == node.node_id}
-            listed_at = time.monotonic()
             try:
                 info: dict[str, Any] = await asyncio.wait_for(node.actor.info.remote(), 5.0)
                 listed = await asyncio.wait_for(self._node_list(node), 5.0)
             except Exception:  # a node that does not answer: its health check decides
                 continue
-            if self._is_lost(node):  # while we waited
-                continue
+            # what made a sandbox in the list began before this (``_orphan``)
+            listed_at = time.monotonic()
+            if self._is_lost(node) or self.nodes.get(node.node_id) is not node:
+                continue  # lost or removed while we waited
             self._apply_info(node, info)
             node.load.state = NodeState.DRAINING if info.get("draining") else NodeState.READY
             seen: set[str] = set()
@@ -784,8 +797,8 @@ class ClusterRegistry:
             )
         with contextlib.suppress(SnapshotNotFound):
             await node.http.call("DELETE", f"/v1/snapshots/{snap.id}")
+        self.snapshots.pop(snap.id, None)  # its files are gone: whatever the record says
         await asyncio.wait_for(node.actor.set_snapshot_owner.remote(snap.id, None), 30)
-        self.snapshots.pop(snap.id, None)
 
     def _route(
         self, node: Node, reservation: Reservation, reply: dict[str, Any], owner: str
