@@ -398,14 +398,7 @@ def create_cluster_app(
             params={"path": path, "expires": expires},
         )
         resolved, expires_at = str(reply["path"]), int(reply["expires_at"])
-        query = {
-            "path": resolved,
-            "owner": key.id,
-            "expires": expires_at,
-            "signature": signer.signature(method, sandbox_id, resolved, key.id, expires_at),
-        }
-        base = str(request.base_url).rstrip("/")
-        url = f"{base}/v1/signed/sandboxes/{sandbox_id}/files?{urlencode(query)}"
+        url = signer.url(str(request.base_url), method, sandbox_id, resolved, key.id, expires_at)
         return SignedUrl(url=url, method=method, path=resolved, expires_at=expires_at)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/upload-url", tags=["files"])

@@ -82,7 +82,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
-from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -1063,14 +1062,7 @@ def create_app(
         # relative path is under
         resolved = locate(registry.get(key.id, sandbox_id).live(), path, None)[1]
         expires_at = int(time.time()) + check_expires(expires)
-        query = {
-            "path": resolved,
-            "owner": key.id,
-            "expires": expires_at,
-            "signature": signer.signature(method, sandbox_id, resolved, key.id, expires_at),
-        }
-        base = str(request.base_url).rstrip("/")
-        url = f"{base}/v1/signed/sandboxes/{sandbox_id}/files?{urlencode(query)}"
+        url = signer.url(str(request.base_url), method, sandbox_id, resolved, key.id, expires_at)
         return SignedUrl(url=url, method=method, path=resolved, expires_at=expires_at)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/upload-url", tags=["files"])

@@ -24,6 +24,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 from ..errors import ConfigError, SignatureInvalid, SignedUrlExpired
 
@@ -68,6 +69,18 @@ class UrlSigner:
     def signature(self, method: str, sandbox_id: str, path: str, owner: str, expires: int) -> str:
         message = json.dumps([method.upper(), sandbox_id, path, owner, expires]).encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def url(
+        self, base: str, method: str, sandbox_id: str, path: str, owner: str, expires: int
+    ) -> str:
+        """The signed URL (at the server ``base``) of one file of one sandbox."""
+        query = {
+            "path": path,
+            "owner": owner,
+            "expires": expires,
+            "signature": self.signature(method, sandbox_id, path, owner, expires),
+        }
+        return f"{base.rstrip('/')}{SIGNED_PREFIX}{sandbox_id}/files?{urlencode(query)}"
 
     def check(
         self,
