@@ -88,32 +88,12 @@ def first_output_ms(url: str, key: str) -> float:
     return 1000 * (seen[0] - t0)
 
 
-def cluster_server(cluster: RayCluster, *extra: str) -> tuple[Server, str]:
-    """``serve --ray`` over ``cluster`` (state and log in its folder; the nodes' state in
-    ``nodes`` there) and a key of it."""
-    state = cluster.root / "server"
-    state.mkdir()
-    key = make_key(state, "bench")
-    server = Server(
-        state,
-        "--ray",
-        cluster.address,
-        "--ray-node-ip",
-        cluster.head_address,
-        "--node-state-dir",
-        str(cluster.root / "nodes"),
-        *extra,
-        log=cluster.root / "server.log",
-    )
-    return server, key
-
-
 def run_latency(rounds: int, kills: int) -> dict[str, Any]:
     cluster = RayCluster(2, slots=4)
     single_state = Path(tempfile.mkdtemp(prefix="nsbs-", dir="/tmp"))
     servers: list[Server] = []
     try:
-        clustered, key = cluster_server(cluster)
+        clustered, key = cluster.serve()
         servers.append(clustered)
         single_key = make_key(single_state, "bench")
         single = Server(single_state, log=Path(f"{single_state}.log"))
@@ -299,8 +279,7 @@ def run_vms(
     key = ""
     rng = random.Random(16)
     try:
-        server, key = cluster_server(
-            cluster,
+        server, key = cluster.serve(
             "--vcpu-overcommit",
             str(vcpu_overcommit),
             "--memory-overcommit",

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from tests.ray_cluster import RayCluster
-from tests.server_support import Server, make_key
+from tests.server_support import Server
 
 
 def rss_mib(pid: int) -> float:
@@ -101,17 +101,7 @@ def run_scale(sandboxes: int, slots: list[int], parallel: int = 16) -> ScaleResu
     cluster = RayCluster(len(slots), node_slots=slots)
     server: Server | None = None
     try:
-        state = cluster.root / "server"
-        state.mkdir()
-        key = make_key(state, "scale")
-        server = Server(
-            state,
-            "--ray",
-            cluster.address,
-            "--ray-node-ip",
-            cluster.head_address,
-            "--node-state-dir",
-            str(cluster.root / "nodes"),
+        server, key = cluster.serve(
             "--max-starting",
             str(parallel),
             "--vcpu-overcommit",  # no VM: the slots are the limit
@@ -119,7 +109,6 @@ def run_scale(sandboxes: int, slots: list[int], parallel: int = 16) -> ScaleResu
             "--memory-overcommit",
             "100",
             env=env,
-            log=cluster.root / "server.log",
         )
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=300) as c:

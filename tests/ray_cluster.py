@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.server_support import Server, make_key
+
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE = 78 * 1024 * 1024
 """Bytes of object store per node (Ray's default takes 30% of the machine's memory)."""
@@ -259,6 +261,26 @@ class RayCluster:
                 dirs_exist_ok=True,
             )
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def serve(self, *extra: str, env: dict[str, str] | None = None) -> tuple[Server, str]:
+        """``serve --ray`` over this cluster (``extra``: more options; its state and log
+        in the cluster's folder, the nodes' state in ``nodes`` there) and a key of it."""
+        state = self.root / "server"
+        state.mkdir()
+        key = make_key(state, "tests")
+        server = Server(
+            state,
+            "--ray",
+            self.address,
+            "--ray-node-ip",
+            self.head_address,
+            "--node-state-dir",
+            str(self.root / "nodes"),
+            *extra,
+            env=env,
+            log=self.root / "server.log",
+        )
+        return server, key
 
     def leftovers(self) -> list[str]:
         """What of the cluster is still there (processes, namespaces, links)."""

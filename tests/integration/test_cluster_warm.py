@@ -20,7 +20,7 @@ from novasandbox import Sandbox
 from novasandbox.gc import kill_sandbox, vmm_pids_under
 from novasandbox.records import list_sandboxes
 from tests.ray_cluster import RayCluster, can_run
-from tests.server_support import Server, make_key
+from tests.server_support import Server
 
 from .test_prestart import waiting
 
@@ -38,20 +38,7 @@ def cluster_server(*args: str) -> Iterator[tuple[RayCluster, Server, str, Path]]
     server = None
     nodes = cluster.root / "nodes"
     try:
-        state = cluster.root / "server"
-        state.mkdir()
-        key = make_key(state, "tests")
-        server = Server(
-            state,
-            "--ray",
-            cluster.address,
-            "--ray-node-ip",
-            cluster.head_address,
-            "--node-state-dir",
-            str(nodes),
-            *args,
-            log=cluster.root / "server.log",
-        )
+        server, key = cluster.serve(*args)
         yield cluster, server, key, nodes
     finally:
         if server is not None:
